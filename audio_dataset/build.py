@@ -1,0 +1,368 @@
+"""`audiodata build`: list a source, then download, transcode and shard it with Ray Data.
+
+The shard is the unit of work. Items are listed once (cached as `_work/index.parquet`), assigned a
+split by a stable hash and cut into shards in listing order, so every run plans the same shards.
+A finished shard leaves its tar and its manifest part; a rerun skips those, so resuming after a
+crash or `kill -9` gives the same samples as a clean run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audio_dataset import manifest
+from audio_dataset.audio import AudioConfig, transcode
+from audio_dataset.manifest import ManifestRow
+from audio_dataset.schema import SPLITS, SampleMeta, safe_key, shard_name
+from audio_dataset.shards import ShardWriter, atomic_write_bytes, atomic_write_json, write_sizes
+from audio_dataset.source import (
+    Item, ItemError, Source, SourceConfig, UserError, load_source, read_definition,
+)
+
+WORK_DIR = "_work"
+INDEX_FILE = "index.parquet"
+CONFIG_FILE = "config.json"
+DEFAULT_SPLIT_RATIOS = {"train": 0.9, "valid": 0.05, "test": 0.05}
+
+
+@dataclass
+class BuildOptions:
+    source: str
+    out: Path
+    source_config: SourceConfig = field(default_factory=SourceConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    samples_per_shard: int = 256
+    limit: int | None = None
+    workers: int | None = None
+    ray_address: str | None = None
+    split_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT_RATIOS))
+    exclude_files: list[Path] = field(default_factory=list)
+    progress: bool = True
+
+
+@dataclass
+class ShardTask:
+    split: str
+    index: int
+    items: list[Item]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/{shard_name(self.index)}"
+
+    @property
+    def part_name(self) -> str:
+        return f"{self.split}-{self.index:06d}.parquet"
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    shards_total: int
+    shards_skipped: int
+    stats: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def assign_split(source: str, item: Item, ratios: dict[str, float]) -> str:
+    """A stable split from the source id: the same item lands in the same split on every run."""
+    if item.split is not None:
+        return item.split
+    digest = hashlib.sha1(f"{source}:{item.source_id}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64
+    total = sum(ratios.values())
+    edge = 0.0
+    for split, ratio in ratios.items():
+        edge += ratio / total
+        if point < edge:
+            return split
+    return list(ratios)[-1]
+
+
+def plan_shards(source: str, items: Iterable[Item], ratios: dict[str, float],
+                per_shard: int) -> list[ShardTask]:
+    by_split: dict[str, list[Item]] = {}
+    for item in items:
+        by_split.setdefault(assign_split(source, item, ratios), []).append(item)
+    tasks = []
+    for split in sorted(by_split, key=lambda s: (SPLITS.index(s) if s in SPLITS else 99, s)):
+        chunk = by_split[split]
+        for start in range(0, len(chunk), per_shard):
+            tasks.append(ShardTask(split, start // per_shard, chunk[start:start + per_shard]))
+    return tasks
+
+
+def read_exclusions(paths: Iterable[Path]) -> set[str]:
+    ids: set[str] = set()
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"exclusion list not found: {path}")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                ids.add(line)
+    return ids
+
+
+def definition_exclusions(source: str) -> list[Path]:
+    from importlib import resources
+
+    names = read_definition(source).get("exclusions", [])
+    root = resources.files("manifests") / "exclusions"
+    return [Path(str(root / name)) for name in names]
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def list_with_cache(source: Source, work: Path, limit: int | None) -> list[Item]:
+    """The complete listing, scraped once and kept as a parquet index for reruns."""
+    index = work / INDEX_FILE
+    if index.exists():
+        items = [Item.from_json(raw) for raw in pq.read_table(index).column("item").to_pylist()]
+    else:
+        items = []
+        seen: set[str] = set()
+        for item in source.list_items():
+            if item.source_id in seen:  # sources may list an item twice (pages shifting)
+                continue
+            seen.add(item.source_id)
+            items.append(item)
+            if limit is not None and len(items) >= limit:
+                break
+        table = pa.table({"source_id": [i.source_id for i in items],
+                          "item": [i.to_json() for i in items]})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(index, sink.getvalue().to_pybytes())
+    return items[:limit] if limit is not None else items
+
+
+# --------------------------------------------------------------------------- the shard worker
+
+
+def ordered_prefetch(fn: Callable[[Item], Any], items: list[Item], workers: int) -> Iterator[tuple[Item, Future]]:
+    """Run `fn` over items in a thread pool, a bounded window ahead, yielding in input order."""
+    window = max(1, 2 * workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: list[tuple[Item, Future]] = []
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= window:
+                yield pending.pop(0)
+        yield from pending
+
+
+def _fail_row(source: str, item: Item, split: str, shard: str, exc: ItemError, **extra: Any) -> ManifestRow:
+    return ManifestRow(source=source, source_id=item.source_id, split=split, shard=shard,
+                       status=manifest.status_for_reason(exc.reason), error=exc.reason,
+                       error_detail=exc.detail[:500] or None, url=item.url, license=item.license, **extra)
+
+
+def process_item(source: str, item: Item, data: bytes, split: str, shard: str,
+                 config: AudioConfig) -> tuple[ManifestRow, list[dict[str, bytes | str]]]:
+    """Transcode one fetched item into samples, or a failure row."""
+    checks = dict(source_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    try:
+        result = transcode(data, config, item.clip)
+    except ItemError as exc:
+        return _fail_row(source, item, split, shard, exc, **checks), []
+    samples = []
+    for number, segment in enumerate(result.segments):
+        key = safe_key(source, item.source_id, None if result.whole else number)
+        meta = SampleMeta(
+            text=item.text, tag=item.tag, original_data=item.original_data, source=source,
+            source_id=item.source_id, license=item.license, author=item.author, url=item.url,
+            duration=round(segment.duration, 6), sample_rate=config.sample_rate,
+            channels=config.channels,
+            segment=None if result.whole else [round(segment.start, 6), round(segment.end, 6)],
+        )
+        samples.append({"__key__": key, "flac": segment.flac, "json": meta.to_json_bytes()})
+    row = ManifestRow(
+        source=source, source_id=item.source_id, split=split, shard=shard, status=manifest.STATUS_OK,
+        sample_keys=[s["__key__"] for s in samples], n_samples=len(samples),
+        source_duration=result.source_duration,
+        output_duration=sum(seg.duration for seg in result.segments),
+        source_sample_rate=result.source_sample_rate, source_channels=result.source_channels,
+        source_codec=result.codec, url=item.url, license=item.license, **checks,
+    )
+    return row, samples
+
+
+def _fetch(source: Source, item: Item) -> bytes:
+    return source.fetch(item)
+
+
+def run_shard(task: ShardTask, source: Source, out: Path, config: AudioConfig) -> dict[str, Any]:
+    """Fetch, transcode and write one shard and its manifest part; returns counts for progress."""
+    rows: list[ManifestRow] = []
+    writer = ShardWriter(out / task.name)
+    try:
+        fetches = ordered_prefetch(lambda it: _fetch(source, it), task.items, source.fetch_concurrency)
+        for item, future in fetches:
+            try:
+                data = future.result()
+            except ItemError as exc:
+                rows.append(_fail_row(source.name, item, task.split, task.name, exc))
+                continue
+            row, samples = process_item(source.name, item, data, task.split, task.name, config)
+            for sample in samples:
+                writer.write(sample)
+            rows.append(row)
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.count:
+        writer.close()
+    else:
+        writer.abort()
+    manifest.write_table(manifest.rows_to_table(rows), out / WORK_DIR / "parts" / task.part_name)
+    ok = sum(r.status == manifest.STATUS_OK for r in rows)
+    return {"shard": task.name, "items": len(rows), "ok": ok, "samples": writer.count}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _fingerprint(options: BuildOptions) -> dict[str, Any]:
+    """The options that decide the output; a resume with other values would mix two datasets."""
+    return {
+        "source": options.source,
+        "input": options.source_config.input,
+        "source_options": options.source_config.options,
+        "audio": asdict(options.audio),
+        "samples_per_shard": options.samples_per_shard,
+        "limit": options.limit,
+        "split_ratios": options.split_ratios,
+    }
+
+
+def _check_resumable(work: Path, fingerprint: dict[str, Any]) -> None:
+    path = work / CONFIG_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+        if changed:
+            raise UserError(f"{work.parent} was built with other options ({', '.join(changed)}); "
+                            "use a new --out, or the same options to resume")
+    else:
+        atomic_write_json(path, fingerprint)
+
+
+def _init_ray(address: str | None, workers: int) -> None:
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                                  "configure_logging": True}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=workers, **kwargs)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _run_tasks(tasks: list[ShardTask], source: Source, options: BuildOptions, workers: int) -> Iterator[dict]:
+    import ray
+
+    _init_ray(options.ray_address, workers)
+    out, config = options.out, options.audio
+    payload = [{"task": i} for i in range(len(tasks))]
+    task_ref = ray.put(tasks)
+
+    def work(row: dict[str, Any]) -> dict[str, Any]:
+        task = ray.get(task_ref)[row["task"]]
+        return run_shard(task, source, out, config)
+
+    dataset = ray.data.from_items(payload, override_num_blocks=max(1, len(payload)))
+    pool = ray.data.TaskPoolStrategy(size=max(1, min(workers, len(tasks))))
+    yield from dataset.map(work, num_cpus=1, compute=pool).iter_rows()
+
+
+def _excluded_rows(source: str, items: list[Item], excluded: set[str], ratios: dict[str, float]) -> list[ManifestRow]:
+    error = ItemError(manifest.STATUS_EXCLUDED, "listed in an evaluation-overlap exclusion list")
+    return [_fail_row(source, item, assign_split(source, item, ratios), None, error)
+            for item in items if item.source_id in excluded]
+
+
+def build(options: BuildOptions) -> BuildSummary:
+    """Run (or resume) a build into `options.out`; raises UserError/SourceError on fatal problems."""
+    from audio_dataset.stats import print_summary
+
+    if options.samples_per_shard < 1:
+        raise UserError("--samples-per-shard must be at least 1")
+    out = options.out
+    work = out / WORK_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    _check_resumable(work, _fingerprint(options))
+    options.source_config.state_dir = options.source_config.state_dir or work / "source_state"
+    source = load_source(options.source, options.source_config)
+    source.check()
+    excluded = read_exclusions([*definition_exclusions(options.source), *options.exclude_files])
+
+    items = list_with_cache(source, work, options.limit)
+    kept = [item for item in items if item.source_id not in excluded]
+    manifest.write_table(
+        manifest.rows_to_table(_excluded_rows(options.source, items, excluded, options.split_ratios)),
+        work / "parts" / "excluded.parquet")
+    tasks = plan_shards(options.source, kept, options.split_ratios, options.samples_per_shard)
+    todo = [t for t in tasks if not (work / "parts" / t.part_name).exists()]
+    workers = options.workers or os.cpu_count() or 1
+    _report_progress(_run_tasks(todo, source, options, workers) if todo else iter(()), len(tasks),
+                     len(tasks) - len(todo), options.progress)
+
+    stats = finalize(out, tasks)
+    print_summary(stats, file=sys.stdout)
+    return BuildSummary(out, len(tasks), len(tasks) - len(todo), stats)
+
+
+def _report_progress(results: Iterator[dict], total: int, done: int, show: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=done, unit="shard", desc="build", disable=not show,
+               dynamic_ncols=True, file=sys.stderr)
+    ok = items = 0
+    for result in results:
+        ok += result["ok"]
+        items += result["items"]
+        bar.update(1)
+        bar.set_postfix(items=items, ok=ok)
+    bar.close()
+
+
+def finalize(out: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+    """Merge manifest parts, write sizes.json per split, manifest.parquet and stats.json."""
+    from audio_dataset.stats import compute_stats
+
+    work = out / WORK_DIR / "parts"
+    paths = [work / t.part_name for t in tasks] + [work / "excluded.parquet"]
+    table = manifest.concat([p for p in paths if p.exists()])
+    sizes: dict[str, dict[str, int]] = {}
+    for row in table.select(["shard", "n_samples"]).to_pylist():
+        if row["shard"] and row["n_samples"]:
+            split, name = row["shard"].split("/")
+            sizes.setdefault(split, {}).setdefault(name, 0)
+            sizes[split][name] += row["n_samples"]
+    for split, counts in sizes.items():
+        write_sizes(out / split, counts)
+    manifest.write_table(table, out / manifest.MANIFEST_FILE)
+    stats = compute_stats(table)
+    atomic_write_json(out / "stats.json", stats)
+    return stats

@@ -1,0 +1,103 @@
+"""The manifest: one row per input item with its outcome. The one place its schema is defined.
+
+`status` is `ok`, `dropped` (a length/quality policy removed it), `failed` (it could not be fetched
+or decoded) or `excluded` (an exclusion list named it); `error` holds the named reason otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audio_dataset.shards import atomic_write_bytes
+
+STATUS_OK = "ok"
+STATUS_DROPPED = "dropped"
+STATUS_FAILED = "failed"
+STATUS_EXCLUDED = "excluded"
+STATUSES = (STATUS_OK, STATUS_DROPPED, STATUS_FAILED, STATUS_EXCLUDED)
+
+# Reasons that come from a policy (the item was fine, we chose not to keep it).
+DROP_REASONS = frozenset({"too_short", "too_long", "silent", "low_source_rate"})
+
+MANIFEST_FILE = "manifest.parquet"
+
+SCHEMA = pa.schema([
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("source_id", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("shard", pa.string()),  # "<split>/NNNNNN.tar" the item was assigned to
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("error_detail", pa.string()),
+    pa.field("sample_keys", pa.list_(pa.string()), nullable=False),
+    pa.field("n_samples", pa.int32(), nullable=False),
+    pa.field("source_duration", pa.float64()),  # seconds, as decoded
+    pa.field("output_duration", pa.float64(), nullable=False),  # seconds written
+    pa.field("source_sample_rate", pa.int32()),
+    pa.field("source_channels", pa.int32()),
+    pa.field("source_codec", pa.string()),
+    pa.field("source_bytes", pa.int64()),
+    pa.field("sha256", pa.string()),  # of the source bytes
+    pa.field("url", pa.string()),
+    pa.field("license", pa.string()),
+])
+
+
+@dataclass
+class ManifestRow:
+    source: str
+    source_id: str
+    split: str
+    shard: str | None
+    status: str
+    error: str | None = None
+    error_detail: str | None = None
+    sample_keys: list[str] = field(default_factory=list)
+    n_samples: int = 0
+    source_duration: float | None = None
+    output_duration: float = 0.0
+    source_sample_rate: int | None = None
+    source_channels: int | None = None
+    source_codec: str | None = None
+    source_bytes: int | None = None
+    sha256: str | None = None
+    url: str | None = None
+    license: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}")
+        if (self.status == STATUS_OK) != (self.error is None):
+            raise ValueError("error is set exactly when status is not ok")
+
+
+assert [f.name for f in fields(ManifestRow)] == SCHEMA.names, "ManifestRow and SCHEMA disagree"
+
+
+def status_for_reason(reason: str) -> str:
+    if reason == STATUS_EXCLUDED:
+        return STATUS_EXCLUDED
+    return STATUS_DROPPED if reason in DROP_REASONS else STATUS_FAILED
+
+
+def rows_to_table(rows: list[ManifestRow]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(row) for row in rows], schema=SCHEMA)
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Atomic parquet write (temp + rename)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.cast(SCHEMA), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_table(path: Path) -> pa.Table:
+    return pq.read_table(path, schema=SCHEMA)
+
+
+def concat(paths: list[Path]) -> pa.Table:
+    tables = [read_table(p) for p in paths]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()

@@ -1,0 +1,122 @@
+"""The source interface: a source lists items and fetches their bytes; the core does the rest.
+
+A source is one module in `pipelines/` named after it (`pipelines/freesound.py` for
+`--source freesound`) that sets `SOURCE = TheSourceClass`. Its declarative definition (homepage,
+licence, paper counts) lives in `manifests/<name>.toml`.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import json
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad option): reported as one line, exit code 2."""
+
+
+class SourceError(Exception):
+    """The source failed as a whole (bad token, site down): the run stops with one message."""
+
+
+class ItemError(Exception):
+    """One item failed; `reason` is the short name recorded in the manifest's `error` column."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Item:
+    """One input as a source lists it, before any download."""
+
+    source_id: str
+    # What `fetch` resolves: a URL, a local path, an archive member...
+    locator: str
+    text: list[str]
+    tag: list[str] = field(default_factory=list)
+    license: str = ""
+    author: str = ""
+    # The public address recorded in the sample (page or download URL).
+    url: str = ""
+    original_data: dict[str, Any] = field(default_factory=dict)
+    # A split the source imposes (Clotho's own splits); None means hash-assigned.
+    split: str | None = None
+    # [start, end] seconds to cut from the fetched audio (AudioSet segments); None keeps it all.
+    clip: tuple[float, float] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str) -> "Item":
+        data = json.loads(raw)
+        if data.get("clip") is not None:
+            data["clip"] = tuple(data["clip"])
+        return cls(**data)
+
+
+@dataclass
+class SourceConfig:
+    """What the command line hands a source. Secrets never go here: sources read the environment."""
+
+    input: str | None = None
+    base_url: str | None = None
+    # Free-form `--source-option key=value` pairs (e.g. a search query).
+    options: dict[str, str] = field(default_factory=dict)
+    # A folder the source may keep listing state in, so an interrupted listing resumes.
+    state_dir: Path | None = None
+
+
+class Source(abc.ABC):
+    """Subclass per source. Instances are pickled to Ray workers, so keep them plain data."""
+
+    name: ClassVar[str]
+    # Downloads kept in flight per worker; I/O-bound sources raise it.
+    fetch_concurrency: ClassVar[int] = 4
+
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def list_items(self) -> Iterator[Item]:
+        """Yield every item, in a stable order (resume depends on it)."""
+
+    @abc.abstractmethod
+    def fetch(self, item: Item) -> bytes:
+        """Return the item's media bytes, or raise ItemError with a named reason."""
+
+    def check(self) -> None:
+        """Fail fast with SourceError/UserError before any work (missing token, bad input)."""
+
+
+def available_sources() -> list[str]:
+    import pipelines
+
+    return sorted(m.name for m in pkgutil.iter_modules(pipelines.__path__) if not m.name.startswith("_"))
+
+
+def load_source(name: str, config: SourceConfig) -> Source:
+    if name not in available_sources():
+        raise UserError(f"unknown source {name!r}; known: {', '.join(available_sources())}")
+    module = importlib.import_module(f"pipelines.{name}")
+    source_cls: type[Source] = module.SOURCE
+    return source_cls(config)
+
+
+def read_definition(name: str) -> dict[str, Any]:
+    """The declarative definition `manifests/<name>.toml`, or {} when the source ships none."""
+    import tomllib
+    from importlib import resources
+
+    path = resources.files("manifests") / f"{name}.toml"
+    if not path.is_file():
+        return {}
+    return tomllib.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,116 @@
+"""`audiodata verify OUT`: open every shard, decode every sample, check JSON, sizes.json and manifest."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import soundfile
+
+from audio_dataset import manifest
+from audio_dataset.schema import SIZES_FILE, validate_meta
+from audio_dataset.shards import iter_shard, shard_paths
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_sample(name: str, sample: dict, report: VerifyReport) -> None:
+    key = sample["__key__"]
+    where = f"{name}:{key}"
+    if set(sample) != {"__key__", "flac", "json"}:
+        report.problems.append(f"{where}: members {sorted(k for k in sample if k != '__key__')}, want flac+json")
+        return
+    try:
+        meta = json.loads(sample["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        report.problems.append(f"{where}: bad JSON ({exc})")
+        return
+    report.problems.extend(f"{where}: {p}" for p in validate_meta(meta))
+    try:
+        audio, rate = soundfile.read(io.BytesIO(sample["flac"]), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        report.problems.append(f"{where}: FLAC does not decode ({exc})")
+        return
+    if rate != meta.get("sample_rate"):
+        report.problems.append(f"{where}: FLAC rate {rate} != JSON sample_rate {meta.get('sample_rate')}")
+    if audio.shape[1] != meta.get("channels"):
+        report.problems.append(f"{where}: FLAC has {audio.shape[1]} channels, JSON says {meta.get('channels')}")
+    duration = audio.shape[0] / rate
+    if abs(duration - float(meta.get("duration", 0))) > 0.01:
+        report.problems.append(f"{where}: FLAC lasts {duration:.3f}s, JSON says {meta.get('duration')}")
+
+
+def _check_split(out: Path, split: str, report: VerifyReport) -> dict[str, set[str]]:
+    """Verify one split's shards; returns shard name -> keys found."""
+    split_dir = out / split
+    found: dict[str, set[str]] = {}
+    sizes_path = split_dir / SIZES_FILE
+    sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else None
+    paths = shard_paths(split_dir)
+    if paths and sizes is None:
+        report.problems.append(f"{split}: {SIZES_FILE} missing")
+    for path in paths:
+        name = f"{split}/{path.name}"
+        report.shards += 1
+        keys: list[str] = []
+        try:
+            for sample in iter_shard(path):
+                keys.append(sample["__key__"])
+                _check_sample(name, sample, report)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            report.problems.append(f"{name}: unreadable tar ({exc})")
+        if len(set(keys)) != len(keys):
+            report.problems.append(f"{name}: duplicate keys")
+        report.samples += len(keys)
+        found[name] = set(keys)
+        if sizes is not None and sizes.get(path.name) != len(keys):
+            report.problems.append(f"{name}: {len(keys)} samples, {SIZES_FILE} says {sizes.get(path.name)}")
+    if sizes is not None:
+        for missing in sorted(set(sizes) - {p.name for p in paths}):
+            report.problems.append(f"{split}/{missing}: listed in {SIZES_FILE} but missing")
+    return found
+
+
+def _check_manifest(out: Path, found: dict[str, set[str]], report: VerifyReport) -> None:
+    path = out / manifest.MANIFEST_FILE
+    if not path.exists():
+        report.problems.append(f"{manifest.MANIFEST_FILE} missing")
+        return
+    rows = manifest.read_table(path).to_pylist()
+    expected: dict[str, set[str]] = {}
+    ids = [(r["source"], r["source_id"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        report.problems.append("manifest: an input appears more than once")
+    for row in rows:
+        if row["status"] == manifest.STATUS_OK:
+            expected.setdefault(row["shard"], set()).update(row["sample_keys"])
+            if row["n_samples"] != len(row["sample_keys"]) or not row["sample_keys"]:
+                report.problems.append(f"manifest: {row['source_id']} n_samples disagrees with sample_keys")
+        elif row["sample_keys"]:
+            report.problems.append(f"manifest: {row['source_id']} is {row['status']} but lists samples")
+    for shard in sorted(set(expected) | set(found)):
+        want, have = expected.get(shard, set()), found.get(shard, set())
+        if want - have:
+            report.problems.append(f"{shard}: {len(want - have)} manifest samples missing from the shard")
+        if have - want:
+            report.problems.append(f"{shard}: {len(have - want)} samples not in the manifest")
+
+
+def verify(out: Path) -> VerifyReport:
+    report = VerifyReport()
+    found: dict[str, set[str]] = {}
+    for split_dir in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        found.update(_check_split(out, split_dir.name, report))
+    _check_manifest(out, found, report)
+    return report
