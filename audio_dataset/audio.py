@@ -63,11 +63,12 @@ class Segment:
 _INT_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
 
 
-def _frame_to_float(frame: av.AudioFrame) -> np.ndarray:
-    """One decoded frame as float32 (channels, n), whatever its sample format."""
-    array = frame.to_ndarray()
-    fmt = frame.format
-    channels = len(frame.layout.channels)
+def _to_float(chunks: list[np.ndarray], fmt: av.AudioFormat, channels: int) -> np.ndarray:
+    """Raw decoded frames (all of one sample format) as one float32 array (channels, n).
+
+    Converting once after decoding, not per frame, matters: Vorbis yields thousands of tiny frames.
+    """
+    array = np.concatenate(chunks, axis=1)
     if not fmt.is_planar:
         array = array.reshape(-1, channels).T
     name = fmt.name.rstrip("p")
@@ -75,7 +76,7 @@ def _frame_to_float(frame: av.AudioFrame) -> np.ndarray:
         return (array.astype(np.float32) - 128.0) / 128.0
     if name in _INT_SCALE:
         return (array / _INT_SCALE[name]).astype(np.float32)
-    return array.astype(np.float32, copy=False)
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _declared_seconds(container: av.container.InputContainer, stream: av.AudioStream) -> float | None:
@@ -86,6 +87,48 @@ def _declared_seconds(container: av.container.InputContainer, stream: av.AudioSt
     return None
 
 
+def looks_like_media(data: bytes) -> bool:
+    """Magic bytes of the audio containers we expect (so an HTML page or JSON error is not media)."""
+    head = data[:12]
+    return (head.startswith((b"RIFF", b"fLaC", b"OggS", b"ID3", b"\x1a\x45\xdf\xa3", b"FORM", b"caff"))
+            or head[4:8] == b"ftyp"
+            or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0))  # MPEG audio frame sync
+
+
+def _wav_data_shortfall(data: bytes) -> bool:
+    """True when a RIFF/WAVE file's data chunk claims more bytes than the file holds."""
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if chunk == b"data":
+            # 0 and 0xFFFFFFFF mark streamed WAVs whose writer never knew the size.
+            return size not in (0, 0xFFFFFFFF) and pos + 8 + size > len(data)
+        pos += 8 + size + (size & 1)
+    return False
+
+
+def _ogg_lacks_end(data: bytes) -> bool:
+    """True when an Ogg stream's last page is incomplete or not flagged end-of-stream."""
+    start = data.rfind(b"OggS", max(0, len(data) - 65_536))
+    if start < 0 or start + 27 > len(data):
+        return True
+    segments = data[start + 26]
+    table_end = start + 27 + segments
+    if table_end > len(data):
+        return True
+    body = sum(data[start + 27:table_end])
+    return table_end + body > len(data) or not data[start + 5] & 0x04
+
+
+def _cut_short(data: bytes, container_format: str) -> bool:
+    """Container-level truncation checks for formats whose decoders end quietly at a cut."""
+    if container_format == "wav":
+        return _wav_data_shortfall(data)
+    if container_format == "ogg":
+        return _ogg_lacks_end(data)
+    return False
+
+
 def decode(data: bytes) -> Decoded:
     """Decode bytes of any ffmpeg-readable audio (or video's audio track) to float32."""
     if not data:
@@ -93,25 +136,34 @@ def decode(data: bytes) -> Decoded:
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, ValueError) as exc:
-        raise ItemError("not_audio", str(exc)[:200]) from None
+        # Recognisable media that will not open was cut short (an MP4 missing its index, say).
+        reason = "truncated" if looks_like_media(data) else "not_audio"
+        raise ItemError(reason, str(exc)[:200]) from None
     with container:
         if not container.streams.audio:
             raise ItemError("not_audio", "no audio stream")
         stream = container.streams.audio[0]
         chunks: list[np.ndarray] = []
+        fmt, channels = None, 0
         try:
             for frame in container.decode(stream):
-                chunks.append(_frame_to_float(frame))
+                if fmt is None:
+                    fmt, channels = frame.format, len(frame.layout.channels)
+                elif frame.format.name != fmt.name or len(frame.layout.channels) != channels:
+                    raise ItemError("decode_error", "sample format or channels change mid-stream")
+                chunks.append(frame.to_ndarray())
         except (av.FFmpegError, ValueError) as exc:
             reason = "truncated" if chunks else "decode_error"
             raise ItemError(reason, str(exc)[:200]) from None
         rate = stream.rate or stream.codec_context.sample_rate
         declared = _declared_seconds(container, stream)
         codec = stream.codec_context.name
+        container_format = container.format.name
     if not chunks or not rate:
         raise ItemError("empty", "no audio frames")
-    samples = np.concatenate(chunks, axis=1)
-    decoded = Decoded(samples, int(rate), codec)
+    decoded = Decoded(_to_float(chunks, fmt, channels), int(rate), codec)
+    if _cut_short(data, container_format):
+        raise ItemError("truncated", f"{container_format} stream ends early")
     # A body cut short still decodes, but to less than its header promised.
     if declared is not None and declared > 0.5 and decoded.duration < 0.95 * declared - 0.1:
         raise ItemError("truncated", f"decoded {decoded.duration:.2f}s of {declared:.2f}s declared")
@@ -150,7 +202,7 @@ def encode_flac(samples: np.ndarray, sample_rate: int) -> bytes:
 
 def plan_segments(duration: float, config: AudioConfig) -> list[tuple[float, float]]:
     """Where to cut a clip of `duration` seconds, or ItemError with the reason it is dropped."""
-    if duration < config.min_seconds:
+    if duration < config.min_seconds - 1e-9:
         raise ItemError("too_short", f"{duration:.2f}s < {config.min_seconds}s")
     limit = config.max_seconds
     if config.long_clips == "segment" and limit is None:
@@ -163,12 +215,10 @@ def plan_segments(duration: float, config: AudioConfig) -> list[tuple[float, flo
         return [(0.0, float(limit))]
     step = float(config.segment_seconds or limit)
     spans = []
-    start = 0.0
-    while start < duration:
-        end = min(start + step, duration)
-        if end - start >= config.min_seconds:
+    for index in range(int(np.ceil(duration / step - 1e-9))):
+        start, end = index * step, min((index + 1) * step, duration)
+        if end - start >= config.min_seconds - 1e-9:  # float steps must not lose an exact tail
             spans.append((start, end))
-        start += step
     return spans
 
 

@@ -38,6 +38,8 @@ class ShardWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run
+            stale.unlink(missing_ok=True)
         self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
