@@ -8,9 +8,9 @@ crash or `kill -9` gives the same samples as a clean run.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.audio import AudioConfig, transcode
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.schema import SPLITS, SampleMeta, safe_key, shard_name
-from audio_dataset.shards import ShardWriter, atomic_write_bytes, atomic_write_json, write_sizes
+from audio_dataset.shards import ShardWriter, write_sizes
+from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json
 from audio_dataset.source import (
     Item, ItemError, Source, SourceConfig, UserError, load_source, read_definition,
 )
@@ -38,7 +39,7 @@ DEFAULT_SPLIT_RATIOS = {"train": 0.9, "valid": 0.05, "test": 0.05}
 @dataclass
 class BuildOptions:
     source: str
-    out: Path
+    out: Location  # a folder or an fsspec URL (s3://bucket/prefix)
     source_config: SourceConfig = field(default_factory=SourceConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     samples_per_shard: int = 256
@@ -46,7 +47,7 @@ class BuildOptions:
     workers: int | None = None
     ray_address: str | None = None
     split_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT_RATIOS))
-    exclude_files: list[Path] = field(default_factory=list)
+    exclude_files: list[Location] = field(default_factory=list)
     progress: bool = True
 
 
@@ -67,7 +68,7 @@ class ShardTask:
 
 @dataclass
 class BuildSummary:
-    out: Path
+    out: UPath
     shards_total: int
     shards_skipped: int
     stats: dict[str, Any]
@@ -104,9 +105,9 @@ def plan_shards(source: str, items: Iterable[Item], ratios: dict[str, float],
     return tasks
 
 
-def read_exclusions(paths: Iterable[Path]) -> set[str]:
+def read_exclusions(paths: Iterable[Location]) -> set[str]:
     ids: set[str] = set()
-    for path in paths:
+    for path in map(location, paths):
         if not path.is_file():
             raise UserError(f"exclusion list not found: {path}")
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -116,22 +117,22 @@ def read_exclusions(paths: Iterable[Path]) -> set[str]:
     return ids
 
 
-def definition_exclusions(source: str) -> list[Path]:
+def definition_exclusions(source: str) -> list[UPath]:
     from importlib import resources
 
     names = read_definition(source).get("exclusions", [])
     root = resources.files("manifests") / "exclusions"
-    return [Path(str(root / name)) for name in names]
+    return [location(str(root / name)) for name in names]
 
 
 # --------------------------------------------------------------------------- listing
 
 
-def list_with_cache(source: Source, work: Path, limit: int | None) -> list[Item]:
+def list_with_cache(source: Source, work: UPath, limit: int | None) -> list[Item]:
     """The complete listing, scraped once and kept as a parquet index for reruns."""
     index = work / INDEX_FILE
     if index.exists():
-        items = [Item.from_json(raw) for raw in pq.read_table(index).column("item").to_pylist()]
+        items = [Item.from_json(raw) for raw in manifest.read_parquet(index).column("item").to_pylist()]
     else:
         items = []
         seen: set[str] = set()
@@ -144,9 +145,7 @@ def list_with_cache(source: Source, work: Path, limit: int | None) -> list[Item]
                 break
         table = pa.table({"source_id": [i.source_id for i in items],
                           "item": [i.to_json() for i in items]})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        atomic_write_bytes(index, sink.getvalue().to_pybytes())
+        manifest.write_parquet(table, index)
     return items[:limit] if limit is not None else items
 
 
@@ -205,7 +204,7 @@ def _fetch(source: Source, item: Item) -> bytes:
     return source.fetch(item)
 
 
-def run_shard(task: ShardTask, source: Source, out: Path, config: AudioConfig) -> dict[str, Any]:
+def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) -> dict[str, Any]:
     """Fetch, transcode and write one shard and its manifest part; returns counts for progress."""
     rows: list[ManifestRow] = []
     writer = ShardWriter(out / task.name)
@@ -249,10 +248,10 @@ def _fingerprint(options: BuildOptions) -> dict[str, Any]:
     }
 
 
-def _check_resumable(work: Path, fingerprint: dict[str, Any]) -> None:
+def _check_resumable(work: UPath, fingerprint: dict[str, Any]) -> None:
     path = work / CONFIG_FILE
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = read_json(path)
         changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
         if changed:
             raise UserError(f"{work.parent} was built with other options ({', '.join(changed)}); "
@@ -279,11 +278,12 @@ def _init_ray(address: str | None, workers: int) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _run_tasks(tasks: list[ShardTask], source: Source, options: BuildOptions, workers: int) -> Iterator[dict]:
+def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: BuildOptions,
+               workers: int) -> Iterator[dict]:
     import ray
 
     _init_ray(options.ray_address, workers)
-    out, config = options.out, options.audio
+    config = options.audio
     payload = [{"task": i} for i in range(len(tasks))]
     task_ref = ray.put(tasks)
 
@@ -308,11 +308,11 @@ def build(options: BuildOptions) -> BuildSummary:
 
     if options.samples_per_shard < 1:
         raise UserError("--samples-per-shard must be at least 1")
-    out = options.out
+    out = location(options.out)
     work = out / WORK_DIR
-    work.mkdir(parents=True, exist_ok=True)
     _check_resumable(work, _fingerprint(options))
-    options.source_config.state_dir = options.source_config.state_dir or work / "source_state"
+    # Listing state is scratch space the source reads and writes often: keep it on local disk.
+    options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
     source = load_source(options.source, options.source_config)
     source.check()
     excluded = read_exclusions([*definition_exclusions(options.source), *options.exclude_files])
@@ -325,12 +325,19 @@ def build(options: BuildOptions) -> BuildSummary:
     tasks = plan_shards(options.source, kept, options.split_ratios, options.samples_per_shard)
     todo = [t for t in tasks if not (work / "parts" / t.part_name).exists()]
     workers = options.workers or os.cpu_count() or 1
-    _report_progress(_run_tasks(todo, source, options, workers) if todo else iter(()), len(tasks),
+    _report_progress(_run_tasks(todo, source, out, options, workers) if todo else iter(()), len(tasks),
                      len(tasks) - len(todo), options.progress)
 
     stats = finalize(out, tasks)
     print_summary(stats, file=sys.stdout)
     return BuildSummary(out, len(tasks), len(tasks) - len(todo), stats)
+
+
+def _local_state_dir(out: UPath) -> Path:
+    if is_local(out):
+        return Path(out.path) / WORK_DIR / "source_state"
+    digest = hashlib.sha1(str(out).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "audiodata-state" / digest
 
 
 def _report_progress(results: Iterator[dict], total: int, done: int, show: bool) -> None:
@@ -347,7 +354,7 @@ def _report_progress(results: Iterator[dict], total: int, done: int, show: bool)
     bar.close()
 
 
-def finalize(out: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+def finalize(out: UPath, tasks: list[ShardTask]) -> dict[str, Any]:
     """Merge manifest parts, write sizes.json per split, manifest.parquet and stats.json."""
     from audio_dataset.stats import compute_stats
 

@@ -5,9 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from upath import UPath
+
 from audio_dataset import __version__
 from audio_dataset.audio import LONG_CLIP_POLICIES, AudioConfig
 from audio_dataset.source import SourceConfig, SourceError, UserError
+from audio_dataset.storage import location
 
 
 def _positive_float(text: str) -> float:
@@ -45,7 +48,7 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("build", help="list, download, transcode and shard a source")
     p.add_argument("--source", required=True, help="source name (see `audiodata sources`)")
     p.add_argument("--input", help="folder, CSV/parquet or catalogue the source reads")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=location, help="output folder or fsspec URL (s3://bucket/prefix)")
     p.add_argument("--samples-per-shard", type=_positive_int, default=256,
                    help="input items per shard (segmenting may put more samples in a shard)")
     p.add_argument("--limit", type=_positive_int, help="stop listing after N items")
@@ -131,7 +134,7 @@ def run_sources(args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_output(out: Path) -> None:
+def _require_output(out: UPath) -> None:
     from audio_dataset.manifest import MANIFEST_FILE
 
     if not (out / MANIFEST_FILE).exists():
@@ -144,15 +147,15 @@ def make_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_build_parser(subparsers)
     p = subparsers.add_parser("verify", help="decode and check every shard against the manifest")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", type=location)
     p.set_defaults(func=run_verify)
     p = subparsers.add_parser("stats", help="dataset figures and a PNG plot")
-    p.add_argument("out", type=Path)
-    p.add_argument("--plot", type=Path, help="where to write the PNG (default OUT/stats.png)")
+    p.add_argument("out", type=location)
+    p.add_argument("--plot", type=location, help="where to write the PNG (default OUT/stats.png)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=run_stats)
     p = subparsers.add_parser("sources", help="list sources with licence, expected and built counts")
-    p.add_argument("--out", type=Path, action="append", default=[], help="build output(s) to count")
+    p.add_argument("--out", type=location, action="append", default=[], help="build output(s) to count")
     p.set_defaults(func=run_sources)
     _add_k2c(subparsers)
     return parser

@@ -6,12 +6,10 @@ or decoded) or `excluded` (an exclusion list named it); `error` holds the named 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from audio_dataset.shards import atomic_write_bytes
+from audio_dataset.storage import Location, atomic_write_bytes, location
 
 STATUS_OK = "ok"
 STATUS_DROPPED = "dropped"
@@ -87,17 +85,26 @@ def rows_to_table(rows: list[ManifestRow]) -> pa.Table:
     return pa.Table.from_pylist([asdict(row) for row in rows], schema=SCHEMA)
 
 
-def write_table(table: pa.Table, path: Path) -> None:
-    """Atomic parquet write (temp + rename)."""
+def write_parquet(table: pa.Table, path: Location) -> None:
+    """Atomic parquet write (temp + rename locally, one PUT on object storage)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table.cast(SCHEMA), sink)
+    pq.write_table(table, sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def read_table(path: Path) -> pa.Table:
-    return pq.read_table(path, schema=SCHEMA)
+def read_parquet(path: Location) -> pa.Table:
+    with location(path).open("rb") as handle:
+        return pq.read_table(handle)
 
 
-def concat(paths: list[Path]) -> pa.Table:
+def write_table(table: pa.Table, path: Location) -> None:
+    write_parquet(table.cast(SCHEMA), path)
+
+
+def read_table(path: Location) -> pa.Table:
+    return read_parquet(path).cast(SCHEMA)
+
+
+def concat(paths: list[Location]) -> pa.Table:
     tables = [read_table(p) for p in paths]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()

@@ -6,43 +6,27 @@ bytes depend only on its samples: a resumed run writes byte-identical shards to 
 from __future__ import annotations
 
 import io
-import json
-import os
 import tarfile
-from pathlib import Path
 from typing import Iterator
 
+from upath import UPath
+
 from audio_dataset.schema import SIZES_FILE
+from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, atomic_write_json, location, read_json
+
+__all__ = ["Sample", "ShardWriter", "atomic_write_bytes", "atomic_write_json", "iter_shard", "read_sizes",
+           "shard_paths", "write_sizes"]
 
 Sample = dict[str, bytes | str]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, data: object) -> None:
-    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8") + b"\n")
 
 
 class ShardWriter:
     """Writes one tar shard; it appears under its final name only when `close()` succeeds."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run
-            stale.unlink(missing_ok=True)
-        self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self._file = open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+    def __init__(self, path: Location) -> None:
+        self.path = location(path)
+        self._staged = StagedFile(self.path)
+        self._tar = tarfile.open(fileobj=self._staged.handle, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = 0
 
     def write(self, sample: Sample) -> None:
@@ -61,15 +45,11 @@ class ShardWriter:
 
     def close(self) -> None:
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
+        self._staged.commit()
 
     def abort(self) -> None:
         self._tar.close()
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self._staged.abort()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -81,10 +61,10 @@ class ShardWriter:
             self.abort()
 
 
-def iter_shard(path: Path | str) -> Iterator[Sample]:
+def iter_shard(path: Location) -> Iterator[Sample]:
     """Yield samples as dicts {'__key__': key, ext: bytes, ...}, in the order they were written."""
     current: Sample = {}
-    with tarfile.open(path, mode="r:") as tar:
+    with location(path).open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -100,14 +80,17 @@ def iter_shard(path: Path | str) -> Iterator[Sample]:
         yield current
 
 
-def shard_paths(split_dir: Path) -> list[Path]:
-    return sorted(p for p in split_dir.glob("*.tar") if not p.name.startswith("."))
+def shard_paths(split_dir: Location) -> list[UPath]:
+    folder = location(split_dir)
+    if not folder.exists():
+        return []
+    return sorted((p for p in folder.glob("*.tar") if not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def write_sizes(split_dir: Path, counts: dict[str, int]) -> None:
+def write_sizes(split_dir: Location, counts: dict[str, int]) -> None:
     """`sizes.json`: shard file name -> sample count, the file LAION-CLAP reads for epoch length."""
-    atomic_write_json(split_dir / SIZES_FILE, dict(sorted(counts.items())))
+    atomic_write_json(location(split_dir) / SIZES_FILE, dict(sorted(counts.items())))
 
 
-def read_sizes(split_dir: Path) -> dict[str, int]:
-    return json.loads((split_dir / SIZES_FILE).read_text())
+def read_sizes(split_dir: Location) -> dict[str, int]:
+    return read_json(location(split_dir) / SIZES_FILE)

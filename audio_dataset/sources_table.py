@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
 from audio_dataset import manifest
 from audio_dataset.source import available_sources, read_definition
+from audio_dataset.storage import Location, location
 
 
-def built_counts(outputs: list[Path]) -> dict[str, tuple[int, float]]:
+def built_counts(outputs: list[Location]) -> dict[str, tuple[int, float]]:
     """ok items and output hours per source, summed over build outputs."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for out in outputs:
-        path = out / manifest.MANIFEST_FILE
+        path = location(out) / manifest.MANIFEST_FILE
         if not path.exists():
             continue
         for row in manifest.read_table(path).select(["source", "status", "output_duration"]).to_pylist():
@@ -22,7 +22,7 @@ def built_counts(outputs: list[Path]) -> dict[str, tuple[int, float]]:
     return {name: (int(v[0]), v[1]) for name, v in totals.items()}
 
 
-def sources_table(outputs: list[Path]) -> str:
+def sources_table(outputs: list[Location]) -> str:
     built = built_counts(outputs)
     header = f"{'source':<20}{'licence':<28}{'paper clips':>12}{'paper h':>10}{'built':>8}{'built h':>9}  status"
     lines = [header]

@@ -1,10 +1,10 @@
 """Dataset figures from the manifest (and shards, for caption lengths), printed and plotted."""
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any, TextIO
 
 import pyarrow as pa
@@ -12,6 +12,7 @@ import pyarrow as pa
 from audio_dataset import manifest
 from audio_dataset.schema import SPLITS
 from audio_dataset.shards import iter_shard, shard_paths
+from audio_dataset.storage import Location, atomic_write_bytes, location
 
 STATS_FILE = "stats.json"
 PLOT_FILE = "stats.png"
@@ -59,18 +60,18 @@ def print_summary(stats: dict[str, Any], file: TextIO = sys.stdout) -> None:
         print(f"reasons: {reasons}", file=file)
 
 
-def caption_lengths(out: Path) -> list[int]:
+def caption_lengths(out: Location) -> list[int]:
     """Words per first caption, read from the shards' JSON."""
     lengths = []
     for split in SPLITS:
-        for path in shard_paths(out / split):
+        for path in shard_paths(location(out) / split):
             for sample in iter_shard(path):
                 text = json.loads(sample["json"])["text"]
                 lengths.append(len(text[0].split()) if text else 0)
     return lengths
 
 
-def plot_stats(out: Path, table: pa.Table, path: Path) -> None:
+def plot_stats(out: Location, table: pa.Table, path: Location) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +89,7 @@ def plot_stats(out: Path, table: pa.Table, path: Path) -> None:
     axes[2].set(title="Items per source", ylabel="ok items")
     axes[2].tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, png.getvalue())

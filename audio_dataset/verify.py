@@ -5,13 +5,14 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import soundfile
+from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.schema import SIZES_FILE, validate_meta
 from audio_dataset.shards import iter_shard, shard_paths
+from audio_dataset.storage import Location, location, read_json
 
 
 @dataclass
@@ -51,12 +52,12 @@ def _check_sample(name: str, sample: dict, report: VerifyReport) -> None:
         report.problems.append(f"{where}: FLAC lasts {duration:.3f}s, JSON says {meta.get('duration')}")
 
 
-def _check_split(out: Path, split: str, report: VerifyReport) -> dict[str, set[str]]:
+def _check_split(out: UPath, split: str, report: VerifyReport) -> dict[str, set[str]]:
     """Verify one split's shards; returns shard name -> keys found."""
     split_dir = out / split
     found: dict[str, set[str]] = {}
     sizes_path = split_dir / SIZES_FILE
-    sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else None
+    sizes = read_json(sizes_path) if sizes_path.exists() else None
     paths = shard_paths(split_dir)
     if paths and sizes is None:
         report.problems.append(f"{split}: {SIZES_FILE} missing")
@@ -82,7 +83,7 @@ def _check_split(out: Path, split: str, report: VerifyReport) -> dict[str, set[s
     return found
 
 
-def _check_manifest(out: Path, found: dict[str, set[str]], report: VerifyReport) -> None:
+def _check_manifest(out: UPath, found: dict[str, set[str]], report: VerifyReport) -> None:
     path = out / manifest.MANIFEST_FILE
     if not path.exists():
         report.problems.append(f"{manifest.MANIFEST_FILE} missing")
@@ -107,7 +108,8 @@ def _check_manifest(out: Path, found: dict[str, set[str]], report: VerifyReport)
             report.problems.append(f"{shard}: {len(have - want)} samples not in the manifest")
 
 
-def verify(out: Path) -> VerifyReport:
+def verify(out_location: Location) -> VerifyReport:
+    out = location(out_location)
     report = VerifyReport()
     found: dict[str, set[str]] = {}
     for split_dir in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):

@@ -42,12 +42,15 @@ def make_inputs(folder: Path, count: int) -> list[Path]:
 
 
 def ffmpeg_loop(paths: list[Path], out: Path, cores: int) -> float:
-    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    import ffmpeg  # ffmpeg-python builds the command line; the binary comes from imageio-ffmpeg
+
+    binary = imageio_ffmpeg.get_ffmpeg_exe()
     out.mkdir(parents=True, exist_ok=True)
 
     def one(path: Path) -> None:
-        subprocess.run([ffmpeg, "-v", "error", "-y", "-i", str(path), "-ac", "1", "-ar", "48000",
-                        "-sample_fmt", "s16", "-c:a", "flac", str(out / f"{path.stem}.flac")], check=True)
+        stream = ffmpeg.input(str(path)).output(str(out / f"{path.stem}.flac"), ac=1, ar=48000,
+                                                sample_fmt="s16", acodec="flac", loglevel="error")
+        stream.run(cmd=binary, overwrite_output=True, quiet=True)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(cores) as pool:

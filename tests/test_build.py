@@ -254,3 +254,14 @@ def test_sources_lists_local_with_built_counts(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     line = next(l for l in result.stdout.splitlines() if l.startswith("local "))
     assert " 3 " in line and "ready" in line
+
+
+def test_shards_load_in_the_webdataset_library(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    out = tmp_path / "out"
+    table = _build(out, REAL_AUDIO_DIR, split_ratios={"train": 1.0}, samples_per_shard=4)
+    urls = [str(p) for p in shard_paths(out / "train")]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert sorted(s["__key__"] for s in samples) == sorted(k for r in table.to_pylist() for k in r["sample_keys"])
+    assert all(isinstance(s["json"], dict) and s["json"]["text"] for s in samples)
