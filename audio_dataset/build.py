@@ -23,11 +23,12 @@ from upath import UPath
 from audio_dataset import manifest
 from audio_dataset.audio import AudioConfig, transcode
 from audio_dataset.manifest import ManifestRow
+from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.schema import SPLITS, SampleMeta, safe_key, shard_name
 from audio_dataset.shards import ShardWriter, write_sizes
 from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json
 from audio_dataset.source import (
-    Item, ItemError, Source, SourceConfig, UserError, load_source, read_definition,
+    Item, ItemError, Source, SourceConfig, SourceError, UserError, load_source, read_definition,
 )
 
 WORK_DIR = "_work"
@@ -72,6 +73,8 @@ class BuildSummary:
     shards_total: int
     shards_skipped: int
     stats: dict[str, Any]
+    # Ray node id -> shards it wrote in this run (a cluster run spreads over its nodes).
+    shards_per_node: dict[str, int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- planning
@@ -240,7 +243,7 @@ def _fingerprint(options: BuildOptions) -> dict[str, Any]:
     return {
         "source": options.source,
         "input": options.source_config.input,
-        "source_options": options.source_config.options,
+        "source_options": redact_mapping(options.source_config.options),
         "audio": asdict(options.audio),
         "samples_per_shard": options.samples_per_shard,
         "limit": options.limit,
@@ -271,7 +274,8 @@ def _init_ray(address: str | None, workers: int) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=workers, **kwargs)
+            # "local" starts a fresh instance rather than joining whatever `ray start` left behind.
+            ray.init(address="local", num_cpus=workers, **kwargs)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -289,7 +293,11 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
 
     def work(row: dict[str, Any]) -> dict[str, Any]:
         task = ray.get(task_ref)[row["task"]]
-        return run_shard(task, source, out, config)
+        try:
+            result = run_shard(task, source, out, config)
+        except SourceError as exc:  # the source failed as a whole: the driver stops with its message
+            return {"source_error": str(exc)}
+        return {**result, "node": ray.get_runtime_context().get_node_id()}
 
     dataset = ray.data.from_items(payload, override_num_blocks=max(1, len(payload)))
     pool = ray.data.TaskPoolStrategy(size=max(1, min(workers, len(tasks))))
@@ -310,7 +318,12 @@ def build(options: BuildOptions) -> BuildSummary:
         raise UserError("--samples-per-shard must be at least 1")
     out = location(options.out)
     work = out / WORK_DIR
-    _check_resumable(work, _fingerprint(options))
+    fingerprint = _fingerprint(options)
+    _check_resumable(work, fingerprint)
+    run = RunRecord("build", {**fingerprint, "workers": options.workers, "ray_address": options.ray_address,
+                              "base_url": options.source_config.base_url,
+                              "exclude_files": [str(p) for p in options.exclude_files]},
+                    definitions=definition_checksums([options.source]))
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
     source = load_source(options.source, options.source_config)
@@ -325,12 +338,15 @@ def build(options: BuildOptions) -> BuildSummary:
     tasks = plan_shards(options.source, kept, options.split_ratios, options.samples_per_shard)
     todo = [t for t in tasks if not (work / "parts" / t.part_name).exists()]
     workers = options.workers or os.cpu_count() or 1
-    _report_progress(_run_tasks(todo, source, out, options, workers) if todo else iter(()), len(tasks),
-                     len(tasks) - len(todo), options.progress)
+    per_node = _report_progress(_run_tasks(todo, source, out, options, workers) if todo else iter(()),
+                                len(tasks), len(tasks) - len(todo), options.progress)
 
     stats = finalize(out, tasks)
+    record_run(out, run)
     print_summary(stats, file=sys.stdout)
-    return BuildSummary(out, len(tasks), len(tasks) - len(todo), stats)
+    if len(per_node) > 1:
+        print("shards per node: " + ", ".join(f"{n[:8]}={c}" for n, c in sorted(per_node.items())))
+    return BuildSummary(out, len(tasks), len(tasks) - len(todo), stats, per_node)
 
 
 def _local_state_dir(out: UPath) -> Path:
@@ -340,18 +356,27 @@ def _local_state_dir(out: UPath) -> Path:
     return Path(tempfile.gettempdir()) / "audiodata-state" / digest
 
 
-def _report_progress(results: Iterator[dict], total: int, done: int, show: bool) -> None:
+def _report_progress(results: Iterator[dict], total: int, done: int, show: bool) -> dict[str, int]:
+    """Drive the shard results through a progress bar; returns shards per Ray node."""
+    from collections import Counter
+
     from tqdm import tqdm
 
+    per_node: Counter[str] = Counter()
     bar = tqdm(total=total, initial=done, unit="shard", desc="build", disable=not show,
                dynamic_ncols=True, file=sys.stderr)
     ok = items = 0
     for result in results:
+        if "source_error" in result:
+            bar.close()
+            raise SourceError(result["source_error"])
         ok += result["ok"]
         items += result["items"]
+        per_node[result["node"]] += 1
         bar.update(1)
         bar.set_postfix(items=items, ok=ok)
     bar.close()
+    return dict(per_node)
 
 
 def finalize(out: UPath, tasks: list[ShardTask]) -> dict[str, Any]:

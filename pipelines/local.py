@@ -4,15 +4,18 @@ Folder: every audio file under `--input`, recursively; captions from `NAME.json`
 `license`, `author`, `url`, anything else kept as original_data) or else `NAME.txt` (one caption
 per line). Table: columns `path` (relative to the table's folder) and `caption` or `text` (a
 string, or a JSON list), optional `tags`/`tag` (`;`-separated or a JSON list), `id`, `license`,
-`author`, `url`, `split`.
+`author`, `url`, `split`. `--input` may be an fsspec URL too (s3://bucket/folder).
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any, Iterator
 
+from upath import UPath
+
 from audio_dataset.source import Item, ItemError, Source, UserError
+from audio_dataset.storage import is_local, location
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".webm", ".mp4",
                   ".aiff", ".aif", ".wma"}
@@ -34,7 +37,7 @@ def _as_list(value: Any, sep: str | None = None) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _sidecar(path: Path) -> dict[str, Any]:
+def _sidecar(path: UPath) -> dict[str, Any]:
     meta = path.with_suffix(".json")
     if meta.is_file():
         try:
@@ -52,8 +55,8 @@ class LocalSource(Source):
     fetch_concurrency = 4
 
     @property
-    def root(self) -> Path:
-        return Path(self.config.input or "")
+    def root(self) -> UPath:
+        return location(self.config.input or "")
 
     def check(self) -> None:
         if not self.config.input:
@@ -74,32 +77,37 @@ class LocalSource(Source):
         for path in files:
             meta = _sidecar(path)
             rel = path.relative_to(self.root).as_posix()
-            yield self._item(rel, str(path.resolve()), meta)
+            yield self._item(rel, self._locator(path), meta)
 
     def _list_table(self) -> Iterator[Item]:
         import pandas as pd
 
         suffix = self.root.suffix.lower()
-        if suffix == ".parquet":
-            frame = pd.read_parquet(self.root)
-        else:
-            frame = pd.read_csv(self.root, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+        with self.root.open("rb") as handle:
+            if suffix == ".parquet":
+                frame = pd.read_parquet(handle)
+            else:
+                frame = pd.read_csv(handle, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         if "path" not in frame.columns:
             raise UserError(f"{self.root} has no 'path' column (columns: {', '.join(frame.columns)})")
         for record in frame.to_dict(orient="records"):
             rel = str(record.pop("path"))
-            path = Path(rel) if Path(rel).is_absolute() else self.root.parent / rel
+            path = location(rel) if "://" in rel or PurePosixPath(rel).is_absolute() else self.root.parent / rel
             record["text"] = _as_list(record.pop("caption", None) or record.pop("text", None))
             record["tag"] = _as_list(record.pop("tags", None) or record.pop("tag", None), ";")
             source_id = str(record.pop("id", "") or rel)
-            yield self._item(source_id, str(path.resolve()), record)
+            yield self._item(source_id, self._locator(path), record)
+
+    @staticmethod
+    def _locator(path: UPath) -> str:
+        return str(path.resolve()) if is_local(path) else str(path)
 
     @staticmethod
     def _item(source_id: str, path: str, meta: dict[str, Any]) -> Item:
         meta = dict(meta)
         text = _as_list(meta.pop("text", None))
         if not text:
-            text = [Path(source_id).stem.replace("_", " ").replace("-", " ")]
+            text = [PurePosixPath(source_id).stem.replace("_", " ").replace("-", " ")]
         split = meta.pop("split", None) or None
         return Item(
             source_id=source_id, locator=path, text=text, tag=_as_list(meta.pop("tag", None), ";"),
@@ -109,7 +117,7 @@ class LocalSource(Source):
 
     def fetch(self, item: Item) -> bytes:
         try:
-            return Path(item.locator).read_bytes()
+            return location(item.locator).read_bytes()
         except FileNotFoundError:
             raise ItemError("missing_file", item.locator) from None
         except OSError as exc:

@@ -1,0 +1,83 @@
+"""Provenance: what made an output (tool version, exact command, options, definition checksums,
+start and end times), so a dataset can be rebuilt. Each run, resumed ones too, appends a record."""
+from __future__ import annotations
+
+import hashlib
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from upath import UPath
+
+from audio_dataset import __version__
+from audio_dataset.storage import atomic_write_json, read_json
+
+PROVENANCE_FILE = "provenance.json"
+_SECRET = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+
+
+def redact(args: list[str]) -> list[str]:
+    """Blank the value of any secret-looking option (`--x-token V`, `token=V`, `--api-key=V`)."""
+    clean: list[str] = []
+    hide_next = False
+    for arg in args:
+        if hide_next:
+            clean.append("***")
+            hide_next = False
+        elif "=" in arg and _SECRET.search(arg.split("=", 1)[0]):
+            clean.append(arg.split("=", 1)[0] + "=***")
+        else:
+            clean.append(arg)
+            hide_next = arg.startswith("--") and bool(_SECRET.search(arg))
+    return clean
+
+
+def redact_mapping(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if _SECRET.search(k) else v) for k, v in values.items()}
+
+
+def definition_checksums(names: list[str]) -> dict[str, str]:
+    """sha256 of each shipped definition file (`manifests/<name>.toml`) the run used."""
+    sums = {}
+    for name in names:
+        path = resources.files("manifests") / f"{name}.toml"
+        if path.is_file():
+            sums[f"{name}.toml"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return sums
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class RunRecord:
+    stage: str  # "build", "k2c", "keywords"
+    options: dict[str, Any]
+    command: list[str] = field(default_factory=lambda: redact(sys.argv))
+    definitions: dict[str, str] = field(default_factory=dict)
+    tool_version: str = __version__
+    python: str = platform.python_version()
+    started_at: str = field(default_factory=_now)
+    finished_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tool": "audiodata", "tool_version": self.tool_version, "stage": self.stage,
+            "command": shlex.join(self.command), "options": self.options, "definitions": self.definitions,
+            "python": self.python, "started_at": self.started_at, "finished_at": self.finished_at,
+        }
+
+
+def record_run(out: UPath, record: RunRecord) -> None:
+    """Append the finished run to OUT/provenance.json (atomically rewritten)."""
+    record.finished_at = _now()
+    path = out / PROVENANCE_FILE
+    runs = read_json(path)["runs"] if path.exists() else []
+    runs.append(record.to_dict())
+    atomic_write_json(path, {"runs": runs})

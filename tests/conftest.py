@@ -1,0 +1,73 @@
+"""Shared pytest fixtures. Each owner keeps their fixtures in a marked block."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+DATA_DIR = Path(__file__).parent / "data"
+REAL_AUDIO_DIR = DATA_DIR / "real-audio"
+
+# ---- loopback HTTP server (owner: http layer / web sources) --------------------------------------
+# Test modules import the server as `from loopback import ...` whether or not tests/ is a package.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture
+def loopback() -> Iterator["LoopbackServer"]:
+    """A started loopback HTTP server; routes and faults are added by the test."""
+    from loopback import LoopbackServer
+
+    with LoopbackServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def real_clips() -> dict[str, bytes]:
+    """The real recordings in tests/data/real-audio, by file stem (OGG Vorbis bytes)."""
+    return {path.stem: path.read_bytes() for path in sorted(REAL_AUDIO_DIR.glob("*.ogg"))}
+
+
+@pytest.fixture
+def fast_http_config():
+    """An HttpConfig with test-sized backoff and timeouts (real policy, shorter clocks)."""
+    from audio_dataset.http import HttpConfig
+
+    return HttpConfig(connect_timeout=2.0, stall_timeout=0.5, retries=3, backoff_base=0.01,
+                      backoff_cap=0.05, max_retry_after=5.0, max_consecutive_failures=20)
+
+# ---- end loopback HTTP server block --------------------------------------------------------------
+
+
+# ---- core: Ray, audio formats, builds (owner: lead) ------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray instance for the whole test session (starting Ray costs seconds)."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def ffmpeg_convert(src: Path, dst: Path, *args: str) -> Path:
+    """Convert with the pip-shipped ffmpeg binary (imageio-ffmpeg), as a user's files would be made."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(src), *args, str(dst)]
+    subprocess.run(cmd, check=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def robin_path() -> Path:
+    return REAL_AUDIO_DIR / "456440__inspectorj__bird-whistling-robin-single-13.ogg"
+# ---- end core block ---------------------------------------------------------------------------------
