@@ -13,6 +13,7 @@ import numpy as np
 import soundfile
 import soxr
 
+from audio_dataset.media import sniff_audio
 from audio_dataset.source import ItemError
 
 # A peak under half a 16-bit step encodes to all zeros: such a clip is digitally silent.
@@ -87,14 +88,6 @@ def _declared_seconds(container: av.container.InputContainer, stream: av.AudioSt
     return None
 
 
-def looks_like_media(data: bytes) -> bool:
-    """Magic bytes of the audio containers we expect (so an HTML page or JSON error is not media)."""
-    head = data[:12]
-    return (head.startswith((b"RIFF", b"fLaC", b"OggS", b"ID3", b"\x1a\x45\xdf\xa3", b"FORM", b"caff"))
-            or head[4:8] == b"ftyp"
-            or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0))  # MPEG audio frame sync
-
-
 def _wav_data_shortfall(data: bytes) -> bool:
     """True when a RIFF/WAVE file's data chunk claims more bytes than the file holds."""
     pos = 12
@@ -137,7 +130,7 @@ def decode(data: bytes) -> Decoded:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, ValueError) as exc:
         # Recognisable media that will not open was cut short (an MP4 missing its index, say).
-        reason = "truncated" if looks_like_media(data) else "not_audio"
+        reason = "truncated" if sniff_audio(data) else "not_audio"
         raise ItemError(reason, str(exc)[:200]) from None
     with container:
         if not container.streams.audio:

@@ -13,7 +13,9 @@ Outcomes:
   `auth_env`), `max_consecutive_failures` requests in a row to one host that ended in connection
   errors/timeouts/5xx (the site is down), or a 429 whose Retry-After exceeds `max_retry_after`
   (a daily quota, not a burst: waiting inside the run would stall every worker, so the run stops
-  and a rerun resumes later).
+  and a rerun resumes later). A shorter Retry-After (on 429 or 503) is waited out, then retried.
+`get_bytes` keeps the body in memory; `download` streams it to a file (temp + rename) for archives.
+Tuning per run: `--source-option http_<field>=value` through `HttpConfig.from_options`.
 URLs in messages lose their query string and credential-looking values are masked, so tokens
 never reach logs or manifests.
 """
@@ -21,28 +23,27 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
 import random
 import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3
 
-from audio_dataset.source import ItemError, SourceError
-
-try:
-    from importlib.metadata import version as _dist_version
-
-    __version__ = _dist_version("audiodata")
-except Exception:  # running from a checkout that is not installed
-    __version__ = "0.1.0"
+from audio_dataset import __version__
+from audio_dataset.media import sniff_archive, sniff_audio
+from audio_dataset.source import ItemError, SourceError, UserError
 
 DEFAULT_USER_AGENT = f"audiodata/{__version__} (LAION-Audio-630K-style audio-text dataset builder)"
 _CHUNK = 64 * 1024
+# Leading bytes kept for the magic-byte check (tar's "ustar" sits at offset 257).
+_HEAD = 512
 _RETRY_STATUSES = frozenset({408, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 # Content types that are never media, whatever the bytes look like.
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript",
@@ -72,6 +73,41 @@ class HttpConfig:
     # Connections kept per host per thread-local session.
     pool_size: int = 4
 
+    @classmethod
+    def from_options(cls, options: dict[str, str], **defaults: Any) -> "HttpConfig":
+        """`defaults` (a source's own) overridden by `--source-option http_<field>=value` pairs.
+
+        Lets a user tune one run (`http_retries=10`, `http_max_bytes=...`) and lets tests shorten the
+        clocks of a build whose source is shipped to Ray workers.
+        """
+        config = replace(cls(), **defaults)
+        types = {f.name: f.type for f in fields(cls)}
+        for key, raw in options.items():
+            if not key.startswith(HTTP_OPTION_PREFIX):
+                continue
+            name = key[len(HTTP_OPTION_PREFIX):]
+            if name not in types or name == "user_agent":
+                known = ", ".join(HTTP_OPTION_PREFIX + n for n in types if n != "user_agent")
+                raise UserError(f"unknown HTTP option {key!r}; known: {known}")
+            config = replace(config, **{name: _parse_number(key, raw, types[name])})
+        return config
+
+
+HTTP_OPTION_PREFIX = "http_"
+
+
+def _parse_number(key: str, raw: str, kind: Any) -> int | float | None:
+    text = str(kind)
+    if "None" in text and raw.strip().lower() in ("", "none", "0"):
+        return None
+    try:
+        value: int | float = int(raw) if text.startswith("int") else float(raw)
+    except ValueError:
+        raise UserError(f"{key} must be a number, not {raw!r}") from None
+    if value < 0:
+        raise UserError(f"{key} must not be negative")
+    return value
+
 
 def redact(text: str) -> str:
     """Mask credential-looking query values and bearer tokens in free text."""
@@ -82,58 +118,6 @@ def public_url(url: str) -> str:
     """scheme://host/path: the query (which may carry a token) never leaves the client."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-
-
-AUDIO_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"fLaC", "flac"),
-    (0, b"OggS", "ogg"),
-    (0, b"ID3", "mp3"),
-    (0, b"\x1a\x45\xdf\xa3", "webm/matroska"),
-    (4, b"ftyp", "mp4"),
-    (0, b"#!AMR", "amr"),
-    (0, b".snd", "au"),
-    (0, b"wvpk", "wavpack"),
-    (0, b"MAC ", "ape"),
-    (0, b"caff", "caf"),
-    (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "asf/wma"),
-)
-ARCHIVE_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"PK\x03\x04", "zip"),
-    (0, b"PK\x05\x06", "zip"),
-    (0, b"\x1f\x8b", "gzip"),
-    (0, b"7z\xbc\xaf\x27\x1c", "7z"),
-    (0, b"Rar!\x1a\x07", "rar"),
-    (0, b"BZh", "bzip2"),
-    (0, b"\xfd7zXZ\x00", "xz"),
-    (0, b"\x28\xb5\x2f\xfd", "zstd"),
-    (257, b"ustar", "tar"),
-)
-
-
-def _match(data: bytes, signatures: tuple[tuple[int, bytes, str], ...]) -> str | None:
-    for offset, magic, name in signatures:
-        if data[offset:offset + len(magic)] == magic:
-            return name
-    return None
-
-
-def sniff_audio(data: bytes) -> str | None:
-    """The container/codec the leading bytes announce, or None when they are not audio."""
-    if data[:4] in (b"RIFF", b"RF64") and data[8:12] in (b"WAVE", b"AVI "):
-        return "wav" if data[8:12] == b"WAVE" else None
-    if data[:4] == b"FORM" and data[8:12] in (b"AIFF", b"AIFC"):
-        return "aiff"
-    found = _match(data, AUDIO_SIGNATURES)
-    if found:
-        return found
-    # MPEG audio / ADTS AAC frame sync: 11 set bits, and a layer/version that is not "reserved".
-    if len(data) >= 2 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0 and (data[1] & 0x18) != 0x08:
-        return "mpeg"
-    return None
-
-
-def sniff_archive(data: bytes) -> str | None:
-    return _match(data, ARCHIVE_SIGNATURES)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -214,6 +198,7 @@ class HttpClient:
         self._lock = threading.Lock()
         self._buckets: dict[str, TokenBucket | None] = {}
         self._consecutive: dict[str, int] = {}
+        self._down: dict[str, str] = {}  # host -> why it was declared down
 
     # -- public API -------------------------------------------------------------------------
 
@@ -236,10 +221,17 @@ class HttpClient:
     def get_bytes(self, url: str, headers: dict | None = None, expect: str = "audio",
                   params: dict | None = None, auth_env: str | None = None) -> bytes:
         """The body of a media download; `expect` is "audio", "archive" or "any"."""
-        if expect not in ("audio", "archive", "any"):
-            raise ValueError(f"expect must be audio, archive or any, not {expect!r}")
-        body, _ = self._get(url, params, headers, auth_env, expect=expect)
+        body, _ = self._get(url, params, headers, auth_env, _expect(expect))
         return body
+
+    def download(self, url: str, dest: Path, headers: dict | None = None, expect: str = "any",
+                 params: dict | None = None, auth_env: str | None = None) -> int:
+        """Stream the body into `dest` for files too big for memory (whole archives); returns its size.
+
+        Written to a temp file beside `dest`, fsynced and renamed: `dest` is complete or absent.
+        """
+        path, _ = self._get(url, params, headers, auth_env, _expect(expect), sink=lambda: _FileSink(Path(dest)))
+        return Path(path).stat().st_size
 
     # -- internals --------------------------------------------------------------------------
 
@@ -270,8 +262,10 @@ class HttpClient:
         return random.uniform(0.0, min(self.config.backoff_cap, self.config.backoff_base * 2 ** attempt))
 
     def _get(self, url: str, params: dict | None, headers: dict | None, auth_env: str | None,
-             expect: str) -> tuple[bytes, requests.Response]:
+             expect: str, sink: Callable[[], "_Sink"] | None = None) -> tuple[Any, requests.Response]:
         host = urlsplit(url).netloc.lower()
+        if host in self._down:  # declared down: the other threads stop at once instead of retrying
+            raise SourceError(self._down[host])
         last: _Retry | None = None
         for attempt in range(self.config.retries + 1):
             if attempt:
@@ -280,7 +274,7 @@ class HttpClient:
             if bucket:
                 bucket.acquire()
             try:
-                result = self._attempt(url, params, headers, auth_env, expect)
+                result = self._attempt(url, params, headers, auth_env, expect, sink or _MemorySink)
             except _Retry as retry:
                 last = retry
                 continue
@@ -298,11 +292,14 @@ class HttpClient:
             count = 0 if ok else self._consecutive.get(host, 0) + 1
             self._consecutive[host] = count
         if count >= self.config.max_consecutive_failures:
-            raise SourceError(f"{host} looks down: {count} requests in a row failed "
-                              f"(connection errors, timeouts or server errors) after retries")
+            message = (f"{host} looks down: {count} requests in a row failed "
+                       f"(connection errors, timeouts or server errors) after retries")
+            with self._lock:
+                self._down.setdefault(host, message)
+            raise SourceError(message)
 
     def _attempt(self, url: str, params: dict | None, headers: dict | None, auth_env: str | None,
-                 expect: str) -> tuple[bytes, requests.Response]:
+                 expect: str, open_sink: Callable[[], "_Sink"]) -> tuple[Any, requests.Response]:
         where = public_url(url)
         try:
             response = self._session().get(url, params=params, headers=headers, stream=True,
@@ -317,10 +314,15 @@ class HttpClient:
             raise ItemError("bad_request", f"{where}: {_describe(exc)}") from None
         with response:
             self._check_status(response, where, auth_env)
-            body = self._read_body(response, where)
-        if expect != "any":
-            _check_content(body, response.headers.get("Content-Type", ""), expect, where)
-        return body, response
+            sink = open_sink()
+            try:
+                head = self._read_body(response, where, sink)
+                if expect != "any":
+                    _check_content(head, response.headers.get("Content-Type", ""), expect, where)
+                return sink.finish(), response
+            except BaseException:
+                sink.discard()
+                raise
 
     def _check_status(self, response: requests.Response, where: str, auth_env: str | None) -> None:
         status = response.status_code
@@ -337,26 +339,32 @@ class HttpClient:
                                   f"(over max_retry_after={self.config.max_retry_after:g}s); rerun later to resume")
             raise _Retry("http_429", line, delay=wait)
         if status in _RETRY_STATUSES:
-            raise _Retry("http_5xx" if status >= 500 else "timeout", line)
+            # A 503 may say when to come back; a wait beyond max_retry_after falls back to backoff.
+            wait = parse_retry_after(response.headers.get("Retry-After"))
+            delay = wait if wait is not None and wait <= self.config.max_retry_after else None
+            raise _Retry("http_5xx" if status >= 500 else "timeout", line, delay=delay)
         if status in (404, 410):
             raise ItemError("http_404", line)
         if status >= 500:
             raise ItemError("http_5xx", line)
         raise ItemError("http_4xx", line)
 
-    def _read_body(self, response: requests.Response, where: str) -> bytes:
+    def _read_body(self, response: requests.Response, where: str, sink: "_Sink") -> bytes:
+        """Copy the body into `sink` within the size limit; returns its first bytes for sniffing."""
         limit = self.config.max_bytes
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ItemError("too_large", f"{where} declares {int(declared)} bytes (limit {limit})")
-        chunks: list[bytes] = []
+        head = b""
         size = 0
         try:
             for chunk in response.iter_content(_CHUNK):
                 size += len(chunk)
                 if size > limit:
                     raise ItemError("too_large", f"{where} sent over {limit} bytes")
-                chunks.append(chunk)
+                if len(head) < _HEAD:
+                    head += chunk[:_HEAD - len(head)]
+                sink.write(chunk)
         except requests.exceptions.ConnectionError as exc:
             if _is_timeout(exc):
                 raise _Retry("stalled", f"{where}: no body bytes for {self.config.stall_timeout:g}s "
@@ -367,7 +375,50 @@ class HttpClient:
                                            f"{declared or 'unknown'} bytes ({_describe(exc)})") from None
         if declared and declared.isdigit() and "Content-Encoding" not in response.headers and size < int(declared):
             raise _Retry("truncated_body", f"{where}: body ended after {size} of {declared} bytes")
-        return b"".join(chunks)
+        return head
+
+
+class _Sink(Protocol):
+    def write(self, chunk: bytes) -> None: ...
+    def finish(self) -> Any: ...
+    def discard(self) -> None: ...
+
+
+class _MemorySink:
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+
+    def write(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+
+    def finish(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def discard(self) -> None:
+        self._chunks.clear()
+
+
+class _FileSink:
+    def __init__(self, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.dest = dest
+        # Unique per process and thread: two workers fetching one URL never share a temp file.
+        self.temp = dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}.part")
+        self._handle = open(self.temp, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        self._handle.write(chunk)
+
+    def finish(self) -> Path:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self.temp, self.dest)
+        return self.dest
+
+    def discard(self) -> None:
+        self._handle.close()
+        self.temp.unlink(missing_ok=True)
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -387,6 +438,12 @@ def _is_timeout(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     # urllib3 messages embed the request path with its query; keep the type and a masked message.
     return redact(f"{type(exc).__name__}: {exc}")[:300]
+
+
+def _expect(expect: str) -> str:
+    if expect not in ("audio", "archive", "any"):
+        raise ValueError(f"expect must be audio, archive or any, not {expect!r}")
+    return expect
 
 
 def _check_content(body: bytes, content_type: str, expect: str, where: str) -> None:
