@@ -8,6 +8,7 @@ crash or `kill -9` gives the same samples as a clean run.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -65,6 +66,14 @@ class ShardTask:
     @property
     def part_name(self) -> str:
         return f"{self.split}-{self.index:06d}.parquet"
+
+    def to_json(self) -> str:
+        return json.dumps({"split": self.split, "index": self.index, "items": [i.to_json() for i in self.items]})
+
+    @classmethod
+    def from_json(cls, raw: str) -> "ShardTask":
+        data = json.loads(raw)
+        return cls(data["split"], data["index"], [Item.from_json(i) for i in data["items"]])
 
 
 @dataclass
@@ -288,11 +297,11 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
 
     _init_ray(options.ray_address, workers)
     config = options.audio
-    payload = [{"task": i} for i in range(len(tasks))]
-    task_ref = ray.put(tasks)
+    # Each row carries its own shard's items, so a worker deserialises only what it processes.
+    payload = [{"task": task.to_json()} for task in tasks]
 
     def work(row: dict[str, Any]) -> dict[str, Any]:
-        task = ray.get(task_ref)[row["task"]]
+        task = ShardTask.from_json(row["task"])
         try:
             result = run_shard(task, source, out, config)
         except SourceError as exc:  # the source failed as a whole: the driver stops with its message
