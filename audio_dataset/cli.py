@@ -127,6 +127,14 @@ def run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+    from audio_dataset.report import write_report
+
+    _require_output(args.out)
+    print(write_report(args.out, args.out_html, n_samples=args.samples))
+    return 0
+
+
 def run_sources(args: argparse.Namespace) -> int:
     from audio_dataset.sources_table import sources_table
 
@@ -157,15 +165,19 @@ def make_parser() -> argparse.ArgumentParser:
     p = subparsers.add_parser("sources", help="list sources with licence, expected and built counts")
     p.add_argument("--out", type=location, action="append", default=[], help="build output(s) to count")
     p.set_defaults(func=run_sources)
+    p = subparsers.add_parser("report", help="a self-contained HTML page: figures, plots, samples to listen to")
+    p.add_argument("out", type=location)
+    p.add_argument("--out-html", type=location, help="where to write the page (default OUT/report.html)")
+    p.add_argument("--samples", type=_positive_int, default=6,  # report.DEFAULT_SAMPLES, without importing it
+                   help="samples shown with audio previews")
+    p.set_defaults(func=run_report)
     _add_k2c(subparsers)
     return parser
 
 
 def _add_k2c(subparsers: argparse._SubParsersAction) -> None:
-    try:  # TODO(lead): plain import once k2c lands
-        from audio_dataset.k2c.cli import add_cli
-    except ImportError:
-        return
+    from audio_dataset.k2c.cli import add_cli
+
     add_cli(subparsers)
 
 

@@ -5,7 +5,9 @@ import io
 import json
 import sys
 from collections import Counter
-from typing import Any, TextIO
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
 
@@ -13,6 +15,10 @@ from audio_dataset import manifest
 from audio_dataset.schema import SPLITS
 from audio_dataset.shards import iter_shard, shard_paths
 from audio_dataset.storage import Location, atomic_write_bytes, location
+
+if TYPE_CHECKING:  # matplotlib is imported only when plotting (builds print stats too)
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 STATS_FILE = "stats.json"
 PLOT_FILE = "stats.png"
@@ -71,25 +77,98 @@ def caption_lengths(out: Location) -> list[int]:
     return lengths
 
 
-def plot_stats(out: Location, table: pa.Table, path: Location) -> None:
-    import matplotlib
+@dataclass
+class PlotData:
+    """What the plots show, gathered once: `stats.png` and the HTML report draw the same panels."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    durations: list[float]  # seconds written per ok item
+    caption_words: list[int]
+    hours_per_source: dict[str, float]
+    reasons: dict[str, int]  # not-ok items by reason
 
-    rows = table.to_pylist()
-    durations = [r["output_duration"] for r in rows if r["status"] == manifest.STATUS_OK]
-    per_source = Counter(r["source"] for r in rows if r["status"] == manifest.STATUS_OK)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].hist(durations, bins=30, color="tab:blue")
-    axes[0].set(title="Clip duration", xlabel="seconds", ylabel="items")
-    axes[1].hist(caption_lengths(out), bins=20, color="tab:green")
-    axes[1].set(title="Caption length", xlabel="words", ylabel="samples")
-    axes[2].bar(list(per_source), list(per_source.values()), color="tab:orange")
-    axes[2].set(title="Items per source", ylabel="ok items")
-    axes[2].tick_params(axis="x", rotation=30)
-    fig.tight_layout()
+
+def plot_data(out: Location, table: pa.Table) -> PlotData:
+    rows = [r for r in table.to_pylist() if r["status"] == manifest.STATUS_OK]
+    seconds: Counter[str] = Counter()
+    for r in rows:
+        seconds[r["source"]] += r["output_duration"]
+    reasons = Counter(e for e in table.column("error").to_pylist() if e)
+    return PlotData(durations=[r["output_duration"] for r in rows], caption_words=caption_lengths(out),
+                    hours_per_source={s: seconds[s] / 3600 for s in sorted(seconds)},
+                    reasons=dict(reasons.most_common()))
+
+
+def _integer_ticks(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _draw_durations(ax: Axes, data: PlotData) -> None:
+    ax.hist(data.durations, bins=30, color="tab:blue")
+    ax.set(title="Clip duration", xlabel="seconds", ylabel="items")
+    _integer_ticks(ax.yaxis)
+
+
+def _draw_caption_words(ax: Axes, data: PlotData) -> None:
+    ax.hist(data.caption_words, bins=20, color="tab:green")
+    ax.set(title="Caption length", xlabel="words (first caption)", ylabel="samples")
+    _integer_ticks(ax.xaxis)
+    _integer_ticks(ax.yaxis)
+
+
+def _draw_source_hours(ax: Axes, data: PlotData) -> None:
+    ax.bar(list(data.hours_per_source), list(data.hours_per_source.values()), color="tab:orange")
+    ax.set(title="Hours per source", ylabel="hours written")
+    ax.tick_params(axis="x", rotation=30)
+
+
+def _draw_reasons(ax: Axes, data: PlotData) -> None:
+    names = list(data.reasons)
+    colors = [_REASON_COLORS[manifest.status_for_reason(n)] for n in names]
+    ax.barh(names, list(data.reasons.values()), color=colors)
+    ax.invert_yaxis()
+    ax.set(title="Items not kept, by reason", xlabel="items")
+    _integer_ticks(ax.xaxis)
+    if not names:
+        ax.set(xticks=[], yticks=[])
+        ax.text(0.5, 0.5, "every item kept", ha="center", va="center", transform=ax.transAxes)
+
+
+_REASON_COLORS = {manifest.STATUS_DROPPED: "tab:gray", manifest.STATUS_FAILED: "tab:red",
+                  manifest.STATUS_EXCLUDED: "tab:purple"}
+# Panel name -> drawer; the order is the order in stats.png and in the report.
+PANELS: dict[str, Callable[[Axes, PlotData], None]] = {
+    "duration": _draw_durations, "caption_words": _draw_caption_words,
+    "source_hours": _draw_source_hours, "failure_reasons": _draw_reasons,
+}
+
+
+def _png(fig: Figure) -> bytes:
     png = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, png.getvalue())
+    return png.getvalue()
+
+
+def panel_pngs(data: PlotData) -> dict[str, bytes]:
+    """Each panel as its own PNG (the report lays them out itself)."""
+    from matplotlib.figure import Figure
+
+    pngs = {}
+    for name, draw in PANELS.items():
+        fig = Figure(figsize=(5.5, 3.6))
+        draw(fig.add_subplot(), data)
+        pngs[name] = _png(fig)
+    return pngs
+
+
+def plot_stats(out: Location, table: pa.Table, path: Location) -> None:
+    """All panels side by side in one PNG."""
+    from matplotlib.figure import Figure
+
+    data = plot_data(out, table)
+    fig = Figure(figsize=(5 * len(PANELS), 4))
+    for ax, draw in zip(fig.subplots(1, len(PANELS)), PANELS.values()):
+        draw(ax, data)
+    atomic_write_bytes(path, _png(fig))

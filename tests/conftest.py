@@ -1,11 +1,18 @@
 """Shared pytest fixtures. Each owner keeps their fixtures in a marked block."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+# No network in tests: models load from local folders only. Set before any import of the HF
+# libraries, and inherited by the Ray workers the tests start.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 DATA_DIR = Path(__file__).parent / "data"
 REAL_AUDIO_DIR = DATA_DIR / "real-audio"
@@ -50,10 +57,13 @@ def ray_local() -> Iterator[None]:
 
     import ray
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
+        # "local": never join a cluster another process left running on this machine.
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def ffmpeg_convert(src: Path, dst: Path, *args: str) -> Path:

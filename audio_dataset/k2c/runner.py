@@ -1,0 +1,313 @@
+"""Shard-to-shard stages (k2c, keywords): one Ray actor per worker holds the models, shards are the
+unit of work and of resume.
+
+A shard is done when its manifest part exists: the part is written after the shard's tar is
+renamed into place, so a killed run redoes at most the shards it was writing. Every member except
+`<key>.json` is copied byte for byte; samples keep their order, so `sizes.json` is the input's.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audio_dataset.schema import JSON_EXT, SIZES_FILE
+from audio_dataset.shards import Sample, ShardWriter, atomic_write_bytes, atomic_write_json, iter_shard, \
+    shard_paths, write_sizes
+from audio_dataset.source import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    name: str
+    src: str
+    dst: str
+    part: str
+
+
+class ShardProcessor(Protocol):
+    def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
+        """The shard's samples with new JSON, and one manifest row per sample."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    # Everything that decides the output; recorded in OUT/.<name>/run.json and checked on resume.
+    settings: dict[str, Any]
+    # Builds the processor inside each worker (models load there, once): device -> processor.
+    factory: Callable[[str], ShardProcessor]
+    manifest_schema: pa.Schema
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    input: Path
+    out: Path
+    workers: int | None = None
+    # torch threads per worker; default the cluster's CPUs shared out among the workers.
+    threads: int | None = None
+    device: str = "auto"
+    ray_address: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    shards: int
+    resumed: int
+    samples: int
+    seconds: float
+    manifest: Path
+    # Samples per manifest `status` (generated, skipped_short, filled...).
+    statuses: dict[str, int]
+
+
+def _work_dir(out: Path, stage_name: str) -> Path:
+    """Per-stage state: run.json (settings) and parts/ (one manifest part per finished shard)."""
+    return out / f".{stage_name}"
+
+
+def check_run(options: RunOptions) -> None:
+    """Fail fast on the run options, before any model is fetched."""
+    if not options.input.is_dir():
+        raise UserError(f"--input {options.input}: no such folder")
+    if options.out.resolve() == options.input.resolve():
+        raise UserError("--out must differ from --input (input shards are never modified)")
+    if options.device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}")
+    if (options.workers is not None and options.workers < 1) or (options.threads is not None and options.threads < 1):
+        raise UserError("--workers and --threads must be at least 1")
+    find_jobs(options.input, options.out, "check")
+
+
+def find_jobs(input_dir: Path, out: Path, stage_name: str) -> list[ShardJob]:
+    """Every shard of every split under `input_dir` (a build output)."""
+    splits = sorted(p for p in input_dir.iterdir() if p.is_dir() and (p / SIZES_FILE).is_file())
+    parts = _work_dir(out, stage_name) / "parts"
+    jobs = [ShardJob(split.name, shard.name, str(shard), str(out / split.name / shard.name),
+                     str(parts / split.name / f"{shard.stem}.parquet"))
+            for split in splits for shard in shard_paths(split)]
+    if not jobs:
+        raise UserError(f"--input {input_dir}: no shards (expected SPLIT/NNNNNN.tar with SPLIT/{SIZES_FILE})")
+    return jobs
+
+
+def _check_resumable(out: Path, stage: Stage, input_dir: Path) -> None:
+    """Record the settings; a later run into the same --out must match them once a shard is done."""
+    path = _work_dir(out, stage.name) / "run.json"
+    record = {"stage": stage.name, "input": str(input_dir.resolve()), "settings": stage.settings}
+    if path.exists() and any((_work_dir(out, stage.name) / "parts").rglob("*.parquet")):
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in record["settings"] if previous["settings"].get(k) != stage.settings[k])
+        if previous.get("input") != record["input"]:
+            changed.insert(0, "input")
+        if changed:
+            raise UserError(f"{out} holds a {stage.name} run with other settings ({', '.join(changed)}); "
+                            "use a new --out, or the same settings to resume")
+        return
+    atomic_write_json(path, record)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temp files of a killed run (ShardWriter's `.NAME.tmp-PID`); one run per --out at a time."""
+    for tmp in out.glob("**/.*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def process_shard(processor: ShardProcessor, job: ShardJob, schema: pa.Schema) -> int:
+    samples = list(iter_shard(job.src))
+    new_samples, rows = processor.process(job, samples)
+    if [s["__key__"] for s in new_samples] != [s["__key__"] for s in samples] or len(rows) != len(samples):
+        raise RuntimeError(f"{job.split}/{job.name}: processor changed the samples' keys or order")
+    for old, new in zip(samples, new_samples):
+        for ext, data in old.items():
+            if ext not in ("__key__", JSON_EXT) and new.get(ext) is not data:
+                raise RuntimeError(f"{job.split}/{job.name}: processor touched {old['__key__']}.{ext}")
+    with ShardWriter(Path(job.dst)) as writer:
+        for sample in new_samples:
+            writer.write(sample)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    atomic_write_bytes(Path(job.part), buffer.getvalue())
+    return len(new_samples)
+
+
+class _Worker:
+    """The body of one Ray actor."""
+
+    def __init__(self, factory: Callable[[str], ShardProcessor], device: str, threads: int,
+                 schema: pa.Schema) -> None:
+        self.factory, self.device, self.threads, self.schema = factory, device, threads, schema
+        self.processor: ShardProcessor | None = None
+
+    def run(self, job: ShardJob) -> tuple[ShardJob, int]:
+        # Built on the first job, not in __init__: Ray passes a method's exception (a UserError
+        # for a model that will not load) back to the driver, a constructor's only as text.
+        if self.processor is None:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # workers' bars would garble the driver's
+            self.processor = self.factory(self.device)
+            if "torch" in sys.modules:  # not imported at all for the template
+                sys.modules["torch"].set_num_threads(self.threads)
+        return job, process_shard(self.processor, job, self.schema)
+
+
+def _init_ray(address: str | None) -> bool:
+    """Start local Ray unless it is running in this process already; True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # "local" starts a fresh instance: with no address Ray would join any other Ray running on the machine.
+    ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _plan_workers(options: RunOptions, jobs: int) -> tuple[str, int, int]:
+    """(device, workers, torch threads per worker) from the cluster's resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    device = options.device
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cuda" and not gpus:
+        raise UserError("--device cuda: the Ray cluster has no GPU")
+    workers = options.workers or (gpus if device == "cuda" else 1)
+    if device == "cuda" and workers > gpus:
+        raise UserError(f"--workers {workers}: one worker per GPU and the cluster has {gpus}")
+    workers = max(1, min(workers, jobs))
+    return device, workers, options.threads or max(1, cpus // workers)
+
+
+def _run_jobs(stage: Stage, jobs: list[ShardJob], options: RunOptions) -> Iterator[tuple[ShardJob, int]]:
+    import ray
+    from ray.util import ActorPool
+
+    device, workers, threads = _plan_workers(options, len(jobs))
+    actor_cls = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0, max_restarts=0)(_Worker)
+    actors = [actor_cls.remote(stage.factory, device, threads, stage.manifest_schema) for _ in range(workers)]
+    try:
+        yield from ActorPool(actors).map_unordered(lambda actor, job: actor.run.remote(job), jobs)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _raise_user_errors(exc: BaseException) -> None:
+    """A UserError raised inside a worker (a model that will not load) reaches the driver wrapped by
+    Ray (RayTaskError, ActorDiedError): unwrap it so the user sees one line."""
+    seen: list[BaseException] = []
+    current: object = exc
+    while isinstance(current, BaseException) and current not in seen and len(seen) < 8:
+        seen.append(current)
+        inner = getattr(current, "cause", None)  # Ray's wrappers keep the original here
+        if isinstance(inner, BaseException):
+            current = inner
+        elif isinstance(current, UserError):
+            raise UserError(str(current)) from None
+        else:
+            current = current.__cause__
+
+
+def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    input_dir, out = options.input, options.out
+    check_run(options)
+    jobs = find_jobs(input_dir, out, stage.name)
+    _check_resumable(out, stage, input_dir)
+    _remove_stale_temps(out)
+    todo = [job for job in jobs if not Path(job.part).exists()]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", desc=stage.name,
+               disable=not options.progress, file=sys.stderr, dynamic_ncols=True)
+    if todo:
+        owns_ray = _init_ray(options.ray_address)
+        try:
+            for job, _count in _run_jobs(stage, todo, options):
+                bar.update(1)
+        except Exception as exc:
+            _raise_user_errors(exc)
+            raise
+        finally:
+            bar.close()
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
+    bar.close()
+    table, manifest = _finalize(stage, jobs, input_dir, out)
+    statuses = dict(sorted(Counter(table.column("status").to_pylist()).items()))
+    summary = RunSummary(out, len(jobs), len(jobs) - len(todo), table.num_rows, time.monotonic() - started,
+                         manifest, statuses)
+    record = json.loads((_work_dir(out, stage.name) / "run.json").read_text())
+    record["last_run"] = {"shards": summary.shards, "resumed_shards": summary.resumed, "samples": table.num_rows,
+                          "statuses": statuses, "seconds": round(summary.seconds, 2), **_versions()}
+    atomic_write_json(_work_dir(out, stage.name) / "run.json", record)
+    return summary
+
+
+def _copy_dataset_files(input_dir: Path, out: Path) -> None:
+    """The input's top-level files (build's manifest.parquet, stats.json, provenance.json; earlier
+    stages' manifests) describe the same samples, so the output stays a complete dataset."""
+    for path in sorted(input_dir.iterdir()):
+        if path.is_file() and not path.name.startswith((".", "_")):
+            atomic_write_bytes(out / path.name, path.read_bytes())
+
+
+def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: Path, out: Path) -> tuple[pa.Table, Path]:
+    """sizes.json per split (checked against the input's), the input's dataset files, the merged
+    manifest (its schema metadata carries the run's settings)."""
+    tables = [pq.read_table(job.part) for job in jobs]
+    by_split: dict[str, dict[str, int]] = {}
+    for job, table in zip(jobs, tables):
+        by_split.setdefault(job.split, {})[job.name] = table.num_rows
+    for split, counts in by_split.items():
+        expected = json.loads((input_dir / split / SIZES_FILE).read_text())
+        if any(expected.get(name, count) != count for name, count in counts.items()):
+            raise RuntimeError(f"{split}: sample counts differ from the input's {SIZES_FILE}")
+        write_sizes(out / split, counts)
+    manifest = out / f"{stage.name}_manifest.parquet"
+    _copy_dataset_files(input_dir, out)
+    table = pa.concat_tables(tables).replace_schema_metadata(
+        {"audiodata.stage": stage.name, "audiodata.settings": json.dumps(stage.settings, sort_keys=True)})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(manifest, buffer.getvalue())
+    return table, manifest
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for package in ("audiodata", "torch", "transformers", "keybert", "sentence-transformers"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"versions": found}
+
+
+def options_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as JSON-ready settings (paths as strings)."""
+    return json.loads(json.dumps(asdict(obj), default=str))
+
+
+__all__ = ["RunOptions", "RunSummary", "ShardJob", "Stage", "run_stage", "options_dict"]
