@@ -1,0 +1,8 @@
+"""CLAP (contrastive language-audio pretraining) on audiodata shards, laid out like open_clip.
+
+- `config`: presets (`tiny` for CPUs; LAION-CLAP's `htsat-tiny-roberta`, `-fusion`, `pann14-roberta`, ...)
+- `features`, `htsat`, `pann`, `fusion`, `text`, `clap`: the model, with LAION-CLAP's parameter names
+- `data`: the webdataset loader; `loss`: the gathered symmetric contrastive loss
+- `train`, `main` (`clap-train`), `evaluate` (`clap-eval`), `metrics`, `checkpoint`, `distributed`
+- `inference`: `CLAPInference` — embed audio and text, similarity, zero-shot classification
+"""

@@ -7,11 +7,14 @@ from pathlib import Path
 from audio_dataset.k2c.generate import DEFAULT_MODEL, DTYPES, Decoding
 from audio_dataset.k2c.keywords import DEFAULT_KEYBERT_MODEL, SYNONYM_MODES, KeyBertSettings
 from audio_dataset.k2c.runner import DEVICES, RunOptions, RunSummary
+from audio_dataset.storage import location
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, type=Path, help="a build output (SPLIT/NNNNNN.tar + sizes.json)")
-    p.add_argument("--out", required=True, type=Path, help="new output folder (rerun the same command to resume)")
+    p.add_argument("--input", required=True, type=location,
+                   help="a build output (SPLIT/NNNNNN.tar + sizes.json): a folder or an fsspec URL")
+    p.add_argument("--out", required=True, type=location,
+                   help="new output folder or fsspec URL (rerun the same command to resume)")
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else 1)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: CPUs / workers)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto uses the GPUs when Ray has any")

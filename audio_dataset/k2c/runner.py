@@ -15,16 +15,19 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
 
 from audio_dataset.schema import JSON_EXT, SIZES_FILE
 from audio_dataset.shards import Sample, ShardWriter, atomic_write_bytes, atomic_write_json, iter_shard, \
     shard_paths, write_sizes
+from audio_dataset.manifest import read_parquet
+from audio_dataset.provenance import RunRecord, record_run
 from audio_dataset.source import UserError
+from audio_dataset.storage import Location, is_local, location
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -55,8 +58,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class RunOptions:
-    input: Path
-    out: Path
+    input: Location  # a build output: a folder or an fsspec URL
+    out: Location
     workers: int | None = None
     # torch threads per worker; default the cluster's CPUs shared out among the workers.
     threads: int | None = None
@@ -67,35 +70,40 @@ class RunOptions:
 
 @dataclass
 class RunSummary:
-    out: Path
+    out: UPath
     shards: int
     resumed: int
     samples: int
     seconds: float
-    manifest: Path
+    manifest: UPath
     # Samples per manifest `status` (generated, skipped_short, filled...).
     statuses: dict[str, int]
 
 
-def _work_dir(out: Path, stage_name: str) -> Path:
+def _work_dir(out: UPath, stage_name: str) -> UPath:
     """Per-stage state: run.json (settings) and parts/ (one manifest part per finished shard)."""
     return out / f".{stage_name}"
 
 
+def _identity(path: UPath) -> str:
+    return str(path.resolve()) if is_local(path) else str(path).rstrip("/")
+
+
 def check_run(options: RunOptions) -> None:
     """Fail fast on the run options, before any model is fetched."""
-    if not options.input.is_dir():
+    input_dir, out = location(options.input), location(options.out)
+    if not input_dir.is_dir():
         raise UserError(f"--input {options.input}: no such folder")
-    if options.out.resolve() == options.input.resolve():
+    if _identity(out) == _identity(input_dir):
         raise UserError("--out must differ from --input (input shards are never modified)")
     if options.device not in DEVICES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)}")
     if (options.workers is not None and options.workers < 1) or (options.threads is not None and options.threads < 1):
         raise UserError("--workers and --threads must be at least 1")
-    find_jobs(options.input, options.out, "check")
+    find_jobs(input_dir, out, "check")
 
 
-def find_jobs(input_dir: Path, out: Path, stage_name: str) -> list[ShardJob]:
+def find_jobs(input_dir: UPath, out: UPath, stage_name: str) -> list[ShardJob]:
     """Every shard of every split under `input_dir` (a build output)."""
     splits = sorted(p for p in input_dir.iterdir() if p.is_dir() and (p / SIZES_FILE).is_file())
     parts = _work_dir(out, stage_name) / "parts"
@@ -107,10 +115,10 @@ def find_jobs(input_dir: Path, out: Path, stage_name: str) -> list[ShardJob]:
     return jobs
 
 
-def _check_resumable(out: Path, stage: Stage, input_dir: Path) -> None:
+def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
     """Record the settings; a later run into the same --out must match them once a shard is done."""
     path = _work_dir(out, stage.name) / "run.json"
-    record = {"stage": stage.name, "input": str(input_dir.resolve()), "settings": stage.settings}
+    record = {"stage": stage.name, "input": _identity(input_dir), "settings": stage.settings}
     if path.exists() and any((_work_dir(out, stage.name) / "parts").rglob("*.parquet")):
         previous = json.loads(path.read_text())
         changed = sorted(k for k in record["settings"] if previous["settings"].get(k) != stage.settings[k])
@@ -123,8 +131,11 @@ def _check_resumable(out: Path, stage: Stage, input_dir: Path) -> None:
     atomic_write_json(path, record)
 
 
-def _remove_stale_temps(out: Path) -> None:
-    """Temp files of a killed run (ShardWriter's `.NAME.tmp-PID`); one run per --out at a time."""
+def _remove_stale_temps(out: UPath) -> None:
+    """Temp files of a killed run (ShardWriter's `.NAME.tmp-PID`); one run per --out at a time.
+    Object storage has none: there a shard is staged on local disk and uploaded whole."""
+    if not is_local(out) or not out.exists():
+        return
     for tmp in out.glob("**/.*.tmp-*"):
         tmp.unlink(missing_ok=True)
 
@@ -138,12 +149,12 @@ def process_shard(processor: ShardProcessor, job: ShardJob, schema: pa.Schema) -
         for ext, data in old.items():
             if ext not in ("__key__", JSON_EXT) and new.get(ext) is not data:
                 raise RuntimeError(f"{job.split}/{job.name}: processor touched {old['__key__']}.{ext}")
-    with ShardWriter(Path(job.dst)) as writer:
+    with ShardWriter(job.dst) as writer:
         for sample in new_samples:
             writer.write(sample)
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
-    atomic_write_bytes(Path(job.part), buffer.getvalue())
+    atomic_write_bytes(job.part, buffer.getvalue())
     return len(new_samples)
 
 
@@ -229,12 +240,14 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
     from tqdm import tqdm
 
     started = time.monotonic()
-    input_dir, out = options.input, options.out
+    input_dir, out = location(options.input), location(options.out)
+    provenance = RunRecord(stage.name, {**stage.settings, "input": str(options.input), "workers": options.workers,
+                                        "device": options.device, "ray_address": options.ray_address})
     check_run(options)
     jobs = find_jobs(input_dir, out, stage.name)
     _check_resumable(out, stage, input_dir)
     _remove_stale_temps(out)
-    todo = [job for job in jobs if not Path(job.part).exists()]
+    todo = [job for job in jobs if not location(job.part).exists()]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", desc=stage.name,
                disable=not options.progress, file=sys.stderr, dynamic_ncols=True)
     if todo:
@@ -260,10 +273,11 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
     record["last_run"] = {"shards": summary.shards, "resumed_shards": summary.resumed, "samples": table.num_rows,
                           "statuses": statuses, "seconds": round(summary.seconds, 2), **_versions()}
     atomic_write_json(_work_dir(out, stage.name) / "run.json", record)
+    record_run(out, provenance)  # after _finalize copied the input's provenance: the chain stays whole
     return summary
 
 
-def _copy_dataset_files(input_dir: Path, out: Path) -> None:
+def _copy_dataset_files(input_dir: UPath, out: UPath) -> None:
     """The input's top-level files (build's manifest.parquet, stats.json, provenance.json; earlier
     stages' manifests) describe the same samples, so the output stays a complete dataset."""
     for path in sorted(input_dir.iterdir()):
@@ -271,10 +285,10 @@ def _copy_dataset_files(input_dir: Path, out: Path) -> None:
             atomic_write_bytes(out / path.name, path.read_bytes())
 
 
-def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: Path, out: Path) -> tuple[pa.Table, Path]:
+def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: UPath, out: UPath) -> tuple[pa.Table, UPath]:
     """sizes.json per split (checked against the input's), the input's dataset files, the merged
     manifest (its schema metadata carries the run's settings)."""
-    tables = [pq.read_table(job.part) for job in jobs]
+    tables = [read_parquet(job.part) for job in jobs]
     by_split: dict[str, dict[str, int]] = {}
     for job, table in zip(jobs, tables):
         by_split.setdefault(job.split, {})[job.name] = table.num_rows

@@ -1,0 +1,394 @@
+"""webdataset loading of audiodata shards for CLAP training and evaluation.
+
+Shards are `<key>.flac` + `<key>.json` (audio_dataset.schema). The pipeline per DataLoader worker:
+shard list (resampled with weights, or split over ranks and workers) -> tar members grouped into
+samples -> shuffle buffer -> decode FLAC, pick a caption, crop or fill the waveform -> batch
+(tokenised captions, padded int16 waveforms). Float conversion and mel features happen later, on
+the model's device.
+
+Every random choice comes from one `random.Random` seeded by (seed, epoch, rank, worker), so an
+epoch's batches are a function of those four numbers: resume replays them exactly.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import braceexpand
+import numpy as np
+import soundfile
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from clap_model.config import UsageError
+from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, TEXT_FIELD
+
+log = logging.getLogger("clap_model.data")
+
+DATASET_SEPARATOR = "::"
+
+
+class DataError(UsageError):
+    """A user-facing problem with the data arguments (bad pattern, no sizes, ...)."""
+
+
+# ---- shard lists and sizes -------------------------------------------------------------------
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """One dataset's brace pattern (or comma-free list of brace patterns) -> shard URLs."""
+    urls = [url for part in pattern.split() for url in braceexpand.braceexpand(part)]
+    if not urls:
+        raise DataError(f"pattern {pattern!r} names no shards")
+    for url in urls:
+        if _is_local(url) and not Path(_local_path(url)).is_file():
+            raise DataError(f"shard not found: {url}")
+    return urls
+
+
+def expand_datasets(spec: str) -> list[list[str]]:
+    """`A::B` (several datasets) -> one URL list per dataset."""
+    return [expand_pattern(part) for part in spec.split(DATASET_SEPARATOR) if part.strip()]
+
+
+def _is_local(url: str) -> bool:
+    return url.startswith("file://") or "://" not in url and not url.startswith("pipe:")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def open_url(url: str):
+    """A readable binary stream: local path, `pipe:COMMAND`, or any fsspec URL (s3://, gs://, http://)."""
+    if url.startswith("pipe:"):
+        return gopen(url, "rb")
+    if _is_local(url):
+        return open(_local_path(url), "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def _sizes_for_dir(directory: str, local: bool) -> dict[str, int] | None:
+    try:
+        if local:
+            path = Path(directory) / SIZES_FILE
+            return json.loads(path.read_text()) if path.is_file() else None
+        import fsspec
+
+        with fsspec.open(f"{directory}/{SIZES_FILE}", "rb") as handle:
+            return json.loads(handle.read())
+    except (OSError, ValueError, ImportError):  # unknown sizes: the caller asks for --train-num-samples
+        return None
+
+
+def shard_sizes(urls: list[str]) -> list[int | None]:
+    """Samples per shard from the `sizes.json` beside each shard (None where unknown, e.g. pipe:)."""
+    cache: dict[str, dict[str, int] | None] = {}
+    sizes: list[int | None] = []
+    for url in urls:
+        if url.startswith("pipe:"):
+            sizes.append(None)
+            continue
+        local = _is_local(url)
+        directory, _, name = (_local_path(url) if local else url).rpartition("/")
+        directory = directory or "."
+        if directory not in cache:
+            cache[directory] = _sizes_for_dir(directory, local)
+        table = cache[directory]
+        sizes.append(None if table is None else table.get(name))
+    return sizes
+
+
+@dataclass
+class ShardSet:
+    """Shards of one or more datasets with per-shard draw weights."""
+
+    urls: list[str]
+    weights: list[float]
+    num_samples: int | None  # None when some shard's size is unknown
+
+    @classmethod
+    def from_spec(cls, spec: str, dataset_weights: str | None = None) -> "ShardSet":
+        datasets = expand_datasets(spec)
+        factors = [1.0] * len(datasets)
+        if dataset_weights:
+            factors = [float(x) for x in dataset_weights.split(DATASET_SEPARATOR)]
+            if len(factors) != len(datasets) or any(f < 0 for f in factors) or not any(factors):
+                raise DataError(f"--train-data-weights needs {len(datasets)} non-negative numbers separated by '::'")
+        urls, weights, total, known = [], [], 0, True
+        for factor, shard_urls in zip(factors, datasets):
+            sizes = shard_sizes(shard_urls)
+            for url, size in zip(shard_urls, sizes):
+                urls.append(url)
+                # A shard is drawn in proportion to its samples times its dataset's factor.
+                weights.append(factor * (size if size else 1))
+                known &= size is not None
+                total += size or 0
+        return cls(urls, weights, total if known else None)
+
+
+# ---- per-sample processing --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    sample_rate: int
+    clip_samples: int
+    truncating: str = "rand_trunc"  # rand_trunc | fusion
+    filling: str = "repeatpad"  # repeatpad | pad | repeat
+    # Fusion keeps long clips whole for the shrunk global view; beyond this they are cropped.
+    max_fusion_samples: int = 48_000 * 60
+
+
+def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:
+    """FLAC (or any libsndfile format) bytes -> mono float32 at `sample_rate`."""
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    mono = samples.mean(axis=1)
+    if rate != sample_rate:
+        import soxr
+
+        mono = soxr.resample(mono, rate, sample_rate, quality="HQ").astype(np.float32)
+    return mono
+
+
+def read_clip(data: bytes, spec: AudioSpec, rng: random.Random | None) -> np.ndarray:
+    """Mono int16 PCM at the model's rate, at most as long as training keeps.
+
+    int16 because the shards' FLAC is 16-bit: decoding to it loses nothing and halves what the
+    loader copies and ships (LAION-CLAP's loader also rounds through int16). `to_device` turns it
+    into float on the GPU. A clip longer than training keeps (and already at the model's rate, as
+    audiodata writes it) is decoded from a random start only (the start under `rng=None`).
+    """
+    with soundfile.SoundFile(io.BytesIO(data)) as handle:
+        rate, frames, channels = handle.samplerate, handle.frames, handle.channels
+        limit = spec.clip_samples if spec.truncating == "rand_trunc" else spec.max_fusion_samples
+        if rate == spec.sample_rate and frames > limit:
+            start = rng.randint(0, frames - limit) if rng else 0
+            handle.seek(start)
+            samples = handle.read(limit, dtype="int16", always_2d=True)
+        else:
+            samples = handle.read(dtype="int16", always_2d=True)
+    mono = samples[:, 0] if channels == 1 else samples.mean(axis=1).round().astype(np.int16)
+    if rate != spec.sample_rate:
+        import soxr
+
+        mono = soxr.resample(mono.astype(np.float32) / 32768.0, rate, spec.sample_rate, quality="HQ")
+        mono = np.clip(np.round(mono * 32768.0), -32768, 32767).astype(np.int16)
+    return mono
+
+
+def fill(audio: np.ndarray, length: int, mode: str) -> np.ndarray:
+    """Extend a short clip to `length` samples as LAION-CLAP's data_filling does."""
+    if len(audio) >= length:
+        return audio[:length]
+    if mode == "repeatpad":
+        audio = np.tile(audio, length // len(audio))
+        return np.pad(audio, (0, length - len(audio)))
+    if mode == "repeat":
+        return np.tile(audio, length // len(audio) + 1)[:length]
+    if mode == "pad":
+        return np.pad(audio, (0, length - len(audio)))
+    raise ValueError(f"unknown data_filling {mode!r}")
+
+
+def crop_or_fill(audio: np.ndarray, spec: AudioSpec, rng: random.Random | None) -> tuple[np.ndarray, bool, list[float]]:
+    """(waveform, longer, crop_u). rng=None is evaluation: crops at the start, fusion crops centred."""
+    crop_u = [rng.random() for _ in range(3)] if rng else [0.5, 0.5, 0.5]
+    clip = spec.clip_samples
+    if len(audio) <= clip:
+        return fill(audio, clip, spec.filling), False, crop_u
+    limit = spec.max_fusion_samples if spec.truncating == "fusion" else clip
+    if len(audio) > limit:
+        start = rng.randint(0, len(audio) - limit) if rng else 0
+        audio = audio[start : start + limit]
+    return audio, spec.truncating == "fusion", crop_u
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str) and v.strip()]
+    return []
+
+
+def choose_caption(meta: dict[str, Any], fields: tuple[str, ...], rng: random.Random | None) -> str:
+    """Training: uniformly among the captions in `fields` (e.g. text + the k2c augmentations).
+    Evaluation: the first `text` caption."""
+    if rng is None:
+        candidates = _as_list(meta.get(TEXT_FIELD))
+    else:
+        candidates = [c for name in fields for c in _as_list(meta.get(name))]
+    if not candidates:
+        raise ValueError(f"sample has no caption in {fields}")
+    return rng.choice(candidates) if rng else candidates[0]
+
+
+def label_of(meta: dict[str, Any], field_name: str) -> str | None:
+    values = _as_list(meta.get(field_name))
+    return values[0] if values else None
+
+
+# ---- the iterable dataset ---------------------------------------------------------------------
+
+
+def _warn(exc: Exception) -> bool:
+    log.warning("skipping unreadable data: %s", str(exc)[:300])
+    return True
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int
+    audio: AudioSpec
+    caption_fields: tuple[str, ...] = (TEXT_FIELD,)
+    label_field: str | None = None
+    train: bool = True
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    # Training: batches each worker yields per epoch (None: one pass, evaluation).
+    batches_per_worker: int | None = None
+
+
+@dataclass
+class ShardDataset(IterableDataset):
+    shards: ShardSet
+    cfg: LoaderConfig
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]]
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+
+    def _rng(self, worker: int) -> random.Random:
+        return random.Random(f"{self.cfg.seed}/{self.epoch}/{self.rank}/{worker}")
+
+    def _shard_stream(self, rng: random.Random, worker: int, workers: int) -> Iterator[str]:
+        urls = self.shards.urls
+        if not self.cfg.train:
+            slot, slots = self.rank * workers + worker, self.world_size * workers
+            yield from urls[slot::slots]
+            return
+        if self.cfg.resampled:
+            while True:  # every rank and worker draws independently: none runs dry
+                yield rng.choices(urls, weights=self.shards.weights)[0]
+        order = list(urls)
+        random.Random(f"{self.cfg.seed}/{self.epoch}").shuffle(order)  # the same on every rank
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        mine = order[slot::slots] or [order[slot % len(order)]]
+        while True:  # cycle this worker's share until its quota of batches is met
+            yield from mine
+            rng.shuffle(mine)
+
+    def _samples(self, rng: random.Random, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        # Training cycles shards forever: give up once every shard has had its chances and failed.
+        barren, limit = 0, 3 * len(self.shards.urls) + 10
+        for url in self._shard_stream(rng, worker, workers):
+            if barren > limit:
+                raise DataError(f"no samples in {barren} shard reads in a row (last: {url}): are the shards readable?")
+            barren += 1
+            try:
+                stream = open_url(url)
+            except Exception as exc:  # noqa: BLE001 - one unreachable shard must not end the epoch
+                _warn(ValueError(f"{url}: {exc}"))
+                continue
+            with stream:
+                members = tar_file_expander([{"url": url, "stream": stream}], handler=_warn)
+                for sample in group_by_keys(members, handler=_warn):
+                    if AUDIO_EXT in sample and JSON_EXT in sample:
+                        barren = 0
+                        yield sample
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        if not self.cfg.train or self.cfg.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            if len(buffer) < self.cfg.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            index = rng.randrange(len(buffer))
+            yield buffer[index]
+            buffer[index] = sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _prepare(self, sample: dict[str, Any], rng: random.Random | None) -> dict[str, Any] | None:
+        try:
+            meta = json.loads(sample[JSON_EXT])
+            audio = read_clip(sample[AUDIO_EXT], self.cfg.audio, rng)
+            if audio.size == 0:
+                raise ValueError("empty audio")
+            caption = choose_caption(meta, self.cfg.caption_fields, rng)
+        except (ValueError, RuntimeError, soundfile.LibsndfileError) as exc:
+            _warn(ValueError(f"{sample.get('__key__')}: {exc}"))
+            return None
+        waveform, longer, crop_u = crop_or_fill(audio, self.cfg.audio, rng)
+        label = label_of(meta, self.cfg.label_field) if self.cfg.label_field else None
+        return {"key": sample["__key__"], "waveform": waveform, "longer": longer, "crop_u": crop_u,
+                "text": caption, "label": label}
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [len(item["waveform"]) for item in items]
+        waveform = np.zeros((len(items), max(lengths)), dtype=np.int16)  # PCM: float on the device
+        for row, item in enumerate(items):
+            waveform[row, : lengths[row]] = item["waveform"]
+        batch = dict(self.tokenize([item["text"] for item in items]))
+        batch.update(
+            waveform=torch.from_numpy(waveform), length=torch.tensor(lengths),
+            longer=torch.tensor([item["longer"] for item in items]),
+            crop_u=torch.tensor([item["crop_u"] for item in items], dtype=torch.float32),
+            key=[item["key"] for item in items], text=[item["text"] for item in items],
+            label=[item["label"] for item in items],
+        )
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = self._rng(worker)
+        sample_rng = rng if self.cfg.train else None
+        quota = self.cfg.batches_per_worker if self.cfg.train else None
+        batch: list[dict[str, Any]] = []
+        produced = 0
+        for sample in self._shuffled(self._samples(rng, worker, workers), rng):
+            item = self._prepare(sample, sample_rng)
+            if item is None:
+                continue
+            batch.append(item)
+            if len(batch) == self.cfg.batch_size:
+                yield self.collate(batch)
+                batch, produced = [], produced + 1
+                if quota is not None and produced >= quota:
+                    return
+        if batch and not self.cfg.train:
+            yield self.collate(batch)
+
+
+def make_loader(dataset: ShardDataset, workers: int) -> DataLoader:
+    # Its own generator: creating the loader's iterator must not consume the global torch RNG,
+    # which drives dropout and SpecAugment and is saved in checkpoints for exact resume.
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(0), persistent_workers=False)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    steps = num_samples // (batch_size * world_size)
+    if steps == 0:
+        raise DataError(f"{num_samples} samples make no full batch of {batch_size} x {world_size} ranks")
+    return steps
+
+
+def batches_per_worker(steps: int, workers: int) -> int:
+    return math.ceil(steps / max(workers, 1))

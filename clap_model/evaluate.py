@@ -1,0 +1,83 @@
+"""clap-eval: retrieval and zero-shot evaluation of a checkpoint (ours or LAION-CLAP's)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clap_model import checkpoint as ckpt
+from clap_model.clap import CLAP
+from clap_model.config import ModelConfig, UsageError
+from clap_model.data import AudioSpec, DataError, LoaderConfig, ShardDataset, ShardSet, make_loader
+from clap_model.metrics import format_metrics
+from clap_model.params import eval_parser
+from clap_model.text import Tokenize
+from clap_model.train import evaluate_retrieval, evaluate_zeroshot
+
+
+def audio_spec(cfg: ModelConfig, truncating: str | None, filling: str, max_fusion_seconds: float) -> AudioSpec:
+    truncating = truncating or ("fusion" if cfg.enable_fusion else "rand_trunc")
+    if (truncating == "fusion") != cfg.enable_fusion:
+        raise DataError("--data-truncating fusion needs a fusion model (e.g. htsat-tiny-roberta-fusion), "
+                        "and a fusion model needs --data-truncating fusion")
+    return AudioSpec(cfg.audio.sample_rate, cfg.audio.clip_samples, truncating, filling,
+                     int(max_fusion_seconds * cfg.audio.sample_rate))
+
+
+def eval_dataset(pattern: str, spec: AudioSpec, tokenize: Tokenize, batch_size: int,
+                 label_field: str | None = None) -> ShardDataset:
+    shards = ShardSet.from_spec(pattern)
+    cfg = LoaderConfig(batch_size=batch_size, audio=spec, label_field=label_field, train=False)
+    return ShardDataset(shards, cfg, tokenize)
+
+
+def run_evaluations(model: CLAP, args: argparse.Namespace, spec: AudioSpec, tokenize: Tokenize,
+                    device: torch.device, precision: str) -> dict[str, float]:
+    """Retrieval on --val-data and zero-shot on --zeroshot-data, whichever are given."""
+    metrics: dict[str, float] = {}
+    workers = min(args.workers, 2)
+    if args.val_data:
+        dataset = eval_dataset(args.val_data, spec, tokenize, args.batch_size)
+        metrics.update(evaluate_retrieval(model, make_loader(dataset, workers), device, precision))
+    if args.zeroshot_data:
+        dataset = eval_dataset(args.zeroshot_data, spec, tokenize, args.batch_size, args.zeroshot_label_field)
+        classes = [c.strip() for c in args.zeroshot_classes.split(",")] if args.zeroshot_classes else None
+        metrics.update(evaluate_zeroshot(model, make_loader(dataset, workers), tokenize, classes,
+                                         args.zeroshot_template, device, precision))
+    return metrics
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if not (args.val_data or args.zeroshot_data):
+        raise DataError("nothing to evaluate: give --val-data and/or --zeroshot-data")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    model = ckpt.load_model(args.checkpoint, args.model, args.text_model).to(device)
+    spec = audio_spec(model.cfg, args.data_truncating, args.data_filling, args.max_fusion_seconds)
+    metrics = run_evaluations(model, args, spec, Tokenize(model.cfg.text), device, precision)
+    print(f"eval {Path(args.checkpoint).name}: {format_metrics(metrics)}", flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = eval_parser().parse_args(argv)
+    try:
+        metrics = _evaluate(args)
+    except (UsageError, OSError) as exc:
+        print(f"clap-eval: error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Command-line arguments of clap-train and clap-eval."""
+from __future__ import annotations
+
+import argparse
+
+from clap_model.config import FILLING, PRESETS, TRUNCATING
+
+DEFAULT_TEMPLATE = "This is a sound of {}."
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="htsat-tiny-roberta", choices=sorted(PRESETS),
+                       help="architecture preset; `tiny` trains on a CPU in minutes")
+    group.add_argument("--text-model", default=None,
+                       help="text encoder: a transformers hub id or local path (overrides the preset's)")
+    group.add_argument("--pretrained", default=None,
+                       help="initial weights: a clap-train checkpoint or a LAION-CLAP release (.pt)")
+    group.add_argument("--data-truncating", choices=TRUNCATING, default=None,
+                       help="long clips: rand_trunc (random 10 s crop) or fusion; default from the model")
+    group.add_argument("--data-filling", choices=FILLING, default="repeatpad", help="short clips")
+    group.add_argument("--max-fusion-seconds", type=float, default=60.0,
+                       help="fusion keeps long clips whole up to this length (random crop beyond)")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--val-data", default=None, help="validation shards (brace pattern) for retrieval")
+    group.add_argument("--zeroshot-data", default=None, help="labelled shards for zero-shot classification")
+    group.add_argument("--zeroshot-label-field", default="tag",
+                       help="sample JSON field holding the class (its first entry when a list)")
+    group.add_argument("--zeroshot-classes", default=None,
+                       help="comma-separated class names (default: every label found in --zeroshot-data)")
+    group.add_argument("--zeroshot-template", default=DEFAULT_TEMPLATE, help="prompt; {} is the class name")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--batch-size", type=int, default=64, help="per process")
+    group.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    group.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                       help="bf16 autocast (default on GPU) or fp32 (default on CPU)")
+    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clap-train", description="Train a CLAP model on audiodata shards.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-data", required=True,
+                      help="shards: a brace pattern, several datasets joined by '::', pipe: or fsspec URLs")
+    data.add_argument("--train-data-weights", default=None,
+                      help="per-dataset sampling factors joined by '::' (with resampled shards)")
+    data.add_argument("--train-num-samples", type=int, default=None,
+                      help="samples per epoch (default: the sum of sizes.json over the shards)")
+    data.add_argument("--no-resample", action="store_true",
+                      help="split shards over ranks and workers instead of drawing them with replacement")
+    data.add_argument("--shuffle-buffer", type=int, default=1000, help="samples held for shuffling")
+    data.add_argument("--caption-fields", default="text",
+                      help="comma-separated JSON fields to draw captions from, e.g. "
+                           "text,text_augment_t5 or text,text_augment_all")
+    add_model_args(parser)
+    parser.add_argument("--mlp-loss", action="store_true", help="LAION-CLAP's extra MLP-transformed loss terms")
+    parser.add_argument("--local-loss", action="store_true",
+                        help="each rank computes its rows of the logits only (less memory, same gradient)")
+    add_eval_args(parser)
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=10)
+    optim.add_argument("--lr", type=float, default=1e-4)
+    optim.add_argument("--wd", type=float, default=0.0, help="weight decay (not on norms, biases, temperatures)")
+    optim.add_argument("--beta1", type=float, default=0.9)
+    optim.add_argument("--beta2", type=float, default=0.999)
+    optim.add_argument("--eps", type=float, default=1e-8)
+    optim.add_argument("--warmup", type=int, default=500, help="linear warm-up steps before the cosine decay")
+    optim.add_argument("--grad-clip-norm", type=float, default=None)
+    add_runtime_args(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", required=True, help="run directory: checkpoints, TensorBoard logs, results")
+    out.add_argument("--resume", default=None, help="checkpoint path, or 'latest' for OUT/latest.pt")
+    out.add_argument("--save-frequency", type=int, default=1, help="keep OUT/epoch_N.pt every N epochs")
+    out.add_argument("--save-every-steps", type=int, default=0,
+                     help="also refresh OUT/latest.pt every N steps (mid-epoch resume)")
+    out.add_argument("--val-frequency", type=int, default=1, help="evaluate every N epochs")
+    out.add_argument("--log-every", type=int, default=10, help="log every N steps")
+    out.add_argument("--max-steps", type=int, default=None,
+                     help="stop (saving OUT/latest.pt) after N steps in total; the schedule stays that of --epochs")
+    return parser
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clap-eval", description="Evaluate a CLAP checkpoint.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a clap-train checkpoint, or a LAION-CLAP release together with --model")
+    parser.add_argument("--model", default=None, choices=sorted(PRESETS),
+                        help="architecture of a LAION-CLAP checkpoint (clap-train checkpoints carry theirs)")
+    parser.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP checkpoint")
+    parser.add_argument("--data-truncating", choices=TRUNCATING, default=None)
+    parser.add_argument("--data-filling", choices=FILLING, default="repeatpad")
+    parser.add_argument("--max-fusion-seconds", type=float, default=60.0)
+    add_eval_args(parser)
+    add_runtime_args(parser)
+    parser.add_argument("--out", default=None, help="write the metrics as JSON here")
+    return parser

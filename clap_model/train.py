@@ -1,0 +1,171 @@
+"""One training epoch, the optimiser and schedule, and the evaluations run between epochs."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from clap_model.clap import CLAP
+from clap_model.config import UsageError
+from clap_model.loss import ClipLoss
+from clap_model.metrics import retrieval_metrics, zeroshot_metrics
+
+TENSOR_KEYS = ("waveform", "length", "crop_u", "input_ids", "attention_mask", "token_type_ids")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors to the device; the loader's int16 PCM becomes float there (half the bytes to copy)."""
+    out = {k: (v.to(device, non_blocking=True) if k in TENSOR_KEYS else v) for k, v in batch.items()}
+    if "waveform" in out and out["waveform"].dtype == torch.int16:
+        out["waveform"] = out["waveform"].float() / 32768.0
+    return out
+
+
+def build_optimizer(model: nn.Module, lr: float, wd: float, betas: tuple[float, float], eps: float
+                    ) -> torch.optim.Optimizer:
+    """AdamW; no decay on gains, biases, norms and temperatures (as open_clip / LAION-CLAP)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exclude = param.ndim < 2 or "bn" in name or "norm" in name or "logit_scale" in name or name.endswith(".bias")
+        (no_decay if exclude else decay).append(param)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * base_lr
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimiser steps taken in total
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps of the epoch in progress (mid-epoch checkpoints)
+
+
+@dataclass
+class EpochContext:
+    model: nn.Module  # DDP-wrapped or not
+    base: CLAP
+    optimizer: torch.optim.Optimizer
+    loss_fn: ClipLoss
+    device: torch.device
+    precision: str
+    lr: float
+    warmup: int
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int
+    grad_clip_norm: float | None = None
+    log_every: int = 10
+    max_steps: int | None = None
+    log: Callable[[str], None] = print
+    scalar: Callable[[str, float, int], None] = lambda name, value, step: None
+    on_step: Callable[[TrainState], None] = lambda state: None
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_step(ctx: EpochContext, batch: dict[str, Any], state: TrainState) -> torch.Tensor:
+    """One optimiser step; returns the loss as a device tensor (reading it would wait for the GPU)."""
+    lr = cosine_lr(state.step, ctx.lr, ctx.warmup, ctx.total_steps)
+    for group in ctx.optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(ctx.device, ctx.precision):
+        out = ctx.model(batch)
+        loss = ctx.loss_fn(out)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if ctx.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(ctx.base.parameters(), ctx.grad_clip_norm)
+    ctx.optimizer.step()
+    ctx.base.clamp_logit_scale()
+    return loss.detach()
+
+
+def train_one_epoch(ctx: EpochContext, batches: Iterator[dict[str, Any]], state: TrainState) -> None:
+    ctx.model.train()
+    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+    while state.step_in_epoch < ctx.steps_per_epoch:
+        if ctx.max_steps is not None and state.step >= ctx.max_steps:
+            return
+        fetch = time.perf_counter()
+        try:
+            batch = to_device(next(batches), ctx.device)
+        except StopIteration:
+            ctx.log(f"warning: the loader ran dry after {state.step_in_epoch} of {ctx.steps_per_epoch} steps")
+            break
+        data_wait += time.perf_counter() - fetch
+        loss_tensor = train_step(ctx, batch, state)
+        state.step += 1
+        state.step_in_epoch += 1
+        window_steps += 1
+        if state.step % ctx.log_every == 0 or state.step_in_epoch == ctx.steps_per_epoch:
+            loss = float(loss_tensor)  # waits for the GPU: only at log steps, so the host runs ahead
+            elapsed = time.perf_counter() - window_start
+            rate = window_steps * ctx.global_batch / elapsed
+            lr = ctx.optimizer.param_groups[0]["lr"]
+            scale = float(ctx.base.logit_scale_a.detach().exp())
+            ctx.log(f"train epoch {state.epoch + 1} step {state.step_in_epoch}/{ctx.steps_per_epoch} "
+                    f"(global {state.step}) loss {loss:.4f} lr {lr:.3e} logit_scale {scale:.2f} "
+                    f"samples/s {rate:.1f} data_wait {data_wait / elapsed:.0%}")
+            for name, value in (("train/loss", loss), ("train/lr", lr), ("train/logit_scale", scale),
+                                ("train/samples_per_s", rate), ("train/data_wait", data_wait / elapsed)):
+                ctx.scalar(name, value, state.step)
+            window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+        ctx.on_step(state)
+
+
+@torch.no_grad()
+def embed_batches(model: CLAP, batches, device: torch.device, precision: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+    """Audio and caption embeddings (fp32, CPU) and labels of every batch."""
+    model.eval()
+    audio, text, labels = [], [], []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            audio.append(model.encode_audio(batch["waveform"], batch["length"], batch["crop_u"]).float().cpu())
+            text.append(model.encode_text(batch).float().cpu())
+        labels.extend(batch["label"])
+    if not audio:
+        raise UsageError("the evaluation data yielded no samples")
+    return torch.cat(audio), torch.cat(text), labels
+
+
+def evaluate_retrieval(model: CLAP, batches, device: torch.device, precision: str) -> dict[str, float]:
+    audio, text, _ = embed_batches(model, batches, device, precision)
+    metrics = retrieval_metrics(audio, text)
+    metrics["num_samples"] = float(len(audio))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model: CLAP, batches, tokenize, classes: list[str] | None, template: str,
+                      device: torch.device, precision: str) -> dict[str, float]:
+    audio, _, labels = embed_batches(model, batches, device, precision)
+    if classes is None:
+        classes = sorted({label for label in labels if label is not None})
+    index = {name: i for i, name in enumerate(classes)}
+    keep = [i for i, label in enumerate(labels) if label in index]
+    if not keep or len(classes) < 2:
+        raise UsageError("zero-shot data needs labelled samples of at least two known classes")
+    tokens = to_device(dict(tokenize([template.format(name) for name in classes])), device)
+    with autocast(device, precision):
+        class_text = model.encode_text(tokens).float().cpu()
+    target = torch.tensor([index[labels[i]] for i in keep])
+    metrics = zeroshot_metrics(audio[keep], class_text, target)
+    metrics["zeroshot_classes"] = float(len(classes))
+    return metrics
