@@ -118,3 +118,38 @@ def test_shards_in_object_storage_are_complete_whenever_visible(s3_env: dict[str
         time.sleep(0.2)
     assert proc.returncode == 0, proc.stderr.read()[-2000:]
     assert len([k for k in _objects("poll/") if k.endswith(".tar")]) == 10
+
+
+def test_k2c_and_clap_train_read_shards_from_s3(tmp_path: Path, s3_env: dict[str, str]) -> None:
+    """build -> s3, k2c s3 -> s3, then clap-train streams the k2c shards straight from the bucket."""
+    built = subprocess.run([*CLI, "build", "--source", "local", "--input", str(REAL_AUDIO_DIR), "--out",
+                            f"s3://{BUCKET}/k2c-in", "--splits", "train=1", "--samples-per-shard", "5",
+                            "--max-seconds", "8", "--long-clips", "truncate", "--no-progress"],
+                           env=s3_env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    k2c = subprocess.run([*CLI, "k2c", "--input", f"s3://{BUCKET}/k2c-in", "--out", f"s3://{BUCKET}/k2c-out",
+                          "--model", "template", "--workers", "1", "--no-progress"],
+                         env=s3_env, capture_output=True, text=True, timeout=300)
+    assert k2c.returncode == 0, k2c.stderr[-2000:]
+    before, after = _objects("k2c-in/train/"), _objects("k2c-out/train/")
+    assert sorted(before) == sorted(after) and json.loads(after["sizes.json"]) == {"000000.tar": 5, "000001.tar": 5}
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(after["000000.tar"])) as out_tar, \
+            tarfile.open(fileobj=io.BytesIO(before["000000.tar"])) as in_tar:
+        flac_out = {m.name: out_tar.extractfile(m).read() for m in out_tar if m.name.endswith(".flac")}
+        flac_in = {m.name: in_tar.extractfile(m).read() for m in in_tar if m.name.endswith(".flac")}
+        first_json = json.loads(next(out_tar.extractfile(m).read() for m in out_tar if m.name.endswith(".json")))
+    assert flac_out == flac_in, "audio is copied verbatim"
+    assert first_json["text_augment_all"][: len(first_json["text"])] == first_json["text"]
+    runs = json.loads(_objects("k2c-out/")["provenance.json"])["runs"]
+    assert [r["stage"] for r in runs] == ["build", "k2c"]
+
+    train = subprocess.run([sys.executable, "-m", "clap_model.main",
+                            "--train-data", f"s3://{BUCKET}/k2c-out/train/{{000000..000001}}.tar",
+                            "--caption-fields", "text_augment_all", "--model", "tiny", "--epochs", "1",
+                            "--batch-size", "4", "--workers", "0", "--max-steps", "2",
+                            "--out", str(tmp_path / "ckpt")],
+                           env=s3_env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert list((tmp_path / "ckpt").glob("*.pt")), "a checkpoint was written"
