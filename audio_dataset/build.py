@@ -284,11 +284,14 @@ def _init_ray(address: str | None, workers: int) -> None:
             ray.init(address=address, **kwargs)
         else:
             # "local" starts a fresh instance rather than joining whatever `ray start` left behind.
+            # Its token-auth notice is about clusters; a private local instance needs no such line.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(address="local", num_cpus=workers, **kwargs)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # we draw our own bar
 
 
 def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: BuildOptions,
