@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clap_model.config import get_preset  # noqa: E402
 from clap_model.data import LoaderConfig, ShardDataset, ShardSet, make_loader  # noqa: E402
 from clap_model.evaluate import audio_spec  # noqa: E402
+from clap_model.params import default_workers  # noqa: E402
 from clap_model.text import Tokenize  # noqa: E402
 
 
@@ -24,7 +25,7 @@ def measure(pattern: str, model: str, workers: int, batches: int, batch_size: in
         cfg = get_preset("tiny")
         cfg = type(cfg)(audio=get_preset(model).audio, text=cfg.text, enable_fusion=get_preset(model).enable_fusion)
     spec = audio_spec(cfg, None, "repeatpad", 60.0)
-    loader_cfg = LoaderConfig(batch_size=batch_size, audio=spec, batches_per_worker=-(-batches // workers),
+    loader_cfg = LoaderConfig(batch_size=batch_size, audio=spec, batches_per_worker=-(-batches // max(workers, 1)),
                               shuffle_buffer=64)
     dataset = ShardDataset(ShardSet.from_spec(pattern), loader_cfg, Tokenize(cfg.text))
     iterator = iter(make_loader(dataset, workers))
@@ -44,7 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--train-data", required=True)
     parser.add_argument("--model", default="htsat-tiny-roberta")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=default_workers(), help="default: cores - 1")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", default=None)

@@ -1,11 +1,14 @@
 """CLAP training throughput: samples/s, model FLOP utilisation (MFU) and GPU busy time.
 
-Two measurements per batch size:
-  * model: batches already on the device (what the GPU can do: samples/s and MFU from FLOPs
-    counted by torch.utils.flop_counter over one full training step);
+For each variant (eager, or the Swin stages under torch.compile as clap-train runs them on CUDA)
+and batch size:
+  * model: batches already on the device (what the GPU can do: samples/s; MFU = FLOPs counted by
+    torch.utils.flop_counter over one whole training step, forward + backward as executed, over
+    the dense bf16 peak; also 3 x the counted forward as a cross-check);
+  * GPU busy: summed kernel time / wall time from torch.profiler (CUDA activity only) over a few
+    steps, and NVML's "a kernel was running" fraction sampled during the timed steps;
   * loader: the real clap-train data path over shards (decode, crop, tokenise in DataLoader
-    workers) feeding the same training step; GPU busy = NVML's "a kernel was running" fraction
-    sampled during the timed steps.
+    workers, shared-memory int16 batches, pinned non-blocking copies) feeding the same step.
 
 The text tower is RoBERTa-base's architecture randomly initialised (no hub download on the device)
 with a byte-level tokenizer: 77 tokens per caption as LAION-CLAP pads them, so the compute is
@@ -35,7 +38,9 @@ from clap_model.data import LoaderConfig, ShardDataset, ShardSet, make_loader  #
 from clap_model.evaluate import audio_spec  # noqa: E402
 from clap_model.loss import ClipLoss  # noqa: E402
 from clap_model.text import Tokenize  # noqa: E402
-from clap_model.train import EpochContext, TrainState, build_optimizer, to_device, train_step  # noqa: E402
+from clap_model.params import default_workers  # noqa: E402
+from clap_model.train import (EpochContext, TrainState, autocast, build_optimizer, prefetch_to_device,  # noqa: E402
+                              to_device, train_step)
 
 # Dense bf16 tensor-core peaks (FLOP/s) used as the MFU denominator.
 PEAKS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -112,13 +117,35 @@ def make_context(model: CLAP, device: torch.device, precision: str, batch: int, 
                         batch, grad_clip_norm=1.0)
 
 
-def count_flops(ctx: EpochContext, batch: dict[str, Any]) -> float:
+class eager_features:
+    """Within: the audio encoder runs eagerly even if compiled (FLOP counting sees every op)."""
+
+    def __init__(self, model: CLAP) -> None:
+        self.branch = model.audio_branch
+
+    def __enter__(self) -> None:
+        self.saved = getattr(self.branch, "_compiled_features", None)
+        if self.saved is not None:
+            self.branch._compiled_features = None
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            self.branch._compiled_features = self.saved
+
+
+def count_flops(ctx: EpochContext, batch: dict[str, Any]) -> dict[str, float]:
+    """FLOPs of one whole training step (forward + backward + loss as executed: matmuls, convs,
+    attention; FFTs and elementwise work are not counted) and of the forward alone."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        train_step(ctx, batch, TrainState())
-    return float(counter.get_total_flops())
+    with eager_features(ctx.base):
+        step = FlopCounterMode(display=False)
+        with step:
+            train_step(ctx, batch, TrainState())
+        forward = FlopCounterMode(display=False)
+        with forward, torch.no_grad(), autocast(ctx.device, ctx.precision):
+            ctx.loss_fn(ctx.model(batch))
+    return {"flops_per_step": float(step.get_total_flops()), "forward_flops": float(forward.get_total_flops())}
 
 
 def sync(device: torch.device) -> None:
@@ -132,23 +159,52 @@ def timed_steps(ctx: EpochContext, batches, steps: int, device: torch.device) ->
     with BusySampler(device) as sampler:
         started = time.perf_counter()
         for _ in range(steps):
-            train_step(ctx, to_device(next(batches), device), state)
+            train_step(ctx, next(batches), state)
         sync(device)
         elapsed = time.perf_counter() - started
     return elapsed, sampler.busy
 
 
-def profile_steps(ctx: EpochContext, batch: dict[str, Any], device: torch.device, path: str) -> None:
-    """The kernels (or CPU ops) of three training steps, heaviest first, as a text table."""
+def _device_time_us(event) -> float:
+    return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+
+
+def profiled_steps(ctx: EpochContext, batches, steps: int, device: torch.device, table: str | None
+                   ) -> float | None:
+    """GPU busy fraction over `steps` training steps: the kernels' summed time (one stream, so they
+    do not overlap) over the wall time, from torch.profiler. With `table`, the heaviest kernels (or
+    CPU ops, off CUDA) are written there as a text table."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    if table and device.type == "cuda":
+        activities.append(ProfilerActivity.CPU)
+    batch_list = [next(batches) for _ in range(steps)] if table else None
+    sync(device)
     with profile(activities=activities) as prof:
-        for _ in range(3):
-            train_step(ctx, batch, TrainState())
+        started = time.perf_counter()
+        for i in range(steps):
+            train_step(ctx, batch_list[i] if batch_list else next(batches), TrainState())
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+        wall = time.perf_counter() - started
+    averages = prof.key_averages()
+    if table:
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        Path(table).write_text(f"{steps} training steps, {wall * 1e3:.1f} ms wall\n"
+                               + averages.table(sort_by=key, row_limit=45, max_name_column_width=100))
+    if device.type != "cuda":
+        return None
+    return min(1.0, _kernel_seconds(prof) / wall)
+
+
+def _kernel_seconds(prof) -> float:
+    """Summed duration of the device activities (kernels, copies, memsets) the profiler recorded."""
+    from torch.autograd import DeviceType
+
+    try:
+        return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    except AttributeError:  # older event API: the kernels' own rows carry their time
+        return sum(_device_time_us(e) for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e6
 
 
 def repeat(batch: dict[str, Any]):
@@ -156,48 +212,87 @@ def repeat(batch: dict[str, Any]):
         yield batch
 
 
-def bench_batch(cfg: ModelConfig, args: argparse.Namespace, batch_size: int, device: torch.device) -> dict[str, Any]:
+def build_model(cfg: ModelConfig, device: torch.device, compiled: bool) -> CLAP:
     torch.manual_seed(0)
     model = CLAP(cfg).to(device)
-    train_model = torch.compile(model) if args.compile else model
+    if compiled:
+        model.audio_branch.compile_features()
+    return model
+
+
+def _write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def bench_variant(cfg: ModelConfig, args: argparse.Namespace, variant: str, device: torch.device,
+                  flops_cache: dict[int, dict[str, float]], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    variant, _, sizes = variant.partition("@")
+    batch_sizes = [int(size) for size in sizes.split(",")] if sizes else args.batch_sizes
+    model = build_model(cfg, device, variant == "compile")
     tokenize = Tokenize(cfg.text)
-    ctx = make_context(model, device, args.precision, batch_size, train_model)
-    batch = synthetic_batch(cfg, tokenize, batch_size, device)
-    result: dict[str, Any] = {"batch_size": batch_size, "compile": args.compile}
-    try:
-        flops = count_flops(ctx, batch)
-        result["flops_per_step"] = flops
-    except Exception as exc:  # a counting failure must not hide the timing
-        flops, result["flops_error"] = None, str(exc)[:200]
-    for _ in range(args.warmup):
-        train_step(ctx, batch, TrainState())
-    elapsed, busy = timed_steps(ctx, repeat(batch), args.steps, device)
-    step_time = elapsed / args.steps
-    if args.profile:
-        profile_steps(ctx, batch, device, f"{args.profile}_b{batch_size}.txt")
-    peak, device_name = peak_flops(device)
-    result.update(device=device_name, model_step_s=step_time, model_samples_per_s=batch_size / step_time,
-                  model_gpu_busy=busy)
-    if flops and peak:
-        result.update(mfu=flops / step_time / peak, achieved_tflops=flops / step_time / 1e12, peak_tflops=peak / 1e12)
-    if device.type == "cuda":
-        result["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if args.train_data:
-        spec = audio_spec(cfg, None, "repeatpad", 60.0)
-        loader_cfg = LoaderConfig(batch_size=batch_size, audio=spec, shuffle_buffer=256,
-                                  batches_per_worker=args.warmup + args.steps + 2)
-        dataset = ShardDataset(ShardSet.from_spec(args.train_data), loader_cfg, tokenize)
-        batches = iter(make_loader(dataset, args.workers))
+    rows = []
+    for batch_size in batch_sizes:
+        started = time.perf_counter()
+        ctx = make_context(model, device, args.precision, batch_size, model)
+        batch = synthetic_batch(cfg, tokenize, batch_size, device)
+        row: dict[str, Any] = {"variant": variant, "batch_size": batch_size}
+        if batch_size not in flops_cache:
+            try:
+                flops_cache[batch_size] = count_flops(ctx, batch)
+            except Exception as exc:  # a counting failure must not hide the timing
+                row["flops_error"] = str(exc)[:200]
+        row.update(flops_cache.get(batch_size, {}))
         for _ in range(args.warmup):
-            train_step(ctx, to_device(next(batches), device), TrainState())
-        elapsed, busy = timed_steps(ctx, batches, args.steps, device)
-        result.update(loader_workers=args.workers, loader_samples_per_s=batch_size * args.steps / elapsed,
-                      loader_gpu_busy=busy)
-    del model, ctx, train_model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    return result
+            train_step(ctx, batch, TrainState())
+        sync(device)
+        row["warmup_s"] = time.perf_counter() - started
+        elapsed, busy = timed_steps(ctx, repeat(batch), args.steps, device)
+        step_time = elapsed / args.steps
+        largest = batch_size == max(args.batch_sizes)  # one table per variant: few files come back
+        table = f"{args.profile}_{variant}_b{batch_size}.txt" if args.profile and largest else None
+        row["model_gpu_busy_profiler"] = profiled_steps(ctx, repeat(batch), 3, device, table)
+        peak, device_name = peak_flops(device)
+        row.update(device=device_name, model_step_s=step_time, model_samples_per_s=batch_size / step_time,
+                   model_gpu_busy_nvml=busy)
+        flops = row.get("flops_per_step")
+        if flops and peak:
+            row.update(mfu=flops / step_time / peak, achieved_tflops=flops / step_time / 1e12,
+                       peak_tflops=peak / 1e12, mfu_3x_forward=3 * row["forward_flops"] / step_time / peak)
+        if device.type == "cuda":
+            row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row.update(model=args.model, precision=args.precision)
+        rows.append(row)
+        results.append(row)
+        _write(args, results)  # before the loader-fed part: a timeout there keeps the model figures
+        if args.train_data and variant in args.loader_variants:
+            row.update(loader_fed(cfg, args, ctx, tokenize, batch_size, device))
+            _write(args, results)
+        print(json.dumps(row), flush=True)
+        del ctx, batch
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    return rows
+
+
+def loader_fed(cfg: ModelConfig, args: argparse.Namespace, ctx: EpochContext, tokenize: Tokenize,
+               batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The same step fed by the real clap-train input path (shards -> workers -> pinned copy)."""
+    spec = audio_spec(cfg, None, "repeatpad", 60.0)
+    steps = args.loader_steps
+    loader_cfg = LoaderConfig(batch_size=batch_size, audio=spec, shuffle_buffer=256,
+                              batches_per_worker=-(-(args.warmup + 2 * steps + 4) // max(args.workers, 1)) + 2)
+    dataset = ShardDataset(ShardSet.from_spec(args.train_data), loader_cfg, tokenize)
+    batches = prefetch_to_device(iter(make_loader(dataset, args.workers)), device)  # as clap-train feeds it
+    # Warm-up long enough that every worker has filled its shuffle buffer and delivered a batch.
+    for _ in range(max(args.warmup, args.workers)):
+        train_step(ctx, next(batches), TrainState())
+    elapsed, busy = timed_steps(ctx, batches, steps, device)
+    busy_profiler = profiled_steps(ctx, batches, min(steps, 8), device, None)
+    return {"loader_workers": args.workers, "loader_steps": steps,
+            "loader_samples_per_s": batch_size * steps / elapsed, "loader_gpu_busy_nvml": busy,
+            "loader_gpu_busy_profiler": busy_profiler}
 
 
 def main() -> int:
@@ -208,28 +303,40 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="eager|compile (the Swin stages under torch.compile), each optionally @B,B: only "
+                             "these batch sizes (default: compile on CUDA, eager on CPU)")
     parser.add_argument("--train-data", default=None, help="shards for the loader-fed measurement")
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--loader-variants", nargs="*", default=None,
+                        help="variants also measured fed by the loader (default: the last one)")
+    parser.add_argument("--loader-steps", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default=None,
-                        help="also write the top kernels of 3 steps to PROFILE_b<batch>.txt")
+                        help="write the top kernels of 3 steps at the largest batch to PROFILE_<variant>_b<batch>.txt")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.variants = args.variants or (["compile"] if device.type == "cuda" else ["eager"])
+    for variant in args.variants:
+        if variant.partition("@")[0] not in ("eager", "compile"):
+            parser.error(f"bad variant {variant!r}: eager or compile, optionally @B,B")
+    if args.loader_variants is None:
+        args.loader_variants = [args.variants[-1].partition("@")[0]]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     cfg = offline_config(args.model)
-    results = []
-    for batch_size in args.batch_sizes:
-        row = bench_batch(cfg, args, batch_size, device)
-        row.update(model=args.model, precision=args.precision)
-        print(json.dumps(row), flush=True)
-        results.append(row)
-        if args.json:  # written after every row: a timeout still leaves what finished
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    results: list[dict[str, Any]] = []
+    flops_cache: dict[int, dict[str, float]] = {}
+    for variant in args.variants:
+        try:
+            bench_variant(cfg, args, variant, device, flops_cache, results)
+        except Exception as exc:  # e.g. a compiler failure: keep the other variants' numbers
+            results.append({"variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+            print(json.dumps(results[-1]), flush=True)
+            _write(args, results)
     return 0
 
 

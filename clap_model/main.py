@@ -52,6 +52,9 @@ class Run:
         if args.pretrained:
             ckpt.load_weights(self.model, ckpt.read(args.pretrained))
         self.model.to(info.device)
+        compile_audio = args.compile if args.compile is not None else info.device.type == "cuda"
+        if compile_audio and hasattr(self.model.audio_branch, "compile_features") and not cfg.enable_fusion:
+            self.model.audio_branch.compile_features()
         self.tokenize = Tokenize(cfg.text)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[info.device.index] if info.device.type == "cuda"
                                             else None) if info.distributed else self.model)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from clap_model.config import FILLING, PRESETS, TRUNCATING
 
@@ -34,10 +35,23 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--zeroshot-template", default=DEFAULT_TEMPLATE, help="prompt; {} is the class name")
 
 
+def default_workers() -> int:
+    """The cores this process may use, split over the node's ranks (torchrun's LOCAL_WORLD_SIZE),
+    minus one for the training process itself."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // ranks - 1)
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--batch-size", type=int, default=64, help="per process")
-    group.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    group.add_argument("--workers", type=int, default=default_workers(),
+                       help="DataLoader workers per process (default: this process's share of the CPU cores, "
+                            "less one for the process itself: FLAC decoding is what feeds the GPU)")
     group.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                        help="bf16 autocast (default on GPU) or fp32 (default on CPU)")
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -73,6 +87,9 @@ def train_parser() -> argparse.ArgumentParser:
     optim.add_argument("--eps", type=float, default=1e-8)
     optim.add_argument("--warmup", type=int, default=500, help="linear warm-up steps before the cosine decay")
     optim.add_argument("--grad-clip-norm", type=float, default=None)
+    optim.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the audio encoder's Swin stages for training (HTSAT; default: on "
+                            "with CUDA, off on CPU)")
     add_runtime_args(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, help="run directory: checkpoints, TensorBoard logs, results")

@@ -11,7 +11,7 @@ from clap_model import checkpoint as ckpt
 from clap_model.clap import CLAP
 from clap_model.config import AudioConfig, ModelConfig, get_preset
 from clap_model.features import FusionMel, mel_filterbank
-from clap_model.htsat import shift_mask
+from clap_model.htsat import HTSAT, shift_mask
 from clap_model.text import Tokenize
 
 
@@ -64,6 +64,57 @@ def test_shifted_window_mask_blocks_wrapped_regions():
     last = mask[-1]  # the bottom-right window mixes four regions after the cyclic shift
     assert torch.all(last.diagonal() == 0) and (last == -100).sum() > 0
     assert torch.equal(last, last.T)
+
+
+def _audio_embedding(branch: HTSAT, waveform: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)  # the same SpecAugment stripes for both runs
+    return branch(waveform)["embedding"]
+
+
+def test_patch_matmul_matches_the_conv():
+    """The patch embedding's matmul equals the stride == kernel Conv2d it replaces (whose weights
+    LAION-CLAP's checkpoints hold)."""
+    torch.manual_seed(0)
+    embed = HTSAT(get_preset("tiny").audio).patch_embed
+    image = torch.randn(2, 1, 64, 64)
+    reference = embed.norm(embed.proj(image).flatten(2).transpose(1, 2))
+    assert torch.allclose(embed(image), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_features_match_eager(precision):
+    """--compile's graph (captured by dynamo; the eager backend keeps this CPU test fast) gives the
+    eager numbers and gradients, under autocast too, for several batch sizes without failing."""
+    torch.manual_seed(0)
+    branch = HTSAT(get_preset("tiny").audio).train()
+    enabled = precision == "bf16"
+    for batch in (2, 3):
+        waveform = torch.randn(batch, branch.cfg.clip_samples)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            eager = _audio_embedding(branch, waveform)
+        eager.float().sum().backward()
+        eager_grad = branch.layers[0].blocks[1].attn.qkv.weight.grad.clone()
+        branch.zero_grad(set_to_none=True)
+        branch.compile_features(backend="eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            compiled = _audio_embedding(branch, waveform)
+        compiled.float().sum().backward()
+        branch._compiled_features = None
+        compiled_grad = branch.layers[0].blocks[1].attn.qkv.weight.grad.clone()
+        branch.zero_grad(set_to_none=True)
+        assert compiled.dtype == eager.dtype
+        assert torch.allclose(compiled.float(), eager.float(), atol=1e-5)
+        assert torch.allclose(compiled_grad, eager_grad, atol=1e-5)
+
+
+def test_compile_option_defaults():
+    from clap_model.params import train_parser
+
+    base = ["--train-data", "x.tar", "--out", "o"]
+    assert train_parser().parse_args(base).compile is None  # resolved: on with CUDA, off on CPU
+    assert train_parser().parse_args(base + ["--no-compile"]).compile is False
+    assert train_parser().parse_args(base + ["--compile"]).compile is True
+    assert train_parser().parse_args(base).workers >= 1
 
 
 def test_mel_filterbanks():

@@ -18,7 +18,7 @@ from clap_model import evaluate as clap_eval
 from clap_model import main as clap_main
 from clap_model.checkpoint import read
 from clap_model.inference import CLAPInference
-from tests.test_clap_data import build_clap_shards
+from test_clap_data import build_clap_shards  # tests/ is on sys.path (rootdir-less prepend import)
 
 ROOT = Path(__file__).parent.parent
 
