@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from upath import UPath
 
+from audio_dataset.manifest import read_parquet
 from audio_dataset.source import Item, ItemError, Source, UserError
 from audio_dataset.storage import is_local, location
 
@@ -83,10 +84,10 @@ class LocalSource(Source):
         import pandas as pd
 
         suffix = self.root.suffix.lower()
-        with self.root.open("rb") as handle:
-            if suffix == ".parquet":
-                frame = pd.read_parquet(handle)
-            else:
+        if suffix == ".parquet":
+            frame = read_parquet(self.root).to_pandas()
+        else:
+            with self.root.open("rb") as handle:
                 frame = pd.read_csv(handle, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         if "path" not in frame.columns:
             raise UserError(f"{self.root} has no 'path' column (columns: {', '.join(frame.columns)})")
