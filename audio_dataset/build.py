@@ -1,4 +1,4 @@
-"""`audiodata build`: list a source, then download, transcode and shard it with Ray Data.
+"""`audiodata build`: list a source, then download, transcode and shard it on Ray (local or a cluster).
 
 The shard is the unit of work. Items are listed once (cached as `_work/index.parquet`), assigned a
 split by a stable hash and cut into shards in listing order, so every run plans the same shards.

@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1536)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     # Half the build's default (256) so N items still make several shards per core; large enough
-    # that Ray Data's fixed costs (~1 s to ramp up, ~0.15 s between a worker's tasks) stay small.
+    # that per-task costs (scheduling, one tar and manifest part per shard) stay small.
     parser.add_argument("--samples-per-shard", type=int, default=128)
     parser.add_argument("--memory-items", type=int, default=200, help="base item count of the memory runs")
     parser.add_argument("--memory-scale", type=int, default=10)
