@@ -8,11 +8,15 @@ their data loader computed) from a padded batch of long waveforms.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from clap_model.config import AudioConfig
 
 AMIN = 1e-10
 
@@ -222,3 +226,16 @@ class FusionMel(nn.Module):
         high = torch.minimum(low + 1, (total - 1)[:, None])
         frac = (src - low.float()).clamp(0, 1)[..., None]
         return self._gather(mel, low) * (1 - frac) + self._gather(mel, high) * frac
+
+
+def add_mel_frontend(encoder: nn.Module, cfg: "AudioConfig", fusion: bool) -> None:
+    """The waveform -> log-mel front end HTSAT and CNN14 share, under LAION-CLAP's attribute names
+    (`spectrogram_extractor`, `logmel_extractor`, `fusion_mel`, `spec_augmenter`, `bn0`) so their
+    checkpoints load into either encoder unchanged."""
+    encoder.spectrogram_extractor = Spectrogram(cfg.window_size, cfg.hop_size)
+    encoder.logmel_extractor = LogmelFilterBank(cfg.sample_rate, cfg.window_size, cfg.mel_bins, cfg.fmin, cfg.fmax)
+    if fusion:
+        encoder.fusion_mel = FusionMel(cfg.sample_rate, cfg.window_size, cfg.hop_size, cfg.mel_bins,
+                                       cfg.fmin, cfg.fmax, cfg.clip_samples)
+    encoder.spec_augmenter = SpecAugmentation(cfg.time_drop_width, cfg.freq_drop_width)
+    encoder.bn0 = nn.BatchNorm2d(cfg.mel_bins)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clap_model.config import AudioConfig
-from clap_model.features import FusionMel, LogmelFilterBank, SpecAugmentation, Spectrogram
+from clap_model.features import add_mel_frontend
 from clap_model.fusion import make_fusion
 
 
@@ -229,13 +229,7 @@ class HTSAT(nn.Module):
         self.cfg = cfg
         self.fusion = fusion_type is not None
         self.freq_ratio = cfg.spec_size // cfg.mel_bins
-        self.spectrogram_extractor = Spectrogram(cfg.window_size, cfg.hop_size)
-        self.logmel_extractor = LogmelFilterBank(cfg.sample_rate, cfg.window_size, cfg.mel_bins, cfg.fmin, cfg.fmax)
-        if self.fusion:
-            self.fusion_mel = FusionMel(cfg.sample_rate, cfg.window_size, cfg.hop_size, cfg.mel_bins,
-                                        cfg.fmin, cfg.fmax, cfg.clip_samples)
-        self.spec_augmenter = SpecAugmentation(cfg.time_drop_width, cfg.freq_drop_width)
-        self.bn0 = nn.BatchNorm2d(cfg.mel_bins)
+        add_mel_frontend(self, cfg, self.fusion)
         self.patch_embed = PatchEmbed(cfg.spec_size, cfg.patch_size, cfg.embed_dim, fusion_type)
         grid = self.patch_embed.grid
         blocks = sum(cfg.depths)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clap_model.config import AudioConfig
-from clap_model.features import FusionMel, LogmelFilterBank, SpecAugmentation, Spectrogram
+from clap_model.features import add_mel_frontend
 from clap_model.fusion import make_fusion
 
 
@@ -35,13 +35,7 @@ class Cnn14(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.fusion = fusion_type is not None
-        self.spectrogram_extractor = Spectrogram(cfg.window_size, cfg.hop_size)
-        self.logmel_extractor = LogmelFilterBank(cfg.sample_rate, cfg.window_size, cfg.mel_bins, cfg.fmin, cfg.fmax)
-        if self.fusion:
-            self.fusion_mel = FusionMel(cfg.sample_rate, cfg.window_size, cfg.hop_size, cfg.mel_bins,
-                                        cfg.fmin, cfg.fmax, cfg.clip_samples)
-        self.spec_augmenter = SpecAugmentation(cfg.time_drop_width, cfg.freq_drop_width)
-        self.bn0 = nn.BatchNorm2d(cfg.mel_bins)
+        add_mel_frontend(self, cfg, self.fusion)
         channels = (1,) + self.WIDTHS
         for i in range(6):
             setattr(self, f"conv_block{i + 1}", ConvBlock(channels[i], channels[i + 1]))

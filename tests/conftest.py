@@ -81,3 +81,14 @@ def ffmpeg_convert(src: Path, dst: Path, *args: str) -> Path:
 def robin_path() -> Path:
     return REAL_AUDIO_DIR / "456440__inspectorj__bird-whistling-robin-single-13.ogg"
 # ---- end core block ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module: on small shared machines oversubscribed threads are far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

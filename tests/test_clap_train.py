@@ -23,13 +23,7 @@ from test_clap_data import build_clap_shards  # tests/ is on sys.path (rootdir-l
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread in this module: on small shared machines oversubscribed threads are far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
