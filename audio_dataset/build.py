@@ -345,16 +345,17 @@ def build(options: BuildOptions) -> BuildSummary:
     out = location(options.out)
     work = out / WORK_DIR
     fingerprint = _fingerprint(options)
-    _check_resumable(work, fingerprint)
-    run = RunRecord("build", {**fingerprint, "workers": options.workers, "ray_address": options.ray_address,
-                              "base_url": options.source_config.base_url,
-                              "exclude_files": [str(p) for p in options.exclude_files]},
-                    definitions=definition_checksums([options.source]))
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
     source = load_source(options.source, options.source_config)
     source.check()
     excluded = read_exclusions([*definition_exclusions(options.source), *options.exclude_files])
+    # Only a run that can start records its options: a typo must not pin the output folder.
+    _check_resumable(work, fingerprint)
+    run = RunRecord("build", {**fingerprint, "workers": options.workers, "ray_address": options.ray_address,
+                              "base_url": options.source_config.base_url,
+                              "exclude_files": [str(p) for p in options.exclude_files]},
+                    definitions=definition_checksums([options.source]))
 
     items = list_with_cache(source, work, options.limit)
     kept = [item for item in items if item.source_id not in excluded]

@@ -205,6 +205,15 @@ def test_rerun_with_other_options_is_refused(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_run_that_cannot_start_leaves_the_output_free(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    missing = subprocess.run([*CLI, "build", "--source", "local", "--input", str(tmp_path / "nope"), "--out",
+                              str(out)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "input not found" in missing.stderr
+    _build(out, REAL_AUDIO_DIR, limit=2)  # the corrected command is not refused as "other options"
+    assert verify(out).ok
+
+
 def test_verify_catches_a_corrupted_shard(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _build(out, REAL_AUDIO_DIR, split_ratios={"train": 1.0}, samples_per_shard=5)
