@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -28,17 +29,31 @@ def measure(pattern: str, model: str, workers: int, batches: int, batch_size: in
     loader_cfg = LoaderConfig(batch_size=batch_size, audio=spec, batches_per_worker=-(-batches // max(workers, 1)),
                               shuffle_buffer=64)
     dataset = ShardDataset(ShardSet.from_spec(pattern), loader_cfg, Tokenize(cfg.text))
-    iterator = iter(make_loader(dataset, workers))
-    next(iterator)  # worker start-up is not throughput
+    # Recycled buffers as clap-train's pinned loader on a GPU uses them (here the consumer copies).
+    children_cpu = _children_cpu_seconds()
+    iterator = iter(make_loader(dataset, workers, recycle=True))
+    first = len(next(iterator)["key"])  # worker start-up is not throughput
     started = time.perf_counter()
     samples = 0
     for _ in range(batches - 1):
         samples += len(next(iterator)["key"])
     elapsed = time.perf_counter() - started
     samples_per_s = samples / elapsed if elapsed > 0 else 0.0
-    return {"workers": workers, "batch_size": batch_size, "samples": samples + batch_size, "seconds": elapsed,
-            "samples_per_s": samples_per_s, "samples_per_s_per_worker": samples_per_s / max(workers, 1),
-            "clip_seconds": spec.clip_samples / spec.sample_rate}
+    report = {"workers": workers, "batch_size": batch_size, "samples": samples + first, "seconds": elapsed,
+              "samples_per_s": samples_per_s, "samples_per_s_per_worker": samples_per_s / max(workers, 1),
+              "clip_seconds": spec.clip_samples / spec.sample_rate}
+    if workers:
+        # What a worker costs, whatever else shares the cores: its CPU time over its whole life
+        # (start-up and the first batch included), counted once the workers have exited.
+        extra = sum(len(batch["key"]) for batch in iterator)
+        worker_cpu = _children_cpu_seconds() - children_cpu
+        report["samples_per_worker_cpu_second"] = (samples + first + extra) / worker_cpu
+    return report
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,9 +27,9 @@ import soundfile
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from clap_model.config import UsageError
+from clap_model.tarstream import TarFormatError, tar_samples
 from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, TEXT_FIELD
 
 log = logging.getLogger("clap_model.data")
@@ -270,6 +270,8 @@ class ShardDataset(IterableDataset):
     rank: int = 0
     world_size: int = 1
     epoch: int = 0
+    # Set by make_loader when batches are pinned: lets workers reuse their batch buffers.
+    recycling: "BufferRecycling | None" = None
 
     def _rng(self, worker: int) -> random.Random:
         return random.Random(f"{self.cfg.seed}/{self.epoch}/{self.rank}/{worker}")
@@ -304,11 +306,13 @@ class ShardDataset(IterableDataset):
                 _warn(ValueError(f"{url}: {exc}"))
                 continue
             with stream:
-                members = tar_file_expander([{"url": url, "stream": stream}], handler=_warn)
-                for sample in group_by_keys(members, handler=_warn):
-                    if AUDIO_EXT in sample and JSON_EXT in sample:
-                        barren = 0
-                        yield sample
+                try:
+                    for sample in tar_samples(stream, url):
+                        if AUDIO_EXT in sample and JSON_EXT in sample:
+                            barren = 0
+                            yield sample
+                except (TarFormatError, OSError) as exc:  # a damaged shard: keep what it gave, go on
+                    _warn(ValueError(f"{url}: {exc}"))
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         if not self.cfg.train or self.cfg.shuffle_buffer <= 1:
@@ -342,7 +346,7 @@ class ShardDataset(IterableDataset):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(item["waveform"]) for item in items]
-        waveform = _batch_buffer((len(items), max(lengths)))  # int16 PCM: float on the device
+        waveform, slot = self._batch_buffer((len(items), max(lengths)))  # int16 PCM: float on the device
         rows = waveform.numpy()
         for row, item in enumerate(items):
             rows[row, : lengths[row]] = item["waveform"]
@@ -355,7 +359,23 @@ class ShardDataset(IterableDataset):
             key=[item["key"] for item in items], text=[item["text"] for item in items],
             label=[item["label"] for item in items],
         )
+        if slot is not None:
+            batch[BUFFER_SLOT] = slot
         return batch
+
+    def _batch_buffer(self, shape: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """An uninitialised int16 batch and the recycling slot it occupies (None: not recycled).
+
+        In a DataLoader worker it is made in shared memory at once, so handing it to the training
+        process costs no copy (the DataLoader would otherwise copy every batch into shared memory:
+        246 MB at batch 256 of 10 s clips). Fresh shared memory costs a page fault per 4 KB on first
+        write (~0.6 ms per 10 s clip, measured), so a worker reuses a buffer the consumer released."""
+        info = get_worker_info()
+        if info is None:
+            return torch.empty(shape, dtype=torch.int16), None
+        if self.recycling is None:
+            return _shared_int16(_new_shared(shape), shape), None
+        return self.recycling.acquire(info.id, shape)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -379,14 +399,66 @@ class ShardDataset(IterableDataset):
             yield self.collate(batch)
 
 
-def _batch_buffer(shape: tuple[int, int]) -> torch.Tensor:
-    """An uninitialised int16 batch; in a DataLoader worker it is made in shared memory at once,
-    so handing it to the training process costs no copy (the DataLoader would otherwise copy
-    every batch into shared memory: 246 MB at batch 256 of 10 s clips)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.int16)
-    storage = torch.UntypedStorage._new_shared(shape[0] * shape[1] * 2)
+BUFFER_SLOT = "buffer_slot"
+
+
+def _new_shared(shape: tuple[int, int]) -> torch.UntypedStorage:
+    return torch.UntypedStorage._new_shared(shape[0] * shape[1] * 2)
+
+
+def _shared_int16(storage: torch.UntypedStorage, shape: tuple[int, int]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.int16).set_(storage, 0, shape)
+
+
+class BufferRecycling:
+    """Per-worker rings of shared-memory batch buffers, handed back by the consumer.
+
+    A flag per (worker, slot) lives in shared memory: the worker sets it when it fills the slot,
+    the consumer clears it once the batch is no longer read from shared memory (after pinning).
+    A worker never waits: with every slot in flight it makes a fresh, unrecycled buffer.
+    """
+
+    def __init__(self, workers: int, slots: int) -> None:
+        self.in_flight = torch.zeros((workers, slots), dtype=torch.uint8).share_memory_()
+        self._storages: dict[int, torch.UntypedStorage] = {}  # this worker's, filled lazily
+        self._next = 0
+
+    def acquire(self, worker: int, shape: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        flags = self.in_flight[worker]
+        slots = len(flags)
+        for offset in range(slots):
+            slot = (self._next + offset) % slots
+            if flags[slot] == 0:
+                break
+        else:
+            return _shared_int16(_new_shared(shape), shape), None
+        self._next = slot + 1
+        storage = self._storages.get(slot)
+        if storage is None or storage.nbytes() < shape[0] * shape[1] * 2:
+            storage = self._storages[slot] = _new_shared(shape)
+        flags[slot] = 1
+        return _shared_int16(storage, shape), (worker, slot)
+
+    def release(self, batch: dict[str, Any]) -> None:
+        slot = batch.pop(BUFFER_SLOT, None)
+        if slot is not None:
+            self.in_flight[slot[0], slot[1]] = 0
+
+
+class Batches:
+    """The DataLoader's batches. With recycling, each batch's shared buffer goes back to its worker
+    as soon as the batch is handed out: pinned batches are already a copy; others are copied here."""
+
+    def __init__(self, loader: DataLoader, recycling: BufferRecycling | None) -> None:
+        self.loader, self.recycling = loader, recycling
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            if self.recycling is not None:
+                if not self.loader.pin_memory:
+                    batch["waveform"] = batch["waveform"].clone()
+                self.recycling.release(batch)
+            yield batch
 
 
 def _init_worker(_: int) -> None:
@@ -395,15 +467,26 @@ def _init_worker(_: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def make_loader(dataset: ShardDataset, workers: int, prefetch_factor: int = 2) -> DataLoader:
+def make_loader(dataset: ShardDataset, workers: int, prefetch_factor: int = 2,
+                recycle: bool | None = None) -> Batches:
     """Batches from `workers` processes, pinned on CUDA (the training step copies them non-blocking).
-    Not persistent: each epoch's dataset carries its epoch, and a new loader gets it."""
+    Not persistent: each epoch's dataset carries its epoch, and a new loader gets it.
+
+    `recycle` (default: when pinned) reuses the workers' shared batch buffers; unpinned, that costs
+    the consumer a copy of each batch, cheaper than the workers' page faults only when it has cores
+    to spare (the loader benchmark uses it to measure the workers as clap-train on a GPU runs them)."""
+    pin = torch.cuda.is_available()
+    # Slots: the batches a worker can have in flight (prefetch_factor), the one being handed out,
+    # and the next one it starts meanwhile.
+    recycle = pin if recycle is None else recycle
+    recycling = BufferRecycling(workers, prefetch_factor + 2) if recycle and workers else None
     # Its own generator: creating the loader's iterator must not consume the global torch RNG,
     # which drives dropout and SpecAugment and is saved in checkpoints for exact resume.
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(0), persistent_workers=False,
-                      worker_init_fn=_init_worker if workers else None,
-                      prefetch_factor=prefetch_factor if workers else None)
+    loader = DataLoader(replace(dataset, recycling=recycling), batch_size=None, num_workers=workers,
+                        pin_memory=pin, generator=torch.Generator().manual_seed(0), persistent_workers=False,
+                        worker_init_fn=_init_worker if workers else None,
+                        prefetch_factor=prefetch_factor if workers else None)
+    return Batches(loader, recycling)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:

@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dataclasses import replace
+from torch.utils.data import DataLoader
 
 from audio_dataset import audio as audio_lib
 from audio_dataset.schema import SampleMeta, safe_key, shard_name
 from audio_dataset.shards import ShardWriter, write_sizes
 from audio_dataset.shards import iter_shard
-from clap_model.data import (AudioSpec, DataError, LoaderConfig, ShardDataset, ShardSet, crop_or_fill,
+from clap_model.data import (BUFFER_SLOT, AudioSpec, BufferRecycling, DataError, LoaderConfig, ShardDataset, ShardSet, crop_or_fill,
                              decode_audio, expand_datasets, fill, make_loader, read_clip)
 from clap_model.config import get_preset
 from clap_model.text import Tokenize
@@ -199,3 +201,21 @@ def test_http_shards_through_fsspec_with_a_broken_shard(clap_shards, loopback):
     dataset = _dataset(shards, train=False, batch_size=4)
     keys = [k for b in dataset for k in b["key"]]
     assert len(keys) == 4  # the readable shard, whole
+
+
+def test_recycled_batch_buffers_hold_the_same_batches(clap_shards):
+    """Workers reuse the shared buffers the consumer hands back (as clap-train does after pinning)
+    and the batches are what fresh buffers give; a consumer that never hands back does not stall them."""
+    shards = ShardSet.from_spec(f"{clap_shards}/{{000000..000001}}.tar")
+    dataset = _dataset(shards, batches_per_worker=6, seed=3, audio=_spec(filling="pad"))
+    fresh = list(make_loader(dataset, 2, recycle=False))
+    recycled = list(make_loader(dataset, 2, recycle=True))  # copied out as a pinned loader would
+    assert len(fresh) == len(recycled) == 12
+    assert all(torch.equal(a["waveform"], b["waveform"]) for a, b in zip(fresh, recycled))
+    assert all(BUFFER_SLOT not in b for b in recycled)
+
+    slots = BufferRecycling(workers=2, slots=4)
+    loader = DataLoader(replace(dataset, recycling=slots), batch_size=None, num_workers=2)
+    taken = [b.get(BUFFER_SLOT) for b in loader]  # a consumer that never hands buffers back
+    assert len(taken) == 12 and len({tuple(t) for t in taken if t is not None}) == 8
+    assert taken.count(None) == 4  # past each worker's 4 slots: fresh buffers, no stall
