@@ -7,6 +7,8 @@ or a bare state dict. Both use the same parameter names, so one loader serves bo
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,22 @@ class CheckpointError(UsageError):
 def read(path: str | Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive; files from before torch 1.6 are a bare pickle.
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say so in one line
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from None
+    except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects: code could run
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" (the first: {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path} holds Python objects besides tensors{what}; they are not "
+                              "unpickled, for safety (torch.load weights_only)") from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or damaged file: say so in one line
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged "
+                              f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__})"
+                              ) from None
 
 
 def clean_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ Field names follow LAION-CLAP's `audio_cfg` / `text_cfg` so a config reads the s
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -12,6 +13,15 @@ FUSION_TYPES = ("aff_2d", "iaff_2d", "daf_2d")
 
 class UsageError(ValueError):
     """A user mistake (arguments, data, checkpoint): reported in one line, exit status 2."""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line to show for `exc`. A DataLoader worker's error arrives as its whole traceback
+    ending in `module.Class: message`: keep the message."""
+    lines = str(exc).strip().splitlines()
+    last = lines[-1] if lines else type(exc).__name__
+    return re.sub(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception): ", "", last) if len(lines) > 1 else last
+
 TRUNCATING = ("rand_trunc", "fusion")
 FILLING = ("repeatpad", "pad", "repeat")
 

@@ -45,9 +45,12 @@ class DataError(UsageError):
 
 
 def expand_pattern(pattern: str) -> list[str]:
-    """One dataset's brace pattern (or comma-free list of brace patterns) -> shard URLs."""
-    urls = [url for part in pattern.split() for url in braceexpand.braceexpand(part)]
-    if not urls:
+    """One dataset's brace pattern -> shard URLs. Spaces are part of a URL (`pipe:aws s3 cp ...`)."""
+    try:
+        urls = list(braceexpand.braceexpand(pattern.strip()))
+    except braceexpand.UnbalancedBracesError:
+        raise DataError(f"pattern {pattern!r} has unbalanced braces") from None
+    if not urls or urls == [""]:
         raise DataError(f"pattern {pattern!r} names no shards")
     for url in urls:
         if _is_local(url) and not Path(_local_path(url)).is_file():
@@ -57,7 +60,22 @@ def expand_pattern(pattern: str) -> list[str]:
 
 def expand_datasets(spec: str) -> list[list[str]]:
     """`A::B` (several datasets) -> one URL list per dataset."""
-    return [expand_pattern(part) for part in spec.split(DATASET_SEPARATOR) if part.strip()]
+    parts = [part for part in spec.split(DATASET_SEPARATOR) if part.strip()]
+    if not parts:
+        raise DataError(f"data pattern {spec!r} names no shards")
+    return [expand_pattern(part) for part in parts]
+
+
+def parse_weights(spec: str, datasets: int) -> list[float]:
+    """`1::3` -> [1.0, 3.0]: one finite, non-negative weight per dataset, not all zero."""
+    message = f"--train-data-weights needs {datasets} non-negative numbers separated by '::', not {spec!r}"
+    try:
+        factors = [float(x) for x in spec.split(DATASET_SEPARATOR)]
+    except ValueError:
+        raise DataError(message) from None
+    if len(factors) != datasets or not all(math.isfinite(f) and f >= 0 for f in factors) or not any(factors):
+        raise DataError(message)
+    return factors
 
 
 def _is_local(url: str) -> bool:
@@ -121,11 +139,7 @@ class ShardSet:
     @classmethod
     def from_spec(cls, spec: str, dataset_weights: str | None = None) -> "ShardSet":
         datasets = expand_datasets(spec)
-        factors = [1.0] * len(datasets)
-        if dataset_weights:
-            factors = [float(x) for x in dataset_weights.split(DATASET_SEPARATOR)]
-            if len(factors) != len(datasets) or any(f < 0 for f in factors) or not any(factors):
-                raise DataError(f"--train-data-weights needs {len(datasets)} non-negative numbers separated by '::'")
+        factors = parse_weights(dataset_weights, len(datasets)) if dataset_weights else [1.0] * len(datasets)
         urls, weights, total, known = [], [], 0, True
         for factor, shard_urls in zip(factors, datasets):
             sizes = shard_sizes(shard_urls)
@@ -223,16 +237,17 @@ def _as_list(value: Any) -> list[str]:
     return []
 
 
-def choose_caption(meta: dict[str, Any], fields: tuple[str, ...], rng: random.Random | None) -> str:
-    """Training: uniformly among the captions in `fields` (e.g. text + the k2c augmentations).
-    Evaluation: the first `text` caption."""
+def choose_captions(meta: dict[str, Any], fields: tuple[str, ...], rng: random.Random | None) -> list[str]:
+    """Training: one caption, uniformly among those in `fields` (e.g. text + the k2c augmentations).
+    Evaluation: every `text` caption (Clotho and AudioCaps clips have five; retrieval counts them all)."""
     if rng is None:
         candidates = _as_list(meta.get(TEXT_FIELD))
+        fields = (TEXT_FIELD,)
     else:
         candidates = [c for name in fields for c in _as_list(meta.get(name))]
     if not candidates:
         raise ValueError(f"sample has no caption in {fields}")
-    return rng.choice(candidates) if rng else candidates[0]
+    return [rng.choice(candidates)] if rng else candidates
 
 
 def label_of(meta: dict[str, Any], field_name: str) -> str | None:
@@ -243,8 +258,19 @@ def label_of(meta: dict[str, Any], field_name: str) -> str | None:
 # ---- the iterable dataset ---------------------------------------------------------------------
 
 
+# Consecutive unusable samples after which a worker stops: every sample failing the same way (a
+# caption field no sample has, FLAC nothing can decode) is a mistake to report, not to skip forever.
+MAX_UNUSABLE_IN_A_ROW = 1000
+_warned = 0
+
+
 def _warn(exc: Exception) -> bool:
-    log.warning("skipping unreadable data: %s", str(exc)[:300])
+    """Log a skipped shard or sample: the first 20, then every 1000th (a bad dataset must not flood
+    the log with one line per sample)."""
+    global _warned
+    _warned += 1
+    if _warned <= 20 or _warned % 1000 == 0:
+        log.warning("skipping unreadable data (%d so far): %s", _warned, str(exc)[:300])
     return True
 
 
@@ -329,20 +355,22 @@ class ShardDataset(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _prepare(self, sample: dict[str, Any], rng: random.Random | None) -> dict[str, Any] | None:
+    def _prepare(self, sample: dict[str, Any], rng: random.Random | None) -> dict[str, Any] | str:
+        """The sample ready to batch, or why it cannot be used."""
         try:
             meta = json.loads(sample[JSON_EXT])
+            captions = choose_captions(meta, self.cfg.caption_fields, rng)  # before the costly decode
             audio = read_clip(sample[AUDIO_EXT], self.cfg.audio, rng)
             if audio.size == 0:
                 raise ValueError("empty audio")
-            caption = choose_caption(meta, self.cfg.caption_fields, rng)
         except (ValueError, RuntimeError, soundfile.LibsndfileError) as exc:
-            _warn(ValueError(f"{sample.get('__key__')}: {exc}"))
-            return None
+            reason = f"{sample.get('__key__')}: {exc}"
+            _warn(ValueError(reason))
+            return reason
         waveform, longer, crop_u = crop_or_fill(audio, self.cfg.audio, rng)
         label = label_of(meta, self.cfg.label_field) if self.cfg.label_field else None
         return {"key": sample["__key__"], "waveform": waveform, "longer": longer, "crop_u": crop_u,
-                "text": caption, "label": label}
+                "captions": captions, "label": label}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(item["waveform"]) for item in items]
@@ -351,12 +379,14 @@ class ShardDataset(IterableDataset):
         for row, item in enumerate(items):
             rows[row, : lengths[row]] = item["waveform"]
             rows[row, lengths[row]:] = 0
-        batch = dict(self.tokenize([item["text"] for item in items]))
+        # Tokens for every caption, row by row; `caption_owner` maps each back to its clip's row.
+        batch = dict(self.tokenize([caption for item in items for caption in item["captions"]]))
         batch.update(
             waveform=waveform, length=torch.tensor(lengths),
             longer=torch.tensor([item["longer"] for item in items]),
             crop_u=torch.tensor([item["crop_u"] for item in items], dtype=torch.float32),
-            key=[item["key"] for item in items], text=[item["text"] for item in items],
+            caption_owner=torch.tensor([row for row, item in enumerate(items) for _ in item["captions"]]),
+            key=[item["key"] for item in items], text=[item["captions"][0] for item in items],
             label=[item["label"] for item in items],
         )
         if slot is not None:
@@ -384,11 +414,15 @@ class ShardDataset(IterableDataset):
         sample_rng = rng if self.cfg.train else None
         quota = self.cfg.batches_per_worker if self.cfg.train else None
         batch: list[dict[str, Any]] = []
-        produced = 0
+        produced = unusable = 0
         for sample in self._shuffled(self._samples(rng, worker, workers), rng):
             item = self._prepare(sample, sample_rng)
-            if item is None:
+            if isinstance(item, str):
+                unusable += 1
+                if unusable >= MAX_UNUSABLE_IN_A_ROW:
+                    raise DataError(f"{unusable} samples in a row could not be used; the last: {item}")
                 continue
+            unusable = 0
             batch.append(item)
             if len(batch) == self.cfg.batch_size:
                 yield self.collate(batch)

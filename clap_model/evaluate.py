@@ -11,8 +11,8 @@ import torch
 
 from clap_model import checkpoint as ckpt
 from clap_model.clap import CLAP
-from clap_model.config import ModelConfig, UsageError
-from clap_model.data import AudioSpec, DataError, LoaderConfig, ShardDataset, ShardSet, make_loader
+from clap_model.config import ModelConfig, UsageError, error_line, get_preset
+from clap_model.data import AudioSpec, DataError, LoaderConfig, ShardDataset, ShardSet, expand_datasets, make_loader
 from clap_model.metrics import format_metrics
 from clap_model.params import eval_parser
 from clap_model.text import Tokenize
@@ -26,6 +26,19 @@ def audio_spec(cfg: ModelConfig, truncating: str | None, filling: str, max_fusio
                         "and a fusion model needs --data-truncating fusion")
     return AudioSpec(cfg.audio.sample_rate, cfg.audio.clip_samples, truncating, filling,
                      int(max_fusion_seconds * cfg.audio.sample_rate))
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """The evaluation arguments' mistakes, found before training rather than after its first epoch."""
+    for pattern in (args.val_data, args.zeroshot_data):
+        if pattern:
+            expand_datasets(pattern)  # raises on a pattern naming no shards or a missing local shard
+    try:
+        prompt = args.zeroshot_template.format("CLASS")
+    except (KeyError, IndexError, ValueError):
+        prompt = ""
+    if "CLASS" not in prompt:  # without the class name every prompt is the same sentence
+        raise UsageError(f"--zeroshot-template needs one {{}} for the class name: {args.zeroshot_template!r}")
 
 
 def eval_dataset(pattern: str, spec: AudioSpec, tokenize: Tokenize, batch_size: int,
@@ -54,6 +67,9 @@ def run_evaluations(model: CLAP, args: argparse.Namespace, spec: AudioSpec, toke
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if not (args.val_data or args.zeroshot_data):
         raise DataError("nothing to evaluate: give --val-data and/or --zeroshot-data")
+    check_eval_args(args)
+    if args.model:
+        get_preset(args.model)  # a misspelt preset is an error even when the checkpoint carries its config
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     model = ckpt.load_model(args.checkpoint, args.model, args.text_model).to(device)
@@ -65,10 +81,13 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        print("clap-eval: error: --batch-size must be positive and --workers non-negative", file=sys.stderr)
+        return 2
     try:
         metrics = _evaluate(args)
     except (UsageError, OSError) as exc:
-        print(f"clap-eval: error: {exc}", file=sys.stderr)
+        print(f"clap-eval: error: {error_line(exc)}", file=sys.stderr)
         return 2
     if args.out:
         out = Path(args.out)

@@ -8,8 +8,9 @@
     clap.similarity(audio, text)                                         # (2, 2) cosine similarities
     clap.zero_shot(["dog.wav"], ["dog", "rain", "car horn"])             # (1, 3) probabilities
 
-Audio longer than the model's clip is cut at its start (fusion models see it whole, with centred
-local crops); shorter audio is filled as in training (repeatpad by default).
+Arrays are (samples,), (channels, samples) or (samples, channels), float in [-1, 1] or integer PCM,
+with their `sample_rate`. Audio longer than the model's clip is cut at its start (fusion models see
+it whole, with centred local crops); shorter audio is filled as in training (repeatpad by default).
 """
 from __future__ import annotations
 
@@ -50,9 +51,13 @@ class CLAPInference:
         if isinstance(item, (str, Path)):
             return decode_audio(Path(item).read_bytes(), rate)
         array = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
-        array = array.astype(np.float32)
-        if array.ndim == 2:  # (channels, samples) -> mono
-            array = array.mean(axis=0)
+        # Integer PCM (int16 from a WAV) is scaled to [-1, 1) as the shards' FLAC is decoded.
+        scale = float(-np.iinfo(array.dtype).min) if array.dtype.kind == "i" else 1.0
+        array = array.astype(np.float32) / scale
+        if array.ndim == 2:  # -> mono: channels are the short axis, (channels, samples) as torchaudio
+            array = array.mean(axis=int(np.argmin(array.shape)))  # or (samples, channels) as soundfile
+        if array.ndim != 1:
+            raise ValueError(f"an audio array is (samples,) or 2-D with a channel axis, not {array.shape}")
         if sample_rate is None:
             raise ValueError("arrays need their sample_rate")
         if sample_rate != rate:
@@ -64,8 +69,8 @@ class CLAPInference:
     @torch.no_grad()
     def embed_audio(self, audio: Sequence[AudioInput], sample_rate: int | None = None,
                     batch_size: int = 16) -> torch.Tensor:
-        """(N, joint_dim) L2-normalised embeddings of files or (channels x) sample arrays."""
-        out = []
+        """(N, joint_dim) L2-normalised embeddings of files or arrays (mono, or channels on either axis)."""
+        out = [torch.empty(0, self.model.cfg.joint_dim)]  # no audio: (0, joint_dim)
         for start in range(0, len(audio), batch_size):
             items = [crop_or_fill(self._waveform(a, sample_rate), self.spec, None)
                      for a in audio[start : start + batch_size]]
@@ -82,7 +87,7 @@ class CLAPInference:
 
     @torch.no_grad()
     def embed_text(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        out = []
+        out = [torch.empty(0, self.model.cfg.joint_dim)]  # no texts: (0, joint_dim)
         for start in range(0, len(texts), batch_size):
             tokens = {k: v.to(self.device) for k, v in self.tokenize(list(texts[start : start + batch_size])).items()}
             with autocast(self.device, self.precision):

@@ -15,15 +15,27 @@ from torch.nn.parallel import DistributedDataParallel
 from clap_model import checkpoint as ckpt
 from clap_model import distributed
 from clap_model.clap import CLAP
-from clap_model.config import UsageError, get_preset
+from clap_model.config import UsageError, error_line, get_preset
 from clap_model.data import (DataError, LoaderConfig, ShardDataset, ShardSet, batches_per_worker, make_loader,
                              steps_per_epoch)
-from clap_model.evaluate import audio_spec, run_evaluations
+from clap_model.evaluate import audio_spec, check_eval_args, run_evaluations
 from clap_model.loss import ClipLoss
 from clap_model.metrics import format_metrics
 from clap_model.params import train_parser
 from clap_model.text import Tokenize
 from clap_model.train import EpochContext, TrainState, build_optimizer, train_one_epoch
+
+
+# Options that leave the trained weights alone: where to log, evaluate and save, when to stop.
+NO_EFFECT_ON_TRAINING = {"resume", "out", "log_every", "val_data", "val_frequency", "zeroshot_data",
+                         "zeroshot_label_field", "zeroshot_classes", "zeroshot_template", "save_frequency",
+                         "save_every_steps", "max_steps", "compile", "device"}
+
+
+def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`--name old -> new` for each option that shapes training and differs from the checkpoint's."""
+    return [f"--{name.replace('_', '-')} {saved[name]!r} -> {value!r}" for name, value in now.items()
+            if name in saved and name not in NO_EFFECT_ON_TRAINING and saved[name] != value]
 
 
 class Run:
@@ -40,6 +52,7 @@ class Run:
         cfg = get_preset(args.model, args.text_model)
         # The data arguments are checked before the (possibly downloaded) model is built.
         self.spec = audio_spec(cfg, args.data_truncating, args.data_filling, args.max_fusion_seconds)
+        check_eval_args(args)
         if args.train_data_weights and args.no_resample:
             raise DataError("--train-data-weights weights resampled shard draws; drop --no-resample")
         self.shards = ShardSet.from_spec(args.train_data, args.train_data_weights)
@@ -118,6 +131,10 @@ class Run:
             self.log(f"note: saved with {len(rngs)} ranks, resumed on {self.info.world_size}: "
                      "the random streams restart from the seed")
         self.log(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}")
+        changed = changed_options(saved.get("args", {}), vars(self.args))
+        if changed:
+            self.log("note: resumed with options other than the checkpoint's (" + ", ".join(changed)
+                     + "): the run will not be the one an uninterrupted run gives")
 
     # ---- data ----
 
@@ -174,9 +191,10 @@ class Run:
                 break
             self.state.epoch += 1
             self.state.step_in_epoch = 0
+            # Saved before evaluating (which uses no random stream): a failing evaluation loses no training.
+            self.save(epoch_file=self.state.epoch % args.save_frequency == 0 or self.state.epoch == args.epochs)
             if self.state.epoch % args.val_frequency == 0 or self.state.epoch == args.epochs:
                 self.evaluate()
-            self.save(epoch_file=self.state.epoch % args.save_frequency == 0 or self.state.epoch == args.epochs)
         if self.writer is not None:
             self.writer.close()
 
@@ -196,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             run.resume(args.resume)
         run.fit()
     except (UsageError, OSError) as exc:
-        # A DataLoader worker's error arrives with the worker's traceback in its text: keep the last line.
-        print(f"clap-train: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"clap-train: error: {error_line(exc)}", file=sys.stderr)
         return 2
     finally:
         if info is not None:

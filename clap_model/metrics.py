@@ -4,36 +4,73 @@ from __future__ import annotations
 import torch
 
 
-def _ranks(logits: torch.Tensor) -> torch.Tensor:
-    """0-based rank of the matching column (the diagonal) in each row, ties counted pessimistically."""
-    target = logits.diagonal()[:, None]
-    return (logits > target).sum(dim=1) + (logits == target).sum(dim=1) - 1
+def _ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's `target` score in that row, ties counted pessimistically."""
+    return (scores > target[:, None]).sum(dim=1) + (scores == target[:, None]).sum(dim=1) - 1
 
 
-def retrieval_metrics(audio: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
-    """Audio i matches text i. Keys as LAION-CLAP logs them: audio_to_text_R@1, ..., text_to_audio_mAP@10."""
-    logits = audio.float() @ text.float().T
+def _caption_ranks(logits: torch.Tensor, owner: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Rank of caption j among all captions for its own audio `owner[j]` (in chunks: M x M at most)."""
+    ranks = []
+    for start in range(0, len(owner), chunk):
+        index = torch.arange(start, min(start + chunk, len(owner)))
+        rows = logits[owner[index]]
+        ranks.append(_ranks(rows, rows.gather(1, index[:, None]).squeeze(1)))
+    return torch.cat(ranks)
+
+
+def _summary(name: str, ranks: torch.Tensor, out: dict[str, float]) -> None:
+    ranks = ranks.float()
+    out[f"{name}_mean_rank"] = float(ranks.mean() + 1)
+    out[f"{name}_median_rank"] = float(ranks.median() + 1)
+    for k in (1, 5, 10):
+        out[f"{name}_R@{k}"] = float((ranks < k).float().mean())
+
+
+def _audio_to_text_map10(ranks: torch.Tensor, owner: torch.Tensor, audios: int) -> torch.Tensor:
+    """Average precision in the top 10 over each audio's captions: the caption ranked j-th best among
+    its own (0-based), at rank r < 10, adds (j + 1) / (r + 1); the sum is divided by its caption count."""
+    order = torch.argsort(owner * (int(ranks.max()) + 1) + ranks)  # by audio, then by rank
+    owner, ranks = owner[order], ranks[order].float()
+    counts = torch.bincount(owner, minlength=audios)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(len(owner)) - starts[owner]
+    precision = torch.where(ranks < 10, (position + 1) / (ranks + 1), torch.zeros_like(ranks))
+    return torch.zeros(audios).index_add_(0, owner, precision) / counts.clamp(min=1)
+
+
+def retrieval_metrics(audio: torch.Tensor, text: torch.Tensor, owner: torch.Tensor | None = None
+                      ) -> dict[str, float]:
+    """Audio i's captions are the texts j with owner[j] == i (default: text i alone). Keys as LAION-CLAP
+    logs them: audio_to_text_R@1, ..., text_to_audio_mAP@10.
+
+    With several captions per clip (Clotho, AudioCaps: five) it scores as LAION-CLAP does: text to
+    audio over every caption; audio to text by the best-ranked of the clip's captions for R@k and mean
+    or median rank, and mAP@10 over all of them (ranks sorted, as their evaluation describes)."""
+    owner = torch.arange(len(text)) if owner is None else owner.long().cpu()
+    logits = audio.float() @ text.float().T  # (audios, captions)
     out: dict[str, float] = {}
-    for name, matrix in (("audio_to_text", logits), ("text_to_audio", logits.T)):
-        ranks = _ranks(matrix).float()
-        out[f"{name}_mean_rank"] = float(ranks.mean() + 1)
-        out[f"{name}_median_rank"] = float(ranks.median() + 1)
-        for k in (1, 5, 10):
-            out[f"{name}_R@{k}"] = float((ranks < k).float().mean())
-        # One relevant item: average precision is 1/(rank+1) when it is in the top 10.
-        out[f"{name}_mAP@10"] = float(torch.where(ranks < 10, 1.0 / (ranks + 1), torch.zeros_like(ranks)).mean())
+    caption_ranks = _caption_ranks(logits, owner)
+    best = torch.full((len(audio),), len(text), dtype=caption_ranks.dtype).scatter_reduce(
+        0, owner, caption_ranks, reduce="amin")
+    _summary("audio_to_text", best, out)
+    out["audio_to_text_mAP@10"] = float(_audio_to_text_map10(caption_ranks, owner, len(audio)).mean())
+    text_ranks = _ranks(logits.T, logits.T.gather(1, owner[:, None]).squeeze(1)).float()
+    _summary("text_to_audio", text_ranks, out)
+    # One relevant clip per caption: average precision is 1/(rank+1) when it is in the top 10.
+    out["text_to_audio_mAP@10"] = float(torch.where(text_ranks < 10, 1.0 / (text_ranks + 1),
+                                                    torch.zeros_like(text_ranks)).mean())
     return out
 
 
 def zeroshot_metrics(audio: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Accuracy (top-1, top-5) and mAP of audio->class-prompt similarity; `labels` index classes."""
     logits = audio.float() @ class_text.float().T
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = top == labels[:, None]
-    ranks = (logits > logits.gather(1, labels[:, None])).sum(dim=1).float()
+    # Ties count against the true class, as in retrieval: a collapsed model scores chance or less, not 1.
+    ranks = _ranks(logits, logits.gather(1, labels[:, None]).squeeze(1)).float()
     return {
-        "zeroshot_top1": float(hit[:, 0].float().mean()),
-        "zeroshot_top5": float(hit.any(dim=1).float().mean()),
+        "zeroshot_top1": float((ranks < 1).float().mean()),
+        "zeroshot_top5": float((ranks < 5).float().mean()),
         "zeroshot_mAP": float((1.0 / (ranks + 1)).mean()),
         "zeroshot_samples": float(len(labels)),
     }

@@ -11,8 +11,9 @@ DEFAULT_TEMPLATE = "This is a sound of {}."
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="htsat-tiny-roberta", choices=sorted(PRESETS),
-                       help="architecture preset; `tiny` trains on a CPU in minutes")
+    # No argparse `choices`: an unknown name gets get_preset's one-line error, not the whole usage.
+    group.add_argument("--model", default="htsat-tiny-roberta",
+                       help=f"architecture preset: {', '.join(PRESETS)}; `tiny` trains on a CPU in minutes")
     group.add_argument("--text-model", default=None,
                        help="text encoder: a transformers hub id or local path (overrides the preset's)")
     group.add_argument("--pretrained", default=None,
@@ -108,8 +109,9 @@ def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clap-eval", description="Evaluate a CLAP checkpoint.")
     parser.add_argument("--checkpoint", required=True,
                         help="a clap-train checkpoint, or a LAION-CLAP release together with --model")
-    parser.add_argument("--model", default=None, choices=sorted(PRESETS),
-                        help="architecture of a LAION-CLAP checkpoint (clap-train checkpoints carry theirs)")
+    parser.add_argument("--model", default=None,
+                        help=f"architecture of a LAION-CLAP checkpoint ({', '.join(PRESETS)}; "
+                             "clap-train checkpoints carry theirs)")
     parser.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP checkpoint")
     parser.add_argument("--data-truncating", choices=TRUNCATING, default=None)
     parser.add_argument("--data-filling", choices=FILLING, default="repeatpad")

@@ -6,13 +6,14 @@ download. A real checkpoint always comes through `from_pretrained`.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast, RobertaConfig, RobertaModel
 
-from clap_model.config import TextConfig
+from clap_model.config import TextConfig, UsageError
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
@@ -34,10 +35,22 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
 
 
+def from_pretrained(load: Callable[[str], Any], name: str) -> Any:
+    """`load(name)`, its failure (a missing folder, an unknown id, no network) as one UsageError line
+    naming the model: transformers' own message speaks of repo ids even for a mistyped local path."""
+    if name.startswith((".", "/")) and not Path(name).exists():
+        raise UsageError(f"text model folder not found: {name}")
+    try:
+        return load(name)
+    except (OSError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load text model {name!r}: {detail}") from None
+
+
 def build_tokenizer(cfg: TextConfig):
     if cfg.name_or_path is None:
         return byte_tokenizer()
-    return AutoTokenizer.from_pretrained(cfg.name_or_path)
+    return from_pretrained(AutoTokenizer.from_pretrained, cfg.name_or_path)
 
 
 def build_text_model(cfg: TextConfig, pretrained: bool = True) -> nn.Module:
@@ -49,8 +62,8 @@ def build_text_model(cfg: TextConfig, pretrained: bool = True) -> nn.Module:
                                pad_token_id=1, bos_token_id=0, eos_token_id=2)
         return RobertaModel(config, add_pooling_layer=cfg.pooling == "pooler")
     if pretrained:
-        return AutoModel.from_pretrained(cfg.name_or_path)
-    return AutoModel.from_config(AutoConfig.from_pretrained(cfg.name_or_path))
+        return from_pretrained(AutoModel.from_pretrained, cfg.name_or_path)
+    return AutoModel.from_config(from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path))
 
 
 def text_width(model: nn.Module) -> int:

@@ -149,40 +149,56 @@ def train_one_epoch(ctx: EpochContext, batches: Iterator[dict[str, Any]], state:
         ctx.on_step(state)
 
 
+@dataclass
+class Embedded:
+    """Evaluation embeddings (fp32, CPU): clip i's captions are the text rows j with owner[j] == i."""
+
+    audio: torch.Tensor
+    text: torch.Tensor
+    owner: torch.Tensor
+    labels: list[Any]
+
+
 @torch.no_grad()
-def embed_batches(model: CLAP, batches, device: torch.device, precision: str
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
-    """Audio and caption embeddings (fp32, CPU) and labels of every batch."""
+def embed_batches(model: CLAP, batches, device: torch.device, precision: str) -> Embedded:
+    """Audio and caption embeddings and labels of every batch."""
     model.eval()
-    audio, text, labels = [], [], []
+    audio, text, owner, labels = [], [], [], []
+    clips = 0
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(device, precision):
             audio.append(model.encode_audio(batch["waveform"], batch["length"], batch["crop_u"]).float().cpu())
             text.append(model.encode_text(batch).float().cpu())
+        owner.append(batch["caption_owner"].cpu() + clips)
+        clips += len(batch["key"])
         labels.extend(batch["label"])
     if not audio:
         raise UsageError("the evaluation data yielded no samples")
-    return torch.cat(audio), torch.cat(text), labels
+    return Embedded(torch.cat(audio), torch.cat(text), torch.cat(owner), labels)
 
 
 def evaluate_retrieval(model: CLAP, batches, device: torch.device, precision: str) -> dict[str, float]:
-    audio, text, _ = embed_batches(model, batches, device, precision)
-    metrics = retrieval_metrics(audio, text)
-    metrics["num_samples"] = float(len(audio))
+    embedded = embed_batches(model, batches, device, precision)
+    metrics = retrieval_metrics(embedded.audio, embedded.text, embedded.owner)
+    metrics["num_samples"] = float(len(embedded.audio))
+    metrics["num_captions"] = float(len(embedded.text))
     return metrics
 
 
 @torch.no_grad()
 def evaluate_zeroshot(model: CLAP, batches, tokenize, classes: list[str] | None, template: str,
                       device: torch.device, precision: str) -> dict[str, float]:
-    audio, _, labels = embed_batches(model, batches, device, precision)
+    embedded = embed_batches(model, batches, device, precision)
+    audio, labels = embedded.audio, embedded.labels
     if classes is None:
         classes = sorted({label for label in labels if label is not None})
     index = {name: i for i, name in enumerate(classes)}
     keep = [i for i, label in enumerate(labels) if label in index]
     if not keep or len(classes) < 2:
-        raise UsageError("zero-shot data needs labelled samples of at least two known classes")
+        raise UsageError(f"zero-shot data needs labelled samples of at least two classes: {len(keep)} of "
+                         f"{len(labels)} samples carry one of {len(classes)} classes "
+                         "(see --zeroshot-label-field and --zeroshot-classes)")
     tokens = to_device(dict(tokenize([template.format(name) for name in classes])), device)
     with autocast(device, precision):
         class_text = model.encode_text(tokens).float().cpu()

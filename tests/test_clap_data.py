@@ -147,9 +147,32 @@ def test_caption_selection_uses_k2c_fields(clap_shards):
 
 def test_pipe_and_fsspec_urls(clap_shards):
     shard = clap_shards / "000000.tar"
-    for url in (f"pipe:cat {shard}", f"file://{shard}"):
-        dataset = _dataset(ShardSet([url], [1.0], None), train=False, batch_size=4)
+    for url in (f"pipe:cat -- {shard}", f"file://{shard}"):  # a command's spaces belong to it
+        shards = ShardSet.from_spec(url)
+        assert shards.urls == [url]
+        dataset = _dataset(shards, train=False, batch_size=4)
         assert len(next(iter(dataset))["key"]) == 4
+
+
+@pytest.mark.parametrize("spec, weights, message", [
+    ("{dir}/{{000000..00000", None, "unbalanced braces"),
+    ("  ", None, "names no shards"),
+    ("{dir}/000000.tar::{dir}/000001.tar", "1::x", "non-negative numbers"),
+    ("{dir}/000000.tar::{dir}/000001.tar", "1::nan", "non-negative numbers"),
+    ("{dir}/000000.tar::{dir}/000001.tar", "inf::1", "non-negative numbers"),
+])
+def test_data_argument_mistakes_are_data_errors(clap_shards, spec, weights, message):
+    with pytest.raises(DataError, match=message):
+        ShardSet.from_spec(spec.format(dir=clap_shards), weights)
+
+
+def test_a_caption_field_no_sample_has_stops_the_loader(clap_shards, monkeypatch):
+    """Every sample unusable is a mistake to report, not to skip forever."""
+    monkeypatch.setattr("clap_model.data.MAX_UNUSABLE_IN_A_ROW", 50)
+    shards = ShardSet.from_spec(f"{clap_shards}/{{000000..000001}}.tar")
+    dataset = _dataset(shards, caption_fields=("nosuch",), batches_per_worker=2)
+    with pytest.raises(DataError, match=r"50 samples in a row could not be used; the last: .*no caption in \('nosuch',\)"):
+        next(iter(dataset))
 
 
 def test_read_clip_decodes_only_the_crop(clap_shards):
@@ -219,3 +242,21 @@ def test_recycled_batch_buffers_hold_the_same_batches(clap_shards):
     taken = [b.get(BUFFER_SLOT) for b in loader]  # a consumer that never hands buffers back
     assert len(taken) == 12 and len({tuple(t) for t in taken if t is not None}) == 8
     assert taken.count(None) == 4  # past each worker's 4 slots: fresh buffers, no stall
+
+
+def test_evaluation_batches_carry_every_caption_training_batches_one(clap_shards, tmp_path):
+    """Clotho/AudioCaps clips have five captions: evaluation tokenises them all, mapped to their clip."""
+    sample = next(iter_shard(clap_shards / "000000.tar"))
+    meta = json.loads(sample["json"])
+    counts = [3, 1, 5]
+    with ShardWriter(tmp_path / "000000.tar") as writer:
+        for i, count in enumerate(counts):
+            meta["text"] = [f"clip {i} caption {c}" for c in range(count)]
+            writer.write({"__key__": f"k{i}", "flac": sample["flac"], "json": json.dumps(meta).encode()})
+    shards = ShardSet([str(tmp_path / "000000.tar")], [1.0], None)
+    batch = next(iter(_dataset(shards, train=False, batch_size=3)))
+    assert batch["caption_owner"].tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2]
+    assert batch["input_ids"].shape[0] == 9 and batch["waveform"].shape[0] == 3
+    assert batch["text"] == ["clip 0 caption 0", "clip 1 caption 0", "clip 2 caption 0"]
+    train = next(iter(_dataset(shards, batch_size=3, batches_per_worker=1)))
+    assert train["input_ids"].shape[0] == 3 and sorted(train["caption_owner"].tolist()) == [0, 1, 2]

@@ -394,6 +394,30 @@ def test_laion_checkpoint_file_round_trip(tmp_path):
         ckpt.load_weights(wrong, ckpt.read(path))
 
 
+def test_checkpoint_files_that_cannot_load_say_why(tmp_path):
+    import argparse
+
+    model = CLAP(_tiny(text=_POOLER_TEXT))
+    optimizer = torch.optim.AdamW(model.parameters())
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()  # an optimizer state with moments and step counts, as a real run saves
+    # As LAION-CLAP's training saved them (zip) and as torch < 1.6 did (a bare pickle): both load.
+    for name, zipped in (("new.pt", True), ("legacy.pt", False)):
+        torch.save({"epoch": 1, "name": "run", "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()},
+                   tmp_path / name, _use_new_zipfile_serialization=zipped)
+        assert set(ckpt.read(tmp_path / name)) == {"epoch", "name", "state_dict", "optimizer"}
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="is not a PyTorch checkpoint"):
+        ckpt.read(tmp_path / "notes.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "new.pt").read_bytes()[:5000])
+    with pytest.raises(ckpt.CheckpointError, match="truncated or damaged"):
+        ckpt.read(tmp_path / "cut.pt")
+    torch.save({"args": argparse.Namespace(lr=1.0)}, tmp_path / "objects.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"besides tensors \(the first: argparse.Namespace\)"):
+        ckpt.read(tmp_path / "objects.pt")
+
+
 @pytest.mark.parametrize("fusion", [False, True])
 def test_pann_cnn14_forward(fusion):
     torch.manual_seed(0)
@@ -411,3 +435,74 @@ def test_pann_cnn14_forward(fusion):
         eval_emb = model.eval().encode_audio(wave, lengths)
     assert train_emb.shape == eval_emb.shape == (3, cfg.joint_dim)
     assert torch.isfinite(eval_emb).all() and not torch.allclose(eval_emb[0], eval_emb[2])
+
+
+def test_zeroshot_ties_count_against_the_true_class():
+    from clap_model.metrics import zeroshot_metrics
+
+    # A collapsed model: every class prompt embeds the same, so every class ties.
+    audio, class_text = torch.ones(4, 8), torch.ones(3, 8)
+    metrics = zeroshot_metrics(audio, class_text, torch.tensor([0, 0, 1, 2]))
+    assert metrics["zeroshot_top1"] == 0.0 and metrics["zeroshot_top5"] == 1.0
+    assert metrics["zeroshot_mAP"] == pytest.approx(1 / 3)
+
+
+def _unit(rows: list[list[float]]) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def test_retrieval_metrics_one_caption_per_clip():
+    from clap_model.metrics import retrieval_metrics
+
+    audio = _unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    # Text 0 and 2 sit on their clips; text 1 is nearer clip 2 (rank 1) than its own clip 1.
+    text = _unit([[1, 0, 0], [0, 0.6, 0.8], [0, 0, 1]])
+    m = retrieval_metrics(audio, text)
+    # audio->text: every clip scores its own text highest (clip 1: text 1 at 0.6, the others 0).
+    assert m["audio_to_text_R@1"] == 1.0 and m["audio_to_text_mAP@10"] == 1.0
+    # text->audio: text 1 scores clip 2 (0.8) above clip 1 (0.6): rank 1.
+    assert m["text_to_audio_R@1"] == pytest.approx(2 / 3) and m["text_to_audio_R@5"] == 1.0
+    assert m["text_to_audio_mAP@10"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert m["text_to_audio_mean_rank"] == pytest.approx(4 / 3)
+
+
+def test_retrieval_metrics_several_captions_per_clip_as_laion_clap():
+    from clap_model.metrics import retrieval_metrics
+
+    audio = _unit([[1, 0, 0, 0], [0, 1, 0, 0]])
+    # Clip 0 has three captions, clip 1 two. Scores against clip 0: t0 0.9, t3 0.8, t1 0.5, t4 0.3, t2 0.
+    text = _unit([[0.9, 0.1, 0.2, 0.1], [0.5, 0.1, 0.8, 0], [0, 0.2, 1, 0], [0.8, 0.9, 0.1, 0],
+                  [0.3, 0.95, 0, 0]])
+    owner = torch.tensor([0, 0, 0, 1, 1])
+    logits = audio @ text.T
+    m = retrieval_metrics(audio, text, owner)
+    # audio->text, by hand from the logits: the ranks of each clip's own captions, sorted.
+    ranks = {clip: sorted(int((logits[clip] > logits[clip, j]).sum()) for j in range(5) if owner[j] == clip)
+             for clip in (0, 1)}
+    best = [r[0] for r in ranks.values()]
+    assert m["audio_to_text_R@1"] == sum(b < 1 for b in best) / 2
+    ap = [sum((i + 1) / (r + 1) for i, r in enumerate(rs) if r < 10) / len(rs) for rs in ranks.values()]
+    assert m["audio_to_text_mAP@10"] == pytest.approx(sum(ap) / 2)
+    # text->audio: every caption ranks the clips; its own clip's rank counts.
+    t2a = [int((logits[:, j] > logits[owner[j], j]).sum()) for j in range(5)]
+    assert m["text_to_audio_R@1"] == pytest.approx(sum(r < 1 for r in t2a) / 5)
+    assert m["text_to_audio_mean_rank"] == pytest.approx(sum(t2a) / 5 + 1)
+    assert m["text_to_audio_R@1"] < 1.0 and m["audio_to_text_mAP@10"] < 1.0  # the example is not trivial
+
+
+def test_inference_arrays_in_either_layout_integer_pcm_and_empty_inputs():
+    from clap_model.inference import CLAPInference
+
+    torch.manual_seed(0)
+    clap = CLAPInference(CLAP(get_preset("tiny")), device="cpu")
+    rate = clap.spec.sample_rate
+    wave = (0.3 * np.sin(np.linspace(0, 2000, rate)) * np.hanning(rate)).astype(np.float32)
+    stereo = np.stack([wave, 0.5 * wave])
+    reference = clap.embed_audio([stereo.mean(axis=0)], sample_rate=rate)
+    # (channels, samples) as torchaudio, (samples, channels) as soundfile.read: the same clip.
+    for layout in (stereo, stereo.T, torch.from_numpy(stereo.T.copy())):
+        assert torch.allclose(clap.embed_audio([layout], sample_rate=rate), reference, atol=1e-5)
+    pcm = np.round(wave * 32768).astype(np.int16)  # integer PCM is scaled like the shards' FLAC
+    as_float = clap.embed_audio([pcm.astype(np.float32) / 32768], sample_rate=rate)
+    assert torch.allclose(clap.embed_audio([pcm], sample_rate=rate), as_float, atol=1e-6)
+    assert clap.embed_audio([]).shape == clap.embed_text([]).shape == (0, clap.model.cfg.joint_dim)

@@ -88,7 +88,7 @@ def test_learns_until_retrieval_is_perfect(shards, tmp_path, capsys):
     assert probs.shape == (1, 3) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_resume_continues_identically(shards, tmp_path):
+def test_resume_continues_identically(shards, tmp_path, capsys):
     common = ("--epochs", "2", "--train-num-samples", "24", "--lr", "1e-3", "--warmup", "2")
     straight = tmp_path / "straight"
     assert clap_main.main(_args(shards, straight, *common)) == 0
@@ -96,13 +96,20 @@ def test_resume_continues_identically(shards, tmp_path):
     # Stop after 4 of 6 steps (mid-epoch 2), then resume from latest.pt.
     assert clap_main.main(_args(shards, resumed, *common, "--max-steps", "4")) == 0
     assert read(resumed / "latest.pt")["step"] == 4
+    capsys.readouterr()
     assert clap_main.main(_args(shards, resumed, *common, "--resume", "latest")) == 0
+    assert "note: resumed with options" not in capsys.readouterr().out
     a, b = read(straight / "epoch_2.pt"), read(resumed / "epoch_2.pt")
     assert a["step"] == b["step"] == 6
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     moment = a["optimizer"]["state"][0]["exp_avg"]
     assert torch.equal(moment, b["optimizer"]["state"][0]["exp_avg"])
+    # Resuming with options that change training is allowed (extending a run), and said.
+    more = ("--epochs", "3", "--train-num-samples", "24", "--lr", "2e-3", "--warmup", "2")
+    assert clap_main.main(_args(shards, resumed, *more, "--resume", "latest", "--log-every", "1")) == 0
+    out = capsys.readouterr().out
+    assert "note: resumed with options other than the checkpoint's (--epochs 2 -> 3, --lr 0.001 -> 0.002)" in out
 
 
 def test_user_errors_are_one_line(shards, tmp_path, capsys):
@@ -156,3 +163,49 @@ def test_unreadable_shards_end_with_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "are the shards readable" in err[0], err
+
+
+def test_argument_mistakes_are_one_line_and_found_before_training(shards, tmp_path, capsys):
+    cases = [
+        (_args(shards, tmp_path / "a", "--model", "nonesuch"), "unknown model 'nonesuch'"),
+        (_args(shards, tmp_path / "b", "--val-data", f"{shards}/nope-{{0..1}}.tar"), "shard not found"),
+        (_args(shards, tmp_path / "c", "--zeroshot-data", _pattern(shards), "--zeroshot-template", "a {x}"),
+         "--zeroshot-template"),
+        (_args(shards, tmp_path / "d", "--zeroshot-data", _pattern(shards), "--zeroshot-template", "no class"),
+         "--zeroshot-template"),
+        (_args(shards, tmp_path / "e", "--text-model", str(tmp_path / "no-such-model")), "text model folder not found"),
+        (_args(shards, tmp_path / "f", "--text-model", "no-such-org/no-such-model"),  # the hub is offline in tests
+         "cannot load text model 'no-such-org/no-such-model'"),
+    ]
+    for argv, message in cases:
+        assert clap_main.main([*argv, "--epochs", "1", "--train-num-samples", "8"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not list(Path(argv[argv.index("--out") + 1]).glob("*.pt"))  # failed before training
+    ckpt_path = str(tmp_path / "missing.pt")  # the argument checks come before the checkpoint is read
+    for extra, message in ((["--model", "nonesuch"], "unknown model"), (["--workers", "-1"], "--workers"),
+                           (["--zeroshot-template", "{0} {1}"], "--zeroshot-template")):
+        assert clap_eval.main(["--checkpoint", ckpt_path, "--val-data", _pattern(shards), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_a_failing_evaluation_keeps_the_epoch_checkpoint(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = clap_main.main(_args(shards, out, "--epochs", "1", "--train-num-samples", "8", "--zeroshot-data",
+                                _pattern(shards), "--zeroshot-label-field", "no_such_field"))
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--zeroshot-label-field" in err[0], err
+    assert read(out / "epoch_1.pt")["step"] == 1  # the epoch's training is not lost
+
+
+def test_a_data_mistake_found_in_a_loader_worker_is_one_error_line(shards, tmp_path, capsys, monkeypatch):
+    """A caption field no sample has: the workers stop, clap-train names the cause in one line."""
+    monkeypatch.setattr("clap_model.data.MAX_UNUSABLE_IN_A_ROW", 30)  # workers fork: they see it
+    argv = _args(shards, tmp_path / "run", "--epochs", "1", "--train-num-samples", "8", "--workers", "2",
+                 "--caption-fields", "nosuch")
+    assert clap_main.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("clap-train: error: 30 samples in a row could not be used; the last: ")
+    assert last.endswith("sample has no caption in ('nosuch',)"), last
