@@ -12,7 +12,8 @@ import torch
 from clap_model import checkpoint as ckpt
 from clap_model.clap import CLAP
 from clap_model.config import ModelConfig, UsageError, error_line, get_preset
-from clap_model.data import AudioSpec, DataError, LoaderConfig, ShardDataset, ShardSet, expand_datasets, make_loader
+from clap_model.data import (DATASET_SEPARATOR, AudioSpec, DataError, LoaderConfig, ShardDataset, ShardSet,
+                             expand_datasets, make_loader)
 from clap_model.metrics import format_metrics
 from clap_model.params import eval_parser
 from clap_model.text import Tokenize
@@ -41,6 +42,19 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--zeroshot-template needs one {{}} for the class name: {args.zeroshot_template!r}")
 
 
+def val_datasets(spec: str) -> list[tuple[str, str]]:
+    """(name, pattern) per `::`-separated dataset. Retrieval ranks within one dataset, so each is
+    scored on its own, named as LAION-CLAP names them: the two folders above the shards
+    (`data/clotho/test/{0..3}.tar` -> `clotho-test`); one dataset alone goes unnamed."""
+    patterns = [part.strip() for part in spec.split(DATASET_SEPARATOR) if part.strip()]
+    if len(patterns) < 2:
+        return [("", pattern) for pattern in patterns]
+    names = ["-".join(part for part in pattern.split("/")[:-1][-2:] if part) for pattern in patterns]
+    if len(set(names)) < len(names) or not all(names):
+        names = [f"{name or 'val'}-{index}" for index, name in enumerate(names)]
+    return list(zip(names, patterns))
+
+
 def eval_dataset(pattern: str, spec: AudioSpec, tokenize: Tokenize, batch_size: int,
                  label_field: str | None = None) -> ShardDataset:
     shards = ShardSet.from_spec(pattern)
@@ -53,9 +67,10 @@ def run_evaluations(model: CLAP, args: argparse.Namespace, spec: AudioSpec, toke
     """Retrieval on --val-data and zero-shot on --zeroshot-data, whichever are given."""
     metrics: dict[str, float] = {}
     workers = min(args.workers, 2)
-    if args.val_data:
-        dataset = eval_dataset(args.val_data, spec, tokenize, args.batch_size)
-        metrics.update(evaluate_retrieval(model, make_loader(dataset, workers), device, precision))
+    for name, pattern in val_datasets(args.val_data or ""):
+        dataset = eval_dataset(pattern, spec, tokenize, args.batch_size)
+        found = evaluate_retrieval(model, make_loader(dataset, workers), device, precision)
+        metrics.update({f"{name}/{key}" if name else key: value for key, value in found.items()})
     if args.zeroshot_data:
         dataset = eval_dataset(args.zeroshot_data, spec, tokenize, args.batch_size, args.zeroshot_label_field)
         classes = [c.strip() for c in args.zeroshot_classes.split(",")] if args.zeroshot_classes else None

@@ -71,6 +71,20 @@ def test_learns_until_retrieval_is_perfect(shards, tmp_path, capsys):
     metrics = json.loads(metrics_file.read_text())
     assert metrics["audio_to_text_R@1"] == pytest.approx(last["audio_to_text_R@1"])
     assert metrics["text_to_audio_mAP@10"] == pytest.approx(last["text_to_audio_mAP@10"], abs=1e-6)
+    # Several validation datasets are scored each on its own, named by their folders as LAION-CLAP does.
+    for index, name in enumerate(("clotho", "audiocaps")):
+        (tmp_path / name / "test").mkdir(parents=True)
+        (tmp_path / name / "test" / "000000.tar").write_bytes((shards / f"00000{index}.tar").read_bytes())
+    both = f"{tmp_path}/clotho/test/000000.tar::{tmp_path}/audiocaps/test/000000.tar"
+    assert clap_eval.main(["--checkpoint", str(out / "epoch_8.pt"), "--val-data", both, "--batch-size", "8",
+                           "--workers", "0", "--out", str(metrics_file)]) == 0
+    split = json.loads(metrics_file.read_text())
+    assert split["clotho-test/num_samples"] == split["audiocaps-test/num_samples"] == 4
+    assert clap_eval.main(["--checkpoint", str(out / "epoch_8.pt"), "--val-data", f"{shards}/000001.tar",
+                           "--batch-size", "8", "--workers", "0", "--out", str(metrics_file)]) == 0
+    alone = json.loads(metrics_file.read_text())
+    assert {k: v for k, v in split.items() if k.startswith("audiocaps-test/")} == {
+        f"audiocaps-test/{k}": v for k, v in alone.items()}
 
     # The inference API on the same clips and captions gives the same retrieval.
     clap = CLAPInference.from_checkpoint(out / "epoch_8.pt", device="cpu")
