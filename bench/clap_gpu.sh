@@ -92,7 +92,7 @@ ls -la "/tmp/smoke-$SMOKE_MODEL"/*.pt 2>/dev/null
 step "3. loader alone: samples/s per worker"
 for w in $(printf "1\n%s\n" "$WORKERS" | sort -un); do
     timeout "$(limit 3 10)" $PY bench/clap_loader.py --train-data "$PATTERN" --workers $w \
-        --batches $(( w * 3 + 1 )) --batch-size $LOADER_BATCH --json "$OUT/loader_w$w.json" | grep samples_per_s
+        --batches $(( w * 3 + 1 )) --batch-size $LOADER_BATCH --json "$OUT/loader_w$w.json" | grep samples_per
 done
 
 step "done"
