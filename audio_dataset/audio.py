@@ -19,6 +19,8 @@ from audio_dataset.source import ItemError
 # A peak under half a 16-bit step encodes to all zeros: such a clip is digitally silent.
 SILENCE_PEAK = 2.0**-16
 LONG_CLIP_POLICIES = ("drop", "truncate", "segment")
+# The highest rate a FLAC stream can declare (libsndfile refuses more).
+FLAC_MAX_RATE = 655_350
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class AudioConfig:
             raise ValueError(f"long_clips must be one of {LONG_CLIP_POLICIES}")
         if self.channels not in (1, 2):
             raise ValueError("channels must be 1 or 2")
+        if not 1 <= self.sample_rate <= FLAC_MAX_RATE:
+            raise ValueError(f"sample_rate must be 1..{FLAC_MAX_RATE} Hz (FLAC's range)")
 
 
 @dataclass
@@ -229,6 +233,8 @@ def plan_segments(duration: float, config: AudioConfig) -> list[tuple[float, flo
         start, end = index * step, min((index + 1) * step, duration)
         if end - start >= config.min_seconds - 1e-9:  # float steps must not lose an exact tail
             spans.append((start, end))
+    if not spans:  # segments shorter than --min-seconds: an ok row with no sample would be a lie
+        raise ItemError("too_short", f"{step}s segments < {config.min_seconds}s")
     return spans
 
 
@@ -243,11 +249,18 @@ class Transcoded:
     whole: bool
 
 
+def decode_clip(data: bytes, clip: tuple[float, float] | None = None) -> Decoded:
+    decoded = decode(data)
+    return cut(decoded, *clip) if clip is not None else decoded
+
+
 def transcode(data: bytes, config: AudioConfig, clip: tuple[float, float] | None = None) -> Transcoded:
     """bytes -> checked, resampled, channel-set FLAC segments; ItemError names any drop."""
-    decoded = decode(data)
-    if clip is not None:
-        decoded = cut(decoded, *clip)
+    return transcode_decoded(decode_clip(data, clip), config)
+
+
+def transcode_decoded(decoded: Decoded, config: AudioConfig) -> Transcoded:
+    """The policy checks and encoding after decoding (a caller may record the decoded facts first)."""
     if decoded.sample_rate < config.min_source_rate:
         raise ItemError("low_source_rate", f"{decoded.sample_rate} Hz < {config.min_source_rate} Hz")
     if float(np.max(np.abs(decoded.samples))) < SILENCE_PEAK:

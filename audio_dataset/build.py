@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +25,7 @@ import pyarrow as pa
 from upath import UPath
 
 from audio_dataset import manifest
-from audio_dataset.audio import AudioConfig, transcode
+from audio_dataset.audio import AudioConfig, decode_clip, transcode_decoded
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.schema import SPLITS, SampleMeta, safe_key, shard_name
@@ -37,6 +39,12 @@ WORK_DIR = "_work"
 INDEX_FILE = "index.parquet"
 CONFIG_FILE = "config.json"
 DEFAULT_SPLIT_RATIOS = {"train": 0.9, "valid": 0.05, "test": 0.05}
+log = logging.getLogger("audiodata.build")
+# The reason recorded when transcoding an item raised something no check names (a decoder's own
+# exception, a bug): the item fails with the exception in error_detail and the build goes on.
+UNEXPECTED_ERROR = "unexpected_error"
+# A split is a folder under --out: a plain name, never a path ("../x") or a hidden/`_work`-like one.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 @dataclass
@@ -90,10 +98,16 @@ class BuildSummary:
 # --------------------------------------------------------------------------- planning
 
 
+def check_split_name(name: str, what: str) -> str:
+    if not SPLIT_NAME.fullmatch(name):
+        raise UserError(f"{what}: split {name!r} is not a plain name (letters, digits, _ and -)")
+    return name
+
+
 def assign_split(source: str, item: Item, ratios: dict[str, float]) -> str:
     """A stable split from the source id: the same item lands in the same split on every run."""
     if item.split is not None:
-        return item.split
+        return check_split_name(item.split, f"item {item.source_id!r}")
     digest = hashlib.sha1(f"{source}:{item.source_id}".encode()).digest()
     point = int.from_bytes(digest[:8], "big") / 2**64
     total = sum(ratios.values())
@@ -141,21 +155,27 @@ def definition_exclusions(source: str) -> list[UPath]:
 # --------------------------------------------------------------------------- listing
 
 
-def list_with_cache(source: Source, work: UPath, limit: int | None) -> list[Item]:
+def list_with_cache(source: Source, work: UPath, limit: int | None, show: bool = False) -> list[Item]:
     """The complete listing, scraped once and kept as a parquet index for reruns."""
+    from tqdm import tqdm
+
     index = work / INDEX_FILE
     if index.exists():
         items = [Item.from_json(raw) for raw in manifest.read_parquet(index).column("item").to_pylist()]
     else:
         items = []
         seen: set[str] = set()
-        for item in source.list_items():
-            if item.source_id in seen:  # sources may list an item twice (pages shifting)
-                continue
-            seen.add(item.source_id)
-            items.append(item)
-            if limit is not None and len(items) >= limit:
-                break
+        # A web listing can take hours at a polite rate: count what it has found so far (shown after
+        # a second, so a quick listing, or one that fails at once on a user mistake, prints nothing).
+        with tqdm(unit="item", desc="list", total=limit, disable=not show, file=sys.stderr, delay=1.0) as bar:
+            for item in source.list_items():
+                if item.source_id in seen:  # sources may list an item twice (pages shifting)
+                    continue
+                seen.add(item.source_id)
+                items.append(item)
+                bar.update(1)
+                if limit is not None and len(items) >= limit:
+                    break
         table = pa.table({"source_id": [i.source_id for i in items],
                           "item": [i.to_json() for i in items]})
         manifest.write_parquet(table, index)
@@ -186,9 +206,16 @@ def _fail_row(source: str, item: Item, split: str, shard: str, exc: ItemError, *
 def process_item(source: str, item: Item, data: bytes, split: str, shard: str,
                  config: AudioConfig) -> tuple[ManifestRow, list[dict[str, bytes | str]]]:
     """Transcode one fetched item into samples, or a failure row."""
-    checks = dict(source_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    checks: dict[str, Any] = dict(source_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     try:
-        result = transcode(data, config, item.clip)
+        decoded = decode_clip(data, item.clip)
+    except ItemError as exc:
+        return _fail_row(source, item, split, shard, exc, **checks), []
+    # Kept on dropped rows too: "hours in" counts every clip that decoded, not only those kept.
+    checks.update(source_duration=decoded.duration, source_sample_rate=decoded.sample_rate,
+                  source_channels=decoded.samples.shape[0], source_codec=decoded.codec)
+    try:
+        result = transcode_decoded(decoded, config)
     except ItemError as exc:
         return _fail_row(source, item, split, shard, exc, **checks), []
     samples = []
@@ -205,10 +232,8 @@ def process_item(source: str, item: Item, data: bytes, split: str, shard: str,
     row = ManifestRow(
         source=source, source_id=item.source_id, split=split, shard=shard, status=manifest.STATUS_OK,
         sample_keys=[s["__key__"] for s in samples], n_samples=len(samples),
-        source_duration=result.source_duration,
         output_duration=sum(seg.duration for seg in result.segments),
-        source_sample_rate=result.source_sample_rate, source_channels=result.source_channels,
-        source_codec=result.codec, url=item.url, license=item.license, **checks,
+        url=item.url, license=item.license, **checks,
     )
     return row, samples
 
@@ -229,7 +254,13 @@ def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) 
             except ItemError as exc:
                 rows.append(_fail_row(source.name, item, task.split, task.name, exc))
                 continue
-            row, samples = process_item(source.name, item, data, task.split, task.name, config)
+            try:
+                row, samples = process_item(source.name, item, data, task.split, task.name, config)
+            except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-item build
+                log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
+                unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
+                row, samples = _fail_row(source.name, item, task.split, task.name, unexpected,
+                                         source_bytes=len(data)), []
             for sample in samples:
                 writer.write(sample)
             rows.append(row)
@@ -248,34 +279,62 @@ def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) 
 # --------------------------------------------------------------------------- driver
 
 
-def _fingerprint(options: BuildOptions) -> dict[str, Any]:
+def _input_key(value: str | None) -> str | None:
+    """`--input` as it names data: a local path made absolute, so `dir` and `/abs/dir` are one input."""
+    if value is None or "://" in value or not os.path.exists(value):
+        return value  # a URL, or a name the source resolves (AudioSet's `eval`)
+    return os.path.abspath(value)
+
+
+def _fingerprint(options: BuildOptions, excluded: set[str]) -> dict[str, Any]:
     """The options that decide the output; a resume with other values would mix two datasets."""
-    return {
+    fingerprint = {
         "source": options.source,
-        "input": options.source_config.input,
+        "input": _input_key(options.source_config.input),
         "source_options": redact_mapping(options.source_config.options),
         "audio": asdict(options.audio),
         "samples_per_shard": options.samples_per_shard,
         "limit": options.limit,
-        "split_ratios": options.split_ratios,
+        # Pairs, not a mapping: the order decides which hash range goes to which split.
+        "split_ratios": [[name, ratio] for name, ratio in options.split_ratios.items()],
     }
+    if excluded:  # other exclusions re-plan every shard; absent when none (outputs from before it)
+        ids = "\n".join(sorted(excluded)).encode()
+        fingerprint["exclusions"] = f"{len(excluded)} ids, sha256 {hashlib.sha256(ids).hexdigest()[:16]}"
+    return fingerprint
 
 
 def _check_resumable(work: UPath, fingerprint: dict[str, Any]) -> None:
     path = work / CONFIG_FILE
-    if path.exists():
-        previous = read_json(path)
-        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-        if changed:
-            raise UserError(f"{work.parent} was built with other options ({', '.join(changed)}); "
-                            "use a new --out, or the same options to resume")
-    else:
-        atomic_write_json(path, fingerprint)
+    if not path.exists():
+        return
+    previous = read_json(path)
+    if isinstance(previous.get("input"), str):  # older outputs kept --input as typed
+        previous["input"] = _input_key(previous["input"])
+    if isinstance(previous.get("split_ratios"), dict):  # older outputs kept a mapping: order unknown
+        fingerprint = {**fingerprint, "split_ratios": dict(fingerprint["split_ratios"])}
+    changed = sorted(k for k in set(fingerprint) | set(previous) if previous.get(k) != fingerprint.get(k))
+    if changed:
+        raise UserError(f"{work.parent} was built with other options ({', '.join(changed)}); "
+                        "use a new --out, or the same options to resume")
+
+
+def _prepare_out(out: UPath) -> None:
+    """A local --out must be a folder we can write: say so in one line rather than fail mid-run."""
+    if not is_local(out):
+        return
+    folder = Path(out.path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    try:
+        (folder / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    if not os.access(folder / WORK_DIR, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out} is not writable")
 
 
 def _init_ray(address: str | None, workers: int) -> None:
-    import logging
-
     import ray
 
     if not ray.is_initialized():
@@ -342,27 +401,35 @@ def build(options: BuildOptions) -> BuildSummary:
 
     if options.samples_per_shard < 1:
         raise UserError("--samples-per-shard must be at least 1")
+    for split in options.split_ratios:
+        check_split_name(split, "--splits")
     out = location(options.out)
     work = out / WORK_DIR
-    fingerprint = _fingerprint(options)
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
     source = load_source(options.source, options.source_config)
     source.check()
     excluded = read_exclusions([*definition_exclusions(options.source), *options.exclude_files])
-    # Only a run that can start records its options: a typo must not pin the output folder.
+    fingerprint = _fingerprint(options, excluded)
     _check_resumable(work, fingerprint)
+    _prepare_out(out)
     run = RunRecord("build", {**fingerprint, "workers": options.workers, "ray_address": options.ray_address,
                               "base_url": options.source_config.base_url,
                               "exclude_files": [str(p) for p in options.exclude_files]},
                     definitions=definition_checksums([options.source]))
 
-    items = list_with_cache(source, work, options.limit)
+    pinned = (work / CONFIG_FILE).exists()
+    if not pinned and (work / INDEX_FILE).exists():
+        (work / INDEX_FILE).unlink()  # left by a run that never got going, maybe of another --input
+    items = list_with_cache(source, work, options.limit, options.progress)
     kept = [item for item in items if item.source_id not in excluded]
-    manifest.write_table(
-        manifest.rows_to_table(_excluded_rows(options.source, items, excluded, options.split_ratios)),
-        work / "parts" / "excluded.parquet")
+    excluded_rows = _excluded_rows(options.source, items, excluded, options.split_ratios)
     tasks = plan_shards(options.source, kept, options.split_ratios, options.samples_per_shard)
+    # Only a run whose listing and plan succeeded records its options: a typo (a missing column,
+    # a bad split name) must not pin the output folder to the mistaken command.
+    if not pinned:
+        atomic_write_json(work / CONFIG_FILE, fingerprint)
+    manifest.write_table(manifest.rows_to_table(excluded_rows), work / "parts" / "excluded.parquet")
     todo = [t for t in tasks if not (work / "parts" / t.part_name).exists()]
     per_node = _report_progress(_run_tasks(todo, source, out, options, options.workers) if todo else iter(()),
                                 len(tasks), len(tasks) - len(todo), options.progress)
@@ -389,19 +456,18 @@ def _report_progress(results: Iterator[dict], total: int, done: int, show: bool)
     from tqdm import tqdm
 
     per_node: Counter[str] = Counter()
-    bar = tqdm(total=total, initial=done, unit="shard", desc="build", disable=not show,
-               dynamic_ncols=True, file=sys.stderr)
     ok = items = 0
-    for result in results:
-        if "source_error" in result:
-            bar.close()
-            raise SourceError(result["source_error"])
-        ok += result["ok"]
-        items += result["items"]
-        per_node[result["node"]] += 1
-        bar.update(1)
-        bar.set_postfix(items=items, ok=ok)
-    bar.close()
+    # Closed on any exit, so a Ctrl-C or source failure message starts on a line of its own.
+    with tqdm(total=total, initial=done, unit="shard", desc="build", disable=not show,
+              dynamic_ncols=True, file=sys.stderr) as bar:
+        for result in results:
+            if "source_error" in result:
+                raise SourceError(result["source_error"])
+            ok += result["ok"]
+            items += result["items"]
+            per_node[result["node"]] += 1
+            bar.update(1)
+            bar.set_postfix(items=items, ok=ok)
     return dict(per_node)
 
 

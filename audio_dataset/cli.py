@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from upath import UPath
 
 from audio_dataset import __version__
-from audio_dataset.audio import LONG_CLIP_POLICIES, AudioConfig
+from audio_dataset.audio import FLAC_MAX_RATE, LONG_CLIP_POLICIES, AudioConfig
 from audio_dataset.source import SourceConfig, SourceError, UserError
 from audio_dataset.storage import location
 
@@ -27,6 +29,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _sample_rate(text: str) -> int:
+    value = _positive_int(text)
+    if value > FLAC_MAX_RATE:
+        raise argparse.ArgumentTypeError(f"FLAC stores at most {FLAC_MAX_RATE} Hz, got {text}")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -39,8 +48,8 @@ def _split_ratios(text: str) -> dict[str, float]:
     for part in text.split(","):
         name, value = _key_value(part)
         ratios[name] = float(value)
-    if not ratios or any(v < 0 for v in ratios.values()) or sum(ratios.values()) <= 0:
-        raise argparse.ArgumentTypeError("split ratios must be non-negative and not all zero")
+    if not ratios or any(not math.isfinite(v) or v < 0 for v in ratios.values()) or sum(ratios.values()) <= 0:
+        raise argparse.ArgumentTypeError("split ratios must be non-negative numbers, not all zero")
     return ratios
 
 
@@ -54,7 +63,7 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=_positive_int, help="stop listing after N items")
     p.add_argument("--workers", type=_positive_int, help="parallel shard workers (default: CPU count)")
     p.add_argument("--ray-address", help="join a Ray cluster (default: start local Ray)")
-    p.add_argument("--sample-rate", type=_positive_int, default=48_000)
+    p.add_argument("--sample-rate", type=_sample_rate, default=48_000)
     p.add_argument("--channels", type=int, choices=(1, 2), default=1, help="1 downmixes to mono, 2 keeps stereo")
     p.add_argument("--max-seconds", type=_positive_float, help="clips longer than this follow --long-clips")
     p.add_argument("--long-clips", choices=LONG_CLIP_POLICIES,
@@ -82,6 +91,11 @@ def run_build(args: argparse.Namespace) -> int:
         raise UserError("--long-clips segment needs --segment-seconds or --max-seconds")
     if long_clips == "truncate" and not args.max_seconds:
         raise UserError("--long-clips truncate needs --max-seconds")
+    # Pieces cut shorter than --min-seconds would be dropped (segment) or kept against it (truncate).
+    flag, cut_to = ("--segment-seconds", args.segment_seconds) if args.segment_seconds and long_clips == "segment" \
+        else ("--max-seconds", args.max_seconds)
+    if long_clips != "drop" and cut_to < args.min_seconds:
+        raise UserError(f"{flag} {cut_to:g} is below --min-seconds {args.min_seconds:g}")
     audio = AudioConfig(sample_rate=args.sample_rate, channels=args.channels, max_seconds=args.max_seconds,
                         long_clips=long_clips, segment_seconds=args.segment_seconds,
                         min_seconds=args.min_seconds, min_source_rate=args.min_source_rate)
@@ -138,6 +152,8 @@ def run_report(args: argparse.Namespace) -> int:
 def run_sources(args: argparse.Namespace) -> int:
     from audio_dataset.sources_table import sources_table
 
+    for out in args.out:  # a mistyped --out would otherwise count as an empty build
+        _require_output(out)
     print(sources_table(args.out))
     return 0
 
@@ -149,8 +165,15 @@ def _require_output(out: UPath) -> None:
         raise UserError(f"{out} is not a build output (no {MANIFEST_FILE})")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument mistakes as one line (not the whole usage text): `audiodata build: error: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="audiodata", description="Build audio-text datasets for CLAP.")
+    parser = OneLineParser(prog="audiodata", description="Build audio-text datasets for CLAP.")
     parser.add_argument("--version", action="version", version=f"audiodata {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_build_parser(subparsers)
@@ -187,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"audiodata: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user named cannot be read or written (--plot, --out-html, ...)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"audiodata: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except SourceError as exc:
         print(f"audiodata: source failed: {exc}", file=sys.stderr)

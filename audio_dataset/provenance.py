@@ -18,7 +18,21 @@ from audio_dataset import __version__
 from audio_dataset.storage import atomic_write_json, read_json
 
 PROVENANCE_FILE = "provenance.json"
-_SECRET = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+# `token` but not `max_new_tokens` or `tokenizer`: counts and models are no secrets.
+_SECRET = re.compile(r"(token(?!s|iz)|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+# `scheme://user:password@host`: the userinfo of a URL is a credential wherever it appears.
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+
+
+def mask_urls(value: Any) -> Any:
+    """`s3://key:secret@host/x` -> `s3://***@host/x`, in strings and inside lists and dicts."""
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(r"\1***@", value)
+    if isinstance(value, dict):
+        return {k: mask_urls(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mask_urls(v) for v in value]
+    return value
 
 
 def redact(args: list[str]) -> list[str]:
@@ -32,13 +46,13 @@ def redact(args: list[str]) -> list[str]:
         elif "=" in arg and _SECRET.search(arg.split("=", 1)[0]):
             clean.append(arg.split("=", 1)[0] + "=***")
         else:
-            clean.append(arg)
+            clean.append(mask_urls(arg))
             hide_next = arg.startswith("--") and bool(_SECRET.search(arg))
     return clean
 
 
 def redact_mapping(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if _SECRET.search(k) else v) for k, v in values.items()}
+    return {k: ("***" if _SECRET.search(k) else mask_urls(v)) for k, v in values.items()}
 
 
 def definition_checksums(names: list[str]) -> dict[str, str]:
@@ -69,7 +83,8 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         return {
             "tool": "audiodata", "tool_version": self.tool_version, "stage": self.stage,
-            "command": shlex.join(self.command), "options": self.options, "definitions": self.definitions,
+            "command": shlex.join(self.command), "options": redact_mapping(self.options),
+            "definitions": self.definitions,
             "python": self.python, "started_at": self.started_at, "finished_at": self.finished_at,
         }
 

@@ -23,6 +23,13 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aa
 TABLE_SUFFIXES = {".csv", ".tsv", ".parquet"}
 
 
+def _scalar(value: Any) -> str:
+    """A cell as text; None and NaN (a parquet table's missing value) are empty, never "nan"."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value).strip()
+
+
 def _as_list(value: Any, sep: str | None = None) -> list[str]:
     if value is None or (isinstance(value, float) and value != value):  # None or NaN
         return []
@@ -40,14 +47,19 @@ def _as_list(value: Any, sep: str | None = None) -> list[str]:
 
 def _sidecar(path: UPath) -> dict[str, Any]:
     meta = path.with_suffix(".json")
-    if meta.is_file():
-        try:
-            return json.loads(meta.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"bad sidecar JSON {meta}: {exc}") from None
-    text = path.with_suffix(".txt")
-    if text.is_file():
-        return {"text": [line.strip() for line in text.read_text(encoding="utf-8").splitlines() if line.strip()]}
+    try:
+        if meta.is_file():
+            data = json.loads(meta.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise UserError(f"bad sidecar JSON {meta}: want an object with 'text', got {type(data).__name__}")
+            return data
+        text = path.with_suffix(".txt")
+        if text.is_file():
+            return {"text": [line.strip() for line in text.read_text(encoding="utf-8").splitlines() if line.strip()]}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"bad sidecar JSON {meta}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"sidecar of {path} is not UTF-8 text: {exc}") from None
     return {}
 
 
@@ -68,10 +80,12 @@ class LocalSource(Source):
             raise UserError(f"--input must be a folder or a .csv/.tsv/.parquet table, not {self.root.name}")
 
     def list_items(self) -> Iterator[Item]:
-        if self.root.is_dir():
-            yield from self._list_folder()
-        else:
-            yield from self._list_table()
+        listed = 0
+        for listed, item in enumerate(self._list_folder() if self.root.is_dir() else self._list_table(), 1):
+            yield item
+        if not listed:  # an empty dataset is never what was meant: the wrong folder, or a typo
+            what = "no audio files" if self.root.is_dir() else "no rows"
+            raise UserError(f"{what} in {self.root} (audio: {', '.join(sorted(AUDIO_SUFFIXES))})")
 
     def _list_folder(self) -> Iterator[Item]:
         files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
@@ -80,24 +94,42 @@ class LocalSource(Source):
             rel = path.relative_to(self.root).as_posix()
             yield self._item(rel, self._locator(path), meta)
 
-    def _list_table(self) -> Iterator[Item]:
+    def _read_table(self) -> tuple[list[str], list[dict[str, Any]]]:
+        """(columns, rows) with plain Python values: every cell must go into the sample JSON."""
         import pandas as pd
+        import pyarrow as pa
 
         suffix = self.root.suffix.lower()
-        if suffix == ".parquet":
-            frame = read_parquet(self.root).to_pandas()
-        else:
+        try:
+            if suffix == ".parquet":  # pyarrow's own rows: lists, not numpy arrays; nulls as None
+                table = read_parquet(self.root)
+                return table.column_names, table.to_pylist()
             with self.root.open("rb") as handle:
                 frame = pd.read_csv(handle, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-        if "path" not in frame.columns:
-            raise UserError(f"{self.root} has no 'path' column (columns: {', '.join(frame.columns)})")
-        for record in frame.to_dict(orient="records"):
+            return list(frame.columns), frame.to_dict(orient="records")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowException) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot read {self.root}: {first_line}") from None
+
+    def _list_table(self) -> Iterator[Item]:
+        columns, records = self._read_table()
+        names = ", ".join(map(str, columns))
+        if "path" not in columns:
+            raise UserError(f"{self.root} has no 'path' column (columns: {names})")
+        if "caption" not in columns and "text" not in columns:
+            raise UserError(f"{self.root} has no 'caption' or 'text' column (columns: {names})")
+        # A clip on several rows (one row per caption, as AudioCaps ships) is one item with all of them.
+        rows: dict[str, tuple[str, dict[str, Any]]] = {}  # source id -> (locator, record)
+        for record in records:
             rel = str(record.pop("path"))
             path = location(rel) if "://" in rel or PurePosixPath(rel).is_absolute() else self.root.parent / rel
             record["text"] = _as_list(record.pop("caption", None) or record.pop("text", None))
             record["tag"] = _as_list(record.pop("tags", None) or record.pop("tag", None), ";")
-            source_id = str(record.pop("id", "") or rel)
-            yield self._item(source_id, self._locator(path), record)
+            _, first = rows.setdefault(_scalar(record.pop("id", None)) or rel, (self._locator(path), record))
+            for key in ("text", "tag") if first is not record else ():
+                first[key] += [value for value in record[key] if value not in first[key]]
+        for source_id, (locator, record) in rows.items():
+            yield self._item(source_id, locator, record)
 
     @staticmethod
     def _locator(path: UPath) -> str:
@@ -109,11 +141,11 @@ class LocalSource(Source):
         text = _as_list(meta.pop("text", None))
         if not text:
             text = [PurePosixPath(source_id).stem.replace("_", " ").replace("-", " ")]
-        split = meta.pop("split", None) or None
+        split = _scalar(meta.pop("split", None)) or None
         return Item(
             source_id=source_id, locator=path, text=text, tag=_as_list(meta.pop("tag", None), ";"),
-            license=str(meta.pop("license", "") or ""), author=str(meta.pop("author", "") or ""),
-            url=str(meta.pop("url", "") or ""), original_data=meta, split=split,
+            license=_scalar(meta.pop("license", None)), author=_scalar(meta.pop("author", None)),
+            url=_scalar(meta.pop("url", None)), original_data=meta, split=split,
         )
 
     def fetch(self, item: Item) -> bytes:

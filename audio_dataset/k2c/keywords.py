@@ -121,6 +121,16 @@ def tag_keywords(tags: Sequence[Any], ontology: dict[str, str], synonyms: str = 
     return keywords
 
 
+def as_strings(value: Any) -> list[str]:
+    """A sample's `text` or `tag` as a list: some datasets store one bare string, which is one
+    caption or tag, not a list of its characters."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
 def field_value(meta: dict[str, Any], dotted: str) -> Any:
     """`original_data.description` -> meta["original_data"]["description"], or None."""
     value: Any = meta
@@ -137,7 +147,7 @@ def description_text(meta: dict[str, Any], field: str) -> str:
     if isinstance(value, list):
         value = " ".join(str(v) for v in value)
     if not isinstance(value, str) or not value.strip():
-        value = " ".join(str(t) for t in meta.get("text") or [])
+        value = " ".join(as_strings(meta.get("text")))
     return clean_description(value, str(meta.get("author") or ""))
 
 

@@ -40,11 +40,13 @@ def resolve_model(spec: str, flag: str, revision: str | None = None, hub_owner: 
     if local.exists():
         if not (local / "config.json").is_file():
             raise UserError(f"{flag} {spec}: not a model folder (no config.json)")
+        if revision:  # a folder has one version; silently ignoring --revision would misrecord the run
+            raise UserError(f"--revision {revision}: only for a hub id, and {flag} {spec} is a local folder")
         return ResolvedModel(spec, str(local.resolve()), folder_digest(local))
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"{flag} {spec}: no such folder")
     repo = f"{hub_owner}/{spec}" if hub_owner and "/" not in spec else spec
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         path = snapshot_download(repo, revision=revision, allow_patterns=_HUB_FILES)
@@ -52,6 +54,9 @@ def resolve_model(spec: str, flag: str, revision: str | None = None, hub_owner: 
             # Same commit as the first call, whatever `revision` points at by now.
             path = snapshot_download(repo, revision=Path(path).name, allow_patterns=_HUB_FILES + _HUB_FALLBACK)
     except Exception as exc:  # the hub raises many types; each means "cannot get this model"
+        if constants.HF_HUB_OFFLINE:  # the hub's own message is three sentences, cut mid-word at 200 chars
+            raise UserError(f"{flag} {spec}: not in the local Hugging Face hub cache and HF_HUB_OFFLINE is set; "
+                            "download it where there is network, or pass a local folder") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{flag} {spec}: cannot get it from the Hugging Face hub: {first[:200]}") from None
     return ResolvedModel(spec, path, Path(path).name)

@@ -20,7 +20,8 @@ REPEATED_KEYWORD = "repeated_keyword"
 DUPLICATE = "duplicate"
 
 _SPECIAL_TOKENS = re.compile(r"</?s>|<pad>|<unk>")
-_WORD = re.compile(r"[A-Za-z0-9]+(?:['.][A-Za-z0-9]+)*\.?")
+# Letters and digits of any script ([^\W_]): "über", "café" and "鳥" are words, not separators.
+_WORD = re.compile(r"[^\W_]+(?:['.][^\W_]+)*\.?")
 _STOPWORDS = frozenset("a an the of and or in on at to for with by from is are be as its it".split())
 # The paper's de-biasing: gendered nouns become "person", possessives "their" (plurals follow).
 _DEBIAS = {"woman": "person", "man": "person", "women": "people", "men": "people",
@@ -66,7 +67,7 @@ def debias(caption: str) -> str:
 
 def normalize(caption: str) -> str:
     """The form captions are compared in for de-duplication."""
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", caption.lower()).split())
+    return " ".join(re.sub(r"[\W_]+", " ", caption.lower()).split())
 
 
 def mentions_keyword(caption: str, keywords: list[Keyword]) -> bool:

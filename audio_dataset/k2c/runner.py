@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tarfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -39,6 +40,8 @@ class ShardJob:
     src: str
     dst: str
     part: str
+    # The input's sizes.json count: a shard cut at a member boundary reads cleanly but short.
+    expected: int | None = None
 
 
 class ShardProcessor(Protocol):
@@ -94,6 +97,8 @@ def check_run(options: RunOptions) -> None:
     input_dir, out = location(options.input), location(options.out)
     if not input_dir.is_dir():
         raise UserError(f"--input {options.input}: no such folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {options.out}: exists and is not a folder")
     if _identity(out) == _identity(input_dir):
         raise UserError("--out must differ from --input (input shards are never modified)")
     if options.device not in DEVICES:
@@ -107,12 +112,25 @@ def find_jobs(input_dir: UPath, out: UPath, stage_name: str) -> list[ShardJob]:
     """Every shard of every split under `input_dir` (a build output)."""
     splits = sorted(p for p in input_dir.iterdir() if p.is_dir() and (p / SIZES_FILE).is_file())
     parts = _work_dir(out, stage_name) / "parts"
-    jobs = [ShardJob(split.name, shard.name, str(shard), str(out / split.name / shard.name),
-                     str(parts / split.name / f"{shard.stem}.parquet"))
-            for split in splits for shard in shard_paths(split)]
+    jobs: list[ShardJob] = []
+    for split in splits:
+        sizes = _input_sizes(split)
+        jobs += [ShardJob(split.name, shard.name, str(shard), str(out / split.name / shard.name),
+                          str(parts / split.name / f"{shard.stem}.parquet"), sizes.get(shard.name))
+                 for shard in shard_paths(split)]
     if not jobs:
         raise UserError(f"--input {input_dir}: no shards (expected SPLIT/NNNNNN.tar with SPLIT/{SIZES_FILE})")
     return jobs
+
+
+def _input_sizes(split: UPath) -> dict[str, int]:
+    try:
+        sizes = json.loads((split / SIZES_FILE).read_text())
+        if not isinstance(sizes, dict):
+            raise ValueError("not a JSON object")
+        return sizes
+    except ValueError as exc:
+        raise UserError(f"--input {split / SIZES_FILE}: unreadable ({exc})") from None
 
 
 def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
@@ -140,8 +158,26 @@ def _remove_stale_temps(out: UPath) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_input_shard(job: ShardJob) -> list[Sample]:
+    """The input shard's samples, each with a JSON object. A truncated or corrupt shard is the user's
+    data to repair, so it is one clear line naming the shard, not a traceback from inside Ray."""
+    try:
+        samples = list(iter_shard(job.src))
+        for sample in samples:
+            if JSON_EXT not in sample:
+                raise ValueError(f"sample {sample['__key__']} has no .{JSON_EXT}")
+            if not isinstance(json.loads(sample[JSON_EXT]), dict):
+                raise ValueError(f"{sample['__key__']}.{JSON_EXT} is not a JSON object")
+        if job.expected is not None and len(samples) != job.expected:
+            raise ValueError(f"{len(samples)} samples, {SIZES_FILE} says {job.expected}")
+    except (tarfile.TarError, EOFError, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
+        raise UserError(f"--input {job.src}: unreadable shard ({str(exc)[:200]}); repair or remove it "
+                        "(and its sizes.json entry), then rerun to resume") from None
+    return samples
+
+
 def process_shard(processor: ShardProcessor, job: ShardJob, schema: pa.Schema) -> int:
-    samples = list(iter_shard(job.src))
+    samples = read_input_shard(job)
     new_samples, rows = processor.process(job, samples)
     if [s["__key__"] for s in new_samples] != [s["__key__"] for s in samples] or len(rows) != len(samples):
         raise RuntimeError(f"{job.split}/{job.name}: processor changed the samples' keys or order")
@@ -203,6 +239,8 @@ def _plan_workers(options: RunOptions, jobs: int) -> tuple[str, int, int]:
     if device == "cuda" and workers > gpus:
         raise UserError(f"--workers {workers}: one worker per GPU and the cluster has {gpus}")
     workers = max(1, min(workers, jobs))
+    if workers > cpus:  # each actor holds one CPU: the extra ones never start and their shards wait forever
+        raise UserError(f"--workers {workers}: each worker needs a CPU and the Ray cluster has {cpus}")
     return device, workers, options.threads or max(1, cpus // workers)
 
 

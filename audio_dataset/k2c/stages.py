@@ -22,7 +22,7 @@ import pyarrow as pa
 from audio_dataset.k2c.generate import DEFAULT_MODEL, DTYPES, TEMPLATE, Captioner, Decoding, make_captioner, \
     resolve_caption_model
 from audio_dataset.k2c.keywords import SYNONYM_MODES, KeyBertSettings, Keyword, KeyphraseExtractor, \
-    description_text, load_ontology, resolve_keybert_model, tag_keywords
+    as_strings, description_text, load_ontology, resolve_keybert_model, tag_keywords
 from audio_dataset.k2c.models import ResolvedModel
 from audio_dataset.k2c.postprocess import postprocess
 from audio_dataset.k2c.runner import RunOptions, RunSummary, ShardJob, Stage, check_run, options_dict, run_stage
@@ -104,7 +104,8 @@ class K2CProcessor:
 
     def _keywords(self, metas: list[dict[str, Any]], wanted: list[int]) -> dict[int, list[Keyword]]:
         if self.extractor is None:
-            return {i: tag_keywords(metas[i].get("tag") or [], self.ontology, self.options.synonyms) for i in wanted}
+            return {i: tag_keywords(as_strings(metas[i].get("tag")), self.ontology, self.options.synonyms)
+                    for i in wanted}
         docs = [description_text(metas[i], self.options.keybert.field) for i in wanted]
         phrases = self.extractor.extract(docs)
         return {i: [Keyword(p) for p in found] for i, found in zip(wanted, phrases)}
@@ -118,7 +119,7 @@ class K2CProcessor:
         generated = dict(zip(todo, self.captioner.caption([keywords[i] for i in todo], seed)))
         new_samples, rows = [], []
         for i, (sample, meta) in enumerate(zip(samples, metas)):
-            originals = [str(t) for t in meta.get("text") or []]
+            originals = as_strings(meta.get("text"))
             raw = generated.get(i, [])
             result = postprocess(raw, keywords.get(i, []), originals)
             if i in generated:
@@ -191,7 +192,9 @@ class KeywordsProcessor:
 
     def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
         metas = [json.loads(sample[JSON_EXT]) for sample in samples]
-        todo = [i for i, m in enumerate(metas) if self.options.replace or not m.get("tag")]
+        # Blank strings are no tags: "fill empty tag lists" covers [""] too.
+        todo = [i for i, m in enumerate(metas)
+                if self.options.replace or not any(t.strip() for t in as_strings(m.get("tag")))]
         found = dict(zip(todo, self.extractor.extract(
             [description_text(metas[i], self.options.keybert.field) for i in todo])))
         new_samples, rows = [], []
