@@ -292,6 +292,10 @@ def test_build_output_to_k2c_output_verifies(ray_local, tmp_path, capsys):
     assert all(m["text_augment_t5"] and m["text_augment_all"][:-1] == m["text"] for m in metas.values())
     settings = pq.read_schema(out / "k2c_manifest.parquet").metadata[b"audiodata.settings"]
     assert json.loads(settings)["model"] == "template"
+    # The build's run record, then each k2c run's: a rerun (all shards done) adds, never erases.
+    assert _cli("k2c", "--input", built, "--out", out, "--model", "template") == 0
+    runs = json.loads((out / "provenance.json").read_text())["runs"]
+    assert [r["stage"] for r in runs] == ["build", "k2c", "k2c"]
 
 
 def test_model_from_local_folder(ray_local, input_dir, trained_t5, tmp_path):

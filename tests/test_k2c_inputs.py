@@ -134,3 +134,25 @@ def test_more_workers_than_cpus_is_refused_not_a_hang(ray_local):
     assert one_shard[1] == 1  # never more workers than shards
     with pytest.raises(UserError, match=f"--workers {cpus + 1}: each worker needs a CPU"):
         _plan_workers(RunOptions(input="in", out="out", workers=cpus + 1), jobs=cpus + 1)
+
+
+def test_a_sample_without_duration_is_measured_from_its_audio():
+    """Shards from other writers may lack `duration`: the FLAC header says how long the clip is."""
+    import io
+
+    import numpy as np
+    import soundfile
+
+    def flac(seconds: float) -> bytes:
+        buffer = io.BytesIO()
+        soundfile.write(buffer, np.full(int(16_000 * seconds), 0.1, np.float32), 16_000, format="FLAC")
+        return buffer.getvalue()
+
+    long_clip, short_clip = _sample("long"), _sample("short")
+    for sample, seconds in ((long_clip, 3.0), (short_clip, 1.0)):
+        meta = json.loads(sample["json"])
+        del meta["duration"]
+        sample.update(json=json.dumps(meta).encode(), flac=flac(seconds))
+    metas = _processed(long_clip, short_clip)
+    assert metas[0]["text_augment_t5"] == ["The sound of dog"]  # 3 s >= the 2 s minimum
+    assert metas[1]["text_augment_t5"] is None  # 1 s: too short, as its header says

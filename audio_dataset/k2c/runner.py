@@ -26,7 +26,7 @@ from audio_dataset.schema import JSON_EXT, SIZES_FILE
 from audio_dataset.shards import Sample, ShardWriter, atomic_write_bytes, atomic_write_json, iter_shard, \
     shard_paths, write_sizes
 from audio_dataset.manifest import read_parquet
-from audio_dataset.provenance import RunRecord, record_run
+from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, record_run
 from audio_dataset.source import UserError
 from audio_dataset.storage import Location, is_local, location
 
@@ -319,8 +319,17 @@ def _copy_dataset_files(input_dir: UPath, out: UPath) -> None:
     """The input's top-level files (build's manifest.parquet, stats.json, provenance.json; earlier
     stages' manifests) describe the same samples, so the output stays a complete dataset."""
     for path in sorted(input_dir.iterdir()):
-        if path.is_file() and not path.name.startswith((".", "_")):
+        if path.name == PROVENANCE_FILE:
+            _merge_provenance(path, out / PROVENANCE_FILE)
+        elif path.is_file() and not path.name.startswith((".", "_")):
             atomic_write_bytes(out / path.name, path.read_bytes())
+
+
+def _merge_provenance(source: UPath, dest: UPath) -> None:
+    """The input's run records, then this output's own earlier ones (a rerun must not erase them)."""
+    runs = json.loads(source.read_text())["runs"]
+    earlier = json.loads(dest.read_text())["runs"] if dest.exists() else []
+    atomic_write_json(dest, {"runs": runs + [run for run in earlier if run not in runs]})
 
 
 def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: UPath, out: UPath) -> tuple[pa.Table, UPath]:

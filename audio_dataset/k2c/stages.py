@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import soundfile
 
 from audio_dataset.k2c.generate import DEFAULT_MODEL, DTYPES, TEMPLATE, Captioner, Decoding, make_captioner, \
     resolve_caption_model
@@ -26,7 +28,7 @@ from audio_dataset.k2c.keywords import SYNONYM_MODES, KeyBertSettings, Keyword, 
 from audio_dataset.k2c.models import ResolvedModel
 from audio_dataset.k2c.postprocess import postprocess
 from audio_dataset.k2c.runner import RunOptions, RunSummary, ShardJob, Stage, check_run, options_dict, run_stage
-from audio_dataset.schema import JSON_EXT, TEXT_AUGMENT_ALL_FIELD, TEXT_AUGMENT_T5_FIELD
+from audio_dataset.schema import AUDIO_EXT, JSON_EXT, TEXT_AUGMENT_ALL_FIELD, TEXT_AUGMENT_T5_FIELD
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError
 
@@ -93,6 +95,24 @@ def _with_json(sample: Sample, meta: dict[str, Any]) -> Sample:
     return {**sample, JSON_EXT: json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
 
 
+# Audio members LAION-style shards use: ours are FLAC; other writers use wav or mp3... as libsndfile reads.
+AUDIO_EXTS = (AUDIO_EXT, "wav", "ogg", "mp3")
+
+
+def sample_seconds(sample: Sample, meta: dict[str, Any]) -> float:
+    """The JSON's `duration`; shards from other writers may lack it, so then the audio's own header."""
+    if isinstance(meta.get("duration"), (int, float)):
+        return float(meta["duration"])
+    audio = next((sample[ext] for ext in AUDIO_EXTS if ext in sample), None)
+    if audio is None:
+        return 0.0
+    try:
+        info = soundfile.info(io.BytesIO(audio))
+    except (RuntimeError, soundfile.LibsndfileError):  # unreadable audio is no reason to caption it
+        return 0.0
+    return info.frames / info.samplerate if info.samplerate else 0.0
+
+
 class K2CProcessor:
     def __init__(self, options: K2COptions, model: ResolvedModel, keybert: ResolvedModel | None,
                  ontology: dict[str, str], device: str) -> None:
@@ -112,7 +132,8 @@ class K2CProcessor:
 
     def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
         metas = [json.loads(sample[JSON_EXT]) for sample in samples]
-        long_enough = [i for i, m in enumerate(metas) if float(m.get("duration") or 0) >= self.options.min_seconds]
+        long_enough = [i for i, (sample, m) in enumerate(zip(samples, metas))
+                       if sample_seconds(sample, m) >= self.options.min_seconds]
         keywords = self._keywords(metas, long_enough)
         todo = [i for i in long_enough if keywords[i]]
         seed = _shard_seed(self.options.seed, job)
