@@ -28,6 +28,7 @@ from audio_dataset import manifest
 from audio_dataset.audio import AudioConfig, decode_clip, transcode_decoded
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
+from audio_dataset.raystart import start_ray
 from audio_dataset.schema import SPLITS, SampleMeta, safe_key, shard_name
 from audio_dataset.shards import ShardWriter, write_sizes
 from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json
@@ -334,21 +335,6 @@ def _prepare_out(out: UPath) -> None:
         raise UserError(f"--out {out} is not writable")
 
 
-def _init_ray(address: str | None, workers: int) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                                  "configure_logging": True}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            # "local" starts a fresh instance rather than joining whatever `ray start` left behind.
-            # Its token-auth notice is about clusters; a private local instance needs no such line.
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            ray.init(address="local", num_cpus=workers, **kwargs)
-
-
 def _shard_worker(task_json: str, source: Source, out: str, config: AudioConfig) -> dict[str, Any]:
     """One Ray task: a whole shard. A SourceError comes back as data so the driver can stop cleanly."""
     import ray
@@ -369,7 +355,7 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
     """
     import ray
 
-    _init_ray(options.ray_address, workers or os.cpu_count() or 1)
+    start_ray(options.ray_address, workers or os.cpu_count() or 1)
     slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Retries redo a shard whose worker died: shards are written atomically, so a redo is harmless.
     remote = ray.remote(num_cpus=1, max_retries=3)(_shard_worker)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import sys
 import tarfile
@@ -27,6 +26,7 @@ from audio_dataset.shards import Sample, ShardWriter, atomic_write_bytes, atomic
     shard_paths, write_sizes
 from audio_dataset.manifest import read_parquet
 from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, record_run
+from audio_dataset.raystart import start_ray
 from audio_dataset.source import UserError
 from audio_dataset.storage import Location, is_local, location
 
@@ -213,17 +213,6 @@ class _Worker:
         return job, process_shard(self.processor, job, self.schema)
 
 
-def _init_ray(address: str | None) -> bool:
-    """Start local Ray unless it is running in this process already; True when we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # "local" starts a fresh instance: with no address Ray would join any other Ray running on the machine.
-    ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
-    return True
-
-
 def _plan_workers(options: RunOptions, jobs: int) -> tuple[str, int, int]:
     """(device, workers, torch threads per worker) from the cluster's resources."""
     import ray
@@ -289,7 +278,7 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", desc=stage.name,
                disable=not options.progress, file=sys.stderr, dynamic_ncols=True)
     if todo:
-        owns_ray = _init_ray(options.ray_address)
+        owns_ray = start_ray(options.ray_address)
         try:
             for job, _count in _run_jobs(stage, todo, options):
                 bar.update(1)
