@@ -3,7 +3,7 @@
 `Spectrogram` / `LogmelFilterBank` keep torchlibrosa's module and parameter names
 (`stft.conv_real.weight`, `stft.conv_imag.weight`, `melW`) because LAION-CLAP's checkpoints hold
 them. `FusionMel` rebuilds LAION-CLAP's 4-channel fusion input (torchaudio-style HTK mel: what
-their data loader computed) from a padded batch of long waveforms.
+their data loader computed, clip by clip) from a padded batch of waveforms.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from clap_model.config import AudioConfig
 
 AMIN = 1e-10
+SILENCE_DB = 10.0 * math.log10(AMIN)  # power_to_db of silence
 
 
 def _hz_to_mel(freq: np.ndarray, scale: str) -> np.ndarray:
@@ -170,7 +171,8 @@ class FusionMel(nn.Module):
     Input: waveforms padded to a common length, their true lengths, and three uniform numbers
     per clip (drawn by the loader so the crop positions are seeded and resumable). A clip of at
     most `clip_samples` was already filled to exactly that length by the loader; its four
-    channels are the same mel, and it is not `longer`.
+    channels are the same mel, and it is not `longer`. Each clip's mel is that of the clip alone,
+    whatever shares its batch (`clip_mels`).
     """
 
     def __init__(self, sample_rate: int, n_fft: int, hop: int, n_mels: int, fmin: float, fmax: float,
@@ -189,9 +191,21 @@ class FusionMel(nn.Module):
                           pad_mode="reflect", return_complex=True)
         return power_to_db(torch.matmul(spec.abs().pow(2).transpose(1, 2), self.fbank))  # (B, T, M)
 
+    def clip_mels(self, waveform: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, frames, M): each clip's mel from its own samples, as LAION-CLAP computes it. Over the
+        padded batch a shorter clip's last frames would see the padding's zeros instead of the
+        clip's own reflection (up to 13 dB off). Clips of one length share one STFT; frames past a
+        clip's end hold the mel of silence."""
+        frames = waveform.shape[1] // self.hop + 1
+        mel = waveform.new_full((waveform.shape[0], frames, self.fbank.shape[1]), SILENCE_DB)
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero()[:, 0]
+            mel[rows, : length // self.hop + 1] = self.mel(waveform[rows, :length])
+        return mel
+
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor, crop_u: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        mel = self.mel(waveform)
+        mel = self.clip_mels(waveform, lengths)
         batch, _, n_mels = mel.shape
         chunk = self.chunk_frames
         total = lengths // self.hop + 1

@@ -189,9 +189,28 @@ def test_fusion_batch_mixes_long_and_short_with_padding():
     mel, longer = fusion(batch, torch.tensor([600_000, 480_000]), torch.full((2, 3), 0.5))
     assert longer.tolist() == [True, False]
     alone, _ = fusion(short[None], torch.tensor([480_000]), torch.full((1, 3), 0.5))
-    # The short clip's channels ignore the padding, except the last two frames, whose windows
-    # reach past its end and see zeros where a lone clip sees its reflection.
-    assert torch.allclose(mel[1, :, :-2], alone[0, :, :-2], atol=1e-3)
+    # Every frame, the last ones too: their windows reach past the clip's end and see its own
+    # reflection, as LAION-CLAP computes each clip's mel alone, not the batch's zero padding.
+    assert torch.allclose(mel[1], alone[0], atol=1e-4, rtol=0)
+
+
+def test_fusion_embedding_of_a_clip_ignores_what_shares_its_batch():
+    """As LAION-CLAP, which computes each clip's mel alone: a 5 s clip batched beside a 20 s one
+    (zero-padded to its length) gets the embedding it gets alone; so does a filled short clip."""
+    torch.manual_seed(0)
+    model = CLAP(get_preset("tiny-fusion")).eval()
+    rate, clip = 48_000, get_preset("tiny-fusion").audio.clip_samples
+    clips = [torch.randn(rate * 20) * 0.1, torch.randn(rate * 5) * 0.1, torch.randn(clip) * 0.1]
+    batch = torch.zeros(len(clips), rate * 20)
+    for row, wave in enumerate(clips):
+        batch[row, : len(wave)] = wave
+    lengths = torch.tensor([len(wave) for wave in clips])
+    crop_u = torch.rand(len(clips), 3)
+    with torch.no_grad():
+        together = model.encode_audio(batch, lengths, crop_u)
+        for row, wave in enumerate(clips):
+            alone = model.encode_audio(wave[None], lengths[row : row + 1], crop_u[row : row + 1])
+            assert torch.allclose(together[row], alone[0], atol=1e-6, rtol=0), (row, (together[row] - alone[0]).abs().max())
 
 
 @pytest.mark.parametrize("name", ["tiny-fusion"])
@@ -414,7 +433,7 @@ def test_checkpoint_files_that_cannot_load_say_why(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="truncated or damaged"):
         ckpt.read(tmp_path / "cut.pt")
     torch.save({"args": argparse.Namespace(lr=1.0)}, tmp_path / "objects.pt")
-    with pytest.raises(ckpt.CheckpointError, match=r"besides tensors \(the first: argparse.Namespace\)"):
+    with pytest.raises(ckpt.CheckpointError, match=r"besides tensors and plain data \(the first: argparse.Namespace\); refused"):
         ckpt.read(tmp_path / "objects.pt")
 
 
