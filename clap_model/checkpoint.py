@@ -3,15 +3,21 @@
 Ours: {'config', 'state_dict', 'optimizer', 'scheduler_step', 'epoch', 'step', 'rng', ...}.
 LAION-CLAP's: {'state_dict' (keys prefixed 'module.' when saved from DDP), 'epoch', 'optimizer'}
 or a bare state dict. Both use the same parameter names, so one loader serves both.
+
+Files are unpickled by `SafeUnpickler`, which admits exactly the globals checkpoints hold. torch's
+own `weights_only` loader cannot: it rejects pickle protocol 4 (LAION-CLAP's releases) and the
+NumPy scalars their optimizer state holds (the learning rate after warm-up).
 """
 from __future__ import annotations
 
+import codecs
+import collections
 import os
 import pickle
-import re
+import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -26,6 +32,92 @@ class CheckpointError(UsageError):
     pass
 
 
+class ForeignGlobal(pickle.UnpicklingError):
+    """A pickle names a global that is not checkpoint data: unpickling it could run code."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"refused global {name}")
+        self.name = name
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """NumPy scalars, dtypes and arrays under NumPy 2's module names and NumPy 1's (`numpy.core`)."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # NumPy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    found: dict[tuple[str, str], Any] = {("numpy", "dtype"): np.dtype, ("numpy", "ndarray"): np.ndarray}
+    for package in ("numpy.core", "numpy._core"):
+        found[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        found[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        found[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # arrays under protocol 5
+    return found
+
+
+def _torch_globals() -> dict[tuple[str, str], Any]:
+    """Tensors, parameters and their storages, dtypes, sizes and devices."""
+    found: dict[tuple[str, str], Any] = {
+        ("torch", "Size"): torch.Size, ("torch", "device"): torch.device, ("torch", "Tensor"): torch.Tensor,
+        ("torch", "UntypedStorage"): torch.UntypedStorage,
+        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+        ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+    }
+    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                 "_rebuild_parameter_with_state"):
+        found[("torch._utils", name)] = getattr(torch._utils, name)
+    for name in dir(torch):
+        if isinstance(getattr(torch, name), torch.dtype):
+            found[("torch", name)] = getattr(torch, name)
+    return found
+
+
+_PLAIN_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): bytearray,
+    ("_codecs", "encode"): codecs.encode,  # bytes under protocol 2
+}
+_allowed: dict[tuple[str, str], Any] | None = None
+
+
+def allowed_globals() -> dict[tuple[str, str], Any]:
+    global _allowed
+    if _allowed is None:
+        _allowed = {**_PLAIN_GLOBALS, **_torch_globals(), **_numpy_globals()}
+    return _allowed
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Every global a pickle names (the only way it can reach code) must be checkpoint data.
+    torch.load subclasses this and resolves its storage types before asking here."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return allowed_globals()[(module, name)]
+        except (KeyError, TypeError):
+            raise ForeignGlobal(f"{module}.{name}") from None
+
+
+class SafePickle:
+    """The `pickle_module` torch.load unpickles with: the standard pickle (protocols 2 to 5)
+    restricted to checkpoint data."""
+
+    __name__ = "clap_model.checkpoint.SafePickle"
+    Unpickler = SafeUnpickler
+    UnpicklingError = pickle.UnpicklingError
+
+    @staticmethod
+    def load(file: BinaryIO, **kwargs: Any) -> Any:
+        return SafeUnpickler(file, **kwargs).load()
+
+
+def _is_torchscript(path: str | Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+
+
 def read(path: str | Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -35,12 +127,16 @@ def read(path: str | Path) -> dict[str, Any]:
     if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects: code could run
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        what = f" (the first: {found.group(1)})" if found else ""
-        raise CheckpointError(f"{path} holds Python objects besides tensors{what}; they are not "
-                              "unpickled, for safety (torch.load weights_only)") from None
+        if head == b"PK\x03\x04" and _is_torchscript(path):  # torch.load would hand it to torch.jit.load
+            raise CheckpointError(f"{path} is a TorchScript archive, not a checkpoint (torch.save file)")
+        with open(path, "rb") as handle:
+            # Not torch's weights_only: SafePickle is the restriction (see the module docstring).
+            return torch.load(handle, map_location="cpu", pickle_module=SafePickle, weights_only=False)
+    except ForeignGlobal as exc:
+        raise CheckpointError(f"{path} holds Python objects besides tensors and plain data (the first: "
+                              f"{exc.name}); refused, for safety: unpickling them could run code") from None
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a truncated or damaged file: say so in one line
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged "
                               f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__})"

@@ -58,12 +58,57 @@ def expand_pattern(pattern: str) -> list[str]:
     return urls
 
 
-def expand_datasets(spec: str) -> list[list[str]]:
-    """`A::B` (several datasets) -> one URL list per dataset."""
+TRAIN_SPLIT = "train"
+
+
+def split_folders(part: str, train: bool) -> list[Path] | None:
+    """The split folders one dataset argument names, or None when it is no local folder (a shard
+    pattern or URL). A split folder (it holds sizes.json) names itself; a build's output folder
+    (splits below it) names its `train` split for training and every split for evaluation."""
+    part = part.strip()
+    path = Path(_local_path(part))
+    if not _is_local(part) or "{" in part or not path.is_dir():
+        return None
+    if (path / SIZES_FILE).is_file():
+        return [path]
+    # `_work/` and hidden folders hold a build's resume state, not splits.
+    splits = sorted(sub.parent for sub in path.glob(f"*/{SIZES_FILE}") if not sub.parent.name.startswith(("_", ".")))
+    if not splits:
+        raise DataError(f"{part} is neither a split folder nor a build's output: no {SIZES_FILE} in it "
+                        "or in its subfolders")
+    if not train:
+        return splits
+    if path / TRAIN_SPLIT not in splits:
+        raise DataError(f"{part} has no {TRAIN_SPLIT} split (it has {', '.join(s.name for s in splits)}): "
+                        "name the split folder to train on")
+    return [path / TRAIN_SPLIT]
+
+
+def folder_shards(folder: Path) -> list[str]:
+    """A split folder's shards: those its sizes.json lists (numbers can have gaps), in name order."""
+    try:
+        sizes = json.loads((folder / SIZES_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {folder / SIZES_FILE}: {exc}") from None
+    if not isinstance(sizes, dict) or not sizes:
+        raise DataError(f"{folder / SIZES_FILE} lists no shards")
+    urls = [str(folder / name) for name in sorted(sizes)]
+    for url in urls:
+        if not Path(url).is_file():
+            raise DataError(f"shard not found: {url} (listed in {folder / SIZES_FILE})")
+    return urls
+
+
+def expand_datasets(spec: str, train: bool = False) -> list[list[str]]:
+    """`A::B` (several datasets) -> one URL list per dataset; a build's folder is one per split."""
     parts = [part for part in spec.split(DATASET_SEPARATOR) if part.strip()]
     if not parts:
         raise DataError(f"data pattern {spec!r} names no shards")
-    return [expand_pattern(part) for part in parts]
+    datasets = []
+    for part in parts:
+        folders = split_folders(part, train)
+        datasets += [expand_pattern(part)] if folders is None else [folder_shards(f) for f in folders]
+    return datasets
 
 
 def parse_weights(spec: str, datasets: int) -> list[float]:
@@ -137,8 +182,8 @@ class ShardSet:
     num_samples: int | None  # None when some shard's size is unknown
 
     @classmethod
-    def from_spec(cls, spec: str, dataset_weights: str | None = None) -> "ShardSet":
-        datasets = expand_datasets(spec)
+    def from_spec(cls, spec: str, dataset_weights: str | None = None, train: bool = False) -> "ShardSet":
+        datasets = expand_datasets(spec, train)
         factors = parse_weights(dataset_weights, len(datasets)) if dataset_weights else [1.0] * len(datasets)
         urls, weights, total, known = [], [], 0, True
         for factor, shard_urls in zip(factors, datasets):

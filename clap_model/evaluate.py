@@ -13,7 +13,7 @@ from clap_model import checkpoint as ckpt
 from clap_model.clap import CLAP
 from clap_model.config import ModelConfig, UsageError, error_line, get_preset
 from clap_model.data import (DATASET_SEPARATOR, AudioSpec, DataError, LoaderConfig, ShardDataset, ShardSet,
-                             expand_datasets, make_loader)
+                             expand_datasets, make_loader, split_folders)
 from clap_model.metrics import format_metrics
 from clap_model.params import eval_parser
 from clap_model.text import Tokenize
@@ -43,13 +43,18 @@ def check_eval_args(args: argparse.Namespace) -> None:
 
 
 def val_datasets(spec: str) -> list[tuple[str, str]]:
-    """(name, pattern) per `::`-separated dataset. Retrieval ranks within one dataset, so each is
-    scored on its own, named as LAION-CLAP names them: the two folders above the shards
-    (`data/clotho/test/{0..3}.tar` -> `clotho-test`); one dataset alone goes unnamed."""
-    patterns = [part.strip() for part in spec.split(DATASET_SEPARATOR) if part.strip()]
-    if len(patterns) < 2:
-        return [("", pattern) for pattern in patterns]
-    names = ["-".join(part for part in pattern.split("/")[:-1][-2:] if part) for pattern in patterns]
+    """(name, pattern) per `::`-separated dataset, a build's folder one per split. Retrieval ranks
+    within one dataset, so each is scored on its own, named as LAION-CLAP names them: the two
+    folders above the shards (`data/clotho/test/{0..3}.tar` -> `clotho-test`); one dataset alone
+    goes unnamed."""
+    found: list[tuple[str, str]] = []  # (pattern, the folder its shards are in)
+    for part in (part.strip() for part in spec.split(DATASET_SEPARATOR)):
+        folders = split_folders(part, train=False) if part else []
+        found += [(part, part.rpartition("/")[0])] if folders is None else [(str(f), str(f)) for f in folders]
+    if len(found) < 2:
+        return [("", pattern) for pattern, _ in found]
+    patterns = [pattern for pattern, _ in found]
+    names = ["-".join(part for part in directory.split("/")[-2:] if part) for _, directory in found]
     if len(set(names)) < len(names) or not all(names):
         names = [f"{name or 'val'}-{index}" for index, name in enumerate(names)]
     return list(zip(names, patterns))

@@ -11,6 +11,8 @@
 Arrays are (samples,), (channels, samples) or (samples, channels), float in [-1, 1] or integer PCM,
 with their `sample_rate`. Audio longer than the model's clip is cut at its start (fusion models see
 it whole, with centred local crops); shorter audio is filled as in training (repeatpad by default).
+Audio needs neither tokenizer nor network, even from a LAION-CLAP release (its preset's text tower
+is built from a known config); text loads the tokenizer on first use.
 """
 from __future__ import annotations
 
@@ -38,7 +40,14 @@ class CLAPInference:
         self.precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
         self.model = model.to(self.device).eval()
         self.spec: AudioSpec = audio_spec(model.cfg, None, filling, max_fusion_seconds=600.0)
-        self.tokenize = Tokenize(model.cfg.text)
+        self._tokenize: Tokenize | None = None
+
+    @property
+    def tokenize(self) -> Tokenize:
+        """Made on first use: embedding audio needs no tokenizer (nor the hub it may come from)."""
+        if self._tokenize is None:
+            self._tokenize = Tokenize(self.model.cfg.text)
+        return self._tokenize
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, model: str | None = None, text_model: str | None = None,

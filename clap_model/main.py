@@ -55,27 +55,43 @@ class Run:
         check_eval_args(args)
         if args.train_data_weights and args.no_resample:
             raise DataError("--train-data-weights weights resampled shard draws; drop --no-resample")
-        self.shards = ShardSet.from_spec(args.train_data, args.train_data_weights)
+        self.shards = ShardSet.from_spec(args.train_data, args.train_data_weights, train=True)
         num_samples = args.train_num_samples or self.shards.num_samples
         if not num_samples:
             raise DataError("epoch length unknown: no sizes.json covers every shard; pass --train-num-samples")
         self.steps = steps_per_epoch(num_samples, args.batch_size, info.world_size)
+        # The checkpoint files next, then the tokenizer: their mistakes are found before any download.
+        self.resumed = self._read_resume() if args.resume else None
+        pretrained = ckpt.read(args.pretrained) if args.pretrained else None
+        self.tokenize = Tokenize(cfg.text)
         torch.manual_seed(args.seed)  # the same initial weights on every rank
-        self.model = CLAP(cfg, pretrained_text=args.pretrained is None, mlp_loss=args.mlp_loss)
-        if args.pretrained:
-            ckpt.load_weights(self.model, ckpt.read(args.pretrained))
+        # A checkpoint supplies the text weights: the tower is built from its known config, offline.
+        self.model = CLAP(cfg, pretrained_text=pretrained is None and self.resumed is None, mlp_loss=args.mlp_loss)
+        if pretrained is not None:
+            ckpt.load_weights(self.model, pretrained)
+        del pretrained
         self.model.to(info.device)
         compile_audio = args.compile if args.compile is not None else info.device.type == "cuda"
         if compile_audio and hasattr(self.model.audio_branch, "compile_features") and not cfg.enable_fusion:
             self.model.audio_branch.compile_features()
-        self.tokenize = Tokenize(cfg.text)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[info.device.index] if info.device.type == "cuda"
                                             else None) if info.distributed else self.model)
         torch.manual_seed(args.seed + info.rank)  # each rank its own dropout / SpecAugment stream
         random.seed(args.seed + info.rank)
         self.optimizer = build_optimizer(self.model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
         self.state = TrainState()
+        # Only now that model and data are ready: a run that cannot start leaves no --out behind.
+        self.out.mkdir(parents=True, exist_ok=True)
         self.writer = self._tensorboard() if info.is_master else None
+
+    def _resume_path(self) -> str:
+        return str(self.out / "latest.pt") if self.args.resume == "latest" else self.args.resume
+
+    def _read_resume(self) -> dict[str, Any]:
+        saved = ckpt.read(self._resume_path())
+        if "optimizer" not in saved or "step" not in saved:
+            raise ckpt.CheckpointError(f"{self._resume_path()} holds weights only; use --pretrained to start from it")
+        return saved
 
     def _tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -112,11 +128,9 @@ class Run:
         else:
             ckpt.save_atomic(state, self.out / "latest.pt")
 
-    def resume(self, path: str) -> None:
-        path = str(self.out / "latest.pt") if path == "latest" else path
-        saved = ckpt.read(path)
-        if "optimizer" not in saved or "step" not in saved:
-            raise ckpt.CheckpointError(f"{path} holds weights only; use --pretrained to start from it")
+    def resume(self) -> None:
+        path, saved = self._resume_path(), self.resumed
+        self.resumed = None  # the weights move into the model; the file's copy is not kept
         ckpt.load_weights(self.model, saved)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainState(saved["step"], saved["epoch"], saved["step_in_epoch"])
@@ -208,10 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     info = None
     try:
         info = distributed.init(args.device)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         run = Run(args, info)
         if args.resume:
-            run.resume(args.resume)
+            run.resume()
         run.fit()
     except (UsageError, OSError) as exc:
         print(f"clap-train: error: {error_line(exc)}", file=sys.stderr)

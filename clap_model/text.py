@@ -2,16 +2,23 @@
 
 `TextConfig.name_or_path=None` builds a randomly initialised RoBERTa of the configured size with a
 byte-level tokenizer made in code (every byte is a token), so small presets and tests need no
-download. A real checkpoint always comes through `from_pretrained`.
+download. The presets' hub towers (roberta-base, bert-base-uncased, gpt2) are built from their known
+configs when a checkpoint supplies the weights, so embedding audio from a release file needs no
+network; their tokenizers, and pretrained weights, come through `from_pretrained`: the local cache
+first, the hub only when it can be reached.
 """
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast, RobertaConfig, RobertaModel
+from transformers import (AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast,
+                          RobertaConfig, RobertaModel)
 
 from clap_model.config import TextConfig, UsageError
 
@@ -35,16 +42,76 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
 
 
-def from_pretrained(load: Callable[[str], Any], name: str) -> Any:
-    """`load(name)`, its failure (a missing folder, an unknown id, no network) as one UsageError line
-    naming the model: transformers' own message speaks of repo ids even for a mistyped local path."""
+# The hub's config.json of each text tower a preset names (architecture fields only): the tower is
+# built from it when a checkpoint supplies its weights, with no download.
+_ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
+                 "max_position_embeddings": 514, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+                 "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
+_BERT_BASE_UNCASED = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
+                      "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
+                      "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+                      "pad_token_id": 0}
+_GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
+         "n_head": 12, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+         "bos_token_id": 50256, "eos_token_id": 50256}
+KNOWN_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
+    "roberta-base": _ROBERTA_BASE, "FacebookAI/roberta-base": _ROBERTA_BASE,
+    "bert-base-uncased": _BERT_BASE_UNCASED, "google-bert/bert-base-uncased": _BERT_BASE_UNCASED,
+    "gpt2": _GPT2, "openai-community/gpt2": _GPT2,
+}
+
+
+def known_text_config(name: str | None) -> PretrainedConfig | None:
+    """The architecture of a known hub text tower, made offline; None for any other name."""
+    if name not in KNOWN_TEXT_CONFIGS:
+        return None
+    fields = dict(KNOWN_TEXT_CONFIGS[name])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be asked (offline mode, or its endpoint refuses a connection within
+    seconds); None when it may be. Found before transformers, which retries for most of a minute."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "the hub is offline (HF_HUB_OFFLINE)"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows the way
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=5).close()
+    except OSError as exc:
+        return f"{constants.ENDPOINT} cannot be reached ({exc.strerror or exc})"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+
+
+def from_pretrained(load: Callable[..., Any], name: str) -> Any:
+    """`load(name)` from local files (a folder, or the hub cache), else from the hub; each failure
+    (a missing folder, an unknown id, no network) is one UsageError line naming the model:
+    transformers' own message speaks of repo ids even for a mistyped local path."""
     if name.startswith((".", "/")) and not Path(name).exists():
         raise UsageError(f"text model folder not found: {name}")
     try:
+        return load(name, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        if Path(name).exists():  # a local folder without what is asked for: the hub has no say
+            raise UsageError(f"cannot load text model {name!r}: {_one_line(exc)}") from None
+    reason = hub_unreachable()
+    if reason:
+        raise UsageError(f"text model {name!r} is not in the Hugging Face cache and {reason}: pass "
+                         "--text-model PATH (a folder with its tokenizer and config) or fill the cache "
+                         f"(hf download {name})")
+    try:
         return load(name)
     except (OSError, ValueError) as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load text model {name!r}: {detail}") from None
+        raise UsageError(f"cannot load text model {name!r}: {_one_line(exc)}") from None
 
 
 def build_tokenizer(cfg: TextConfig):
@@ -63,7 +130,8 @@ def build_text_model(cfg: TextConfig, pretrained: bool = True) -> nn.Module:
         return RobertaModel(config, add_pooling_layer=cfg.pooling == "pooler")
     if pretrained:
         return from_pretrained(AutoModel.from_pretrained, cfg.name_or_path)
-    return AutoModel.from_config(from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path))
+    config = known_text_config(cfg.name_or_path) or from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path)
+    return AutoModel.from_config(config)
 
 
 def text_width(model: nn.Module) -> int:
