@@ -15,7 +15,7 @@ from dataclasses import replace
 from torch.utils.data import DataLoader
 
 from audio_dataset import audio as audio_lib
-from audio_dataset.schema import SampleMeta, safe_key, shard_name
+from audio_dataset.schema import SIZES_FILE, SampleMeta, safe_key, shard_name
 from audio_dataset.shards import ShardWriter, write_sizes
 from audio_dataset.shards import iter_shard
 from clap_model.data import (BUFFER_SLOT, AudioSpec, BufferRecycling, DataError, LoaderConfig, ShardDataset, ShardSet, crop_or_fill,
@@ -260,3 +260,50 @@ def test_evaluation_batches_carry_every_caption_training_batches_one(clap_shards
     assert batch["text"] == ["clip 0 caption 0", "clip 1 caption 0", "clip 2 caption 0"]
     train = next(iter(_dataset(shards, batch_size=3, batches_per_worker=1)))
     assert train["input_ids"].shape[0] == 3 and sorted(train["caption_owner"].tolist()) == [0, 1, 2]
+
+
+def _build_output(out: Path, clap_shards: Path, splits: tuple[str, ...] = ("train", "valid")) -> Path:
+    """A build's output folder: each split a folder of shards with sizes.json, plus resume state."""
+    for split in splits:
+        (out / split).mkdir(parents=True)
+        for name in ("000000.tar", "000001.tar", "sizes.json"):
+            (out / split / name).write_bytes((clap_shards / name).read_bytes())
+    (out / "_work" / "parts").mkdir(parents=True)
+    (out / "_work" / "parts" / SIZES_FILE).write_text('{"000000.tar": 1}')  # resume state, not a split
+    return out
+
+
+def test_datasets_by_folder(clap_shards, tmp_path):
+    """A split folder is its shards per sizes.json; a build's output is its train split for training
+    and every split for evaluation."""
+    out = _build_output(tmp_path / "out", clap_shards)
+    split = ShardSet.from_spec(str(out / "valid"))
+    assert split.urls == [str(out / "valid" / "000000.tar"), str(out / "valid" / "000001.tar")]
+    assert split.num_samples == 8
+    train = ShardSet.from_spec(str(out), train=True)
+    assert [Path(u).parent.name for u in train.urls] == ["train", "train"] and train.num_samples == 8
+    assert [[Path(u).parent.name for u in urls] for urls in expand_datasets(str(out))] == [["train"] * 2,
+                                                                                           ["valid"] * 2]
+    assert ShardSet.from_spec(str(out)).num_samples == 16
+    # Folders mix with patterns and weights, one dataset each for training.
+    mixed = ShardSet.from_spec(f"{out}::{clap_shards}/000000.tar", "1::2", train=True)
+    assert len(mixed.urls) == 3 and mixed.weights == [4.0, 4.0, 8.0]
+
+
+def test_folder_shards_follow_sizes_json_and_its_mistakes_are_one_line(clap_shards, tmp_path):
+    split = tmp_path / "out" / "test"
+    split.mkdir(parents=True)
+    (split / "000002.tar").write_bytes((clap_shards / "000001.tar").read_bytes())
+    (split / "000000.tar").write_bytes((clap_shards / "000000.tar").read_bytes())
+    write_sizes(split, {"000002.tar": 4, "000000.tar": 4})  # numbers can have gaps
+    assert [Path(u).name for u in ShardSet.from_spec(str(split)).urls] == ["000000.tar", "000002.tar"]
+    with pytest.raises(DataError, match=r"has no train split \(it has test\)"):
+        ShardSet.from_spec(str(tmp_path / "out"), train=True)
+    (split / "000002.tar").unlink()
+    with pytest.raises(DataError, match=r"shard not found: .*000002.tar \(listed in .*sizes.json\)"):
+        ShardSet.from_spec(str(split))
+    (split / SIZES_FILE).write_text("{}")
+    with pytest.raises(DataError, match="lists no shards"):
+        ShardSet.from_spec(str(split))
+    with pytest.raises(DataError, match="neither a split folder nor a build's output"):
+        ShardSet.from_spec(str(tmp_path))

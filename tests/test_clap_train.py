@@ -223,3 +223,26 @@ def test_a_data_mistake_found_in_a_loader_worker_is_one_error_line(shards, tmp_p
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("clap-train: error: 30 samples in a row could not be used; the last: ")
     assert last.endswith("sample has no caption in ('nosuch',)"), last
+
+
+def test_train_and_evaluate_on_a_build_folder(shards, tmp_path, capsys):
+    """`--train-data OUT` trains on OUT/train; `--val-data OUT` scores each split on its own."""
+    out = tmp_path / "build"
+    for split in ("train", "valid"):
+        (out / split).mkdir(parents=True)
+        for name in ("000000.tar", "000001.tar", "sizes.json"):
+            (out / split / name).write_bytes((shards / name).read_bytes())
+    run = tmp_path / "run"
+    argv = _args(shards, run, "--epochs", "1", "--val-data", str(out))
+    argv[argv.index("--train-data") + 1] = str(out)
+    assert clap_main.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 shards, 1 steps/epoch" in printed  # OUT/train's 8 samples, not both splits' 16
+    results = _results(run)[0]
+    assert {"build-train/audio_to_text_R@1", "build-valid/audio_to_text_R@1"} <= set(results)
+    assert results["build-train/audio_to_text_R@1"] == results["build-valid/audio_to_text_R@1"]  # same shards
+    metrics_file = tmp_path / "metrics.json"
+    assert clap_eval.main(["--checkpoint", str(run / "latest.pt"), "--val-data", str(out / "valid"),
+                           "--batch-size", "8", "--workers", "0", "--out", str(metrics_file)]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["audio_to_text_R@1"] == pytest.approx(results["build-valid/audio_to_text_R@1"])
