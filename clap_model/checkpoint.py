@@ -171,13 +171,18 @@ def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: 
     return get_preset(preset, text_model)
 
 
+def model_from(checkpoint: dict[str, Any], cfg: ModelConfig) -> CLAP:
+    """The model of `cfg` with the checkpoint's weights, the text tower's too: built offline for
+    the presets' towers (clap_model.text.known_text_config)."""
+    model = CLAP(cfg, pretrained_text=False)
+    load_weights(model, checkpoint)
+    return model
+
+
 def load_model(path: str | Path, preset: str | None = None, text_model: str | None = None) -> CLAP:
     """A model built from a checkpoint's config (or `preset` for LAION-CLAP's) with its weights."""
     checkpoint = read(path)
-    cfg = model_config_of(checkpoint, preset, text_model)
-    model = CLAP(cfg, pretrained_text=False)  # the checkpoint supplies the text weights too
-    load_weights(model, checkpoint)
-    return model
+    return model_from(checkpoint, model_config_of(checkpoint, preset, text_model))
 
 
 def save_atomic(state: dict[str, Any], path: Path, also: Path | None = None) -> None:

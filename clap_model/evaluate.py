@@ -92,9 +92,13 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
         get_preset(args.model)  # a misspelt preset is an error even when the checkpoint carries its config
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    model = ckpt.load_model(args.checkpoint, args.model, args.text_model).to(device)
-    spec = audio_spec(model.cfg, args.data_truncating, args.data_filling, args.max_fusion_seconds)
-    metrics = run_evaluations(model, args, spec, Tokenize(model.cfg.text), device, precision)
+    checkpoint = ckpt.read(args.checkpoint)
+    cfg = ckpt.model_config_of(checkpoint, args.model, args.text_model)
+    spec = audio_spec(cfg, args.data_truncating, args.data_filling, args.max_fusion_seconds)
+    tokenize = Tokenize(cfg.text)  # before the model is built: a missing tokenizer is one quick line
+    model = ckpt.model_from(checkpoint, cfg).to(device)
+    del checkpoint
+    metrics = run_evaluations(model, args, spec, tokenize, device, precision)
     print(f"eval {Path(args.checkpoint).name}: {format_metrics(metrics)}", flush=True)
     return metrics
 

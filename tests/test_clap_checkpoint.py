@@ -7,7 +7,6 @@ import builtins
 import os
 import pickle
 import socket
-import subprocess
 import sys
 import time
 import types
@@ -190,11 +189,30 @@ def release(tmp_path_factory) -> tuple[Path, CLAP]:
 def test_a_release_file_embeds_audio_with_no_network(release, no_network):
     """The audio path needs neither tokenizer nor hub: the text tower is built from its known config."""
     path, source = release
-    clips = sorted(REAL_AUDIO.glob("*.ogg"))[:2]  # real recordings of different lengths
+    clips = sorted(REAL_AUDIO.glob("*.ogg"))[:1]  # a real recording
     embedding = CLAPInference.from_checkpoint(path, model="htsat-tiny-roberta", device="cpu").embed_audio(clips)
     expected = CLAPInference(source, device="cpu").embed_audio(clips)
-    assert embedding.shape == (2, 512)
+    assert embedding.shape == (1, 512)
     assert torch.allclose(embedding, expected, atol=1e-6)
+
+
+def test_clap_eval_of_a_release_without_its_tokenizer_is_one_line(release, tmp_path, capsys, monkeypatch):
+    """Evaluation needs text: with the hub offline (as in every test) and an empty cache, one line
+    names the way out, before the model is built."""
+    from huggingface_hub import constants
+
+    from clap_model import evaluate as clap_eval
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    build_clap_shards(shards, clips=2, seconds=1.0, per_shard=2, augment=False)
+    code = clap_eval.main(["--checkpoint", str(release[0]), "--model", "htsat-tiny-roberta",
+                           "--val-data", str(shards), "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "'roberta-base' is not in the Hugging Face cache and the hub is offline" in err[0]
+    assert "--text-model PATH" in err[0]
 
 
 def test_clap_train_reads_pretrained_before_the_hub(tmp_path, capsys, no_network):
@@ -212,22 +230,25 @@ def test_clap_train_reads_pretrained_before_the_hub(tmp_path, capsys, no_network
     assert not out.exists()
 
 
-def test_clap_train_without_the_tokenizer_offline_fails_fast_in_one_line(tmp_path):
-    """Offline with an empty hub cache: one line naming the way out, within seconds, no --out left."""
+def test_clap_train_without_the_tokenizer_offline_fails_fast_in_one_line(tmp_path, capsys, monkeypatch, no_network):
+    """Offline (HF_HUB_OFFLINE, as in every test), an endpoint nothing answers and an empty hub
+    cache: one line naming the way out, within seconds (not transformers' retries), no --out left."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert constants.is_offline_mode()
     shards = tmp_path / "shards"
     shards.mkdir()
     build_clap_shards(shards, clips=4, seconds=1.0, per_shard=4, augment=False)
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
-           "HF_HOME": str(tmp_path / "hf-home")}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "clap_model.main", "--train-data", str(shards),
-                             "--model", "htsat-tiny-roberta", "--batch-size", "2", "--workers", "0",
-                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    code = clap_main.main(["--train-data", str(shards), "--model", "htsat-tiny-roberta", "--batch-size", "2",
+                           "--workers", "0", "--out", str(out)])
     elapsed = time.monotonic() - started
-    err = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(err) == 1 and "'roberta-base'" in err[0] and "--text-model PATH" in err[0], err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "'roberta-base' is not in the Hugging Face cache" in err[0] and "--text-model PATH" in err[0], err
     assert elapsed < 10, elapsed
     assert not out.exists()
 
