@@ -15,7 +15,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default="htsat-tiny-roberta",
                        help=f"architecture preset: {', '.join(PRESETS)}; `tiny` trains on a CPU in minutes")
     group.add_argument("--text-model", default=None,
-                       help="text encoder: a transformers hub id or local path (overrides the preset's)")
+                       help="text encoder: a transformers hub id or local path (overrides the preset's); a local "
+                            "folder with the preset's tokenizer works offline")
     group.add_argument("--pretrained", default=None,
                        help="initial weights: a clap-train checkpoint or a LAION-CLAP release (.pt)")
     group.add_argument("--data-truncating", choices=TRUNCATING, default=None,
@@ -27,8 +28,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--val-data", default=None, help="validation shards (brace pattern) for retrieval")
-    group.add_argument("--zeroshot-data", default=None, help="labelled shards for zero-shot classification")
+    group.add_argument("--val-data", default=None, help="validation shards (brace pattern, or a folder: a split, or a build's output "
+                            "for each of its splits) for retrieval")
+    group.add_argument("--zeroshot-data", default=None, help="labelled shards (pattern or folder) for zero-shot classification")
     group.add_argument("--zeroshot-label-field", default="tag",
                        help="sample JSON field holding the class (its first entry when a list)")
     group.add_argument("--zeroshot-classes", default=None,
@@ -63,7 +65,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clap-train", description="Train a CLAP model on audiodata shards.")
     data = parser.add_argument_group("data")
     data.add_argument("--train-data", required=True,
-                      help="shards: a brace pattern, several datasets joined by '::', pipe: or fsspec URLs")
+                      help="shards: a brace pattern, several datasets joined by '::', pipe: or fsspec URLs, or a "
+                           "folder (a split; a build's output means its train split)")
     data.add_argument("--train-data-weights", default=None,
                       help="per-dataset sampling factors joined by '::' (with resampled shards)")
     data.add_argument("--train-num-samples", type=int, default=None,
