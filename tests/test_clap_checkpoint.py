@@ -196,6 +196,19 @@ def test_a_release_file_embeds_audio_with_no_network(release, no_network):
     assert torch.allclose(embedding, expected, atol=1e-6)
 
 
+def test_a_release_file_embeds_text_with_a_local_text_model_folder(release, tmp_path, no_network):
+    """`--text-model PATH` (a folder with the tower's config and tokenizer) is all text needs offline."""
+    from clap_model.text import byte_tokenizer
+
+    folder = tmp_path / "roberta-base"
+    known_text_config("roberta-base").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)  # stands in for roberta-base's BPE: ids within its vocabulary
+    clap = CLAPInference.from_checkpoint(release[0], model="htsat-tiny-roberta", text_model=str(folder), device="cpu")
+    text = clap.embed_text(["a dog barks", "rain on a roof"])
+    assert text.shape == (2, 512) and torch.isfinite(text).all()
+    assert torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
 def test_clap_eval_of_a_release_without_its_tokenizer_is_one_line(release, tmp_path, capsys, monkeypatch):
     """Evaluation needs text: with the hub offline (as in every test) and an empty cache, one line
     names the way out, before the model is built."""
