@@ -133,6 +133,7 @@ def test_files_that_would_run_code_are_refused_and_nothing_runs(tmp_path, kind, 
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit itself is deprecated
 def test_a_torchscript_archive_is_no_checkpoint(tmp_path):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
