@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from clap_model import msclap_format
 from clap_model.clap import CLAP
 from clap_model.config import ModelConfig, UsageError, get_preset
 
@@ -78,6 +79,8 @@ def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: 
 def load_model(path: str | Path, preset: str | None = None, text_model: str | None = None) -> CLAP:
     """A model built from a checkpoint's config (or `preset` for LAION-CLAP's) with its weights."""
     checkpoint = read(path)
+    if msclap_format.is_msclap_checkpoint(checkpoint):  # Microsoft CLAP's release: its own names and presets
+        return msclap_format.load_msclap(checkpoint)
     cfg = model_config_of(checkpoint, preset, text_model)
     model = CLAP(cfg, pretrained_text=False)  # the checkpoint supplies the text weights too
     load_weights(model, checkpoint)
