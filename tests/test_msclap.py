@@ -133,8 +133,8 @@ def test_clap_train_trains_the_msclap_design(tmp_path, capsys):
     assert clap_main.main([*args, "--val-data", pattern, "--epochs", "4", "--train-num-samples", "96",
                            "--lr", "3e-3", "--warmup", "4", "--log-every", "4"]) == 0
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert results[-1]["audio_to_text_R@1"] + results[-1]["text_to_audio_R@1"] > results[0]["audio_to_text_R@1"] \
-        + results[0]["text_to_audio_R@1"] or results[-1]["audio_to_text_R@1"] == 1.0, results
+    recall = [r["audio_to_text_R@1"] + r["text_to_audio_R@1"] for r in results]
+    assert recall[-1] >= recall[0] + 0.5, recall  # it learns (0.625 -> 1.375 of 2 here; chance is 0.25)
     saved = read(out / "epoch_4.pt")
     assert "logit_scale_t" not in saved["state_dict"] and saved["config"]["projection"] == "msclap"
     assert load_model(out / "epoch_4.pt").cfg == PRESETS["msclap-tiny"]
