@@ -1,4 +1,4 @@
-"""Checkpoints: our training state, and LAION-CLAP's released weights.
+"""Checkpoints: our training state, and LAION-CLAP's released weights (Microsoft CLAP's: `msclap_format`).
 
 Ours: {'config', 'state_dict', 'optimizer', 'scheduler_step', 'epoch', 'step', 'rng', ...}.
 LAION-CLAP's: {'state_dict' (keys prefixed 'module.' when saved from DDP), 'epoch', 'optimizer'}
@@ -50,6 +50,8 @@ def read(path: str | Path) -> dict[str, Any]:
 
 def clean_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model weights of either layout, without DDP's 'module.' prefix and obsolete buffers."""
+    if msclap_format.is_msclap_checkpoint(checkpoint):  # e.g. clap-train --pretrained CLAP_weights_2023.pth
+        return msclap_format.state_dict_of(checkpoint)[1]
     state = checkpoint.get("state_dict", checkpoint)
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     return {k: v for k, v in state.items() if k not in OBSOLETE_KEYS}

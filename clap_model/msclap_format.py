@@ -60,13 +60,18 @@ def _rename(name: str, table: tuple[tuple[str, str], ...]) -> str:
     return name  # unknown: reported by the strict check
 
 
-def load_msclap(checkpoint: dict) -> CLAP:
-    """The `msclap-2022` or `msclap-2023` model with the file's weights; every name must fit."""
+def state_dict_of(checkpoint: dict) -> tuple[str, dict[str, torch.Tensor]]:
+    """The file's version and its weights under our names, the obsolete buffers dropped."""
     state = _state(checkpoint)
     if state is None or not is_msclap_checkpoint(checkpoint):
         raise UsageError("not a Microsoft CLAP weight file (no 'model' dict with audio_encoder / caption_encoder)")
     version = version_of(state)
-    ours = {_rename(k, PREFIXES[version]): v for k, v in state.items() if not OBSOLETE.match(k)}
+    return version, {_rename(k, PREFIXES[version]): v for k, v in state.items() if not OBSOLETE.match(k)}
+
+
+def load_msclap(checkpoint: dict) -> CLAP:
+    """The `msclap-2022` or `msclap-2023` model with the file's weights; every name must fit."""
+    version, ours = state_dict_of(checkpoint)
     model = CLAP(PRESETS[f"msclap-{version}"], pretrained_text=False)  # text tower from config: no hub
     missing, unexpected = model.load_state_dict(ours, strict=False)
     if missing or unexpected:
