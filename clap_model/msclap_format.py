@@ -53,6 +53,10 @@ def version_of(state: dict[str, Any]) -> str:
     return "2023" if any(k.startswith("audio_encoder.base.htsat.") for k in state) else "2022"
 
 
+def _inverse(version: str) -> tuple[tuple[str, str], ...]:
+    return tuple((ours, theirs) for theirs, ours in PREFIXES[version])
+
+
 def _rename(name: str, table: tuple[tuple[str, str], ...]) -> str:
     for source, target in table:
         if name.startswith(source):
@@ -75,8 +79,9 @@ def load_msclap(checkpoint: dict) -> CLAP:
     model = CLAP(PRESETS[f"msclap-{version}"], pretrained_text=False)  # text tower from config: no hub
     missing, unexpected = model.load_state_dict(ours, strict=False)
     if missing or unexpected:
-        raise UsageError(f"Microsoft CLAP {version} weights do not fit msclap-{version}: {len(missing)} missing "
-                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        lost, extra = ([_rename(k, _inverse(version)) for k in names[:3]] for names in (missing, unexpected))
+        raise UsageError(f"Microsoft CLAP {version} weights do not fit msclap-{version} (msclap's names): "
+                         f"{len(missing)} missing (e.g. {lost}), {len(unexpected)} unexpected (e.g. {extra})")
     return model.eval()
 
 
@@ -86,8 +91,7 @@ def save_msclap(model: CLAP, path: str | Path) -> None:
     if version is None:
         raise UsageError("msclap's format holds only the msclap-2022 and msclap-2023 models "
                          "(msclap builds no other architecture)")
-    inverse = tuple((target, source) for source, target in PREFIXES[version])
-    state = {_rename(k, inverse): v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {_rename(k, _inverse(version)): v.detach().cpu() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -135,10 +135,9 @@ def clips(sample_rate: int, duration: int) -> torch.Tensor:
 def ms_tokens(version: str, tokenize: Tokenize) -> dict[str, torch.Tensor]:
     """msclap's own CLAPWrapper.preprocess_text on our (byte-level) tokenizer."""
     args = ms_config(version)
-    wrapper = types.SimpleNamespace(tokenizer=tokenize.tokenizer, use_cuda=False,
-                                    args=types.SimpleNamespace(text_model=args["text_model"], text_len=args["text_len"]),
-                                    token_keys=["input_ids", "attention_mask"] + (["token_type_ids"] if version == "2022"
-                                                                                 else []))
+    keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if version == "2022" else [])  # as load_clap
+    settings = types.SimpleNamespace(text_model=args["text_model"], text_len=args["text_len"])
+    wrapper = types.SimpleNamespace(tokenizer=tokenize.tokenizer, use_cuda=False, args=settings, token_keys=keys)
     wrapper.default_collate = lambda batch: CLAPWrapper.default_collate(wrapper, batch)
     wrapper.np_str_obj_array_pattern = re.compile(r"[SaUO]")
     wrapper.default_collate_err_msg_format = "default_collate: {}"
