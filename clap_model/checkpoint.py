@@ -1,4 +1,4 @@
-"""Checkpoints: our training state, and LAION-CLAP's released weights.
+"""Checkpoints: our training state, and LAION-CLAP's released weights (Microsoft CLAP's: `msclap_format`).
 
 Ours: {'config', 'state_dict', 'optimizer', 'scheduler_step', 'epoch', 'step', 'rng', ...}.
 LAION-CLAP's: {'state_dict' (keys prefixed 'module.' when saved from DDP), 'epoch', 'optimizer'}
@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from clap_model import msclap_format
 from clap_model.clap import CLAP
 from clap_model.config import ModelConfig, UsageError, get_preset
 
@@ -145,6 +146,8 @@ def read(path: str | Path) -> dict[str, Any]:
 
 def clean_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model weights of either layout, without DDP's 'module.' prefix and obsolete buffers."""
+    if msclap_format.is_msclap_checkpoint(checkpoint):  # e.g. clap-train --pretrained CLAP_weights_2023.pth
+        return msclap_format.state_dict_of(checkpoint)[1]
     state = checkpoint.get("state_dict", checkpoint)
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     return {k: v for k, v in state.items() if k not in OBSOLETE_KEYS}
@@ -182,6 +185,8 @@ def model_from(checkpoint: dict[str, Any], cfg: ModelConfig) -> CLAP:
 def load_model(path: str | Path, preset: str | None = None, text_model: str | None = None) -> CLAP:
     """A model built from a checkpoint's config (or `preset` for LAION-CLAP's) with its weights."""
     checkpoint = read(path)
+    if msclap_format.is_msclap_checkpoint(checkpoint):  # Microsoft CLAP's release: its own names and presets
+        return msclap_format.load_msclap(checkpoint)
     return model_from(checkpoint, model_config_of(checkpoint, preset, text_model))
 
 

@@ -49,6 +49,9 @@ class AudioConfig:
     time_drop_width: int = 64
     freq_drop_width: int = 8
     drop_path_rate: float = 0.1  # HTSAT stochastic depth
+    # The rate the mel filterbank is built for, when not `sample_rate`: msclap's HTSAT builds it for
+    # 32 kHz while it is fed 44.1 kHz audio.
+    mel_sample_rate: int | None = None
 
     @property
     def width(self) -> int:
@@ -73,6 +76,11 @@ class TextConfig:
     # mean of the last hidden states (randomly initialised models: their untrained pooler sees
     # nearly the same [CLS] state for every caption).
     pooling: str = "pooler"
+    # msclap: "cls" pools BERT's last hidden state at [CLS]; "eos" pools GPT-2 where msclap does, at
+    # index (number of ids other than 0) - 1, 0 being "!", its pad token. The caption gets `suffix`
+    # appended (GPT-2: " <|endoftext|>") and `pad_token` (GPT-2: "!") is added as the pad token.
+    suffix: str = ""
+    pad_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,11 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     joint_dim: int = 512
     mlp_act: str = "relu"
+    # "mlp": LAION-CLAP's Linear-act-Linear; "msclap": Microsoft CLAP's (Linear, GELU, Linear, both
+    # without bias, dropout 0.5, LayerNorm of the sum of the two Linear outputs).
+    projection: str = "mlp"
+    # 2: LAION-CLAP's two temperatures (the second for the MLP loss); 1: msclap's one `logit_scale`.
+    logit_scales: int = 2
     enable_fusion: bool = False
     fusion_type: str = "aff_2d"
 
@@ -124,6 +137,23 @@ PRESETS: dict[str, ModelConfig] = {
     "pann14-roberta-fusion": ModelConfig(audio=_PANN14, text=_ROBERTA, enable_fusion=True),
 }
 
+# Microsoft CLAP (arXiv 2206.04769, 2309.05767), as msclap 1.3.4's configs and code build them.
+_MS_PROJECTION = {"joint_dim": 1024, "projection": "msclap", "logit_scales": 1}
+_MSCLAP_2022_AUDIO = replace(_PANN14, sample_rate=44_100, clip_samples=5 * 44_100, hop_size=320)
+# msclap's HTSAT takes its settings from its own config.py: the filterbank for 32 kHz, 50-14000 Hz.
+_MSCLAP_2023_AUDIO = replace(_HTSAT_TINY, sample_rate=44_100, clip_samples=7 * 44_100, hop_size=320,
+                             mel_sample_rate=32_000)
+_MSCLAP_BERT = TextConfig(name_or_path="bert-base-uncased", model_type="bert", max_length=100, pooling="cls")
+_MSCLAP_GPT2 = TextConfig(name_or_path="gpt2", model_type="gpt2", max_length=77, pooling="eos",
+                          suffix=" <|endoftext|>", pad_token="!")
+PRESETS["msclap-2022"] = ModelConfig(audio=_MSCLAP_2022_AUDIO, text=_MSCLAP_BERT, **_MS_PROJECTION)
+PRESETS["msclap-2023"] = ModelConfig(audio=_MSCLAP_2023_AUDIO, text=_MSCLAP_GPT2, **_MS_PROJECTION)
+# msclap-2023's design at `tiny` size with a 2-layer GPT-2 and a byte-level tokenizer: trains on a CPU.
+PRESETS["msclap-tiny"] = ModelConfig(
+    audio=replace(_TINY_AUDIO, sample_rate=44_100, clip_samples=88_200, hop_size=700, mel_sample_rate=32_000),
+    text=replace(_TINY_TEXT, model_type="gpt2", pooling="eos", suffix=" <|endoftext|>", pad_token="!"),
+    joint_dim=128, projection="msclap", logit_scales=1)
+
 
 def get_preset(name: str, text_model: str | None = None) -> ModelConfig:
     """A preset by name; `text_model` swaps the text encoder for any hub id or local path."""
@@ -132,5 +162,5 @@ def get_preset(name: str, text_model: str | None = None) -> ModelConfig:
     config = PRESETS[name]
     if text_model:
         config = replace(config, text=replace(config.text, name_or_path=text_model, model_type="auto",
-                                              pooling="pooler"))
+                                              pooling="pooler", suffix="", pad_token=None))
     return config

@@ -247,7 +247,8 @@ def add_mel_frontend(encoder: nn.Module, cfg: "AudioConfig", fusion: bool) -> No
     (`spectrogram_extractor`, `logmel_extractor`, `fusion_mel`, `spec_augmenter`, `bn0`) so their
     checkpoints load into either encoder unchanged."""
     encoder.spectrogram_extractor = Spectrogram(cfg.window_size, cfg.hop_size)
-    encoder.logmel_extractor = LogmelFilterBank(cfg.sample_rate, cfg.window_size, cfg.mel_bins, cfg.fmin, cfg.fmax)
+    encoder.logmel_extractor = LogmelFilterBank(cfg.mel_sample_rate or cfg.sample_rate, cfg.window_size,
+                                                cfg.mel_bins, cfg.fmin, cfg.fmax)
     if fusion:
         encoder.fusion_mel = FusionMel(cfg.sample_rate, cfg.window_size, cfg.hop_size, cfg.mel_bins,
                                        cfg.fmin, cfg.fmax, cfg.clip_samples)

@@ -17,12 +17,13 @@ from urllib.parse import urlsplit
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast,
-                          RobertaConfig, RobertaModel)
+from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model,
+                          PretrainedConfig, PreTrainedTokenizerFast, RobertaConfig, RobertaModel)
 
 from clap_model.config import TextConfig, UsageError
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+GPT2_EOS = "<|endoftext|>"
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -92,6 +93,21 @@ def _one_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
 
 
+def gpt2_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2's byte-level BPE with no merges: the 256 byte tokens in GPT-2's own order (so a byte's id
+    is GPT-2's id for it, "!" is 0) and <|endoftext|> as 256."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {char: i for i, char in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab[GPT2_EOS] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
 def from_pretrained(load: Callable[..., Any], name: str) -> Any:
     """`load(name)` from local files (a folder, or the hub cache), else from the hub; each failure
     (a missing folder, an unknown id, no network) is one UsageError line naming the model:
@@ -116,18 +132,34 @@ def from_pretrained(load: Callable[..., Any], name: str) -> Any:
 
 def build_tokenizer(cfg: TextConfig):
     if cfg.name_or_path is None:
-        return byte_tokenizer()
-    return from_pretrained(AutoTokenizer.from_pretrained, cfg.name_or_path)
+        tokenizer = gpt2_byte_tokenizer() if cfg.model_type == "gpt2" else byte_tokenizer()
+    else:
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, cfg.name_or_path)
+    if cfg.pad_token:  # as msclap's CLAPWrapper does for GPT-2
+        tokenizer.add_special_tokens({"pad_token": cfg.pad_token})
+    return tokenizer
+
+
+def _random_model(cfg: TextConfig) -> nn.Module:
+    """A randomly initialised encoder of the configured size, for the byte-level tokenizers."""
+    dims = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+            "intermediate_size": cfg.intermediate_size}
+    if cfg.model_type == "gpt2":
+        return GPT2Model(GPT2Config(vocab_size=257, n_positions=cfg.max_length, n_embd=cfg.hidden_size,
+                                    n_layer=cfg.layers, n_head=cfg.heads, n_inner=cfg.intermediate_size,
+                                    bos_token_id=256, eos_token_id=256))
+    if cfg.model_type == "bert":
+        return BertModel(BertConfig(vocab_size=len(SPECIALS) + 256, max_position_embeddings=cfg.max_length,
+                                    pad_token_id=1, **dims), add_pooling_layer=cfg.pooling == "pooler")
+    config = RobertaConfig(vocab_size=len(SPECIALS) + 256, max_position_embeddings=cfg.max_length + 2,
+                           pad_token_id=1, bos_token_id=0, eos_token_id=2, **dims)
+    return RobertaModel(config, add_pooling_layer=cfg.pooling == "pooler")
 
 
 def build_text_model(cfg: TextConfig, pretrained: bool = True) -> nn.Module:
     """The encoder; `pretrained=False` builds the architecture only (weights come from a checkpoint)."""
     if cfg.name_or_path is None:
-        config = RobertaConfig(vocab_size=len(SPECIALS) + 256, hidden_size=cfg.hidden_size,
-                               num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                               intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_length + 2,
-                               pad_token_id=1, bos_token_id=0, eos_token_id=2)
-        return RobertaModel(config, add_pooling_layer=cfg.pooling == "pooler")
+        return _random_model(cfg)
     if pretrained:
         return from_pretrained(AutoModel.from_pretrained, cfg.name_or_path)
     config = known_text_config(cfg.name_or_path) or from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path)
@@ -140,9 +172,15 @@ def text_width(model: nn.Module) -> int:
 
 def encode(model: nn.Module, tokens: dict[str, torch.Tensor], pooling: str = "pooler") -> torch.Tensor:
     """Pooled text features: the pooler output (LAION-CLAP's choice for BERT and RoBERTa) when
-    asked for and the model has one, else the attention-masked mean of the last hidden states."""
+    asked for and the model has one, msclap's "cls" or "eos" token, else the attention-masked mean
+    of the last hidden states."""
     inputs = {k: v for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     out = model(**inputs)
+    if pooling == "cls":
+        return out.last_hidden_state[:, 0]
+    if pooling == "eos":  # msclap counts id 0 ("!", its GPT-2 pad) as padding, in the caption too
+        last = torch.ne(tokens["input_ids"], 0).sum(-1) - 1
+        return out.last_hidden_state[torch.arange(last.shape[0], device=last.device), last]
     pooled = getattr(out, "pooler_output", None)
     if pooling == "pooler" and pooled is not None:
         return pooled
@@ -158,6 +196,7 @@ class Tokenize:
         self.tokenizer = build_tokenizer(cfg)
 
     def __call__(self, texts: list[str]) -> dict[str, Any]:
+        texts = [text + self.cfg.suffix for text in texts] if self.cfg.suffix else texts
         out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.max_length,
                              return_tensors="pt")
         return dict(out)
