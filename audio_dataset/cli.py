@@ -148,13 +148,16 @@ def run_recipe_build(args: argparse.Namespace) -> int:
     for name, path in args.recipe_input:
         recipe.source(name).input = path
     names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else recipe.names
-    common = [flag for key, flag in RECIPE_RUN_FLAGS.items() if flag and getattr(args, key) is True]
-    for key in ("limit", "workers", "ray_address"):
+    # --limit changes what is built; the others may differ between a run and its resume.
+    pinned = ["--limit", str(args.limit)] if args.limit else []
+    free = ["--no-progress"] if args.no_progress else []
+    for key in ("workers", "ray_address"):
         if getattr(args, key) is not None:
-            common += [RECIPE_RUN_FLAGS[key], str(getattr(args, key))]
-    commands = {n: build_argv(recipe, recipe.source(n), args.out, common) for n in names}
+            free += [RECIPE_RUN_FLAGS[key], str(getattr(args, key))]
+    commands = {n: build_argv(recipe, recipe.source(n), args.out, pinned) for n in names}
     parser = make_parser()
-    outcomes = run_recipe(recipe, args.out, commands, lambda argv: build(build_options(parser.parse_args(argv))))
+    outcomes = run_recipe(recipe, args.out, commands,
+                          lambda argv: build(build_options(parser.parse_args(argv + free))))
     for outcome in outcomes:
         detail = f": {outcome.error}" if outcome.error else (f", {outcome.samples} samples" if outcome.samples else "")
         print(f"{outcome.name}: {outcome.status}{detail}")

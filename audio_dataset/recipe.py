@@ -9,7 +9,7 @@ options, exclusion lists and the environment variables holding their credentials
     [[sources]]
     name = "clotho"               # unique in the recipe: work dir, shard prefix, manifest `source`
     source = "clotho"             # the source module (default: name)
-    input = "/data/clotho"        # relative paths are relative to the recipe file
+    input = "./clotho"            # ./ and ../ paths are relative to the recipe file
     options = { splits = "development" }
     exclude = ["esc50_freesound_ids.txt"]   # files, or names shipped in manifests/exclusions/
     env = ["FREESOUND_API_KEY"]   # credentials, by name only: their values never leave the environment
@@ -177,24 +177,27 @@ def _source_entry(raw: Any, path: Path) -> RecipeSource:
 
 
 def _relative_to(recipe: Path, value: str) -> str:
-    """A relative local path is relative to the recipe file; URLs and names pass unchanged."""
-    if "://" in value or Path(value).is_absolute() or value.startswith("~"):
-        return os.path.expanduser(value)
-    candidate = recipe.parent / value
-    return str(candidate) if candidate.exists() else value
+    """`./x` and `../x` are relative to the recipe file; anything else (an absolute path, a URL, a
+    name the source resolves such as AudioSet's `eval`) passes as written."""
+    if value.startswith(("./", "../")):
+        return str((recipe.parent / value).resolve())
+    return os.path.expanduser(value)
 
 
 def _exclusion_path(recipe: Path, value: str) -> str:
+    """A file (as `input`), or the name of a list shipped in manifests/exclusions/."""
     shipped = resources.files("manifests") / "exclusions" / value
-    local = Path(_relative_to(recipe, value))
-    return str(shipped) if not local.exists() and shipped.is_file() else str(local)
+    return str(shipped) if "/" not in value and shipped.is_file() else _relative_to(recipe, value)
 
 
 # --------------------------------------------------------------------------- per-source commands
 
 
 def build_argv(recipe: Recipe, entry: RecipeSource, out: UPath, common: list[str]) -> list[str]:
-    """The `audiodata build` command line that builds one source of the recipe."""
+    """The `audiodata build` command line that builds one source of the recipe.
+
+    `common` holds flags that decide the output (`--limit`): a rerun with other ones is refused.
+    """
     argv = ["build", "--source", entry.source, "--out", str(out / SOURCES_DIR / entry.name)]
     if entry.input:
         argv += ["--input", entry.input]
@@ -232,8 +235,9 @@ def run_recipe(recipe: Recipe, out: UPath, commands: dict[str, list[str]],
                build_source: Callable[[list[str]], Any]) -> list[SourceOutcome]:
     """Build every source in `commands` (name -> build argv) in turn, then merge the finished ones.
 
-    `build_source(argv)` runs one source's build (the CLI parses the argv into BuildOptions and
-    calls `build()`), raising UserError/SourceError when that source fails as a whole.
+    `build_source(argv)` runs one source's build (the CLI parses the argv, adds the flags that may
+    change between runs such as `--workers`, and calls `build()`), raising UserError/SourceError
+    when that source fails as a whole.
     """
     status = _read_status(out, recipe)
     run = RunRecord("recipe", {"recipe": recipe.name, "sources": {n: shlex.join(c) for n, c in commands.items()},

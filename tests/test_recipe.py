@@ -1,0 +1,175 @@
+"""Recipes (`audiodata build --recipe`) and `audiodata plan`: several sources into one dataset."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from audio_dataset import manifest
+from audio_dataset.cli import main
+from audio_dataset.plan import (AUDIO_SECONDS_PER_CORE_SECOND, BENCH_CLIP_SECONDS, CORES_PER_NODE,
+                                DOWNLOAD_CEILING_FRACTION, MEASURED_BUILD_ITEMS_PER_SECOND, plan_recipe)
+from audio_dataset.recipe import load_recipe, shipped_recipes
+from audio_dataset.shards import read_sizes, shard_paths
+from audio_dataset.verify import verify
+from conftest import REAL_AUDIO_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "s3cr3t-do-not-log-4711"
+SHORT_CLIPS = {"a": ["198-209-0000", "456440__inspectorj__bird-whistling-robin-single-13", "sorohanro_-_solo-trumpet-06"],
+               "b": ["3436-172162-0000", "5703-47212-0000"]}
+
+
+def _folder(root: Path, name: str) -> Path:
+    folder = root / name
+    folder.mkdir()
+    for stem in SHORT_CLIPS[name]:
+        for suffix in (".ogg", ".json"):
+            shutil.copy(REAL_AUDIO_DIR / f"{stem}{suffix}", folder / f"{stem}{suffix}")
+    return folder
+
+
+RECIPE = """
+name = "two-folders"
+[build]
+samples_per_shard = 2
+splits = "train=0.5,valid=0.5"
+[[sources]]
+name = "a"
+source = "local"
+input = "./a"
+env = ["AUDIODATA_TEST_TOKEN"]
+[[sources]]
+name = "b"
+source = "local"
+input = "./b"
+[[sources]]
+name = "broken"
+source = "local"
+input = "./not-there"
+[[sources]]
+name = "nocred"
+source = "local"
+input = "./b"
+env = ["AUDIODATA_TEST_UNSET_TOKEN"]
+"""
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_recipe_builds_sources_into_one_dataset_isolates_failures_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AUDIODATA_TEST_TOKEN", SECRET)
+    monkeypatch.delenv("AUDIODATA_TEST_UNSET_TOKEN", raising=False)
+    _folder(tmp_path, "a"), _folder(tmp_path, "b")
+    (tmp_path / "corpus.toml").write_text(RECIPE)
+    out = tmp_path / "out"
+    argv = ["build", "--recipe", str(tmp_path / "corpus.toml"), "--out", str(out), "--workers", "1", "--no-progress"]
+
+    assert main(argv) == 1  # two sources failed as a whole: the run says so, the others are kept
+    printed = capsys.readouterr()
+    assert "a: done" in printed.out and "b: done" in printed.out
+    assert re.search(r"broken: failed: input not found: .*not-there", printed.out)
+    assert "nocred: failed: needs $AUDIODATA_TEST_UNSET_TOKEN in the environment" in printed.out
+
+    table = manifest.read_table(out / manifest.MANIFEST_FILE).to_pylist()
+    assert sorted((r["source"], r["source_id"]) for r in table) == sorted(
+        (name, f"{stem}.ogg") for name in "ab" for stem in SHORT_CLIPS[name])
+    assert all(r["status"] == "ok" for r in table)
+    # One folder per split for all sources, shards named by source, one sizes.json each.
+    for split in ("train", "valid"):
+        sizes = read_sizes(out / split)
+        assert sizes == {p.name: sizes[p.name] for p in shard_paths(out / split)}
+        assert {name.split("-")[0] for name in sizes} <= {"a", "b"}
+        assert sum(sizes.values()) == sum(r["n_samples"] for r in table if r["split"] == split)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["per_source"]["a"]["items"] == 3 and stats["per_source"]["b"]["items"] == 2
+    assert verify(out).ok, verify(out).problems
+
+    # Credentials are named, never recorded.
+    for path in [*out.rglob("*.json"), *out.rglob("*.parquet")]:
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in printed.out + printed.err
+    run = json.loads((out / "provenance.json").read_text())["runs"][-1]
+    assert run["stage"] == "recipe" and run["options"]["env"]["a"] == ["AUDIODATA_TEST_TOKEN"]
+
+    # A rerun skips the finished sources (their inputs are gone) and retries the failed ones.
+    shutil.rmtree(tmp_path / "a")
+    _folder(tmp_path, "a").rename(tmp_path / "not-there")
+    before = {p.name: p.read_bytes() for p in shard_paths(out / "train")}
+    monkeypatch.setenv("AUDIODATA_TEST_UNSET_TOKEN", "set-now")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "a: skipped" in printed and "b: skipped" in printed and "broken: done" in printed
+    after = {p.name: p.read_bytes() for p in shard_paths(out / "train")}
+    assert {k: v for k, v in after.items() if k in before} == before
+    table = manifest.read_table(out / manifest.MANIFEST_FILE).to_pylist()
+    assert {r["source"] for r in table} == {"a", "b", "broken", "nocred"} and len(table) == 3 + 2 + 3 + 2
+    assert verify(out).ok, verify(out).problems
+
+
+def test_recipe_mistakes_are_one_line_usage_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[sources]]\nname = "x"\nsource = "local"\noptions = { api_key = "abc" }\n')
+    assert main(["build", "--recipe", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "look like credentials" in capsys.readouterr().err
+    bad.write_text('[[sources]]\nname = "x"\nsource = "nosuch"\n')
+    assert main(["plan", str(bad)]) == 2
+    assert "unknown source 'nosuch'" in capsys.readouterr().err
+    assert main(["build", "--recipe", "laion-audio-630k", "--out", str(tmp_path / "o"), "--sample-rate", "16000"]) == 2
+    assert "--sample-rate: set by the recipe" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_figures_follow_the_benchmarks_and_the_definitions(tmp_path):
+    # The plan's rates are the ones bench/RESULTS.md reports for bench/transcode.py and download.py.
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    build_row = re.search(r"\| audiodata build \| [\d.]+ s, ([\d.]+) items/s \|", results)
+    assert float(build_row.group(1)) == MEASURED_BUILD_ITEMS_PER_SECOND
+    fractions = [float(f) for f in re.findall(r"\| 16 \(default\) \| 50 ms \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", results)]
+    assert fractions and min(fractions) >= DOWNLOAD_CEILING_FRACTION > min(fractions) - 0.01
+    import soundfile
+
+    clips = sorted(REAL_AUDIO_DIR.glob("*.ogg"))
+    assert abs(sum(soundfile.info(p).duration for p in clips) / len(clips) - BENCH_CLIP_SECONDS) < 0.01
+
+    path = tmp_path / "r.toml"
+    path.write_text("""
+name = "sized"
+[build]
+sample_rate = 16000
+[[sources]]
+name = "slow"
+source = "local"
+expect = { clips = 10000, hours = 100 }
+plan = { media_kbps = 128, rate_limits = [{ host = "api.example.org", requests_per_item = 1, per_second = 2 }] }
+[[sources]]
+name = "fast"
+source = "local"
+expect = { clips = 100, hours = 1000 }
+[[sources]]
+name = "unknown"
+source = "local"
+""")
+    slow, fast, unknown = plan_recipe(load_recipe(str(path)))
+    assert slow.download_bytes == 100 * 3600 * 128_000 / 8
+    assert slow.shard_bytes == pytest.approx(100 * 3600 * 16_000 * 2 * 0.6)
+    assert slow.wall[1] == (5000.0, "api.example.org rate") == slow.wall[64]  # nodes do not raise a host's limit
+    transcode = 1000 * 3600 / AUDIO_SECONDS_PER_CORE_SECOND
+    assert fast.wall[1] == (pytest.approx(transcode / CORES_PER_NODE), "transcode")
+    assert fast.wall[8][0] == pytest.approx(transcode / (8 * CORES_PER_NODE))
+    assert unknown.wall == {} and unknown.items is None
+
+
+@pytest.mark.parametrize("name", ["laion-audio-630k", "laion-clap-train", "msclap-2023"])
+def test_shipped_recipes_plan(name, capsys):
+    assert name in shipped_recipes()
+    assert main(["plan", name]) == 0
+    printed = capsys.readouterr().out
+    total = next(line for line in printed.splitlines() if line.startswith("total"))
+    recipe = load_recipe(name)
+    expected = sum(p.items for p in plan_recipe(recipe) if p.items)
+    assert f"{expected:,.0f}" in total
+    if recipe.missing:
+        assert printed.count("missing: ") == len(recipe.missing)
