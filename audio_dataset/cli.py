@@ -130,14 +130,11 @@ def build_options(args: argparse.Namespace) -> "BuildOptions":
 
 
 # `audiodata build` flags a recipe run takes from the command line; the rest come from the recipe.
-RECIPE_RUN_FLAGS = {"recipe": None, "out": None, "limit": "--limit", "workers": "--workers",
-                    "ray_address": "--ray-address", "no_progress": "--no-progress",
-                    "recipe_input": None, "only": None}
+RECIPE_RUN_FLAGS = {"recipe", "out", "limit", "workers", "ray_address", "no_progress", "recipe_input", "only"}
 
 
 def run_recipe_build(args: argparse.Namespace) -> int:
-    from audio_dataset.build import build
-    from audio_dataset.recipe import build_argv, load_recipe, run_recipe
+    from audio_dataset.recipe import load_recipe, run_recipe, source_commands
 
     defaults = make_parser().parse_args(["build", "--recipe", "x", "--out", "x"])
     fixed = sorted(k for k, v in vars(args).items() if k not in RECIPE_RUN_FLAGS and v != getattr(defaults, k))
@@ -150,14 +147,25 @@ def run_recipe_build(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else recipe.names
     # --limit changes what is built; the others may differ between a run and its resume.
     pinned = ["--limit", str(args.limit)] if args.limit else []
-    free = ["--no-progress"] if args.no_progress else []
-    for key in ("workers", "ray_address"):
-        if getattr(args, key) is not None:
-            free += [RECIPE_RUN_FLAGS[key], str(getattr(args, key))]
-    commands = {n: build_argv(recipe, recipe.source(n), args.out, pinned) for n in names}
+    shared = ["--no-progress"] if args.no_progress else []
+    shared += ["--ray-address", args.ray_address] if args.ray_address else []
+    free = {"build": shared + (["--workers", str(args.workers)] if args.workers else []), "k2c": shared}
+    commands = {n: source_commands(recipe, recipe.source(n), args.out, pinned) for n in names}
     parser = make_parser()
-    outcomes = run_recipe(recipe, args.out, commands,
-                          lambda argv: build(build_options(parser.parse_args(argv + free))))
+    for name, steps in commands.items():  # a mistake in the recipe stops the run before any source
+        for argv in steps:
+            parsed = _parse_recipe_command(parser, name, argv + free[argv[0]])
+            if argv[0] == "build":
+                try:
+                    build_options(parsed)
+                except UserError as exc:
+                    raise UserError(f"recipe source {name}: {exc}") from None
+
+    def run_command(argv: list[str]) -> None:
+        parsed = parser.parse_args(argv + free[argv[0]])
+        parsed.func(parsed)
+
+    outcomes = run_recipe(recipe, args.out, commands, run_command)
     for outcome in outcomes:
         detail = f": {outcome.error}" if outcome.error else (f", {outcome.samples} samples" if outcome.samples else "")
         print(f"{outcome.name}: {outcome.status}{detail}")
@@ -166,6 +174,19 @@ def run_recipe_build(args: argparse.Namespace) -> int:
         print(f"audiodata: {len(failed)} source(s) failed ({', '.join(failed)}); rerun the same command to "
               "retry them (finished sources are skipped)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _parse_recipe_command(parser: argparse.ArgumentParser, name: str, argv: list[str]) -> argparse.Namespace:
+    import contextlib
+    import io
+
+    message = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(message):
+            return parser.parse_args(argv)
+    except SystemExit:
+        reason = message.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1].split(" (see ")[0]
+        raise UserError(f"recipe source {name}: {reason}") from None
 
 
 def run_plan(args: argparse.Namespace) -> int:

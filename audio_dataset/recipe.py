@@ -54,7 +54,7 @@ BUILD_KEYS = {
     "min_seconds": "--min-seconds", "min_source_rate": "--min-source-rate", "splits": "--splits",
     "base_url": "--base-url",
 }
-SOURCE_KEYS = {"name", "source", "input", "options", "exclude", "env", "build", "expect", "plan", "note"}
+SOURCE_KEYS = {"name", "source", "input", "options", "exclude", "env", "build", "expect", "plan", "note", "k2c"}
 RECIPE_KEYS = {"name", "title", "paper", "notes", "build", "sources", "missing"}
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
@@ -72,6 +72,8 @@ class RecipeSource:
     expect: dict[str, float] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    # `audiodata k2c` flags (model = "template", num_beams = 4, ...) to run on the source's build.
+    k2c: dict[str, Any] | None = None
 
 
 @dataclass
@@ -172,8 +174,19 @@ def _source_entry(raw: Any, path: Path) -> RecipeSource:
         exclude=[_exclusion_path(path, str(e)) for e in raw.get("exclude", [])],
         env=[str(e) for e in raw.get("env", [])], build=_build_table(raw.get("build", {}), f"{where} build"),
         expect={k: float(v) for k, v in (raw.get("expect") or {}).items()}, plan=dict(raw.get("plan") or {}),
-        note=str(raw.get("note", "")),
+        note=str(raw.get("note", "")), k2c=_k2c_table(raw.get("k2c"), where),
     )
+
+
+def _k2c_table(value: Any, where: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: k2c must be a table of `audiodata k2c` options (k2c = {{ model = \"template\" }})")
+    fixed = sorted(set(value) & {"input", "out", "workers", "ray_address", "no_progress"})
+    if fixed:
+        raise UserError(f"{where}: k2c {', '.join(fixed)} are set by the recipe run")
+    return dict(value)
 
 
 def _relative_to(recipe: Path, value: str) -> str:
@@ -193,12 +206,21 @@ def _exclusion_path(recipe: Path, value: str) -> str:
 # --------------------------------------------------------------------------- per-source commands
 
 
-def build_argv(recipe: Recipe, entry: RecipeSource, out: UPath, common: list[str]) -> list[str]:
-    """The `audiodata build` command line that builds one source of the recipe.
+def work_dir(out: UPath, entry: RecipeSource) -> UPath:
+    return out / SOURCES_DIR / entry.name
 
-    `common` holds flags that decide the output (`--limit`): a rerun with other ones is refused.
+
+def result_dir(out: UPath, entry: RecipeSource) -> UPath:
+    """Where the source's finished shards are taken from: its build, or its k2c output."""
+    return out / SOURCES_DIR / (f"{entry.name}.k2c" if entry.k2c is not None else entry.name)
+
+
+def source_commands(recipe: Recipe, entry: RecipeSource, out: UPath, pinned: list[str]) -> list[list[str]]:
+    """The `audiodata` command lines that make one source of the recipe: its build, then k2c if asked.
+
+    `pinned` holds flags that decide the output (`--limit`): a rerun with other ones is refused.
     """
-    argv = ["build", "--source", entry.source, "--out", str(out / SOURCES_DIR / entry.name)]
+    argv = ["build", "--source", entry.source, "--out", str(work_dir(out, entry))]
     if entry.input:
         argv += ["--input", entry.input]
     for key, value in {**recipe.build, **entry.build}.items():
@@ -207,7 +229,14 @@ def build_argv(recipe: Recipe, entry: RecipeSource, out: UPath, common: list[str
         argv += ["--source-option", f"{key}={value}"]
     for path in entry.exclude:
         argv += ["--exclude", path]
-    return argv + common
+    commands = [argv + pinned]
+    if entry.k2c is not None:
+        k2c = ["k2c", "--input", str(work_dir(out, entry)), "--out", str(result_dir(out, entry))]
+        for key, value in entry.k2c.items():
+            flag = "--" + key.replace("_", "-")
+            k2c += [flag] if value is True else [] if value is False else [flag, _flag_value(value)]
+        commands.append(k2c)
+    return commands
 
 
 def _flag_value(value: Any) -> str:
@@ -231,27 +260,27 @@ class SourceOutcome:
     samples: int = 0
 
 
-def run_recipe(recipe: Recipe, out: UPath, commands: dict[str, list[str]],
-               build_source: Callable[[list[str]], Any]) -> list[SourceOutcome]:
-    """Build every source in `commands` (name -> build argv) in turn, then merge the finished ones.
+def run_recipe(recipe: Recipe, out: UPath, commands: dict[str, list[list[str]]],
+               run_command: Callable[[list[str]], Any]) -> list[SourceOutcome]:
+    """Make every source in `commands` (name -> its command lines) in turn, then merge the finished.
 
-    `build_source(argv)` runs one source's build (the CLI parses the argv, adds the flags that may
-    change between runs such as `--workers`, and calls `build()`), raising UserError/SourceError
-    when that source fails as a whole.
+    `run_command(argv)` runs one `audiodata` command line (the CLI parses it, adds the flags that
+    may change between runs such as `--workers`, and runs it), raising UserError/SourceError when
+    that source fails as a whole.
     """
     status = _read_status(out, recipe)
-    run = RunRecord("recipe", {"recipe": recipe.name, "sources": {n: shlex.join(c) for n, c in commands.items()},
+    run = RunRecord("recipe", {"recipe": recipe.name,
+                               "sources": {n: [shlex.join(c) for c in cs] for n, cs in commands.items()},
                                "env": {e.name: e.env for e in recipe.sources}},
                     definitions=definition_checksums(sorted({e.source for e in recipe.sources})))
     outcomes = []
-    for name, argv in commands.items():
-        outcome = _run_source(recipe.source(name), out, argv, status, build_source)
+    for name, steps in commands.items():
+        outcome = _run_source(recipe.source(name), out, steps, status, run_command)
         outcomes.append(outcome)
         if outcome.status != "skipped":
-            status["sources"][name] = {"status": outcome.status, "error": outcome.error, "command": argv}
+            status["sources"][name] = {"status": outcome.status, "error": outcome.error, "commands": steps}
             atomic_write_json(out / STATUS_FILE, status)
-    finished = [n for n in recipe.names if status["sources"].get(n, {}).get("status") == "done"]
-    merge(out, finished)
+    merge(out, [e for e in recipe.sources if status["sources"].get(e.name, {}).get("status") == "done"])
     record_run(out, run)
     return outcomes
 
@@ -266,20 +295,21 @@ def _read_status(out: UPath, recipe: Recipe) -> dict[str, Any]:
     return status
 
 
-def _run_source(entry: RecipeSource, out: UPath, argv: list[str], status: dict[str, Any],
-                build_source: Callable[[list[str]], Any]) -> SourceOutcome:
+def _run_source(entry: RecipeSource, out: UPath, steps: list[list[str]], status: dict[str, Any],
+                run_command: Callable[[list[str]], Any]) -> SourceOutcome:
     earlier = status["sources"].get(entry.name, {})
     if earlier.get("status") == "done":
-        if earlier.get("command") != argv:
-            raise UserError(f"source {entry.name} in {out} was built with another command; use a new --out, "
+        if earlier.get("commands") != steps:
+            raise UserError(f"source {entry.name} in {out} was made with other commands; use a new --out, "
                             "or the same recipe and flags to resume")
         return SourceOutcome(entry.name, "skipped")
     missing = missing_credentials(entry)
     if missing:
         return SourceOutcome(entry.name, "failed", f"needs {', '.join('$' + m for m in missing)} in the environment")
     try:
-        build_source(argv)
-        samples = publish(out, entry.name)
+        for argv in steps:
+            run_command(argv)
+        samples = publish(out, entry)
     except (UserError, SourceError) as exc:
         return SourceOutcome(entry.name, "failed", str(exc))
     return SourceOutcome(entry.name, "done", samples=samples)
@@ -289,16 +319,19 @@ def _shard_target(out: UPath, name: str, split: str, shard: str) -> UPath:
     return out / split / f"{name}-{shard}"
 
 
-def publish(out: UPath, name: str) -> int:
+def _split_dirs(folder: UPath) -> list[UPath]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+
+
+def publish(out: UPath, entry: RecipeSource) -> int:
     """Move a finished source's shards into the recipe's split folders; returns its samples.
 
     Idempotent: a shard already moved (a rerun after a crash mid-way) is left where it is.
     """
-    work = out / SOURCES_DIR / name
     samples = 0
-    for split_dir in sorted(p for p in work.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+    for split_dir in _split_dirs(result_dir(out, entry)):
         for shard, count in read_sizes(split_dir).items():
-            target = _shard_target(out, name, split_dir.name, shard)
+            target = _shard_target(out, entry.name, split_dir.name, shard)
             if not target.exists():
                 _move(split_dir / shard, target)
             samples += count
@@ -313,19 +346,18 @@ def _move(src: UPath, dest: UPath) -> None:
         src.fs.mv(src.path, dest.path)  # a server-side copy, then the original is deleted
 
 
-def merge(out: UPath, names: list[str]) -> dict[str, Any]:
+def merge(out: UPath, entries: list[RecipeSource]) -> dict[str, Any]:
     """OUT/manifest.parquet, OUT/<split>/sizes.json and OUT/stats.json over the finished sources."""
     from audio_dataset.stats import compute_stats
 
     tables = []
     sizes: dict[str, dict[str, int]] = {}
-    for name in names:
-        work = out / SOURCES_DIR / name
-        table = manifest.read_table(work / manifest.MANIFEST_FILE)
-        tables.append(_renamed(table, name))
-        for split_dir in (p for p in work.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+    for entry in entries:
+        table = manifest.read_table(work_dir(out, entry) / manifest.MANIFEST_FILE)
+        tables.append(_renamed(table, entry.name))
+        for split_dir in _split_dirs(result_dir(out, entry)):
             for shard, count in read_sizes(split_dir).items():
-                sizes.setdefault(split_dir.name, {})[f"{name}-{shard}"] = count
+                sizes.setdefault(split_dir.name, {})[f"{entry.name}-{shard}"] = count
     for split, counts in sizes.items():
         write_sizes(out / split, counts)
     table = pa.concat_tables(tables) if tables else manifest.SCHEMA.empty_table()

@@ -13,9 +13,10 @@ from audio_dataset.cli import main
 from audio_dataset.plan import (AUDIO_SECONDS_PER_CORE_SECOND, BENCH_CLIP_SECONDS, CORES_PER_NODE,
                                 DOWNLOAD_CEILING_FRACTION, MEASURED_BUILD_ITEMS_PER_SECOND, plan_recipe)
 from audio_dataset.recipe import load_recipe, shipped_recipes
-from audio_dataset.shards import read_sizes, shard_paths
+from audio_dataset.shards import iter_shard, read_sizes, shard_paths
 from audio_dataset.verify import verify
 from conftest import REAL_AUDIO_DIR
+from test_object_storage import BUCKET, _objects, s3_env  # noqa: F401 - the fixture is used by name
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-do-not-log-4711"
@@ -55,6 +56,11 @@ name = "nocred"
 source = "local"
 input = "./b"
 env = ["AUDIODATA_TEST_UNSET_TOKEN"]
+[[sources]]
+name = "captioned"
+source = "local"
+input = "./b"
+k2c = { model = "template" }
 """
 
 
@@ -69,23 +75,30 @@ def test_recipe_builds_sources_into_one_dataset_isolates_failures_and_resumes(tm
 
     assert main(argv) == 1  # two sources failed as a whole: the run says so, the others are kept
     printed = capsys.readouterr()
-    assert "a: done" in printed.out and "b: done" in printed.out
+    assert "a: done" in printed.out and "b: done" in printed.out and "captioned: done" in printed.out
     assert re.search(r"broken: failed: input not found: .*not-there", printed.out)
     assert "nocred: failed: needs $AUDIODATA_TEST_UNSET_TOKEN in the environment" in printed.out
 
     table = manifest.read_table(out / manifest.MANIFEST_FILE).to_pylist()
     assert sorted((r["source"], r["source_id"]) for r in table) == sorted(
-        (name, f"{stem}.ogg") for name in "ab" for stem in SHORT_CLIPS[name])
+        [(name, f"{stem}.ogg") for name in "ab" for stem in SHORT_CLIPS[name]]
+        + [("captioned", f"{stem}.ogg") for stem in SHORT_CLIPS["b"]])
     assert all(r["status"] == "ok" for r in table)
     # One folder per split for all sources, shards named by source, one sizes.json each.
     for split in ("train", "valid"):
         sizes = read_sizes(out / split)
         assert sizes == {p.name: sizes[p.name] for p in shard_paths(out / split)}
-        assert {name.split("-")[0] for name in sizes} <= {"a", "b"}
+        assert {name.rsplit("-", 1)[0] for name in sizes} <= {"a", "b", "captioned"}
         assert sum(sizes.values()) == sum(r["n_samples"] for r in table if r["split"] == split)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["per_source"]["a"]["items"] == 3 and stats["per_source"]["b"]["items"] == 2
     assert verify(out).ok, verify(out).problems
+    # The k2c step ran on that source's build: its shards gained the template captions.
+    captioned = [json.loads(s["json"]) for split in ("train", "valid")
+                 for p in shard_paths(out / split) if p.name.startswith("captioned-") for s in iter_shard(p)]
+    assert len(captioned) == 2 and all(s["text_augment_t5"][0].startswith("The sound of") for s in captioned)
+    assert not any(json.loads(s["json"]).get("text_augment_t5") for p in shard_paths(out / "train")
+                   if p.name.startswith("b-") for s in iter_shard(p))
 
     # Credentials are named, never recorded.
     for path in [*out.rglob("*.json"), *out.rglob("*.parquet")]:
@@ -105,7 +118,8 @@ def test_recipe_builds_sources_into_one_dataset_isolates_failures_and_resumes(tm
     after = {p.name: p.read_bytes() for p in shard_paths(out / "train")}
     assert {k: v for k, v in after.items() if k in before} == before
     table = manifest.read_table(out / manifest.MANIFEST_FILE).to_pylist()
-    assert {r["source"] for r in table} == {"a", "b", "broken", "nocred"} and len(table) == 3 + 2 + 3 + 2
+    assert {r["source"] for r in table} == {"a", "b", "broken", "nocred", "captioned"}
+    assert len(table) == 3 + 2 + 3 + 2 + 2
     assert verify(out).ok, verify(out).problems
 
 
@@ -119,6 +133,12 @@ def test_recipe_mistakes_are_one_line_usage_errors(tmp_path, capsys):
     assert "unknown source 'nosuch'" in capsys.readouterr().err
     assert main(["build", "--recipe", "laion-audio-630k", "--out", str(tmp_path / "o"), "--sample-rate", "16000"]) == 2
     assert "--sample-rate: set by the recipe" in capsys.readouterr().err
+    bad.write_text('[build]\nsample_rate = "fast"\n[[sources]]\nname = "x"\nsource = "local"\ninput = "/nowhere"\n')
+    assert main(["build", "--recipe", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("audiodata: error: recipe source x: argument --sample-rate")
+    bad.write_text('[build]\nlong_clips = "segment"\n[[sources]]\nname = "x"\nsource = "local"\n')
+    assert main(["build", "--recipe", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "recipe source x: --long-clips segment needs" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -173,3 +193,24 @@ def test_shipped_recipes_plan(name, capsys):
     assert f"{expected:,.0f}" in total
     if recipe.missing:
         assert printed.count("missing: ") == len(recipe.missing)
+
+
+@pytest.mark.slow
+def test_recipe_into_object_storage(tmp_path, s3_env):
+    """Shards move within the bucket (server-side) and the merged output reads back as one dataset."""
+    import subprocess
+    import sys
+
+    _folder(tmp_path, "b")
+    (tmp_path / "r.toml").write_text('name = "s3"\n[[sources]]\nname = "b"\nsource = "local"\ninput = "./b"\n')
+    out = f"s3://{BUCKET}/recipe"
+    command = [sys.executable, "-m", "audio_dataset.cli", "build", "--recipe", str(tmp_path / "r.toml"),
+               "--out", out, "--workers", "1", "--no-progress"]
+    run = subprocess.run(command, env=s3_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "b: done, 2 samples" in run.stdout
+    report = verify(out)
+    assert report.ok and report.samples == 2, report.problems
+    keys = set(_objects("recipe/"))
+    assert {k for k in keys if k.endswith(".tar")} <= {"train/b-000000.tar", "valid/b-000000.tar", "test/b-000000.tar"}
+    assert not any(k.startswith("_sources/b/") and k.endswith(".tar") for k in keys)  # moved, not copied
