@@ -14,6 +14,9 @@ Wall time per cluster size is the slowest of three bounds:
 - bandwidth: the download bytes over each node's link (`node_gbps`, 1 Gbit/s unless told);
 - rate limits: each host's documented limit (definition `[plan] rate_limits`: requests per item,
   per second, per day), which no number of nodes raises.
+A source with a `k2c` step adds its captioning after the build: on CPUs at the rate
+bench/k2c.py measured for the t5-base shape (3.01 captions/s on 2 cores at batch 16; no GPU
+figure has been measured, and on GPUs the step is far shorter), nothing for `model = "template"`.
 Sources are built one after another, so the recipe's total is the sum of its sources' times.
 """
 from __future__ import annotations
@@ -34,6 +37,9 @@ BENCH_CLIP_SECONDS = 28.536
 AUDIO_SECONDS_PER_CORE_SECOND = MEASURED_BUILD_ITEMS_PER_SECOND / MEASURED_BUILD_CORES * BENCH_CLIP_SECONDS
 # bench/RESULTS.md, download: fraction of the in-flight / latency ceiling at the default 16 in flight.
 DOWNLOAD_CEILING_FRACTION = 0.88
+# bench/RESULTS.md, k2c: t5-base (k2t-base's shape), batch 16, 2 CPU cores.
+MEASURED_K2C_CAPTIONS_PER_SECOND = 3.01
+MEASURED_K2C_CORES = 2
 DEFAULT_LATENCY_S = 0.2  # a real CDN round trip; the benchmark's loopback server added 50 ms
 DEFAULT_FLAC_RATIO = 0.6
 DEFAULT_NODE_GBPS = 1.0
@@ -102,14 +108,19 @@ def plan_source(entry: RecipeSource, sample_rate: int, channels: int, assume: As
     limits = [RateLimit(**limit) for limit in plan.get("rate_limits", [])]
     latency = float(plan.get("latency_s", assume.latency))  # a source slower per item than one GET
     per_worker = _fetch_concurrency(entry.source) * DOWNLOAD_CEILING_FRACTION / latency
-    result = SourcePlan(entry.name, entry.source, items, hours, download, shards, core_seconds / 3600,
-                        note=str(plan.get("note", "")))
+    captioning = entry.k2c is not None and entry.k2c.get("model") != "template"
+    k2c_core_seconds = items / (MEASURED_K2C_CAPTIONS_PER_SECOND / MEASURED_K2C_CORES) if captioning else 0.0
+    result = SourcePlan(entry.name, entry.source, items, hours, download, shards,
+                        (core_seconds + k2c_core_seconds) / 3600, note=str(plan.get("note", "")))
     for nodes in NODE_COUNTS:
         cores = nodes * assume.cores
         bounds = [(core_seconds / cores, "transcode"), (items / (per_worker * cores), "downloads"),
                   ((download or 0.0) / (nodes * assume.node_gbps * 1e9 / 8), "bandwidth")]
         bounds += [(limit.seconds(items), f"{limit.host} rate") for limit in limits]
-        result.wall[nodes] = max(bounds)
+        seconds, bound = max(bounds)
+        if captioning:
+            seconds, bound = seconds + k2c_core_seconds / cores, f"{bound} + k2c on CPUs"
+        result.wall[nodes] = (seconds, bound)
     return result
 
 

@@ -11,7 +11,8 @@ import pytest
 from audio_dataset import manifest
 from audio_dataset.cli import main
 from audio_dataset.plan import (AUDIO_SECONDS_PER_CORE_SECOND, BENCH_CLIP_SECONDS, CORES_PER_NODE,
-                                DOWNLOAD_CEILING_FRACTION, MEASURED_BUILD_ITEMS_PER_SECOND, plan_recipe)
+                                DOWNLOAD_CEILING_FRACTION, MEASURED_BUILD_ITEMS_PER_SECOND,
+                                MEASURED_K2C_CAPTIONS_PER_SECOND, MEASURED_K2C_CORES, plan_recipe)
 from audio_dataset.recipe import load_recipe, shipped_recipes
 from audio_dataset.shards import iter_shard, read_sizes, shard_paths
 from audio_dataset.verify import verify
@@ -149,6 +150,8 @@ def test_plan_figures_follow_the_benchmarks_and_the_definitions(tmp_path):
     assert float(build_row.group(1)) == MEASURED_BUILD_ITEMS_PER_SECOND
     fractions = [float(f) for f in re.findall(r"\| 16 \(default\) \| 50 ms \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", results)]
     assert fractions and min(fractions) >= DOWNLOAD_CEILING_FRACTION > min(fractions) - 0.01
+    k2c_row = re.search(r"\| t5-base \(223M\) \| 16 \| ([\d.]+) \|", results)
+    assert float(k2c_row.group(1)) == MEASURED_K2C_CAPTIONS_PER_SECOND
     import soundfile
 
     clips = sorted(REAL_AUDIO_DIR.glob("*.ogg"))
@@ -171,8 +174,17 @@ expect = { clips = 100, hours = 1000 }
 [[sources]]
 name = "unknown"
 source = "local"
+[[sources]]
+name = "captioned"
+source = "local"
+expect = { clips = 1000, hours = 1 }
+k2c = { model = "some/t5" }
+[[sources]]
+name = "plain"
+source = "local"
+expect = { clips = 1000, hours = 1 }
 """)
-    slow, fast, unknown = plan_recipe(load_recipe(str(path)))
+    slow, fast, unknown, captioned, plain = plan_recipe(load_recipe(str(path)))
     assert slow.download_bytes == 100 * 3600 * 128_000 / 8
     assert slow.shard_bytes == pytest.approx(100 * 3600 * 16_000 * 2 * 0.6)
     assert slow.wall[1] == (5000.0, "api.example.org rate") == slow.wall[64]  # nodes do not raise a host's limit
@@ -180,6 +192,9 @@ source = "local"
     assert fast.wall[1] == (pytest.approx(transcode / CORES_PER_NODE), "transcode")
     assert fast.wall[8][0] == pytest.approx(transcode / (8 * CORES_PER_NODE))
     assert unknown.wall == {} and unknown.items is None
+    k2c = 1000 / (MEASURED_K2C_CAPTIONS_PER_SECOND / MEASURED_K2C_CORES) / CORES_PER_NODE
+    assert captioned.wall[1][0] == pytest.approx(plain.wall[1][0] + k2c)
+    assert captioned.wall[1][1] == f"{plain.wall[1][1]} + k2c on CPUs"
 
 
 @pytest.mark.parametrize("name", ["laion-audio-630k", "laion-clap-train", "msclap-2023"])
