@@ -43,7 +43,7 @@ from audio_dataset import manifest
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.shards import read_sizes, write_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
-from audio_dataset.storage import atomic_write_json, is_local, location, read_json
+from audio_dataset.storage import atomic_write_json, is_local, read_json
 
 SOURCES_DIR = "_sources"
 STATUS_FILE = "recipe.json"

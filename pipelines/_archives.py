@@ -20,6 +20,7 @@ import hashlib
 import os
 import shutil
 import tarfile
+import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -57,11 +58,42 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 class ArchiveStore:
-    """Archives by location (a local path or a URL), downloaded and extracted at most once."""
+    """Archives by location (a local path or a URL), downloaded and extracted at most once.
+
+    Pickled to Ray workers with the source: each process keeps its own index of member names.
+    """
 
     def __init__(self, state_dir: Path | None, client: HttpClient) -> None:
         self.state_dir = Path(state_dir) if state_dir else None
         self.client = client
+        self._by_name: dict[str, dict[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        state["_by_name"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._by_name = state.get("_by_name", {})
+        self._lock = threading.Lock()
+
+    def members_by_name(self, location: str) -> dict[str, str]:
+        """file name -> member path, read once per process (a URL's archive is downloaded first).
+
+        For corpora that name a clip by its file name wherever the archive keeps it; a missing
+        archive fails the item that asked (`missing_archive`), not the run.
+        """
+        with self._lock:
+            if location not in self._by_name:
+                try:
+                    names = self.members(location)
+                except UserError as exc:
+                    raise ItemError("missing_archive", str(exc)) from None
+                self._by_name[location] = {PurePosixPath(name).name: name for name in names}
+            return self._by_name[location]
 
     def _dir(self, name: str) -> Path:
         if self.state_dir is None:

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Iterator
 
 from audio_dataset.source import Item, ItemError, Source, SourceConfig, SourceError, UserError
 from audio_dataset.storage import is_local, location
+from pipelines._common import check_options
 
 OPTIONS = {"audio", "caption", "split", "id", "tags", "config", "revision"}
 SAVED_MARKERS = ("dataset_dict.json", "state.json")
@@ -56,9 +57,7 @@ class HuggingFaceSource(Source):
 
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
-        unknown = set(config.options) - OPTIONS
-        if unknown:
-            raise UserError(f"unknown hf option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(OPTIONS))}")
+        check_options(self.name, config.options, OPTIONS, http=False)
         options = config.options
         self.input = config.input or ""
         self.audio = options.get("audio", "audio")

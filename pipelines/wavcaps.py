@@ -30,17 +30,16 @@ import ast
 import io
 import json
 import logging
-import threading
 import zipfile
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, Iterator
 
-from audio_dataset.http import HTTP_OPTION_PREFIX, HttpClient, HttpConfig
+from audio_dataset.http import HttpClient, HttpConfig
 from audio_dataset.manifest import STATUS_EXCLUDED
 from audio_dataset.source import Item, ItemError, Source, SourceConfig, SourceError, UserError
 from audio_dataset.storage import location
 from pipelines._archives import ArchiveStore
-from pipelines._common import is_audio_name, is_url, join_url, read_text
+from pipelines._common import check_options, is_audio_name, is_url, join_url, read_text
 
 log = logging.getLogger("audiodata.wavcaps")
 JSON_FILES = {"FreeSound": "fsd_final.json", "BBC_Sound_Effects": "bbc_final.json",
@@ -65,10 +64,7 @@ class WavCaps(Source):
 
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
-        unknown = {k for k in config.options if not k.startswith(HTTP_OPTION_PREFIX)} - OPTIONS
-        if unknown:
-            raise UserError(f"unknown wavcaps option(s) {', '.join(sorted(unknown))}; "
-                            f"known: {', '.join(sorted(OPTIONS))} and http_*")
+        check_options(self.name, config.options, OPTIONS)
         options = config.options
         self.root = (config.input or "").rstrip("/")
         self.subsets = [s.strip() for s in options.get("subsets", ",".join(JSON_FILES)).split(",") if s.strip()]
@@ -77,18 +73,6 @@ class WavCaps(Source):
         self.blacklist = options.get("blacklist", "all")
         self.client = HttpClient(HttpConfig.from_options(options, max_bytes=256 * 2**30))
         self.store = ArchiveStore(config.state_dir, self.client)
-        self._index: dict[str, dict[str, str]] = {}
-        self._index_lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop("_index_lock")
-        state["_index"] = {}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._index_lock = threading.Lock()
 
     def check(self) -> None:
         if not self.root:
@@ -189,21 +173,10 @@ class WavCaps(Source):
             return self._download(subset, item)
         archive = join_url(self.archives, f"{subset}.zip") if self.archives else \
             self._path("Zip_files", subset, f"{subset}.zip")
-        found = self._members(archive).get(member)
+        found = self.store.members_by_name(archive).get(member)
         if found is None:
             raise ItemError("missing_member", f"{member} is not in {PurePosixPath(archive).name}")
         return self.store.read(archive, found)
-
-    def _members(self, archive: str) -> dict[str, str]:
-        """file name -> member path, read once per process (a URL's archive is downloaded first)."""
-        with self._index_lock:
-            if archive not in self._index:
-                try:
-                    names = self.store.members(archive)
-                except UserError as exc:
-                    raise ItemError("missing_archive", str(exc)) from None
-                self._index[archive] = {PurePosixPath(name).name: name for name in names}
-            return self._index[archive]
 
     def _download(self, subset: str, item: Item) -> bytes:
         link = str(item.original_data.get("download_link") or "")
