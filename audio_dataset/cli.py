@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -12,7 +13,7 @@ from upath import UPath
 from audio_dataset import __version__
 from audio_dataset.audio import FLAC_MAX_RATE, LONG_CLIP_POLICIES, AudioConfig
 from audio_dataset.source import SourceConfig, SourceError, UserError
-from audio_dataset.storage import location
+from audio_dataset.storage import is_local, location
 
 if TYPE_CHECKING:
     from audio_dataset.build import BuildOptions
@@ -143,14 +144,16 @@ def run_recipe_build(args: argparse.Namespace) -> int:
         raise UserError(f"{flags}: set by the recipe with --recipe (edit a copy of it)")
     recipe = load_recipe(args.recipe)
     for name, path in args.recipe_input:
-        recipe.source(name).input = path
+        recipe.source(name).input = os.path.abspath(path) if os.path.exists(path) else path
     names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else recipe.names
     # --limit changes what is built; the others may differ between a run and its resume.
     pinned = ["--limit", str(args.limit)] if args.limit else []
     shared = ["--no-progress"] if args.no_progress else []
     shared += ["--ray-address", args.ray_address] if args.ray_address else []
     free = {"build": shared + (["--workers", str(args.workers)] if args.workers else []), "k2c": shared}
-    commands = {n: source_commands(recipe, recipe.source(n), args.out, pinned) for n in names}
+    # Absolute: Ray workers resolve paths in their own working directory.
+    out = location(os.path.abspath(args.out.path)) if is_local(args.out) else args.out
+    commands = {n: source_commands(recipe, recipe.source(n), out, pinned) for n in names}
     parser = make_parser()
     for name, steps in commands.items():  # a mistake in the recipe stops the run before any source
         for argv in steps:
@@ -165,7 +168,7 @@ def run_recipe_build(args: argparse.Namespace) -> int:
         parsed = parser.parse_args(argv + free[argv[0]])
         parsed.func(parsed)
 
-    outcomes = run_recipe(recipe, args.out, commands, run_command)
+    outcomes = run_recipe(recipe, out, commands, run_command)
     for outcome in outcomes:
         detail = f": {outcome.error}" if outcome.error else (f", {outcome.samples} samples" if outcome.samples else "")
         print(f"{outcome.name}: {outcome.status}{detail}")

@@ -40,7 +40,8 @@ import pyarrow.compute as pc
 from upath import UPath
 
 from audio_dataset import manifest
-from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
+from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls, record_run, redact_mapping
+from audio_dataset.schema import SIZES_FILE
 from audio_dataset.shards import read_sizes, write_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
 from audio_dataset.storage import atomic_write_json, is_local, read_json
@@ -278,7 +279,8 @@ def run_recipe(recipe: Recipe, out: UPath, commands: dict[str, list[list[str]]],
         outcome = _run_source(recipe.source(name), out, steps, status, run_command)
         outcomes.append(outcome)
         if outcome.status != "skipped":
-            status["sources"][name] = {"status": outcome.status, "error": outcome.error, "commands": steps}
+            status["sources"][name] = {"status": outcome.status, "error": outcome.error,
+                                       "commands": _recorded(steps, out)}
             atomic_write_json(out / STATUS_FILE, status)
     merge(out, [e for e in recipe.sources if status["sources"].get(e.name, {}).get("status") == "done"])
     record_run(out, run)
@@ -299,7 +301,7 @@ def _run_source(entry: RecipeSource, out: UPath, steps: list[list[str]], status:
                 run_command: Callable[[list[str]], Any]) -> SourceOutcome:
     earlier = status["sources"].get(entry.name, {})
     if earlier.get("status") == "done":
-        if earlier.get("commands") != steps:
+        if earlier.get("commands") != _recorded(steps, out):
             raise UserError(f"source {entry.name} in {out} was made with other commands; use a new --out, "
                             "or the same recipe and flags to resume")
         return SourceOutcome(entry.name, "skipped")
@@ -315,12 +317,22 @@ def _run_source(entry: RecipeSource, out: UPath, steps: list[list[str]], status:
     return SourceOutcome(entry.name, "done", samples=samples)
 
 
+def _recorded(steps: list[list[str]], out: UPath) -> list[list[str]]:
+    """Commands as recipe.json keeps them: OUT as a placeholder (the folder may move, or be named
+    by another relative path), credentials in URLs masked."""
+    where = str(out)
+    return [[mask_urls(arg.replace(where, "{OUT}", 1) if arg.startswith(where) else arg) for arg in argv]
+            for argv in steps]
+
+
 def _shard_target(out: UPath, name: str, split: str, shard: str) -> UPath:
     return out / split / f"{name}-{shard}"
 
 
 def _split_dirs(folder: UPath) -> list[UPath]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    """A build's split folders that hold shards (a split whose items all failed has no sizes.json)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(("_", ".")) and (p / SIZES_FILE).exists())
 
 
 def publish(out: UPath, entry: RecipeSource) -> int:

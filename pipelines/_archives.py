@@ -122,7 +122,11 @@ class ArchiveStore:
         try:
             if zipfile.is_zipfile(path):
                 with zipfile.ZipFile(path) as archive:
-                    return [info.filename for info in archive.infolist() if not info.is_dir()]
+                    infos = archive.infolist()
+                if any(info.volume for info in infos):  # members on other disks: .z01, .z02 ...
+                    raise SourceError(f"{path.name} is the last part of a split zip: merge the parts "
+                                      f"(zip -FF {path.name} --out merged.zip) and read the merged file")
+                return [info.filename for info in infos if not info.is_dir()]
             if path.name.lower().endswith(".7z"):
                 import py7zr
 
@@ -131,6 +135,8 @@ class ArchiveStore:
             if tarfile.is_tarfile(path):
                 with tarfile.open(path) as archive:
                     return [member.name for member in archive.getmembers() if member.isfile()]
+        except SourceError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any reader's error means the archive is unusable
             raise SourceError(f"cannot read archive {path.name}: {type(exc).__name__}: {exc}") from None
         raise SourceError(f"{path.name} is not a zip, 7z or tar archive")

@@ -113,7 +113,8 @@ def test_recipe_builds_sources_into_one_dataset_isolates_failures_and_resumes(tm
     _folder(tmp_path, "a").rename(tmp_path / "not-there")
     before = {p.name: p.read_bytes() for p in shard_paths(out / "train")}
     monkeypatch.setenv("AUDIODATA_TEST_UNSET_TOKEN", "set-now")
-    assert main(argv) == 0
+    monkeypatch.chdir(tmp_path)  # the same OUT by another name: still a resume
+    assert main([*argv[:3], "--out", "out", *argv[5:]]) == 0
     printed = capsys.readouterr().out
     assert "a: skipped" in printed and "b: skipped" in printed and "broken: done" in printed
     after = {p.name: p.read_bytes() for p in shard_paths(out / "train")}
@@ -134,6 +135,10 @@ def test_recipe_mistakes_are_one_line_usage_errors(tmp_path, capsys):
     assert "unknown source 'nosuch'" in capsys.readouterr().err
     assert main(["build", "--recipe", "laion-audio-630k", "--out", str(tmp_path / "o"), "--sample-rate", "16000"]) == 2
     assert "--sample-rate: set by the recipe" in capsys.readouterr().err
+    assert main(["build", "--recipe", "laion-audio-630k", "--out", str(tmp_path / "o"), "--only", "sonis"]) == 2
+    assert "recipe laion-audio-630k has no source 'sonis'" in capsys.readouterr().err
+    assert main(["build", "--source", "local", "--out", str(tmp_path / "o"), "--only", "x"]) == 2
+    assert "--recipe-input and --only go with --recipe" in capsys.readouterr().err
     bad.write_text('[build]\nsample_rate = "fast"\n[[sources]]\nname = "x"\nsource = "local"\ninput = "/nowhere"\n')
     assert main(["build", "--recipe", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("audiodata: error: recipe source x: argument --sample-rate")

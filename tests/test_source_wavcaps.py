@@ -14,7 +14,7 @@ import soundfile
 from audio_dataset import manifest
 from audio_dataset.build import BuildOptions, build
 from audio_dataset.shards import iter_shard, shard_paths
-from audio_dataset.source import ItemError, SourceConfig, UserError, load_source
+from audio_dataset.source import ItemError, SourceConfig, SourceError, UserError, load_source
 from audio_dataset.verify import verify
 from conftest import REAL_AUDIO_DIR
 from loopback import Response
@@ -144,6 +144,24 @@ def test_reads_a_remote_copy_and_download_links(wavcaps_copy, tmp_path, loopback
     with pytest.raises(ItemError) as caught:
         by_url.fetch(items["AudioSet_SL/Yb0RFKhbpFJA.wav"])
     assert caught.value.reason == "no_download_link"
+
+
+def test_a_split_zip_part_fails_the_source_with_how_to_merge(wavcaps_copy, tmp_path):
+    """The hub's FreeSound.zip is the last part of a split archive: no zip reader opens it alone."""
+    copy = tmp_path / "copy"
+    shutil.copytree(wavcaps_copy / "json_files", copy / "json_files")
+    (copy / "Zip_files" / "FreeSound").mkdir(parents=True)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(_member("FreeSound", "456440"), _flac(CLIPS[("FreeSound", "456440")]))
+    data = bytearray(buffer.getvalue())
+    entry = data.rindex(b"PK\x01\x02")  # the central directory entry: its member starts on disk 3 (.z03)
+    data[entry + 34:entry + 36] = (3).to_bytes(2, "little")
+    (copy / "Zip_files" / "FreeSound" / "FreeSound.zip").write_bytes(bytes(data))
+    source = _source(copy, tmp_path, subsets="FreeSound")
+    robin = next(i for i in source.list_items() if i.source_id == "FreeSound/456440")
+    with pytest.raises(SourceError, match=r"last part of a split zip: merge the parts \(zip -FF FreeSound.zip"):
+        source.fetch(robin)
 
 
 def test_usage_mistakes(wavcaps_copy, tmp_path):
