@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from audio_dataset.recipe import Recipe, RecipeSource
-from audio_dataset.source import read_definition
+from audio_dataset.source import UserError, read_definition
 
 # bench/RESULTS.md, transcode: `audiodata build` over 1,536 of the bundled clips on 2 cores.
 MEASURED_BUILD_ITEMS_PER_SECOND = 38.1
@@ -75,6 +75,14 @@ class SourcePlan:
     note: str = ""
 
 
+def _rate_limit(value: Any, name: str) -> RateLimit:
+    try:
+        return RateLimit(**value)
+    except TypeError:
+        raise UserError(f"source {name}: a rate limit is {{ host, requests_per_item, per_second, per_day }}, "
+                        f"not {value!r}") from None
+
+
 def _figures(entry: RecipeSource) -> tuple[float | None, float | None, dict[str, Any]]:
     definition = read_definition(entry.source)
     plan = {**definition.get("plan", {}), **entry.plan}
@@ -105,7 +113,7 @@ def plan_source(entry: RecipeSource, sample_rate: int, channels: int, assume: As
     download = seconds * float(kbps) * 1000 / 8 if kbps else None
     shards = seconds * sample_rate * channels * 2 * assume.flac_ratio
     core_seconds = seconds / AUDIO_SECONDS_PER_CORE_SECOND
-    limits = [RateLimit(**limit) for limit in plan.get("rate_limits", [])]
+    limits = [_rate_limit(limit, entry.name) for limit in plan.get("rate_limits", [])]
     latency = float(plan.get("latency_s", assume.latency))  # a source slower per item than one GET
     per_worker = _fetch_concurrency(entry.source) * DOWNLOAD_CEILING_FRACTION / latency
     captioning = entry.k2c is not None and entry.k2c.get("model") != "template"

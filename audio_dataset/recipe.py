@@ -15,10 +15,11 @@ options, exclusion lists and the environment variables holding their credentials
     env = ["FREESOUND_API_KEY"]   # credentials, by name only: their values never leave the environment
     build = { max_seconds = 30 }  # per-source overrides of [build]
     expect = { clips = 3839, hours = 23.99 }   # for `audiodata plan`, when not the definition's
+    k2c = { model = "template" }  # `audiodata k2c` options: a captioning step before the shards join
 
 Each source is built by the ordinary `build()` into `OUT/_sources/<name>/` (its own resume state),
-one after the other (each on the same Ray instance or cluster). When a source has finished, its
-shards move to `OUT/<split>/<name>-NNNNNN.tar`, so every split is one folder with one `sizes.json`
+one after the other (each on the same Ray instance or cluster), then k2c'd into
+`OUT/_sources/<name>.k2c/` where the entry asks for it. When a source has finished, its shards move to `OUT/<split>/<name>-NNNNNN.tar`, so every split is one folder with one `sizes.json`
 (as LAION-CLAP reads it), and `OUT/manifest.parquet` is the sources' manifests merged, the `source`
 column holding the recipe's name for each. A source that fails as a whole (missing input,
 credential, site down) is reported and the others go on; `OUT/recipe.json` records each source's
@@ -135,19 +136,35 @@ def load_recipe(name_or_file: str) -> Recipe:
                     paper=str(data.get("paper", "")), notes=str(data.get("notes", "")),
                     build=_build_table(data.get("build", {}), f"recipe {path.name} [build]"),
                     sources=[_source_entry(raw, path) for raw in raw_sources],
-                    missing=list(data.get("missing", [])))
+                    missing=_missing_parts(data.get("missing", []), f"recipe {path.name}"))
     duplicates = sorted({n for n in recipe.names if recipe.names.count(n) > 1})
     if duplicates:
         raise UserError(f"recipe {path.name} names {', '.join(duplicates)} more than once")
     return recipe
 
 
-def _check_keys(data: Any, known: set[str], where: str) -> None:
+def _table(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a table")
-    unknown = sorted(set(data) - known)
+    return data
+
+
+def _check_keys(data: Any, known: set[str], where: str) -> None:
+    unknown = sorted(set(_table(data, where)) - known)
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where} must be a list of strings")
+    return list(value)
+
+
+def _missing_parts(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) and "name" in v for v in value):
+        raise UserError(f"{where}: [[missing]] entries need a name")
+    return list(value)
 
 
 def _build_table(data: Any, where: str) -> dict[str, Any]:
@@ -164,17 +181,22 @@ def _source_entry(raw: Any, path: Path) -> RecipeSource:
     source = str(raw.get("source") or name)
     if source not in available_sources():
         raise UserError(f"{where}: unknown source {source!r}; known: {', '.join(available_sources())}")
-    options = {str(k): str(v) for k, v in (raw.get("options") or {}).items()}
-    secret = sorted(k for k, v in redact_mapping(options).items() if v == "***" != options[k])
+    options = {str(k): str(v) for k, v in _table(raw.get("options", {}), f"{where} options").items()}
+    secret = sorted(k for k in options if redact_mapping({k: ""})[k] == "***")
     if secret:  # a recipe is shared and recorded: credentials stay in the environment
         raise UserError(f"{where}: option(s) {', '.join(secret)} look like credentials; put them in "
                         "environment variables and name those in `env`")
+    _check_keys(raw.get("expect", {}), {"clips", "hours"}, f"{where} expect")
+    expect = raw.get("expect", {})
+    if not all(isinstance(v, (int, float)) and v >= 0 for v in expect.values()):
+        raise UserError(f"{where} expect: clips and hours must be numbers")
+    _check_keys(raw.get("plan", {}), {"media_kbps", "rate_limits", "latency_s", "note"}, f"{where} plan")
     value = raw.get("input")
     return RecipeSource(
         name=name, source=source, input=_relative_to(path, str(value)) if value else None, options=options,
-        exclude=[_exclusion_path(path, str(e)) for e in raw.get("exclude", [])],
-        env=[str(e) for e in raw.get("env", [])], build=_build_table(raw.get("build", {}), f"{where} build"),
-        expect={k: float(v) for k, v in (raw.get("expect") or {}).items()}, plan=dict(raw.get("plan") or {}),
+        exclude=[_exclusion_path(path, e) for e in _strings(raw.get("exclude", []), f"{where} exclude")],
+        env=_strings(raw.get("env", []), f"{where} env"), build=_build_table(raw.get("build", {}), f"{where} build"),
+        expect={k: float(v) for k, v in expect.items()}, plan=dict(raw.get("plan", {})),
         note=str(raw.get("note", "")), k2c=_k2c_table(raw.get("k2c"), where),
     )
 

@@ -39,7 +39,7 @@ from audio_dataset.manifest import STATUS_EXCLUDED
 from audio_dataset.source import Item, ItemError, Source, SourceConfig, SourceError, UserError
 from audio_dataset.storage import location
 from pipelines._archives import ArchiveStore
-from pipelines._common import check_options, is_audio_name, is_url, join_url, read_text
+from pipelines._common import check_options, is_audio_name, is_url, join_url
 
 log = logging.getLogger("audiodata.wavcaps")
 JSON_FILES = {"FreeSound": "fsd_final.json", "BBC_Sound_Effects": "bbc_final.json",
@@ -90,15 +90,22 @@ class WavCaps(Source):
         return join_url(self.root, "/".join(parts)) if "://" in self.root else str(location(self.root).joinpath(*parts))
 
     def _read_json(self, where: str, what: str, required: bool = True) -> Any:
-        if is_url(where):
-            text = read_text(where, self.client, what)
-        else:
-            path = location(where)
-            if not path.exists():
-                if required:
-                    raise UserError(f"{what} not found: {where}")
+        """A JSON file of the copy; None when it is absent and not `required`."""
+        try:
+            if is_url(where):
+                text = self.client.get_text(where)
+            else:
+                path = location(where)
+                if not path.exists():
+                    raise FileNotFoundError(where)
+                text = path.read_text(encoding="utf-8-sig")
+        except (FileNotFoundError, ItemError) as exc:
+            absent = isinstance(exc, FileNotFoundError) or exc.reason == "http_404"
+            if absent and not required:
                 return None
-            text = path.read_text(encoding="utf-8-sig")
+            if absent:
+                raise UserError(f"{what} not found: {where}") from None
+            raise SourceError(f"could not read the {what} at {where}: {exc}") from None
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
@@ -119,20 +126,15 @@ class WavCaps(Source):
         names = [n.strip() for n in self.blacklist.split(",") if n.strip()] if explicit else list(BLACKLISTS)
         listed: dict[str, dict[str, str]] = {}
         for name in names:
-            where = self._path("json_files", "blacklist", name)
-            try:
-                data = self._read_json(where, f"WavCaps blacklist {name}", required=explicit)
-            except SourceError:
-                if explicit:
-                    raise
-                data = None  # an http copy without that file: the listing says so below
+            data = self._read_json(self._path("json_files", "blacklist", name), f"WavCaps blacklist {name}",
+                                   required=explicit)
             if data is None:
                 log.warning("wavcaps: blacklist %s not found under %s; its clips are not excluded", name, self.root)
                 continue
-            for key, ids in data.items():
+            for key, ids in (data.items() if isinstance(data, dict) else [(None, None)]):
                 subset = BLACKLIST_KEYS.get(key)
-                if subset is None:
-                    raise SourceError(f"WavCaps blacklist {name} has an unknown key {key!r}")
+                if subset is None or not isinstance(ids, list):
+                    raise SourceError(f"WavCaps blacklist {name} is not {{\"AudioSet\": [ids], \"FreeSound\": [ids]}}")
                 for clip_id in ids:
                     listed.setdefault(subset, {}).setdefault(str(clip_id), name)
         return listed
