@@ -197,7 +197,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from audio_dataset.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    assume = Assumptions(flac_ratio=args.flac_ratio, latency=args.latency, node_gbps=args.node_gbps)
+    assume = Assumptions(flac_ratio=args.flac_ratio, latency=args.latency, node_gbps=args.node_gbps,
+                         **({"transcode_rate": args.transcode_rate} if args.transcode_rate else {}))
     print(format_plan(recipe, plan_recipe(recipe, assume), assume))
     return 0
 
@@ -291,6 +292,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--flac-ratio", type=_positive_float, default=0.6, help="FLAC size / 16-bit PCM size")
     p.add_argument("--latency", type=_positive_float, default=0.2, help="seconds per download round trip")
     p.add_argument("--node-gbps", type=_positive_float, default=1.0, help="each node's download link, Gbit/s")
+    p.add_argument("--transcode-rate", type=_positive_float,
+                   help="seconds of audio a core transcodes per second (bench/transcode.py prints it; "
+                        "default the figure in bench/RESULTS.md)")
     p.set_defaults(func=run_plan)
     _add_k2c(subparsers)
     return parser

@@ -97,6 +97,8 @@ def _fetch_concurrency(source: str) -> int:
 
 @dataclass
 class Assumptions:
+    # Seconds of audio one core transcodes per second: `bench/transcode.py` prints it for a machine.
+    transcode_rate: float = AUDIO_SECONDS_PER_CORE_SECOND
     flac_ratio: float = DEFAULT_FLAC_RATIO
     latency: float = DEFAULT_LATENCY_S
     node_gbps: float = DEFAULT_NODE_GBPS
@@ -112,7 +114,7 @@ def plan_source(entry: RecipeSource, sample_rate: int, channels: int, assume: As
     kbps = plan.get("media_kbps")
     download = seconds * float(kbps) * 1000 / 8 if kbps else None
     shards = seconds * sample_rate * channels * 2 * assume.flac_ratio
-    core_seconds = seconds / AUDIO_SECONDS_PER_CORE_SECOND
+    core_seconds = seconds / assume.transcode_rate
     limits = [_rate_limit(limit, entry.name) for limit in plan.get("rate_limits", [])]
     latency = float(plan.get("latency_s", assume.latency))  # a source slower per item than one GET
     per_worker = _fetch_concurrency(entry.source) * DOWNLOAD_CEILING_FRACTION / latency
@@ -192,7 +194,7 @@ def format_plan(recipe: Recipe, plans: list[SourcePlan], assume: Assumptions | N
         lines.append("  ".join(str(c).ljust(w) if i in (0, len(row) - 1) else str(c).rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     lines.append(f"nodes of {assume.cores} cores and {assume.node_gbps:g} Gbit/s; transcode "
-                 f"{AUDIO_SECONDS_PER_CORE_SECOND:.0f} s of audio per core-second and downloads at "
+                 f"{assume.transcode_rate:.0f} s of audio per core-second and downloads at "
                  f"{DOWNLOAD_CEILING_FRACTION:g} x in-flight / {assume.latency:g} s (bench/RESULTS.md); shards as "
                  f"FLAC at {assume.flac_ratio:g} x 16-bit PCM (FLAC's size depends on the audio)")
     unknown = [p.name for p in plans if not p.wall]

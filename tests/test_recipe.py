@@ -10,7 +10,7 @@ import pytest
 
 from audio_dataset import manifest
 from audio_dataset.cli import main
-from audio_dataset.plan import (AUDIO_SECONDS_PER_CORE_SECOND, BENCH_CLIP_SECONDS, CORES_PER_NODE,
+from audio_dataset.plan import (AUDIO_SECONDS_PER_CORE_SECOND, Assumptions, BENCH_CLIP_SECONDS, CORES_PER_NODE,
                                 DOWNLOAD_CEILING_FRACTION, MEASURED_BUILD_ITEMS_PER_SECOND,
                                 MEASURED_K2C_CAPTIONS_PER_SECOND, MEASURED_K2C_CORES, plan_recipe)
 from audio_dataset.recipe import load_recipe, shipped_recipes
@@ -196,6 +196,8 @@ expect = { clips = 1000, hours = 1 }
     transcode = 1000 * 3600 / AUDIO_SECONDS_PER_CORE_SECOND
     assert fast.wall[1] == (pytest.approx(transcode / CORES_PER_NODE), "transcode")
     assert fast.wall[8][0] == pytest.approx(transcode / (8 * CORES_PER_NODE))
+    faster = plan_recipe(load_recipe(str(path)), Assumptions(transcode_rate=2 * AUDIO_SECONDS_PER_CORE_SECOND))[1]
+    assert faster.wall[1][0] == pytest.approx(fast.wall[1][0] / 2)
     assert unknown.wall == {} and unknown.items is None
     k2c = 1000 / (MEASURED_K2C_CAPTIONS_PER_SECOND / MEASURED_K2C_CORES) / CORES_PER_NODE
     assert captioned.wall[1][0] == pytest.approx(plain.wall[1][0] + k2c)
