@@ -236,3 +236,10 @@ def test_recipe_into_object_storage(tmp_path, s3_env):
     keys = set(_objects("recipe/"))
     assert {k for k in keys if k.endswith(".tar")} <= {"train/b-000000.tar", "valid/b-000000.tar", "test/b-000000.tar"}
     assert not any(k.startswith("_sources/b/") and k.endswith(".tar") for k in keys)  # moved, not copied
+
+
+def test_the_readme_plan_table_is_what_plan_prints(capsys):
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("$ audiodata plan laion-audio-630k\n", 1)[1].split("```", 1)[0]
+    assert main(["plan", "laion-audio-630k"]) == 0
+    assert capsys.readouterr().out == shown
