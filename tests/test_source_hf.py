@@ -106,3 +106,17 @@ def test_a_row_without_audio_bytes_fails_alone(tmp_path):
     with pytest.raises(ItemError) as caught:
         source.fetch(item)
     assert caught.value.reason == "missing_file"
+
+
+def test_a_parquet_file_behind_an_fsspec_url(forms, tmp_path):
+    """A remote file is read through fsspec: the listing and each row's group, never a download."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    url = "memory://hf-test/data/train-00000-of-00001.parquet"
+    memory.pipe(url, (forms["parquet"] / "data" / "train-00000-of-00001.parquet").read_bytes())
+    source = load_source("hf", SourceConfig(input=url, options=OPTIONS))
+    source.check()
+    items = list(source.list_items())
+    assert [i.source_id for i in items] == [f"id-{s}" for s in STEMS[:3]]
+    assert source.fetch(items[2]) == (REAL_AUDIO_DIR / f"{STEMS[2]}.ogg").read_bytes()
