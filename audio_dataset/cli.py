@@ -17,6 +17,7 @@ from audio_dataset.storage import is_local, location
 
 if TYPE_CHECKING:
     from audio_dataset.build import BuildOptions
+    from audio_dataset.recipe import Recipe
 
 
 def _positive_float(text: str) -> float:
@@ -103,7 +104,7 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_options(args: argparse.Namespace) -> "BuildOptions":
+def build_options(args: argparse.Namespace) -> BuildOptions:
     """A parsed `audiodata build` command line as BuildOptions (the audio settings checked)."""
     from audio_dataset.build import BuildOptions
 
@@ -135,7 +136,35 @@ RECIPE_RUN_FLAGS = {"recipe", "out", "limit", "workers", "ray_address", "no_prog
 
 
 def run_recipe_build(args: argparse.Namespace) -> int:
-    from audio_dataset.recipe import load_recipe, run_recipe, source_commands
+    from audio_dataset.recipe import run_recipe
+
+    recipe, out, commands, free = _recipe_commands(args)
+    parser = make_parser()
+    for name, steps in commands.items():  # a mistake in the recipe stops the run before any source
+        for argv in steps:
+            _parse_recipe_command(parser, name, argv + free[argv[0]])
+
+    def run_command(argv: list[str]) -> None:
+        parsed = parser.parse_args(argv + free[argv[0]])
+        parsed.func(parsed)
+
+    outcomes = run_recipe(recipe, out, commands, run_command)
+    for outcome in outcomes:
+        detail = f": {outcome.error}" if outcome.error else (f", {outcome.samples} samples" if outcome.samples else "")
+        print(f"{outcome.name}: {outcome.status}{detail}")
+    failed = [o.name for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"audiodata: {len(failed)} source(s) failed ({', '.join(failed)}); rerun the same command to "
+              "retry them (finished sources are skipped)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+RecipeRun = tuple["Recipe", UPath, dict[str, list[list[str]]], dict[str, list[str]]]
+
+
+def _recipe_commands(args: argparse.Namespace) -> RecipeRun:
+    """(recipe, OUT, source name -> its command lines, command -> flags free to change on a resume)."""
+    from audio_dataset.recipe import load_recipe, source_commands
 
     defaults = make_parser().parse_args(["build", "--recipe", "x", "--out", "x"])
     fixed = sorted(k for k, v in vars(args).items() if k not in RECIPE_RUN_FLAGS and v != getattr(defaults, k))
@@ -153,30 +182,7 @@ def run_recipe_build(args: argparse.Namespace) -> int:
     free = {"build": shared + (["--workers", str(args.workers)] if args.workers else []), "k2c": shared}
     # Absolute: Ray workers resolve paths in their own working directory.
     out = location(os.path.abspath(args.out.path)) if is_local(args.out) else args.out
-    commands = {n: source_commands(recipe, recipe.source(n), out, pinned) for n in names}
-    parser = make_parser()
-    for name, steps in commands.items():  # a mistake in the recipe stops the run before any source
-        for argv in steps:
-            parsed = _parse_recipe_command(parser, name, argv + free[argv[0]])
-            if argv[0] == "build":
-                try:
-                    build_options(parsed)
-                except UserError as exc:
-                    raise UserError(f"recipe source {name}: {exc}") from None
-
-    def run_command(argv: list[str]) -> None:
-        parsed = parser.parse_args(argv + free[argv[0]])
-        parsed.func(parsed)
-
-    outcomes = run_recipe(recipe, out, commands, run_command)
-    for outcome in outcomes:
-        detail = f": {outcome.error}" if outcome.error else (f", {outcome.samples} samples" if outcome.samples else "")
-        print(f"{outcome.name}: {outcome.status}{detail}")
-    failed = [o.name for o in outcomes if o.status == "failed"]
-    if failed:
-        print(f"audiodata: {len(failed)} source(s) failed ({', '.join(failed)}); rerun the same command to "
-              "retry them (finished sources are skipped)", file=sys.stderr)
-    return 1 if failed else 0
+    return recipe, out, {n: source_commands(recipe, recipe.source(n), out, pinned) for n in names}, free
 
 
 def _parse_recipe_command(parser: argparse.ArgumentParser, name: str, argv: list[str]) -> argparse.Namespace:
@@ -186,10 +192,15 @@ def _parse_recipe_command(parser: argparse.ArgumentParser, name: str, argv: list
     message = io.StringIO()
     try:
         with contextlib.redirect_stderr(message):
-            return parser.parse_args(argv)
+            parsed = parser.parse_args(argv)
+        if argv[0] == "build":
+            build_options(parsed)  # the audio settings' own checks
     except SystemExit:
         reason = message.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1].split(" (see ")[0]
         raise UserError(f"recipe source {name}: {reason}") from None
+    except UserError as exc:
+        raise UserError(f"recipe source {name}: {exc}") from None
+    return parsed
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -197,8 +208,9 @@ def run_plan(args: argparse.Namespace) -> int:
     from audio_dataset.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    assume = Assumptions(flac_ratio=args.flac_ratio, latency=args.latency, node_gbps=args.node_gbps,
-                         **({"transcode_rate": args.transcode_rate} if args.transcode_rate else {}))
+    given = {"flac_ratio": args.flac_ratio, "latency": args.latency, "node_gbps": args.node_gbps,
+             "transcode_rate": args.transcode_rate}
+    assume = Assumptions(**{k: v for k, v in given.items() if v is not None})
     print(format_plan(recipe, plan_recipe(recipe, assume), assume))
     return 0
 
@@ -289,9 +301,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_report)
     p = subparsers.add_parser("plan", help="items, hours, bytes and wall time a recipe needs, per source")
     p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a recipe .toml file")
-    p.add_argument("--flac-ratio", type=_positive_float, default=0.6, help="FLAC size / 16-bit PCM size")
-    p.add_argument("--latency", type=_positive_float, default=0.2, help="seconds per download round trip")
-    p.add_argument("--node-gbps", type=_positive_float, default=1.0, help="each node's download link, Gbit/s")
+    p.add_argument("--flac-ratio", type=_positive_float, help="FLAC size / 16-bit PCM size (default 0.6)")
+    p.add_argument("--latency", type=_positive_float, help="seconds per download round trip (default 0.2)")
+    p.add_argument("--node-gbps", type=_positive_float, help="each node's download link, Gbit/s (default 1)")
     p.add_argument("--transcode-rate", type=_positive_float,
                    help="seconds of audio a core transcodes per second (bench/transcode.py prints it; "
                         "default the figure in bench/RESULTS.md)")

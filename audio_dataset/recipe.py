@@ -19,7 +19,8 @@ options, exclusion lists and the environment variables holding their credentials
 
 Each source is built by the ordinary `build()` into `OUT/_sources/<name>/` (its own resume state),
 one after the other (each on the same Ray instance or cluster), then k2c'd into
-`OUT/_sources/<name>.k2c/` where the entry asks for it. When a source has finished, its shards move to `OUT/<split>/<name>-NNNNNN.tar`, so every split is one folder with one `sizes.json`
+`OUT/_sources/<name>.k2c/` where the entry asks for it. When a source has finished, its shards
+move to `OUT/<split>/<name>-NNNNNN.tar`, so every split is one folder with one `sizes.json`
 (as LAION-CLAP reads it), and `OUT/manifest.parquet` is the sources' manifests merged, the `source`
 column holding the recipe's name for each. A source that fails as a whole (missing input,
 credential, site down) is reported and the others go on; `OUT/recipe.json` records each source's

@@ -122,9 +122,11 @@ class HuggingFaceSource(Source):
         try:
             builder = datasets.load_dataset_builder(self.input, name=self.hub_config, revision=self.revision)
         except (FileNotFoundError, ValueError) as exc:
-            raise UserError(f"cannot read {self.input} as a dataset: {str(exc).splitlines()[0]}") from None
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"cannot read {self.input} as a dataset: {first_line}") from None
         except Exception as exc:  # noqa: BLE001 - hub and network errors have many types
-            raise SourceError(f"cannot resolve {self.input}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            raise SourceError(f"cannot resolve {self.input}: {type(exc).__name__}: {first_line}") from None
         files = (builder.config.data_files or {}).get(self.split)
         if builder.name == "parquet" and files:
             return sorted(str(f) for f in files)

@@ -21,8 +21,10 @@ from test_object_storage import BUCKET, _objects, s3_env  # noqa: F401 - the fix
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-do-not-log-4711"
-SHORT_CLIPS = {"a": ["198-209-0000", "456440__inspectorj__bird-whistling-robin-single-13", "sorohanro_-_solo-trumpet-06"],
-               "b": ["3436-172162-0000", "5703-47212-0000"]}
+SHORT_CLIPS = {
+    "a": ["198-209-0000", "456440__inspectorj__bird-whistling-robin-single-13", "sorohanro_-_solo-trumpet-06"],
+    "b": ["3436-172162-0000", "5703-47212-0000"],
+}
 
 
 def _folder(root: Path, name: str) -> Path:
@@ -153,7 +155,8 @@ def test_plan_figures_follow_the_benchmarks_and_the_definitions(tmp_path):
     results = (ROOT / "bench" / "RESULTS.md").read_text()
     build_row = re.search(r"\| audiodata build \| [\d.]+ s, ([\d.]+) items/s \|", results)
     assert float(build_row.group(1)) == MEASURED_BUILD_ITEMS_PER_SECOND
-    fractions = [float(f) for f in re.findall(r"\| 16 \(default\) \| 50 ms \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", results)]
+    default_rows = r"\| 16 \(default\) \| 50 ms \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|"
+    fractions = [float(f) for f in re.findall(default_rows, results)]
     assert fractions and min(fractions) >= DOWNLOAD_CEILING_FRACTION > min(fractions) - 0.01
     k2c_row = re.search(r"\| t5-base \(223M\) \| 16 \| ([\d.]+) \|", results)
     assert float(k2c_row.group(1)) == MEASURED_K2C_CAPTIONS_PER_SECOND
