@@ -11,7 +11,8 @@ reading a member means decompressing what precedes it: they are extracted once, 
 `<state_dir>/extracted/`, and members are read from there.
 
 Downloads go through the shared `HttpClient.download` (same retries, rate limits and content
-checks as every other request, streamed to disk).
+checks as every other request, streamed to disk); other fsspec URLs (s3://, hf://) are copied
+with their filesystem's own streaming get.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from typing import Iterator
 
 from audio_dataset.http import HttpClient, public_url
 from audio_dataset.source import ItemError, SourceError, UserError
+from audio_dataset.storage import location as storage_location, temp_sibling
 from pipelines._common import is_url
 
 ARCHIVE_SUFFIXES = (".zip", ".7z", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -55,6 +57,21 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _copy_from_fsspec(location: str, dest: Path) -> None:
+    """Stream an object-store file to `dest` (complete or absent, like HttpClient.download)."""
+    source = storage_location(location)
+    temp = temp_sibling(dest)
+    try:
+        source.fs.get_file(source.path, str(temp))
+        os.replace(temp, dest)
+    except FileNotFoundError:
+        raise UserError(f"archive not found: {location}") from None
+    except OSError as exc:
+        raise SourceError(f"could not fetch the archive {location}: {exc}") from None
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 class ArchiveStore:
@@ -101,8 +118,9 @@ class ArchiveStore:
         return self.state_dir / name
 
     def local_path(self, location: str) -> Path:
-        """The archive on disk: the path itself, or the cached download of a URL."""
-        if not is_url(location):
+        """The archive on disk: the path itself, or the cached download of a URL (http(s), or any
+        fsspec URL such as s3:// or hf://)."""
+        if "://" not in location:
             path = Path(location).expanduser()
             if not path.is_file():
                 raise UserError(f"archive not found: {path}")
@@ -113,7 +131,10 @@ class ArchiveStore:
             return dest
         with _locked(dest.with_name(dest.name + ".lock")):
             if not dest.exists():  # another worker may have finished it while we waited
-                self.client.download(location, dest, expect="archive")
+                if is_url(location):
+                    self.client.download(location, dest, expect="archive")
+                else:
+                    _copy_from_fsspec(location, dest)
         return dest
 
     def members(self, location: str) -> list[str]:

@@ -173,3 +173,18 @@ def test_usage_mistakes(wavcaps_copy, tmp_path):
         list(_source(tmp_path, tmp_path, blacklist="none").list_items())
     with pytest.raises(UserError, match="blacklist nope.json not found"):
         list(_source(wavcaps_copy, tmp_path, blacklist="nope.json").list_items())
+
+
+def test_reads_a_copy_behind_an_fsspec_url(wavcaps_copy, tmp_path):
+    """s3://, hf:// and the like: JSON read through fsspec, the zip fetched once into the state folder."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for path in wavcaps_copy.rglob("*"):
+        if path.is_file():
+            memory.pipe(f"memory://wavcaps-copy/{path.relative_to(wavcaps_copy).as_posix()}", path.read_bytes())
+    source = _source("memory://wavcaps-copy", tmp_path, subsets="SoundBible")
+    items = [i for i in source.list_items()]
+    assert [i.source_id for i in items] == ["SoundBible/2219", "SoundBible/2218"]
+    assert source.fetch(items[0]) == _flac("198-209-0000")
+    assert len(list((tmp_path / "state" / "archives").glob("*-SoundBible.zip"))) == 1
