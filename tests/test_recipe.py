@@ -246,3 +246,13 @@ def test_the_readme_plan_table_is_what_plan_prints(capsys):
     shown = readme.split("$ audiodata plan laion-audio-630k\n", 1)[1].split("```", 1)[0]
     assert main(["plan", "laion-audio-630k"]) == 0
     assert capsys.readouterr().out == shown
+
+
+def test_the_readme_recipe_example_loads_and_plans(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("A recipe of your own:\n\n```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mine.toml").write_text(example)
+    recipe = load_recipe(str(tmp_path / "mine.toml"))
+    assert recipe.names == ["clotho", "my-clips", "freesound"]
+    assert recipe.source("my-clips").input == str(tmp_path / "clips") and recipe.source("my-clips").k2c
+    assert [p.items for p in plan_recipe(recipe)] == [3839, None, 50000]
