@@ -317,6 +317,10 @@ def _read_status(out: UPath, recipe: Recipe) -> dict[str, Any]:
     status = read_json(path)
     if status.get("recipe") != recipe.name:
         raise UserError(f"{out} holds recipe {status.get('recipe')!r}, not {recipe.name!r}; use a new --out")
+    dropped = sorted(n for n, s in status["sources"].items() if s.get("status") == "done" and n not in recipe.names)
+    if dropped:  # their shards are in OUT/<split>/ already: the merged dataset would not describe them
+        raise UserError(f"{out} holds source(s) {', '.join(dropped)} that recipe {recipe.name} no longer has; "
+                        "use a new --out")
     return status
 
 

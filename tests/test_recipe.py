@@ -125,6 +125,10 @@ def test_recipe_builds_sources_into_one_dataset_isolates_failures_and_resumes(tm
     assert {r["source"] for r in table} == {"a", "b", "broken", "nocred", "captioned"}
     assert len(table) == 3 + 2 + 3 + 2 + 2
     assert verify(out).ok, verify(out).problems
+    # A recipe that dropped a finished source would leave its shards undescribed: refused.
+    (tmp_path / "corpus.toml").write_text(RECIPE.replace('name = "a"', 'name = "renamed"'))
+    assert main(argv) == 2
+    assert "holds source(s) a that recipe two-folders no longer has" in capsys.readouterr().err
 
 
 def test_recipe_mistakes_are_one_line_usage_errors(tmp_path, capsys):
