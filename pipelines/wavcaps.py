@@ -16,8 +16,8 @@ Layout (the hub dataset cvssp/WavCaps and github.com/XinhaoMei/WavCaps):
 
 `--input`: the folder holding json_files/ (and Zip_files/), or a URL it is under: http(s)
 (e.g. https://huggingface.co/datasets/cvssp/WavCaps/resolve/main) or any fsspec URL (s3://,
-hf://datasets/cvssp/WavCaps); a remote zip is fetched once into the build's state folder. Options: subsets=FreeSound,BBC_Sound_Effects,SoundBible,AudioSet_SL;
-audio=archive (default; the zip, downloaded once into the build's state folder when a URL) or
+hf://datasets/cvssp/WavCaps). Options: subsets=FreeSound,BBC_Sound_Effects,SoundBible,AudioSet_SL;
+audio=archive (default; the zip, fetched once into the build's state folder when remote) or
 audio=url (each entry's download_link: SoundBible and BBC serve theirs openly, a BBC link is a
 zip holding the WAV; Freesound's need a logged-in session, AudioSet_SL has none); archives=DIR;
 blacklist=all (default: every blacklist file present), none, or file names. Blacklisted clips are
