@@ -46,6 +46,7 @@ from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls,
 from audio_dataset.schema import SIZES_FILE
 from audio_dataset.shards import read_sizes, write_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
+from audio_dataset.stats import compute_stats
 from audio_dataset.storage import atomic_write_json, is_local, read_json
 
 SOURCES_DIR = "_sources"
@@ -387,8 +388,6 @@ def _move(src: UPath, dest: UPath) -> None:
 
 def merge(out: UPath, entries: list[RecipeSource]) -> dict[str, Any]:
     """OUT/manifest.parquet, OUT/<split>/sizes.json and OUT/stats.json over the finished sources."""
-    from audio_dataset.stats import compute_stats
-
     tables = []
     sizes: dict[str, dict[str, int]] = {}
     for entry in entries:
