@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 from upath import UPath
 
 from audio_dataset import manifest
+from audio_dataset.build import WORK_DIR
 from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls, record_run, redact_mapping
 from audio_dataset.schema import SIZES_FILE
 from audio_dataset.shards import read_sizes, write_sizes
@@ -314,6 +315,8 @@ def run_recipe(recipe: Recipe, out: UPath, commands: dict[str, list[list[str]]],
 def _read_status(out: UPath, recipe: Recipe) -> dict[str, Any]:
     path = out / STATUS_FILE
     if not path.exists():
+        if (out / manifest.MANIFEST_FILE).exists() or (out / WORK_DIR).exists():
+            raise UserError(f"{out} holds the build of one source (audiodata build --source); use a new --out")
         return {"recipe": recipe.name, "sources": {}}
     status = read_json(path)
     if status.get("recipe") != recipe.name:

@@ -129,6 +129,9 @@ def test_recipe_builds_sources_into_one_dataset_isolates_failures_and_resumes(tm
     (tmp_path / "corpus.toml").write_text(RECIPE.replace('name = "a"', 'name = "renamed"'))
     assert main(argv) == 2
     assert "holds source(s) a that recipe two-folders no longer has" in capsys.readouterr().err
+    # Nor does a recipe write over the build of one source.
+    assert main(["build", "--recipe", str(tmp_path / "corpus.toml"), "--out", str(out / "_sources" / "b")]) == 2
+    assert "holds the build of one source" in capsys.readouterr().err
 
 
 def test_recipe_mistakes_are_one_line_usage_errors(tmp_path, capsys):
