@@ -121,16 +121,16 @@ def plan_source(entry: RecipeSource, sample_rate: int, channels: int, assume: As
     captioning = entry.k2c is not None and entry.k2c.get("model") != "template"
     k2c_core_seconds = items / (MEASURED_K2C_CAPTIONS_PER_SECOND / MEASURED_K2C_CORES) if captioning else 0.0
     result = SourcePlan(entry.name, entry.source, items, hours, download, shards,
-                        (core_seconds + k2c_core_seconds) / 3600, note=str(plan.get("note", "")))
+                        (core_seconds + k2c_core_seconds) / 3600, note=entry.note or str(plan.get("note", "")))
     for nodes in NODE_COUNTS:
         cores = nodes * assume.cores
         bounds = [(core_seconds / cores, "transcode"), (items / (per_worker * cores), "downloads"),
                   ((download or 0.0) / (nodes * assume.node_gbps * 1e9 / 8), "bandwidth")]
         bounds += [(limit.seconds(items), f"{limit.host} rate") for limit in limits]
-        seconds, bound = max(bounds)
+        wall, bound = max(bounds)
         if captioning:
-            seconds, bound = seconds + k2c_core_seconds / cores, f"{bound} + k2c on CPUs"
-        result.wall[nodes] = (seconds, bound)
+            wall, bound = wall + k2c_core_seconds / cores, f"{bound} + k2c on CPUs"
+        result.wall[nodes] = (wall, bound)
     return result
 
 
@@ -200,6 +200,7 @@ def format_plan(recipe: Recipe, plans: list[SourcePlan], assume: Assumptions | N
     unknown = [p.name for p in plans if not p.wall]
     if unknown:
         lines.append(f"not in the totals (no expected counts): {', '.join(unknown)}")
+    lines += [f"{p.name}: {p.note}" for p in plans if p.wall and p.note]
     for part in recipe.missing:
         items = part.get("items")
         lines.append(f"missing: {part.get('name')}" + (f" ({items:,} items)" if isinstance(items, int) else "")
