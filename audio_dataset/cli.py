@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from upath import UPath
 
 from audio_dataset import __version__
 from audio_dataset.audio import FLAC_MAX_RATE, LONG_CLIP_POLICIES, AudioConfig
 from audio_dataset.source import SourceConfig, SourceError, UserError
-from audio_dataset.storage import location
+from audio_dataset.storage import is_local, location
+
+if TYPE_CHECKING:
+    from audio_dataset.build import BuildOptions
+    from audio_dataset.recipe import Recipe
 
 
 def _positive_float(text: str) -> float:
@@ -55,7 +60,9 @@ def _split_ratios(text: str) -> dict[str, float]:
 
 def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("build", help="list, download, transcode and shard a source")
-    p.add_argument("--source", required=True, help="source name (see `audiodata sources`)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--source", help="source name (see `audiodata sources`)")
+    what.add_argument("--recipe", metavar="NAME_OR_FILE", help="build every source of a recipe (see `audiodata plan`)")
     p.add_argument("--input", help="folder, CSV/parquet or catalogue the source reads")
     p.add_argument("--out", required=True, type=location, help="output folder or fsspec URL (s3://bucket/prefix)")
     p.add_argument("--samples-per-shard", type=_positive_int, default=256,
@@ -80,11 +87,26 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", type=Path, action="append", default=[], metavar="FILE",
                    help="file of source ids to exclude (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--recipe-input", type=_key_value, action="append", default=[], metavar="NAME=PATH",
+                   help="with --recipe: the input of one of its sources (repeatable)")
+    p.add_argument("--only", help="with --recipe: build only these sources (comma-separated names)")
     p.set_defaults(func=run_build)
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from audio_dataset.build import BuildOptions, build
+    from audio_dataset.build import build
+
+    if args.recipe:
+        return run_recipe_build(args)
+    if args.recipe_input or args.only:
+        raise UserError("--recipe-input and --only go with --recipe")
+    build(build_options(args))
+    return 0
+
+
+def build_options(args: argparse.Namespace) -> BuildOptions:
+    """A parsed `audiodata build` command line as BuildOptions (the audio settings checked)."""
+    from audio_dataset.build import BuildOptions
 
     long_clips = args.long_clips or ("segment" if args.segment_seconds else "drop")
     if long_clips == "segment" and not (args.segment_seconds or args.max_seconds):
@@ -106,7 +128,90 @@ def run_build(args: argparse.Namespace) -> int:
         ray_address=args.ray_address, split_ratios=args.splits, exclude_files=args.exclude,
         progress=not args.no_progress,
     )
-    build(options)
+    return options
+
+
+# `audiodata build` flags a recipe run takes from the command line; the rest come from the recipe.
+RECIPE_RUN_FLAGS = {"recipe", "out", "limit", "workers", "ray_address", "no_progress", "recipe_input", "only"}
+
+
+def run_recipe_build(args: argparse.Namespace) -> int:
+    from audio_dataset.recipe import run_recipe
+
+    recipe, out, commands, free = _recipe_commands(args)
+    parser = make_parser()
+    for name, steps in commands.items():  # a mistake in the recipe stops the run before any source
+        for argv in steps:
+            _parse_recipe_command(parser, name, argv + free[argv[0]])
+
+    def run_command(argv: list[str]) -> None:
+        parsed = parser.parse_args(argv + free[argv[0]])
+        parsed.func(parsed)
+
+    outcomes = run_recipe(recipe, out, commands, run_command)
+    for outcome in outcomes:
+        detail = f": {outcome.error}" if outcome.error else (f", {outcome.samples} samples" if outcome.samples else "")
+        print(f"{outcome.name}: {outcome.status}{detail}")
+    failed = [o.name for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"audiodata: {len(failed)} source(s) failed ({', '.join(failed)}); rerun the same command to "
+              "retry them (finished sources are skipped)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+RecipeRun = tuple["Recipe", UPath, dict[str, list[list[str]]], dict[str, list[str]]]
+
+
+def _recipe_commands(args: argparse.Namespace) -> RecipeRun:
+    """(recipe, OUT, source name -> its command lines, command -> flags free to change on a resume)."""
+    from audio_dataset.recipe import load_recipe, source_commands
+
+    defaults = make_parser().parse_args(["build", "--recipe", "x", "--out", "x"])
+    fixed = sorted(k for k, v in vars(args).items() if k not in RECIPE_RUN_FLAGS and v != getattr(defaults, k))
+    if fixed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise UserError(f"{flags}: set by the recipe with --recipe (edit a copy of it)")
+    recipe = load_recipe(args.recipe)
+    for name, path in args.recipe_input:
+        recipe.source(name).input = os.path.abspath(path) if os.path.exists(path) else path
+    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else recipe.names
+    # --limit changes what is built; the others may differ between a run and its resume.
+    pinned = ["--limit", str(args.limit)] if args.limit else []
+    shared = ["--no-progress"] if args.no_progress else []
+    shared += ["--ray-address", args.ray_address] if args.ray_address else []
+    free = {"build": shared + (["--workers", str(args.workers)] if args.workers else []), "k2c": shared}
+    # Absolute: Ray workers resolve paths in their own working directory.
+    out = location(os.path.abspath(args.out.path)) if is_local(args.out) else args.out
+    return recipe, out, {n: source_commands(recipe, recipe.source(n), out, pinned) for n in names}, free
+
+
+def _parse_recipe_command(parser: argparse.ArgumentParser, name: str, argv: list[str]) -> argparse.Namespace:
+    import contextlib
+    import io
+
+    message = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(message):
+            parsed = parser.parse_args(argv)
+        if argv[0] == "build":
+            build_options(parsed)  # the audio settings' own checks
+    except SystemExit:
+        reason = message.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1].split(" (see ")[0]
+        raise UserError(f"recipe source {name}: {reason}") from None
+    except UserError as exc:
+        raise UserError(f"recipe source {name}: {exc}") from None
+    return parsed
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from audio_dataset.plan import Assumptions, format_plan, plan_recipe
+    from audio_dataset.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    given = {"flac_ratio": args.flac_ratio, "latency": args.latency, "node_gbps": args.node_gbps,
+             "transcode_rate": args.transcode_rate}
+    assume = Assumptions(**{k: v for k, v in given.items() if v is not None})
+    print(format_plan(recipe, plan_recipe(recipe, assume), assume))
     return 0
 
 
@@ -194,6 +299,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=6,  # report.DEFAULT_SAMPLES, without importing it
                    help="samples shown with audio previews")
     p.set_defaults(func=run_report)
+    p = subparsers.add_parser("plan", help="items, hours, bytes and wall time a recipe needs, per source")
+    p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a recipe .toml file")
+    p.add_argument("--flac-ratio", type=_positive_float, help="FLAC size / 16-bit PCM size (default 0.6)")
+    p.add_argument("--latency", type=_positive_float, help="seconds per download round trip (default 0.2)")
+    p.add_argument("--node-gbps", type=_positive_float, help="each node's download link, Gbit/s (default 1)")
+    p.add_argument("--transcode-rate", type=_positive_float,
+                   help="seconds of audio a core transcodes per second (bench/transcode.py prints it; "
+                        "default the figure in bench/RESULTS.md)")
+    p.set_defaults(func=run_plan)
     _add_k2c(subparsers)
     return parser
 

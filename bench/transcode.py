@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio_ffmpeg
+import soundfile
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = sorted((ROOT / "tests" / "data" / "real-audio").glob("*.ogg"))
@@ -146,6 +147,9 @@ def main() -> None:
         print(f"ratio ours/ffmpeg throughput: {t_ffmpeg / t_ours:.2f}x (target >= 1.5)")
         print(f"CPU ceiling : {ceiling:7.2f} s  (in-process transcode {t_cpu:.2f} s / {args.cores} cores)")
         print(f"fraction of CPU ceiling: {ceiling / t_ours:.2f} (target >= 0.85)")
+        audio_seconds = sum(soundfile.info(path).duration for path in paths)
+        rate = audio_seconds / (t_ours * args.cores)
+        print(f"plan figure : {rate:.0f} s of audio per core-second (audiodata plan --transcode-rate {rate:.0f})")
         if not args.skip_memory:
             small, big = args.memory_items, args.memory_items * args.memory_scale
             make_inputs(work / "small", small)

@@ -11,7 +11,8 @@ reading a member means decompressing what precedes it: they are extracted once, 
 `<state_dir>/extracted/`, and members are read from there.
 
 Downloads go through the shared `HttpClient.download` (same retries, rate limits and content
-checks as every other request, streamed to disk).
+checks as every other request, streamed to disk); other fsspec URLs (s3://, hf://) are copied
+with their filesystem's own streaming get.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import hashlib
 import os
 import shutil
 import tarfile
+import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -27,6 +29,7 @@ from typing import Iterator
 
 from audio_dataset.http import HttpClient, public_url
 from audio_dataset.source import ItemError, SourceError, UserError
+from audio_dataset.storage import location as storage_location, temp_sibling
 from pipelines._common import is_url
 
 ARCHIVE_SUFFIXES = (".zip", ".7z", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -56,12 +59,58 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _copy_from_fsspec(location: str, dest: Path) -> None:
+    """Stream an object-store file to `dest` (complete or absent, like HttpClient.download)."""
+    source = storage_location(location)
+    temp = temp_sibling(dest)
+    try:
+        source.fs.get_file(source.path, str(temp))
+        os.replace(temp, dest)
+    except FileNotFoundError:
+        raise UserError(f"archive not found: {location}") from None
+    except OSError as exc:
+        raise SourceError(f"could not fetch the archive {location}: {exc}") from None
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 class ArchiveStore:
-    """Archives by location (a local path or a URL), downloaded and extracted at most once."""
+    """Archives by location (a local path or a URL), downloaded and extracted at most once.
+
+    Pickled to Ray workers with the source: each process keeps its own index of member names.
+    """
 
     def __init__(self, state_dir: Path | None, client: HttpClient) -> None:
         self.state_dir = Path(state_dir) if state_dir else None
         self.client = client
+        self._by_name: dict[str, dict[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        state["_by_name"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._by_name = state.get("_by_name", {})
+        self._lock = threading.Lock()
+
+    def members_by_name(self, location: str) -> dict[str, str]:
+        """file name -> member path, read once per process (a URL's archive is downloaded first).
+
+        For corpora that name a clip by its file name wherever the archive keeps it; a missing
+        archive fails the item that asked (`missing_archive`), not the run.
+        """
+        with self._lock:
+            if location not in self._by_name:
+                try:
+                    names = self.members(location)
+                except UserError as exc:
+                    raise ItemError("missing_archive", str(exc)) from None
+                self._by_name[location] = {PurePosixPath(name).name: name for name in names}
+            return self._by_name[location]
 
     def _dir(self, name: str) -> Path:
         if self.state_dir is None:
@@ -69,8 +118,9 @@ class ArchiveStore:
         return self.state_dir / name
 
     def local_path(self, location: str) -> Path:
-        """The archive on disk: the path itself, or the cached download of a URL."""
-        if not is_url(location):
+        """The archive on disk: the path itself, or the cached download of a URL (http(s), or any
+        fsspec URL such as s3:// or hf://)."""
+        if "://" not in location:
             path = Path(location).expanduser()
             if not path.is_file():
                 raise UserError(f"archive not found: {path}")
@@ -81,7 +131,10 @@ class ArchiveStore:
             return dest
         with _locked(dest.with_name(dest.name + ".lock")):
             if not dest.exists():  # another worker may have finished it while we waited
-                self.client.download(location, dest, expect="archive")
+                if is_url(location):
+                    self.client.download(location, dest, expect="archive")
+                else:
+                    _copy_from_fsspec(location, dest)
         return dest
 
     def members(self, location: str) -> list[str]:
@@ -90,7 +143,11 @@ class ArchiveStore:
         try:
             if zipfile.is_zipfile(path):
                 with zipfile.ZipFile(path) as archive:
-                    return [info.filename for info in archive.infolist() if not info.is_dir()]
+                    infos = archive.infolist()
+                if any(info.volume for info in infos):  # members on other disks: .z01, .z02 ...
+                    raise SourceError(f"{path.name} is the last part of a split zip: merge the parts "
+                                      f"(zip -FF {path.name} --out merged.zip) and read the merged file")
+                return [info.filename for info in infos if not info.is_dir()]
             if path.name.lower().endswith(".7z"):
                 import py7zr
 
@@ -99,6 +156,8 @@ class ArchiveStore:
             if tarfile.is_tarfile(path):
                 with tarfile.open(path) as archive:
                     return [member.name for member in archive.getmembers() if member.isfile()]
+        except SourceError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any reader's error means the archive is unusable
             raise SourceError(f"cannot read archive {path.name}: {type(exc).__name__}: {exc}") from None
         raise SourceError(f"{path.name} is not a zip, 7z or tar archive")

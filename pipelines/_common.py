@@ -10,8 +10,16 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from audio_dataset.http import HttpClient
+from audio_dataset.http import HTTP_OPTION_PREFIX, HttpClient
 from audio_dataset.source import ItemError, SourceError, UserError
+
+
+def check_options(source: str, options: dict[str, str], known: set[str], http: bool = True) -> None:
+    """A mistyped `--source-option` is a usage mistake, named with the options the source knows."""
+    unknown = sorted(k for k in options if k not in known and not (http and k.startswith(HTTP_OPTION_PREFIX)))
+    if unknown:
+        also = " and http_* (see audio_dataset.http)" if http else ""
+        raise UserError(f"unknown {source} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}{also}")
 
 
 def is_url(location: str) -> bool:

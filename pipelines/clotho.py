@@ -15,8 +15,7 @@ whose archives are downloaded once into the build's state folder).
 """
 from __future__ import annotations
 
-import threading
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import ClassVar, Iterator
 
 from audio_dataset.http import HttpClient, HttpConfig
@@ -41,18 +40,6 @@ class Clotho(Source):
         self.splits = [name.strip() for name in wanted.split(",") if name.strip()]
         self.client = HttpClient(HttpConfig.from_options(config.options, max_bytes=64 * 2**30))
         self.store = ArchiveStore(config.state_dir, self.client)
-        self._index: dict[str, dict[str, str]] = {}
-        self._index_lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop("_index_lock")
-        state["_index"] = {}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._index_lock = threading.Lock()
 
     def check(self) -> None:
         unknown = [name for name in self.splits if name not in SPLITS]
@@ -101,21 +88,10 @@ class Clotho(Source):
                 if path.is_file():
                     return path.read_bytes()
         archive = self._file(f"clotho_audio_{split}.7z")
-        member = self._members(archive).get(file_name)
+        member = self.store.members_by_name(archive).get(file_name)
         if member is None:
             raise ItemError("missing_member", f"{file_name} is not in clotho_audio_{split}.7z")
         return self.store.read(archive, member)
-
-    def _members(self, archive: str) -> dict[str, str]:
-        """file name -> member path, read once per process (the archive is downloaded on first use)."""
-        with self._index_lock:
-            if archive not in self._index:
-                try:
-                    names = self.store.members(archive)
-                except UserError as exc:
-                    raise ItemError("missing_archive", str(exc)) from None
-                self._index[archive] = {PurePosixPath(name).name: name for name in names}
-            return self._index[archive]
 
 
 SOURCE = Clotho
