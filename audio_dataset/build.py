@@ -25,12 +25,12 @@ import pyarrow as pa
 from upath import UPath
 
 from audio_dataset import manifest
-from audio_dataset.audio import AudioConfig, decode_clip, transcode_decoded
+from audio_dataset.audio import AudioConfig, Media, encode, scan
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.raystart import start_ray
-from audio_dataset.schema import SPLITS, SampleMeta, safe_key, shard_name
-from audio_dataset.shards import ShardWriter, write_sizes
+from audio_dataset.schema import SPLITS, SampleMeta, clean_captions, safe_key, shard_name
+from audio_dataset.shards import Sample, ShardWriter, write_sizes
 from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json
 from audio_dataset.source import (
     Item, ItemError, Source, SourceConfig, SourceError, UserError, load_source, read_definition,
@@ -198,72 +198,95 @@ def ordered_prefetch(fn: Callable[[Item], Any], items: list[Item], workers: int)
         yield from pending
 
 
-def _fail_row(source: str, item: Item, split: str, shard: str, exc: ItemError, **extra: Any) -> ManifestRow:
+def _fail_row(source: str, item: Item, split: str, shard: str | None, exc: ItemError, **extra: Any) -> ManifestRow:
     return ManifestRow(source=source, source_id=item.source_id, split=split, shard=shard,
                        status=manifest.status_for_reason(exc.reason), error=exc.reason,
                        error_detail=exc.detail[:500] or None, url=item.url, license=item.license, **extra)
 
 
-def process_item(source: str, item: Item, data: bytes, split: str, shard: str,
-                 config: AudioConfig) -> tuple[ManifestRow, list[dict[str, bytes | str]]]:
+def _media_checks(data: Media) -> dict[str, Any]:
+    """Size and sha256 of the source bytes; a local file is hashed as it is read, never loaded whole."""
+    if isinstance(data, Path):
+        with open(data, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        return dict(source_bytes=data.stat().st_size, sha256=digest)
+    return dict(source_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def process_item(source: str, item: Item, data: Media, split: str, shard: str,
+                 config: AudioConfig) -> tuple[ManifestRow, list[Sample]]:
     """Transcode one fetched item into samples, or a failure row."""
-    checks: dict[str, Any] = dict(source_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    checks = _media_checks(data)
     try:
-        decoded = decode_clip(data, item.clip)
+        found = scan(data, config, item.clip)
     except ItemError as exc:
         return _fail_row(source, item, split, shard, exc, **checks), []
     # Kept on dropped rows too: "hours in" counts every clip that decoded, not only those kept.
-    checks.update(source_duration=decoded.duration, source_sample_rate=decoded.sample_rate,
-                  source_channels=decoded.samples.shape[0], source_codec=decoded.codec)
+    checks.update(source_duration=found.duration, source_sample_rate=found.sample_rate,
+                  source_channels=found.channels, source_codec=found.codec, downmix=found.downmix,
+                  downmix_db=None if found.downmix_db is None else round(found.downmix_db, 2),
+                  downmix_cancels=found.downmix_cancels)
+    text, truncated = clean_captions(item.text)
     try:
-        result = transcode_decoded(decoded, config)
+        if not text:
+            raise ItemError("no_caption", "every caption is blank")
+        result = encode(found, config)
     except ItemError as exc:
         return _fail_row(source, item, split, shard, exc, **checks), []
-    samples = []
+    level = dict(gain_db=result.gain_db, clipped_samples=result.clipped_samples)
+    samples: list[Sample] = []
     for number, segment in enumerate(result.segments):
         key = safe_key(source, item.source_id, None if result.whole else number)
         meta = SampleMeta(
-            text=item.text, tag=item.tag, original_data=item.original_data, source=source,
+            text=text, tag=item.tag, original_data=item.original_data, source=source,
             source_id=item.source_id, license=item.license, author=item.author, url=item.url,
             duration=round(segment.duration, 6), sample_rate=config.sample_rate,
             channels=config.channels,
             segment=None if result.whole else [round(segment.start, 6), round(segment.end, 6)],
+            extra=dict(level, downmix=result.downmix, downmix_cancels=result.downmix_cancels,
+                       captions_truncated=truncated),
         )
-        samples.append({"__key__": key, "flac": segment.flac, "json": meta.to_json_bytes()})
+        samples.append({"__key__": key, "flac": segment.file, "json": meta.to_json_bytes()})
     row = ManifestRow(
         source=source, source_id=item.source_id, split=split, shard=shard, status=manifest.STATUS_OK,
-        sample_keys=[s["__key__"] for s in samples], n_samples=len(samples),
+        sample_keys=[str(s["__key__"]) for s in samples], n_samples=len(samples),
         output_duration=sum(seg.duration for seg in result.segments),
-        url=item.url, license=item.license, **checks,
+        url=item.url, license=item.license, captions_truncated=truncated, **level, **checks,
     )
     return row, samples
 
 
-def _fetch(source: Source, item: Item) -> bytes:
+def _fetch(source: Source, item: Item) -> Media:
+    if item.listing_error is not None:  # the source found the problem while listing (a broken link)
+        raise ItemError(*item.listing_error)
     return source.fetch(item)
 
 
-def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) -> dict[str, Any]:
-    """Fetch, transcode and write one shard and its manifest part; returns counts for progress."""
+def _outcome(source: Source, item: Item, fetched: Future, split: str, shard: str,
+             config: AudioConfig) -> tuple[ManifestRow, list[Sample]]:
+    """One item's row and samples; whatever happens to it, exactly one row."""
+    try:
+        data = fetched.result()
+    except ItemError as exc:
+        return _fail_row(source.name, item, split, shard, exc), []
+    try:
+        return process_item(source.name, item, data, split, shard, config)
+    except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-item build
+        log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
+        unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
+        return _fail_row(source.name, item, split, shard, unexpected, source_bytes=size), []
+
+
+def _write_shard(task: ShardTask, out: UPath, outcomes: Iterable[tuple[ManifestRow, list[Sample]]]) -> dict[str, Any]:
+    """Write the shard's samples as they come and then its manifest part; returns counts for progress."""
     rows: list[ManifestRow] = []
     writer = ShardWriter(out / task.name)
     try:
-        fetches = ordered_prefetch(lambda it: _fetch(source, it), task.items, source.fetch_concurrency)
-        for item, future in fetches:
-            try:
-                data = future.result()
-            except ItemError as exc:
-                rows.append(_fail_row(source.name, item, task.split, task.name, exc))
-                continue
-            try:
-                row, samples = process_item(source.name, item, data, task.split, task.name, config)
-            except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-item build
-                log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
-                unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
-                row, samples = _fail_row(source.name, item, task.split, task.name, unexpected,
-                                         source_bytes=len(data)), []
+        for row, samples in outcomes:
             for sample in samples:
                 writer.write(sample)
+                _release(sample)
             rows.append(row)
     except BaseException:
         writer.abort()
@@ -275,6 +298,19 @@ def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) 
     manifest.write_table(manifest.rows_to_table(rows), out / WORK_DIR / "parts" / task.part_name)
     ok = sum(r.status == manifest.STATUS_OK for r in rows)
     return {"shard": task.name, "items": len(rows), "ok": ok, "samples": writer.count}
+
+
+def _release(sample: Sample) -> None:
+    for value in sample.values():
+        if hasattr(value, "close"):
+            value.close()  # a spooled FLAC: its temp file goes now, not at garbage collection
+
+
+def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) -> dict[str, Any]:
+    """Fetch, transcode and write one shard and its manifest part; returns counts for progress."""
+    fetches = ordered_prefetch(lambda it: _fetch(source, it), task.items, source.fetch_concurrency)
+    return _write_shard(task, out, (_outcome(source, item, future, task.split, task.name, config)
+                                    for item, future in fetches))
 
 
 # --------------------------------------------------------------------------- driver
@@ -318,6 +354,14 @@ def _check_resumable(work: UPath, fingerprint: dict[str, Any]) -> None:
     if changed:
         raise UserError(f"{work.parent} was built with other options ({', '.join(changed)}); "
                         "use a new --out, or the same options to resume")
+
+
+def _check_out_is_not_input(out: UPath, given: str | None) -> None:
+    """Shards and sidecar-like JSON written into the folder being read would mix output and input."""
+    if given is None or not is_local(out) or "://" in given or not os.path.exists(given):
+        return
+    if os.path.realpath(given) == os.path.realpath(out.path):
+        raise UserError(f"--out {out} is the --input folder; write the output somewhere else")
 
 
 def _prepare_out(out: UPath) -> None:
@@ -390,6 +434,7 @@ def build(options: BuildOptions) -> BuildSummary:
     for split in options.split_ratios:
         check_split_name(split, "--splits")
     out = location(options.out)
+    _check_out_is_not_input(out, options.source_config.input)
     work = out / WORK_DIR
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
