@@ -44,6 +44,9 @@ log = logging.getLogger("audiodata.build")
 # The reason recorded when transcoding an item raised something no check names (a decoder's own
 # exception, a bug): the item fails with the exception in error_detail and the build goes on.
 UNEXPECTED_ERROR = "unexpected_error"
+# The reason for an item whose worker process died under it (out of memory, a crash in native code).
+WORKER_DIED = "worker_died"
+SHARD_RETRIES = 1
 # A split is a folder under --out: a plain name, never a path ("../x") or a hidden/`_work`-like one.
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -262,11 +265,11 @@ def _fetch(source: Source, item: Item) -> Media:
     return source.fetch(item)
 
 
-def _outcome(source: Source, item: Item, fetched: Future, split: str, shard: str,
+def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: str, shard: str,
              config: AudioConfig) -> tuple[ManifestRow, list[Sample]]:
     """One item's row and samples; whatever happens to it, exactly one row."""
     try:
-        data = fetched.result()
+        data = fetched()
     except ItemError as exc:
         return _fail_row(source.name, item, split, shard, exc), []
     try:
@@ -309,7 +312,7 @@ def _release(sample: Sample) -> None:
 def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) -> dict[str, Any]:
     """Fetch, transcode and write one shard and its manifest part; returns counts for progress."""
     fetches = ordered_prefetch(lambda it: _fetch(source, it), task.items, source.fetch_concurrency)
-    return _write_shard(task, out, (_outcome(source, item, future, task.split, task.name, config)
+    return _write_shard(task, out, (_outcome(source, item, future.result, task.split, task.name, config)
                                     for item, future in fetches))
 
 
@@ -390,25 +393,58 @@ def _shard_worker(task_json: str, source: Source, out: str, config: AudioConfig)
     return {**result, "node": ray.get_runtime_context().get_node_id()}
 
 
+def _item_worker(item_json: str, split: str, shard: str, source: Source, config: AudioConfig) -> dict[str, Any]:
+    """One Ray task: one item of a shard whose worker died; its samples come back as bytes."""
+    item = Item.from_json(item_json)
+    try:
+        row, samples = _outcome(source, item, lambda: _fetch(source, item), split, shard, config)
+    except SourceError as exc:
+        return {"source_error": str(exc)}
+    returned = []
+    for sample in samples:
+        returned.append({k: v.read() if hasattr(v, "read") else v for k, v in sample.items()})
+        _release(sample)
+    return {"row": asdict(row), "samples": returned}
+
+
+def _worker_deaths() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a task whose process died under it (OOM-killed, a crash in native code)."""
+    from ray import exceptions
+
+    return (exceptions.WorkerCrashedError, exceptions.OutOfMemoryError, exceptions.NodeDiedError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
 def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: BuildOptions,
                workers: int | None) -> Iterator[dict]:
     """Shards as Ray tasks, a bounded window in flight, results as they finish.
 
     Plain tasks rather than a Ray Data pipeline: measured side by side on this workload
     (bench/RESULTS.md), Ray Data's executor left cores idle between tasks for ~17% of the wall time.
+    A shard whose worker dies twice does not stop the build: once the other shards are done, its
+    items run one per task, so only an item that kills its worker fails (`worker_died`).
     """
     import ray
 
     start_ray(options.ray_address, workers or os.cpu_count() or 1)
     slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # Retries redo a shard whose worker died: shards are written atomically, so a redo is harmless.
-    remote = ray.remote(num_cpus=1, max_retries=3)(_shard_worker)
+    # One retry redoes a shard whose worker died of something passing (shards are written
+    # atomically, so a redo is harmless); a second death is the shard's own doing.
+    remote = ray.remote(num_cpus=1, max_retries=SHARD_RETRIES)(_shard_worker)
     source_ref = ray.put(source)
     queue = iter(tasks)
+    running: dict[Any, ShardTask] = {}
 
     def submit(task: ShardTask) -> Any:
-        return remote.remote(task.to_json(), source_ref, str(out), options.audio)
+        ref = remote.remote(task.to_json(), source_ref, str(out), options.audio)
+        running[ref] = task
+        return ref
 
+    crashed: list[ShardTask] = []
     # One shard in flight per slot: `--workers` caps the concurrency even on a larger Ray instance.
     pending = [submit(task) for task in itertools.islice(queue, slots)]
     while pending:
@@ -416,7 +452,47 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
         following = next(queue, None)
         if following is not None:
             pending.append(submit(following))
-        yield ray.get(done[0])
+        task = running.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except _worker_deaths() as exc:
+            log.warning("shard %s: its worker died (%s); its items run one by one at the end",
+                        task.name, _first_line(exc))
+            crashed.append(task)
+            continue
+        yield result
+    for task in crashed:
+        yield _run_items_apart(task, source, source_ref, out, options.audio, slots)
+
+
+def _run_items_apart(task: ShardTask, source: Source, source_ref: Any, out: UPath, config: AudioConfig,
+                     slots: int) -> dict[str, Any]:
+    """Redo a shard one item per Ray task (a bounded window, in order) and write it from the driver."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=0)(_item_worker)
+
+    def outcomes() -> Iterator[tuple[ManifestRow, list[Sample]]]:
+        queue = iter(task.items)
+        pending = [(item, remote.remote(item.to_json(), task.split, task.name, source_ref, config))
+                   for item in itertools.islice(queue, slots)]
+        while pending:
+            item, ref = pending.pop(0)
+            following = next(queue, None)
+            if following is not None:
+                pending.append((following, remote.remote(following.to_json(), task.split, task.name,
+                                                         source_ref, config)))
+            try:
+                result = ray.get(ref)
+            except _worker_deaths() as exc:
+                died = ItemError(WORKER_DIED, f"the worker processing it died: {_first_line(exc)}")
+                yield _fail_row(source.name, item, task.split, task.name, died), []
+                continue
+            if "source_error" in result:
+                raise SourceError(result["source_error"])
+            yield ManifestRow(**result["row"]), result["samples"]
+
+    return {**_write_shard(task, out, outcomes()), "node": ray.get_runtime_context().get_node_id()}
 
 
 def _excluded_rows(source: str, items: list[Item], excluded: set[str], ratios: dict[str, float]) -> list[ManifestRow]:

@@ -117,7 +117,7 @@ def _link_problem(path: Path, exc: OSError) -> list[str]:
 def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
     """Audio files under `root`, following symbolic links, sorted by path: each real file once.
 
-    A folder reached again through a link (a loop) is not walked twice; an audio name that cannot
+    A folder reached again through a link (a loop, or a second link to it) is not walked twice; an audio name that cannot
     be opened (dangling or looping link, no permission) comes with [reason, detail].
     """
     found: list[tuple[Path, tuple[int, int] | None, list[str] | None]] = []
@@ -127,18 +127,19 @@ def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
         folder = stack.pop()
         try:
             info = folder.stat()
-            entries = list(os.scandir(folder))
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError as exc:
             found.append((folder, None, ["read_error", f"folder {folder.name}: {exc.strerror or exc}"]))
             continue
         if (info.st_dev, info.st_ino) in walked:
             continue
         walked.add((info.st_dev, info.st_ino))
+        subfolders = []
         for entry in entries:
             path = Path(entry.path)
             try:
                 if entry.is_dir():  # follows links
-                    stack.append(path)
+                    subfolders.append(path)
                     continue
             except OSError:
                 pass
@@ -151,6 +152,8 @@ def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
                 continue
             if stat.S_ISREG(target.st_mode):
                 found.append((path, (target.st_dev, target.st_ino), None))
+        # Walked in name order, so a folder reached by two paths is listed under the first.
+        stack.extend(reversed(subfolders))
     found.sort(key=lambda entry: entry[0].relative_to(root).as_posix())
     seen: set[tuple[int, int]] = set()
     files = []
