@@ -13,10 +13,11 @@ decoded again instead, trading CPU for flat memory.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -556,9 +557,12 @@ class Transcoded:
     source_channels: int
     source_duration: float
     codec: str
-    segments: list[Segment]
+    # Each sample's [start, end] seconds within the clip, known before any is encoded.
+    spans: list[tuple[float, float]]
     # True when the sample is the whole clip (no cutting by the length policy).
     whole: bool
+    # Each sample's FLAC, encoded as it is asked for (see `iter_segments`).
+    files: Iterator[BinaryIO] = field(repr=False)
     # dB applied to fit the peak under full scale (0.0: none); --clipping clip never attenuates.
     gain_db: float = 0.0
     # Output samples clipped at full scale (only --clipping clip leaves any).
@@ -566,6 +570,21 @@ class Transcoded:
     downmix: str | None = None
     downmix_db: float | None = None
     downmix_cancels: bool = False
+
+    def iter_segments(self) -> Iterator[Segment]:
+        """The samples one at a time, each encoded when asked for: a 3-hour clip cut into
+        10-second pieces never has more than one piece's FLAC in hand. Read once."""
+        for (start, end), file in zip(self.spans, self.files):
+            yield Segment(start, end, file)
+
+    @functools.cached_property
+    def segments(self) -> list[Segment]:
+        """Every sample at once (short clips and tests; the build writes `iter_segments` as they come)."""
+        return list(self.iter_segments())
+
+    @property
+    def output_duration(self) -> float:
+        return sum(end - start for start, end in self.spans)
 
 
 def _gain(found: Scan, config: AudioConfig) -> float:
@@ -575,7 +594,10 @@ def _gain(found: Scan, config: AudioConfig) -> float:
 
 
 def encode(found: Scan, config: AudioConfig) -> Transcoded:
-    """The policy checks, then the second pass: FLAC segments at the gain the peak allows."""
+    """The policy checks, then the plan of the second pass: FLAC segments at the gain the peak allows.
+
+    Encoding happens as `iter_segments` is read; it repeats the first pass, which succeeded.
+    """
     if found.sample_rate < config.min_source_rate:
         raise ItemError("low_source_rate", f"{found.sample_rate} Hz < {config.min_source_rate} Hz")
     if found.peak < SILENCE_PEAK:
@@ -585,21 +607,20 @@ def encode(found: Scan, config: AudioConfig) -> Transcoded:
     bounds = [(int(round(start * rate)), min(int(round(end * rate)), found.output_frames)) for start, end in spans]
     gain = _gain(found, config)
     blocks = found.replay if found.replay is not None else _output_blocks(DecodeStream(found.media, found.clip), config)
-    files = _write_segments(blocks, bounds, gain, config)
-    segments = [Segment(start, start + (last - first) / rate, file)
-                for (start, _), (first, last), file in zip(spans, bounds, files)]
     whole = len(spans) == 1 and spans[0][0] == 0.0 and spans[0][1] == found.duration
-    return Transcoded(found.sample_rate, found.channels, found.duration, found.codec, segments, whole,
+    return Transcoded(found.sample_rate, found.channels, found.duration, found.codec,
+                      [(start, start + max(0, last - first) / rate) for (start, _), (first, last) in zip(spans, bounds)],
+                      whole, _segment_files(blocks, bounds, gain, config),
                       gain_db=round(20 * math.log10(gain), 4) if gain != 1.0 else 0.0,
                       clipped_samples=found.overs if config.clipping == "clip" else 0,
                       downmix=found.downmix, downmix_db=None if found.downmix_db is None else round(found.downmix_db, 2),
                       downmix_cancels=found.downmix_cancels)
 
 
-def _write_segments(blocks: Iterator[np.ndarray] | list[np.ndarray], bounds: list[tuple[int, int]],
-                    gain: float, config: AudioConfig) -> list[BinaryIO]:
-    """Encode output frames [first, last) of each bound from consecutive blocks, one writer open at a time."""
-    files: list[BinaryIO] = []
+def _segment_files(blocks: Iterable[np.ndarray], bounds: list[tuple[int, int]], gain: float,
+                   config: AudioConfig) -> Iterator[BinaryIO]:
+    """Encode output frames [first, last) of each bound from consecutive blocks, yielding each FLAC
+    as soon as it is complete (one writer open at a time)."""
     index, position = 0, 0
     writer: _FlacWriter | None = None
     for block in blocks:
@@ -613,15 +634,14 @@ def _write_segments(blocks: Iterator[np.ndarray] | list[np.ndarray], bounds: lis
                 writer.write(piece * gain if gain != 1.0 else piece)
             if last > end:
                 break
-            files.append(writer.close())
+            yield writer.close()
             writer, index = None, index + 1
         position = end
         if index >= len(bounds):
-            break
+            return
     while index < len(bounds):  # a bound past the audio's end (rounding) ends where the audio does
-        files.append((writer or _FlacWriter(config.sample_rate, config.channels)).close())
+        yield (writer or _FlacWriter(config.sample_rate, config.channels)).close()
         writer, index = None, index + 1
-    return files
 
 
 def transcode(media: Media, config: AudioConfig, clip: tuple[float, float] | None = None) -> Transcoded:

@@ -217,8 +217,8 @@ def _media_checks(data: Media) -> dict[str, Any]:
 
 
 def process_item(source: str, item: Item, data: Media, split: str, shard: str,
-                 config: AudioConfig) -> tuple[ManifestRow, list[Sample]]:
-    """Transcode one fetched item into samples, or a failure row."""
+                 config: AudioConfig) -> tuple[ManifestRow, Iterable[Sample]]:
+    """Transcode one fetched item into its row and samples (encoded as they are read), or a failure row."""
     checks = _media_checks(data)
     try:
         found = scan(data, config, item.clip)
@@ -237,26 +237,27 @@ def process_item(source: str, item: Item, data: Media, split: str, shard: str,
     except ItemError as exc:
         return _fail_row(source, item, split, shard, exc, **checks), []
     level = dict(gain_db=result.gain_db, clipped_samples=result.clipped_samples)
-    samples: list[Sample] = []
-    for number, segment in enumerate(result.segments):
-        key = safe_key(source, item.source_id, None if result.whole else number)
-        meta = SampleMeta(
-            text=text, tag=item.tag, original_data=item.original_data, source=source,
-            source_id=item.source_id, license=item.license, author=item.author, url=item.url,
-            duration=round(segment.duration, 6), sample_rate=config.sample_rate,
-            channels=config.channels,
-            segment=None if result.whole else [round(segment.start, 6), round(segment.end, 6)],
-            extra=dict(level, downmix=result.downmix, downmix_cancels=result.downmix_cancels,
-                       captions_truncated=truncated),
-        )
-        samples.append({"__key__": key, "flac": segment.file, "json": meta.to_json_bytes()})
+    keys = [safe_key(source, item.source_id, None if result.whole else number) for number in range(len(result.spans))]
+
+    def samples() -> Iterator[Sample]:  # encoded as the shard writer asks: one FLAC in hand at a time
+        for key, segment in zip(keys, result.iter_segments()):
+            meta = SampleMeta(
+                text=text, tag=item.tag, original_data=item.original_data, source=source,
+                source_id=item.source_id, license=item.license, author=item.author, url=item.url,
+                duration=round(segment.duration, 6), sample_rate=config.sample_rate,
+                channels=config.channels,
+                segment=None if result.whole else [round(segment.start, 6), round(segment.end, 6)],
+                extra=dict(level, downmix=result.downmix, downmix_cancels=result.downmix_cancels,
+                           captions_truncated=truncated),
+            )
+            yield {"__key__": key, "flac": segment.file, "json": meta.to_json_bytes()}
+
     row = ManifestRow(
         source=source, source_id=item.source_id, split=split, shard=shard, status=manifest.STATUS_OK,
-        sample_keys=[str(s["__key__"]) for s in samples], n_samples=len(samples),
-        output_duration=sum(seg.duration for seg in result.segments),
+        sample_keys=keys, n_samples=len(keys), output_duration=result.output_duration,
         url=item.url, license=item.license, captions_truncated=truncated, **level, **checks,
     )
-    return row, samples
+    return row, samples()
 
 
 def _fetch(source: Source, item: Item) -> Media:
@@ -266,7 +267,7 @@ def _fetch(source: Source, item: Item) -> Media:
 
 
 def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: str, shard: str,
-             config: AudioConfig) -> tuple[ManifestRow, list[Sample]]:
+             config: AudioConfig) -> tuple[ManifestRow, Iterable[Sample]]:
     """One item's row and samples; whatever happens to it, exactly one row."""
     try:
         data = fetched()
@@ -281,7 +282,7 @@ def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: st
         return _fail_row(source.name, item, split, shard, unexpected, source_bytes=size), []
 
 
-def _write_shard(task: ShardTask, out: UPath, outcomes: Iterable[tuple[ManifestRow, list[Sample]]]) -> dict[str, Any]:
+def _write_shard(task: ShardTask, out: UPath, outcomes: Iterable[tuple[ManifestRow, Iterable[Sample]]]) -> dict[str, Any]:
     """Write the shard's samples as they come and then its manifest part; returns counts for progress."""
     rows: list[ManifestRow] = []
     writer = ShardWriter(out / task.name)
@@ -472,7 +473,7 @@ def _run_items_apart(task: ShardTask, source: Source, source_ref: Any, out: UPat
 
     remote = ray.remote(num_cpus=1, max_retries=0)(_item_worker)
 
-    def outcomes() -> Iterator[tuple[ManifestRow, list[Sample]]]:
+    def outcomes() -> Iterator[tuple[ManifestRow, Iterable[Sample]]]:
         queue = iter(task.items)
         pending = [(item, remote.remote(item.to_json(), task.split, task.name, source_ref, config))
                    for item in itertools.islice(queue, slots)]
