@@ -150,12 +150,17 @@ def test_overs_are_attenuated_just_enough(built: tuple[Path, dict[str, dict]], c
     assert np.abs(samples["fullscale-16k.wav"]["audio"]).max() > 0.99
 
 
-def test_clip_policy_keeps_laions_clipping_and_counts_it(corpus: Path, tmp_path: Path) -> None:
+def _one_item_shard(corpus: Path, out: Path, source_id: str, config: AudioConfig) -> tuple[dict, np.ndarray]:
     source = LocalSource(SourceConfig(input=str(corpus)))
-    items = [item for item in source.list_items() if item.source_id == "overs.wav"]
-    out = location(str(tmp_path / "out"))
-    run_shard(ShardTask("train", 0, items), source, out, AudioConfig(clipping="clip"))
-    row = manifest.read_parquet(out / WORK_DIR / "parts" / "train-000000.parquet").to_pylist()[0]
+    items = [item for item in source.list_items() if item.source_id == source_id]
+    run_shard(ShardTask("train", 0, items), source, location(str(out)), config)
+    row = manifest.read_parquet(location(str(out)) / WORK_DIR / "parts" / "train-000000.parquet").to_pylist()[0]
+    audio = [soundfile.read(io.BytesIO(s["flac"]))[0] for s in iter_shard(out / "train" / "000000.tar")]
+    return row, audio[0]
+
+
+def test_clip_policy_keeps_laions_clipping_and_counts_it(corpus: Path, tmp_path: Path) -> None:
+    row, _ = _one_item_shard(corpus, tmp_path / "out", "overs.wav", AudioConfig(clipping="clip"))
     original = soundfile.read(corpus / "overs.wav")[0]
     assert row["clipped_samples"] == np.count_nonzero((original > FULL_SCALE) | (original < -1.0)) > 1000
     assert row["gain_db"] == 0.0
@@ -175,6 +180,14 @@ def test_surround_keeps_its_centre_and_a_cancelling_downmix_is_flagged(built: tu
     assert inverted["downmix_cancels"] and inverted["downmix_db"] < -60
     assert samples["inverted.wav"]["meta"]["downmix_cancels"] is True
     assert rows["real.ogg"]["downmix"] is None and rows["real.ogg"]["downmix_cancels"] is False
+
+
+def test_surround_to_stereo_keeps_the_centre_on_both_sides(corpus: Path, tmp_path: Path) -> None:
+    row, audio = _one_item_shard(corpus, tmp_path / "out", "surround.wav", AudioConfig(channels=2))
+    robin = resample(_robin()[0][None, :], _robin()[1], 48_000)[0][: len(audio)]
+    assert row["downmix"] == "5.1 -> stereo" and audio.shape[1] == 2
+    for side in audio.T:  # the old code kept FL and FR only: silence here
+        assert np.dot(side, robin) / np.dot(robin, robin) == pytest.approx(np.sqrt(0.5), abs=0.01)
 
 
 def test_links_and_sidecars_get_named_reasons(built: tuple[Path, dict[str, dict]]) -> None:
