@@ -457,8 +457,10 @@ class Scan:
 
     @property
     def downmix(self) -> str | None:
-        """"5.1 -> mono" when channels were combined, else None."""
-        return None if self.downmix_db is None else f"{self.layout or self.channels} -> {_TARGET_NAMES[self.target_channels]}"
+        """How channels were combined ("5.1 -> mono"), or None when they were not."""
+        if self.downmix_db is None:
+            return None
+        return f"{self.layout or self.channels} -> {_TARGET_NAMES[self.target_channels]}"
 
     @property
     def downmix_cancels(self) -> bool:
@@ -548,7 +550,7 @@ def scan(media: Media, config: AudioConfig, clip: tuple[float, float] | None = N
     mixed = channels > 2 or (channels == 2 and config.channels == 1)
     return Scan(media, clip, stream.sample_rate, channels, stream.layout, stream.channel_names, stream.codec,
                   stream.frames, stats.peak, stats.output_frames, stats.output_peak, stats.overs,
-                  stats.downmix_db() if mixed else None, config.channels, replay)
+                  round(stats.downmix_db(), 2) if mixed else None, config.channels, replay)
 
 
 @dataclass
@@ -567,9 +569,6 @@ class Transcoded:
     gain_db: float = 0.0
     # Output samples clipped at full scale (only --clipping clip leaves any).
     clipped_samples: int = 0
-    downmix: str | None = None
-    downmix_db: float | None = None
-    downmix_cancels: bool = False
 
     def iter_segments(self) -> Iterator[Segment]:
         """The samples one at a time, each encoded when asked for: a 3-hour clip cut into
@@ -606,15 +605,16 @@ def encode(found: Scan, config: AudioConfig) -> Transcoded:
     rate = config.sample_rate
     bounds = [(int(round(start * rate)), min(int(round(end * rate)), found.output_frames)) for start, end in spans]
     gain = _gain(found, config)
-    blocks = found.replay if found.replay is not None else _output_blocks(DecodeStream(found.media, found.clip), config)
+    if found.replay is not None:
+        blocks: Iterable[np.ndarray] = found.replay
+    else:
+        blocks = _output_blocks(DecodeStream(found.media, found.clip), config)
     whole = len(spans) == 1 and spans[0][0] == 0.0 and spans[0][1] == found.duration
-    return Transcoded(found.sample_rate, found.channels, found.duration, found.codec,
-                      [(start, start + max(0, last - first) / rate) for (start, _), (first, last) in zip(spans, bounds)],
-                      whole, _segment_files(blocks, bounds, gain, config),
+    written = [(start, start + max(0, last - first) / rate) for (start, _), (first, last) in zip(spans, bounds)]
+    return Transcoded(found.sample_rate, found.channels, found.duration, found.codec, written, whole,
+                      _segment_files(blocks, bounds, gain, config),
                       gain_db=round(20 * math.log10(gain), 4) if gain != 1.0 else 0.0,
-                      clipped_samples=found.overs if config.clipping == "clip" else 0,
-                      downmix=found.downmix, downmix_db=None if found.downmix_db is None else round(found.downmix_db, 2),
-                      downmix_cancels=found.downmix_cancels)
+                      clipped_samples=found.overs if config.clipping == "clip" else 0)
 
 
 def _segment_files(blocks: Iterable[np.ndarray], bounds: list[tuple[int, int]], gain: float,

@@ -216,8 +216,12 @@ def _media_checks(data: Media) -> dict[str, Any]:
     return dict(source_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
+# An item's manifest row and its samples (a failure has none; an ok item's are encoded as read).
+Outcome = tuple[ManifestRow, Iterable[Sample]]
+
+
 def process_item(source: str, item: Item, data: Media, split: str, shard: str,
-                 config: AudioConfig) -> tuple[ManifestRow, Iterable[Sample]]:
+                 config: AudioConfig) -> Outcome:
     """Transcode one fetched item into its row and samples (encoded as they are read), or a failure row."""
     checks = _media_checks(data)
     try:
@@ -227,8 +231,7 @@ def process_item(source: str, item: Item, data: Media, split: str, shard: str,
     # Kept on dropped rows too: "hours in" counts every clip that decoded, not only those kept.
     checks.update(source_duration=found.duration, source_sample_rate=found.sample_rate,
                   source_channels=found.channels, source_codec=found.codec, downmix=found.downmix,
-                  downmix_db=None if found.downmix_db is None else round(found.downmix_db, 2),
-                  downmix_cancels=found.downmix_cancels)
+                  downmix_db=found.downmix_db, downmix_cancels=found.downmix_cancels)
     text, truncated = clean_captions(item.text)
     try:
         if not text:
@@ -247,7 +250,7 @@ def process_item(source: str, item: Item, data: Media, split: str, shard: str,
                 duration=round(segment.duration, 6), sample_rate=config.sample_rate,
                 channels=config.channels,
                 segment=None if result.whole else [round(segment.start, 6), round(segment.end, 6)],
-                extra=dict(level, downmix=result.downmix, downmix_cancels=result.downmix_cancels,
+                extra=dict(level, downmix=found.downmix, downmix_cancels=found.downmix_cancels,
                            captions_truncated=truncated),
             )
             yield {"__key__": key, "flac": segment.file, "json": meta.to_json_bytes()}
@@ -267,7 +270,7 @@ def _fetch(source: Source, item: Item) -> Media:
 
 
 def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: str, shard: str,
-             config: AudioConfig) -> tuple[ManifestRow, Iterable[Sample]]:
+             config: AudioConfig) -> Outcome:
     """One item's row and samples; whatever happens to it, exactly one row."""
     try:
         data = fetched()
@@ -282,7 +285,7 @@ def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: st
         return _fail_row(source.name, item, split, shard, unexpected, source_bytes=size), []
 
 
-def _write_shard(task: ShardTask, out: UPath, outcomes: Iterable[tuple[ManifestRow, Iterable[Sample]]]) -> dict[str, Any]:
+def _write_shard(task: ShardTask, out: UPath, outcomes: Iterable[Outcome]) -> dict[str, Any]:
     """Write the shard's samples as they come and then its manifest part; returns counts for progress."""
     rows: list[ManifestRow] = []
     writer = ShardWriter(out / task.name)
@@ -473,7 +476,7 @@ def _run_items_apart(task: ShardTask, source: Source, source_ref: Any, out: UPat
 
     remote = ray.remote(num_cpus=1, max_retries=0)(_item_worker)
 
-    def outcomes() -> Iterator[tuple[ManifestRow, Iterable[Sample]]]:
+    def outcomes() -> Iterator[Outcome]:
         queue = iter(task.items)
         pending = [(item, remote.remote(item.to_json(), task.split, task.name, source_ref, config))
                    for item in itertools.islice(queue, slots)]

@@ -3,9 +3,10 @@
     python bench/memory.py [--lengths 10,600,3600,10800] [--formats mp3,wav] [--before-up-to 3600]
 
 Clips are synthetic (pink noise, 44.1 kHz stereo; mp3 at 192 kb/s or 16-bit wav) made with the
-bundled ffmpeg. Each measurement runs in a fresh child process: it warms up on a 10 s clip (libraries
-loaded, allocator pools made; its peak is the "base"), then takes the long clip decode -> downmix -> resample to 48 kHz mono
--> FLAC, kept whole or cut into 10 s segments, and reports its peak RSS (ru_maxrss).
+bundled ffmpeg. Each measurement runs in a fresh child process: it warms up on a 10 s clip
+(libraries loaded, allocator pools made; its peak is the "base"), then takes the long clip through
+decode -> downmix -> resample to 48 kHz mono -> FLAC, kept whole or cut into 10 s segments, and
+reports its peak RSS (ru_maxrss).
 
 after: `run_shard` (the build's worker) over a local folder holding the clip.
 before: the transcoder as of 73be499 (`git show` into a temp folder), called the way its worker

@@ -117,8 +117,8 @@ def _link_problem(path: Path, exc: OSError) -> list[str]:
 def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
     """Audio files under `root`, following symbolic links, sorted by path: each real file once.
 
-    A folder reached again through a link (a loop, or a second link to it) is not walked twice; an audio name that cannot
-    be opened (dangling or looping link, no permission) comes with [reason, detail].
+    A folder reached again through a link (a loop, or a second link to it) is not walked twice; an
+    audio name that cannot be opened (dangling or looping link, no permission) comes with [reason, detail].
     """
     found: list[tuple[Path, tuple[int, int] | None, list[str] | None]] = []
     walked: set[tuple[int, int]] = set()
