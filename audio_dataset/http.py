@@ -7,8 +7,8 @@ so a `Source` holding one can be shipped to Ray workers; each process then rate-
 
 Outcomes:
 - `ItemError(reason)` for one item: `http_404`, `http_4xx`, `http_429`, `http_5xx`, `timeout`,
-  `connection_error`, `stalled`, `truncated_body`, `too_slow` (the body took longer than
-  `download_timeout`, however steadily it trickled; not retried), `too_large`, `not_audio_content`,
+  `connection_error`, `stalled`, `truncated_body`, `too_slow` (past `download_timeout` at under
+  `min_download_rate` on average, however steadily it trickled; not retried), `too_large`, `not_audio_content`,
   `not_archive_content`, `bad_json` (after retries where retrying can help).
 - `SourceError` for the whole source: credentials rejected (401/403 on a request made with
   `auth_env`), `max_consecutive_failures` requests in a row to one host that ended in connection
@@ -59,9 +59,11 @@ class HttpConfig:
     connect_timeout: float = 10.0
     # Longest wait for the next body (or header) bytes; a quiet socket beyond it is `stalled`.
     stall_timeout: float = 30.0
-    # Longest one attempt may take from request to last byte (None: no limit): a server trickling
-    # a byte a second never stalls, but must not hold a worker for ever (`too_slow`).
-    download_timeout: float | None = 900.0
+    # A server trickling a byte a second never stalls, but must not hold a worker for ever: an
+    # attempt running past `download_timeout` seconds (None: no limit) while averaging under
+    # `min_download_rate` bytes/s is `too_slow`. A big archive arriving at a healthy rate goes on.
+    download_timeout: float | None = 600.0
+    min_download_rate: float = 64 * 1024
     max_bytes: int = 512 * 2**20
     retries: int = 5
     backoff_base: float = 0.5
@@ -369,9 +371,7 @@ class HttpClient:
                 if size > limit:
                     raise ItemError("too_large", f"{where} sent over {limit} bytes")
                 if deadline is not None and time.monotonic() > deadline:
-                    raise ItemError("too_slow", f"{where}: {size} of {declared or 'unknown'} bytes in "
-                                                f"{time.monotonic() - started:.0f}s "
-                                                f"(download_timeout {self.config.download_timeout:g}s)")
+                    self._check_rate(where, size, declared, started)
                 if len(head) < _HEAD:
                     head += chunk[:_HEAD - len(head)]
                 sink.write(chunk)
@@ -386,6 +386,13 @@ class HttpClient:
         if declared and declared.isdigit() and "Content-Encoding" not in response.headers and size < int(declared):
             raise _Retry("truncated_body", f"{where}: body ended after {size} of {declared} bytes")
         return head
+
+    def _check_rate(self, where: str, size: int, declared: str | None, started: float) -> None:
+        elapsed = time.monotonic() - started
+        if size / elapsed < self.config.min_download_rate:
+            raise ItemError("too_slow", f"{where}: {size} of {declared or 'unknown'} bytes in {elapsed:.0f}s, "
+                                        f"under {self.config.min_download_rate:g} bytes/s past "
+                                        f"download_timeout {self.config.download_timeout:g}s")
 
 
 def _arriving(response: requests.Response) -> Iterator[bytes]:

@@ -31,6 +31,12 @@ def test_a_trickling_server_ends_at_the_download_deadline(loopback, fast_http_co
     assert 10 < arrived < 4096  # what came is counted, not 0
 
 
+def test_a_big_body_at_a_healthy_rate_is_not_cut_at_the_deadline(loopback, fast_http_config: HttpConfig) -> None:
+    loopback.fault("/big.wav", "oversize", times=None, size=8 * 2**20)  # 8 MiB at loopback speed
+    config = dataclasses.replace(fast_http_config, download_timeout=0.001, max_bytes=16 * 2**20)
+    assert len(HttpClient(config).get_bytes(loopback.url + "/big.wav")) == 8 * 2**20
+
+
 def test_stall_and_truncation_details_count_the_bytes_that_came(loopback, fast_http_config: HttpConfig) -> None:
     loopback.fault("/stall.wav", "stall", times=None, seconds=3.0)
     loopback.fault("/cut.wav", "truncate", times=None)  # 1024 of a declared 4096 bytes, then close
