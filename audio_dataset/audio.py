@@ -508,6 +508,11 @@ class _ScanStats:
         return 10 * math.log10(max(self.mixed_power, 1e-30) / self.expected_power)
 
 
+def _combines(channels_in: int, channels_out: int) -> bool:
+    """True when a mix sums source channels (a downmix), not when it keeps or copies them."""
+    return channels_in > max(channels_out, 1)
+
+
 def _output_blocks(stream: DecodeStream, config: AudioConfig, stats: _ScanStats | None = None) -> Iterator[np.ndarray]:
     """Decoded blocks mixed to the target channels and resampled to the target rate."""
     matrix: np.ndarray | None = None
@@ -520,7 +525,7 @@ def _output_blocks(stream: DecodeStream, config: AudioConfig, stats: _ScanStats 
         if stats is not None:
             stats.source(block)
         mixed = matrix @ block
-        if stats is not None and block.shape[0] > 1:
+        if stats is not None and _combines(block.shape[0], config.channels):
             stats.mixed(block, mixed, matrix)
         out = resampler(mixed)
         if out.shape[1]:
@@ -547,7 +552,7 @@ def scan(media: Media, config: AudioConfig, clip: tuple[float, float] | None = N
             else:
                 replay.append(block)
     channels = len(stream.channel_names)
-    mixed = channels > 2 or (channels == 2 and config.channels == 1)
+    mixed = _combines(channels, config.channels)
     return Scan(media, clip, stream.sample_rate, channels, stream.layout, stream.channel_names, stream.codec,
                   stream.frames, stats.peak, stats.output_frames, stats.output_peak, stats.overs,
                   round(stats.downmix_db(), 2) if mixed else None, config.channels, replay)
