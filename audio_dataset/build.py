@@ -281,7 +281,7 @@ def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: st
     except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-item build
         log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
         unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
-        size = data.stat().st_size if isinstance(data, Path) else len(data)
+        size = len(data) if isinstance(data, bytes) else None  # a local file may be what went wrong
         return _fail_row(source.name, item, split, shard, unexpected, source_bytes=size), []
 
 
