@@ -159,11 +159,20 @@ def _one_item_shard(corpus: Path, out: Path, source_id: str, config: AudioConfig
     return row, audio[0]
 
 
-def test_clip_policy_keeps_laions_clipping_and_counts_it(corpus: Path, tmp_path: Path) -> None:
-    row, _ = _one_item_shard(corpus, tmp_path / "out", "overs.wav", AudioConfig(clipping="clip"))
+def test_clip_policy_keeps_laions_clipping_and_counts_it(corpus: Path, tmp_path: Path,
+                                                         built: tuple[Path, dict[str, dict]]) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(corpus / "overs.wav", folder / "overs.wav")
+    out = tmp_path / "out"
+    assert main(["build", "--source", "local", "--input", str(folder), "--out", str(out), "--workers", "1",
+                 "--splits", "train=1", "--clipping", "clip", "--no-progress"]) == 0
+    row = manifest.read_table(out / manifest.MANIFEST_FILE).to_pylist()[0]
     original = soundfile.read(corpus / "overs.wav")[0]
     assert row["clipped_samples"] == np.count_nonzero((original > FULL_SCALE) | (original < -1.0)) > 1000
     assert row["gain_db"] == 0.0
+    audio = _samples(out)["overs.wav"]["audio"]
+    np.testing.assert_allclose(audio, np.clip(original, -1.0, FULL_SCALE), atol=1 / 32768)
 
 
 def test_surround_keeps_its_centre_and_a_cancelling_downmix_is_flagged(built: tuple[Path, dict[str, dict]]) -> None:
