@@ -436,16 +436,17 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
 
     start_ray(options.ray_address, workers or os.cpu_count() or 1)
     slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # One retry redoes a shard whose worker died of something passing (shards are written
-    # atomically, so a redo is harmless); a second death is the shard's own doing.
-    remote = ray.remote(num_cpus=1, max_retries=SHARD_RETRIES)(_shard_worker)
+    # Retries are ours, not Ray's: a task with Ray retries also gets Ray's separate budget for
+    # kills by its memory monitor (`task_oom_retries`, unlimited in some versions), so a clip that
+    # always runs out of memory could hold the build for ever.
+    remote = ray.remote(num_cpus=1, max_retries=0)(_shard_worker)
     source_ref = ray.put(source)
     queue = iter(tasks)
-    running: dict[Any, ShardTask] = {}
+    running: dict[Any, tuple[ShardTask, int]] = {}  # ref -> (shard, attempt)
 
-    def submit(task: ShardTask) -> Any:
+    def submit(task: ShardTask, attempt: int = 0) -> Any:
         ref = remote.remote(task.to_json(), source_ref, str(out), options.audio)
-        running[ref] = task
+        running[ref] = (task, attempt)
         return ref
 
     crashed: list[ShardTask] = []
@@ -453,18 +454,25 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
     pending = [submit(task) for task in itertools.islice(queue, slots)]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        following = next(queue, None)
-        if following is not None:
-            pending.append(submit(following))
-        task = running.pop(done[0])
+        task, attempt = running.pop(done[0])
+        result: dict | None = None
         try:
             result = ray.get(done[0])
         except _worker_deaths() as exc:
-            log.warning("shard %s: its worker died (%s); its items run one by one at the end",
-                        task.name, _first_line(exc))
+            # A retry redoes a shard whose worker died of something passing (shards are written
+            # atomically, so a redo is harmless); another death is the shard's own doing.
+            retry = attempt < SHARD_RETRIES
+            log.warning("shard %s: its worker died (%s); %s", task.name, _first_line(exc),
+                        "retrying it" if retry else "its items run one by one at the end")
+            if retry:
+                pending.append(submit(task, attempt + 1))
+                continue
             crashed.append(task)
-            continue
-        yield result
+        following = next(queue, None)
+        if following is not None:
+            pending.append(submit(following))
+        if result is not None:
+            yield result
     for task in crashed:
         yield _run_items_apart(task, source, source_ref, out, options.audio, slots)
 

@@ -250,12 +250,14 @@ def test_a_worker_that_dies_fails_only_its_item(tmp_path: Path, ray_local: None)
     for name in ("a.ogg", "killer.ogg", "b.ogg", "c.ogg"):
         shutil.copy(ROBIN, folder / name)
     source = _KillingSource(SourceConfig(input=str(folder)))
-    items = list(source.list_items())
-    tasks = [ShardTask("train", 0, items[:2]), ShardTask("train", 1, items[2:])]  # a+b, c+killer
+    items = {item.source_id: item for item in source.list_items()}
+    # The killer's shard first, one worker: the shards after it must still run.
+    tasks = [ShardTask("train", 0, [items["a.ogg"], items["killer.ogg"]]),
+             ShardTask("train", 1, [items["b.ogg"]]), ShardTask("train", 2, [items["c.ogg"]])]
     out = location(str(tmp_path / "out"))
     options = BuildOptions(source="local", out=out, progress=False, workers=1)
     results = list(_run_tasks(tasks, source, out, options, workers=1))
-    assert sorted(r["shard"] for r in results) == ["train/000000.tar", "train/000001.tar"]
+    assert [r["shard"] for r in results] == ["train/000001.tar", "train/000002.tar", "train/000000.tar"]
     rows = manifest.concat([out / WORK_DIR / "parts" / t.part_name for t in tasks]).to_pylist()
     outcome = {row["source_id"]: row["error"] for row in rows}
     assert outcome == {"a.ogg": None, "b.ogg": None, "c.ogg": None, "killer.ogg": WORKER_DIED}
