@@ -291,7 +291,7 @@ def _write_shard(task: ShardTask, out: UPath, outcomes: Iterable[Outcome]) -> di
     writer = ShardWriter(out / task.name)
     try:
         for row, samples in outcomes:
-            for sample in samples:
+            for sample in _encoded(row, samples):
                 writer.write(sample)
                 _release(sample)
             rows.append(row)
@@ -305,6 +305,24 @@ def _write_shard(task: ShardTask, out: UPath, outcomes: Iterable[Outcome]) -> di
     manifest.write_table(manifest.rows_to_table(rows), out / WORK_DIR / "parts" / task.part_name)
     ok = sum(r.status == manifest.STATUS_OK for r in rows)
     return {"shard": task.name, "items": len(rows), "ok": ok, "samples": writer.count}
+
+
+class EncodeFailed(Exception):
+    """An item failed while its samples were being written: the shard is redone one item per task."""
+
+
+def _encoded(row: ManifestRow, samples: Iterable[Sample]) -> Iterator[Sample]:
+    """The samples of one item; a failure while encoding them (after its first samples may be in
+    the tar) is raised as EncodeFailed, which no item row can absorb in a shard being written."""
+    iterator = iter(samples)
+    while True:
+        try:
+            sample = next(iterator, None)
+        except Exception as exc:  # noqa: BLE001 - named, and handled by redoing the shard item by item
+            raise EncodeFailed(f"{row.source_id}: {type(exc).__name__}: {exc}") from exc
+        if sample is None:
+            return
+        yield sample
 
 
 def _release(sample: Sample) -> None:
@@ -394,6 +412,8 @@ def _shard_worker(task_json: str, source: Source, out: str, config: AudioConfig)
         result = run_shard(ShardTask.from_json(task_json), source, location(out), config)
     except SourceError as exc:
         return {"source_error": str(exc)}
+    except EncodeFailed as exc:
+        return {"encode_failed": str(exc)}
     return {**result, "node": ray.get_runtime_context().get_node_id()}
 
 
@@ -405,9 +425,14 @@ def _item_worker(item_json: str, split: str, shard: str, source: Source, config:
     except SourceError as exc:
         return {"source_error": str(exc)}
     returned = []
-    for sample in samples:
-        returned.append({k: v.read() if hasattr(v, "read") else v for k, v in sample.items()})
-        _release(sample)
+    try:
+        for sample in samples:
+            returned.append({k: v.read() if hasattr(v, "read") else v for k, v in sample.items()})
+            _release(sample)
+    except Exception as exc:  # noqa: BLE001 - alone in its task, the item's row can take the failure
+        log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
+        unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
+        row, returned = _fail_row(source.name, item, split, shard, unexpected), []
     return {"row": asdict(row), "samples": returned}
 
 
@@ -430,7 +455,8 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
     Plain tasks rather than a Ray Data pipeline: measured side by side on this workload
     (bench/RESULTS.md), Ray Data's executor left cores idle between tasks for ~17% of the wall time.
     A shard whose worker dies twice does not stop the build: once the other shards are done, its
-    items run one per task, so only an item that kills its worker fails (`worker_died`).
+    items run one per task, so only an item that kills its worker fails (`worker_died`). So does a
+    shard with an item that failed mid-write (EncodeFailed): alone, that item fails by itself.
     """
     import ray
 
@@ -455,14 +481,12 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         task, attempt = running.pop(done[0])
-        result: dict | None = None
-        try:
-            result = ray.get(done[0])
-        except _worker_deaths() as exc:
+        result, why, passing = _shard_result(done[0])
+        if why is not None:
             # A retry redoes a shard whose worker died of something passing (shards are written
             # atomically, so a redo is harmless); another death is the shard's own doing.
-            retry = attempt < SHARD_RETRIES
-            log.warning("shard %s: its worker died (%s); %s", task.name, _first_line(exc),
+            retry = passing and attempt < SHARD_RETRIES
+            log.warning("shard %s: %s; %s", task.name, why,
                         "retrying it" if retry else "its items run one by one at the end")
             if retry:
                 pending.append(submit(task, attempt + 1))
@@ -475,6 +499,19 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
             yield result
     for task in crashed:
         yield _run_items_apart(task, source, source_ref, out, options.audio, slots)
+
+
+def _shard_result(ref: Any) -> tuple[dict | None, str | None, bool]:
+    """A finished shard task: (its result, why it must be redone instead, whether that may pass)."""
+    import ray
+
+    try:
+        result = ray.get(ref)
+    except _worker_deaths() as exc:
+        return None, f"its worker died ({_first_line(exc)})", True
+    if "encode_failed" in result:
+        return None, result["encode_failed"], False
+    return result, None, False
 
 
 def _run_items_apart(task: ShardTask, source: Source, source_ref: Any, out: UPath, config: AudioConfig,

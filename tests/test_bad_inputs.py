@@ -263,3 +263,26 @@ def test_a_worker_that_dies_fails_only_its_item(tmp_path: Path, ray_local: None)
     assert outcome == {"a.ogg": None, "b.ogg": None, "c.ogg": None, "killer.ogg": WORKER_DIED}
     written = [s["__key__"] for task in tasks for s in iter_shard(out / task.name)]
     assert len(written) == 3
+
+
+def test_an_item_failing_mid_write_is_redone_alone_and_fails_alone(corpus: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Encoding runs as the shard is written: a failure there cannot become the item's row in a
+    shard already holding its first samples, so the shard is redone one item per task."""
+    import audio_dataset.audio as audio_module
+    from audio_dataset.build import UNEXPECTED_ERROR, EncodeFailed, _item_worker
+
+    def failing(*args):
+        raise IndexError("an encoder corner case")
+        yield  # a generator, like the real one
+
+    source = LocalSource(SourceConfig(input=str(corpus)))
+    item = next(item for item in source.list_items() if item.source_id == "real.ogg")
+    monkeypatch.setattr(audio_module, "_segment_files", failing)
+    out = location(str(tmp_path / "out"))
+    with pytest.raises(EncodeFailed, match="real.ogg: IndexError: an encoder corner case"):
+        run_shard(ShardTask("train", 0, [item]), source, out, AudioConfig())
+    assert not (out / "train" / "000000.tar").exists() and not (out / WORK_DIR / "parts").exists()
+    alone = _item_worker(item.to_json(), "train", "train/000000.tar", source, AudioConfig())
+    assert (alone["row"]["error"], alone["samples"]) == (UNEXPECTED_ERROR, [])
+    assert alone["row"]["error_detail"] == "IndexError: an encoder corner case"
