@@ -31,7 +31,9 @@ MAX_SIDECAR_DEPTH = 32
 
 
 def _text(value: Any) -> str:
-    """A value as text: strings as they are, anything else as JSON (never a Python repr)."""
+    """A value as text: strings as they are, anything else as JSON (never a Python repr); None is ""."""
+    if value is None:
+        return ""
     if isinstance(value, str):
         return value.strip()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
