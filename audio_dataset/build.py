@@ -25,12 +25,12 @@ import pyarrow as pa
 from upath import UPath
 
 from audio_dataset import manifest
-from audio_dataset.audio import AudioConfig, decode_clip, transcode_decoded
+from audio_dataset.audio import AudioConfig, Media, encode, scan
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.raystart import start_ray
-from audio_dataset.schema import SPLITS, SampleMeta, safe_key, shard_name
-from audio_dataset.shards import ShardWriter, write_sizes
+from audio_dataset.schema import SPLITS, SampleMeta, clean_captions, safe_key, shard_name
+from audio_dataset.shards import Sample, ShardWriter, write_sizes
 from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json
 from audio_dataset.source import (
     Item, ItemError, Source, SourceConfig, SourceError, UserError, load_source, read_definition,
@@ -44,6 +44,9 @@ log = logging.getLogger("audiodata.build")
 # The reason recorded when transcoding an item raised something no check names (a decoder's own
 # exception, a bug): the item fails with the exception in error_detail and the build goes on.
 UNEXPECTED_ERROR = "unexpected_error"
+# The reason for an item whose worker process died under it (out of memory, a crash in native code).
+WORKER_DIED = "worker_died"
+SHARD_RETRIES = 1
 # A split is a folder under --out: a plain name, never a path ("../x") or a hidden/`_work`-like one.
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -198,72 +201,99 @@ def ordered_prefetch(fn: Callable[[Item], Any], items: list[Item], workers: int)
         yield from pending
 
 
-def _fail_row(source: str, item: Item, split: str, shard: str, exc: ItemError, **extra: Any) -> ManifestRow:
+def _fail_row(source: str, item: Item, split: str, shard: str | None, exc: ItemError, **extra: Any) -> ManifestRow:
     return ManifestRow(source=source, source_id=item.source_id, split=split, shard=shard,
                        status=manifest.status_for_reason(exc.reason), error=exc.reason,
                        error_detail=exc.detail[:500] or None, url=item.url, license=item.license, **extra)
 
 
-def process_item(source: str, item: Item, data: bytes, split: str, shard: str,
-                 config: AudioConfig) -> tuple[ManifestRow, list[dict[str, bytes | str]]]:
-    """Transcode one fetched item into samples, or a failure row."""
-    checks: dict[str, Any] = dict(source_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+def _media_checks(data: Media) -> dict[str, Any]:
+    """Size and sha256 of the source bytes; a local file is hashed as it is read, never loaded whole."""
+    if isinstance(data, Path):
+        with open(data, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        return dict(source_bytes=data.stat().st_size, sha256=digest)
+    return dict(source_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+# An item's manifest row and its samples (a failure has none; an ok item's are encoded as read).
+Outcome = tuple[ManifestRow, Iterable[Sample]]
+
+
+def process_item(source: str, item: Item, data: Media, split: str, shard: str,
+                 config: AudioConfig) -> Outcome:
+    """Transcode one fetched item into its row and samples (encoded as they are read), or a failure row."""
+    checks = _media_checks(data)
     try:
-        decoded = decode_clip(data, item.clip)
+        found = scan(data, config, item.clip)
     except ItemError as exc:
         return _fail_row(source, item, split, shard, exc, **checks), []
     # Kept on dropped rows too: "hours in" counts every clip that decoded, not only those kept.
-    checks.update(source_duration=decoded.duration, source_sample_rate=decoded.sample_rate,
-                  source_channels=decoded.samples.shape[0], source_codec=decoded.codec)
+    checks.update(source_duration=found.duration, source_sample_rate=found.sample_rate,
+                  source_channels=found.channels, source_codec=found.codec, downmix=found.downmix,
+                  downmix_db=found.downmix_db, downmix_cancels=found.downmix_cancels)
+    text, truncated = clean_captions(item.text)
     try:
-        result = transcode_decoded(decoded, config)
+        if not text:
+            raise ItemError("no_caption", "every caption is blank")
+        result = encode(found, config)
     except ItemError as exc:
         return _fail_row(source, item, split, shard, exc, **checks), []
-    samples = []
-    for number, segment in enumerate(result.segments):
-        key = safe_key(source, item.source_id, None if result.whole else number)
-        meta = SampleMeta(
-            text=item.text, tag=item.tag, original_data=item.original_data, source=source,
-            source_id=item.source_id, license=item.license, author=item.author, url=item.url,
-            duration=round(segment.duration, 6), sample_rate=config.sample_rate,
-            channels=config.channels,
-            segment=None if result.whole else [round(segment.start, 6), round(segment.end, 6)],
-        )
-        samples.append({"__key__": key, "flac": segment.flac, "json": meta.to_json_bytes()})
+    level = dict(gain_db=result.gain_db, clipped_samples=result.clipped_samples)
+    keys = [safe_key(source, item.source_id, None if result.whole else number) for number in range(len(result.spans))]
+
+    def samples() -> Iterator[Sample]:  # encoded as the shard writer asks: one FLAC in hand at a time
+        for key, segment in zip(keys, result.iter_segments()):
+            meta = SampleMeta(
+                text=text, tag=item.tag, original_data=item.original_data, source=source,
+                source_id=item.source_id, license=item.license, author=item.author, url=item.url,
+                duration=round(segment.duration, 6), sample_rate=config.sample_rate,
+                channels=config.channels,
+                segment=None if result.whole else [round(segment.start, 6), round(segment.end, 6)],
+                extra=dict(level, downmix=found.downmix, downmix_cancels=found.downmix_cancels,
+                           captions_truncated=truncated),
+            )
+            yield {"__key__": key, "flac": segment.file, "json": meta.to_json_bytes()}
+
     row = ManifestRow(
         source=source, source_id=item.source_id, split=split, shard=shard, status=manifest.STATUS_OK,
-        sample_keys=[s["__key__"] for s in samples], n_samples=len(samples),
-        output_duration=sum(seg.duration for seg in result.segments),
-        url=item.url, license=item.license, **checks,
+        sample_keys=keys, n_samples=len(keys), output_duration=result.output_duration,
+        url=item.url, license=item.license, captions_truncated=truncated, **level, **checks,
     )
-    return row, samples
+    return row, samples()
 
 
-def _fetch(source: Source, item: Item) -> bytes:
+def _fetch(source: Source, item: Item) -> Media:
+    if item.listing_error is not None:  # the source found the problem while listing (a broken link)
+        raise ItemError(*item.listing_error)
     return source.fetch(item)
 
 
-def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) -> dict[str, Any]:
-    """Fetch, transcode and write one shard and its manifest part; returns counts for progress."""
+def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: str, shard: str,
+             config: AudioConfig) -> Outcome:
+    """One item's row and samples; whatever happens to it, exactly one row."""
+    try:
+        data = fetched()
+    except ItemError as exc:
+        return _fail_row(source.name, item, split, shard, exc), []
+    try:
+        return process_item(source.name, item, data, split, shard, config)
+    except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-item build
+        log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
+        unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
+        size = len(data) if isinstance(data, bytes) else None  # a local file may be what went wrong
+        return _fail_row(source.name, item, split, shard, unexpected, source_bytes=size), []
+
+
+def _write_shard(task: ShardTask, out: UPath, outcomes: Iterable[Outcome]) -> dict[str, Any]:
+    """Write the shard's samples as they come and then its manifest part; returns counts for progress."""
     rows: list[ManifestRow] = []
     writer = ShardWriter(out / task.name)
     try:
-        fetches = ordered_prefetch(lambda it: _fetch(source, it), task.items, source.fetch_concurrency)
-        for item, future in fetches:
-            try:
-                data = future.result()
-            except ItemError as exc:
-                rows.append(_fail_row(source.name, item, task.split, task.name, exc))
-                continue
-            try:
-                row, samples = process_item(source.name, item, data, task.split, task.name, config)
-            except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-item build
-                log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
-                unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
-                row, samples = _fail_row(source.name, item, task.split, task.name, unexpected,
-                                         source_bytes=len(data)), []
-            for sample in samples:
+        for row, samples in outcomes:
+            for sample in _encoded(row, samples):
                 writer.write(sample)
+                _release(sample)
             rows.append(row)
     except BaseException:
         writer.abort()
@@ -275,6 +305,37 @@ def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) 
     manifest.write_table(manifest.rows_to_table(rows), out / WORK_DIR / "parts" / task.part_name)
     ok = sum(r.status == manifest.STATUS_OK for r in rows)
     return {"shard": task.name, "items": len(rows), "ok": ok, "samples": writer.count}
+
+
+class EncodeFailed(Exception):
+    """An item failed while its samples were being written: the shard is redone one item per task."""
+
+
+def _encoded(row: ManifestRow, samples: Iterable[Sample]) -> Iterator[Sample]:
+    """The samples of one item; a failure while encoding them (after its first samples may be in
+    the tar) is raised as EncodeFailed, which no item row can absorb in a shard being written."""
+    iterator = iter(samples)
+    while True:
+        try:
+            sample = next(iterator, None)
+        except Exception as exc:  # noqa: BLE001 - named, and handled by redoing the shard item by item
+            raise EncodeFailed(f"{row.source_id}: {type(exc).__name__}: {exc}") from exc
+        if sample is None:
+            return
+        yield sample
+
+
+def _release(sample: Sample) -> None:
+    for value in sample.values():
+        if hasattr(value, "close"):
+            value.close()  # a spooled FLAC: its temp file goes now, not at garbage collection
+
+
+def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) -> dict[str, Any]:
+    """Fetch, transcode and write one shard and its manifest part; returns counts for progress."""
+    fetches = ordered_prefetch(lambda it: _fetch(source, it), task.items, source.fetch_concurrency)
+    return _write_shard(task, out, (_outcome(source, item, future.result, task.split, task.name, config)
+                                    for item, future in fetches))
 
 
 # --------------------------------------------------------------------------- driver
@@ -320,6 +381,14 @@ def _check_resumable(work: UPath, fingerprint: dict[str, Any]) -> None:
                         "use a new --out, or the same options to resume")
 
 
+def _check_out_is_not_input(out: UPath, given: str | None) -> None:
+    """Shards and sidecar-like JSON written into the folder being read would mix output and input."""
+    if given is None or not is_local(out) or "://" in given or not os.path.exists(given):
+        return
+    if os.path.realpath(given) == os.path.realpath(out.path):
+        raise UserError(f"--out {out} is the --input folder; write the output somewhere else")
+
+
 def _prepare_out(out: UPath) -> None:
     """A local --out must be a folder we can write: say so in one line rather than fail mid-run."""
     if not is_local(out):
@@ -343,7 +412,40 @@ def _shard_worker(task_json: str, source: Source, out: str, config: AudioConfig)
         result = run_shard(ShardTask.from_json(task_json), source, location(out), config)
     except SourceError as exc:
         return {"source_error": str(exc)}
+    except EncodeFailed as exc:
+        return {"encode_failed": str(exc)}
     return {**result, "node": ray.get_runtime_context().get_node_id()}
+
+
+def _item_worker(item_json: str, split: str, shard: str, source: Source, config: AudioConfig) -> dict[str, Any]:
+    """One Ray task: one item of a shard whose worker died; its samples come back as bytes."""
+    item = Item.from_json(item_json)
+    try:
+        row, samples = _outcome(source, item, lambda: _fetch(source, item), split, shard, config)
+    except SourceError as exc:
+        return {"source_error": str(exc)}
+    returned = []
+    try:
+        for sample in samples:
+            returned.append({k: v.read() if hasattr(v, "read") else v for k, v in sample.items()})
+            _release(sample)
+    except Exception as exc:  # noqa: BLE001 - alone in its task, the item's row can take the failure
+        log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
+        unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
+        row, returned = _fail_row(source.name, item, split, shard, unexpected), []
+    return {"row": asdict(row), "samples": returned}
+
+
+def _worker_deaths() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a task whose process died under it (OOM-killed, a crash in native code)."""
+    from ray import exceptions
+
+    return (exceptions.WorkerCrashedError, exceptions.OutOfMemoryError, exceptions.NodeDiedError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: BuildOptions,
@@ -352,27 +454,94 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
 
     Plain tasks rather than a Ray Data pipeline: measured side by side on this workload
     (bench/RESULTS.md), Ray Data's executor left cores idle between tasks for ~17% of the wall time.
+    A shard whose worker dies twice does not stop the build: once the other shards are done, its
+    items run one per task, so only an item that kills its worker fails (`worker_died`). So does a
+    shard with an item that failed mid-write (EncodeFailed): alone, that item fails by itself.
     """
     import ray
 
     start_ray(options.ray_address, workers or os.cpu_count() or 1)
     slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # Retries redo a shard whose worker died: shards are written atomically, so a redo is harmless.
-    remote = ray.remote(num_cpus=1, max_retries=3)(_shard_worker)
+    # Retries are ours, not Ray's: a task with Ray retries also gets Ray's separate budget for
+    # kills by its memory monitor (`task_oom_retries`, unlimited in some versions), so a clip that
+    # always runs out of memory could hold the build for ever.
+    remote = ray.remote(num_cpus=1, max_retries=0)(_shard_worker)
     source_ref = ray.put(source)
     queue = iter(tasks)
+    running: dict[Any, tuple[ShardTask, int]] = {}  # ref -> (shard, attempt)
 
-    def submit(task: ShardTask) -> Any:
-        return remote.remote(task.to_json(), source_ref, str(out), options.audio)
+    def submit(task: ShardTask, attempt: int = 0) -> Any:
+        ref = remote.remote(task.to_json(), source_ref, str(out), options.audio)
+        running[ref] = (task, attempt)
+        return ref
 
+    crashed: list[ShardTask] = []
     # One shard in flight per slot: `--workers` caps the concurrency even on a larger Ray instance.
     pending = [submit(task) for task in itertools.islice(queue, slots)]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
+        task, attempt = running.pop(done[0])
+        result, why, passing = _shard_result(done[0])
+        if why is not None:
+            # A retry redoes a shard whose worker died of something passing (shards are written
+            # atomically, so a redo is harmless); another death is the shard's own doing.
+            retry = passing and attempt < SHARD_RETRIES
+            log.warning("shard %s: %s; %s", task.name, why,
+                        "retrying it" if retry else "its items run one by one at the end")
+            if retry:
+                pending.append(submit(task, attempt + 1))
+                continue
+            crashed.append(task)
         following = next(queue, None)
         if following is not None:
             pending.append(submit(following))
-        yield ray.get(done[0])
+        if result is not None:
+            yield result
+    for task in crashed:
+        yield _run_items_apart(task, source, source_ref, out, options.audio, slots)
+
+
+def _shard_result(ref: Any) -> tuple[dict | None, str | None, bool]:
+    """A finished shard task: (its result, why it must be redone instead, whether that may pass)."""
+    import ray
+
+    try:
+        result = ray.get(ref)
+    except _worker_deaths() as exc:
+        return None, f"its worker died ({_first_line(exc)})", True
+    if "encode_failed" in result:
+        return None, result["encode_failed"], False
+    return result, None, False
+
+
+def _run_items_apart(task: ShardTask, source: Source, source_ref: Any, out: UPath, config: AudioConfig,
+                     slots: int) -> dict[str, Any]:
+    """Redo a shard one item per Ray task (a bounded window, in order) and write it from the driver."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=0)(_item_worker)
+
+    def outcomes() -> Iterator[Outcome]:
+        queue = iter(task.items)
+        pending = [(item, remote.remote(item.to_json(), task.split, task.name, source_ref, config))
+                   for item in itertools.islice(queue, slots)]
+        while pending:
+            item, ref = pending.pop(0)
+            following = next(queue, None)
+            if following is not None:
+                pending.append((following, remote.remote(following.to_json(), task.split, task.name,
+                                                         source_ref, config)))
+            try:
+                result = ray.get(ref)
+            except _worker_deaths() as exc:
+                died = ItemError(WORKER_DIED, f"the worker processing it died: {_first_line(exc)}")
+                yield _fail_row(source.name, item, task.split, task.name, died), []
+                continue
+            if "source_error" in result:
+                raise SourceError(result["source_error"])
+            yield ManifestRow(**result["row"]), result["samples"]
+
+    return {**_write_shard(task, out, outcomes()), "node": ray.get_runtime_context().get_node_id()}
 
 
 def _excluded_rows(source: str, items: list[Item], excluded: set[str], ratios: dict[str, float]) -> list[ManifestRow]:
@@ -390,6 +559,7 @@ def build(options: BuildOptions) -> BuildSummary:
     for split in options.split_ratios:
         check_split_name(split, "--splits")
     out = location(options.out)
+    _check_out_is_not_input(out, options.source_config.input)
     work = out / WORK_DIR
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NoReturn
 from upath import UPath
 
 from audio_dataset import __version__
-from audio_dataset.audio import FLAC_MAX_RATE, LONG_CLIP_POLICIES, AudioConfig
+from audio_dataset.audio import CLIPPING_POLICIES, FLAC_MAX_RATE, LONG_CLIP_POLICIES, AudioConfig
 from audio_dataset.source import SourceConfig, SourceError, UserError
 from audio_dataset.storage import is_local, location
 
@@ -79,6 +79,9 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--segment-seconds", type=_positive_float, help="length of consecutive segments")
     p.add_argument("--min-seconds", type=float, default=0.5, help="drop clips shorter than this")
     p.add_argument("--min-source-rate", type=int, default=16_000, help="drop clips recorded below this rate")
+    p.add_argument("--clipping", choices=CLIPPING_POLICIES, default="attenuate",
+                   help="a clip whose peak (after resampling) exceeds full scale: attenuate it just enough "
+                        "to fit (default; gain_db recorded), or clip it as LAION did (clipped_samples recorded)")
     p.add_argument("--splits", type=_split_ratios, default="train=0.9,valid=0.05,test=0.05",
                    help="split ratios by stable hash of the source id")
     p.add_argument("--base-url", help="override the source's site or API root")
@@ -120,7 +123,8 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
         raise UserError(f"{flag} {cut_to:g} is below --min-seconds {args.min_seconds:g}")
     audio = AudioConfig(sample_rate=args.sample_rate, channels=args.channels, max_seconds=args.max_seconds,
                         long_clips=long_clips, segment_seconds=args.segment_seconds,
-                        min_seconds=args.min_seconds, min_source_rate=args.min_source_rate)
+                        min_seconds=args.min_seconds, min_source_rate=args.min_source_rate,
+                        clipping=args.clipping)
     options = BuildOptions(
         source=args.source, out=args.out,
         source_config=SourceConfig(input=args.input, base_url=args.base_url, options=dict(args.source_option)),

@@ -7,8 +7,9 @@ so a `Source` holding one can be shipped to Ray workers; each process then rate-
 
 Outcomes:
 - `ItemError(reason)` for one item: `http_404`, `http_4xx`, `http_429`, `http_5xx`, `timeout`,
-  `connection_error`, `stalled`, `truncated_body`, `too_large`, `not_audio_content`,
-  `not_archive_content`, `bad_json` (after retries where retrying can help).
+  `connection_error`, `stalled`, `truncated_body`, `too_slow` (past `download_timeout` at under
+  `min_download_rate` on average, however steadily it trickled; not retried), `too_large`,
+  `not_audio_content`, `not_archive_content`, `bad_json` (after retries where retrying can help).
 - `SourceError` for the whole source: credentials rejected (401/403 on a request made with
   `auth_env`), `max_consecutive_failures` requests in a row to one host that ended in connection
   errors/timeouts/5xx (the site is down), or a 429 whose Retry-After exceeds `max_retry_after`
@@ -30,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -58,6 +59,11 @@ class HttpConfig:
     connect_timeout: float = 10.0
     # Longest wait for the next body (or header) bytes; a quiet socket beyond it is `stalled`.
     stall_timeout: float = 30.0
+    # A server trickling a byte a second never stalls, but must not hold a worker for ever: an
+    # attempt running past `download_timeout` seconds (None: no limit) while averaging under
+    # `min_download_rate` bytes/s is `too_slow`. A big archive arriving at a healthy rate goes on.
+    download_timeout: float | None = 600.0
+    min_download_rate: float = 64 * 1024
     max_bytes: int = 512 * 2**20
     retries: int = 5
     backoff_base: float = 0.5
@@ -301,6 +307,7 @@ class HttpClient:
     def _attempt(self, url: str, params: dict | None, headers: dict | None, auth_env: str | None,
                  expect: str, open_sink: Callable[[], "_Sink"]) -> tuple[Any, requests.Response]:
         where = public_url(url)
+        started = time.monotonic()
         try:
             response = self._session().get(url, params=params, headers=headers, stream=True,
                                            timeout=(self.config.connect_timeout, self.config.stall_timeout))
@@ -316,7 +323,7 @@ class HttpClient:
             self._check_status(response, where, auth_env)
             sink = open_sink()
             try:
-                head = self._read_body(response, where, sink)
+                head = self._read_body(response, where, sink, started)
                 if expect != "any":
                     _check_content(head, response.headers.get("Content-Type", ""), expect, where)
                 return sink.finish(), response
@@ -349,19 +356,22 @@ class HttpClient:
             raise ItemError("http_5xx", line)
         raise ItemError("http_4xx", line)
 
-    def _read_body(self, response: requests.Response, where: str, sink: "_Sink") -> bytes:
-        """Copy the body into `sink` within the size limit; returns its first bytes for sniffing."""
+    def _read_body(self, response: requests.Response, where: str, sink: "_Sink", started: float) -> bytes:
+        """Copy the body into `sink` within the size and time limits; returns its first bytes for sniffing."""
         limit = self.config.max_bytes
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ItemError("too_large", f"{where} declares {int(declared)} bytes (limit {limit})")
+        deadline = None if self.config.download_timeout is None else started + self.config.download_timeout
         head = b""
         size = 0
         try:
-            for chunk in response.iter_content(_CHUNK):
+            for chunk in _arriving(response):
                 size += len(chunk)
                 if size > limit:
                     raise ItemError("too_large", f"{where} sent over {limit} bytes")
+                if deadline is not None and time.monotonic() > deadline:
+                    self._check_rate(where, size, declared, started)
                 if len(head) < _HEAD:
                     head += chunk[:_HEAD - len(head)]
                 sink.write(chunk)
@@ -376,6 +386,30 @@ class HttpClient:
         if declared and declared.isdigit() and "Content-Encoding" not in response.headers and size < int(declared):
             raise _Retry("truncated_body", f"{where}: body ended after {size} of {declared} bytes")
         return head
+
+    def _check_rate(self, where: str, size: int, declared: str | None, started: float) -> None:
+        elapsed = time.monotonic() - started
+        if size / elapsed < self.config.min_download_rate:
+            raise ItemError("too_slow", f"{where}: {size} of {declared or 'unknown'} bytes in {elapsed:.0f}s, "
+                                        f"under {self.config.min_download_rate:g} bytes/s past "
+                                        f"download_timeout {self.config.download_timeout:g}s")
+
+
+def _arriving(response: requests.Response) -> Iterator[bytes]:
+    """The body as the socket delivers it (up to _CHUNK at a time), not in whole 64 KiB reads.
+
+    A full-size read blocks until 64 KiB arrive, so a trickle would never reach the deadline check
+    and a cut would lose the count of what came. Errors are mapped as `iter_content` maps them.
+    """
+    try:
+        while chunk := response.raw.read1(_CHUNK, decode_content=True):
+            yield chunk
+    except urllib3.exceptions.ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from None
+    except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.SSLError) as exc:
+        raise requests.exceptions.ConnectionError(exc) from None
+    except urllib3.exceptions.DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from None
 
 
 class _Sink(Protocol):

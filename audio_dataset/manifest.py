@@ -41,6 +41,14 @@ SCHEMA = pa.schema([
     pa.field("sha256", pa.string()),  # of the source bytes
     pa.field("url", pa.string()),
     pa.field("license", pa.string()),
+    # Level and channels (see README "What a build writes"): the gain that fitted the peak under
+    # full scale, samples clipped (--clipping clip), how channels were combined and whether it cancelled.
+    pa.field("gain_db", pa.float64()),
+    pa.field("clipped_samples", pa.int64()),
+    pa.field("downmix", pa.string()),
+    pa.field("downmix_db", pa.float64()),
+    pa.field("downmix_cancels", pa.bool_()),
+    pa.field("captions_truncated", pa.int32()),  # captions cut at schema.MAX_CAPTION_CHARS
 ])
 
 
@@ -64,6 +72,12 @@ class ManifestRow:
     sha256: str | None = None
     url: str | None = None
     license: str | None = None
+    gain_db: float | None = None
+    clipped_samples: int | None = None
+    downmix: str | None = None
+    downmix_db: float | None = None
+    downmix_cancels: bool | None = None
+    captions_truncated: int | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -29,6 +29,9 @@ REQUIRED_FIELDS = (
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+# Longer captions are cut (and counted): a pasted licence text or page dump is not a caption, and
+# CLAP's text encoders read well under this many characters anyway.
+MAX_CAPTION_CHARS = 1000
 
 
 @dataclass
@@ -85,6 +88,16 @@ def validate_meta(data: dict[str, Any]) -> list[str]:
     if seg is not None and (not isinstance(seg, list) or len(seg) != 2 or seg[0] >= seg[1]):
         problems.append("'segment' must be null or [start, end] with start < end")
     return problems
+
+
+def clean_captions(captions: list[str]) -> tuple[list[str], int]:
+    """Captions as stored: stripped, blank ones left out, each cut to MAX_CAPTION_CHARS.
+
+    Returns them with how many were cut.
+    """
+    kept = [caption.strip() for caption in captions if caption.strip()]
+    truncated = sum(len(caption) > MAX_CAPTION_CHARS for caption in kept)
+    return [caption[:MAX_CAPTION_CHARS].rstrip() for caption in kept], truncated
 
 
 def safe_key(source: str, source_id: str, segment_index: int | None = None) -> str:

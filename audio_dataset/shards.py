@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from upath import UPath
 
@@ -17,7 +17,8 @@ from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, atom
 __all__ = ["Sample", "ShardWriter", "atomic_write_bytes", "atomic_write_json", "iter_shard", "read_sizes",
            "shard_paths", "write_sizes"]
 
-Sample = dict[str, bytes | str]
+# A member's payload: bytes, text, or an open binary file (a long FLAC spooled to disk), read from its start.
+Sample = dict[str, bytes | str | BinaryIO]
 
 
 class ShardWriter:
@@ -35,12 +36,14 @@ class ShardWriter:
             raise ValueError(f"unsafe shard key {key!r}")
         for ext in sorted(k for k in sample if not k.startswith("__")):
             data = sample[ext]
-            payload = data.encode("utf-8") if isinstance(data, str) else data
+            payload = io.BytesIO(data.encode("utf-8") if isinstance(data, str) else data) \
+                if isinstance(data, (str, bytes)) else data
             info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(payload)
+            info.size = payload.seek(0, io.SEEK_END)
+            payload.seek(0)
             info.mode = 0o444
             info.mtime = 0
-            self._tar.addfile(info, io.BytesIO(payload))
+            self._tar.addfile(info, payload)
         self.count += 1
 
     def close(self) -> None:

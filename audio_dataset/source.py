@@ -51,6 +51,9 @@ class Item:
     split: str | None = None
     # [start, end] seconds to cut from the fetched audio (AudioSet segments); None keeps it all.
     clip: tuple[float, float] | None = None
+    # [reason, detail] of a problem the source found while listing (a broken link, a bad sidecar):
+    # the item fails with it, unfetched, so it still gets its manifest row.
+    listing_error: list[str] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
@@ -90,8 +93,8 @@ class Source(abc.ABC):
         """Yield every item, in a stable order (resume depends on it)."""
 
     @abc.abstractmethod
-    def fetch(self, item: Item) -> bytes:
-        """Return the item's media bytes, or raise ItemError with a named reason."""
+    def fetch(self, item: Item) -> bytes | Path:
+        """Return the item's media bytes (or a local file, read in place), or raise ItemError with a named reason."""
 
     def check(self) -> None:
         """Fail fast with SourceError/UserError before any work (missing token, bad input)."""

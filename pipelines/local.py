@@ -8,8 +8,11 @@ string, or a JSON list), optional `tags`/`tag` (`;`-separated or a JSON list), `
 """
 from __future__ import annotations
 
+import errno
 import json
-from pathlib import PurePosixPath
+import os
+import stat
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from upath import UPath
@@ -23,44 +26,146 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aa
 TABLE_SUFFIXES = {".csv", ".tsv", ".parquet"}
 
 
+# A sidecar nested deeper than this is not metadata (and would overflow recursive JSON code later).
+MAX_SIDECAR_DEPTH = 32
+
+
+def _text(value: Any) -> str:
+    """A value as text: strings as they are, anything else as JSON (never a Python repr); None is ""."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
 def _scalar(value: Any) -> str:
     """A cell as text; None and NaN (a parquet table's missing value) are empty, never "nan"."""
     if value is None or (isinstance(value, float) and value != value):
         return ""
-    return str(value).strip()
+    return _text(value)
 
 
 def _as_list(value: Any, sep: str | None = None) -> list[str]:
     if value is None or (isinstance(value, float) and value != value):  # None or NaN
         return []
     if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        return [str(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
-    text = str(value).strip()
+        values = value.tolist() if hasattr(value, "tolist") else value
+        return [text for text in map(_text, values) if text]
+    if not isinstance(value, str):
+        return [_text(value)]
+    text = value.strip()
     if text.startswith("["):
         try:
-            return [str(v) for v in json.loads(text)]
-        except json.JSONDecodeError:
+            return [t for t in map(_text, json.loads(text)) if t]
+        except (json.JSONDecodeError, RecursionError):
             pass
     parts = text.split(sep) if sep else [text]
     return [p.strip() for p in parts if p.strip()]
 
 
-def _sidecar(path: UPath) -> dict[str, Any]:
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest (iterative: the value may be deep enough to break recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _sidecar(path: UPath) -> tuple[dict[str, Any], list[str] | None]:
+    """The captions beside an audio file, and [reason, detail] when they cannot be used.
+
+    A bad sidecar fails its own item (`bad_sidecar`, the parser's message) and the build goes on.
+    """
     meta = path.with_suffix(".json")
     try:
         if meta.is_file():
             data = json.loads(meta.read_text(encoding="utf-8"))
             if not isinstance(data, dict):
-                raise UserError(f"bad sidecar JSON {meta}: want an object with 'text', got {type(data).__name__}")
-            return data
+                return {}, ["bad_sidecar", f"{meta.name}: want an object with 'text', got {type(data).__name__}"]
+            if _depth(data) > MAX_SIDECAR_DEPTH:
+                return {}, ["bad_sidecar", f"{meta.name}: nested deeper than {MAX_SIDECAR_DEPTH} levels"]
+            return data, None
         text = path.with_suffix(".txt")
         if text.is_file():
-            return {"text": [line.strip() for line in text.read_text(encoding="utf-8").splitlines() if line.strip()]}
+            return {"text": [line.strip() for line in text.read_text(encoding="utf-8").splitlines()
+                             if line.strip()]}, None
     except json.JSONDecodeError as exc:
-        raise UserError(f"bad sidecar JSON {meta}: {exc}") from None
+        return {}, ["bad_sidecar", f"{meta.name}: {exc}"]
+    except RecursionError:
+        return {}, ["bad_sidecar", f"{meta.name}: nested too deeply to parse"]
     except UnicodeDecodeError as exc:
-        raise UserError(f"sidecar of {path} is not UTF-8 text: {exc}") from None
-    return {}
+        return {}, ["bad_sidecar", f"sidecar of {path.name} is not UTF-8 text: {exc}"]
+    except OSError as exc:
+        return {}, ["bad_sidecar", f"sidecar of {path.name} cannot be read: {exc.strerror or exc}"]
+    return {}, None
+
+
+def _link_problem(path: Path, exc: OSError) -> list[str]:
+    """Why an audio name under the folder cannot be opened: a dangling or looping link, or no access."""
+    if exc.errno == errno.ELOOP:
+        return ["link_loop", f"{path.name}: symbolic links form a loop"]
+    if path.is_symlink():
+        return ["broken_link", f"{path.name} -> {os.readlink(path)}: {exc.strerror}"]
+    return ["read_error", f"{path.name}: {exc.strerror or exc}"]
+
+
+def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
+    """Audio files under `root`, following symbolic links, sorted by path: each real file once.
+
+    A folder reached again through a link (a loop, or a second link to it) is not walked twice; an
+    audio name that cannot be opened (dangling or looping link, no permission) comes with [reason, detail].
+    """
+    found: list[tuple[Path, tuple[int, int] | None, list[str] | None]] = []
+    walked: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = folder.stat()
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as exc:
+            found.append((folder, None, ["read_error", f"folder {folder.name}: {exc.strerror or exc}"]))
+            continue
+        if (info.st_dev, info.st_ino) in walked:
+            continue
+        walked.add((info.st_dev, info.st_ino))
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():  # follows links
+                    subfolders.append(path)
+                    continue
+            except OSError:
+                pass
+            if path.suffix.lower() not in AUDIO_SUFFIXES:
+                continue
+            try:
+                target = path.stat()
+            except OSError as exc:
+                found.append((path, None, _link_problem(path, exc)))
+                continue
+            if stat.S_ISREG(target.st_mode):
+                found.append((path, (target.st_dev, target.st_ino), None))
+        # Walked in name order, so a folder reached by two paths is listed under the first.
+        stack.extend(reversed(subfolders))
+    found.sort(key=lambda entry: entry[0].relative_to(root).as_posix())
+    seen: set[tuple[int, int]] = set()
+    files = []
+    for path, identity, problem in found:
+        if identity is not None and identity in seen:
+            continue  # the same file again through another link
+        if identity is not None:
+            seen.add(identity)
+        files.append((path, problem))
+    return files
 
 
 class LocalSource(Source):
@@ -88,11 +193,17 @@ class LocalSource(Source):
             raise UserError(f"{what} in {self.root} (audio: {', '.join(sorted(AUDIO_SUFFIXES))})")
 
     def _list_folder(self) -> Iterator[Item]:
-        files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-        for path in files:
-            meta = _sidecar(path)
-            rel = path.relative_to(self.root).as_posix()
-            yield self._item(rel, self._locator(path), meta)
+        if is_local(self.root):
+            files = _local_audio_files(Path(self.root.path))
+        else:
+            files = [(p, None) for p in sorted(self.root.rglob("*"))
+                     if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
+        for path, problem in files:
+            meta, bad_sidecar = _sidecar(location(path)) if problem is None else ({}, None)
+            rel = path.relative_to(Path(self.root.path) if is_local(self.root) else self.root).as_posix()
+            item = self._item(rel, self._locator(location(path)), meta)
+            item.listing_error = problem or bad_sidecar
+            yield item
 
     def _read_table(self) -> tuple[list[str], list[dict[str, Any]]]:
         """(columns, rows) with plain Python values: every cell must go into the sample JSON."""
@@ -133,7 +244,8 @@ class LocalSource(Source):
 
     @staticmethod
     def _locator(path: UPath) -> str:
-        return str(path.resolve()) if is_local(path) else str(path)
+        # A link's own absolute path (not its target): a broken one still names what was listed.
+        return os.path.abspath(path.path) if is_local(path) else str(path)
 
     @staticmethod
     def _item(source_id: str, path: str, meta: dict[str, Any]) -> Item:
@@ -148,9 +260,14 @@ class LocalSource(Source):
             url=_scalar(meta.pop("url", None)), original_data=meta, split=split,
         )
 
-    def fetch(self, item: Item) -> bytes:
+    def fetch(self, item: Item) -> bytes | Path:
+        path = location(item.locator)
         try:
-            return location(item.locator).read_bytes()
+            if is_local(path):  # read in place by the core: a long recording is never loaded whole
+                local = Path(path.path)
+                with open(local, "rb"):
+                    return local
+            return path.read_bytes()
         except FileNotFoundError:
             raise ItemError("missing_file", item.locator) from None
         except OSError as exc:

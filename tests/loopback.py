@@ -12,7 +12,8 @@ Fault kinds (each served `times` times, None = always, before the route answers 
 body, then silence for `seconds`), `truncate` (Content-Length larger than what is sent, then the
 connection closes), `html` (a 200 HTML error page), `oversize` (`size` bytes of WAV-looking data,
 `declare_length=False` streams it without Content-Length), `malformed` (a 200 whose JSON body is
-cut off), `reset` (the connection closes before any response).
+cut off), `reset` (the connection closes before any response), `trickle` (`size` bytes of WAV-looking
+data, one byte every `interval` seconds: never quiet long enough to stall).
 """
 from __future__ import annotations
 
@@ -70,10 +71,11 @@ class Fault:
     seconds: float = 5.0
     size: int = 0
     declare_length: bool = True
+    interval: float = 1.0
 
 
 FAULT_KINDS = frozenset({"404", "401", "403", "500", "503", "429", "stall", "truncate", "html",
-                         "oversize", "malformed", "reset"})
+                         "oversize", "malformed", "reset", "trickle"})
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -265,6 +267,23 @@ class LoopbackServer:
             self._stopping.wait(fault.seconds)
         elif kind == "oversize":
             self._serve_oversize(handler, fault)
+        elif kind == "trickle":
+            self._serve_trickle(handler, fault)
+
+    def _serve_trickle(self, handler: _RequestHandler, fault: Fault) -> None:
+        handler.close_connection = True
+        handler.send_response(200)
+        handler.send_header("Content-Type", "audio/wav")
+        handler.send_header("Content-Length", str(fault.size))
+        handler.end_headers()
+        try:
+            for byte in _wav_like(fault.size):
+                if self._stopping.wait(fault.interval):
+                    return
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _serve_oversize(self, handler: _RequestHandler, fault: Fault) -> None:
         handler.close_connection = True

@@ -100,15 +100,9 @@ def test_table_mistakes_are_one_line_and_pin_nothing(tmp_path: Path, capsys: pyt
     assert not (out / WORK_DIR / CONFIG_FILE).exists()
 
 
-def test_sidecar_mistakes_and_an_empty_folder_are_one_line(tmp_path: Path, robin_folder: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_empty_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # (A bad sidecar fails only its own item: tests/test_bad_inputs.py.)
     base = ["build", "--source", "local", "--out", str(tmp_path / "out"), "--input"]
-    sidecar = (robin_folder / ROBIN).with_suffix(".json")
-    sidecar.write_text('["a caption list, not an object"]')
-    assert "want an object" in _one_error_line(capsys, [*base, str(robin_folder)])
-    sidecar.unlink()
-    (robin_folder / ROBIN).with_suffix(".txt").write_bytes("caf\xe9".encode("latin-1"))
-    assert "not UTF-8" in _one_error_line(capsys, [*base, str(robin_folder)])
     (tmp_path / "nothing").mkdir()
     assert "no audio files" in _one_error_line(capsys, [*base, str(tmp_path / "nothing")])
 
@@ -239,16 +233,16 @@ def test_an_unexpected_error_on_one_item_fails_that_item_not_the_build(tmp_path:
         shutil.copy(REAL_AUDIO_DIR / name, folder / name)
     source = LocalSource(SourceConfig(input=str(folder)))
     items = list(source.list_items())
-    real = build_module.transcode_decoded
+    real = build_module.encode
     calls = []
 
-    def flaky(decoded, config):
+    def flaky(found, config):
         calls.append(1)
         if len(calls) == 2:
             raise IndexError("a decoder corner case")
-        return real(decoded, config)
+        return real(found, config)
 
-    monkeypatch.setattr(build_module, "transcode_decoded", flaky)
+    monkeypatch.setattr(build_module, "encode", flaky)
     out = location(str(tmp_path / "out"))
     result = run_shard(ShardTask("train", 0, items), source, out, AudioConfig())
     assert result["items"] == 3 and result["ok"] == 2
