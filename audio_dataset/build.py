@@ -26,6 +26,7 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.audio import AudioConfig, decode_clip, transcode_decoded
+from audio_dataset.lock import hold_output
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.raystart import start_ray
@@ -383,22 +384,29 @@ def _excluded_rows(source: str, items: list[Item], excluded: set[str], ratios: d
 
 def build(options: BuildOptions) -> BuildSummary:
     """Run (or resume) a build into `options.out`; raises UserError/SourceError on fatal problems."""
-    from audio_dataset.stats import print_summary
-
     if options.samples_per_shard < 1:
         raise UserError("--samples-per-shard must be at least 1")
     for split in options.split_ratios:
         check_split_name(split, "--splits")
     out = location(options.out)
-    work = out / WORK_DIR
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
     source = load_source(options.source, options.source_config)
     source.check()
     excluded = read_exclusions([*definition_exclusions(options.source), *options.exclude_files])
     fingerprint = _fingerprint(options, excluded)
-    _check_resumable(work, fingerprint)
     _prepare_out(out)
+    with hold_output(out, "build"):
+        return _build_held(options, source, out, excluded, fingerprint)
+
+
+def _build_held(options: BuildOptions, source: Source, out: UPath, excluded: set[str],
+                fingerprint: dict[str, Any]) -> BuildSummary:
+    """The build proper, while this command alone holds `out`."""
+    from audio_dataset.stats import print_summary
+
+    work = out / WORK_DIR
+    _check_resumable(work, fingerprint)
     run = RunRecord("build", {**fingerprint, "workers": options.workers, "ray_address": options.ray_address,
                               "base_url": options.source_config.base_url,
                               "exclude_files": [str(p) for p in options.exclude_files]},

@@ -11,6 +11,7 @@ from upath import UPath
 
 from audio_dataset import __version__
 from audio_dataset.audio import FLAC_MAX_RATE, LONG_CLIP_POLICIES, AudioConfig
+from audio_dataset.lock import OutputLocked
 from audio_dataset.source import SourceConfig, SourceError, UserError
 from audio_dataset.storage import location
 
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SourceError as exc:
         print(f"audiodata: source failed: {exc}", file=sys.stderr)
+        return 1
+    except OutputLocked as exc:
+        print(f"audiodata: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("audiodata: interrupted; rerun the same command to resume", file=sys.stderr)
