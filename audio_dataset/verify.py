@@ -1,9 +1,9 @@
-"""`audiodata verify OUT`: open every shard, decode every sample, check JSON, sizes.json and manifest."""
+"""`audiodata verify OUT`: open every shard, decode every sample, check JSON, sizes.json, each shard's
+sha256 (SHA256SUMS, recorded when the shard was written) and the manifest."""
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass, field
 
 import soundfile
@@ -11,7 +11,7 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.schema import SIZES_FILE, validate_meta
-from audio_dataset.shards import iter_shard, shard_paths
+from audio_dataset.shards import CHECKSUMS_FILE, DamagedShard, file_sha256, iter_shard, read_checksums, shard_paths
 from audio_dataset.storage import Location, location, read_json
 
 
@@ -52,6 +52,20 @@ def _check_sample(name: str, sample: dict, report: VerifyReport) -> None:
         report.problems.append(f"{where}: FLAC lasts {duration:.3f}s, JSON says {meta.get('duration')}")
 
 
+def _check_checksum(name: str, path: UPath, sums: dict[str, str] | None, report: VerifyReport) -> None:
+    if sums is None:
+        return
+    if path.name not in sums:
+        report.problems.append(f"{name}: not in {CHECKSUMS_FILE}")
+        return
+    try:
+        digest = file_sha256(path)
+    except OSError:  # reported when the shard is read
+        return
+    if digest != sums[path.name]:
+        report.problems.append(f"{name}: sha256 differs from {CHECKSUMS_FILE}: changed after it was written")
+
+
 def _check_split(out: UPath, split: str, report: VerifyReport) -> dict[str, set[str]]:
     """Verify one split's shards; returns shard name -> keys found."""
     split_dir = out / split
@@ -61,16 +75,20 @@ def _check_split(out: UPath, split: str, report: VerifyReport) -> dict[str, set[
     paths = shard_paths(split_dir)
     if paths and sizes is None:
         report.problems.append(f"{split}: {SIZES_FILE} missing")
+    sums = read_checksums(split_dir)  # None for outputs written before checksums were kept
     for path in paths:
         name = f"{split}/{path.name}"
         report.shards += 1
+        _check_checksum(name, path, sums, report)
         keys: list[str] = []
         try:
             for sample in iter_shard(path):
                 keys.append(sample["__key__"])
                 _check_sample(name, sample, report)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            report.problems.append(f"{name}: unreadable tar ({exc})")
+        except DamagedShard as exc:
+            report.problems.append(f"{name}: unreadable tar ({exc.detail})")
+        except OSError as exc:
+            report.problems.append(f"{name}: unreadable ({exc.strerror or exc})")
         if len(set(keys)) != len(keys):
             report.problems.append(f"{name}: duplicate keys")
         report.samples += len(keys)
