@@ -319,10 +319,29 @@ def _check_resumable(work: UPath, fingerprint: dict[str, Any]) -> None:
         previous["input"] = _input_key(previous["input"])
     if isinstance(previous.get("split_ratios"), dict):  # older outputs kept a mapping: order unknown
         fingerprint = {**fingerprint, "split_ratios": dict(fingerprint["split_ratios"])}
-    changed = sorted(k for k in set(fingerprint) | set(previous) if previous.get(k) != fingerprint.get(k))
+    changed = _option_changes(previous, fingerprint)
     if changed:
-        raise UserError(f"{work.parent} was built with other options ({', '.join(changed)}); "
+        raise UserError(f"{work.parent} was built with other options ({'; '.join(changed)}); "
                         "use a new --out, or the same options to resume")
+
+
+def _option_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`audio.sample_rate was 48000, now 16000` for each option that differs (nested ones by name)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += _option_changes(before, after, f"{prefix}{key}.")
+        else:
+            changes.append(f"{prefix}{key} was {_shown(before)}, now {_shown(after)}")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _prepare_out(out: UPath) -> None:
