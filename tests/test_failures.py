@@ -117,7 +117,16 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_files(small_disk: Path) -> None:
+def _resume(out: Path) -> None:
+    """The same build as the CLI's, in this process (its Ray is up already)."""
+    build(BuildOptions(source="local", out=out, source_config=SourceConfig(input=str(REAL_AUDIO_DIR)),
+                       samples_per_shard=1, workers=2, progress=False))
+    assert verify(out).ok
+    rows = manifest.read_table(out / manifest.MANIFEST_FILE).to_pylist()
+    assert len(rows) == 10 and all(r["status"] == manifest.STATUS_OK for r in rows)
+
+
+def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_files(small_disk: Path, ray_local: None) -> None:
     out = small_disk / "out"
     args = ["build", "--source", "local", "--input", REAL_AUDIO_DIR, "--out", out, "--samples-per-shard", "1",
             "--workers", "2", "--no-progress"]
@@ -129,17 +138,13 @@ def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_files(small_disk: Pat
     assert not (out / manifest.MANIFEST_FILE).exists()
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    resumed = _run(*args)
-    assert resumed.returncode == 0, resumed.stderr
-    assert verify(out).ok
-    rows = manifest.read_table(out / manifest.MANIFEST_FILE).to_pylist()
-    assert len(rows) == 10 and all(r["status"] == manifest.STATUS_OK for r in rows)
+    _resume(out)
 
 
 # --------------------------------------------------------------------------- SIGTERM
 
 
-def test_sigterm_is_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
+def test_sigterm_is_one_line_and_the_rerun_resumes(tmp_path: Path, ray_local: None) -> None:
     out = tmp_path / "out"
     args = ["build", "--source", "local", "--input", str(REAL_AUDIO_DIR), "--out", str(out),
             "--samples-per-shard", "1", "--workers", "1", "--no-progress"]
@@ -157,10 +162,7 @@ def test_sigterm_is_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
     assert 2 <= done < 10 and not (out / manifest.MANIFEST_FILE).exists()
     assert not list(out.rglob(".*.tmp-*")) and not (out / ".audiodata.lock").exists()
 
-    resumed = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert verify(out).ok
-    assert len(manifest.read_table(out / manifest.MANIFEST_FILE)) == 10
+    _resume(out)
 
 
 # --------------------------------------------------------------------------- small things
