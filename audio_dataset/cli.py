@@ -290,8 +290,17 @@ def _os_error(exc: OSError, out: object) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:  # a caller's own handler (main() called from Python) is back afterwards
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with every failure as one line and its exit code."""
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows up here, not at exit as "Exception ignored"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,3 +152,20 @@ def test_stale_and_dead_leases_are_taken_over_and_refreshed(s3_env: dict[str, st
     _put_lease(key, Holder("build", pid=gone.pid))
     with hold_output(out, "k2c") as mine:
         assert _lease(key).token == mine.token
+
+
+def test_verify_catches_a_folder_written_with_two_sets_of_options(tmp_path: Path, ray_local: None) -> None:
+    """What two unlocked builds left behind: the folder claims 48 kHz, one shard holds 16 kHz."""
+    from audio_dataset.shards import read_checksums, write_checksums
+
+    common = ["--split", "train=1", "--samples-per-shard", "1"]
+    assert main([*_build_cmd(tmp_path / "a")[3:], *common]) == 0
+    assert main([*_build_cmd(tmp_path / "b")[3:], *common, "--sample-rate", "16000"]) == 0
+    assert verify(tmp_path / "a").ok and verify(tmp_path / "b").ok
+    shutil.copy(tmp_path / "b" / "train" / "000001.tar", tmp_path / "a" / "train" / "000001.tar")
+    # The 16 kHz writer recorded its own shard's checksum, as a concurrent build would have.
+    sums = read_checksums(tmp_path / "a" / "train")
+    write_checksums(tmp_path / "a" / "train", {**sums, "000001.tar": read_checksums(tmp_path / "b" / "train")["000001.tar"]})
+    problems = verify(tmp_path / "a").problems
+    assert len(problems) == 1 and "train/000001.tar:" in problems[0]
+    assert problems[0].endswith("JSON sample_rate 16000, the build's options say 48000")
