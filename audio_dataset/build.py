@@ -340,6 +340,8 @@ def _option_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
 
 
 def _shown(value: Any) -> str:
+    if value is None:  # unset (`--limit` not given), or an option older outputs did not record
+        return "none"
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 80 else text[:77] + "..."
 
