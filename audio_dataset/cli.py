@@ -15,7 +15,7 @@ from upath import UPath
 
 from audio_dataset import __version__
 from audio_dataset.audio import FLAC_MAX_RATE, LONG_CLIP_POLICIES, AudioConfig
-from audio_dataset.lock import OutputLocked
+from audio_dataset.lock import OutputLocked, current_holder
 from audio_dataset.source import SourceConfig, SourceError, UserError
 from audio_dataset.storage import location
 
@@ -119,6 +119,9 @@ def run_verify(args: argparse.Namespace) -> int:
     from audio_dataset.verify import verify
 
     _require_output(args.out)
+    if (holder := current_holder(args.out)) is not None:
+        print(f"audiodata: warning: {args.out} is being written by {holder.describe()}; "
+              "verify it again once that finishes", file=sys.stderr)
     report = verify(args.out)
     for problem in report.problems:
         print(problem)

@@ -188,6 +188,20 @@ class _Heartbeat(threading.Thread):
             log.warning("could not remove the lease on %s: %s", self.path.parent, exc)
 
 
+def current_holder(out: UPath) -> Holder | None:
+    """Who is writing `out` now, as far as a reader can tell without taking the lock (which would
+    refuse a writer starting that moment): a holder removes the file when it finishes, and one
+    killed on this host is recognised by its pid. Readers warn with it: what they see may change."""
+    if not is_local(out):
+        lease = _read_lease(out / LOCK_FILE)
+        return lease if lease is not None and not _is_stale(lease) else None
+    try:
+        holder = Holder.parse(Path(out.path, LOCK_FILE).read_bytes())
+    except OSError:  # no lock file: nobody holds it
+        return None
+    return None if holder is None or holder.is_dead_here() else holder
+
+
 @contextmanager
 def hold_output(out: UPath, stage: str) -> Iterator[Holder]:
     """Hold the output for one writer for the duration of the block, or raise OutputLocked."""

@@ -162,6 +162,9 @@ def test_verify_catches_a_folder_written_with_two_sets_of_options(tmp_path: Path
     assert main([*_build_cmd(tmp_path / "a")[3:], *common]) == 0
     assert main([*_build_cmd(tmp_path / "b")[3:], *common, "--sample-rate", "16000"]) == 0
     assert verify(tmp_path / "a").ok and verify(tmp_path / "b").ok
+    with hold_output(location(tmp_path / "a"), "build"):  # a reader says the output may still change
+        held = subprocess.run([*CLI, "verify", str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
+    assert held.returncode == 0 and f"is being written by `build` (pid {os.getpid()}" in held.stderr
     shutil.copy(tmp_path / "b" / "train" / "000001.tar", tmp_path / "a" / "train" / "000001.tar")
     # The 16 kHz writer recorded its own shard's checksum, as a concurrent build would have.
     sums = read_checksums(tmp_path / "a" / "train")
