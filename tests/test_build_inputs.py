@@ -224,7 +224,8 @@ def test_the_same_ratios_in_another_order_are_other_options(tmp_path: Path, robi
     assert main([*argv, "--splits", "train=0.5,valid=0.5"]) == 0
     assert main([*argv, "--splits", "train=0.5,valid=0.5"]) == 0  # the same command resumes
     err = _one_error_line(capsys, [*argv, "--splits", "valid=0.5,train=0.5"])
-    assert 'other options (split_ratios was [["train", 0.5], ["valid", 0.5]], now [["valid", 0.5], ["train", 0.5]])' in err
+    assert ('other options (split_ratios was [["train", 0.5], ["valid", 0.5]], '
+            'now [["valid", 0.5], ["train", 0.5]])') in err
 
 
 def test_an_unexpected_error_on_one_item_fails_that_item_not_the_build(tmp_path: Path, monkeypatch) -> None:

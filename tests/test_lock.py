@@ -167,8 +167,8 @@ def test_verify_catches_a_folder_written_with_two_sets_of_options(tmp_path: Path
     assert held.returncode == 0 and f"is being written by `build` (pid {os.getpid()}" in held.stderr
     shutil.copy(tmp_path / "b" / "train" / "000001.tar", tmp_path / "a" / "train" / "000001.tar")
     # The 16 kHz writer recorded its own shard's checksum, as a concurrent build would have.
-    sums = read_checksums(tmp_path / "a" / "train")
-    write_checksums(tmp_path / "a" / "train", {**sums, "000001.tar": read_checksums(tmp_path / "b" / "train")["000001.tar"]})
+    theirs = read_checksums(tmp_path / "b" / "train")["000001.tar"]
+    write_checksums(tmp_path / "a" / "train", {**read_checksums(tmp_path / "a" / "train"), "000001.tar": theirs})
     problems = verify(tmp_path / "a").problems
     assert len(problems) == 1 and "train/000001.tar:" in problems[0]
     assert problems[0].endswith("JSON sample_rate 16000, the build's options say 48000")

@@ -36,7 +36,7 @@ def readme_recipe() -> list[str]:
     text = (ROOT / "README.md").read_text()
     block = text[text.index("<!-- ci:cluster -->"):text.index("<!-- /ci:cluster -->")]
     lines = [line.strip() for line in block.splitlines()]
-    return [re.sub(r"\s+#.*$", "", line) for line in lines if line and not line.startswith(("<!--", "```"))]
+    return [re.sub(r"\s+#.*$", "", line) for line in lines if line and not line.startswith(("<!--", "```", "#"))]
 
 
 def _recipe_env(export: str) -> dict[str, str]:
