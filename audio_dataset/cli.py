@@ -142,7 +142,7 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
-        print_summary(stats)
+        print_summary(stats, out=args.out)
     plot = args.plot or args.out / PLOT_FILE
     drawn = plot_stats(args.out, table, plot)
     print(f"plot: {plot}", file=sys.stderr)

@@ -95,6 +95,8 @@ def test_the_end_summary_says_how_to_list_them(tmp_path: Path, ray_local: None, 
     out = tmp_path / "out"
     build(BuildOptions(source="local", out=out, source_config=SourceConfig(input=str(folder)), progress=False))
     assert f"list them: audiodata failures {out}" in capsys.readouterr().out
+    stats = _run("stats", out)
+    assert f"list them: audiodata failures {out}" in stats.stdout
 
 
 # --------------------------------------------------------------------------- a full disk
