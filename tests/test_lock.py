@@ -57,6 +57,25 @@ def test_a_second_build_is_refused_naming_the_holder(tmp_path: Path) -> None:
     assert not (out / LOCK_FILE).exists(), "a finished holder removes its lock file"
 
 
+def test_two_concurrent_builds_the_second_with_other_options(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = subprocess.Popen([*_build_cmd(out)[:-5], "--samples-per-shard", "1", "--workers", "1", "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while (held := Holder.parse((out / LOCK_FILE).read_bytes()) if (out / LOCK_FILE).exists() else None) is None:
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.05)
+    second = subprocess.run([*_build_cmd(out), "--sample-rate", "16000"], capture_output=True, text=True,
+                            timeout=120)
+    assert first.poll() is None, "the first build was still running when the second was refused"
+    assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"is being written by `build` (pid {held.pid} on {socket.gethostname()}" in second.stderr
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    # Only the first build's samples, at its rate: verify checks each against the recorded options.
+    assert verify(out).ok and json.loads((out / "_work" / "config.json").read_text())["audio"]["sample_rate"] == 48000
+
+
 def test_a_second_k2c_is_refused_naming_the_holder(tmp_path: Path) -> None:
     source, out = _k2c_input(tmp_path / "in"), tmp_path / "k2c"
     with hold_output(location(out), "k2c"):
