@@ -31,10 +31,8 @@ from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.raystart import start_ray
 from audio_dataset.schema import SPLITS, SampleMeta, safe_key, shard_name
-from audio_dataset.shards import ShardWriter, file_sha256, write_checksums, write_sizes
-from audio_dataset.storage import (
-    Location, atomic_write_bytes, atomic_write_json, is_local, location, read_json, remove_stale_temps,
-)
+from audio_dataset.shards import ShardWriter, write_sizes
+from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json, remove_stale_temps
 from audio_dataset.source import (
     Item, ItemError, Source, SourceConfig, SourceError, UserError, load_source, read_definition,
 )
@@ -271,13 +269,11 @@ def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) 
     except BaseException:
         writer.abort()
         raise
-    part = out / WORK_DIR / "parts" / task.part_name
     if writer.count:
         writer.close()
-        atomic_write_bytes(_checksum_path(part), f"{writer.sha256}\n".encode("ascii"))
     else:
         writer.abort()
-    manifest.write_table(manifest.rows_to_table(rows), part)
+    manifest.write_table(manifest.rows_to_table(rows), out / WORK_DIR / "parts" / task.part_name)
     ok = sum(r.status == manifest.STATUS_OK for r in rows)
     return {"shard": task.name, "items": len(rows), "ok": ok, "samples": writer.count}
 
@@ -503,20 +499,6 @@ def _report_progress(results: Iterator[dict], total: int, done: int, show: bool)
     return dict(per_node)
 
 
-def _checksum_path(part: UPath) -> UPath:
-    """The shard's sha256, taken as the worker wrote it, next to the shard's manifest part."""
-    return part.with_name(part.name.replace(".parquet", ".sha256"))
-
-
-def _shard_checksums(out: UPath, split: str, shards: Iterable[str], parts: UPath) -> dict[str, str]:
-    sums = {}
-    for name in shards:
-        recorded = _checksum_path(parts / f"{split}-{name.removesuffix('.tar')}.parquet")
-        # A shard finished by a version that kept no checksum is hashed now, once.
-        sums[name] = recorded.read_text().strip() if recorded.exists() else file_sha256(out / split / name)
-    return sums
-
-
 def finalize(out: UPath, tasks: list[ShardTask]) -> dict[str, Any]:
     """Merge manifest parts, write sizes.json per split, manifest.parquet and stats.json."""
     from audio_dataset.stats import compute_stats
@@ -532,7 +514,6 @@ def finalize(out: UPath, tasks: list[ShardTask]) -> dict[str, Any]:
             sizes[split][name] += row["n_samples"]
     for split, counts in sizes.items():
         write_sizes(out / split, counts)
-        write_checksums(out / split, _shard_checksums(out, split, counts, work))
     manifest.write_table(table, out / manifest.MANIFEST_FILE)
     stats = compute_stats(table)
     atomic_write_json(out / "stats.json", stats)

@@ -2,8 +2,9 @@
 
 Members carry the bare key (`<key>.flac`, `<key>.json`), a fixed mtime and owner, so a shard's
 bytes depend only on its samples: a resumed run writes byte-identical shards to a clean run.
-Each shard's sha256 is taken as it is written and kept in `SPLIT/SHA256SUMS` (`sha256sum -c`
-format), so `verify` catches an edit that still decodes.
+Each shard's sha256 is taken as it is written (kept beside it as `.NNNNNN.tar.sha256` until the
+run's end) and listed in `SPLIT/SHA256SUMS` (`sha256sum -c` format) with `sizes.json`, so
+`verify` catches an edit that still decodes. Every writer of shards (build, k2c) gets this.
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from audio_dataset.schema import SIZES_FILE
 from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, atomic_write_json, location, read_json
 
 __all__ = ["CHECKSUMS_FILE", "DamagedShard", "Sample", "ShardWriter", "atomic_write_bytes", "atomic_write_json",
-           "file_sha256", "iter_shard", "read_checksums", "read_sizes", "shard_paths", "write_checksums",
-           "write_sizes"]
+           "file_sha256", "iter_shard", "read_checksums", "read_sizes", "shard_paths", "write_sizes"]
 
 Sample = dict[str, bytes | str]
 CHECKSUMS_FILE = "SHA256SUMS"
@@ -68,6 +68,9 @@ class ShardWriter:
             self._staged.abort()
             raise
         self._staged.commit()
+        # After the shard: a shard without its checksum is never marked done (its manifest part
+        # comes after close), so a killed run redoes it.
+        atomic_write_bytes(_recorded_checksum(self.path), f"{self.sha256}\n".encode("ascii"))
 
     def abort(self) -> None:
         try:
@@ -118,8 +121,14 @@ def shard_paths(split_dir: Location) -> list[UPath]:
 
 
 def write_sizes(split_dir: Location, counts: dict[str, int]) -> None:
-    """`sizes.json`: shard file name -> sample count, the file LAION-CLAP reads for epoch length."""
+    """`sizes.json`: shard file name -> sample count, the file LAION-CLAP reads for epoch length;
+    and `SHA256SUMS` for the same shards, from the checksums their writers recorded."""
     atomic_write_json(location(split_dir) / SIZES_FILE, dict(sorted(counts.items())))
+    _write_checksums(location(split_dir), list(counts))
+
+
+def _recorded_checksum(shard: UPath) -> UPath:
+    return shard.with_name(f".{shard.name}.sha256")
 
 
 def read_sizes(split_dir: Location) -> dict[str, int]:
@@ -135,10 +144,23 @@ def file_sha256(path: Location) -> str:
     return digest.hexdigest()
 
 
-def write_checksums(split_dir: Location, sums: dict[str, str]) -> None:
-    """`SHA256SUMS`: one `<sha256>  <shard>` line per shard, as `sha256sum -c` reads it."""
+def _write_checksums(split_dir: UPath, shards: list[str]) -> None:
+    """`SHA256SUMS`: one `<sha256>  <shard>` line per shard, as `sha256sum -c` reads it. Each is the
+    checksum recorded when the shard was written, else the one listed before (an earlier run's
+    shard), else (a shard from a version that kept none) the file's now."""
+    listed = read_checksums(split_dir) or {}
+    sums, recorded = {}, []
+    for name in shards:
+        sidecar = _recorded_checksum(split_dir / name)
+        if sidecar.exists():
+            sums[name] = sidecar.read_text(encoding="ascii").strip()
+            recorded.append(sidecar)
+        else:
+            sums[name] = listed.get(name) or file_sha256(split_dir / name)
     lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
-    atomic_write_bytes(location(split_dir) / CHECKSUMS_FILE, lines.encode("ascii"))
+    atomic_write_bytes(split_dir / CHECKSUMS_FILE, lines.encode("ascii"))
+    for sidecar in recorded:  # listed now; SHA256SUMS is the record from here on
+        sidecar.unlink(missing_ok=True)
 
 
 def read_checksums(split_dir: Location) -> dict[str, str] | None:

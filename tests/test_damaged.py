@@ -61,6 +61,18 @@ def test_checksums_are_those_of_the_shards_as_written(built: Path) -> None:
     assert verify(built).ok
 
 
+def test_k2c_outputs_keep_checksums_too(built: Path, tmp_path: Path) -> None:
+    from audio_dataset.cli import main
+
+    out = tmp_path / "k2c"
+    assert main(["k2c", "--input", str(built), "--out", str(out), "--model", "template", "--no-progress"]) == 0
+    sums = read_checksums(out / "train")
+    assert sums == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shard_paths(out / "train")}
+    assert sums != read_checksums(built / "train")  # new JSON members: new shards, their own checksums
+    assert not list(out.rglob(".*.sha256")) and not list(built.rglob(".*.sha256")), "recorded ones are listed"
+    assert verify(out).ok
+
+
 def test_a_truncated_shard_is_named_by_stats_report_and_verify(copy: Path) -> None:
     shard = copy / "train" / "000001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])

@@ -175,7 +175,7 @@ def test_stale_and_dead_leases_are_taken_over_and_refreshed(s3_env: dict[str, st
 
 def test_verify_catches_a_folder_written_with_two_sets_of_options(tmp_path: Path, ray_local: None) -> None:
     """What two unlocked builds left behind: the folder claims 48 kHz, one shard holds 16 kHz."""
-    from audio_dataset.shards import read_checksums, write_checksums
+    from audio_dataset.shards import CHECKSUMS_FILE, read_checksums
 
     common = ["--split", "train=1", "--samples-per-shard", "1"]
     assert main([*_build_cmd(tmp_path / "a")[3:], *common]) == 0
@@ -186,8 +186,9 @@ def test_verify_catches_a_folder_written_with_two_sets_of_options(tmp_path: Path
     assert held.returncode == 0 and f"is being written by `build` (pid {os.getpid()}" in held.stderr
     shutil.copy(tmp_path / "b" / "train" / "000001.tar", tmp_path / "a" / "train" / "000001.tar")
     # The 16 kHz writer recorded its own shard's checksum, as a concurrent build would have.
-    theirs = read_checksums(tmp_path / "b" / "train")["000001.tar"]
-    write_checksums(tmp_path / "a" / "train", {**read_checksums(tmp_path / "a" / "train"), "000001.tar": theirs})
+    sums = read_checksums(tmp_path / "a" / "train")
+    sums["000001.tar"] = read_checksums(tmp_path / "b" / "train")["000001.tar"]
+    (tmp_path / "a" / "train" / CHECKSUMS_FILE).write_text("".join(f"{v}  {k}\n" for k, v in sorted(sums.items())))
     problems = verify(tmp_path / "a").problems
     assert len(problems) == 1 and "train/000001.tar:" in problems[0]
     assert problems[0].endswith("JSON sample_rate 16000, the build's options say 48000")
