@@ -26,12 +26,13 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.audio import AudioConfig, Media, encode, scan
+from audio_dataset.lock import hold_output
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.raystart import start_ray
 from audio_dataset.schema import SPLITS, SampleMeta, clean_captions, safe_key, shard_name
 from audio_dataset.shards import Sample, ShardWriter, write_sizes
-from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json
+from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json, remove_stale_temps
 from audio_dataset.source import (
     Item, ItemError, Source, SourceConfig, SourceError, UserError, load_source, read_definition,
 )
@@ -375,9 +376,9 @@ def _check_resumable(work: UPath, fingerprint: dict[str, Any]) -> None:
         previous["input"] = _input_key(previous["input"])
     if isinstance(previous.get("split_ratios"), dict):  # older outputs kept a mapping: order unknown
         fingerprint = {**fingerprint, "split_ratios": dict(fingerprint["split_ratios"])}
-    changed = sorted(k for k in set(fingerprint) | set(previous) if previous.get(k) != fingerprint.get(k))
+    changed = _option_changes(previous, fingerprint)
     if changed:
-        raise UserError(f"{work.parent} was built with other options ({', '.join(changed)}); "
+        raise UserError(f"{work.parent} was built with other options ({'; '.join(changed)}); "
                         "use a new --out, or the same options to resume")
 
 
@@ -387,6 +388,27 @@ def _check_out_is_not_input(out: UPath, given: str | None) -> None:
         return
     if os.path.realpath(given) == os.path.realpath(out.path):
         raise UserError(f"--out {out} is the --input folder; write the output somewhere else")
+
+
+def _option_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`audio.sample_rate was 48000, now 16000` for each option that differs (nested ones by name)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += _option_changes(before, after, f"{prefix}{key}.")
+        else:
+            changes.append(f"{prefix}{key} was {_shown(before)}, now {_shown(after)}")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    if value is None:  # unset (`--limit` not given), or an option older outputs did not record
+        return "none"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _prepare_out(out: UPath) -> None:
@@ -552,23 +574,43 @@ def _excluded_rows(source: str, items: list[Item], excluded: set[str], ratios: d
 
 def build(options: BuildOptions) -> BuildSummary:
     """Run (or resume) a build into `options.out`; raises UserError/SourceError on fatal problems."""
-    from audio_dataset.stats import print_summary
-
     if options.samples_per_shard < 1:
         raise UserError("--samples-per-shard must be at least 1")
     for split in options.split_ratios:
         check_split_name(split, "--splits")
     out = location(options.out)
     _check_out_is_not_input(out, options.source_config.input)
-    work = out / WORK_DIR
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
     source = load_source(options.source, options.source_config)
     source.check()
     excluded = read_exclusions([*definition_exclusions(options.source), *options.exclude_files])
     fingerprint = _fingerprint(options, excluded)
-    _check_resumable(work, fingerprint)
     _prepare_out(out)
+    ray_was_up = _ray_is_up()
+    with hold_output(out, "build"):
+        try:
+            return _build_held(options, source, out, excluded, fingerprint)
+        except BaseException:  # a full disk, Ctrl-C, a failed source: stop writing, leave no temp files
+            if not ray_was_up and _ray_is_up():
+                import ray
+
+                ray.shutdown()  # this build's own Ray: its workers stop before their temps are swept
+                remove_stale_temps(out)
+            raise
+
+
+def _ray_is_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _build_held(options: BuildOptions, source: Source, out: UPath, excluded: set[str],
+                fingerprint: dict[str, Any]) -> BuildSummary:
+    """The build proper, while this command alone holds `out`."""
+    from audio_dataset.stats import print_summary
+
+    work = out / WORK_DIR
+    _check_resumable(work, fingerprint)
     run = RunRecord("build", {**fingerprint, "workers": options.workers, "ray_address": options.ray_address,
                               "base_url": options.source_config.base_url,
                               "exclude_files": [str(p) for p in options.exclude_files]},
@@ -592,7 +634,7 @@ def build(options: BuildOptions) -> BuildSummary:
 
     stats = finalize(out, tasks)
     record_run(out, run)
-    print_summary(stats, file=sys.stdout)
+    print_summary(stats, file=sys.stdout, out=out)
     if len(per_node) > 1:
         print("shards per node: " + ", ".join(f"{n[:8]}={c}" for n, c in sorted(per_node.items())))
     return BuildSummary(out, len(tasks), len(tasks) - len(todo), stats, per_node)

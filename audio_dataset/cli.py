@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from upath import UPath
 
 from audio_dataset import __version__
 from audio_dataset.audio import CLIPPING_POLICIES, FLAC_MAX_RATE, LONG_CLIP_POLICIES, AudioConfig
+from audio_dataset.lock import OutputLocked, current_holder
 from audio_dataset.source import SourceConfig, SourceError, UserError
 from audio_dataset.storage import is_local, location
 
@@ -70,19 +74,19 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=_positive_int, help="stop listing after N items")
     p.add_argument("--workers", type=_positive_int, help="parallel shard workers (default: CPU count)")
     p.add_argument("--ray-address", help="join a Ray cluster (default: start local Ray)")
-    p.add_argument("--sample-rate", type=_sample_rate, default=48_000)
+    p.add_argument("--sample-rate", type=_sample_rate, default=48_000, help="output sample rate in Hz")
     p.add_argument("--channels", type=int, choices=(1, 2), default=1, help="1 downmixes to mono, 2 keeps stereo")
     p.add_argument("--max-seconds", type=_positive_float, help="clips longer than this follow --long-clips")
     p.add_argument("--long-clips", choices=LONG_CLIP_POLICIES,
                    help="drop, truncate or segment clips over --max-seconds (default drop; segment "
                         "when --segment-seconds is given)")
     p.add_argument("--segment-seconds", type=_positive_float, help="length of consecutive segments")
-    p.add_argument("--min-seconds", type=float, default=0.5, help="drop clips shorter than this")
-    p.add_argument("--min-source-rate", type=int, default=16_000, help="drop clips recorded below this rate")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="drop clips shorter than this (seconds)")
+    p.add_argument("--min-source-rate", type=int, default=16_000, help="drop clips recorded below this rate (Hz)")
     p.add_argument("--clipping", choices=CLIPPING_POLICIES, default="attenuate",
                    help="a clip whose peak (after resampling) exceeds full scale: attenuate it just enough "
                         "to fit (default; gain_db recorded), or clip it as LAION did (clipped_samples recorded)")
-    p.add_argument("--splits", type=_split_ratios, default="train=0.9,valid=0.05,test=0.05",
+    p.add_argument("--splits", type=_split_ratios, default="train=0.9,valid=0.05,test=0.05", metavar="NAME=RATIO,...",
                    help="split ratios by stable hash of the source id")
     p.add_argument("--base-url", help="override the source's site or API root")
     p.add_argument("--source-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -223,6 +227,9 @@ def run_verify(args: argparse.Namespace) -> int:
     from audio_dataset.verify import verify
 
     _require_output(args.out)
+    if (holder := current_holder(args.out)) is not None:
+        print(f"audiodata: warning: {args.out} is being written by {holder.describe()}; "
+              "verify it again once that finishes", file=sys.stderr)
     report = verify(args.out)
     for problem in report.problems:
         print(problem)
@@ -235,7 +242,7 @@ def run_stats(args: argparse.Namespace) -> int:
     import json
 
     from audio_dataset import manifest
-    from audio_dataset.stats import PLOT_FILE, compute_stats, plot_stats, print_summary
+    from audio_dataset.stats import PLOT_FILE, compute_stats, plot_stats, print_summary, warn_damaged
 
     _require_output(args.out)
     table = manifest.read_table(args.out / manifest.MANIFEST_FILE)
@@ -243,10 +250,26 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
-        print_summary(stats)
+        print_summary(stats, out=args.out)
     plot = args.plot or args.out / PLOT_FILE
-    plot_stats(args.out, table, plot)
+    drawn = plot_stats(args.out, table, plot)
     print(f"plot: {plot}", file=sys.stderr)
+    warn_damaged(args.out, drawn.damaged)
+    return 0
+
+
+def run_failures(args: argparse.Namespace) -> int:
+    from audio_dataset import manifest
+    from audio_dataset.stats import failures, print_failures
+
+    _require_output(args.out)
+    table = manifest.read_table(args.out / manifest.MANIFEST_FILE)
+    rows = failures(table, args.reason)
+    present = {e for e in table.column("error").to_pylist() if e}
+    if unknown := sorted(set(args.reason) - present):
+        print(f"audiodata: no item has reason {', '.join(unknown)}; reasons in {args.out}: "
+              f"{', '.join(sorted(present)) or 'none (every item was kept)'}", file=sys.stderr)
+    print_failures(rows)
     return 0
 
 
@@ -274,8 +297,23 @@ def _require_output(out: UPath) -> None:
         raise UserError(f"{out} is not a build output (no {MANIFEST_FILE})")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, unless it has none or its text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """Argument mistakes as one line (not the whole usage text): `audiodata build: error: ...`."""
+    """Argument mistakes as one line (not the whole usage text): `audiodata build: error: ...`.
+    Every subcommand's parser is one too, so every `--help` shows the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -287,18 +325,23 @@ def make_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_build_parser(subparsers)
     p = subparsers.add_parser("verify", help="decode and check every shard against the manifest")
-    p.add_argument("out", type=location)
+    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
     p.set_defaults(func=run_verify)
     p = subparsers.add_parser("stats", help="dataset figures and a PNG plot")
-    p.add_argument("out", type=location)
+    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
     p.add_argument("--plot", type=location, help="where to write the PNG (default OUT/stats.png)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=run_stats)
+    p = subparsers.add_parser("failures", help="list the items not kept: reason, source id, URL, detail (TSV)")
+    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
+    p.add_argument("--reason", action="append", default=[], metavar="REASON",
+                   help="only items with this reason (repeatable; see the summary's `reasons:` line)")
+    p.set_defaults(func=run_failures)
     p = subparsers.add_parser("sources", help="list sources with licence, expected and built counts")
     p.add_argument("--out", type=location, action="append", default=[], help="build output(s) to count")
     p.set_defaults(func=run_sources)
     p = subparsers.add_parser("report", help="a self-contained HTML page: figures, plots, samples to listen to")
-    p.add_argument("out", type=location)
+    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
     p.add_argument("--out-html", type=location, help="where to write the page (default OUT/report.html)")
     p.add_argument("--samples", type=_positive_int, default=6,  # report.DEFAULT_SAMPLES, without importing it
                    help="samples shown with audio previews")
@@ -322,23 +365,85 @@ def _add_k2c(subparsers: argparse._SubParsersAction) -> None:
     add_cli(subparsers)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a container stop) handled as Ctrl-C: one line, resumable."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _quiet_stdout() -> None:
+    """The reader went away (`audiodata stats | head`): drop what is left, print nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The error a Ray task raised, out of Ray's wrappers (which keep it as `cause`)."""
+    seen = 0
+    while isinstance(getattr(exc, "cause", None), BaseException) and seen < 8:
+        exc, seen = exc.cause, seen + 1  # type: ignore[attr-defined]
+    return exc
+
+
+def _os_error(exc: OSError, out: object) -> int:
+    """A full disk fails the run (exit 1; the build removed its temp files, a rerun resumes); other
+    OS errors are a path the user named that cannot be read or written (--plot, --out-html): exit 2."""
+    cause = _root_cause(exc)
+    error = cause if isinstance(cause, OSError) else exc
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = error.filename or out or "the output"
+        print(f"audiodata: error: {error.strerror or 'no space left'} writing {where}; free some space, "
+              "then rerun the same command to resume", file=sys.stderr)
+        return 1
+    where = f": {error.filename}" if error.filename else ""
+    message = error.strerror or str(error).strip().splitlines()[-1]
+    print(f"audiodata: error: {message}{where}", file=sys.stderr)
+    return 1 if error is not exc else 2  # raised inside a worker: the run failed, not the command line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return args.func(args)
+        return _run(args)
+    finally:  # a caller's own handler (main() called from Python) is back afterwards
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with every failure as one line and its exit code."""
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at exit as "Exception ignored"
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except UserError as exc:
         print(f"audiodata: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a path the user named cannot be read or written (--plot, --out-html, ...)
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"audiodata: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        return _os_error(exc, getattr(args, "out", None))
     except SourceError as exc:
         print(f"audiodata: source failed: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("audiodata: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except OutputLocked as exc:
+        print(f"audiodata: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        how = f" ({signal.Signals(signum).name})" if signum != signal.SIGINT else ""
+        print(f"audiodata: interrupted{how}; rerun the same command to resume", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -28,12 +28,14 @@ from audio_dataset import manifest
 from audio_dataset.audio import encode_flac, resample, set_channels
 from audio_dataset.provenance import PROVENANCE_FILE
 from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, SPLITS
-from audio_dataset.shards import iter_shard, read_sizes
-from audio_dataset.stats import PANELS, compute_stats, panel_pngs, plot_data
+from audio_dataset.shards import DamagedShard, iter_shard, read_sizes
+from audio_dataset.stats import PANELS, compute_stats, failures, panel_pngs, plot_data, warn_damaged
 from audio_dataset.storage import Location, atomic_write_bytes, location, read_json
 
 REPORT_FILE = "report.html"
 DEFAULT_SAMPLES = 6
+# Items not kept that the page names; the rest are counted, and `audiodata failures` lists them all.
+LISTED_FAILURES = 200
 PREVIEW_SECONDS = 10.0
 PREVIEW_RATE = 16_000
 _CSP = "default-src 'none'; img-src data:; media-src data:; style-src 'unsafe-inline'"
@@ -71,18 +73,27 @@ def audio_preview(flac: bytes) -> tuple[bytes, float]:
     return encode_flac(mono, PREVIEW_RATE), mono.shape[1] / PREVIEW_RATE
 
 
-def load_samples(out: UPath, chosen: list[tuple[str, str]]) -> list[ReportSample]:
+def load_samples(out: UPath, chosen: list[tuple[str, str]], damaged: dict[str, str]) -> list[ReportSample]:
+    """The chosen samples with previews; a shard or sample that cannot be read goes into `damaged`."""
     wanted: dict[str, set[str]] = {}
     for key, shard in chosen:
         wanted.setdefault(shard, set()).add(key)
     found: dict[str, ReportSample] = {}
     for shard, keys in sorted(wanted.items()):
-        for sample in iter_shard(out / shard):
-            if sample["__key__"] in keys:
-                flac, seconds = audio_preview(sample[AUDIO_EXT])
-                found[sample["__key__"]] = ReportSample(sample["__key__"], shard.split("/")[0],
-                                                        json.loads(sample[JSON_EXT]), flac, seconds)
+        try:
+            for sample in iter_shard(out / shard):
+                if sample["__key__"] in keys:
+                    found[sample["__key__"]] = _report_sample(shard, sample)
+        except DamagedShard as exc:
+            damaged.setdefault(shard, exc.detail)
+        except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:  # FLAC lost sync, bad JSON
+            damaged.setdefault(shard, f"sample {sample['__key__']}: {' '.join(str(exc).split())}")
     return [found[key] for key, _ in chosen if key in found]
+
+
+def _report_sample(shard: str, sample: dict[str, Any]) -> ReportSample:
+    flac, seconds = audio_preview(sample[AUDIO_EXT])
+    return ReportSample(sample["__key__"], shard.split("/")[0], json.loads(sample[JSON_EXT]), flac, seconds)
 
 
 def read_split_sizes(out: UPath) -> dict[str, int]:
@@ -140,6 +151,27 @@ def _reasons(stats: dict[str, Any]) -> str:
         for row in rows:
             row.append(group["by_reason"].get(row[0], 0))
     return _table(["reason", "status", "items", *stats["per_source"]], rows, "num")
+
+
+def _failure_list(out: str, rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    shown = [[r["reason"], r["source"], r["source_id"], r["url"], r["detail"]] for r in rows[:LISTED_FAILURES]]
+    table = _table(["reason", "source", "source id", "url", "detail"], shown, "failures")
+    more = len(rows) - len(shown)
+    rest = (f"<p class=muted>{more} more not shown: <code>audiodata failures {_e(out)}</code> lists all.</p>"
+            if more > 0 else "")
+    return f"<details id=failures open><summary>The items ({len(rows)})</summary>{table}{rest}</details>"
+
+
+def _damaged(out: str, damaged: dict[str, str]) -> str:
+    if not damaged:
+        return ""
+    rows = [[shard, "damaged", detail] for shard, detail in sorted(damaged.items())]
+    return ("<h2>Damaged shards</h2><section id=damaged>"
+            f"<p>These shards could not be read whole: the figures count their items from the manifest, "
+            f"but some of their samples will not load. <code>audiodata verify {_e(out)}</code> lists every problem.</p>"
+            f"{_table(['shard', 'state', 'why'], rows)}</section>")
 
 
 def _plots(pngs: dict[str, bytes]) -> str:
@@ -205,12 +237,13 @@ pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;word-break:break-all}
 
 
 def render(out: str, stats: dict[str, Any], sizes: dict[str, int], pngs: dict[str, bytes],
-           runs: list[dict[str, Any]], samples: list[ReportSample]) -> str:
+           runs: list[dict[str, Any]], samples: list[ReportSample], not_kept: list[dict[str, Any]],
+           damaged: dict[str, str]) -> str:
     sections = [
-        f"<h1>audiodata report: {_e(out)}</h1>", _summary(stats, sizes),
+        f"<h1>audiodata report: {_e(out)}</h1>", _summary(stats, sizes), _damaged(out, damaged),
         "<h2>Per split</h2>", _group_table("split", stats["per_split"]),
         "<h2>Per source</h2>", _group_table("source", stats["per_source"]),
-        "<h2>Items not kept</h2>", _reasons(stats),
+        "<h2>Items not kept</h2>", _reasons(stats), _failure_list(out, not_kept),
         "<h2>Plots</h2>", _plots(pngs),
         f"<h2>Samples ({len(samples)})</h2>", '<div class=samples id=samples>',
         *(_sample_card(s) for s in samples), "</div>",
@@ -224,11 +257,16 @@ def render(out: str, stats: dict[str, Any], sizes: dict[str, int], pngs: dict[st
 
 
 def write_report(out: Location, html_path: Location | None = None, n_samples: int = DEFAULT_SAMPLES) -> UPath:
-    """Write the report (default OUT/report.html) atomically and return where it went."""
+    """Write the report (default OUT/report.html) atomically and return where it went. Damaged shards
+    are named on stderr and in the page."""
     out = location(out)
     table = manifest.read_table(out / manifest.MANIFEST_FILE)
-    page = render(str(out), compute_stats(table), read_split_sizes(out), panel_pngs(plot_data(out, table)),
-                  read_runs(out), load_samples(out, choose_samples(table, n_samples)))
+    data = plot_data(out, table)
+    damaged = dict(data.damaged)
+    samples = load_samples(out, choose_samples(table, n_samples), damaged)
+    page = render(str(out), compute_stats(table), read_split_sizes(out), panel_pngs(data), read_runs(out),
+                  samples, failures(table), damaged)
+    warn_damaged(out, damaged)
     dest = location(html_path) if html_path is not None else out / REPORT_FILE
     atomic_write_bytes(dest, page.encode("utf-8"))
     return dest

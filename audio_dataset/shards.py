@@ -2,9 +2,13 @@
 
 Members carry the bare key (`<key>.flac`, `<key>.json`), a fixed mtime and owner, so a shard's
 bytes depend only on its samples: a resumed run writes byte-identical shards to a clean run.
+Each shard's sha256 is taken as it is written (kept beside it as `.NNNNNN.tar.sha256` until the
+run's end) and listed in `SPLIT/SHA256SUMS` (`sha256sum -c` format) with `sizes.json`, so
+`verify` catches an edit that still decodes. Every writer of shards (build, k2c) gets this.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from typing import BinaryIO, Iterator
@@ -14,11 +18,22 @@ from upath import UPath
 from audio_dataset.schema import SIZES_FILE
 from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, atomic_write_json, location, read_json
 
-__all__ = ["Sample", "ShardWriter", "atomic_write_bytes", "atomic_write_json", "iter_shard", "read_sizes",
-           "shard_paths", "write_sizes"]
+__all__ = ["CHECKSUMS_FILE", "DamagedShard", "Sample", "ShardWriter", "atomic_write_bytes", "atomic_write_json",
+           "file_sha256", "iter_shard", "read_checksums", "read_sizes", "shard_paths", "write_sizes"]
 
 # A member's payload: bytes, text, or an open binary file (a long FLAC spooled to disk), read from its start.
 Sample = dict[str, bytes | str | BinaryIO]
+CHECKSUMS_FILE = "SHA256SUMS"
+_CHUNK = 1 << 20
+
+
+class DamagedShard(ValueError):
+    """A shard that cannot be read to its end (cut short, corrupt): the message names the shard."""
+
+    def __init__(self, path: Location, detail: str) -> None:
+        super().__init__(f"damaged shard {path}: {detail}")
+        self.path = str(path)
+        self.detail = detail
 
 
 class ShardWriter:
@@ -29,6 +44,7 @@ class ShardWriter:
         self._staged = StagedFile(self.path)
         self._tar = tarfile.open(fileobj=self._staged.handle, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = 0
+        self.sha256: str | None = None  # set by close(): of the bytes published
 
     def write(self, sample: Sample) -> None:
         key = str(sample["__key__"])
@@ -47,12 +63,25 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> None:
-        self._tar.close()
+        try:
+            self._tar.close()
+            self._staged.handle.flush()
+            self.sha256 = file_sha256(self._staged.local)
+        except BaseException:  # a full disk: no temp file is left to fill it further
+            self._staged.abort()
+            raise
         self._staged.commit()
+        # After the shard: a shard without its checksum is never marked done (its manifest part
+        # comes after close), so a killed run redoes it.
+        atomic_write_bytes(_recorded_checksum(self.path), f"{self.sha256}\n".encode("ascii"))
 
     def abort(self) -> None:
-        self._tar.close()
-        self._staged.abort()
+        try:
+            self._tar.close()  # writes the end blocks, which fails again on a full disk
+        except OSError:
+            pass
+        finally:
+            self._staged.abort()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -65,20 +94,24 @@ class ShardWriter:
 
 
 def iter_shard(path: Location) -> Iterator[Sample]:
-    """Yield samples as dicts {'__key__': key, ext: bytes, ...}, in the order they were written."""
+    """Yield samples as dicts {'__key__': key, ext: bytes, ...}, in the order they were written.
+    A shard that is cut short or corrupt raises DamagedShard naming it (after its readable samples)."""
     current: Sample = {}
-    with location(path).open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            handle = tar.extractfile(member)
-            assert handle is not None
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            current[ext] = handle.read()
+    try:
+        with location(path).open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member)
+                assert data is not None
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                current["__key__"] = key
+                current[ext] = data.read()
+    except (tarfile.TarError, EOFError) as exc:
+        raise DamagedShard(path, str(exc) or type(exc).__name__) from None
     if current:
         yield current
 
@@ -91,9 +124,56 @@ def shard_paths(split_dir: Location) -> list[UPath]:
 
 
 def write_sizes(split_dir: Location, counts: dict[str, int]) -> None:
-    """`sizes.json`: shard file name -> sample count, the file LAION-CLAP reads for epoch length."""
+    """`sizes.json`: shard file name -> sample count, the file LAION-CLAP reads for epoch length;
+    and `SHA256SUMS` for the same shards, from the checksums their writers recorded."""
     atomic_write_json(location(split_dir) / SIZES_FILE, dict(sorted(counts.items())))
+    _write_checksums(location(split_dir), list(counts))
+
+
+def _recorded_checksum(shard: UPath) -> UPath:
+    return shard.with_name(f".{shard.name}.sha256")
 
 
 def read_sizes(split_dir: Location) -> dict[str, int]:
     return read_json(location(split_dir) / SIZES_FILE)
+
+
+def file_sha256(path: Location) -> str:
+    """sha256 of a file, read in chunks (memory stays flat for any shard size)."""
+    digest = hashlib.sha256()
+    with location(path).open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_checksums(split_dir: UPath, shards: list[str]) -> None:
+    """`SHA256SUMS`: one `<sha256>  <shard>` line per shard, as `sha256sum -c` reads it. Each is the
+    checksum recorded when the shard was written, else the one listed before (an earlier run's
+    shard), else (a shard from a version that kept none) the file's now."""
+    listed = read_checksums(split_dir) or {}
+    sums, recorded = {}, []
+    for name in shards:
+        sidecar = _recorded_checksum(split_dir / name)
+        if sidecar.exists():
+            sums[name] = sidecar.read_text(encoding="ascii").strip()
+            recorded.append(sidecar)
+        else:
+            sums[name] = listed.get(name) or file_sha256(split_dir / name)
+    lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+    atomic_write_bytes(split_dir / CHECKSUMS_FILE, lines.encode("ascii"))
+    for sidecar in recorded:  # listed now; SHA256SUMS is the record from here on
+        sidecar.unlink(missing_ok=True)
+
+
+def read_checksums(split_dir: Location) -> dict[str, str] | None:
+    """Shard name -> sha256, or None for an output written before checksums were kept."""
+    path = location(split_dir) / CHECKSUMS_FILE
+    if not path.exists():
+        return None
+    sums = {}
+    for line in path.read_text(encoding="ascii").splitlines():
+        digest, _, name = line.partition("  ")
+        if name:
+            sums[name] = digest
+    return sums

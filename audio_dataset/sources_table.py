@@ -23,8 +23,9 @@ def built_counts(outputs: list[Location]) -> dict[str, tuple[int, float]]:
 
 
 def sources_table(outputs: list[Location]) -> str:
+    """One line per source; the licence comes last and whole (a cut licence misleads)."""
     built = built_counts(outputs)
-    header = f"{'source':<20}{'licence':<28}{'paper clips':>12}{'paper h':>10}{'built':>8}{'built h':>9}  status"
+    header = f"{'source':<20}{'paper clips':>12}{'paper h':>10}{'built':>8}{'built h':>9}  {'status':<14}licence"
     lines = [header]
     for name in available_sources():
         spec = read_definition(name)
@@ -33,9 +34,10 @@ def sources_table(outputs: list[Location]) -> str:
         paper_hours = spec.get("paper_hours")
         status = "ready" if spec else "no definition"
         lines.append(
-            f"{name:<20}{str(spec.get('license', '-'))[:27]:<28}"
+            f"{name:<20}"
             f"{paper_clips if paper_clips is not None else '-':>12}"
             f"{paper_hours if paper_hours is not None else '-':>10}"
-            f"{clips if outputs else '-':>8}{(f'{hours:.2f}' if outputs else '-'):>9}  {status}"
+            f"{clips if outputs else '-':>8}{(f'{hours:.2f}' if outputs else '-'):>9}  {status:<14}"
+            f"{spec.get('license', '-')}"
         )
     return "\n".join(lines)

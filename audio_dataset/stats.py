@@ -5,15 +5,15 @@ import io
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
 
 from audio_dataset import manifest
 from audio_dataset.schema import SPLITS
-from audio_dataset.shards import iter_shard, shard_paths
+from audio_dataset.shards import DamagedShard, iter_shard, shard_paths
 from audio_dataset.storage import Location, atomic_write_bytes, location
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting (builds print stats too)
@@ -41,9 +41,13 @@ def _group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _split_order(split: str) -> tuple[int, str]:
+    return (SPLITS.index(split) if split in SPLITS else 99, split)
+
+
 def compute_stats(table: pa.Table) -> dict[str, Any]:
     rows = table.to_pylist()
-    splits = sorted({r["split"] for r in rows}, key=lambda s: (SPLITS.index(s) if s in SPLITS else 99, s))
+    splits = sorted({r["split"] for r in rows}, key=_split_order)
     sources = sorted({r["source"] for r in rows})
     return {
         **_group_stats(rows),
@@ -52,8 +56,31 @@ def compute_stats(table: pa.Table) -> dict[str, Any]:
     }
 
 
-def print_summary(stats: dict[str, Any], file: TextIO = sys.stdout) -> None:
-    """The end-of-run table: one line per split plus a total, then failure reasons."""
+FAILURE_COLUMNS = ("status", "reason", "source", "source_id", "url", "shard", "detail")
+
+
+def failures(table: pa.Table, reasons: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Every item not kept (optionally only these reasons), by reason then source id: what to fix."""
+    rows = [r for r in table.to_pylist() if r["status"] != manifest.STATUS_OK and (not reasons or r["error"] in reasons)]
+    return [{"status": r["status"], "reason": r["error"], "source": r["source"], "source_id": r["source_id"],
+             "url": r["url"] or "", "shard": r["shard"] or "", "detail": r["error_detail"] or ""}
+            for r in sorted(rows, key=lambda r: (r["error"], r["source"], r["source_id"]))]
+
+
+def _cell(value: Any) -> str:
+    """A TSV cell on one line: a decoder's multi-line message must not start a new row."""
+    return " ".join(str(value).split())
+
+
+def print_failures(rows: list[dict[str, Any]], file: TextIO = sys.stdout) -> None:
+    """Tab-separated with a header, one item per line (`cut`, `awk` and spreadsheets read it)."""
+    print("\t".join(FAILURE_COLUMNS), file=file)
+    for row in rows:
+        print("\t".join(_cell(row[c]) for c in FAILURE_COLUMNS), file=file)
+
+
+def print_summary(stats: dict[str, Any], file: TextIO = sys.stdout, out: Location | None = None) -> None:
+    """The end-of-run table: one line per split plus a total, then failure reasons (and how to list them)."""
     header = f"{'split':<8}{'items':>8}{'ok':>8}{'dropped':>9}{'failed':>8}{'excluded':>10}{'samples':>9}{'h in':>9}{'h out':>9}"
     print(header, file=file)
     groups = list(stats["per_split"].items()) + [("total", stats)]
@@ -64,17 +91,38 @@ def print_summary(stats: dict[str, Any], file: TextIO = sys.stdout) -> None:
     if stats["by_reason"]:
         reasons = ", ".join(f"{k}={v}" for k, v in stats["by_reason"].items())
         print(f"reasons: {reasons}", file=file)
+        if out is not None:
+            print(f"list them: audiodata failures {out} [--reason REASON]", file=file)
 
 
-def caption_lengths(out: Location) -> list[int]:
-    """Words per first caption, read from the shards' JSON."""
-    lengths = []
-    for split in SPLITS:
+def _splits(table: pa.Table) -> list[str]:
+    return sorted(set(table.column("split").to_pylist()), key=_split_order)
+
+
+def caption_lengths(out: Location, splits: list[str]) -> tuple[list[int], dict[str, str]]:
+    """Words per first caption, read from the shards' JSON; and the shards that could not be read
+    to their end (SPLIT/NNNNNN.tar -> why), whose readable samples still count."""
+    lengths: list[int] = []
+    damaged: dict[str, str] = {}
+    for split in splits:
         for path in shard_paths(location(out) / split):
-            for sample in iter_shard(path):
-                text = json.loads(sample["json"])["text"]
-                lengths.append(len(text[0].split()) if text else 0)
-    return lengths
+            name = f"{split}/{path.name}"
+            try:
+                for sample in iter_shard(path):
+                    text = json.loads(sample["json"])["text"]
+                    lengths.append(len(text[0].split()) if text else 0)
+            except DamagedShard as exc:
+                damaged[name] = exc.detail
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # an edited JSON member
+                damaged[name] = f"sample {sample.get('__key__')}: bad JSON ({type(exc).__name__}: {exc})"
+    return lengths, damaged
+
+
+def warn_damaged(out: Location, damaged: dict[str, str], file: TextIO = sys.stderr) -> None:
+    """One line per damaged shard, naming it, for every reader's command."""
+    for name, detail in damaged.items():
+        print(f"audiodata: warning: damaged shard {location(out) / name} ({detail}); "
+              f"`audiodata verify {out}` lists every problem", file=file)
 
 
 @dataclass
@@ -85,6 +133,7 @@ class PlotData:
     caption_words: list[int]
     hours_per_source: dict[str, float]
     reasons: dict[str, int]  # not-ok items by reason
+    damaged: dict[str, str] = field(default_factory=dict)  # shards not readable to their end -> why
 
 
 def plot_data(out: Location, table: pa.Table) -> PlotData:
@@ -93,9 +142,10 @@ def plot_data(out: Location, table: pa.Table) -> PlotData:
     for r in rows:
         seconds[r["source"]] += r["output_duration"]
     reasons = Counter(e for e in table.column("error").to_pylist() if e)
-    return PlotData(durations=[r["output_duration"] for r in rows], caption_words=caption_lengths(out),
+    words, damaged = caption_lengths(out, _splits(table))
+    return PlotData(durations=[r["output_duration"] for r in rows], caption_words=words,
                     hours_per_source={s: seconds[s] / 3600 for s in sorted(seconds)},
-                    reasons=dict(reasons.most_common()))
+                    reasons=dict(reasons.most_common()), damaged=damaged)
 
 
 def _integer_ticks(axis: Any) -> None:
@@ -163,8 +213,8 @@ def panel_pngs(data: PlotData) -> dict[str, bytes]:
     return pngs
 
 
-def plot_stats(out: Location, table: pa.Table, path: Location) -> None:
-    """All panels side by side in one PNG."""
+def plot_stats(out: Location, table: pa.Table, path: Location) -> PlotData:
+    """All panels side by side in one PNG; returns what it drew (with the damaged shards it met)."""
     from matplotlib.figure import Figure
 
     data = plot_data(out, table)
@@ -172,3 +222,4 @@ def plot_stats(out: Location, table: pa.Table, path: Location) -> None:
     for ax, draw in zip(fig.subplots(1, len(PANELS)), PANELS.values()):
         draw(ax, data)
     atomic_write_bytes(path, _png(fig))
+    return data

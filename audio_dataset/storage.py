@@ -37,11 +37,15 @@ def atomic_write_bytes(dest: Location, data: bytes) -> None:
         local = Path(path.path)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(local)
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, local)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, local)
+        except BaseException:  # a full disk, a signal: leave no temp file behind
+            tmp.unlink(missing_ok=True)
+            raise
     else:
         path.write_bytes(data)
 
@@ -72,17 +76,28 @@ class StagedFile:
         self.handle: IO[bytes] = open(self.local, "wb")
 
     def commit(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        if is_local(self.dest):
-            os.replace(self.local, self.dest.path)
-        else:
-            try:
+        try:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            if is_local(self.dest):
+                os.replace(self.local, self.dest.path)
+            else:
                 self.dest.fs.put_file(str(self.local), self.dest.path)
-            finally:
-                self.local.unlink(missing_ok=True)
+        finally:  # published, or failed (a full disk): either way the temp file goes
+            self.abort()
 
     def abort(self) -> None:
-        self.handle.close()
+        try:
+            self.handle.close()
+        except OSError:  # flushing the rest failed (a full disk): the file is dropped anyway
+            pass
         self.local.unlink(missing_ok=True)
+
+
+def remove_stale_temps(out: UPath) -> None:
+    """Temp files (`.NAME.tmp-PID`) that killed or failed writers left under a local `out`.
+    Only for the one writer that holds `out` (audio_dataset.lock), once its workers have stopped."""
+    if is_local(out) and Path(out.path).is_dir():
+        for tmp in Path(out.path).glob("**/.*.tmp-*"):
+            tmp.unlink(missing_ok=True)

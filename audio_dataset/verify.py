@@ -1,17 +1,19 @@
-"""`audiodata verify OUT`: open every shard, decode every sample, check JSON, sizes.json and manifest."""
+"""`audiodata verify OUT`: open every shard, decode every sample, check JSON, sizes.json, each shard's
+sha256 (SHA256SUMS, recorded when the shard was written) and the manifest."""
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import soundfile
 from upath import UPath
 
 from audio_dataset import manifest
+from audio_dataset.build import CONFIG_FILE, WORK_DIR
 from audio_dataset.schema import SIZES_FILE, validate_meta
-from audio_dataset.shards import iter_shard, shard_paths
+from audio_dataset.shards import CHECKSUMS_FILE, DamagedShard, file_sha256, iter_shard, read_checksums, shard_paths
 from audio_dataset.storage import Location, location, read_json
 
 
@@ -26,7 +28,15 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_sample(name: str, sample: dict, report: VerifyReport) -> None:
+def _built_audio(out: UPath) -> dict[str, Any]:
+    """The audio options the build recorded (`_work/config.json`): every sample must have them, so
+    a folder that two builds with other options wrote into is caught. Empty for other outputs."""
+    path = out / WORK_DIR / CONFIG_FILE
+    audio = read_json(path).get("audio", {}) if path.exists() else {}
+    return {k: audio[k] for k in ("sample_rate", "channels") if k in audio}
+
+
+def _check_sample(name: str, sample: dict, report: VerifyReport, built: dict[str, Any]) -> None:
     key = sample["__key__"]
     where = f"{name}:{key}"
     if set(sample) != {"__key__", "flac", "json"}:
@@ -38,6 +48,8 @@ def _check_sample(name: str, sample: dict, report: VerifyReport) -> None:
         report.problems.append(f"{where}: bad JSON ({exc})")
         return
     report.problems.extend(f"{where}: {p}" for p in validate_meta(meta))
+    report.problems.extend(f"{where}: JSON {option} {meta.get(option)}, the build's options say {value}"
+                           for option, value in built.items() if meta.get(option) != value)
     try:
         audio, rate = soundfile.read(io.BytesIO(sample["flac"]), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError) as exc:
@@ -52,7 +64,21 @@ def _check_sample(name: str, sample: dict, report: VerifyReport) -> None:
         report.problems.append(f"{where}: FLAC lasts {duration:.3f}s, JSON says {meta.get('duration')}")
 
 
-def _check_split(out: UPath, split: str, report: VerifyReport) -> dict[str, set[str]]:
+def _check_checksum(name: str, path: UPath, sums: dict[str, str] | None, report: VerifyReport) -> None:
+    if sums is None:
+        return
+    if path.name not in sums:
+        report.problems.append(f"{name}: not in {CHECKSUMS_FILE}")
+        return
+    try:
+        digest = file_sha256(path)
+    except OSError:  # reported when the shard is read
+        return
+    if digest != sums[path.name]:
+        report.problems.append(f"{name}: sha256 differs from {CHECKSUMS_FILE}: changed after it was written")
+
+
+def _check_split(out: UPath, split: str, report: VerifyReport, built: dict[str, Any]) -> dict[str, set[str]]:
     """Verify one split's shards; returns shard name -> keys found."""
     split_dir = out / split
     found: dict[str, set[str]] = {}
@@ -61,16 +87,20 @@ def _check_split(out: UPath, split: str, report: VerifyReport) -> dict[str, set[
     paths = shard_paths(split_dir)
     if paths and sizes is None:
         report.problems.append(f"{split}: {SIZES_FILE} missing")
+    sums = read_checksums(split_dir)  # None for outputs written before checksums were kept
     for path in paths:
         name = f"{split}/{path.name}"
         report.shards += 1
+        _check_checksum(name, path, sums, report)
         keys: list[str] = []
         try:
             for sample in iter_shard(path):
                 keys.append(sample["__key__"])
-                _check_sample(name, sample, report)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            report.problems.append(f"{name}: unreadable tar ({exc})")
+                _check_sample(name, sample, report, built)
+        except DamagedShard as exc:
+            report.problems.append(f"{name}: unreadable tar ({exc.detail})")
+        except OSError as exc:
+            report.problems.append(f"{name}: unreadable ({exc.strerror or exc})")
         if len(set(keys)) != len(keys):
             report.problems.append(f"{name}: duplicate keys")
         report.samples += len(keys)
@@ -112,7 +142,8 @@ def verify(out_location: Location) -> VerifyReport:
     out = location(out_location)
     report = VerifyReport()
     found: dict[str, set[str]] = {}
+    built = _built_audio(out)
     for split_dir in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
-        found.update(_check_split(out, split_dir.name, report))
+        found.update(_check_split(out, split_dir.name, report, built))
     _check_manifest(out, found, report)
     return report

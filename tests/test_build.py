@@ -162,7 +162,8 @@ def test_csv_input_with_captions_tags_and_own_split(tmp_path: Path) -> None:
 
 def _tree(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.tar"))} | {
-        str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/sizes.json"))}
+        str(p.relative_to(out)): p.read_bytes() for p in [*sorted(out.glob("*/sizes.json")),
+                                                           *sorted(out.glob("*/SHA256SUMS"))]}
 
 
 def _manifest_rows(out: Path) -> list[dict]:
@@ -201,7 +202,7 @@ def test_rerun_with_other_options_is_refused(tmp_path: Path) -> None:
     result = subprocess.run([*CLI, "build", "--source", "local", "--input", str(REAL_AUDIO_DIR), "--out", str(out),
                              "--limit", "2", "--sample-rate", "16000"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert "built with other options (audio)" in result.stderr
+    assert "built with other options (audio.sample_rate was 48000, now 16000)" in result.stderr
     assert "Traceback" not in result.stderr
 
 

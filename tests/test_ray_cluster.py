@@ -1,8 +1,10 @@
-"""A build through `--ray-address` on a two-node Ray cluster started with `ray start` on this machine."""
+"""The README's Ray cluster recipe, run as written: two nodes started with `ray start` on this
+machine (HEAD is 127.0.0.1, the port a free one) and a build through `--ray-address`."""
 from __future__ import annotations
 
 import os
-import secrets
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,9 +17,12 @@ from typing import Iterator
 import pytest
 
 from audio_dataset.verify import verify
-from conftest import REAL_AUDIO_DIR
 
-RAY = str(Path(sys.executable).with_name("ray"))
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# Only for the test: each node stays in the foreground of its own session (--block), so the test
+# stops exactly its own processes (`ray stop` would stop every Ray on the machine).
+TEST_NODE_FLAGS = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
 
 
 def _free_port() -> int:
@@ -26,42 +31,64 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _cluster_env() -> dict[str, str]:
-    # Token authentication, as a real cluster should run: every node and the driver share it.
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+def readme_recipe() -> list[str]:
+    """The commands between the README's `ci:cluster` markers, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("<!-- ci:cluster -->"):text.index("<!-- /ci:cluster -->")]
+    lines = [line.strip() for line in block.splitlines()]
+    return [re.sub(r"\s+#.*$", "", line) for line in lines if line and not line.startswith(("<!--", "```", "#"))]
 
 
-def _ray_node(args: list[str], tmp: Path, name: str, env: dict[str, str]) -> subprocess.Popen:
-    # --block keeps each node in the foreground of its own session, so the test stops exactly
-    # its own processes (`ray stop` would stop every Ray on the machine).
+def _recipe_env(export: str) -> dict[str, str]:
+    """The environment after the recipe's `export` line, as a shell on each node would have it."""
+    assert export.startswith("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=")
+    shell = subprocess.run(["bash", "-c", f'{export}; printf "%s %s" "$RAY_AUTH_MODE" "$RAY_AUTH_TOKEN"'],
+                           capture_output=True, text=True, check=True,
+                           env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}).stdout
+    mode, token = shell.split(" ")
+    assert mode == "token" and len(token) == 32
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # nothing but the recipe's
+    return {**env, "RAY_AUTH_MODE": mode, "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{env['PATH']}"}
+
+
+def _argv(line: str, address: str, out: Path) -> list[str]:
+    argv = shlex.split(line.replace("HEAD:6379", address).replace("--port 6379", f"--port {address.split(':')[1]}"))
+    return [str(out) if a == "OUT" else a for a in argv]
+
+
+def _ray_node(argv: list[str], tmp: Path, name: str, env: dict[str, str]) -> subprocess.Popen:
+    assert argv[:2] == ["ray", "start"]
     log = open(tmp / f"{name}.log", "wb")
-    return subprocess.Popen([RAY, "start", "--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
-                             "--disable-usage-stats", *args], stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen([str(BIN / "ray"), *argv[1:], *TEST_NODE_FLAGS], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env=env)
 
 
 def _nodes_alive(address: str, want: int, env: dict[str, str]) -> bool:
-    probe = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+    # Joined the way audiodata joins (start_ray), given only the token: it turns token mode on itself.
+    probe = ("import ray; from audio_dataset.raystart import start_ray; start_ray(%r); "
              "print(sum(n['Alive'] for n in ray.nodes()))" % address)
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
+    token_only = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=token_only)
     return result.returncode == 0 and result.stdout.strip().endswith(str(want))
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def recipe_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], str]]:
+    """The recipe's two `ray start` lines running; yields the address, the environment and the build line."""
+    export, head_line, worker_line, build_line = readme_recipe()
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    env = _cluster_env()
-    head = _ray_node(["--head", "--port", str(port), "--include-dashboard=false"], tmp_path, "head", env)
+    env = _recipe_env(export)
+    head = _ray_node(_argv(head_line, address, tmp_path), tmp_path, "head", env)
     nodes = [head]
     try:
         time.sleep(3)
-        nodes.append(_ray_node(["--address", address], tmp_path, "worker", env))
+        nodes.append(_ray_node(_argv(worker_line, address, tmp_path), tmp_path, "worker", env))
         deadline = time.time() + 90
         while not _nodes_alive(address, 2, env):
-            assert time.time() < deadline, (tmp_path / "head.log").read_text()[-2000:]
+            assert time.time() < deadline, [(tmp_path / f"{n}.log").read_text()[-1500:] for n in ("head", "worker")]
             time.sleep(2)
-        yield address, env
+        yield address, env, build_line
     finally:
         for node in reversed(nodes):
             os.killpg(node.pid, signal.SIGTERM)
@@ -76,14 +103,16 @@ def two_node_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             marker.unlink()
 
 
-def test_build_spreads_over_both_nodes(tmp_path: Path, two_node_cluster: tuple[str, dict[str, str]]) -> None:
-    address, env = two_node_cluster
+def test_the_readme_recipe_builds_over_both_nodes(tmp_path: Path,
+                                                  recipe_cluster: tuple[str, dict[str, str], str]) -> None:
+    address, env, build_line = recipe_cluster
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "audio_dataset.cli", "build", "--source", "local", "--input",
-                             str(REAL_AUDIO_DIR), "--out", str(out), "--samples-per-shard", "1",
-                             "--ray-address", address, "--no-progress"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    argv = _argv(build_line, address, out)
+    assert argv[0] == "audiodata" and "--ray-address" in argv
+    result = subprocess.run([str(BIN / "audiodata"), *argv[1:], "--no-progress"], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "InvalidAuthToken" not in result.stderr and "Token authentication" not in result.stderr
     line = next(l for l in result.stdout.splitlines() if l.startswith("shards per node: "))
     counts = [int(part.split("=")[1]) for part in line.removeprefix("shards per node: ").split(", ")]
     assert len(counts) == 2 and all(c > 0 for c in counts) and sum(counts) == 10

@@ -89,14 +89,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-captions", type=int, default=d.num_captions, help="captions generated per sample")
     p.add_argument("--batch-size", type=int, default=32, help="inputs per generate call (raise it on a GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights; bfloat16 is faster on GPUs")
-    p.add_argument("--num-beams", type=int, default=d.num_beams)
-    p.add_argument("--length-penalty", type=float, default=d.length_penalty)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=d.no_repeat_ngram_size)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--num-beams", type=int, default=d.num_beams, help="beam search width")
+    p.add_argument("--length-penalty", type=float, default=d.length_penalty,
+                   help="beam score length exponent (> 1 favours longer captions)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=d.no_repeat_ngram_size,
+                   help="no n-gram of this size repeats in a caption (0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest caption in tokens")
     p.add_argument("--do-sample", action="store_true", help="sample instead of pure beam search")
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="sample from the k likeliest tokens (with --do-sample)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (with --do-sample)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampled decoding (recorded)")
     p.add_argument("--min-seconds", type=float, default=2.0,
                    help="clips shorter than this keep their own captions only (LAION: 2 s)")

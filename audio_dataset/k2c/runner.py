@@ -24,6 +24,7 @@ from upath import UPath
 from audio_dataset.schema import JSON_EXT, SIZES_FILE
 from audio_dataset.shards import Sample, ShardWriter, atomic_write_bytes, atomic_write_json, iter_shard, \
     shard_paths, write_sizes
+from audio_dataset.lock import hold_output
 from audio_dataset.manifest import read_parquet
 from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, record_run
 from audio_dataset.raystart import start_ray
@@ -264,6 +265,12 @@ def _raise_user_errors(exc: BaseException) -> None:
 
 
 def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
+    check_run(options)  # before the lock creates --out
+    with hold_output(location(options.out), stage.name):
+        return _run_stage_held(stage, options)
+
+
+def _run_stage_held(stage: Stage, options: RunOptions) -> RunSummary:
     from tqdm import tqdm
 
     started = time.monotonic()
