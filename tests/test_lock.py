@@ -21,7 +21,7 @@ from audio_dataset.shards import ShardWriter, write_sizes
 from audio_dataset.storage import location
 from audio_dataset.verify import verify
 from conftest import REAL_AUDIO_DIR
-from test_object_storage import BUCKET, s3_env  # noqa: F401 - the moto server fixture
+from conftest import BUCKET
 
 CLI = [sys.executable, "-m", "audio_dataset.cli"]
 
@@ -138,7 +138,7 @@ def _lease(key: str) -> Holder | None:
     return Holder.parse(body)
 
 
-def test_a_live_lease_refuses_a_build_on_object_storage(s3_env: dict[str, str]) -> None:  # noqa: F811
+def test_a_live_lease_refuses_a_build_on_object_storage(s3_env: dict[str, str]) -> None:
     elsewhere = Holder("build", host="node-7", pid=4242)
     _put_lease(f"held/{LOCK_FILE}", elsewhere)
     result = subprocess.run(_build_cmd(f"s3://{BUCKET}/held"), capture_output=True, text=True, env=s3_env,
@@ -148,7 +148,7 @@ def test_a_live_lease_refuses_a_build_on_object_storage(s3_env: dict[str, str]) 
     assert _lease(f"held/{LOCK_FILE}").token == elsewhere.token
 
 
-def test_stale_and_dead_leases_are_taken_over_and_refreshed(s3_env: dict[str, str],  # noqa: F811
+def test_stale_and_dead_leases_are_taken_over_and_refreshed(s3_env: dict[str, str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lock, "LEASE_REFRESH_S", 0.2)
     monkeypatch.setattr(lock, "LEASE_SETTLE_S", 0.1)

@@ -2,61 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 
-from conftest import REAL_AUDIO_DIR
+from conftest import BUCKET, REAL_AUDIO_DIR
 
 CLI = [sys.executable, "-m", "audio_dataset.cli"]
-BUCKET = "audiodata-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_env() -> Iterator[dict[str, str]]:
-    """A moto S3 server on loopback; the standard AWS variables point every client at it."""
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield {**os.environ, **env}
-    finally:
-        server.terminate()
-        server.wait()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _objects(prefix: str) -> dict[str, bytes]:

@@ -17,7 +17,8 @@ from audio_dataset.recipe import load_recipe, shipped_recipes
 from audio_dataset.shards import iter_shard, read_sizes, shard_paths
 from audio_dataset.verify import verify
 from conftest import REAL_AUDIO_DIR
-from test_object_storage import BUCKET, _objects, s3_env  # noqa: F401 - the fixture is used by name
+from conftest import BUCKET
+from test_object_storage import _objects
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-do-not-log-4711"
