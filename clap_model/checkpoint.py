@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from clap_model import hf_format
 from clap_model.clap import CLAP
 from clap_model.config import ModelConfig, UsageError, get_preset
 
@@ -27,6 +28,9 @@ class CheckpointError(UsageError):
 
 
 def read(path: str | Path) -> dict[str, Any]:
+    if hf_format.is_hf_model(str(path)):  # a Hugging Face ClapModel (clap-train --pretrained)
+        model = hf_format.load_hf(str(path))
+        return {"config": model.cfg.to_dict(), "state_dict": model.state_dict()}
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as handle:
@@ -76,7 +80,10 @@ def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: 
 
 
 def load_model(path: str | Path, preset: str | None = None, text_model: str | None = None) -> CLAP:
-    """A model built from a checkpoint's config (or `preset` for LAION-CLAP's) with its weights."""
+    """A model built from a checkpoint's config (or `preset` for LAION-CLAP's) with its weights;
+    or a Hugging Face ClapModel folder or hub id."""
+    if hf_format.is_hf_model(str(path)):
+        return hf_format.load_hf(str(path))
     checkpoint = read(path)
     cfg = model_config_of(checkpoint, preset, text_model)
     model = CLAP(cfg, pretrained_text=False)  # the checkpoint supplies the text weights too
