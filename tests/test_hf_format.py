@@ -191,3 +191,67 @@ def test_rename_table_round_trips_every_weight():
     held = {k for k in state if not hf_format.OURS_ONLY.fullmatch(k)}
     assert set(back) == held
     assert all(torch.equal(back[k], state[k]) for k in held)
+
+
+def _saved(cfg: ModelConfig, path: Path) -> CLAP:
+    model = _our_model(cfg, seed=3)
+    ckpt.save_atomic({"config": cfg.to_dict(), "state_dict": model.state_dict(), "epoch": 1}, path)
+    return model
+
+
+def test_clap_export_hf_and_laion(tmp_path, capsys):
+    from clap_model.export import main
+
+    model = _saved(TINY, tmp_path / "run.pt")
+    assert main([str(tmp_path / "run.pt"), "--format", "hf", str(tmp_path / "hf")]) == 0
+    back = ckpt.load_model(tmp_path / "hf")
+    held = [k for k in model.state_dict() if not hf_format.OURS_ONLY.fullmatch(k)]
+    assert all(torch.equal(back.state_dict()[k], model.state_dict()[k]) for k in held)
+    # Back out of HF into LAION-CLAP's layout: needs LAION's geometry (the tiny preset is not one).
+    assert main([str(tmp_path / "hf"), "--format", "laion", str(tmp_path / "laion.pt")]) == 2
+    assert "LAION-CLAP builds HTSAT tiny/base/large only" in capsys.readouterr().err
+    assert not (tmp_path / "laion.pt").exists()
+
+
+def test_clap_export_laion_layout(tmp_path):
+    from clap_model.export import laion_state
+
+    cfg = replace(get_preset("htsat-tiny-roberta"), text=replace(TINY.text, hidden_size=768, heads=12,
+                                                                  intermediate_size=64, layers=1))
+    with torch.device("meta"):
+        model = CLAP(cfg, pretrained_text=False)
+    state = laion_state(model)["state_dict"]
+    assert all(key.startswith("module.") for key in state)
+    assert state["module.text_branch.embeddings.position_ids"].shape == (1, TINY.text.max_length + 2)
+    assert ckpt.clean_state_dict({"state_dict": state}).keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "hf"], "pools text with RoBERTa's pooler"),  # the tiny preset's mean pooling
+    (["--format", "laion"], "LAION-CLAP builds HTSAT"),
+    (["--format", "onnx"], "invalid choice"),
+])
+def test_clap_export_refusals_are_one_line_exit_2(argv, message, tmp_path, capsys):
+    from clap_model.export import main
+
+    _saved(get_preset("tiny"), tmp_path / "run.pt")
+    try:
+        code = main([str(tmp_path / "run.pt"), *argv, str(tmp_path / "out")])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_clap_export_keeps_an_existing_folder(tmp_path, capsys):
+    from clap_model.export import main
+
+    _saved(TINY, tmp_path / "run.pt")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    assert main([str(tmp_path / "run.pt"), "--format", "hf", str(tmp_path / "hf")]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["notes.txt"]
+    assert main([str(tmp_path / "missing.pt"), "--format", "hf", str(tmp_path / "new")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
