@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Parity with the reference implementations (LAION-CLAP, Microsoft CLAP, transformers 4's
+# ClapModel) in their own virtualenv: they pin numpy<2 and transformers<5, which the project's
+# venv does not have. Usage: bash parity/run.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${PARITY_VENV:-.venv-parity}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+stamp="$venv/.requirements"
+if ! cat parity/requirements.txt parity/requirements-nodeps.txt | cmp -s - "$stamp"; then
+  "$venv/bin/pip" install -q -r parity/requirements.txt
+  "$venv/bin/pip" install -q --no-deps -r parity/requirements-nodeps.txt
+  cat parity/requirements.txt parity/requirements-nodeps.txt > "$stamp"
+fi
+# Our code from this checkout (not installed: its dependencies are the project venv's).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec "$venv/bin/python" -m pytest parity -q -p no:cacheprovider "$@"
