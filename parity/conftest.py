@@ -7,7 +7,8 @@ their package `__init__` loads those parts. So `torchvision`, `torchvision.ops`,
 from the installed files, their `__init__` does not run): the references then use the real
 `torchvision.transforms.Resize`, `torchvision.ops.misc.FrozenBatchNorm2d`,
 `torchaudio.transforms.MelSpectrogram`; `torchvision.datasets` (image data sets LAION-CLAP's
-data.py imports and never calls) stays empty.
+data.py imports and never calls) stays empty, and `torchaudio._extension` says what torchaudio
+built without its C++ extension says (none available).
 """
 from __future__ import annotations
 
@@ -50,6 +51,14 @@ def _bare_package(name: str) -> None:
 
 for _name in ("torchvision", "torchvision.ops", "torchvision.datasets", "torchaudio"):
     _bare_package(_name)
+# torchaudio's extension module as torchaudio sets it up when built without its C++ extension.
+_no_extension = types.ModuleType("torchaudio._extension")
+_no_extension._IS_TORCHAUDIO_EXT_AVAILABLE = False
+_no_extension._IS_ALIGN_AVAILABLE = False
+_no_extension.fail_if_no_align = importlib.import_module("torchaudio._internal.module_utils").fail_with_message(
+    "Requires alignment extension, but TorchAudio is not compiled with it.")
+sys.modules["torchaudio._extension"] = _no_extension
+importlib.import_module("torchaudio.transforms")  # `import torchaudio` alone would have brought it
 # clap_model/ from this checkout (run.sh sets PYTHONPATH too; this is for a bare `pytest parity`).
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
