@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -271,14 +272,29 @@ def save_hf(model: CLAP, directory: str | Path) -> None:
             state[key] = _hf_buffer(key, value)
     # strict: every HF weight gets ours and no weight of ours is left over.
     target.load_state_dict(state, strict=True, assign=True)
-    tokenizer = build_tokenizer(model.cfg.text)
-    tokenizer.model_max_length = model.cfg.text.max_length
+    tokenizer = roberta_tokenizer(build_tokenizer(model.cfg.text), model.cfg.text.max_length)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(out, safe_serialization=True)
     extractor = feature_extractor(model.cfg)
     ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
     extractor.save_pretrained(out)  # preprocessor_config.json too: transformers 4 reads the extractor there
+
+
+def roberta_tokenizer(tokenizer: Any, max_length: int) -> Any:
+    """`tokenizer` as a RoBERTa tokenizer class, which ClapProcessor (transformers 4) insists on.
+    Our byte-level tokenizer is a RoBERTa BPE with a 256-byte vocabulary and no merges: written as
+    RoBERTa's vocab.json and merges.txt, RoBERTa's tokenizer reads it back giving the same ids."""
+    from transformers import AutoTokenizer
+
+    if "Roberta" not in type(tokenizer).__name__:
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "vocab.json").write_text(json.dumps(tokenizer.get_vocab()))
+            (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+            (Path(folder) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer"}))
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.model_max_length = max_length
+    return tokenizer
 
 
 def _hf_buffer(key: str, like: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Parity with the reference implementations (LAION-CLAP, Microsoft CLAP, transformers 4's
 # ClapModel) in their own virtualenv: they pin numpy<2 and transformers<5, which the project's
-# venv does not have. Usage: bash parity/run.sh [pytest args]
+# venv does not have. Usage: bash parity/run.sh [pytest args, e.g. parity/test_hf.py -x]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${PARITY_VENV:-.venv-parity}
@@ -17,4 +17,5 @@ fi
 # Our code from this checkout (not installed: its dependencies are the project venv's).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "$venv/bin/python" -m pytest parity -q -p no:cacheprovider "$@"
+[ $# -gt 0 ] || set -- parity
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -134,8 +134,7 @@ def _hf_random_model(cfg: ModelConfig, folder: Path) -> None:
             if "relative_position_bias_table" in name or "logit_scale" in name:
                 param.normal_(0.0, 0.1)
     hf.save_pretrained(folder)
-    tokenizer = byte_tokenizer()
-    tokenizer.model_max_length = cfg.text.max_length
+    tokenizer = hf_format.roberta_tokenizer(byte_tokenizer(), cfg.text.max_length)
     ClapProcessor(feature_extractor=hf_format.feature_extractor(cfg), tokenizer=tokenizer).save_pretrained(folder)
 
 
