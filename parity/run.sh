@@ -14,6 +14,18 @@ if ! cat parity/requirements.txt parity/requirements-nodeps.txt | cmp -s - "$sta
   "$venv/bin/pip" install -q --no-deps -r parity/requirements-nodeps.txt
   cat parity/requirements.txt parity/requirements-nodeps.txt > "$stamp"
 fi
+# The shards LAION-CLAP's own loader reads (test_laion.py): a build of the bundled clips by the
+# project's venv (CI's README step already made ./out), unless PARITY_SHARDS names one.
+if [ -z "${PARITY_SHARDS:-}" ]; then
+  if [ -f out/stats.json ]; then
+    PARITY_SHARDS=out
+  else
+    PARITY_SHARDS=.parity-shards
+    [ -f "$PARITY_SHARDS/stats.json" ] || PYTHONPATH="$PWD" "${PROJECT_VENV:-.venv}/bin/python" -m audio_dataset.cli \
+      build --source local --input tests/data/real-audio --out "$PARITY_SHARDS" >/dev/null
+  fi
+fi
+export PARITY_SHARDS
 # Our code from this checkout (not installed: its dependencies are the project venv's).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

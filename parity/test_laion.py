@@ -135,3 +135,103 @@ def test_laion_clap_model_loads_in_ours_and_back(preset, clips, text_folder, tmp
     again.load_ckpt(str(tmp_path / "export.pt"), verbose=False)
     again_audio, again_text = embeddings(again, clips)
     assert (again_audio - audio).abs().max() < 1e-6 and (again_text - text).abs().max() < 1e-6
+
+
+def _soundfile_load(path: str) -> tuple[torch.Tensor, int]:
+    """torchaudio.load's result, (channels, frames) float32 in [-1, 1), and the rate. torchaudio >= 2.9
+    loads through torchcodec, whose C++ parts do not load here; libsndfile decodes 16-bit FLAC to
+    the same numbers."""
+    import soundfile
+
+    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    return torch.from_numpy(samples.T.copy()), rate
+
+
+def _torch_audio(key: str, data: bytes):
+    """webdataset's torch_audio decoder with _soundfile_load for torchaudio.load."""
+    import os
+    import re
+    import tempfile
+
+    extension = re.sub(r".*[.]", "", key)
+    if extension not in ("flac", "mp3", "sox", "wav", "m4a", "ogg", "wma"):
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"file.{extension}")
+        Path(path).write_bytes(data)
+        return _soundfile_load(path)
+
+
+def _our_samples(split: Path) -> dict[str, dict]:
+    """key -> {'meta': the sample JSON, 'pcm': int16 samples}, read with the standard library."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    import soundfile
+
+    samples: dict[str, dict] = {}
+    for shard in sorted(split.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()
+                entry = samples.setdefault(key, {})
+                if ext == "json":
+                    entry["meta"] = json.loads(data)
+                else:
+                    entry["pcm"] = soundfile.read(io.BytesIO(data), dtype="int16", always_2d=True)[0].mean(axis=1)
+    assert all(set(entry) == {"meta", "pcm"} for entry in samples.values())
+    return {key: {**entry, "pcm": np.asarray(entry["pcm"])} for key, entry in samples.items()}
+
+
+@pytest.mark.parametrize("truncating", ["rand_trunc", "fusion"])
+def test_our_shards_load_in_laion_clap_webdataset_loader(truncating, monkeypatch, crops_like_ours):
+    """A build of the bundled clips (parity/run.sh makes it) through LAION-CLAP's own get_wds_dataset:
+    every sample once, every field it reads (audio, captions, tags, sizes.json) as written."""
+    import os
+
+    import numpy as np
+
+    shards = Path(os.environ.get("PARITY_SHARDS", ""))
+    if not (shards / "stats.json").is_file():
+        pytest.skip("PARITY_SHARDS names no audiodata build (parity/run.sh makes one)")
+    monkeypatch.setattr(laion_data.wds, "torch_audio", _torch_audio)
+    audio_cfg = hook.create_model.__globals__["_MODEL_CONFIGS"]["HTSAT-tiny"]["audio_cfg"]
+    splits = [split for split in sorted(shards.iterdir()) if (split / "sizes.json").is_file()]
+    assert splits
+    for split in splits:
+        ours = _our_samples(split)
+        tags = sorted({tag for entry in ours.values() for tag in entry["meta"]["tag"]})
+        args = SimpleNamespace(
+            remotedata=False, val_data=[str(p) for p in sorted(split.glob("*.tar"))], train_data=None,
+            parallel_eval=False, batch_size=3, workers=1, prefetch_factor=None, horovod=False, seed=0, world_size=1,
+            val_num_samples=None, class_index_dict={tag: i for i, tag in enumerate(tags)} or None,
+            data_filling="repeatpad", data_truncating=truncating, text_augment_selection=None, tmodel="roberta")
+        loader = laion_data.get_wds_dataset(args, {"audio_cfg": audio_cfg}, is_train=False).dataloader
+        assert loader.num_samples == len(ours)  # from our sizes.json
+        seen = []
+        for batch in loader:
+            for row, key in enumerate(batch["__key__"]):
+                seen.append(key)
+                meta, pcm = ours[key]["meta"], ours[key]["pcm"]
+                assert batch["full_text"][row] == meta["text"]
+                raw = batch["raw_text"][row]  # one caption of several, or the list of one
+                assert raw == meta["text"] if len(meta["text"]) == 1 else raw in meta["text"]
+                caption = raw if isinstance(raw, str) else raw[0]
+                ids = byte_tokenizer()(caption, padding="max_length", truncation=True, max_length=77,
+                                       return_tensors="pt")["input_ids"][0]
+                assert torch.equal(batch["text"]["input_ids"][row], ids)
+                assert batch["audio_name"][row] == f"{key}.flac" and batch["text_name"][row] == f"{key}.json"
+                assert batch["audio_orig_sr"][row] == meta["sample_rate"] == 48_000
+                if args.class_index_dict:
+                    hot = [tags[i] for i in np.flatnonzero(batch["class_label"][row].numpy())]
+                    assert hot == sorted(set(meta["tag"]))
+                clip = audio_cfg["clip_samples"]
+                expected = pcm[:clip] / 32768.0  # their loader's start crop (crops_like_ours), or repeatpad
+                if len(pcm) < clip:
+                    expected = np.pad(np.tile(expected, clip // len(pcm)), (0, clip - clip // len(pcm) * len(pcm)))
+                assert np.abs(batch["waveform"][row].numpy() - expected).max() < 2 / 32767  # their int16 round trip
+                assert bool(batch["longer"][row]) == (len(pcm) > clip)
+        assert sorted(seen) == sorted(ours)  # every sample exactly once
