@@ -180,7 +180,8 @@ def feature_extractor(cfg: ModelConfig):
 
 def _fail(what: str, exc: BaseException) -> UsageError:
     detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-    return UsageError(f"cannot load Hugging Face CLAP model {what!r}: {detail}")
+    where = "" if Path(what).exists() else " (no such local folder; as a hub id)"
+    return UsageError(f"cannot load Hugging Face CLAP model {what!r}{where}: {detail}")
 
 
 def config_from_hf(config: Any, extractor: Any, name_or_path: str) -> ModelConfig:
@@ -287,7 +288,12 @@ def roberta_tokenizer(tokenizer: Any, max_length: int) -> Any:
     RoBERTa's vocab.json and merges.txt, RoBERTa's tokenizer reads it back giving the same ids."""
     from transformers import AutoTokenizer
 
+    from clap_model.text import byte_tokenizer
+
     if "Roberta" not in type(tokenizer).__name__:
+        if tokenizer.get_vocab() != byte_tokenizer().get_vocab():
+            raise UsageError(f"Hugging Face's ClapProcessor takes a RoBERTa tokenizer, not this model's "
+                             f"{type(tokenizer).__name__}: it cannot be exported to --format hf")
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "vocab.json").write_text(json.dumps(tokenizer.get_vocab()))
             (Path(folder) / "merges.txt").write_text("#version: 0.2\n")

@@ -59,25 +59,12 @@ _no_extension.fail_if_no_align = importlib.import_module("torchaudio._internal.m
     "Requires alignment extension, but TorchAudio is not compiled with it.")
 sys.modules["torchaudio._extension"] = _no_extension
 importlib.import_module("torchaudio.transforms")  # `import torchaudio` alone would have brought it
-# clap_model/ from this checkout (run.sh sets PYTHONPATH too; this is for a bare `pytest parity`).
+# clap_model/ from this checkout (run.sh sets PYTHONPATH too; this is for a bare `pytest parity`),
+# and the tests' helper modules (appended: `conftest` stays this one).
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-
-def perturb(model: torch.nn.Module, seed: int) -> None:
-    """Random biases and BatchNorm statistics, and unit-gain Linear weights (attention that is not
-    near uniform), so that a weight read into the wrong place shows in the embeddings."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / module.in_features**0.5)
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.5)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.nn.Parameter):
-                bias.copy_(torch.randn(bias.shape, generator=gen) * 0.05)
+sys.path.append(str(REPO / "tests"))
+from random_weights import perturb  # noqa: E402,F401  (for the test modules)
 
 
 def real_clip(name: str, seconds: float | None = None) -> np.ndarray:

@@ -29,5 +29,5 @@ export PARITY_SHARDS
 # Our code from this checkout (not installed: its dependencies are the project venv's).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-[ $# -gt 0 ] || set -- parity
+case "${1:-}" in parity*) ;; *) set -- parity "$@" ;; esac  # the whole folder unless a file is named
 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

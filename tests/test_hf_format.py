@@ -17,6 +17,7 @@ from clap_model.data import crop_or_fill, decode_audio
 from clap_model.inference import CLAPInference
 from clap_model.text import byte_tokenizer
 from conftest import REAL_AUDIO_DIR
+from random_weights import perturb
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,22 +34,6 @@ TINY = _pooled(get_preset("tiny"))
 # HF's feature extractor shrinks fusion mels to 64 bins; 128 // 64 keeps tiny's freq_ratio of 2.
 TINY_FUSION = replace(_pooled(get_preset("tiny-fusion")),
                       audio=replace(get_preset("tiny-fusion").audio, mel_bins=64, spec_size=128))
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Random biases and BatchNorm statistics, and unit-gain Linear weights (attention that is not
-    near uniform), so that a weight put in the wrong place shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / module.in_features**0.5)
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.5)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.nn.Parameter):
-                bias.copy_(torch.randn(bias.shape, generator=gen) * 0.05)
 
 
 def _clip(name: str, seconds: float | None = None) -> np.ndarray:
@@ -74,7 +59,7 @@ def hf_crops_like_ours(monkeypatch):
 def _our_model(cfg: ModelConfig, seed: int) -> CLAP:
     torch.manual_seed(seed)
     model = CLAP(cfg, pretrained_text=False)
-    _perturb(model, seed)
+    perturb(model, seed)
     return model.eval()
 
 
@@ -128,7 +113,7 @@ def _hf_random_model(cfg: ModelConfig, folder: Path) -> None:
     torch.manual_seed(2)
     config = hf_format.hf_config(CLAP(cfg, pretrained_text=False))
     hf = ClapModel(config).eval()
-    _perturb(hf, seed=2)
+    perturb(hf, seed=2)
     with torch.no_grad():
         for name, param in hf.named_parameters():  # HF initialises these to zeros / constants
             if "relative_position_bias_table" in name or "logit_scale" in name:
