@@ -126,7 +126,9 @@ def test_laion_clap_model_loads_in_ours_and_back(preset, clips, text_folder, tmp
 
     assert torch.equal(theirs.tokenizer(CAPTIONS)["input_ids"], ours.tokenize(CAPTIONS)["input_ids"])
     audio, text = embeddings(theirs, clips)
-    assert (ours.embed_audio(clips, sample_rate=RATE) - audio).abs().max() < ATOL
+    # Without fusion the same weights gave LAION-CLAP's embeddings to 4e-7 when first checked by
+    # hand (measured here: 5e-8); fusion's shrunk and cropped mels leave more (3e-5 for HTSAT).
+    assert (ours.embed_audio(clips, sample_rate=RATE) - audio).abs().max() < (ATOL if fusion else 4e-7)
     assert (ours.embed_text(CAPTIONS) - text).abs().max() < ATOL
 
     # Our export, read by LAION-CLAP's own load_ckpt into a fresh (differently seeded) model.
