@@ -33,6 +33,8 @@ POSITION_IDS = "text_branch.embeddings.position_ids"
 
 def check_laion(model: CLAP) -> None:
     """One line on the first thing LAION-CLAP's CLAP class cannot build or load."""
+    if not isinstance(model, CLAP):
+        raise UsageError(f"LAION-CLAP's CLAP class cannot hold a {type(model).__name__} model")
     cfg, audio = model.cfg, model.cfg.audio
     if audio.model_type == "HTSAT":
         geometry = (audio.embed_dim, tuple(audio.depths))

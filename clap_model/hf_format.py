@@ -126,6 +126,8 @@ def from_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def check_exportable(model: CLAP) -> None:
     """One line on the first thing HF's ClapModel / ClapFeatureExtractor cannot express."""
+    if not isinstance(model, CLAP):
+        raise UsageError(f"Hugging Face's ClapModel cannot hold a {type(model).__name__} model")
     cfg, audio = model.cfg, model.cfg.audio
     text_type = getattr(getattr(model.text_branch, "config", None), "model_type", None)
     if audio.model_type != "HTSAT":
