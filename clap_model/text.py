@@ -62,8 +62,9 @@ def build_text_model(cfg: TextConfig, pretrained: bool = True) -> nn.Module:
                                pad_token_id=1, bos_token_id=0, eos_token_id=2)
         return RobertaModel(config, add_pooling_layer=cfg.pooling == "pooler")
     if cfg.model_type == "clap":  # a Hugging Face ClapModel's RoBERTa tower (its weights: hf_format)
-        clap = from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path)
-        return RobertaModel(RobertaConfig(**clap.text_config.to_dict()), add_pooling_layer=True)
+        fields = from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path).text_config.to_dict()
+        fields.pop("model_type")  # "clap_text_model": the tower is a RoBERTa
+        return RobertaModel(RobertaConfig(**fields), add_pooling_layer=True)
     if pretrained:
         return from_pretrained(AutoModel.from_pretrained, cfg.name_or_path)
     return AutoModel.from_config(from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path))

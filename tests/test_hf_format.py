@@ -191,6 +191,11 @@ def test_clap_export_hf_and_laion(tmp_path, capsys):
     back = ckpt.load_model(tmp_path / "hf")
     held = [k for k in model.state_dict() if not hf_format.OURS_ONLY.fullmatch(k)]
     assert all(torch.equal(back.state_dict()[k], model.state_dict()[k]) for k in held)
+    assert back.text_branch.config.model_type == "roberta"
+    # A model loaded from HF exports to HF again, the same weights.
+    assert main([str(tmp_path / "hf"), "--format", "hf", str(tmp_path / "hf2")]) == 0
+    again = hf_format.load_hf(str(tmp_path / "hf2"))
+    assert all(torch.equal(again.state_dict()[k], model.state_dict()[k]) for k in held)
     # Back out of HF into LAION-CLAP's layout: needs LAION's geometry (the tiny preset is not one).
     assert main([str(tmp_path / "hf"), "--format", "laion", str(tmp_path / "laion.pt")]) == 2
     assert "LAION-CLAP builds HTSAT tiny/base/large only" in capsys.readouterr().err
