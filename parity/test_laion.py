@@ -1,7 +1,8 @@
 """Parity with LAION-CLAP 1.1.7 itself: its own model (CLAP_Module, create_model) with random
 weights, saved as its training saves, loads in ours and computes the same mel and embeddings on the
 same real audio through each side's own front end and the same token ids; our `--format laion`
-export loads in its `load_ckpt` and computes the same."""
+export loads in its `load_ckpt` and computes the same, also after a trip through `--format hf`,
+where transformers' ClapModel computes LAION-CLAP's embeddings too."""
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,10 @@ import torch
 from transformers import RobertaConfig, RobertaModel
 
 from conftest import ATOL, CAPTIONS, MEL_DB, RATE, perturb
+from test_hf import hf_embeddings
 
 from clap_model import checkpoint as ckpt
+from clap_model import hf_format
 from clap_model.data import crop_or_fill
 from clap_model.export import save_laion
 from clap_model.inference import CLAPInference
@@ -131,8 +134,14 @@ def test_laion_clap_model_loads_in_ours_and_back(preset, clips, text_folder, tmp
     assert (ours.embed_audio(clips, sample_rate=RATE) - audio).abs().max() < (ATOL if fusion else 4e-7)
     assert (ours.embed_text(CAPTIONS) - text).abs().max() < ATOL
 
+    model = ours.model
+    if amodel.startswith("HTSAT"):  # the release as a Hugging Face folder: transformers 4 computes LAION-CLAP's
+        hf_format.save_hf(model, tmp_path / "hf")
+        _, _, hf_audio, hf_text = hf_embeddings(tmp_path / "hf", clips, 77)
+        assert (hf_audio - audio).abs().max() < ATOL and (hf_text - text).abs().max() < ATOL
+        model = hf_format.load_hf(str(tmp_path / "hf"))  # and on to LAION-CLAP's format from there
     # Our export, read by LAION-CLAP's own load_ckpt into its model, its weights first scrambled.
-    save_laion(ours.model, tmp_path / "export.pt")
+    save_laion(model, tmp_path / "export.pt")
     perturb(theirs.model, seed=2)
     theirs.load_ckpt(str(tmp_path / "export.pt"), verbose=False)
     again_audio, again_text = embeddings(theirs, clips)
