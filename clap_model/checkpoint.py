@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from clap_model import hf_format
 from clap_model import msclap_format
 from clap_model.clap import CLAP
 from clap_model.config import ModelConfig, UsageError, get_preset
@@ -120,6 +121,9 @@ def _is_torchscript(path: str | Path) -> bool:
 
 
 def read(path: str | Path) -> dict[str, Any]:
+    if hf_format.is_hf_model(str(path)):  # a Hugging Face ClapModel (clap-train --pretrained)
+        model = hf_format.load_hf(str(path))
+        return {"config": model.cfg.to_dict(), "state_dict": model.state_dict()}
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as handle:
@@ -183,7 +187,10 @@ def model_from(checkpoint: dict[str, Any], cfg: ModelConfig) -> CLAP:
 
 
 def load_model(path: str | Path, preset: str | None = None, text_model: str | None = None) -> CLAP:
-    """A model built from a checkpoint's config (or `preset` for LAION-CLAP's) with its weights."""
+    """A model built from a checkpoint's config (or `preset` for LAION-CLAP's) with its weights;
+    or a Hugging Face ClapModel folder or hub id."""
+    if hf_format.is_hf_model(str(path)):
+        return hf_format.load_hf(str(path))
     checkpoint = read(path)
     if msclap_format.is_msclap_checkpoint(checkpoint):  # Microsoft CLAP's release: its own names and presets
         return msclap_format.load_msclap(checkpoint)

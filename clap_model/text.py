@@ -160,6 +160,10 @@ def build_text_model(cfg: TextConfig, pretrained: bool = True) -> nn.Module:
     """The encoder; `pretrained=False` builds the architecture only (weights come from a checkpoint)."""
     if cfg.name_or_path is None:
         return _random_model(cfg)
+    if cfg.model_type == "clap":  # a Hugging Face ClapModel's RoBERTa tower (its weights: hf_format)
+        fields = from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path).text_config.to_dict()
+        fields.pop("model_type")  # "clap_text_model": the tower is a RoBERTa
+        return RobertaModel(RobertaConfig(**fields), add_pooling_layer=True)
     if pretrained:
         return from_pretrained(AutoModel.from_pretrained, cfg.name_or_path)
     config = known_text_config(cfg.name_or_path) or from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path)
