@@ -6,7 +6,7 @@ from pathlib import Path
 
 from audio_dataset.k2c.generate import DEFAULT_MODEL, DTYPES, Decoding
 from audio_dataset.k2c.keywords import DEFAULT_KEYBERT_MODEL, SYNONYM_MODES, KeyBertSettings
-from audio_dataset.k2c.runner import DEVICES, RunOptions, RunSummary
+from audio_dataset.stage_runner import DEVICES, RunOptions, RunSummary
 from audio_dataset.storage import location
 
 

@@ -1,5 +1,5 @@
-"""Shard-to-shard stages (k2c, keywords): one Ray actor per worker holds the models, shards are the
-unit of work and of resume.
+"""The one runner for shard-to-shard stages (k2c, keywords, embed, dedup, filter): one Ray actor per
+worker holds the models, shards are the unit of work and of resume.
 
 A shard is done when its manifest part exists: the part is written after the shard's tar is
 renamed into place, so a killed run redoes at most the shards it was writing. Every member except
