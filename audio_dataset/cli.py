@@ -195,11 +195,18 @@ def make_parser() -> argparse.ArgumentParser:
                    help="samples shown with audio previews")
     p.set_defaults(func=run_report)
     _add_k2c(subparsers)
+    _add_curate(subparsers)
     return parser
 
 
 def _add_k2c(subparsers: argparse._SubParsersAction) -> None:
     from audio_dataset.k2c.cli import add_cli
+
+    add_cli(subparsers)
+
+
+def _add_curate(subparsers: argparse._SubParsersAction) -> None:
+    from audio_dataset.curate.cli import add_cli
 
     add_cli(subparsers)
 

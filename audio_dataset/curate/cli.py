@@ -1,0 +1,71 @@
+"""`audiodata embed`, `dedup`, `filter` and `search`, registered on the main parser by `add_cli`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from upath import UPath
+
+from audio_dataset.k2c.cli import add_worker_options, report, run_options
+from audio_dataset.source import UserError
+from audio_dataset.storage import location
+
+INDEX_CHOICES = ("flat", "ivf", "none")  # curate.index.INDEX_KINDS, without importing faiss for --help
+
+
+def _require_dataset(out: UPath) -> None:
+    if not out.is_dir():
+        raise UserError(f"{out}: no such folder (a build output)")
+
+
+def run_embed_command(args: argparse.Namespace) -> int:
+    from audio_dataset.curate.embed import EmbedOptions, default_out, run_embed
+
+    _require_dataset(args.dataset)
+    options = EmbedOptions(checkpoint=args.checkpoint, preset=args.model, batch_size=args.batch_size,
+                           index=args.index)
+    report("embed", run_embed(options, run_options(args, args.dataset, args.out or default_out(args.dataset))))
+    return 0
+
+
+def run_search_command(args: argparse.Namespace) -> int:
+    from audio_dataset.curate.embed import default_out
+    from audio_dataset.curate.search import Searcher, SearchOptions, hits_json
+
+    _require_dataset(args.dataset)
+    if (args.query is None) == (args.audio is None):
+        raise UserError("give a text query or --audio FILE (one of them)")
+    searcher = Searcher(args.dataset, args.embeddings or default_out(args.dataset),
+                        SearchOptions(k=args.k, splits=tuple(args.split), checkpoint=args.checkpoint))
+    hits = searcher.text(args.query) if args.query is not None else searcher.audio(args.audio)
+    if args.json:
+        print(json.dumps(hits_json(hits), indent=2, ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:>3}  {hit.score:.4f}  {hit.key}  {hit.caption!r}  {hit.shard}:{hit.member}")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("embed", help="CLAP audio and text embeddings of every sample, and a faiss index")
+    p.add_argument("dataset", type=location, help="a build output (folder or fsspec URL)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a CLAP checkpoint (clap-train's, or a release)")
+    p.add_argument("--model", help="preset of a checkpoint without a config (a LAION-CLAP release)")
+    p.add_argument("--out", type=location, help="where the embeddings go (default DATASET/embed)")
+    p.add_argument("--batch-size", type=int, default=32, help="clips or captions per forward pass")
+    p.add_argument("--index", choices=INDEX_CHOICES, default="flat",
+                   help="faiss index per split: exact (flat), inverted lists (ivf, for millions) or none")
+    add_worker_options(p)
+    p.set_defaults(func=run_embed_command)
+
+    p = subparsers.add_parser("search", help="top-k samples for a text or an audio file (after `embed`)")
+    p.add_argument("dataset", type=location, help="a build output that `audiodata embed` has embedded")
+    p.add_argument("query", nargs="?", help="text to search for")
+    p.add_argument("--audio", type=Path, help="search by an audio file instead")
+    p.add_argument("-k", type=int, default=10, help="hits to show")
+    p.add_argument("--split", action="append", default=[], help="search this split only (repeatable)")
+    p.add_argument("--embeddings", type=location, help="embed's output (default DATASET/embed)")
+    p.add_argument("--checkpoint", type=Path, help="the embedding model, if it moved since embed ran")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.set_defaults(func=run_search_command)
