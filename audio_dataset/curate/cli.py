@@ -69,3 +69,39 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, help="the embedding model, if it moved since embed ran")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=run_search_command)
+    add_dedup_cli(subparsers)
+
+
+def run_dedup_command(args: argparse.Namespace) -> int:
+    from audio_dataset.curate.dedup import DedupOptions, run_dedup
+
+    _require_dataset(args.dataset)
+    if args.apply != (args.out is not None):
+        raise UserError("--apply needs --out NEW (and --out is only for --apply)")
+    options = DedupOptions(against=tuple(args.against), keep=args.keep, embedding_threshold=args.embedding_threshold,
+                           use_embeddings=not args.no_embeddings, apply_to=args.out)
+    result = run_dedup(args.dataset, options, run_options(args, args.dataset, args.out or args.dataset))
+    counts = ", ".join(f"{count} {name}" for name, count in result.counts.items())
+    print(f"dedup: {counts}; clusters {result.clusters}")
+    if result.without_embeddings:
+        print(f"dedup: no embeddings for {', '.join(result.without_embeddings)} (run `audiodata embed` for "
+              "embedding matches)")
+    if result.applied is not None:
+        report("dedup --apply", result.applied)
+    return 0
+
+
+def add_dedup_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("dedup", help="exact, fingerprint and embedding duplicates, and eval-set leaks")
+    p.add_argument("dataset", type=location, help="a build output")
+    p.add_argument("--against", type=location, action="append", default=[],
+                   help="an evaluation set built with audiodata (repeatable): its matches are eval_overlap")
+    p.add_argument("--keep", choices=("longest", "license", "first"), default="longest",
+                   help="which sample of a cluster stays: the longest, the best licence, the first in order")
+    p.add_argument("--embedding-threshold", type=float, default=0.98,
+                   help="cosine of CLAP audio embeddings that counts as a duplicate (after `audiodata embed`)")
+    p.add_argument("--no-embeddings", action="store_true", help="exact and fingerprint matches only")
+    p.add_argument("--apply", action="store_true", help="write new shards without the samples not kept")
+    p.add_argument("--out", type=location, help="with --apply: the new dataset's folder")
+    add_worker_options(p)
+    p.set_defaults(func=run_dedup_command)
