@@ -70,6 +70,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=run_search_command)
     add_dedup_cli(subparsers)
+    add_filter_cli(subparsers)
 
 
 def run_dedup_command(args: argparse.Namespace) -> int:
@@ -105,3 +106,33 @@ def add_dedup_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=location, help="with --apply: the new dataset's folder")
     add_worker_options(p)
     p.set_defaults(func=run_dedup_command)
+
+
+def run_filter_command(args: argparse.Namespace) -> int:
+    from audio_dataset.curate.filter import FilterOptions, run_filter
+
+    _require_dataset(args.dataset)
+    options = FilterOptions(min_similarity=args.min_similarity, top_fraction=args.top_fraction,
+                            min_seconds=args.min_seconds, max_seconds=args.max_seconds, min_lufs=args.min_lufs,
+                            max_lufs=args.max_lufs, languages=tuple(args.language), dedup=args.dedup)
+    report("filter", run_filter(args.dataset, options, run_options(args, args.dataset, args.out), args.embeddings))
+    return 0
+
+
+def add_filter_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("filter", help="a new dataset of the samples that pass similarity, duration, "
+                                             "loudness, language and dedup tests")
+    p.add_argument("dataset", type=location, help="a build output")
+    p.add_argument("--out", required=True, type=location, help="the new dataset's folder (rerun to resume)")
+    p.add_argument("--min-similarity", type=float, help="CLAP audio-text cosine a sample needs (after `embed`)")
+    p.add_argument("--top-fraction", type=float, help="keep this fraction of each source, most similar first")
+    p.add_argument("--min-seconds", type=float)
+    p.add_argument("--max-seconds", type=float)
+    p.add_argument("--min-lufs", type=float, help="integrated loudness (ITU-R BS.1770-4) at least this")
+    p.add_argument("--max-lufs", type=float)
+    p.add_argument("--language", action="append", default=[],
+                   help="caption language to keep, ISO 639-1 (repeatable); texts under 3 words pass")
+    p.add_argument("--dedup", action="store_true", help="drop what `audiodata dedup` did not keep")
+    p.add_argument("--embeddings", type=location, help="embed's output (default DATASET/embed)")
+    add_worker_options(p)
+    p.set_defaults(func=run_filter_command)
