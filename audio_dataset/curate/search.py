@@ -65,7 +65,8 @@ class Searcher:
 
         checkpoint = self.options.checkpoint or Path(self.model["checkpoint"])
         if not checkpoint.exists():
-            raise UserError(f"checkpoint {checkpoint} (recorded by embed) not found; pass --checkpoint")
+            raise UserError(f"--checkpoint {checkpoint}: not found" if self.options.checkpoint else
+                            f"checkpoint {checkpoint} (recorded by embed) not found; pass --checkpoint")
         if file_digest(checkpoint) != self.model["digest"]:
             raise UserError(f"--checkpoint {checkpoint} is not the model the embeddings were made with")
         return CLAPInference.from_checkpoint(checkpoint, model=self.model.get("preset"))
