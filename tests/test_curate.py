@@ -295,3 +295,30 @@ def test_filter_by_dedup_result_and_usage_errors(folders, capsys):
     assert main(["filter", str(dataset), "--out", str(folders["tmp"] / "x"), "--no-progress"]) == 2
     assert "no test given" in capsys.readouterr().err
     assert main(["filter", str(dataset), "--out", str(folders["tmp"] / "x"), "--top-fraction", "1.5"]) == 2
+
+
+@pytest.mark.parametrize("count", [500, 12_000])  # flat, and IVF from 10k vectors
+def test_embedding_pairs_find_planted_copies(count):
+    from audio_dataset.curate.dedup import embedding_pairs
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((count, 64)).astype(np.float32)
+    copies = np.arange(1, count, 50)
+    vectors[copies] = vectors[copies - 1] + 0.05 * rng.standard_normal((len(copies), 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    q, b, scores = embedding_pairs(vectors, vectors, threshold=0.98, same=True)
+    found = set(zip(np.minimum(q, b).tolist(), np.maximum(q, b).tolist()))
+    assert found == {(int(c - 1), int(c)) for c in copies}  # every planted copy, nothing else, no self-pairs
+    assert (scores >= 0.98).all()
+    q, b, _ = embedding_pairs(vectors, vectors[copies], threshold=0.98, same=False)  # eval queries
+    assert set(zip(q.tolist(), b.tolist())) >= {(i, int(c)) for i, c in enumerate(copies)}
+
+
+def test_dedup_with_embeddings_names_the_sets_without_them(folders, embedded, capsys):
+    dataset, evalset = folders["dataset"], folders["eval"]
+    capsys.readouterr()
+    _cli("dedup", dataset, "--against", evalset, "--embedding-threshold", "0.99999")
+    assert f"no embeddings for {evalset}" in capsys.readouterr().out
+    rows = _clusters(dataset)
+    assert rows[key("drums", "sonniss")]["kind"] == "exact"  # the strongest link names the kind
+    assert {key("robin"), key("dog"), key("trumpet")} <= set(rows)

@@ -22,9 +22,10 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     dataset = root / "dataset"
     build_clap_shards(dataset / "train", clips=10, seconds=2.0, per_shard=5, augment=False)
     pattern = f"{dataset}/train/{{000000..000001}}.tar"
-    assert clap_main.main(["--train-data", pattern, "--val-data", pattern, "--model", "tiny", "--batch-size", "10", "--workers", "1",
-                           "--out", str(root / "run"), "--shuffle-buffer", "10", "--log-every", "100", "--seed", "3",
-                           "--epochs", "8", "--train-num-samples", "100", "--lr", "3e-3", "--warmup", "5"]) == 0
+    assert clap_main.main(["--train-data", pattern, "--val-data", pattern, "--model", "tiny", "--batch-size", "10",
+                           "--workers", "1", "--out", str(root / "run"), "--shuffle-buffer", "10",
+                           "--log-every", "100", "--seed", "3", "--epochs", "8", "--train-num-samples", "100",
+                           "--lr", "3e-3", "--warmup", "5"]) == 0
     checkpoint = root / "run" / "latest.pt"
     assert main(["embed", str(dataset), "--checkpoint", str(checkpoint), "--no-progress"]) == 0
     return dataset, checkpoint

@@ -19,7 +19,7 @@ import functools
 import hashlib
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -91,9 +91,9 @@ class FingerprintProcessor:
             except ItemError:
                 rows.append(row)
                 continue
-            print_ = fp.fingerprint(fp.mono_at_rate(decoded.samples, decoded.sample_rate, fp.RATE))
-            row.update(status=OK, pcm_sha256=pcm_digest(fp.mono_at_rate(decoded.samples, decoded.sample_rate, PCM_RATE)),
-                       hashes=print_.hashes, times=print_.times)
+            landmarks = fp.fingerprint(fp.mono_at_rate(decoded.samples, decoded.sample_rate, fp.RATE))
+            pcm = fp.mono_at_rate(decoded.samples, decoded.sample_rate, PCM_RATE)
+            row.update(status=OK, pcm_sha256=pcm_digest(pcm), hashes=landmarks.hashes, times=landmarks.times)
             if not isinstance(meta.get("duration"), (int, float)):
                 row["duration"] = decoded.duration
             rows.append(row)
@@ -111,8 +111,7 @@ def fingerprint_dataset(dataset: UPath, run: RunOptions) -> RunSummary:
 
 
 def _with(run: RunOptions, input_dir: UPath, out: UPath) -> RunOptions:
-    return RunOptions(input=input_dir, out=out, workers=run.workers, threads=run.threads, device=run.device,
-                      ray_address=run.ray_address, progress=run.progress)
+    return replace(run, input=input_dir, out=out)
 
 
 # ---------------------------------------------------------------------------------------- matching
@@ -134,8 +133,11 @@ def _load_items(datasets: list[UPath]) -> Items:
             part = read_parquet(job.part)
             tables.append(part.select(meta_columns))
             groups.append(np.full(part.num_rows, group))
-            hashes, times = part.column("hashes").to_pylist(), part.column("times").to_pylist()
-            prints += [fp.Fingerprint(np.asarray(h, np.uint32), np.asarray(t, np.int32)) for h, t in zip(hashes, times)]
+            hashes, times = (part.column(name).combine_chunks() for name in ("hashes", "times"))
+            offsets = hashes.offsets.to_numpy()
+            all_hashes, all_times = hashes.values.to_numpy(), times.values.to_numpy()
+            prints += [fp.Fingerprint(all_hashes[start:end], all_times[start:end])
+                       for start, end in zip(offsets[:-1], offsets[1:])]
     return Items(pa.concat_tables(tables), np.concatenate(groups), prints, [str(d) for d in datasets])
 
 
@@ -189,7 +191,7 @@ def embedding_pairs(base: np.ndarray, queries: np.ndarray, threshold: float, sam
         scores, ids = index.search(np.ascontiguousarray(queries[start : start + chunk]), k)
         rows = np.repeat(np.arange(start, start + len(scores)), k)
         ids, scores = ids.ravel(), scores.ravel()
-        keep = (ids >= 0) & (scores >= threshold) & (~same | (ids != rows))
+        keep = (ids >= 0) & (scores >= threshold) & ((ids != rows) if same else True)
         found_q.append(rows[keep]), found_b.append(ids[keep]), found_s.append(scores[keep])
     return np.concatenate(found_q), np.concatenate(found_b), np.concatenate(found_s)
 
