@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile
@@ -20,8 +21,9 @@ import torch
 from audio_dataset import audio as audio_lib
 from audio_dataset.cli import main
 from audio_dataset.schema import SampleMeta, safe_key
-from audio_dataset.shards import ShardWriter, iter_shard, read_sizes, write_sizes
+from audio_dataset.shards import iter_shard, read_sizes
 from conftest import REAL_AUDIO_DIR, ffmpeg_convert
+from test_k2c import _write_input  # tests/ is on sys.path
 
 RATE = 48_000
 CLIPS = {
@@ -31,7 +33,7 @@ CLIPS = {
     "drums": "admiralbob77_-_Choice_-_Drum-bass", "dog": "pibble", "trumpet": "sorohanro_-_solo-trumpet-06",
     "whale": "glacier-bay-humpback",
 }
-pytestmark = pytest.mark.usefixtures("ray_local", "one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pcm(path: Path, seconds: float) -> np.ndarray:
@@ -64,18 +66,12 @@ def _via_ffmpeg(name: str, tmp: Path, seconds: float, *args: str) -> np.ndarray:
 
 
 def _write(root: Path, split: str, shards: list[list[dict]]) -> None:
-    counts = {}
-    for index, samples in enumerate(shards):
-        name = f"{index:06d}.tar"
-        with ShardWriter(root / split / name) as writer:
-            for sample in samples:
-                writer.write(sample)
-        counts[name] = len(samples)
-    write_sizes(root / split, counts)
+    _write_input(root, {split: shards})
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
+def folders(tmp_path_factory, ray_local) -> dict[str, Path]:
+    """The stages' inputs; every test that runs a stage uses it, so it starts (session) Ray."""
     tmp = tmp_path_factory.mktemp("curate")
     seconds = {"robin": 2.6, "dog": 4.0, "drums": 4.0}
     s = {name: _sample(name, _pcm(REAL_AUDIO_DIR / f"{CLIPS[name]}.ogg", seconds.get(name, 3.0)))
@@ -322,3 +318,30 @@ def test_dedup_with_embeddings_names_the_sets_without_them(folders, embedded, ca
     rows = _clusters(dataset)
     assert rows[key("drums", "sonniss")]["kind"] == "exact"  # the strongest link names the kind
     assert {key("robin"), key("dog"), key("trumpet")} <= set(rows)
+
+
+def test_the_runner_refuses_a_drop_stage_that_alters_or_reorders(tmp_path):
+    from audio_dataset.stage_runner import DROP, READ, ShardJob, process_shard
+
+    samples = [{"__key__": f"k{i}", "flac": b"x", "json": b"{}"} for i in range(3)]
+    _write(tmp_path, "train", [samples])
+    job = ShardJob("train", "000000.tar", str(tmp_path / "train" / "000000.tar"), str(tmp_path / "out.tar"),
+                   str(tmp_path / "part.parquet"))
+
+    class Processor:
+        def __init__(self, keep):
+            self.keep = keep
+
+        def process(self, job, samples):
+            return self.keep(samples), [{"status": "kept"} for _ in samples]
+
+    schema = pa.schema([("status", pa.string())])
+    assert process_shard(Processor(lambda s: [s[0], s[2]]), job, schema, DROP) == 2
+    assert [s["__key__"] for s in iter_shard(job.dst)] == ["k0", "k2"]
+    with pytest.raises(RuntimeError, match="changed or reordered"):
+        process_shard(Processor(lambda s: [s[2], s[0]]), job, schema, DROP)
+    with pytest.raises(RuntimeError, match="changed or reordered"):
+        process_shard(Processor(lambda s: [{**s[0], "json": b'{"a": 1}'}]), job, schema, DROP)
+    with pytest.raises(RuntimeError, match="rows for 3 samples"):
+        process_shard(type("Short", (), {"process": lambda self, job, s: ([], [{"status": "ok"}])})(), job, schema,
+                      READ)

@@ -14,7 +14,6 @@ from upath import UPath
 
 from audio_dataset.k2c.keywords import as_strings
 from audio_dataset.k2c.stages import AUDIO_EXTS
-from audio_dataset.manifest import read_parquet
 from audio_dataset.schema import JSON_EXT
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError
@@ -94,4 +93,4 @@ def npy_bytes_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 
 
 __all__ = ["NO_AUDIO", "OK", "audio_bytes", "as_matrix", "captions", "file_digest", "model_identity",
-           "npy_bytes_header", "read_columns", "read_parquet", "read_run_settings", "sample_meta"]
+           "npy_bytes_header", "read_columns", "read_run_settings", "sample_meta"]
