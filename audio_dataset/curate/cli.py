@@ -7,11 +7,11 @@ from pathlib import Path
 
 from upath import UPath
 
+from audio_dataset.curate.index import INDEX_KINDS  # faiss itself loads only when an index is built
 from audio_dataset.k2c.cli import add_worker_options, report, run_options
 from audio_dataset.source import UserError
 from audio_dataset.storage import location
 
-INDEX_CHOICES = ("flat", "ivf", "none")  # curate.index.INDEX_KINDS, without importing faiss for --help
 
 
 def _require_dataset(out: UPath) -> None:
@@ -54,8 +54,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="preset of a checkpoint without a config (a LAION-CLAP release)")
     p.add_argument("--out", type=location, help="where the embeddings go (default DATASET/embed)")
     p.add_argument("--batch-size", type=int, default=32, help="clips or captions per forward pass")
-    p.add_argument("--index", choices=INDEX_CHOICES, default="flat",
-                   help="faiss index per split: exact (flat), inverted lists (ivf, for millions) or none")
+    p.add_argument("--index", choices=INDEX_KINDS, default="auto",
+                   help="faiss index per split: exact (flat), inverted lists (ivf, for millions), auto (flat "
+                        "up to 100k vectors) or none")
     add_worker_options(p)
     p.set_defaults(func=run_embed_command)
 

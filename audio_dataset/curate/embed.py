@@ -48,7 +48,7 @@ class EmbedOptions:
     # A LAION-CLAP release carries no config: the preset it was trained as (htsat-tiny-roberta, ...).
     preset: str | None = None
     batch_size: int = 32
-    index: str = "flat"
+    index: str = "auto"
 
     def check(self) -> None:
         if self.batch_size < 1:
