@@ -140,7 +140,7 @@ def test_keep_rules(folders):
     assert key("trumpet") not in _clusters(dataset)  # no --against: no leak to find
 
 
-def test_dedup_apply_writes_the_dataset_without_the_copies(folders):
+def test_dedup_apply_writes_the_dataset_without_the_copies(folders, capsys):
     dataset, evalset, out = folders["dataset"], folders["eval"], folders["tmp"] / "deduped"
     _cli("dedup", dataset, "--against", evalset, "--no-embeddings", "--apply", "--out", out)
     dropped = {key("robin", "freesound"), key("dog", "bbc"), key("drums", "sonniss"), key("trumpet")}
@@ -156,6 +156,11 @@ def test_dedup_apply_writes_the_dataset_without_the_copies(folders):
     assert all(s == before[s["__key__"]] for s in after)  # bytes verbatim
     assert read_sizes(out / "train") == {"000000.tar": 5, "000001.tar": 3}  # the third shard is left empty
     assert (out / "manifest.parquet").exists() is (dataset / "manifest.parquet").exists()
+    first = {path.name: path.read_bytes() for path in (out / "train").glob("*.tar")}
+    capsys.readouterr()
+    _cli("dedup", dataset, "--against", evalset, "--no-embeddings", "--apply", "--out", out)  # a rerun resumes
+    assert "3 shard(s), 3 already done" in capsys.readouterr().out
+    assert {path.name: path.read_bytes() for path in (out / "train").glob("*.tar")} == first
 
 
 def test_dedup_usage_errors(folders, capsys):
