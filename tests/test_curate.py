@@ -209,6 +209,7 @@ def test_embed_equals_the_inference_api_on_the_same_weights(folders, checkpoint,
         np.testing.assert_allclose(vector, mean / np.linalg.norm(mean), atol=1e-5)
         assert row["caption"] == captions[0] and row["status"] == "ok"
     np.testing.assert_allclose([r["similarity"] for r in rows], (audio * text).sum(axis=1), atol=1e-5)
+    assert [r["member"] for r in rows] == [f"{s['__key__']}.{'flac' if 'flac' in s else 'wav'}" for s in samples]
     part = pq.read_table(embedded / "train" / "000001.parquet")
     assert part.schema.field("audio").type.list_size == 128 and part.num_rows == 4
     settings = json.loads((embedded / ".embed" / "run.json").read_text())["settings"]

@@ -27,8 +27,14 @@ def sample_meta(sample: Sample) -> dict[str, Any]:
     return json.loads(sample[JSON_EXT])
 
 
+def audio_ext(sample: Sample) -> str | None:
+    """The extension of the sample's audio member (flac in our shards; wav, ogg, mp3 in others')."""
+    return next((ext for ext in AUDIO_EXTS if ext in sample), None)
+
+
 def audio_bytes(sample: Sample) -> bytes | None:
-    return next((sample[ext] for ext in AUDIO_EXTS if ext in sample), None)  # type: ignore[misc]
+    ext = audio_ext(sample)
+    return sample[ext] if ext else None  # type: ignore[return-value]
 
 
 def captions(meta: dict[str, Any]) -> list[str]:
@@ -92,5 +98,5 @@ def npy_bytes_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["NO_AUDIO", "OK", "audio_bytes", "as_matrix", "captions", "file_digest", "model_identity",
+__all__ = ["NO_AUDIO", "OK", "audio_bytes", "audio_ext", "as_matrix", "captions", "file_digest", "model_identity",
            "npy_bytes_header", "read_columns", "read_run_settings", "sample_meta"]

@@ -19,8 +19,8 @@ import pyarrow as pa
 import soundfile
 from upath import UPath
 
-from audio_dataset.curate.common import NO_AUDIO, OK, as_matrix, audio_bytes, captions, model_identity, \
-    npy_bytes_header, read_run_settings, sample_meta
+from audio_dataset.curate.common import NO_AUDIO, OK, as_matrix, audio_bytes, audio_ext, captions, \
+    model_identity, npy_bytes_header, read_run_settings, sample_meta
 from audio_dataset.curate.index import INDEX_KINDS, IndexBuilder, save_index
 from audio_dataset.manifest import read_parquet, write_parquet
 from audio_dataset.shards import Sample
@@ -107,7 +107,8 @@ class EmbedProcessor:
         rows = []
         for sample, meta, wave, caps, a, t in zip(samples, metas, waves, texts, audio, text):
             status = NO_AUDIO if wave is None else NO_TEXT if not caps else OK
-            member = next((f"{sample['__key__']}.{ext}" for ext in sample if ext not in ("__key__", "json")), None)
+            ext = audio_ext(sample)
+            member = f"{sample['__key__']}.{ext}" if ext else None
             rows.append({"split": job.split, "shard": job.name, "key": sample["__key__"], "member": member,
                          "source": meta.get("source"), "caption": caps[0] if caps else None,
                          "duration": meta.get("duration"), "status": status,
