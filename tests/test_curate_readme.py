@@ -2,27 +2,21 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from test_readme_tour import readme_commands  # tests/ is on sys.path
+
 ROOT = Path(__file__).parent.parent
-
-
-def _commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- curate -->\s*```bash\n(.*?)```\s*<!-- /curate -->", readme, re.S)
-    assert block, "README has no curate block"
-    return [line for line in block.group(1).splitlines() if line.strip()]
 
 
 def test_the_readme_curation_loop_runs_as_written(tmp_path):
     bin_dir = Path(sys.executable).parent
     outputs = []
-    for command in _commands():
+    for command in readme_commands("curate"):
         command = command.replace(".venv/bin/", f"{bin_dir}/").replace("tests/data/", f"{ROOT}/tests/data/")
         result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, (command, result.stderr[-2000:])
