@@ -351,3 +351,23 @@ def test_the_runner_refuses_a_drop_stage_that_alters_or_reorders(tmp_path):
     with pytest.raises(RuntimeError, match="rows for 3 samples"):
         process_shard(type("Short", (), {"process": lambda self, job, s: ([], [{"status": "ok"}])})(), job, schema,
                       READ)
+
+
+def test_embed_marks_unreadable_audio_and_missing_captions(tmp_path):
+    from audio_dataset.curate.embed import EmbedOptions, EmbedProcessor
+    from audio_dataset.stage_runner import ShardJob
+    from clap_model.clap import CLAP
+    from clap_model.config import get_preset
+
+    torch.manual_seed(0)
+    model = CLAP(get_preset("tiny"), pretrained_text=False)
+    torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict()}, tmp_path / "tiny.pt")
+    good = _sample("dog", _pcm(REAL_AUDIO_DIR / f"{CLIPS['dog']}.ogg", 2.0))
+    broken = {**good, "__key__": "broken", "flac": b"fLaC not really"}
+    silent_text = {**good, "__key__": "uncaptioned", "json": json.dumps({"text": [" "], "source": "x"}).encode()}
+    processor = EmbedProcessor(EmbedOptions(checkpoint=tmp_path / "tiny.pt"), "cpu")
+    _, rows = processor.process(ShardJob("train", "000000.tar", "", "", ""), [good, broken, silent_text])
+    assert [r["status"] for r in rows] == ["ok", "no_audio", "no_text"]
+    assert not np.any(rows[1]["audio"]) and not np.any(rows[2]["text"])
+    assert rows[0]["similarity"] is not None and rows[1]["similarity"] is None and rows[2]["caption"] is None
+    np.testing.assert_allclose(rows[2]["audio"], rows[0]["audio"], atol=1e-6)  # the same clip
