@@ -356,6 +356,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "default the figure in bench/RESULTS.md)")
     p.set_defaults(func=run_plan)
     _add_k2c(subparsers)
+    _add_curate(subparsers)
     return parser
 
 
@@ -406,6 +407,11 @@ def _os_error(exc: OSError, out: object) -> int:
     message = error.strerror or str(error).strip().splitlines()[-1]
     print(f"audiodata: error: {message}{where}", file=sys.stderr)
     return 1 if error is not exc else 2  # raised inside a worker: the run failed, not the command line
+
+def _add_curate(subparsers: argparse._SubParsersAction) -> None:
+    from audio_dataset.curate.cli import add_cli
+
+    add_cli(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -412,7 +412,7 @@ def test_killed_run_resumes_to_the_clean_output(ray_local, samples, random_t5, t
 def test_sampled_captions_reproduce_from_the_seed(samples, random_t5):
     """Sampling is seeded per shard from --seed: the same shard gives the same captions in any run."""
     from audio_dataset.k2c.generate import Decoding, resolve_caption_model
-    from audio_dataset.k2c.runner import ShardJob
+    from audio_dataset.stage_runner import ShardJob
     from audio_dataset.k2c.stages import K2COptions, K2CProcessor
 
     model = resolve_caption_model(str(random_t5))

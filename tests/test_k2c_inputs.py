@@ -12,7 +12,7 @@ from audio_dataset.cli import main
 from audio_dataset.k2c.keywords import Keyword, load_ontology
 from audio_dataset.k2c.models import ResolvedModel, resolve_model
 from audio_dataset.k2c.postprocess import KEPT, postprocess
-from audio_dataset.k2c.runner import ShardJob
+from audio_dataset.stage_runner import ShardJob
 from audio_dataset.k2c.stages import K2COptions, K2CProcessor
 from audio_dataset.shards import ShardWriter, iter_shard, write_sizes
 from audio_dataset.source import UserError
@@ -127,7 +127,7 @@ def test_offline_hub_id_says_so_in_one_sentence(tmp_path, monkeypatch):
 def test_more_workers_than_cpus_is_refused_not_a_hang(ray_local):
     import ray
 
-    from audio_dataset.k2c.runner import RunOptions, _plan_workers
+    from audio_dataset.stage_runner import RunOptions, _plan_workers
 
     cpus = int(ray.cluster_resources()["CPU"])
     one_shard = _plan_workers(RunOptions(input="in", out="out", workers=cpus + 1), jobs=1)

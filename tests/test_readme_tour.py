@@ -9,11 +9,16 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 
-def _tour_commands() -> list[str]:
+def readme_commands(marker: str) -> list[str]:
+    """The command lines of the README's bash block between `<!-- marker -->` and `<!-- /marker -->`."""
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- tour -->\s*```bash\n(.*?)```\s*<!-- /tour -->", readme, re.S)
-    assert block, "README has no tour block"
+    block = re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)```\s*<!-- /{marker} -->", readme, re.S)
+    assert block, f"README has no {marker} block"
     return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def _tour_commands() -> list[str]:
+    return readme_commands("tour")
 
 
 def test_the_readme_tour_runs_as_written(tmp_path):

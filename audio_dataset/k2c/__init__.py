@@ -10,7 +10,7 @@ sample order and sizes.json are kept; `OUT_K2C/k2c_manifest.parquet` lists every
 generated captions and what post-processing did to each; `OUT_K2C/.k2c/run.json` the model, its
 revision, decoding settings and seed.
 """
-from audio_dataset.k2c.runner import RunOptions, RunSummary
+from audio_dataset.stage_runner import RunOptions, RunSummary
 from audio_dataset.k2c.stages import K2COptions, KeywordsOptions, run_k2c, run_keywords
 
 __all__ = ["K2COptions", "KeywordsOptions", "RunOptions", "RunSummary", "run_k2c", "run_keywords"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from upath import UPath
+
 from audio_dataset.k2c.generate import DEFAULT_MODEL, DTYPES, Decoding
 from audio_dataset.k2c.keywords import DEFAULT_KEYBERT_MODEL, SYNONYM_MODES, KeyBertSettings
-from audio_dataset.k2c.runner import DEVICES, RunOptions, RunSummary
+from audio_dataset.stage_runner import DEVICES, RunOptions, RunSummary
 from audio_dataset.storage import location
 
 
@@ -15,6 +17,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="a build output (SPLIT/NNNNNN.tar + sizes.json): a folder or an fsspec URL")
     p.add_argument("--out", required=True, type=location,
                    help="new output folder or fsspec URL (rerun the same command to resume)")
+    add_worker_options(p)
+
+
+def add_worker_options(p: argparse.ArgumentParser) -> None:
+    """The options every stage on the shard-to-shard runner takes."""
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else 1)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: CPUs / workers)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto uses the GPUs when Ray has any")
@@ -40,12 +47,16 @@ def _keybert(args: argparse.Namespace) -> KeyBertSettings:
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(input=args.input, out=args.out, workers=args.workers, threads=args.threads,
+    return run_options(args, args.input, args.out)
+
+
+def run_options(args: argparse.Namespace, input_dir: UPath, out: UPath) -> RunOptions:
+    return RunOptions(input=input_dir, out=out, workers=args.workers, threads=args.threads,
                       device=args.device,
                       ray_address=args.ray_address, progress=not args.no_progress)
 
 
-def _report(name: str, summary: RunSummary) -> None:
+def report(name: str, summary: RunSummary) -> None:
     counts = ", ".join(f"{count} {status}" for status, count in summary.statuses.items())
     print(f"{name}: {summary.samples} sample(s) ({counts}) in {summary.shards} shard(s), "
           f"{summary.resumed} already done, {summary.seconds:.1f}s; manifest {summary.manifest}")
@@ -63,14 +74,14 @@ def run_k2c_command(args: argparse.Namespace) -> int:
                          decoding=decoding, batch_size=args.batch_size, dtype=args.dtype,
                          min_seconds=args.min_seconds,
                          seed=args.seed)
-    _report("k2c", run_k2c(options, _run_options(args)))
+    report("k2c", run_k2c(options, _run_options(args)))
     return 0
 
 
 def run_keywords_command(args: argparse.Namespace) -> int:
     from audio_dataset.k2c.stages import KeywordsOptions, run_keywords
 
-    _report("keywords", run_keywords(KeywordsOptions(_keybert(args), args.replace), _run_options(args)))
+    report("keywords", run_keywords(KeywordsOptions(_keybert(args), args.replace), _run_options(args)))
     return 0
 
 

@@ -27,7 +27,7 @@ from audio_dataset.k2c.keywords import SYNONYM_MODES, KeyBertSettings, Keyword, 
     as_strings, description_text, load_ontology, resolve_keybert_model, tag_keywords
 from audio_dataset.k2c.models import ResolvedModel
 from audio_dataset.k2c.postprocess import postprocess
-from audio_dataset.k2c.runner import RunOptions, RunSummary, ShardJob, Stage, check_run, options_dict, run_stage
+from audio_dataset.stage_runner import RunOptions, RunSummary, ShardJob, Stage, check_run, options_dict, run_stage
 from audio_dataset.schema import AUDIO_EXT, JSON_EXT, TEXT_AUGMENT_ALL_FIELD, TEXT_AUGMENT_T5_FIELD
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError

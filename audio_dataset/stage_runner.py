@@ -1,9 +1,12 @@
-"""Shard-to-shard stages (k2c, keywords): one Ray actor per worker holds the models, shards are the
-unit of work and of resume.
+"""The one runner for shard-to-shard stages (k2c, keywords, embed, dedup, filter): one Ray actor per
+worker holds the models, shards are the unit of work and of resume.
 
 A shard is done when its manifest part exists: the part is written after the shard's tar is
 renamed into place, so a killed run redoes at most the shards it was writing. Every member except
-`<key>.json` is copied byte for byte; samples keep their order, so `sizes.json` is the input's.
+`<key>.json` is copied byte for byte; samples keep their order. A stage's `mode` says what it does
+to the shards: REWRITE keeps every sample (so `sizes.json` is the input's), DROP keeps a subset in
+order (`sizes.json` rewritten; a shard left empty is not written), READ writes no shards, only
+one table per shard at OUT/SPLIT/NNNNNN.parquet.
 """
 from __future__ import annotations
 
@@ -29,9 +32,11 @@ from audio_dataset.manifest import read_parquet
 from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, record_run
 from audio_dataset.raystart import start_ray
 from audio_dataset.source import UserError
-from audio_dataset.storage import Location, is_local, location
+from audio_dataset.storage import Location, is_local, location, remove_stale_temps
 
 DEVICES = ("auto", "cpu", "cuda")
+REWRITE, DROP, READ = "rewrite", "drop", "read"
+KEPT = "kept"  # the manifest status of a sample a DROP stage keeps
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,9 @@ class Stage:
     # Builds the processor inside each worker (models load there, once): device -> processor.
     factory: Callable[[str], ShardProcessor]
     manifest_schema: pa.Schema
+    mode: str = REWRITE
+    # Runs in the driver once every shard is done (a READ stage's per-split files): (out, jobs).
+    finish: Callable[[UPath, list[ShardJob]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,11 @@ def _work_dir(out: UPath, stage_name: str) -> UPath:
     return out / f".{stage_name}"
 
 
+def _parts_dir(out: UPath, stage_name: str, mode: str) -> UPath:
+    """A READ stage's parts are its output; other stages keep theirs as resume state."""
+    return out if mode == READ else _work_dir(out, stage_name) / "parts"
+
+
 def _identity(path: UPath) -> str:
     return str(path.resolve()) if is_local(path) else str(path).rstrip("/")
 
@@ -109,10 +122,10 @@ def check_run(options: RunOptions) -> None:
     find_jobs(input_dir, out, "check")
 
 
-def find_jobs(input_dir: UPath, out: UPath, stage_name: str) -> list[ShardJob]:
+def find_jobs(input_dir: UPath, out: UPath, stage_name: str, mode: str = REWRITE) -> list[ShardJob]:
     """Every shard of every split under `input_dir` (a build output)."""
     splits = sorted(p for p in input_dir.iterdir() if p.is_dir() and (p / SIZES_FILE).is_file())
-    parts = _work_dir(out, stage_name) / "parts"
+    parts = _parts_dir(out, stage_name, mode)
     jobs: list[ShardJob] = []
     for split in splits:
         sizes = _input_sizes(split)
@@ -138,7 +151,7 @@ def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
     """Record the settings; a later run into the same --out must match them once a shard is done."""
     path = _work_dir(out, stage.name) / "run.json"
     record = {"stage": stage.name, "input": _identity(input_dir), "settings": stage.settings}
-    if path.exists() and any((_work_dir(out, stage.name) / "parts").rglob("*.parquet")):
+    if path.exists() and any(_parts_dir(out, stage.name, stage.mode).rglob("*.parquet")):
         previous = json.loads(path.read_text())
         changed = sorted(k for k in record["settings"] if previous["settings"].get(k) != stage.settings[k])
         if previous.get("input") != record["input"]:
@@ -148,15 +161,6 @@ def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
                             "use a new --out, or the same settings to resume")
         return
     atomic_write_json(path, record)
-
-
-def _remove_stale_temps(out: UPath) -> None:
-    """Temp files of a killed run (ShardWriter's `.NAME.tmp-PID`); one run per --out at a time.
-    Object storage has none: there a shard is staged on local disk and uploaded whole."""
-    if not is_local(out) or not out.exists():
-        return
-    for tmp in out.glob("**/.*.tmp-*"):
-        tmp.unlink(missing_ok=True)
 
 
 def read_input_shard(job: ShardJob) -> list[Sample]:
@@ -177,18 +181,33 @@ def read_input_shard(job: ShardJob) -> list[Sample]:
     return samples
 
 
-def process_shard(processor: ShardProcessor, job: ShardJob, schema: pa.Schema) -> int:
-    samples = read_input_shard(job)
-    new_samples, rows = processor.process(job, samples)
-    if [s["__key__"] for s in new_samples] != [s["__key__"] for s in samples] or len(rows) != len(samples):
+def _check_output(job: ShardJob, samples: list[Sample], new_samples: list[Sample], rows: list[dict[str, Any]],
+                  mode: str) -> None:
+    if len(rows) != len(samples):
+        raise RuntimeError(f"{job.split}/{job.name}: processor gave {len(rows)} rows for {len(samples)} samples")
+    if mode == DROP:  # the kept samples are the input's own, untouched, in order
+        remaining = iter(samples)
+        if not all(any(new is old for old in remaining) for new in new_samples):
+            raise RuntimeError(f"{job.split}/{job.name}: processor changed or reordered the samples it kept")
+        return
+    if mode == READ:
+        return
+    if [s["__key__"] for s in new_samples] != [s["__key__"] for s in samples]:
         raise RuntimeError(f"{job.split}/{job.name}: processor changed the samples' keys or order")
     for old, new in zip(samples, new_samples):
         for ext, data in old.items():
             if ext not in ("__key__", JSON_EXT) and new.get(ext) is not data:
                 raise RuntimeError(f"{job.split}/{job.name}: processor touched {old['__key__']}.{ext}")
-    with ShardWriter(job.dst) as writer:
-        for sample in new_samples:
-            writer.write(sample)
+
+
+def process_shard(processor: ShardProcessor, job: ShardJob, schema: pa.Schema, mode: str = REWRITE) -> int:
+    samples = read_input_shard(job)
+    new_samples, rows = processor.process(job, samples)
+    _check_output(job, samples, new_samples, rows, mode)
+    if mode == REWRITE or (mode == DROP and new_samples):
+        with ShardWriter(job.dst) as writer:
+            for sample in new_samples:
+                writer.write(sample)
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     atomic_write_bytes(job.part, buffer.getvalue())
@@ -199,8 +218,8 @@ class _Worker:
     """The body of one Ray actor."""
 
     def __init__(self, factory: Callable[[str], ShardProcessor], device: str, threads: int,
-                 schema: pa.Schema) -> None:
-        self.factory, self.device, self.threads, self.schema = factory, device, threads, schema
+                 schema: pa.Schema, mode: str = REWRITE) -> None:
+        self.factory, self.device, self.threads, self.schema, self.mode = factory, device, threads, schema, mode
         self.processor: ShardProcessor | None = None
 
     def run(self, job: ShardJob) -> tuple[ShardJob, int]:
@@ -211,7 +230,7 @@ class _Worker:
             self.processor = self.factory(self.device)
             if "torch" in sys.modules:  # not imported at all for the template
                 sys.modules["torch"].set_num_threads(self.threads)
-        return job, process_shard(self.processor, job, self.schema)
+        return job, process_shard(self.processor, job, self.schema, self.mode)
 
 
 def _plan_workers(options: RunOptions, jobs: int) -> tuple[str, int, int]:
@@ -240,7 +259,8 @@ def _run_jobs(stage: Stage, jobs: list[ShardJob], options: RunOptions) -> Iterat
 
     device, workers, threads = _plan_workers(options, len(jobs))
     actor_cls = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0, max_restarts=0)(_Worker)
-    actors = [actor_cls.remote(stage.factory, device, threads, stage.manifest_schema) for _ in range(workers)]
+    actors = [actor_cls.remote(stage.factory, device, threads, stage.manifest_schema, stage.mode)
+              for _ in range(workers)]
     try:
         yield from ActorPool(actors).map_unordered(lambda actor, job: actor.run.remote(job), jobs)
     finally:
@@ -278,9 +298,9 @@ def _run_stage_held(stage: Stage, options: RunOptions) -> RunSummary:
     provenance = RunRecord(stage.name, {**stage.settings, "input": str(options.input), "workers": options.workers,
                                         "device": options.device, "ray_address": options.ray_address})
     check_run(options)
-    jobs = find_jobs(input_dir, out, stage.name)
+    jobs = find_jobs(input_dir, out, stage.name, stage.mode)
     _check_resumable(out, stage, input_dir)
-    _remove_stale_temps(out)
+    remove_stale_temps(out)  # a killed run's; this command alone holds `out`
     todo = [job for job in jobs if not location(job.part).exists()]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", desc=stage.name,
                disable=not options.progress, file=sys.stderr, dynamic_ncols=True)
@@ -328,18 +348,29 @@ def _merge_provenance(source: UPath, dest: UPath) -> None:
     atomic_write_json(dest, {"runs": runs + [run for run in earlier if run not in runs]})
 
 
+def _finalize_read(stage: Stage, jobs: list[ShardJob], out: UPath) -> tuple[pa.Table, UPath]:
+    """A READ stage's parts are its output; only their statuses are gathered (memory stays flat)."""
+    if stage.finish is not None:
+        stage.finish(out, jobs)
+    statuses = [read_parquet(job.part).select(["status"]) for job in jobs]
+    return pa.concat_tables(statuses), out
+
+
 def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: UPath, out: UPath) -> tuple[pa.Table, UPath]:
     """sizes.json per split (checked against the input's), the input's dataset files, the merged
     manifest (its schema metadata carries the run's settings)."""
+    if stage.mode == READ:
+        return _finalize_read(stage, jobs, out)
     tables = [read_parquet(job.part) for job in jobs]
     by_split: dict[str, dict[str, int]] = {}
     for job, table in zip(jobs, tables):
-        by_split.setdefault(job.split, {})[job.name] = table.num_rows
+        kept = table.num_rows if stage.mode == REWRITE else table.column("status").to_pylist().count(KEPT)
+        by_split.setdefault(job.split, {})[job.name] = kept
     for split, counts in by_split.items():
         expected = json.loads((input_dir / split / SIZES_FILE).read_text())
-        if any(expected.get(name, count) != count for name, count in counts.items()):
+        if stage.mode == REWRITE and any(expected.get(name, count) != count for name, count in counts.items()):
             raise RuntimeError(f"{split}: sample counts differ from the input's {SIZES_FILE}")
-        write_sizes(out / split, counts)
+        write_sizes(out / split, {name: count for name, count in counts.items() if count or stage.mode == REWRITE})
     manifest = out / f"{stage.name}_manifest.parquet"
     _copy_dataset_files(input_dir, out)
     table = pa.concat_tables(tables).replace_schema_metadata(
@@ -354,7 +385,7 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     found = {}
-    for package in ("audiodata", "torch", "transformers", "keybert", "sentence-transformers"):
+    for package in ("audiodata", "torch", "transformers", "keybert", "sentence-transformers", "faiss-cpu"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -367,4 +398,5 @@ def options_dict(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(obj), default=str))
 
 
-__all__ = ["RunOptions", "RunSummary", "ShardJob", "Stage", "run_stage", "options_dict"]
+__all__ = ["DROP", "KEPT", "READ", "REWRITE", "RunOptions", "RunSummary", "ShardJob", "Stage", "run_stage",
+           "options_dict"]

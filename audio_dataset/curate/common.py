@@ -1,0 +1,102 @@
+"""What the curation stages share: a sample's audio and captions, a model's identity, small tables."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from upath import UPath
+
+from audio_dataset.k2c.keywords import as_strings
+from audio_dataset.k2c.stages import AUDIO_EXTS
+from audio_dataset.schema import JSON_EXT
+from audio_dataset.shards import Sample
+from audio_dataset.source import UserError
+from audio_dataset.storage import read_json
+
+OK = "ok"
+NO_AUDIO = "no_audio"  # no audio member, or one that does not decode
+
+
+def sample_meta(sample: Sample) -> dict[str, Any]:
+    return json.loads(sample[JSON_EXT])
+
+
+def audio_ext(sample: Sample) -> str | None:
+    """The extension of the sample's audio member (flac in our shards; wav, ogg, mp3 in others')."""
+    return next((ext for ext in AUDIO_EXTS if ext in sample), None)
+
+
+def audio_bytes(sample: Sample) -> bytes | None:
+    ext = audio_ext(sample)
+    return sample[ext] if ext else None  # type: ignore[return-value]
+
+
+def captions(meta: dict[str, Any]) -> list[str]:
+    return [text for text in as_strings(meta.get("text")) if text.strip()]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a checkpoint file, or of a checkpoint folder's files (names and bytes) in order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def model_identity(checkpoint: Path, preset: str | None) -> dict[str, Any]:
+    """What names the embedding space: the checkpoint's digest and the model it builds. Loads the
+    model once in the driver, so a checkpoint that does not load fails before any worker starts."""
+    from clap_model.checkpoint import load_model
+    from clap_model.config import UsageError
+
+    if not checkpoint.exists():
+        raise UserError(f"--checkpoint {checkpoint}: not found")
+    try:
+        cfg = load_model(checkpoint, preset).cfg
+    except UsageError as exc:
+        raise UserError(f"--checkpoint {checkpoint}: {exc}") from None
+    return {"checkpoint": str(checkpoint.resolve()), "digest": file_digest(checkpoint), "preset": preset,
+            "audio": f"{cfg.audio.model_type}-{cfg.audio.model_name}", "text": cfg.text.name_or_path,
+            "joint_dim": cfg.joint_dim, "sample_rate": cfg.audio.sample_rate}
+
+
+def read_run_settings(folder: UPath, stage_name: str) -> dict[str, Any]:
+    """The settings a finished stage recorded in FOLDER/.NAME/run.json."""
+    path = folder / f".{stage_name}" / "run.json"
+    if not path.exists():
+        raise UserError(f"{folder}: no finished `{stage_name}` run (run `audiodata {stage_name}` first)")
+    return read_json(path)["settings"]  # type: ignore[index]
+
+
+def read_columns(path: UPath, columns: list[str]) -> pa.Table:
+    """Some columns of a parquet file (a part's embeddings are not read when only keys are wanted)."""
+    return pq.ParquetFile(pa.BufferReader(path.read_bytes())).read(columns=columns)
+
+
+def as_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """A fixed-size-list column as an (N, dim) float32 array, without a Python loop."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def npy_bytes_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """An .npy header, so a split's matrix can be streamed to disk shard by shard."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+__all__ = ["NO_AUDIO", "OK", "audio_bytes", "audio_ext", "as_matrix", "captions", "file_digest", "model_identity",
+           "npy_bytes_header", "read_columns", "read_run_settings", "sample_meta"]

@@ -1,0 +1,385 @@
+"""`audiodata dedup`: duplicate clusters within a dataset and leaks into evaluation sets.
+
+Three ways two samples are the same recording, strongest first:
+- `exact`: equal sha256 of the decoded PCM (mono, resampled to 16 kHz, 16-bit): two encodings of the
+  same audio, even with other bytes; the audio member's own sha256 is recorded beside it.
+- `fingerprint`: Wang's landmark hashes (`fingerprint.py`) agree at one time offset: a re-encode,
+  resample, gain change, trim or mono/stereo copy.
+- `embedding`: CLAP audio embeddings (from `audiodata embed`) within --embedding-threshold cosine.
+
+Matched samples form clusters (connected components). A cluster holding an item of an --against
+set is an evaluation leak: all its dataset samples are `eval_overlap`, none is kept. Otherwise one
+sample per cluster is kept by --keep (longest, best licence, or first in dataset order; ties go to
+the first). Output: DATASET/dedup/clusters.parquet (one row per clustered sample); with --apply
+--out NEW, new shards without the samples not kept (bytes verbatim, order kept) and a manifest.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from upath import UPath
+
+from audio_dataset.audio import decode
+from audio_dataset.curate import fingerprint as fp
+from audio_dataset.curate.common import NO_AUDIO, OK, audio_bytes, read_columns, sample_meta
+from audio_dataset.curate.embed import embedding_model, split_files
+from audio_dataset.curate.index import build_index
+from audio_dataset.manifest import read_parquet, write_parquet
+from audio_dataset.shards import Sample
+from audio_dataset.source import ItemError, UserError
+from audio_dataset.stage_runner import DROP, KEPT, READ, RunOptions, RunSummary, ShardJob, Stage, check_run, \
+    find_jobs, run_stage
+from audio_dataset.storage import atomic_write_json, location
+
+FINGERPRINT_STAGE = "fingerprint"
+DEDUP_STAGE = "dedup"
+KEEP_RULES = ("longest", "license", "first")
+EXACT, FINGERPRINT, EMBEDDING, EVAL_OVERLAP = "exact", "fingerprint", "embedding", "eval_overlap"
+DUPLICATE = "duplicate"
+_STRENGTH = {EXACT: 3, FINGERPRINT: 2, EMBEDDING: 1}
+PCM_RATE = 16_000
+# Neighbours asked of the index per sample; a larger cluster still joins through its members' links.
+NEIGHBOURS = 10
+
+FINGERPRINT_SCHEMA = pa.schema([
+    ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("source", pa.string()),
+    ("license", pa.string()), ("duration", pa.float64()), ("status", pa.string()),
+    ("bytes_sha256", pa.string()), ("pcm_sha256", pa.string()),
+    ("hashes", pa.list_(pa.uint32())), ("times", pa.list_(pa.int32())),
+])
+CLUSTER_SCHEMA = pa.schema([
+    ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("cluster", pa.int64()),
+    ("kind", pa.string()), ("method", pa.string()), ("score", pa.float64()), ("matched_key", pa.string()),
+    ("matched_set", pa.string()), ("keep", pa.bool_()), ("bytes_sha256", pa.string()), ("pcm_sha256", pa.string()),
+])
+APPLY_SCHEMA = pa.schema([
+    ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
+    ("cluster", pa.int64()), ("matched_key", pa.string()),
+])
+FINGERPRINT_SETTINGS = {"method": "wang2003-landmarks", "rate": fp.RATE, "n_fft": fp.N_FFT, "hop": fp.HOP,
+                        "peaks_per_second": fp.PEAKS_PER_SECOND, "fanout": fp.FANOUT, "max_seconds": fp.MAX_SECONDS,
+                        "pcm_hash": f"sha256 of mono {PCM_RATE} Hz int16"}
+
+
+# ---------------------------------------------------------------------------- per-sample fingerprints
+def pcm_digest(wave: np.ndarray) -> str:
+    pcm = np.clip(np.round(wave * 32767.0), -32768, 32767).astype("<i2")
+    return hashlib.sha256(pcm.tobytes()).hexdigest()
+
+
+class FingerprintProcessor:
+    def __init__(self, device: str) -> None:
+        del device  # numpy only
+
+    def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
+        rows = []
+        for sample in samples:
+            meta, data = sample_meta(sample), audio_bytes(sample)
+            row = {"split": job.split, "shard": job.name, "key": sample["__key__"], "source": meta.get("source"),
+                   "license": meta.get("license"), "duration": meta.get("duration"), "status": NO_AUDIO,
+                   "bytes_sha256": hashlib.sha256(data).hexdigest() if data else None, "pcm_sha256": None,
+                   "hashes": [], "times": []}
+            try:
+                decoded = decode(data or b"")
+            except ItemError:
+                rows.append(row)
+                continue
+            landmarks = fp.fingerprint(fp.mono_at_rate(decoded.samples, decoded.sample_rate, fp.RATE))
+            pcm = fp.mono_at_rate(decoded.samples, decoded.sample_rate, PCM_RATE)
+            row.update(status=OK, pcm_sha256=pcm_digest(pcm), hashes=landmarks.hashes, times=landmarks.times)
+            if not isinstance(meta.get("duration"), (int, float)):
+                row["duration"] = decoded.duration
+            rows.append(row)
+        return [], rows
+
+
+def _make_fingerprint(device: str) -> FingerprintProcessor:
+    return FingerprintProcessor(device)
+
+
+def fingerprint_dataset(dataset: UPath, run: RunOptions) -> RunSummary:
+    """DATASET/fingerprint/SPLIT/NNNNNN.parquet (resumable per shard like every stage)."""
+    stage = Stage(FINGERPRINT_STAGE, FINGERPRINT_SETTINGS, _make_fingerprint, FINGERPRINT_SCHEMA, mode=READ)
+    return run_stage(stage, _with(run, dataset, dataset / FINGERPRINT_STAGE))
+
+
+def _with(run: RunOptions, input_dir: UPath, out: UPath) -> RunOptions:
+    return replace(run, input=input_dir, out=out)
+
+
+# ---------------------------------------------------------------------------------------- matching
+@dataclass
+class Items:
+    """Every sample of the dataset (group 0) and of each eval set (groups 1..), in dataset order."""
+
+    table: pa.Table  # the fingerprint columns but hashes and times
+    groups: np.ndarray
+    prints: list[fp.Fingerprint]
+    sets: list[str]  # group -> folder
+
+
+def _load_items(datasets: list[UPath]) -> Items:
+    tables, groups, prints = [], [], []
+    meta_columns = [name for name in FINGERPRINT_SCHEMA.names if name not in ("hashes", "times")]
+    for group, dataset in enumerate(datasets):
+        for job in find_jobs(dataset, dataset / FINGERPRINT_STAGE, FINGERPRINT_STAGE, READ):
+            part = read_parquet(job.part)
+            tables.append(part.select(meta_columns))
+            groups.append(np.full(part.num_rows, group))
+            hashes, times = (part.column(name).combine_chunks() for name in ("hashes", "times"))
+            offsets = hashes.offsets.to_numpy()
+            all_hashes, all_times = hashes.values.to_numpy(), times.values.to_numpy()
+            prints += [fp.Fingerprint(all_hashes[start:end], all_times[start:end])
+                       for start, end in zip(offsets[:-1], offsets[1:])]
+    return Items(pa.concat_tables(tables), np.concatenate(groups), prints, [str(d) for d in datasets])
+
+
+@dataclass(frozen=True)
+class Link:
+    a: int
+    b: int
+    kind: str
+    score: float
+
+
+def exact_links(items: Items) -> list[Link]:
+    """Each sample to the first dataset sample with the same decoded PCM."""
+    by_digest: dict[str, list[int]] = {}
+    for i, digest in enumerate(items.table.column("pcm_sha256").to_pylist()):
+        if digest is not None:
+            by_digest.setdefault(digest, []).append(i)
+    links = []
+    for members in by_digest.values():
+        anchor = next((i for i in members if items.groups[i] == 0), None)
+        if anchor is not None:
+            links += [Link(min(anchor, i), max(anchor, i), EXACT, 1.0) for i in members if i != anchor]
+    return links
+
+
+def fingerprint_links(items: Items) -> list[Link]:
+    return [Link(m.a, m.b, FINGERPRINT, m.score) for m in fp.match_all(items.prints, items.groups)]
+
+
+def load_embeddings(embed_dir: UPath) -> tuple[np.ndarray, list[str]]:
+    """(vectors, keys) over all splits of an embed output; unusable samples (no audio) as zeros."""
+    vectors, keys = [], []
+    for path in sorted(embed_dir.glob("*.rows.parquet")):
+        split = path.name[: -len(".rows.parquet")]
+        rows = read_columns(path, ["key", "status"])
+        matrix = np.load(io.BytesIO(split_files(embed_dir, split)["audio"].read_bytes()))
+        usable = np.array([status == OK for status in rows.column("status").to_pylist()], bool)
+        vectors.append(np.where(usable[:, None], matrix, 0).astype(np.float32))
+        keys += rows.column("key").to_pylist()
+    return np.concatenate(vectors), keys
+
+
+def embedding_pairs(base: np.ndarray, queries: np.ndarray, threshold: float, same: bool,
+                    chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, base row, cosine) of each query's neighbours at or above `threshold`; exact below
+    10k vectors, IVF above (the index `embed --index ivf` builds). Queries go in chunks: memory flat."""
+    index = build_index(base, "ivf" if len(base) >= 10_000 else "flat")
+    k = min(len(base), NEIGHBOURS + (1 if same else 0))
+    found_q, found_b, found_s = [], [], []
+    for start in range(0, len(queries), chunk):
+        scores, ids = index.search(np.ascontiguousarray(queries[start : start + chunk]), k)
+        rows = np.repeat(np.arange(start, start + len(scores)), k)
+        ids, scores = ids.ravel(), scores.ravel()
+        keep = (ids >= 0) & (scores >= threshold) & ((ids != rows) if same else True)
+        found_q.append(rows[keep]), found_b.append(ids[keep]), found_s.append(scores[keep])
+    return np.concatenate(found_q), np.concatenate(found_b), np.concatenate(found_s)
+
+
+def embedding_links(items: Items, datasets: list[UPath], threshold: float) -> tuple[list[Link], list[str]]:
+    """Links from CLAP audio embeddings, where the dataset (and each eval set) was embedded by one
+    model; the sets without embeddings are named in the second value."""
+    dataset_embed = datasets[0] / "embed"
+    if not (dataset_embed / ".embed" / "run.json").exists():
+        return [], [str(d) for d in datasets]
+    model = embedding_model(dataset_embed)["digest"]
+    keys = items.table.column("key").to_pylist()
+    where = {(int(g), key): i for i, (g, key) in enumerate(zip(items.groups, keys))}
+    base, base_keys = load_embeddings(dataset_embed)
+    base_items = np.array([where.get((0, key), -1) for key in base_keys])
+    links, missing = [], []
+    for group, dataset in enumerate(datasets):
+        embed_dir = dataset / "embed"
+        if group and not (embed_dir / ".embed" / "run.json").exists():
+            missing.append(str(dataset))
+            continue
+        if group and embedding_model(embed_dir)["digest"] != model:
+            raise UserError(f"{embed_dir}: embedded with another model than {dataset_embed}; embed both with one")
+        vectors, query_keys = (base, base_keys) if group == 0 else load_embeddings(embed_dir)
+        query_items = np.array([where.get((group, key), -1) for key in query_keys])
+        q, b, score = embedding_pairs(base, vectors, threshold, same=group == 0)
+        for qi, bi, sc in zip(query_items[q], base_items[b], score):
+            if qi >= 0 and bi >= 0 and qi != bi:
+                links.append(Link(int(min(qi, bi)), int(max(qi, bi)), EMBEDDING, float(sc)))
+    return links, missing
+
+
+# --------------------------------------------------------------------------------------- clustering
+def _components(count: int, links: list[Link]) -> np.ndarray:
+    parent = np.arange(count)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for link in links:
+        ra, rb = root(link.a), root(link.b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)  # the root is the component's first item
+    return np.array([root(i) for i in range(count)])
+
+
+_LICENCE_ORDER = [("cc0", 0), ("public domain", 0), ("publicdomain", 0), ("by-nc-nd", 6), ("by-nc-sa", 5),
+                  ("by-nc", 4), ("by-nd", 3), ("by-sa", 2), ("by", 1)]
+
+
+def licence_rank(licence: str | None) -> int:
+    """Lower is more permissive: CC0/public domain, CC-BY, BY-SA, BY-ND, BY-NC, BY-NC-SA, BY-NC-ND, other."""
+    text = re.sub(r"[\s_]+", "-", (licence or "").lower()).replace("cc-", "")
+    return next((rank for name, rank in _LICENCE_ORDER if name.replace(" ", "-") in text), 7)
+
+
+def _keeper(members: list[int], items: Items, rule: str) -> int:
+    """The sample a cluster keeps; `members` are in dataset order, so ties go to the first."""
+    durations = items.table.column("duration").to_pylist()
+    if rule == "longest":
+        return max(members, key=lambda i: (durations[i] or 0.0, -i))
+    if rule == "license":
+        licences = items.table.column("license").to_pylist()
+        return min(members, key=lambda i: (licence_rank(licences[i]), i))
+    return members[0]
+
+
+def cluster_rows(items: Items, links: list[Link], rule: str) -> list[dict[str, Any]]:
+    best: dict[int, Link] = {}  # per item, its strongest link
+    for link in links:
+        for i in (link.a, link.b):
+            current = best.get(i)
+            if current is None or (_STRENGTH[link.kind], link.score) > (_STRENGTH[current.kind], current.score):
+                best[i] = link
+    roots = _components(len(items.groups), links)
+    members_of: dict[int, list[int]] = {}
+    for i in sorted(best):
+        members_of.setdefault(int(roots[i]), []).append(i)
+    column = {name: items.table.column(name).to_pylist()
+              for name in ("key", "split", "shard", "bytes_sha256", "pcm_sha256")}
+    rows = []
+    for cluster, (root, members) in enumerate(sorted(members_of.items())):
+        dataset_members = [i for i in members if items.groups[i] == 0]
+        leaked = [i for i in members if items.groups[i] != 0]
+        keeper = None if leaked else _keeper(dataset_members, items, rule)
+        for i in dataset_members:
+            link = best[i]
+            other = link.b if link.a == i else link.a
+            if leaked:
+                other = other if items.groups[other] else leaked[0]
+            rows.append({"key": column["key"][i], "split": column["split"][i], "shard": column["shard"][i],
+                         "cluster": cluster, "kind": EVAL_OVERLAP if leaked else link.kind, "method": link.kind,
+                         "score": link.score, "matched_key": column["key"][other],
+                         "matched_set": items.sets[int(items.groups[other])], "keep": i == keeper,
+                         "bytes_sha256": column["bytes_sha256"][i], "pcm_sha256": column["pcm_sha256"][i]})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ the stage
+@dataclass(frozen=True)
+class DedupOptions:
+    against: tuple[UPath, ...] = ()
+    keep: str = "longest"
+    # Cosine similarity of CLAP audio embeddings at which two clips count as one (needs `embed`).
+    embedding_threshold: float = 0.98
+    use_embeddings: bool = True
+    apply_to: UPath | None = None  # --apply --out NEW
+
+    def check(self) -> None:
+        if self.keep not in KEEP_RULES:
+            raise UserError(f"--keep must be one of {', '.join(KEEP_RULES)}")
+        if not -1.0 <= self.embedding_threshold <= 1.0:
+            raise UserError("--embedding-threshold is a cosine similarity in [-1, 1]")
+        for path in self.against:
+            if not location(path).is_dir():
+                raise UserError(f"--against {path}: no such folder")
+
+
+@dataclass
+class DedupResult:
+    clusters: UPath
+    rows: list[dict[str, Any]]
+    counts: dict[str, int] = field(default_factory=dict)
+    without_embeddings: list[str] = field(default_factory=list)
+    applied: RunSummary | None = None
+
+
+def find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupResult:
+    options.check()
+    datasets = [dataset, *[location(path) for path in options.against]]
+    for path in datasets:
+        fingerprint_dataset(path, run)
+    items = _load_items(datasets)
+    links = exact_links(items) + fingerprint_links(items)
+    missing: list[str] = []
+    if options.use_embeddings:
+        found, missing = embedding_links(items, datasets, options.embedding_threshold)
+        links += found
+    rows = cluster_rows(items, links, options.keep)
+    out = dataset / DEDUP_STAGE
+    write_parquet(pa.Table.from_pylist(rows, schema=CLUSTER_SCHEMA), out / "clusters.parquet")
+    counts = {"clustered": len(rows), "kept": sum(r["keep"] for r in rows),
+              DUPLICATE: sum(not r["keep"] and r["kind"] != EVAL_OVERLAP for r in rows),
+              EVAL_OVERLAP: sum(r["kind"] == EVAL_OVERLAP for r in rows)}
+    atomic_write_json(out / "summary.json", {"counts": counts, "keep": options.keep, "against": items.sets[1:],
+                                             "embedding_threshold": options.embedding_threshold,
+                                             "without_embeddings": missing, "fingerprint": FINGERPRINT_SETTINGS})
+    return DedupResult(out / "clusters.parquet", rows, counts, missing)
+
+
+class DropProcessor:
+    """Keeps the samples a table of drops does not name; each sample's row says which and why."""
+
+    def __init__(self, drops: dict[str, tuple[str, int | None, str | None]], device: str) -> None:
+        del device
+        self.drops = drops
+
+    def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
+        kept, rows = [], []
+        for sample in samples:
+            status, cluster, matched = self.drops.get(f"{job.split}/{sample['__key__']}", (KEPT, None, None))
+            if status == KEPT:
+                kept.append(sample)
+            rows.append({"split": job.split, "shard": job.name, "key": sample["__key__"], "status": status,
+                         "cluster": cluster, "matched_key": matched})
+        return kept, rows
+
+
+def _make_drop(drops: dict[str, tuple[str, int | None, str | None]], device: str) -> DropProcessor:
+    return DropProcessor(drops, device)
+
+
+def run_dedup(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupResult:
+    """Find the clusters; with `apply_to`, write the dataset without the samples not kept."""
+    if options.apply_to is not None:
+        check_run(_with(run, dataset, options.apply_to))
+    result = find_duplicates(dataset, options, run)
+    if options.apply_to is None:
+        return result
+    drops = {f"{r['split']}/{r['key']}": (EVAL_OVERLAP if r["kind"] == EVAL_OVERLAP else DUPLICATE, r["cluster"],
+                                          r["matched_key"]) for r in result.rows if not r["keep"]}
+    settings = {"clusters": hashlib.sha256(result.clusters.read_bytes()).hexdigest(), "keep": options.keep}
+    stage = Stage(DEDUP_STAGE, settings, functools.partial(_make_drop, drops), APPLY_SCHEMA, mode=DROP)
+    result.applied = run_stage(stage, _with(run, dataset, options.apply_to))
+    return result
+
+
+__all__ = ["DedupOptions", "DedupResult", "find_duplicates", "fingerprint_dataset", "licence_rank", "run_dedup"]

@@ -1,0 +1,184 @@
+"""`audiodata embed`: CLAP audio and text embeddings of every sample, a shard-to-table stage.
+
+OUT/embed/ (or --out) gets, per input shard, SPLIT/NNNNNN.parquet (key, source, first caption,
+duration, status, audio-text `similarity`, `audio` and `text` embeddings as fixed-size lists); per
+split, SPLIT.audio.npy and SPLIT.text.npy (rows in shard order) with SPLIT.rows.parquet naming each
+row, and SPLIT.audio.faiss, the index `audiodata search` reads. A sample's text embedding is the
+L2-normalised mean of its captions' embeddings. The model's identity (checkpoint digest, config)
+is recorded in .embed/run.json and checked by every stage that reads the embeddings.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import soundfile
+from upath import UPath
+
+from audio_dataset.curate.common import NO_AUDIO, OK, as_matrix, audio_bytes, audio_ext, captions, \
+    model_identity, npy_bytes_header, read_run_settings, sample_meta
+from audio_dataset.curate.index import INDEX_KINDS, IndexBuilder, save_index
+from audio_dataset.manifest import read_parquet, write_parquet
+from audio_dataset.shards import Sample
+from audio_dataset.source import UserError
+from audio_dataset.stage_runner import READ, RunOptions, RunSummary, ShardJob, Stage, check_run, run_stage
+from audio_dataset.storage import StagedFile, location
+
+EMBED_STAGE = "embed"
+NO_TEXT = "no_text"
+ROW_COLUMNS = ["split", "shard", "key", "member", "source", "caption", "duration", "status", "similarity"]
+
+
+def embed_schema(dim: int) -> pa.Schema:
+    vector = pa.list_(pa.float32(), dim)
+    return pa.schema([
+        ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("member", pa.string()),
+        ("source", pa.string()), ("caption", pa.string()), ("duration", pa.float64()), ("status", pa.string()),
+        ("similarity", pa.float32()), ("audio", vector), ("text", vector),
+    ])
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    checkpoint: Path
+    # A LAION-CLAP release carries no config: the preset it was trained as (htsat-tiny-roberta, ...).
+    preset: str | None = None
+    batch_size: int = 32
+    index: str = "auto"
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if self.index not in INDEX_KINDS:
+            raise UserError(f"--index must be one of {', '.join(INDEX_KINDS)}")
+
+
+def _decode(data: bytes | None, rate: int) -> np.ndarray | None:
+    from clap_model.data import decode_audio
+
+    if data is None:
+        return None
+    try:
+        wave = decode_audio(data, rate)
+    except (RuntimeError, soundfile.LibsndfileError):  # one bad member is that sample's status only
+        return None
+    return wave if len(wave) else None
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+class EmbedProcessor:
+    def __init__(self, options: EmbedOptions, device: str) -> None:
+        from clap_model.inference import CLAPInference
+
+        self.clap = CLAPInference.from_checkpoint(options.checkpoint, model=options.preset, device=device)
+        self.batch_size = options.batch_size
+        self.dim = self.clap.model.cfg.joint_dim
+
+    def embed_texts(self, texts_per_sample: list[list[str]]) -> np.ndarray:
+        """(N, dim): each sample's normalised mean caption embedding (zeros without captions)."""
+        flat = [text for texts in texts_per_sample for text in texts]
+        owners = np.repeat(np.arange(len(texts_per_sample)), [len(texts) for texts in texts_per_sample])
+        emb = self.clap.embed_text(flat, batch_size=self.batch_size).numpy()
+        sums = np.zeros((len(texts_per_sample), self.dim), np.float32)
+        np.add.at(sums, owners, emb)
+        return np.where(np.linalg.norm(sums, axis=1, keepdims=True) > 0, _unit(sums), 0).astype(np.float32)
+
+    def embed_waves(self, waves: list[np.ndarray | None]) -> np.ndarray:
+        found = [i for i, wave in enumerate(waves) if wave is not None]
+        audio = np.zeros((len(waves), self.dim), np.float32)
+        if found:
+            audio[found] = self.clap.embed_audio([waves[i] for i in found], sample_rate=self.clap.spec.sample_rate,
+                                                 batch_size=self.batch_size).numpy()
+        return audio
+
+    def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
+        metas = [sample_meta(sample) for sample in samples]
+        waves = [_decode(audio_bytes(sample), self.clap.spec.sample_rate) for sample in samples]
+        texts = [captions(meta) for meta in metas]
+        audio, text = self.embed_waves(waves), self.embed_texts(texts)
+        rows = []
+        for sample, meta, wave, caps, a, t in zip(samples, metas, waves, texts, audio, text):
+            status = NO_AUDIO if wave is None else NO_TEXT if not caps else OK
+            ext = audio_ext(sample)
+            member = f"{sample['__key__']}.{ext}" if ext else None
+            rows.append({"split": job.split, "shard": job.name, "key": sample["__key__"], "member": member,
+                         "source": meta.get("source"), "caption": caps[0] if caps else None,
+                         "duration": meta.get("duration"), "status": status,
+                         "similarity": float(a @ t) if status == OK else None, "audio": a, "text": t})
+        return [], rows
+
+
+def _make_embed(options: EmbedOptions, device: str) -> EmbedProcessor:
+    return EmbedProcessor(options, device)
+
+
+def split_files(out: UPath, split: str) -> dict[str, UPath]:
+    return {"audio": out / f"{split}.audio.npy", "text": out / f"{split}.text.npy",
+            "rows": out / f"{split}.rows.parquet", "index": out / f"{split}.audio.faiss"}
+
+
+def _finish_split(out: UPath, split: str, parts: list[UPath], dim: int, index_kind: str) -> None:
+    """Stream the split's parts into its .npy files (memory: one shard at a time) and its index."""
+    files = split_files(out, split)
+    count = sum(read_parquet(part).num_rows for part in parts)
+    staged = {name: StagedFile(files[name]) for name in ("audio", "text")}
+    builder = IndexBuilder(index_kind, dim, count) if index_kind != "none" else None
+    rows = []
+    try:
+        for handle in staged.values():
+            handle.handle.write(npy_bytes_header((count, dim), np.float32))
+        for part in parts:
+            table = read_parquet(part)
+            for name, handle in staged.items():
+                matrix = as_matrix(table.column(name), dim)
+                handle.handle.write(np.ascontiguousarray(matrix).tobytes())
+                if name == "audio" and builder is not None:
+                    builder.add(matrix)
+            rows.append(table.select(ROW_COLUMNS))
+    except BaseException:
+        for handle in staged.values():
+            handle.abort()
+        raise
+    for handle in staged.values():
+        handle.commit()
+    write_parquet(pa.concat_tables(rows), files["rows"])
+    if builder is not None:
+        save_index(builder.finish(), files["index"])
+
+
+def _finish(dim: int, index_kind: str, out: UPath, jobs: list[ShardJob]) -> None:
+    by_split: dict[str, list[UPath]] = {}
+    for job in jobs:
+        by_split.setdefault(job.split, []).append(location(job.part))
+    for split, parts in by_split.items():
+        _finish_split(out, split, parts, dim, index_kind)
+
+
+def default_out(dataset: UPath) -> UPath:
+    return dataset / EMBED_STAGE
+
+
+def run_embed(options: EmbedOptions, run: RunOptions) -> RunSummary:
+    options.check()
+    check_run(run)
+    identity = model_identity(options.checkpoint, options.preset)
+    settings = {"model": identity, "batch_size": options.batch_size, "index": options.index}
+    stage = Stage(EMBED_STAGE, settings, functools.partial(_make_embed, options), embed_schema(identity["joint_dim"]),
+                  mode=READ, finish=functools.partial(_finish, identity["joint_dim"], options.index))
+    return run_stage(stage, run)
+
+
+def embedding_model(embed_dir: UPath) -> dict[str, Any]:
+    """The model identity a finished embed run recorded."""
+    return read_run_settings(embed_dir, EMBED_STAGE)["model"]
+
+
+__all__ = ["EmbedOptions", "embed_schema", "embedding_model", "run_embed", "split_files"]
