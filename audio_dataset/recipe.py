@@ -43,6 +43,7 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.build import WORK_DIR
+from audio_dataset.lock import hold_output
 from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls, record_run, redact_mapping
 from audio_dataset.schema import SIZES_FILE
 from audio_dataset.shards import read_sizes, write_sizes
@@ -292,8 +293,15 @@ def run_recipe(recipe: Recipe, out: UPath, commands: dict[str, list[list[str]]],
 
     `run_command(argv)` runs one `audiodata` command line (the CLI parses it, adds the flags that
     may change between runs such as `--workers`, and runs it), raising UserError/SourceError when
-    that source fails as a whole.
+    that source fails as a whole. One recipe run per OUT at a time (each source's build also holds
+    its own work folder).
     """
+    with hold_output(out, "recipe"):
+        return _run_recipe_held(recipe, out, commands, run_command)
+
+
+def _run_recipe_held(recipe: Recipe, out: UPath, commands: dict[str, list[list[str]]],
+                     run_command: Callable[[list[str]], Any]) -> list[SourceOutcome]:
     status = _read_status(out, recipe)
     run = RunRecord("recipe", {"recipe": recipe.name,
                                "sources": {n: [shlex.join(c) for c in cs] for n, cs in commands.items()},

@@ -264,3 +264,18 @@ def test_the_readme_recipe_example_loads_and_plans(tmp_path):
     assert recipe.names == ["clotho", "my-clips", "freesound"]
     assert recipe.source("my-clips").input == str(tmp_path / "clips") and recipe.source("my-clips").k2c
     assert [p.items for p in plan_recipe(recipe)] == [3839, None, 50000]
+
+
+def test_a_second_recipe_run_into_one_out_is_refused(tmp_path, capsys):
+    from audio_dataset.lock import hold_output
+    from audio_dataset.storage import location
+
+    _folder(tmp_path, "b")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'name = "one"\n[[sources]]\nname = "b"\nsource = "local"\ninput = "{tmp_path / "b"}"\n')
+    out = tmp_path / "out"
+    with hold_output(location(str(out)), "recipe"):  # another run is writing OUT
+        assert main(["build", "--recipe", str(recipe), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "recipe" in err and "pid" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "_sources").exists()
