@@ -20,8 +20,13 @@ def _objects(prefix: str) -> dict[str, bytes]:
     import boto3
 
     s3 = boto3.client("s3")
-    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
-    return {o["Key"][len(prefix):]: s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listing}
+    found = {}
+    for entry in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", []):
+        try:
+            found[entry["Key"][len(prefix):]] = s3.get_object(Bucket=BUCKET, Key=entry["Key"])["Body"].read()
+        except s3.exceptions.NoSuchKey:  # gone since the listing: a running build's lock lease
+            continue
+    return found
 
 
 def test_build_to_s3_verifies_and_matches_a_local_build(tmp_path: Path, s3_env: dict[str, str]) -> None:

@@ -127,10 +127,10 @@ def add_filter_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=location, help="the new dataset's folder (rerun to resume)")
     p.add_argument("--min-similarity", type=float, help="CLAP audio-text cosine a sample needs (after `embed`)")
     p.add_argument("--top-fraction", type=float, help="keep this fraction of each source, most similar first")
-    p.add_argument("--min-seconds", type=float)
-    p.add_argument("--max-seconds", type=float)
+    p.add_argument("--min-seconds", type=float, help="keep samples at least this long (seconds)")
+    p.add_argument("--max-seconds", type=float, help="keep samples at most this long (seconds)")
     p.add_argument("--min-lufs", type=float, help="integrated loudness (ITU-R BS.1770-4) at least this")
-    p.add_argument("--max-lufs", type=float)
+    p.add_argument("--max-lufs", type=float, help="integrated loudness (ITU-R BS.1770-4) at most this")
     p.add_argument("--language", action="append", default=[],
                    help="caption language to keep, ISO 639-1 (repeatable); texts under 3 words pass")
     p.add_argument("--dedup", action="store_true", help="drop what `audiodata dedup` did not keep")
