@@ -5,11 +5,14 @@ or decoded) or `excluded` (an exclusion list named it); `error` holds the named 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from audio_dataset.storage import Location, atomic_write_bytes, location
+from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, location
 
 STATUS_OK = "ok"
 STATUS_DROPPED = "dropped"
@@ -123,3 +126,51 @@ def read_table(path: Location) -> pa.Table:
 def concat(paths: list[Location]) -> pa.Table:
     tables = [read_table(p) for p in paths]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+# --------------------------------------------------------------------------- streaming
+# Files of any length go through these a batch at a time: the driver never holds a whole manifest.
+
+BATCH_ROWS = 65_536
+
+
+def iter_batches(path: Location, columns: list[str] | None = None,
+                 batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """A parquet file as record batches, read as they are used (from object storage too)."""
+    with location(path).open("rb") as handle:
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def read_rows(path: Location, start: int, stop: int, column: str) -> list[Any]:
+    """Rows [start, stop) of one column, reading only the row groups that hold them."""
+    with location(path).open("rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        groups, first, offset = [], None, 0
+        for number in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(number).num_rows
+            if offset < stop and offset + rows > start:
+                groups.append(number)
+                first = offset if first is None else first
+            offset += rows
+        if not groups:
+            return []
+        table = parquet.read_row_groups(groups, columns=[column])
+    return table.column(column).slice(start - first, stop - start).to_pylist()
+
+
+def write_batches(batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema, dest: Location,
+                  row_group_rows: int | None = None) -> int:
+    """A parquet file written batch by batch and published whole (atomically); returns its rows."""
+    staged = StagedFile(dest)
+    rows = 0
+    try:
+        with pq.ParquetWriter(staged.handle, schema) as writer:
+            for batch in batches:
+                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+                writer.write_table(table.cast(schema), row_group_size=row_group_rows)
+                rows += len(table)
+    except BaseException:
+        staged.abort()
+        raise
+    staged.commit()
+    return rows
