@@ -280,11 +280,15 @@ def list_with_cache(source: Source, work: UPath, limit: int | None, show: bool =
     # a second, so a quick listing, or one that fails at once on a user mistake, prints nothing).
     with tqdm(unit="item", desc="list", total=limit, initial=writer.committed, disable=not show,
               file=sys.stderr, delay=1.0) as bar:
-        if not writer.full:
+        batches = None if writer.full else source.list_batches()
+        for batch in batches or ():
+            bar.update(batch.num_rows)
+            if not writer.add_batch(batch):
+                break
+        if not writer.full and batches is None:
             for item in source.list_items():  # sources may list an item twice (pages shifting)
-                more = writer.add(item)
                 bar.update(1)
-                if not more:
+                if not writer.add(item):
                     break
     writer.finish()
     return index

@@ -205,7 +205,6 @@ class IndexWriter:
         self.seen = SeenIds()
         self.committed = 0
         self._pending: list[Item] = []
-        self._pending_ids: set[str] = set()
         marker = self.chunks / _FINGERPRINT_FILE
         wanted = json.loads(json.dumps(fingerprint, sort_keys=True))
         if marker.exists() and read_json(marker) != wanted:
@@ -222,27 +221,34 @@ class IndexWriter:
         return self.limit is not None and self.committed >= self.limit
 
     def add(self, item: Item) -> bool:
-        """Take one listed item (an id already taken is skipped); False once the limit is reached."""
-        if item.source_id not in self._pending_ids:
-            self._pending.append(item)
-            self._pending_ids.add(item.source_id)
+        """Take one listed item; False once the limit is reached."""
+        self._pending.append(item)
         room = CHUNK_ITEMS if self.limit is None else min(CHUNK_ITEMS, self.limit - self.committed)
         if len(self._pending) >= room:
             self._flush()
         return not self.full
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        digests = id_digests(i.source_id for i in self._pending)
-        new = ~self.seen.contains(digests)
-        items = [item for item, keep in zip(self._pending, new) if keep]
-        self._pending, self._pending_ids = [], set()
-        if not items:
-            return
-        manifest.write_parquet(index_table(items), self.chunks / f"{len(self._chunk_paths()):06d}.parquet")
-        self.seen.add(digests[new])
-        self.committed += len(items)
+        if self._pending:
+            self.add_batch(index_table(self._pending))
+            self._pending = []
+
+    def add_batch(self, batch: pa.RecordBatch | pa.Table) -> bool:
+        """Commit a batch of index rows as one chunk, less the ids already taken (an id listed twice
+        keeps its first place) and past the limit; False once the limit is reached."""
+        digests = id_digests(batch.column("source_id").to_pylist())
+        keep = ~self.seen.contains(digests)
+        first = np.zeros(len(digests), dtype=bool)
+        first[np.unique(digests, return_index=True)[1]] = True
+        keep &= first
+        if self.limit is not None:
+            keep &= np.cumsum(keep) <= self.limit - self.committed
+        if keep.any():
+            rows = batch.filter(pa.array(keep))
+            manifest.write_batches([rows], INDEX_SCHEMA, self.chunks / f"{len(self._chunk_paths()):06d}.parquet")
+            self.seen.add(digests[keep])
+            self.committed += rows.num_rows
+        return not self.full
 
     def finish(self) -> int:
         """Commit the last chunk and join every chunk into the index; returns the items listed."""
