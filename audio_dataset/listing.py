@@ -180,12 +180,15 @@ class SeenIds:
         return found
 
     def add(self, digests: np.ndarray) -> None:
+        """Add digests none of which is in the set yet (distinct among themselves too)."""
         if not len(digests):
             return
-        self._runs.append(np.unique(digests))
+        self._runs.append(np.sort(digests))
         while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
-            newer = self._runs.pop()
-            self._runs[-1] = np.unique(np.concatenate([self._runs[-1], newer]))
+            merged = np.concatenate(self._runs[-2:])
+            del self._runs[-2:]
+            merged.sort()  # in place: the merge holds two copies at most, never three
+            self._runs.append(merged)
 
 
 def index_table(items: list[Item]) -> pa.Table:

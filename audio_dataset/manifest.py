@@ -135,10 +135,18 @@ BATCH_ROWS = 65_536
 
 
 def iter_batches(path: Location, columns: list[str] | None = None,
-                 batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+                 batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
     """A parquet file as record batches, read as they are used (from object storage too)."""
     with location(path).open("rb") as handle:
-        yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns)
+        # One thread: see read_parquet on pyarrow's readers over a Python file.
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=columns,
+                                                       use_threads=False)
+
+
+def iter_tables(path: Location) -> Iterator[pa.Table]:
+    """A manifest file as tables of at most BATCH_ROWS rows, in the manifest schema."""
+    for batch in iter_batches(path):
+        yield pa.Table.from_batches([batch]).cast(SCHEMA)
 
 
 def read_rows(path: Location, start: int, stop: int, column: str) -> list[Any]:
@@ -154,7 +162,7 @@ def read_rows(path: Location, start: int, stop: int, column: str) -> list[Any]:
             offset += rows
         if not groups:
             return []
-        table = parquet.read_row_groups(groups, columns=[column])
+        table = parquet.read_row_groups(groups, columns=[column], use_threads=False)
     return table.column(column).slice(start - first, stop - start).to_pylist()
 
 
