@@ -330,37 +330,65 @@ class LocalSource(Source):
         extra = sorted(set(columns) - _TABLE_FIELDS)
         listed = 0
         for chunk in self._chunks():
-            rows = len(chunk["path"])
-            blank = [""] * rows
-            ids, splits, items = [], [], []
-            for number, (rel, caption, text, tags, tag, given, split, lic, author, url) in enumerate(zip(
-                    *(chunk.get(name, blank) for name in ("path", "caption", "text", "tags", "tag", "id",
-                                                          "split", "license", "author", "url")))):
-                words = (caption or text).strip()
-                if not words or words.startswith("["):  # a caption list, or none: the general way
-                    source_id, locator, record = self._table_row(folder, {k: v[number] for k, v in chunk.items()})
-                    item = self._item(source_id, locator, record)
-                    ids.append(item.source_id), splits.append(item.split), items.append(item.to_json())
-                    continue
-                source_id = given.strip() or rel
-                split = split.strip() or None
-                labels = _as_list(tags or tag, ";") if (tags or tag) else []
-                original = ", ".join(f"{_json_string(k)}: {_json_string(chunk[k][number])}" for k in extra)
-                # Exactly Item.to_json() (sorted keys, the same separators), written directly.
-                items.append(
-                    f'{{"author": {_json_string(author.strip())}, "clip": null, '
-                    f'"license": {_json_string(lic.strip())}, "listing_error": null, '
-                    f'"locator": {_json_string(self._table_locator(folder, rel))}, '
-                    f'"original_data": {{{original}}}, "source_id": {_json_string(source_id)}, '
-                    f'"split": {"null" if split is None else _json_string(split)}, '
-                    f'"tag": [{", ".join(map(_json_string, labels))}], "text": [{_json_string(words)}], '
-                    f'"url": {_json_string(url.strip())}}}')
-                ids.append(source_id), splits.append(split)
-            listed += rows
-            yield pa.RecordBatch.from_arrays([pa.array(ids, pa.string()), pa.array(splits, pa.string()),
-                                              pa.array(items, pa.string())], schema=INDEX_SCHEMA)
+            listed += len(chunk["path"])
+            yield self._table_batch(folder, extra, chunk)
         if not listed:
             raise self._nothing_listed()
+
+    def _table_batch(self, folder: str | None, extra: list[str], chunk: dict[str, list[Any]]) -> pa.RecordBatch:
+        """A chunk of rows in the index's form, a column at a time: each row's item JSON is exactly
+        its Item.to_json() (sorted keys, the same separators), joined from JSON-escaped columns."""
+        import pyarrow.compute as pc
+
+        blank = [""] * len(chunk["path"])
+
+        def stripped(name: str) -> list[str]:
+            return list(map(str.strip, chunk.get(name, blank)))
+
+        def escaped(values: list[str]) -> pa.Array:
+            return pa.array(list(map(_json_string, values)), pa.string())
+
+        rel = chunk["path"]
+        words = [c or t for c, t in zip(chunk.get("caption", blank), chunk.get("text", blank))]
+        words = list(map(str.strip, words))
+        ids = [given or path for given, path in zip(stripped("id"), rel)]
+        splits = [name or None for name in stripped("split")]
+        tags = [a or b for a, b in zip(chunk.get("tags", blank), chunk.get("tag", blank))]
+        original: list[Any] = []
+        for number, name in enumerate(extra):
+            original += [", "] * bool(number) + [f"{_json_string(name)}: ", escaped(chunk[name])]
+        pieces = [
+            '{"author": ', escaped(stripped("author")), ', "clip": null, "license": ', escaped(stripped("license")),
+            ', "listing_error": null, "locator": ', escaped(self._table_locators(folder, rel)),
+            ', "original_data": {', *original, '}, "source_id": ', escaped(ids),
+            ', "split": ', pa.array(["null" if name is None else _json_string(name) for name in splits], pa.string()),
+            ', "tag": [', pa.array([", ".join(map(_json_string, _as_list(v, ";"))) if v else "" for v in tags],
+                                    pa.string()),
+            '], "text": [', escaped(words), '], "url": ', escaped(stripped("url")), "}",
+        ]
+        items = pc.binary_join_element_wise(*pieces, "")
+        unusual = [number for number, text in enumerate(words) if not text or text[0] == "["]
+        if unusual:  # a caption list, or no caption: those rows the general way
+            jsons = items.to_pylist()
+            for number in unusual:
+                item = self._item(*self._table_row(folder, {k: v[number] for k, v in chunk.items()}))
+                jsons[number] = item.to_json()
+            items = pa.array(jsons, pa.string())
+        return pa.RecordBatch.from_arrays([pa.array(ids, pa.string()), pa.array(splits, pa.string()), items],
+                                          schema=INDEX_SCHEMA)
+
+    def _table_locators(self, folder: str | None, rel: list[str]) -> list[str]:
+        """The rows' files; a path already in normal form is joined to the folder without a call per row."""
+        if folder is None:
+            return [self._table_locator(folder, path) for path in rel]
+        import pyarrow.compute as pc
+
+        paths = pa.array(rel, pa.string())
+        joined = pc.binary_join_element_wise(folder, paths, "/").to_pylist()
+        odd = pc.match_substring_regex(paths, _UNPLAIN_PATH.pattern + "|://").to_numpy(zero_copy_only=False)
+        for number in odd.nonzero()[0].tolist():
+            joined[number] = self._table_locator(folder, rel[number])
+        return joined
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
