@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from upath import UPath
 
 from audio_dataset import manifest
@@ -35,7 +34,7 @@ from audio_dataset.provenance import RunRecord, definition_checksums, record_run
 from audio_dataset.raystart import start_ray
 from audio_dataset.schema import SPLITS, SampleMeta, clean_captions, safe_key, shard_name
 from audio_dataset.shards import Sample, ShardWriter, write_sizes
-from audio_dataset.storage import Location, StagedFile, atomic_write_json, is_local, location, read_json
+from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json
 from audio_dataset.source import (
     Item, ItemError, Source, SourceConfig, SourceError, UserError, load_source, read_definition,
 )
@@ -185,7 +184,7 @@ def plan_shards(source: str, index: UPath, plan_dir: UPath, ratios: dict[str, fl
                 excluded: set[str], limit: int | None = None) -> Plan:
     """Cut the index into shards, streaming: each split's items go, in listing order, to
     `plan_dir/<split>.parquet`, and a shard is a row range of it. Same index, same plan."""
-    writers: dict[str, _PlanWriter] = {}
+    writers: dict[str, manifest.StagedParquet] = {}
     excluded_rows: list[ManifestRow] = []
     checked: set[str] = set()
     ids_out = pa.array(sorted(excluded), pa.string())
@@ -193,7 +192,7 @@ def plan_shards(source: str, index: UPath, plan_dir: UPath, ratios: dict[str, fl
         for batch in _index_batches(index, limit):
             splits = _batch_splits(source, batch, ratios)
             for name in set(splits) - checked:
-                check_split_name(name, "the listing")
+                check_split_name(name, f"item {batch.column('source_id')[splits.index(name)].as_py()!r}")
                 checked.add(name)
             out = pc.is_in(batch.column("source_id"), value_set=ids_out).to_numpy(zero_copy_only=False)
             for row in np.flatnonzero(out).tolist():
@@ -202,8 +201,9 @@ def plan_shards(source: str, index: UPath, plan_dir: UPath, ratios: dict[str, fl
             for name in sorted(set(splits), key=_split_order):
                 keep = (names == name) & ~out
                 if keep.any():
-                    if name not in writers:
-                        writers[name] = _PlanWriter(plan_dir / f"{name}.parquet", per_shard)
+                    if name not in writers:  # small row groups: a task reads the one or two holding its rows
+                        writers[name] = manifest.StagedParquet(plan_dir / f"{name}.parquet", INDEX_SCHEMA,
+                                                               row_group_rows=max(per_shard, 2048))
                     writers[name].write(batch.filter(pa.array(keep)))
     except BaseException:
         for writer in writers.values():
@@ -211,35 +211,10 @@ def plan_shards(source: str, index: UPath, plan_dir: UPath, ratios: dict[str, fl
         raise
     tasks = []
     for name in sorted(writers, key=_split_order):
-        path, rows = str(writers[name].path), writers[name].commit()
+        path, rows = str(writers[name].dest), writers[name].commit()
         tasks.extend(ShardTask(name, start // per_shard, rows=RowRange(path, start, min(start + per_shard, rows)))
                      for start in range(0, rows, per_shard))
     return Plan(tasks, excluded_rows)
-
-
-class _PlanWriter:
-    """One split's plan file, written batch by batch and published when the plan is complete."""
-
-    def __init__(self, path: UPath, per_shard: int) -> None:
-        self.path = path
-        self.staged = StagedFile(path)
-        # Small row groups: a shard task reads the one or two that hold its rows.
-        self.writer = pq.ParquetWriter(self.staged.handle, INDEX_SCHEMA)
-        self.group_rows = max(per_shard, 2048)
-        self.rows = 0
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        self.writer.write_table(pa.Table.from_batches([batch]), row_group_size=self.group_rows)
-        self.rows += batch.num_rows
-
-    def commit(self) -> int:
-        self.writer.close()
-        self.staged.commit()
-        return self.rows
-
-    def abort(self) -> None:
-        self.writer.close()
-        self.staged.abort()
 
 
 def read_exclusions(paths: Iterable[Location]) -> set[str]:

@@ -166,19 +166,37 @@ def read_rows(path: Location, start: int, stop: int, column: str) -> list[Any]:
     return table.column(column).slice(start - first, stop - start).to_pylist()
 
 
-def write_batches(batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema, dest: Location,
-                  row_group_rows: int | None = None) -> int:
+class StagedParquet:
+    """A parquet file written a batch at a time and published whole (atomically) by `commit()`."""
+
+    def __init__(self, dest: Location, schema: pa.Schema, row_group_rows: int | None = None) -> None:
+        self.dest, self.schema, self.row_group_rows = location(dest), schema, row_group_rows
+        self.staged = StagedFile(dest)
+        self.writer = pq.ParquetWriter(self.staged.handle, schema)
+        self.rows = 0
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        self.writer.write_table(table.cast(self.schema), row_group_size=self.row_group_rows)
+        self.rows += len(table)
+
+    def commit(self) -> int:
+        self.writer.close()
+        self.staged.commit()
+        return self.rows
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.staged.abort()
+
+
+def write_batches(batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema, dest: Location) -> int:
     """A parquet file written batch by batch and published whole (atomically); returns its rows."""
-    staged = StagedFile(dest)
-    rows = 0
+    sink = StagedParquet(dest, schema)
     try:
-        with pq.ParquetWriter(staged.handle, schema) as writer:
-            for batch in batches:
-                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-                writer.write_table(table.cast(schema), row_group_size=row_group_rows)
-                rows += len(table)
+        for batch in batches:
+            sink.write(batch)
     except BaseException:
-        staged.abort()
+        sink.abort()
         raise
-    staged.commit()
-    return rows
+    return sink.commit()
