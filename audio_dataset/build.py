@@ -728,28 +728,38 @@ def _report_progress(results: Iterator[dict], total: int, done: int, show: bool)
 def finalize(out: UPath, tasks: list[ShardTask]) -> dict[str, Any]:
     """Merge manifest parts, write sizes.json per split, manifest.parquet and stats.json, streaming:
     one part in memory at a time."""
-    from audio_dataset.stats import StatsCounter
-
     work = out / WORK_DIR / "parts"
     paths = [work / t.part_name for t in tasks] + [work / "excluded.parquet"]
     sizes: dict[str, dict[str, int]] = {}
-    counter = StatsCounter()
 
     def parts() -> Iterator[pa.Table]:
         for path in paths:
             if not path.exists():
                 continue
             table = manifest.read_table(path)
-            counter.add(table)
             wrote = pc.and_(pc.is_valid(table.column("shard")), pc.greater(table.column("n_samples"), 0))
-            written = table.filter(wrote)
-            for row in written.group_by("shard").aggregate([("n_samples", "sum")]).to_pylist():
+            for row in table.filter(wrote).group_by("shard").aggregate([("n_samples", "sum")]).to_pylist():
                 split, name = row["shard"].split("/")
                 sizes.setdefault(split, {}).setdefault(name, 0)
                 sizes[split][name] += row["n_samples_sum"]
             yield table
 
-    manifest.write_batches(parts(), manifest.SCHEMA, out / manifest.MANIFEST_FILE)
+    return write_merged(out, parts(), sizes)
+
+
+def write_merged(out: UPath, tables: Iterable[pa.Table], sizes: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """OUT/manifest.parquet from `tables`, streamed, adding the stats up as they pass; then
+    sizes.json per split from `sizes` (which reading the tables may fill in) and stats.json."""
+    from audio_dataset.stats import StatsCounter
+
+    counter = StatsCounter()
+
+    def counted() -> Iterator[pa.Table]:
+        for table in tables:
+            counter.add(table)
+            yield table
+
+    manifest.write_batches(counted(), manifest.SCHEMA, out / manifest.MANIFEST_FILE)
     for split, counts in sizes.items():
         write_sizes(out / split, counts)
     stats = counter.result()

@@ -43,12 +43,11 @@ import pyarrow.compute as pc
 from upath import UPath
 
 from audio_dataset import manifest
-from audio_dataset.build import WORK_DIR
+from audio_dataset.build import WORK_DIR, write_merged
 from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls, record_run, redact_mapping
 from audio_dataset.schema import SIZES_FILE
-from audio_dataset.shards import read_sizes, write_sizes
+from audio_dataset.shards import read_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
-from audio_dataset.stats import StatsCounter
 from audio_dataset.storage import atomic_write_json, is_local, read_json
 
 SOURCES_DIR = "_sources"
@@ -394,24 +393,16 @@ def merge(out: UPath, entries: list[RecipeSource]) -> dict[str, Any]:
     """OUT/manifest.parquet, OUT/<split>/sizes.json and OUT/stats.json over the finished sources,
     streamed a batch of manifest rows at a time."""
     sizes: dict[str, dict[str, int]] = {}
-    counter = StatsCounter()
 
     def tables() -> Iterator[pa.Table]:
         for entry in entries:
             for table in manifest.iter_tables(work_dir(out, entry) / manifest.MANIFEST_FILE):
-                table = _renamed(table, entry.name)
-                counter.add(table)
-                yield table
+                yield _renamed(table, entry.name)
             for split_dir in _split_dirs(result_dir(out, entry)):
                 for shard, count in read_sizes(split_dir).items():
                     sizes.setdefault(split_dir.name, {})[f"{entry.name}-{shard}"] = count
 
-    manifest.write_batches(tables(), manifest.SCHEMA, out / manifest.MANIFEST_FILE)
-    for split, counts in sizes.items():
-        write_sizes(out / split, counts)
-    stats = counter.result()
-    atomic_write_json(out / "stats.json", stats)
-    return stats
+    return write_merged(out, tables(), sizes)
 
 
 def _renamed(table: pa.Table, name: str) -> pa.Table:
