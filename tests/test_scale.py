@@ -179,3 +179,19 @@ def test_a_table_with_repeated_ids_lists_item_by_item(tmp_path):
     assert source.list_batches() is None
     assert [(i.source_id, i.text) for i in source.list_items()] == [("a.wav", ["one", "three"]),
                                                                     ("b.wav", ["two"])]
+
+
+def test_an_index_from_before_plans_the_same(tmp_path):
+    """Outputs of earlier versions kept (source_id, item) only: their plan is the same."""
+    work = location(tmp_path / "new")
+    index = list_with_cache(_Listing(300), work, None)
+    table = manifest.read_parquet(index)
+    old = location(tmp_path / "old")
+    manifest.write_parquet(table.select(["source_id", "item"]), old / "index.parquet")
+
+    def planned(folder, path):
+        plan = plan_shards("fake", path, folder / PLAN_DIR, DEFAULT_SPLIT_RATIOS, 16, set())
+        return [(t.split, t.index, [i.source_id for i in t.load_items()]) for t in plan.tasks]
+
+    assert planned(old, old / "index.parquet") == planned(work, index)
+    assert {t[0] for t in planned(work, index)} == {"train", "valid", "test"}
