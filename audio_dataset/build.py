@@ -42,6 +42,7 @@ from audio_dataset.source import (
 WORK_DIR = "_work"
 INDEX_FILE = "index.parquet"
 PLAN_DIR = "plan"  # <split>.parquet: that split's items in shard order
+PLAN_GROUP_ROWS = 2048
 CONFIG_FILE = "config.json"
 DEFAULT_SPLIT_RATIOS = {"train": 0.9, "valid": 0.05, "test": 0.05}
 log = logging.getLogger("audiodata.build")
@@ -203,7 +204,7 @@ def plan_shards(source: str, index: UPath, plan_dir: UPath, ratios: dict[str, fl
                 if keep.any():
                     if name not in writers:  # small row groups: a task reads the one or two holding its rows
                         writers[name] = manifest.StagedParquet(plan_dir / f"{name}.parquet", INDEX_SCHEMA,
-                                                               row_group_rows=max(per_shard, 2048))
+                                                               row_group_rows=max(per_shard, PLAN_GROUP_ROWS))
                     writers[name].write(batch.filter(pa.array(keep)))
     except BaseException:
         for writer in writers.values():

@@ -167,20 +167,40 @@ def read_rows(path: Location, start: int, stop: int, column: str) -> list[Any]:
 
 
 class StagedParquet:
-    """A parquet file written a batch at a time and published whole (atomically) by `commit()`."""
+    """A parquet file written a batch at a time and published whole (atomically) by `commit()`.
+
+    Batches are gathered into row groups of `row_group_rows` (default BATCH_ROWS): the writer keeps
+    metadata per row group until it closes, so a merge of 10,000 small parts must not make 10,000.
+    """
 
     def __init__(self, dest: Location, schema: pa.Schema, row_group_rows: int | None = None) -> None:
-        self.dest, self.schema, self.row_group_rows = location(dest), schema, row_group_rows
+        self.dest, self.schema = location(dest), schema
+        self.group_rows = row_group_rows or BATCH_ROWS
         self.staged = StagedFile(dest)
         self.writer = pq.ParquetWriter(self.staged.handle, schema)
         self.rows = 0
+        self._held: list[pa.Table] = []
+        self._held_rows = 0
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-        self.writer.write_table(table.cast(self.schema), row_group_size=self.row_group_rows)
+        self._held.append(table.cast(self.schema))
+        self._held_rows += len(table)
         self.rows += len(table)
+        if self._held_rows >= self.group_rows:
+            self._write_groups(whole_only=True)
+
+    def _write_groups(self, whole_only: bool) -> None:
+        table = pa.concat_tables(self._held)
+        cut = len(table) - len(table) % self.group_rows if whole_only else len(table)
+        if cut:
+            self.writer.write_table(table.slice(0, cut), row_group_size=self.group_rows)
+        self._held = [table.slice(cut)]
+        self._held_rows = len(table) - cut
 
     def commit(self) -> int:
+        if self._held_rows:
+            self._write_groups(whole_only=False)
         self.writer.close()
         self.staged.commit()
         return self.rows

@@ -6,9 +6,10 @@ import csv
 import hashlib
 from typing import Iterator
 
+import pyarrow.parquet as pq
 import pytest
 
-from audio_dataset import listing, manifest
+from audio_dataset import build, listing, manifest
 from audio_dataset.build import (
     DEFAULT_SPLIT_RATIOS, PLAN_DIR, WORK_DIR, ShardTask, assign_split, finalize, hashed_splits,
     list_with_cache, plan_shards,
@@ -101,7 +102,8 @@ def test_a_limit_counts_distinct_items_across_chunks(tmp_path, monkeypatch):
 
 def test_the_plan_puts_the_same_items_in_the_same_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(listing, "CHUNK_ITEMS", 300)
-    monkeypatch.setattr(manifest, "BATCH_ROWS", 128)  # many index batches, row groups per split
+    monkeypatch.setattr(manifest, "BATCH_ROWS", 128)  # many index batches
+    monkeypatch.setattr(build, "PLAN_GROUP_ROWS", 50)  # shards of 37 that straddle row groups
     work = location(tmp_path)
     index = list_with_cache(_Listing(2000), work, None)
     items = [Item.from_json(raw) for raw in _index_items(index)]
@@ -120,6 +122,7 @@ def test_the_plan_puts_the_same_items_in_the_same_shards(tmp_path, monkeypatch):
     got = [(t.split, t.index, [i.source_id for i in ShardTask.from_json(t.to_json()).load_items()])
            for t in plan.tasks]
     assert all(t.items is None and t.rows is not None for t in plan.tasks)
+    assert pq.ParquetFile(plan.tasks[0].rows.path).num_row_groups > 10
     assert got == expected
     assert sorted(r.source_id for r in plan.excluded) == ["id000010", "id000011"]  # 1950 is past the limit
     assert all(r.split == assign_split("fake", items[int(r.source_id[2:])], DEFAULT_SPLIT_RATIOS)
