@@ -8,7 +8,8 @@ task, so listing, split assignment, shard planning, the shard tasks, the manifes
 finalize all run at full size while no audio is fetched or encoded (bench/transcode.py measures
 that part). Each measurement is a fresh child process calling `build()` (2 Ray workers); the
 build's own `list_with_cache`, `plan_shards` and `finalize` are wrapped with timers, and the
-driver's peak RSS is its ru_maxrss (Ray workers are other processes, not counted).
+driver's peak RSS is its ru_maxrss (Ray workers are other processes, not counted), read after
+listing, after planning, before finalize (the shard tasks' share) and at the end.
 
 `--before DIR`: the same measurement with the code of another checkout (e.g. `git worktree add
 --detach /tmp/flat-base <base>`), on the same CSV, skipped above `--before-up-to` items.
@@ -35,11 +36,16 @@ from audio_dataset.source import SourceConfig
 table, out = sys.argv[1:3]
 timings = {}
 
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 def timed(name, fn):
     def wrapper(*args, **kwargs):
+        timings[f"peak_before_{name}_mb"] = peak_mb()
         start = time.perf_counter()
         result = fn(*args, **kwargs)
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        timings[f"{name}_s"] = timings.get(f"{name}_s", 0.0) + time.perf_counter() - start
+        timings[f"peak_after_{name}_mb"] = peak_mb()
         return result
     return wrapper
 
@@ -51,9 +57,8 @@ summary = b.build(b.BuildOptions(source="local", out=out, source_config=SourceCo
 total = time.perf_counter() - start
 stats = summary.stats
 assert stats["items"] == stats["by_reason"].get("missing_file"), stats["by_reason"]
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "total_s": total, "items": stats["items"], "shards": summary.shards_total,
-                  **{f"{k}_s": v for k, v in timings.items()}}))
+print(json.dumps({"peak_mb": peak_mb(), "total_s": total, "items": stats["items"],
+                  "shards": summary.shards_total, **timings}))
 """
 
 
@@ -84,7 +89,8 @@ def main() -> None:
     parser.add_argument("--before-up-to", type=int, default=1_000_000)
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'code':<7}{'items':>9}{'peak MB':>9}{'list s':>8}{'plan s':>8}{'final s':>8}{'total s':>9}")
+    print(f"{'code':<7}{'items':>9}{'peak MB':>9}{'list s':>8}{'plan s':>8}{'final s':>8}{'total s':>9}"
+          "   peak MB after listing / planning / the shard tasks")
     with tempfile.TemporaryDirectory(prefix="audiodata-scale-") as tmp:
         work = Path(tmp)
         for size in (int(s) for s in args.sizes.split(",")):
@@ -96,7 +102,9 @@ def main() -> None:
             for label, code in runs:
                 r = measure(code, table, work)
                 print(f"{label:<7}{r['items']:>9}{r['peak_mb']:>9.0f}{r['list_with_cache_s']:>8.1f}"
-                      f"{r['plan_shards_s']:>8.1f}{r['finalize_s']:>8.1f}{r['total_s']:>9.1f}", flush=True)
+                      f"{r['plan_shards_s']:>8.1f}{r['finalize_s']:>8.1f}{r['total_s']:>9.1f}   "
+                      f"{r['peak_after_list_with_cache_mb']:.0f} / {r['peak_after_plan_shards_mb']:.0f} / "
+                      f"{r['peak_before_finalize_mb']:.0f}", flush=True)
             table.unlink()
 
 
