@@ -159,7 +159,8 @@ _FINGERPRINT_FILE = "fingerprint.json"
 
 
 def id_digests(ids: Iterable[str]) -> np.ndarray:
-    """A 16-byte digest per id: ids compared without keeping them (a collision is ~2**-64 at 10M ids)."""
+    """A 16-byte digest per id: ids compared without keeping them (odds of a collision among 10M
+    ids: about 1e-25)."""
     return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype="S16")
 
 
@@ -168,9 +169,6 @@ class SeenIds:
 
     def __init__(self) -> None:
         self._runs: list[np.ndarray] = []
-
-    def __contains__(self, digest: bytes) -> bool:
-        return bool(self.contains(np.array([digest], dtype="S16"))[0])
 
     def contains(self, digests: np.ndarray) -> np.ndarray:
         found = np.zeros(len(digests), dtype=bool)
@@ -215,9 +213,9 @@ class IndexWriter:
         if not marker.exists():
             atomic_write_json(marker, wanted)
         for path in self._chunk_paths():  # a listing cut short: keep what it committed
-            ids = manifest.read_parquet(path).column("source_id").to_pylist()
-            self.seen.add(id_digests(ids))
-            self.committed += len(ids)
+            for batch in manifest.iter_batches(path, ["source_id"]):
+                self.seen.add(id_digests(batch.column("source_id").to_pylist()))
+                self.committed += batch.num_rows
 
     @property
     def full(self) -> bool:
@@ -256,8 +254,8 @@ class IndexWriter:
     def finish(self) -> int:
         """Commit the last chunk and join every chunk into the index; returns the items listed."""
         self._flush()
-        manifest.write_batches((batch for path in self._chunk_paths() for batch in manifest.iter_batches(path)),
-                      INDEX_SCHEMA, self.index)
+        chunks = (batch for path in self._chunk_paths() for batch in manifest.iter_batches(path))
+        manifest.write_batches(chunks, INDEX_SCHEMA, self.index)
         self._drop_chunks()
         return self.committed
 
