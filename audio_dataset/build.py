@@ -1,7 +1,8 @@
 """`audiodata build`: list a source, then download, transcode and shard it on Ray (local or a cluster).
 
-The shard is the unit of work. Items are listed once (cached as `_work/index.parquet`), assigned a
-split by a stable hash and cut into shards in listing order, so every run plans the same shards.
+The shard is the unit of work. Items are listed once (streamed to `_work/index.parquet`), assigned a
+split by a stable hash and cut into shards in listing order, so every run plans the same shards
+(each split's items in `_work/plan/<split>.parquet`; a shard task carries its row range there).
 A finished shard leaves its tar and its manifest part; a rerun skips those, so resuming after a
 crash or `kill -9` gives the same samples as a clean run.
 """
