@@ -1,7 +1,8 @@
 """`audiodata build`: list a source, then download, transcode and shard it on Ray (local or a cluster).
 
-The shard is the unit of work. Items are listed once (cached as `_work/index.parquet`), assigned a
-split by a stable hash and cut into shards in listing order, so every run plans the same shards.
+The shard is the unit of work. Items are listed once (streamed to `_work/index.parquet`), assigned a
+split by a stable hash and cut into shards in listing order, so every run plans the same shards
+(each split's items in `_work/plan/<split>.parquet`; a shard task carries its row range there).
 A finished shard leaves its tar and its manifest part; a rerun skips those, so resuming after a
 crash or `kill -9` gives the same samples as a clean run.
 """
@@ -21,16 +22,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.audio import AudioConfig, Media, encode, scan
+from audio_dataset.listing import INDEX_SCHEMA, IndexWriter
 from audio_dataset.lock import hold_output
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.raystart import start_ray
-from audio_dataset.schema import SPLITS, SampleMeta, clean_captions, safe_key, shard_name
+from audio_dataset.schema import SampleMeta, clean_captions, safe_key, shard_name, split_order
 from audio_dataset.shards import Sample, ShardWriter, write_sizes
 from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json, remove_stale_temps
 from audio_dataset.source import (
@@ -39,6 +43,8 @@ from audio_dataset.source import (
 
 WORK_DIR = "_work"
 INDEX_FILE = "index.parquet"
+PLAN_DIR = "plan"  # <split>.parquet: that split's items in shard order
+PLAN_GROUP_ROWS = 2048
 CONFIG_FILE = "config.json"
 DEFAULT_SPLIT_RATIOS = {"train": 0.9, "valid": 0.05, "test": 0.05}
 log = logging.getLogger("audiodata.build")
@@ -67,11 +73,23 @@ class BuildOptions:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class RowRange:
+    """Where a shard's items are: rows [start, stop) of a plan file (local or on object storage)."""
+
+    path: str
+    start: int
+    stop: int
+
+
 @dataclass
 class ShardTask:
+    """One shard: its items given directly, or (as a build plans them) the rows that hold them."""
+
     split: str
     index: int
-    items: list[Item]
+    items: list[Item] | None = None
+    rows: RowRange | None = None
 
     @property
     def name(self) -> str:
@@ -81,12 +99,26 @@ class ShardTask:
     def part_name(self) -> str:
         return f"{self.split}-{self.index:06d}.parquet"
 
+    def load_items(self) -> list[Item]:
+        if self.items is not None:
+            return self.items
+        assert self.rows is not None, "a shard task has items or rows"
+        where = self.rows
+        return [Item.from_json(raw) for raw in manifest.read_rows(where.path, where.start, where.stop, "item")]
+
     def to_json(self) -> str:
-        return json.dumps({"split": self.split, "index": self.index, "items": [i.to_json() for i in self.items]})
+        data: dict[str, Any] = {"split": self.split, "index": self.index}
+        if self.rows is not None:  # a task carries where its items are, not the items
+            data["rows"] = asdict(self.rows)
+        else:
+            data["items"] = [i.to_json() for i in self.load_items()]
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, raw: str) -> "ShardTask":
         data = json.loads(raw)
+        if "rows" in data:
+            return cls(data["split"], data["index"], rows=RowRange(**data["rows"]))
         return cls(data["split"], data["index"], [Item.from_json(i) for i in data["items"]])
 
 
@@ -109,32 +141,79 @@ def check_split_name(name: str, what: str) -> str:
     return name
 
 
+def split_points(source: str, ids: Iterable[str]) -> np.ndarray:
+    """Each id's stable point in [0, 1): the first 8 bytes of sha1("source:id"), as a fraction."""
+    digests = b"".join(hashlib.sha1(f"{source}:{i}".encode()).digest()[:8] for i in ids)
+    return np.frombuffer(digests, dtype=">u8").astype(np.float64) / 2**64
+
+
+def hashed_splits(source: str, ids: Iterable[str], ratios: dict[str, float]) -> np.ndarray:
+    """Per id, the position in `ratios` of its split: hash ranges in the order the ratios are given."""
+    total = sum(ratios.values())
+    edges, edge = [], 0.0
+    for ratio in ratios.values():  # summed as before, so every edge is the same float as before
+        edge += ratio / total
+        edges.append(edge)
+    codes = np.searchsorted(np.array(edges), split_points(source, ids), side="right")
+    return np.minimum(codes, len(edges) - 1)
+
+
 def assign_split(source: str, item: Item, ratios: dict[str, float]) -> str:
     """A stable split from the source id: the same item lands in the same split on every run."""
     if item.split is not None:
         return check_split_name(item.split, f"item {item.source_id!r}")
-    digest = hashlib.sha1(f"{source}:{item.source_id}".encode()).digest()
-    point = int.from_bytes(digest[:8], "big") / 2**64
-    total = sum(ratios.values())
-    edge = 0.0
-    for split, ratio in ratios.items():
-        edge += ratio / total
-        if point < edge:
-            return split
-    return list(ratios)[-1]
+    return list(ratios)[int(hashed_splits(source, [item.source_id], ratios)[0])]
 
 
-def plan_shards(source: str, items: Iterable[Item], ratios: dict[str, float],
-                per_shard: int) -> list[ShardTask]:
-    by_split: dict[str, list[Item]] = {}
-    for item in items:
-        by_split.setdefault(assign_split(source, item, ratios), []).append(item)
+def _batch_splits(source: str, batch: pa.RecordBatch, ratios: dict[str, float]) -> list[str]:
+    """The split of every row of an index batch: the source's own where it gives one, else hashed."""
+    names = list(ratios)
+    hashed = hashed_splits(source, batch.column("source_id").to_pylist(), ratios)
+    imposed = batch.column("split").to_pylist()
+    return [names[code] if given is None else given for given, code in zip(imposed, hashed.tolist())]
+
+
+@dataclass
+class Plan:
+    tasks: list[ShardTask]
+    excluded: list[ManifestRow]  # rows for the listed items an exclusion list names
+
+
+def plan_shards(source: str, index: UPath, plan_dir: UPath, ratios: dict[str, float], per_shard: int,
+                excluded: set[str], limit: int | None = None) -> Plan:
+    """Cut the index into shards, streaming: each split's items go, in listing order, to
+    `plan_dir/<split>.parquet`, and a shard is a row range of it. Same index, same plan."""
+    writers: dict[str, manifest.StagedParquet] = {}
+    excluded_rows: list[ManifestRow] = []
+    checked: set[str] = set()
+    ids_out = pa.array(sorted(excluded), pa.string())
+    try:
+        for batch in _index_batches(index, limit):
+            splits = _batch_splits(source, batch, ratios)
+            for name in set(splits) - checked:
+                check_split_name(name, f"item {batch.column('source_id')[splits.index(name)].as_py()!r}")
+                checked.add(name)
+            out = pc.is_in(batch.column("source_id"), value_set=ids_out).to_numpy(zero_copy_only=False)
+            for row in np.flatnonzero(out).tolist():
+                excluded_rows.append(_excluded_row(source, batch.column("item")[row].as_py(), splits[row]))
+            names = np.array(splits, dtype=object)
+            for name in sorted(set(splits), key=split_order):
+                keep = (names == name) & ~out
+                if keep.any():
+                    if name not in writers:  # small row groups: a task reads the one or two holding its rows
+                        writers[name] = manifest.StagedParquet(plan_dir / f"{name}.parquet", INDEX_SCHEMA,
+                                                               row_group_rows=max(per_shard, PLAN_GROUP_ROWS))
+                    writers[name].write(batch.filter(pa.array(keep)))
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     tasks = []
-    for split in sorted(by_split, key=lambda s: (SPLITS.index(s) if s in SPLITS else 99, s)):
-        chunk = by_split[split]
-        for start in range(0, len(chunk), per_shard):
-            tasks.append(ShardTask(split, start // per_shard, chunk[start:start + per_shard]))
-    return tasks
+    for name in sorted(writers, key=split_order):
+        path, rows = str(writers[name].dest), writers[name].commit()
+        tasks.extend(ShardTask(name, start // per_shard, rows=RowRange(path, start, min(start + per_shard, rows)))
+                     for start in range(0, rows, per_shard))
+    return Plan(tasks, excluded_rows)
 
 
 def read_exclusions(paths: Iterable[Location]) -> set[str]:
@@ -160,31 +239,49 @@ def definition_exclusions(source: str) -> list[UPath]:
 # --------------------------------------------------------------------------- listing
 
 
-def list_with_cache(source: Source, work: UPath, limit: int | None, show: bool = False) -> list[Item]:
-    """The complete listing, scraped once and kept as a parquet index for reruns."""
+def list_with_cache(source: Source, work: UPath, limit: int | None, show: bool = False,
+                    fingerprint: dict[str, Any] | None = None) -> UPath:
+    """The complete listing, scraped once into a parquet index (streamed there in chunks, so an
+    interrupted listing resumes) and kept for reruns; returns the index. `fingerprint` names what
+    is listed: the chunks of a listing of something else are not resumed."""
     from tqdm import tqdm
 
     index = work / INDEX_FILE
     if index.exists():
-        items = [Item.from_json(raw) for raw in manifest.read_parquet(index).column("item").to_pylist()]
-    else:
-        items = []
-        seen: set[str] = set()
-        # A web listing can take hours at a polite rate: count what it has found so far (shown after
-        # a second, so a quick listing, or one that fails at once on a user mistake, prints nothing).
-        with tqdm(unit="item", desc="list", total=limit, disable=not show, file=sys.stderr, delay=1.0) as bar:
-            for item in source.list_items():
-                if item.source_id in seen:  # sources may list an item twice (pages shifting)
-                    continue
-                seen.add(item.source_id)
-                items.append(item)
+        return index
+    writer = IndexWriter(index, fingerprint or {}, limit)
+    # A web listing can take hours at a polite rate: count what it has found so far (shown after
+    # a second, so a quick listing, or one that fails at once on a user mistake, prints nothing).
+    with tqdm(unit="item", desc="list", total=limit, initial=writer.committed, disable=not show,
+              file=sys.stderr, delay=1.0) as bar:
+        batches = None if writer.full else source.list_batches()
+        for batch in batches or ():
+            bar.update(batch.num_rows)
+            if not writer.add_batch(batch):
+                break
+        if not writer.full and batches is None:
+            for item in source.list_items():  # sources may list an item twice (pages shifting)
                 bar.update(1)
-                if limit is not None and len(items) >= limit:
+                if not writer.add(item):
                     break
-        table = pa.table({"source_id": [i.source_id for i in items],
-                          "item": [i.to_json() for i in items]})
-        manifest.write_parquet(table, index)
-    return items[:limit] if limit is not None else items
+    writer.finish()
+    return index
+
+
+def _index_batches(index: UPath, limit: int | None) -> Iterator[pa.RecordBatch]:
+    """The index as batches of (source_id, split, item), at most `limit` rows (an older index,
+    without the split column, gets it from the items)."""
+    left = limit
+    for batch in manifest.iter_batches(index):
+        if left is not None:
+            if left <= 0:
+                return
+            batch, left = batch.slice(0, left), left - min(left, batch.num_rows)
+        if "split" not in batch.schema.names:
+            splits = [json.loads(raw).get("split") for raw in batch.column("item").to_pylist()]
+            batch = pa.RecordBatch.from_arrays([batch.column("source_id"), pa.array(splits, pa.string()),
+                                                batch.column("item")], schema=INDEX_SCHEMA)
+        yield batch.select(INDEX_SCHEMA.names)
 
 
 # --------------------------------------------------------------------------- the shard worker
@@ -334,7 +431,7 @@ def _release(sample: Sample) -> None:
 
 def run_shard(task: ShardTask, source: Source, out: UPath, config: AudioConfig) -> dict[str, Any]:
     """Fetch, transcode and write one shard and its manifest part; returns counts for progress."""
-    fetches = ordered_prefetch(lambda it: _fetch(source, it), task.items, source.fetch_concurrency)
+    fetches = ordered_prefetch(lambda it: _fetch(source, it), task.load_items(), source.fetch_concurrency)
     return _write_shard(task, out, (_outcome(source, item, future.result, task.split, task.name, config)
                                     for item, future in fetches))
 
@@ -544,7 +641,7 @@ def _run_items_apart(task: ShardTask, source: Source, source_ref: Any, out: UPat
     remote = ray.remote(num_cpus=1, max_retries=0)(_item_worker)
 
     def outcomes() -> Iterator[Outcome]:
-        queue = iter(task.items)
+        queue = iter(task.load_items())
         pending = [(item, remote.remote(item.to_json(), task.split, task.name, source_ref, config))
                    for item in itertools.islice(queue, slots)]
         while pending:
@@ -566,10 +663,9 @@ def _run_items_apart(task: ShardTask, source: Source, source_ref: Any, out: UPat
     return {**_write_shard(task, out, outcomes()), "node": ray.get_runtime_context().get_node_id()}
 
 
-def _excluded_rows(source: str, items: list[Item], excluded: set[str], ratios: dict[str, float]) -> list[ManifestRow]:
+def _excluded_row(source: str, item_json: str, split: str) -> ManifestRow:
     error = ItemError(manifest.STATUS_EXCLUDED, "listed in an evaluation-overlap exclusion list")
-    return [_fail_row(source, item, assign_split(source, item, ratios), None, error)
-            for item in items if item.source_id in excluded]
+    return _fail_row(source, Item.from_json(item_json), split, None, error)
 
 
 def build(options: BuildOptions) -> BuildSummary:
@@ -619,15 +715,15 @@ def _build_held(options: BuildOptions, source: Source, out: UPath, excluded: set
     pinned = (work / CONFIG_FILE).exists()
     if not pinned and (work / INDEX_FILE).exists():
         (work / INDEX_FILE).unlink()  # left by a run that never got going, maybe of another --input
-    items = list_with_cache(source, work, options.limit, options.progress)
-    kept = [item for item in items if item.source_id not in excluded]
-    excluded_rows = _excluded_rows(options.source, items, excluded, options.split_ratios)
-    tasks = plan_shards(options.source, kept, options.split_ratios, options.samples_per_shard)
+    index = list_with_cache(source, work, options.limit, options.progress, fingerprint)
+    plan = plan_shards(options.source, index, work / PLAN_DIR, options.split_ratios,
+                       options.samples_per_shard, excluded, options.limit)
+    tasks = plan.tasks
     # Only a run whose listing and plan succeeded records its options: a typo (a missing column,
     # a bad split name) must not pin the output folder to the mistaken command.
     if not pinned:
         atomic_write_json(work / CONFIG_FILE, fingerprint)
-    manifest.write_table(manifest.rows_to_table(excluded_rows), work / "parts" / "excluded.parquet")
+    manifest.write_table(manifest.rows_to_table(plan.excluded), work / "parts" / "excluded.parquet")
     todo = [t for t in tasks if not (work / "parts" / t.part_name).exists()]
     per_node = _report_progress(_run_tasks(todo, source, out, options, options.workers) if todo else iter(()),
                                 len(tasks), len(tasks) - len(todo), options.progress)
@@ -670,21 +766,42 @@ def _report_progress(results: Iterator[dict], total: int, done: int, show: bool)
 
 
 def finalize(out: UPath, tasks: list[ShardTask]) -> dict[str, Any]:
-    """Merge manifest parts, write sizes.json per split, manifest.parquet and stats.json."""
-    from audio_dataset.stats import compute_stats
-
+    """Merge manifest parts, write sizes.json per split, manifest.parquet and stats.json, streaming:
+    one part in memory at a time."""
     work = out / WORK_DIR / "parts"
     paths = [work / t.part_name for t in tasks] + [work / "excluded.parquet"]
-    table = manifest.concat([p for p in paths if p.exists()])
     sizes: dict[str, dict[str, int]] = {}
-    for row in table.select(["shard", "n_samples"]).to_pylist():
-        if row["shard"] and row["n_samples"]:
-            split, name = row["shard"].split("/")
-            sizes.setdefault(split, {}).setdefault(name, 0)
-            sizes[split][name] += row["n_samples"]
+
+    def parts() -> Iterator[pa.Table]:
+        for path in paths:
+            if not path.exists():
+                continue
+            table = manifest.read_table(path)
+            wrote = pc.and_(pc.is_valid(table.column("shard")), pc.greater(table.column("n_samples"), 0))
+            for row in table.filter(wrote).group_by("shard").aggregate([("n_samples", "sum")]).to_pylist():
+                split, name = row["shard"].split("/")
+                sizes.setdefault(split, {}).setdefault(name, 0)
+                sizes[split][name] += row["n_samples_sum"]
+            yield table
+
+    return write_merged(out, parts(), sizes)
+
+
+def write_merged(out: UPath, tables: Iterable[pa.Table], sizes: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """OUT/manifest.parquet from `tables`, streamed, adding the stats up as they pass; then
+    sizes.json per split from `sizes` (which reading the tables may fill in) and stats.json."""
+    from audio_dataset.stats import StatsCounter
+
+    counter = StatsCounter()
+
+    def counted() -> Iterator[pa.Table]:
+        for table in tables:
+            counter.add(table)
+            yield table
+
+    manifest.write_batches(counted(), manifest.SCHEMA, out / manifest.MANIFEST_FILE)
     for split, counts in sizes.items():
         write_sizes(out / split, counts)
-    manifest.write_table(table, out / manifest.MANIFEST_FILE)
-    stats = compute_stats(table)
+    stats = counter.result()
     atomic_write_json(out / "stats.json", stats)
     return stats

@@ -13,10 +13,20 @@ rewriting one state file per page would be quadratic.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+from upath import UPath
+
+from audio_dataset import manifest
+from audio_dataset.source import Item
+from audio_dataset.storage import atomic_write_json, read_json
 
 _FORMAT = 1
 
@@ -129,3 +139,131 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------- the item index
+#
+# A build lists its source once into `_work/index.parquet` (columns below, in listing order). The
+# listing streams there in chunks: every CHUNK_ITEMS new items are committed as one numbered parquet
+# file under `_work/listing/`, so a listing interrupted at 3M items resumes with those 3M kept; when
+# the source is exhausted the chunks are joined into the index. The driver holds one chunk of items
+# and a 16-byte digest per id (to drop an id listed twice), never an object per item.
+
+INDEX_SCHEMA = pa.schema([
+    pa.field("source_id", pa.string(), nullable=False),
+    pa.field("split", pa.string()),  # a split the source imposes, else null (hash-assigned)
+    pa.field("item", pa.string(), nullable=False),  # Item.to_json()
+])
+CHUNK_ITEMS = 50_000
+_FINGERPRINT_FILE = "fingerprint.json"
+
+
+def id_digests(ids: Iterable[str]) -> np.ndarray:
+    """A 16-byte digest per id: ids compared without keeping them (odds of a collision among 10M
+    ids: about 1e-25)."""
+    return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype="S16")
+
+
+class SeenIds:
+    """A set of id digests as sorted numpy runs, merged like a binary counter (16 bytes per id)."""
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+
+    def contains(self, digests: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(digests), dtype=bool)
+        for run in self._runs:
+            where = np.minimum(np.searchsorted(run, digests), len(run) - 1)
+            found |= run[where] == digests
+        return found
+
+    def add(self, digests: np.ndarray) -> None:
+        """Add digests none of which is in the set yet (distinct among themselves too)."""
+        if not len(digests):
+            return
+        self._runs.append(np.sort(digests))
+        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            merged = np.concatenate(self._runs[-2:])
+            del self._runs[-2:]
+            merged.sort()  # in place: the merge holds two copies at most, never three
+            self._runs.append(merged)
+
+
+def index_table(items: list[Item]) -> pa.Table:
+    return pa.table({"source_id": [i.source_id for i in items], "split": [i.split for i in items],
+                     "item": [i.to_json() for i in items]}, schema=INDEX_SCHEMA)
+
+
+class IndexWriter:
+    """Streams a listing into the index: chunks committed as they fill, joined at the end.
+
+    `fingerprint` names what is listed: chunks left by a listing of something else are dropped.
+    """
+
+    def __init__(self, index: UPath, fingerprint: dict[str, Any], limit: int | None) -> None:
+        self.index, self.limit = index, limit
+        self.chunks = index.parent / "listing"
+        self.seen = SeenIds()
+        self.committed = 0
+        self._pending: list[Item] = []
+        marker = self.chunks / _FINGERPRINT_FILE
+        wanted = json.loads(json.dumps(fingerprint, sort_keys=True))
+        if marker.exists() and read_json(marker) != wanted:
+            self._drop_chunks()
+        if not marker.exists():
+            atomic_write_json(marker, wanted)
+        for path in self._chunk_paths():  # a listing cut short: keep what it committed
+            for batch in manifest.iter_batches(path, ["source_id"]):
+                self.seen.add(id_digests(batch.column("source_id").to_pylist()))
+                self.committed += batch.num_rows
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.committed >= self.limit
+
+    def add(self, item: Item) -> bool:
+        """Take one listed item; False once the limit is reached."""
+        self._pending.append(item)
+        room = CHUNK_ITEMS if self.limit is None else min(CHUNK_ITEMS, self.limit - self.committed)
+        if len(self._pending) >= room:
+            self._flush()
+        return not self.full
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.add_batch(index_table(self._pending))
+            self._pending = []
+
+    def add_batch(self, batch: pa.RecordBatch | pa.Table) -> bool:
+        """Commit a batch of index rows as one chunk, less the ids already taken (an id listed twice
+        keeps its first place) and past the limit; False once the limit is reached."""
+        digests = id_digests(batch.column("source_id").to_pylist())
+        keep = ~self.seen.contains(digests)
+        first = np.zeros(len(digests), dtype=bool)
+        first[np.unique(digests, return_index=True)[1]] = True
+        keep &= first
+        if self.limit is not None:
+            keep &= np.cumsum(keep) <= self.limit - self.committed
+        if keep.any():
+            rows = batch.filter(pa.array(keep))
+            manifest.write_batches([rows], INDEX_SCHEMA, self.chunks / f"{len(self._chunk_paths()):06d}.parquet")
+            self.seen.add(digests[keep])
+            self.committed += rows.num_rows
+        return not self.full
+
+    def finish(self) -> int:
+        """Commit the last chunk and join every chunk into the index; returns the items listed."""
+        self._flush()
+        chunks = (batch for path in self._chunk_paths() for batch in manifest.iter_batches(path))
+        manifest.write_batches(chunks, INDEX_SCHEMA, self.index)
+        self._drop_chunks()
+        return self.committed
+
+    def _chunk_paths(self) -> list[UPath]:
+        if not self.chunks.exists():
+            return []
+        return sorted(p for p in self.chunks.iterdir() if p.name.endswith(".parquet"))
+
+    def _drop_chunks(self) -> None:
+        if self.chunks.exists():
+            self.chunks.fs.rm(self.chunks.path, recursive=True)

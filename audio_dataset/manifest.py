@@ -5,11 +5,14 @@ or decoded) or `excluded` (an exclusion list named it); `error` holds the named 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from audio_dataset.storage import Location, atomic_write_bytes, location
+from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, location
 
 STATUS_OK = "ok"
 STATUS_DROPPED = "dropped"
@@ -123,3 +126,97 @@ def read_table(path: Location) -> pa.Table:
 def concat(paths: list[Location]) -> pa.Table:
     tables = [read_table(p) for p in paths]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+# --------------------------------------------------------------------------- streaming
+# Files of any length go through these a batch at a time: the driver never holds a whole manifest.
+
+BATCH_ROWS = 65_536
+
+
+def iter_batches(path: Location, columns: list[str] | None = None,
+                 batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
+    """A parquet file as record batches, read as they are used (from object storage too)."""
+    with location(path).open("rb") as handle:
+        # One thread: see read_parquet on pyarrow's readers over a Python file.
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=columns,
+                                                       use_threads=False)
+
+
+def iter_tables(path: Location) -> Iterator[pa.Table]:
+    """A manifest file as tables of at most BATCH_ROWS rows, in the manifest schema."""
+    for batch in iter_batches(path):
+        yield pa.Table.from_batches([batch]).cast(SCHEMA)
+
+
+def read_rows(path: Location, start: int, stop: int, column: str) -> list[Any]:
+    """Rows [start, stop) of one column, reading only the row groups that hold them."""
+    with location(path).open("rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        groups, first, offset = [], None, 0
+        for number in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(number).num_rows
+            if offset < stop and offset + rows > start:
+                groups.append(number)
+                first = offset if first is None else first
+            offset += rows
+        if not groups:
+            return []
+        table = parquet.read_row_groups(groups, columns=[column], use_threads=False)
+    return table.column(column).slice(start - first, stop - start).to_pylist()
+
+
+class StagedParquet:
+    """A parquet file written a batch at a time and published whole (atomically) by `commit()`.
+
+    Batches are gathered into row groups of `row_group_rows` (default BATCH_ROWS): the writer keeps
+    metadata per row group until it closes, so a merge of 10,000 small parts must not make 10,000.
+    """
+
+    def __init__(self, dest: Location, schema: pa.Schema, row_group_rows: int | None = None) -> None:
+        self.dest, self.schema = location(dest), schema
+        self.group_rows = row_group_rows or BATCH_ROWS
+        self.staged = StagedFile(dest)
+        self.writer = pq.ParquetWriter(self.staged.handle, schema)
+        self.rows = 0
+        self._held: list[pa.Table] = []
+        self._held_rows = 0
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        self._held.append(table.cast(self.schema))
+        self._held_rows += len(table)
+        self.rows += len(table)
+        if self._held_rows >= self.group_rows:
+            self._write_groups(whole_only=True)
+
+    def _write_groups(self, whole_only: bool) -> None:
+        table = pa.concat_tables(self._held)
+        cut = len(table) - len(table) % self.group_rows if whole_only else len(table)
+        if cut:
+            self.writer.write_table(table.slice(0, cut), row_group_size=self.group_rows)
+        self._held = [table.slice(cut)]
+        self._held_rows = len(table) - cut
+
+    def commit(self) -> int:
+        if self._held_rows:
+            self._write_groups(whole_only=False)
+        self.writer.close()
+        self.staged.commit()
+        return self.rows
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.staged.abort()
+
+
+def write_batches(batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema, dest: Location) -> int:
+    """A parquet file written batch by batch and published whole (atomically); returns its rows."""
+    sink = StagedParquet(dest, schema)
+    try:
+        for batch in batches:
+            sink.write(batch)
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.commit()

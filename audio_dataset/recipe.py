@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,13 +43,12 @@ import pyarrow.compute as pc
 from upath import UPath
 
 from audio_dataset import manifest
-from audio_dataset.build import WORK_DIR
+from audio_dataset.build import WORK_DIR, write_merged
 from audio_dataset.lock import hold_output
 from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls, record_run, redact_mapping
 from audio_dataset.schema import SIZES_FILE
-from audio_dataset.shards import read_sizes, write_sizes
+from audio_dataset.shards import read_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
-from audio_dataset.stats import compute_stats
 from audio_dataset.storage import atomic_write_json, is_local, read_json
 
 SOURCES_DIR = "_sources"
@@ -398,22 +398,19 @@ def _move(src: UPath, dest: UPath) -> None:
 
 
 def merge(out: UPath, entries: list[RecipeSource]) -> dict[str, Any]:
-    """OUT/manifest.parquet, OUT/<split>/sizes.json and OUT/stats.json over the finished sources."""
-    tables = []
+    """OUT/manifest.parquet, OUT/<split>/sizes.json and OUT/stats.json over the finished sources,
+    streamed a batch of manifest rows at a time."""
     sizes: dict[str, dict[str, int]] = {}
-    for entry in entries:
-        table = manifest.read_table(work_dir(out, entry) / manifest.MANIFEST_FILE)
-        tables.append(_renamed(table, entry.name))
-        for split_dir in _split_dirs(result_dir(out, entry)):
-            for shard, count in read_sizes(split_dir).items():
-                sizes.setdefault(split_dir.name, {})[f"{entry.name}-{shard}"] = count
-    for split, counts in sizes.items():
-        write_sizes(out / split, counts)
-    table = pa.concat_tables(tables) if tables else manifest.SCHEMA.empty_table()
-    manifest.write_table(table, out / manifest.MANIFEST_FILE)
-    stats = compute_stats(table)
-    atomic_write_json(out / "stats.json", stats)
-    return stats
+
+    def tables() -> Iterator[pa.Table]:
+        for entry in entries:
+            for table in manifest.iter_tables(work_dir(out, entry) / manifest.MANIFEST_FILE):
+                yield _renamed(table, entry.name)
+            for split_dir in _split_dirs(result_dir(out, entry)):
+                for shard, count in read_sizes(split_dir).items():
+                    sizes.setdefault(split_dir.name, {})[f"{entry.name}-{shard}"] = count
+
+    return write_merged(out, tables(), sizes)
 
 
 def _renamed(table: pa.Table, name: str) -> pa.Table:

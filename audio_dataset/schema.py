@@ -18,6 +18,12 @@ SPLITS = ("train", "valid", "test")
 SIZES_FILE = "sizes.json"
 SHARD_NAME_FORMAT = "{index:06d}.tar"
 
+
+def split_order(split: str) -> tuple[int, str]:
+    """The usual splits first, in their order, then any other by name."""
+    return (SPLITS.index(split) if split in SPLITS else 99, split)
+
+
 # Caption fields LAION-CLAP's loader can select from (`--text-key` in clap-train).
 TEXT_FIELD = "text"
 TEXT_AUGMENT_T5_FIELD = "text_augment_t5"

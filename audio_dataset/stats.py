@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import pyarrow as pa
 
 from audio_dataset import manifest
-from audio_dataset.schema import SPLITS
+from audio_dataset.schema import split_order
 from audio_dataset.shards import DamagedShard, iter_shard, shard_paths
 from audio_dataset.storage import Location, atomic_write_bytes, location
 
@@ -28,32 +28,63 @@ def _hours(seconds: float | None) -> float:
     return round((seconds or 0.0) / 3600, 4)
 
 
-def _group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    statuses = Counter(r["status"] for r in rows)
-    reasons = Counter(r["error"] for r in rows if r["error"])
-    return {
-        "items": len(rows),
-        "by_status": {s: statuses.get(s, 0) for s in manifest.STATUSES},
-        "by_reason": dict(sorted(reasons.items())),
-        "samples": sum(r["n_samples"] for r in rows),
-        "hours_in": _hours(sum(r["source_duration"] or 0.0 for r in rows)),
-        "hours_out": _hours(sum(r["output_duration"] for r in rows)),
-    }
+_GROUP_KEYS = ["split", "source", "status", "error"]
+_SUMS = ["n_samples", "source_duration", "output_duration"]
 
 
-def _split_order(split: str) -> tuple[int, str]:
-    return (SPLITS.index(split) if split in SPLITS else 99, split)
+class StatsCounter:
+    """The figures of `compute_stats`, added up a manifest table at a time (memory stays flat)."""
+
+    def __init__(self) -> None:
+        # (split, source, status, error) -> [items, samples, seconds in, seconds out]
+        self.groups: dict[tuple, list[float]] = {}
+
+    def add(self, table: pa.Table) -> None:
+        counted = table.select(_GROUP_KEYS + _SUMS).group_by(_GROUP_KEYS, use_threads=False).aggregate(
+            [([], "count_all")] + [(name, "sum") for name in _SUMS])
+        for row in counted.to_pylist():
+            total = self.groups.setdefault(tuple(row[k] for k in _GROUP_KEYS), [0, 0, 0.0, 0.0])
+            total[0] += row["count_all"]
+            total[1] += row["n_samples_sum"] or 0
+            total[2] += row["source_duration_sum"] or 0.0
+            total[3] += row["output_duration_sum"] or 0.0
+
+    def _group(self, keep: Callable[[tuple], bool]) -> dict[str, Any]:
+        statuses: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        items = samples = 0
+        seconds_in = seconds_out = 0.0
+        for key, (count, n_samples, s_in, s_out) in self.groups.items():
+            if not keep(key):
+                continue
+            statuses[key[2]] += count
+            if key[3]:
+                reasons[key[3]] += count
+            items, samples = items + count, samples + n_samples
+            seconds_in, seconds_out = seconds_in + s_in, seconds_out + s_out
+        return {
+            "items": int(items),
+            "by_status": {s: statuses.get(s, 0) for s in manifest.STATUSES},
+            "by_reason": dict(sorted(reasons.items())),
+            "samples": int(samples),
+            "hours_in": _hours(seconds_in),
+            "hours_out": _hours(seconds_out),
+        }
+
+    def result(self) -> dict[str, Any]:
+        splits = sorted({k[0] for k in self.groups}, key=split_order)
+        sources = sorted({k[1] for k in self.groups})
+        return {
+            **self._group(lambda key: True),
+            "per_split": {s: self._group(lambda key, s=s: key[0] == s) for s in splits},
+            "per_source": {s: self._group(lambda key, s=s: key[1] == s) for s in sources},
+        }
 
 
 def compute_stats(table: pa.Table) -> dict[str, Any]:
-    rows = table.to_pylist()
-    splits = sorted({r["split"] for r in rows}, key=_split_order)
-    sources = sorted({r["source"] for r in rows})
-    return {
-        **_group_stats(rows),
-        "per_split": {s: _group_stats([r for r in rows if r["split"] == s]) for s in splits},
-        "per_source": {s: _group_stats([r for r in rows if r["source"] == s]) for s in sources},
-    }
+    counter = StatsCounter()
+    counter.add(table)
+    return counter.result()
 
 
 FAILURE_COLUMNS = ("status", "reason", "source", "source_id", "url", "shard", "detail")
@@ -96,7 +127,7 @@ def print_summary(stats: dict[str, Any], file: TextIO = sys.stdout, out: Locatio
 
 
 def _splits(table: pa.Table) -> list[str]:
-    return sorted(set(table.column("split").to_pylist()), key=_split_order)
+    return sorted(set(table.column("split").to_pylist()), key=split_order)
 
 
 def caption_lengths(out: Location, splits: list[str]) -> tuple[list[int], dict[str, str]]:

@@ -8,22 +8,32 @@ string, or a JSON list), optional `tags`/`tag` (`;`-separated or a JSON list), `
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import stat
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+import pyarrow as pa
 from upath import UPath
 
-from audio_dataset.manifest import read_parquet
+from audio_dataset.listing import INDEX_SCHEMA, id_digests
+from audio_dataset.manifest import iter_batches
 from audio_dataset.source import Item, ItemError, Source, UserError
 from audio_dataset.storage import is_local, location
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".webm", ".mp4",
                   ".aiff", ".aif", ".wma"}
 TABLE_SUFFIXES = {".csv", ".tsv", ".parquet"}
+TABLE_CHUNK_ROWS = 50_000  # a table is read this many rows at a time
+# Table columns the item's fields come from; any other column is kept in original_data.
+_TABLE_FIELDS = {"path", "caption", "text", "tags", "tag", "id", "split", "license", "author", "url"}
+# A relative path that os.path.abspath would rewrite (absolute, `.`/`..` parts, `//`, a trailing `/`).
+_UNPLAIN_PATH = re.compile(r"^/|(^|/)\.\.?(/|$)|//|/$|^$")
+_json_string = json.encoder.encode_basestring  # a str as JSON, as json.dumps(ensure_ascii=False) writes it
 
 
 # A sidecar nested deeper than this is not metadata (and would overflow recursive JSON code later).
@@ -188,9 +198,13 @@ class LocalSource(Source):
         listed = 0
         for listed, item in enumerate(self._list_folder() if self.root.is_dir() else self._list_table(), 1):
             yield item
-        if not listed:  # an empty dataset is never what was meant: the wrong folder, or a typo
-            what = "no audio files" if self.root.is_dir() else "no rows"
-            raise UserError(f"{what} in {self.root} (audio: {', '.join(sorted(AUDIO_SUFFIXES))})")
+        if not listed:
+            raise self._nothing_listed()
+
+    def _nothing_listed(self) -> UserError:
+        """An empty dataset is never what was meant: the wrong folder, or a typo."""
+        what = "no audio files" if self.root.is_dir() else "no rows"
+        return UserError(f"{what} in {self.root} (audio: {', '.join(sorted(AUDIO_SUFFIXES))})")
 
     def _list_folder(self) -> Iterator[Item]:
         if is_local(self.root):
@@ -205,42 +219,199 @@ class LocalSource(Source):
             item.listing_error = problem or bad_sidecar
             yield item
 
-    def _read_table(self) -> tuple[list[str], list[dict[str, Any]]]:
-        """(columns, rows) with plain Python values: every cell must go into the sample JSON."""
+    def _read_columns(self) -> list[str]:
+        """The table's column names (a CSV's header alone), or a one-line UserError."""
+        import pyarrow.parquet as pq
+
+        if self.root.suffix.lower() == ".parquet":
+            with self._reading(), self.root.open("rb") as handle:
+                return pq.ParquetFile(handle).schema_arrow.names
+        with self._reading(), self.root.open("rb") as handle:
+            return list(self._read_csv(handle, nrows=0).columns)
+
+    def _read_csv(self, handle: Any, **options: Any) -> Any:
         import pandas as pd
-        import pyarrow as pa
 
-        suffix = self.root.suffix.lower()
-        try:
-            if suffix == ".parquet":  # pyarrow's own rows: lists, not numpy arrays; nulls as None
-                table = read_parquet(self.root)
-                return table.column_names, table.to_pylist()
+        sep = "\t" if self.root.suffix.lower() == ".tsv" else ","
+        return pd.read_csv(handle, sep=sep, dtype=str, keep_default_na=False, **options)
+
+    def _chunks(self, columns: list[str] | None = None) -> Iterator[dict[str, list[Any]]]:
+        """The table a chunk of rows at a time, as column name -> plain Python values (every cell
+        must go into the sample JSON; a parquet table's lists stay lists, its nulls None)."""
+        with self._reading():
+            if self.root.suffix.lower() == ".parquet":
+                for batch in iter_batches(self.root, columns):
+                    yield {name: batch.column(name).to_pylist() for name in batch.schema.names}
+                return
             with self.root.open("rb") as handle:
-                frame = pd.read_csv(handle, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-            return list(frame.columns), frame.to_dict(orient="records")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowException) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot read {self.root}: {first_line}") from None
+                for frame in self._read_csv(handle, chunksize=TABLE_CHUNK_ROWS, usecols=columns):
+                    yield {name: frame[name].tolist() for name in frame.columns}
 
-    def _list_table(self) -> Iterator[Item]:
-        columns, records = self._read_table()
+    def _records(self) -> Iterator[dict[str, Any]]:
+        for chunk in self._chunks():
+            names = list(chunk)
+            for values in zip(*chunk.values()):
+                yield dict(zip(names, values))
+
+    def _table_columns(self) -> list[str]:
+        columns = self._read_columns()
         names = ", ".join(map(str, columns))
         if "path" not in columns:
             raise UserError(f"{self.root} has no 'path' column (columns: {names})")
         if "caption" not in columns and "text" not in columns:
             raise UserError(f"{self.root} has no 'caption' or 'text' column (columns: {names})")
-        # A clip on several rows (one row per caption, as AudioCaps ships) is one item with all of them.
-        rows: dict[str, tuple[str, dict[str, Any]]] = {}  # source id -> (locator, record)
-        for record in records:
-            rel = str(record.pop("path"))
-            path = location(rel) if "://" in rel or PurePosixPath(rel).is_absolute() else self.root.parent / rel
-            record["text"] = _as_list(record.pop("caption", None) or record.pop("text", None))
-            record["tag"] = _as_list(record.pop("tags", None) or record.pop("tag", None), ";")
-            _, first = rows.setdefault(_scalar(record.pop("id", None)) or rel, (self._locator(path), record))
-            for key in ("text", "tag") if first is not record else ():
-                first[key] += [value for value in record[key] if value not in first[key]]
-        for source_id, (locator, record) in rows.items():
-            yield self._item(source_id, locator, record)
+        return columns
+
+    def _repeated_ids(self, columns: list[str]) -> dict[bytes, int]:
+        """Rows per id (by digest) for the ids on more than one row: a first pass over two columns,
+        holding 16 bytes per row (sorted in place: no copy of that size)."""
+        import numpy as np
+
+        wanted = [c for c in ("id", "path") if c in columns]
+        chunks = [id_digests(_scalar(i) or str(p) for i, p in zip(chunk.get("id") or [None] * len(chunk["path"]),
+                                                                    chunk["path"]))
+                  for chunk in self._chunks(wanted)]
+        if not chunks:
+            return {}
+        digests = np.concatenate(chunks)
+        del chunks
+        digests.sort()
+        repeated = np.unique(digests[1:][digests[1:] == digests[:-1]])
+        counts = np.searchsorted(digests, repeated, side="right") - np.searchsorted(digests, repeated, side="left")
+        return dict(zip(repeated.tolist(), counts.tolist()))
+
+    def _table_row(self, folder: str | None, record: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        """A row as (source id, locator, the rest of its record with `text` and `tag` as lists)."""
+        rel = str(record.pop("path"))
+        record["text"] = _as_list(record.pop("caption", None) or record.pop("text", None))
+        record["tag"] = _as_list(record.pop("tags", None) or record.pop("tag", None), ";")
+        return _scalar(record.pop("id", None)) or rel, self._table_locator(folder, rel), record
+
+    def _list_table(self) -> Iterator[Item]:
+        # A clip on several rows (one row per caption, as AudioCaps ships) is one item with all of
+        # them: it waits, with the items listed after it, until its last row is read.
+        repeated = self._repeated_ids(self._table_columns())
+        waiting: dict[str, list[Any]] = {}  # source id -> [rows still to come, locator, record]
+        folder = self._folder()
+        for record in self._records():
+            source_id, locator, record = self._table_row(folder, record)
+            if source_id in waiting:
+                first = waiting[source_id]
+                first[0] -= 1
+                for key in ("text", "tag"):
+                    first[2][key] += [value for value in record[key] if value not in first[2][key]]
+            else:
+                rows = repeated.get(id_digests([source_id])[0], 1) if repeated else 1
+                if rows == 1 and not waiting:
+                    yield self._item(source_id, locator, record)
+                    continue
+                waiting[source_id] = [rows - 1, locator, record]
+            while waiting:
+                source_id, (left, locator, first) = next(iter(waiting.items()))
+                if left > 0:
+                    break
+                del waiting[source_id]
+                yield self._item(source_id, locator, first)
+        for source_id, (_, locator, first) in waiting.items():
+            yield self._item(source_id, locator, first)
+
+    def list_batches(self) -> Iterator[pa.RecordBatch] | None:
+        """A CSV/TSV table whose ids are all distinct, a chunk of rows at a time, without an Item
+        per row (a million rows list in seconds); anything else lists item by item."""
+        if self.root.is_dir() or self.root.suffix.lower() == ".parquet":
+            return None
+        columns = self._table_columns()
+        if self._repeated_ids(columns):
+            return None
+        return self._table_batches(columns)
+
+    def _table_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        folder = self._folder()
+        extra = sorted(set(columns) - _TABLE_FIELDS)
+        listed = 0
+        for chunk in self._chunks():
+            listed += len(chunk["path"])
+            yield self._table_batch(folder, extra, chunk)
+        if not listed:
+            raise self._nothing_listed()
+
+    def _table_batch(self, folder: str | None, extra: list[str], chunk: dict[str, list[Any]]) -> pa.RecordBatch:
+        """A chunk of rows in the index's form, a column at a time: each row's item JSON is exactly
+        its Item.to_json() (sorted keys, the same separators), joined from JSON-escaped columns."""
+        import pyarrow.compute as pc
+
+        blank = [""] * len(chunk["path"])
+
+        def stripped(name: str) -> list[str]:
+            return list(map(str.strip, chunk.get(name, blank)))
+
+        def escaped(values: list[str]) -> pa.Array:
+            return pa.array(list(map(_json_string, values)), pa.string())
+
+        rel = chunk["path"]
+        words = [c or t for c, t in zip(chunk.get("caption", blank), chunk.get("text", blank))]
+        words = list(map(str.strip, words))
+        ids = [given or path for given, path in zip(stripped("id"), rel)]
+        splits = [name or None for name in stripped("split")]
+        tags = [a or b for a, b in zip(chunk.get("tags", blank), chunk.get("tag", blank))]
+        original: list[Any] = []
+        for number, name in enumerate(extra):
+            original += [", "] * bool(number) + [f"{_json_string(name)}: ", escaped(chunk[name])]
+        pieces = [
+            '{"author": ', escaped(stripped("author")), ', "clip": null, "license": ', escaped(stripped("license")),
+            ', "listing_error": null, "locator": ', escaped(self._table_locators(folder, rel)),
+            ', "original_data": {', *original, '}, "source_id": ', escaped(ids),
+            ', "split": ', pa.array(["null" if name is None else _json_string(name) for name in splits], pa.string()),
+            ', "tag": [', pa.array([", ".join(map(_json_string, _as_list(v, ";"))) if v else "" for v in tags],
+                                    pa.string()),
+            '], "text": [', escaped(words), '], "url": ', escaped(stripped("url")), "}",
+        ]
+        items = pc.binary_join_element_wise(*pieces, "")
+        unusual = [number for number, text in enumerate(words) if not text or text[0] == "["]
+        if unusual:  # a caption list, or no caption: those rows the general way
+            jsons = items.to_pylist()
+            for number in unusual:
+                item = self._item(*self._table_row(folder, {k: v[number] for k, v in chunk.items()}))
+                jsons[number] = item.to_json()
+            items = pa.array(jsons, pa.string())
+        return pa.RecordBatch.from_arrays([pa.array(ids, pa.string()), pa.array(splits, pa.string()), items],
+                                          schema=INDEX_SCHEMA)
+
+    def _table_locators(self, folder: str | None, rel: list[str]) -> list[str]:
+        """The rows' files; a path already in normal form is joined to the folder without a call per row."""
+        if folder is None:
+            return [self._table_locator(folder, path) for path in rel]
+        import pyarrow.compute as pc
+
+        paths = pa.array(rel, pa.string())
+        joined = pc.binary_join_element_wise(folder, paths, "/").to_pylist()
+        odd = pc.match_substring_regex(paths, _UNPLAIN_PATH.pattern + "|://").to_numpy(zero_copy_only=False)
+        for number in odd.nonzero()[0].tolist():
+            joined[number] = self._table_locator(folder, rel[number])
+        return joined
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        import pandas as pd
+
+        try:
+            yield
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowException) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot read {self.root}: {first_line}") from None
+
+    def _folder(self) -> str | None:
+        """The local folder table paths are relative to (None: the table is on object storage)."""
+        return self._locator(self.root.parent) if is_local(self.root) else None
+
+    def _table_locator(self, folder: str | None, rel: str) -> str:
+        """A table row's file: relative to the table's folder unless absolute or a URL."""
+        if folder is not None and "://" not in rel:
+            if not _UNPLAIN_PATH.search(rel):  # already normal: abspath would change nothing
+                return f"{folder}/{rel}"
+            return os.path.abspath(os.path.join(folder, rel))  # as _locator would, without a UPath per row
+        path = location(rel) if "://" in rel or PurePosixPath(rel).is_absolute() else self.root.parent / rel
+        return self._locator(path)
 
     @staticmethod
     def _locator(path: UPath) -> str:
