@@ -1,7 +1,7 @@
 """Parity with Microsoft CLAP (msclap 1.3.4): its own models, random weights, our loader and exporter.
 
 Run in the parity virtualenv (numpy<2, transformers<5, msclap and torchlibrosa):
-    PYTHONPATH=$PWD /work/parity-venv/bin/python -m pytest parity/test_msclap.py -x -q
+    bash parity/run.sh parity/test_msclap.py -x
 
 For each version (2022: CNN14 + BERT, 2023: HTSAT + GPT-2) msclap's `CLAP` is built from its own yml
 config exactly as its CLAPWrapper does, with random weights whose norm statistics, norm affines and
