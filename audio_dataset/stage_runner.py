@@ -297,7 +297,6 @@ def _run_stage_held(stage: Stage, options: RunOptions) -> RunSummary:
     input_dir, out = location(options.input), location(options.out)
     provenance = RunRecord(stage.name, {**stage.settings, "input": str(options.input), "workers": options.workers,
                                         "device": options.device, "ray_address": options.ray_address})
-    check_run(options)
     jobs = find_jobs(input_dir, out, stage.name, stage.mode)
     _check_resumable(out, stage, input_dir)
     remove_stale_temps(out)  # a killed run's; this command alone holds `out`

@@ -32,7 +32,7 @@ from audio_dataset.curate.common import NO_AUDIO, OK, audio_bytes, read_columns,
 from audio_dataset.curate.embed import embedding_model, split_files
 from audio_dataset.curate.index import build_index
 from audio_dataset.manifest import read_parquet, write_parquet
-from audio_dataset.shards import Sample
+from audio_dataset.shards import Sample, file_sha256
 from audio_dataset.source import ItemError, UserError
 from audio_dataset.stage_runner import DROP, KEPT, READ, RunOptions, RunSummary, ShardJob, Stage, check_run, \
     find_jobs, run_stage
@@ -183,8 +183,9 @@ def load_embeddings(embed_dir: UPath) -> tuple[np.ndarray, list[str]]:
 def embedding_pairs(base: np.ndarray, queries: np.ndarray, threshold: float, same: bool,
                     chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query row, base row, cosine) of each query's neighbours at or above `threshold`; exact below
-    10k vectors, IVF above (the index `embed --index ivf` builds). Queries go in chunks: memory flat."""
-    index = build_index(base, "ivf" if len(base) >= 10_000 else "flat")
+    10k vectors, IVF above (the index `embed --index ivf` builds; `IndexBuilder` falls back to flat
+    below its IVF minimum). Queries go in chunks: memory flat."""
+    index = build_index(base, "ivf")
     k = min(len(base), NEIGHBOURS + (1 if same else 0))
     found_q, found_b, found_s = [], [], []
     for start in range(0, len(queries), chunk):
@@ -251,14 +252,12 @@ def licence_rank(licence: str | None) -> int:
     return next((rank for name, rank in _LICENCE_ORDER if name.replace(" ", "-") in text), 7)
 
 
-def _keeper(members: list[int], items: Items, rule: str) -> int:
+def _keeper(members: list[int], column: dict[str, list[Any]], rule: str) -> int:
     """The sample a cluster keeps; `members` are in dataset order, so ties go to the first."""
-    durations = items.table.column("duration").to_pylist()
     if rule == "longest":
-        return max(members, key=lambda i: (durations[i] or 0.0, -i))
+        return max(members, key=lambda i: (column["duration"][i] or 0.0, -i))
     if rule == "license":
-        licences = items.table.column("license").to_pylist()
-        return min(members, key=lambda i: (licence_rank(licences[i]), i))
+        return min(members, key=lambda i: (licence_rank(column["license"][i]), i))
     return members[0]
 
 
@@ -274,12 +273,12 @@ def cluster_rows(items: Items, links: list[Link], rule: str) -> list[dict[str, A
     for i in sorted(best):
         members_of.setdefault(int(roots[i]), []).append(i)
     column = {name: items.table.column(name).to_pylist()
-              for name in ("key", "split", "shard", "bytes_sha256", "pcm_sha256")}
+              for name in ("key", "split", "shard", "bytes_sha256", "pcm_sha256", "duration", "license")}
     rows = []
     for cluster, (root, members) in enumerate(sorted(members_of.items())):
         dataset_members = [i for i in members if items.groups[i] == 0]
         leaked = [i for i in members if items.groups[i] != 0]
-        keeper = None if leaked else _keeper(dataset_members, items, rule)
+        keeper = None if leaked else _keeper(dataset_members, column, rule)
         for i in dataset_members:
             link = best[i]
             other = link.b if link.a == i else link.a
@@ -367,6 +366,13 @@ def _make_drop(drops: dict[str, tuple[str, int | None, str | None]], device: str
     return DropProcessor(drops, device)
 
 
+def dropped_samples(rows: list[dict[str, Any]]) -> dict[str, tuple[str, int | None, str | None]]:
+    """SPLIT/KEY -> (duplicate | eval_overlap, cluster, matched key) of each sample its cluster does
+    not keep (rows of the clusters table)."""
+    return {f"{r['split']}/{r['key']}": (EVAL_OVERLAP if r["kind"] == EVAL_OVERLAP else DUPLICATE, r["cluster"],
+                                         r["matched_key"]) for r in rows if not r["keep"]}
+
+
 def run_dedup(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupResult:
     """Find the clusters; with `apply_to`, write the dataset without the samples not kept."""
     if options.apply_to is not None:
@@ -374,9 +380,8 @@ def run_dedup(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupRe
     result = find_duplicates(dataset, options, run)
     if options.apply_to is None:
         return result
-    drops = {f"{r['split']}/{r['key']}": (EVAL_OVERLAP if r["kind"] == EVAL_OVERLAP else DUPLICATE, r["cluster"],
-                                          r["matched_key"]) for r in result.rows if not r["keep"]}
-    settings = {"clusters": hashlib.sha256(result.clusters.read_bytes()).hexdigest(), "keep": options.keep}
+    settings = {"clusters": file_sha256(result.clusters), "keep": options.keep}
+    drops = dropped_samples(result.rows)
     stage = Stage(DEDUP_STAGE, settings, functools.partial(_make_drop, drops), APPLY_SCHEMA, mode=DROP)
     result.applied = run_stage(stage, _with(run, dataset, options.apply_to))
     return result

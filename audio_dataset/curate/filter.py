@@ -13,7 +13,6 @@ loudness of ITU-R BS.1770-4 (pyloudnorm), in LUFS.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
@@ -25,9 +24,9 @@ from upath import UPath
 
 from audio_dataset.audio import decode
 from audio_dataset.curate.common import OK, audio_bytes, captions, read_columns, sample_meta
-from audio_dataset.curate.dedup import DEDUP_STAGE, EVAL_OVERLAP, DUPLICATE
+from audio_dataset.curate.dedup import DEDUP_STAGE, dropped_samples
 from audio_dataset.curate.embed import EMBED_STAGE, embedding_model
-from audio_dataset.shards import Sample
+from audio_dataset.shards import Sample, file_sha256
 from audio_dataset.source import ItemError, UserError
 from audio_dataset.stage_runner import DROP, KEPT, RunOptions, RunSummary, ShardJob, Stage, check_run, run_stage
 
@@ -187,10 +186,8 @@ def dedup_drops(dataset: UPath) -> tuple[dict[str, str], str]:
     path = dataset / DEDUP_STAGE / "clusters.parquet"
     if not path.exists():
         raise UserError(f"--dedup: {path} not found (run `audiodata dedup {dataset}` first)")
-    rows = read_columns(path, ["split", "key", "kind", "keep"]).to_pylist()
-    drops = {f"{r['split']}/{r['key']}": EVAL_OVERLAP if r["kind"] == EVAL_OVERLAP else DUPLICATE
-             for r in rows if not r["keep"]}
-    return drops, hashlib.sha256(path.read_bytes()).hexdigest()
+    rows = read_columns(path, ["split", "key", "kind", "keep", "cluster", "matched_key"]).to_pylist()
+    return {key: status for key, (status, _, _) in dropped_samples(rows).items()}, file_sha256(path)
 
 
 def run_filter(dataset: UPath, options: FilterOptions, run: RunOptions, embed_dir: UPath | None = None) -> RunSummary:

@@ -87,7 +87,7 @@ def fingerprint(wave: np.ndarray) -> Fingerprint:
 
 def _landmarks(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     frames, bins = peaks(wave)
-    anchors, partners, dts, dfs = [], [], [], []
+    anchors, dts, dfs = [], [], []
     taken = np.zeros(len(frames), np.int32)
     for step in range(1, 3 * FANOUT + 1):  # the next peaks in time order, nearest first
         if step >= len(frames):
