@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import functools
 import os
 import pickle
 import zipfile
@@ -81,14 +82,11 @@ _PLAIN_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "bytearray"): bytearray,
     ("_codecs", "encode"): codecs.encode,  # bytes under protocol 2
 }
-_allowed: dict[tuple[str, str], Any] | None = None
 
 
+@functools.cache
 def allowed_globals() -> dict[tuple[str, str], Any]:
-    global _allowed
-    if _allowed is None:
-        _allowed = {**_PLAIN_GLOBALS, **_torch_globals(), **_numpy_globals()}
-    return _allowed
+    return {**_PLAIN_GLOBALS, **_torch_globals(), **_numpy_globals()}
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -168,6 +166,8 @@ def load_weights(model: CLAP, checkpoint: dict[str, Any]) -> None:
 
 
 def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: str | None) -> ModelConfig:
+    if msclap_format.is_msclap_checkpoint(checkpoint):  # the names tell 2022 from 2023
+        return msclap_format.config_of(checkpoint)
     if "config" in checkpoint:
         cfg = ModelConfig.from_dict(checkpoint["config"])
         if text_model:

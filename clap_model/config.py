@@ -22,6 +22,11 @@ def error_line(exc: BaseException) -> str:
     last = lines[-1] if lines else type(exc).__name__
     return re.sub(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception): ", "", last) if len(lines) > 1 else last
 
+def last_line(exc: BaseException) -> str:
+    """The last line of `exc`'s message (a library's multi-line error ends with its cause)."""
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+
+
 TRUNCATING = ("rand_trunc", "fusion")
 FILLING = ("repeatpad", "pad", "repeat")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from clap_model import checkpoint as ckpt
-from clap_model import hf_format
+from clap_model import hf_format, msclap_format
 from clap_model.clap import CLAP
 from clap_model.config import PRESETS, UsageError, error_line
 
@@ -70,7 +70,6 @@ def save_hf_folder(model: CLAP, out: Path) -> None:
     """save_hf into a sibling folder renamed into place: a failed export leaves no half folder."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder; remove it or name another")
-    hf_format.check_exportable(model)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         hf_format.save_hf(model, tmp)
@@ -81,13 +80,7 @@ def save_hf_folder(model: CLAP, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_msclap(model: CLAP, path: Path) -> None:
-    from clap_model import msclap_format  # the Microsoft CLAP layout lives in its own module
-
-    msclap_format.save_msclap(model, path)
-
-
-SAVERS = {"hf": save_hf_folder, "laion": save_laion, "msclap": save_msclap}
+SAVERS = {"hf": save_hf_folder, "laion": save_laion, "msclap": msclap_format.save_msclap}
 
 
 def parser() -> argparse.ArgumentParser:

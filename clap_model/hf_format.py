@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from clap_model.clap import CLAP
-from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError
+from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError, last_line
 
 # (ours, theirs): `{name}` placeholders match the same text on both sides. Several names on HF's
 # side split our tensor along dim 0 in that order (HTSAT's fused qkv -> query, key, value).
@@ -181,7 +181,7 @@ def feature_extractor(cfg: ModelConfig):
 
 
 def _fail(what: str, exc: BaseException) -> UsageError:
-    detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    detail = last_line(exc)
     where = "" if Path(what).exists() else " (no such local folder; as a hub id)"
     return UsageError(f"cannot load Hugging Face CLAP model {what!r}{where}: {detail}")
 

@@ -10,7 +10,6 @@ dropped on loading.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from clap_model.clap import CLAP
-from clap_model.config import PRESETS, UsageError
+from clap_model.config import PRESETS, ModelConfig, UsageError
 
 VERSIONS = ("2022", "2023")
 
@@ -73,6 +72,11 @@ def state_dict_of(checkpoint: dict) -> tuple[str, dict[str, torch.Tensor]]:
     return version, {_rename(k, PREFIXES[version]): v for k, v in state.items() if not OBSOLETE.match(k)}
 
 
+def config_of(checkpoint: dict) -> ModelConfig:
+    """The `msclap-2022` or `msclap-2023` preset a weight file holds."""
+    return PRESETS[f"msclap-{state_dict_of(checkpoint)[0]}"]
+
+
 def load_msclap(checkpoint: dict) -> CLAP:
     """The `msclap-2022` or `msclap-2023` model with the file's weights; every name must fit."""
     version, ours = state_dict_of(checkpoint)
@@ -92,8 +96,6 @@ def save_msclap(model: CLAP, path: str | Path) -> None:
         raise UsageError("msclap's format holds only the msclap-2022 and msclap-2023 models "
                          "(msclap builds no other architecture)")
     state = {_rename(k, _inverse(version)): v.detach().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"model": state}, tmp)
-    os.replace(tmp, path)
+    from clap_model.checkpoint import save_atomic  # here: checkpoint imports this module
+
+    save_atomic({"model": state}, Path(path))

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model,
                           PretrainedConfig, PreTrainedTokenizerFast, RobertaConfig, RobertaModel)
 
-from clap_model.config import TextConfig, UsageError
+from clap_model.config import TextConfig, UsageError, last_line
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 GPT2_EOS = "<|endoftext|>"
@@ -89,10 +89,6 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def _one_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-
-
 def gpt2_byte_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2's byte-level BPE with no merges: the 256 byte tokens in GPT-2's own order (so a byte's id
     is GPT-2's id for it, "!" is 0) and <|endoftext|> as 256."""
@@ -118,7 +114,7 @@ def from_pretrained(load: Callable[..., Any], name: str) -> Any:
         return load(name, local_files_only=True)
     except (OSError, ValueError) as exc:
         if Path(name).exists():  # a local folder without what is asked for: the hub has no say
-            raise UsageError(f"cannot load text model {name!r}: {_one_line(exc)}") from None
+            raise UsageError(f"cannot load text model {name!r}: {last_line(exc)}") from None
     reason = hub_unreachable()
     if reason:
         raise UsageError(f"text model {name!r} is not in the Hugging Face cache and {reason}: pass "
@@ -127,7 +123,7 @@ def from_pretrained(load: Callable[..., Any], name: str) -> Any:
     try:
         return load(name)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load text model {name!r}: {_one_line(exc)}") from None
+        raise UsageError(f"cannot load text model {name!r}: {last_line(exc)}") from None
 
 
 def build_tokenizer(cfg: TextConfig):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clap_model import main as clap_main
-from clap_model.checkpoint import load_model, load_weights, read
+from clap_model.checkpoint import load_model, load_weights, model_config_of, read
 from clap_model.clap import CLAP
 from clap_model.config import PRESETS, UsageError, get_preset
 from clap_model.msclap_format import is_msclap_checkpoint, load_msclap, save_msclap
@@ -99,6 +99,7 @@ def test_weight_file_round_trip_and_strictness(version, tmp_path):
     assert is_msclap_checkpoint(saved) and not is_msclap_checkpoint({"state_dict": model.state_dict()})
     loaded = load_model(path)  # auto-detects the version
     assert loaded.cfg == model.cfg
+    assert model_config_of(saved, None, None) == model.cfg  # clap-eval's path: no --model needed
     theirs = loaded.state_dict()
     assert all(torch.equal(value, theirs[key]) for key, value in model.state_dict().items())
     load_weights(loaded, saved)  # as clap-train --pretrained does with an msclap file (strict)
