@@ -221,8 +221,6 @@ class DecodeStream:
         self.decoded_frames = 0
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        if isinstance(self.media, bytes) and not self.media:
-            raise ItemError("empty", "zero bytes")
         with _open(self.media) as handle:
             head = handle.read(512)
             if not head:
@@ -489,7 +487,8 @@ class _ScanStats:
         self.peak = max(self.peak, float(np.max(np.abs(block))) if block.size else 0.0)
 
     def mixed(self, block: np.ndarray, mixed: np.ndarray, matrix: np.ndarray) -> None:
-        power = np.einsum("ij,ij->i", block.astype(np.float64), block.astype(np.float64))
+        wide = block.astype(np.float64)
+        power = np.einsum("ij,ij->i", wide, wide)
         self.expected_power += float(np.sum((matrix.astype(np.float64) ** 2) @ power))
         self.mixed_power += float(np.sum(mixed.astype(np.float64) ** 2))
 

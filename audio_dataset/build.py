@@ -377,10 +377,16 @@ def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: st
     try:
         return process_item(source.name, item, data, split, shard, config)
     except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-item build
-        log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
-        unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
         size = len(data) if isinstance(data, bytes) else None  # a local file may be what went wrong
-        return _fail_row(source.name, item, split, shard, unexpected, source_bytes=size), []
+        return _unexpected_row(source, item, split, shard, exc, source_bytes=size), []
+
+
+def _unexpected_row(source: Source, item: Item, split: str, shard: str, exc: Exception,
+                    **extra: Any) -> ManifestRow:
+    """An exception no check names fails its item as `unexpected_error`, logged with its traceback."""
+    log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
+    unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
+    return _fail_row(source.name, item, split, shard, unexpected, **extra)
 
 
 def _write_shard(task: ShardTask, out: UPath, outcomes: Iterable[Outcome]) -> dict[str, Any]:
@@ -549,9 +555,7 @@ def _item_worker(item_json: str, split: str, shard: str, source: Source, config:
             returned.append({k: v.read() if hasattr(v, "read") else v for k, v in sample.items()})
             _release(sample)
     except Exception as exc:  # noqa: BLE001 - alone in its task, the item's row can take the failure
-        log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
-        unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
-        row, returned = _fail_row(source.name, item, split, shard, unexpected), []
+        row, returned = _unexpected_row(source, item, split, shard, exc), []
     return {"row": asdict(row), "samples": returned}
 
 

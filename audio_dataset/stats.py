@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from audio_dataset import manifest
 from audio_dataset.schema import split_order
@@ -92,7 +93,11 @@ FAILURE_COLUMNS = ("status", "reason", "source", "source_id", "url", "shard", "d
 
 def failures(table: pa.Table, reasons: Collection[str] = ()) -> list[dict[str, Any]]:
     """Every item not kept (optionally only these reasons), by reason then source id: what to fix."""
-    rows = [r for r in table.to_pylist() if r["status"] != manifest.STATUS_OK and (not reasons or r["error"] in reasons)]
+    keep = pc.not_equal(table["status"], manifest.STATUS_OK)
+    if reasons:
+        keep = pc.and_(keep, pc.is_in(table["error"], value_set=pa.array(sorted(reasons), pa.string())))
+    columns = ["status", "error", "source", "source_id", "url", "shard", "error_detail"]
+    rows = table.filter(keep).select(columns).to_pylist()  # only the failed rows become Python objects
     return [{"status": r["status"], "reason": r["error"], "source": r["source"], "source_id": r["source_id"],
              "url": r["url"] or "", "shard": r["shard"] or "", "detail": r["error_detail"] or ""}
             for r in sorted(rows, key=lambda r: (r["error"], r["source"], r["source_id"]))]
