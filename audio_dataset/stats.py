@@ -118,8 +118,9 @@ def _cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
-def print_failures(rows: list[dict[str, Any]], file: TextIO = sys.stdout) -> None:
+def print_failures(rows: list[dict[str, Any]], file: TextIO | None = None) -> None:
     """Tab-separated with a header, one item per line (`cut`, `awk` and spreadsheets read it)."""
+    file = file or sys.stdout  # looked up now: a redirected stdout is honoured
     print("\t".join(FAILURE_COLUMNS), file=file)
     for row in rows:
         print("\t".join(_cell(row[c]) for c in FAILURE_COLUMNS), file=file)
