@@ -599,7 +599,8 @@ class LocalSource(Source):
                 finally:
                     os.close(descriptor)
                 if not stat.S_ISREG(mode):
-                    raise ItemError("not_a_file", f"{_shown_name(local.name)} is {_file_kind(mode)}, not a regular file")
+                    raise ItemError("not_a_file",
+                                    f"{_shown_name(local.name)} is {_file_kind(mode)}, not a regular file")
                 return local
             return path.read_bytes()
         except FileNotFoundError:

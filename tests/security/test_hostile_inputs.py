@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import shutil
 import stat
 import subprocess
@@ -164,8 +163,9 @@ def test_a_csv_row_over_the_cap_is_one_line(tmp_path: Path, capsys) -> None:
     table.write_text(f"path,caption\nrobin.ogg,a robin\nrobin.ogg,{'x' * (MAX_TABLE_ROW_CHARS + 1)}\n")
     assert f"over {MAX_TABLE_ROW_CHARS:,} characters" in _table_error(capsys, table, tmp_path / "out")
     # Quoted fields spread over many short lines are one row: the cap counts the row, not a line.
-    field = '"' + "\n".join(["y" * 1000] * 120) + '"'  # each under the field limit, ten over the row's
-    table.write_text("path,caption," + ",".join(f"c{i}" for i in range(8)) + "\nrobin.ogg," + ",".join([field] * 9) + "\n")
+    field = '"' + "\n".join(["y" * 1000] * 120) + '"'  # each under the field limit, nine together over the row cap
+    header = ",".join(["path", "caption", *(f"c{i}" for i in range(8))])
+    table.write_text(f"{header}\nrobin.ogg," + ",".join([field] * 9) + "\n")
     assert "characters" in _table_error(capsys, table, tmp_path / "out2")
 
 
