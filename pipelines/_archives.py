@@ -203,6 +203,7 @@ class ArchiveStore:
         target = folder / name if name is not None else None
         if target is None or target.is_symlink() or not target.is_file():
             raise ItemError("missing_member", f"{member} not in {path.name}")
+        _check_member(member, target.stat().st_size, None)  # extracted (the disk had room), not read
         with open(target, "rb") as handle:
             return _read_capped(handle, member)
 
@@ -303,8 +304,6 @@ def _extract_tar(path: Path, dest: Path) -> None:
     members = [(member, name) for member in _tar_members(path) if member.isreg()
                and (name := safe_member_name(member.name)) is not None]
     _check_total(sum(member.size for member, _ in members), path, dest)
-    for member, name in members:
-        _check_member(name, member.size, None)
     with tarfile.open(path) as archive:
         wanted = {member.offset: name for member, name in members}
         for member in archive:
@@ -320,7 +319,10 @@ def _extract_tar(path: Path, dest: Path) -> None:
 def _write_member(dest: Path, name: str, source: BinaryIO, size: int) -> None:
     """`source`'s first `size` bytes at dest/name, in folders we made (so no planted link is followed)."""
     target = dest / name
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except (FileExistsError, NotADirectoryError):
+        return  # a file where its folder would be ("a", then "a/b"): the member is left out
     if target.is_symlink() or target.is_dir():
         return  # a folder of the same name came first: the member is left out
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
@@ -343,7 +345,5 @@ def _extract_7z(path: Path, dest: Path) -> None:
                    and safe_member_name(entry.filename) is not None]
         _check_count(len(entries), path)
         _check_total(sum(entry.uncompressed or 0 for entry in entries), path, dest)
-        for entry in entries:
-            _check_member(entry.filename, entry.uncompressed or 0, None)
         if entries:
             archive.extract(path=dest, targets=[entry.filename for entry in entries])

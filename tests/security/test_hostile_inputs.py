@@ -319,6 +319,21 @@ def test_tar_members_are_checked_by_us_even_where_extractall_has_no_filter(tmp_p
     assert not Path("/tmp/absolute-from-tar.ogg").exists()
 
 
+def test_a_tar_member_over_the_size_cap_fails_alone(tmp_path: Path, monkeypatch) -> None:
+    tar = tmp_path / "pack.tar"
+    with tarfile.open(tar, "w") as archive:
+        for name, data in (("big.ogg", os.urandom(8192)), ("robin.ogg", ROBIN.read_bytes()[:4096])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(_archives, "MAX_MEMBER_BYTES", 6000)
+    store = _store(tmp_path)
+    with pytest.raises(ItemError) as info:
+        store.read(str(tar), "big.ogg")
+    assert info.value.reason == "too_large"
+    assert store.read(str(tar), "robin.ogg") == ROBIN.read_bytes()[:4096]
+
+
 def test_a_tar_that_would_expand_past_the_ratio_is_bad_archive(tmp_path: Path) -> None:
     tar = tmp_path / "bomb.tar.xz"
     with tarfile.open(tar, "w:xz") as archive:
