@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import shutil
 import tarfile
@@ -53,6 +54,10 @@ DISK_MARGIN_BYTES = 2**30
 # Below this a member's ratio is not checked: small silent clips compress far, and cost little.
 RATIO_FLOOR_BYTES = 32 * 2**20
 _COPY_CHUNK = 2**20
+# A tar's pax or GNU long-name header (names and attributes, read whole by tarfile) beyond this is not one.
+MAX_META_HEADER_BYTES = 1 * 2**20
+# Compressed tars whose headers this process has walked: (path, size, mtime).
+_CHECKED_TARS: set[tuple[str, int, int]] = set()
 
 
 def is_archive_name(name: str) -> bool:
@@ -177,6 +182,7 @@ class ArchiveStore:
                 _check_count(len(entries), path)
                 return [name for entry in entries if entry.is_file and not entry.is_symlink
                         and (name := safe_member_name(entry.filename)) is not None]
+            _check_tar_headers(path)  # before tarfile reads any of it: is_tarfile reads the first header
             if tarfile.is_tarfile(path):
                 return [name for member in _tar_members(path) if member.isreg()
                         and (name := safe_member_name(member.name)) is not None]
@@ -277,8 +283,96 @@ def read_zip_member(archive: zipfile.ZipFile, member: str) -> bytes:
         return _read_capped(handle, member)
 
 
+def _open_decompressed(path: Path) -> BinaryIO:
+    """The tar stream inside a .tar(.gz|.bz2|.xz), by its magic bytes as tarfile.open decides."""
+    import bz2
+    import gzip
+    import lzma
+
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if head.startswith(b"BZh"):
+        return bz2.open(path, "rb")  # type: ignore[return-value]
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _tar_field_size(field: bytes) -> int:
+    """A tar header's size field: octal text, or GNU base-256 when the top bit is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        return 0
+
+
+def _check_tar_headers(path: Path) -> None:
+    """Walk the raw 512-byte headers before tarfile does: tarfile reads a pax or GNU long-name
+    header's whole declared size into memory, so a small .tar.gz declaring gigabytes there is a
+    memory bomb that no member check sees. Those headers must be under MAX_META_HEADER_BYTES.
+    The walk stops where tarfile would (the end, or a header whose checksum is wrong)."""
+    info = path.stat()
+    key = (str(path), info.st_size, info.st_mtime_ns)
+    if key in _CHECKED_TARS:
+        return
+    with _open_decompressed(path) as stream:
+        if isinstance(stream, io.BufferedReader):
+            _CHECKED_TARS.add(key)
+            return  # uncompressed: tarfile cannot read more than the file holds
+        pax_size: int | None = None  # a pax header's `size` record: the next member's real size
+        while True:
+            header = stream.read(512)
+            if len(header) < 512 or header == bytes(512) or not _tar_checksum_ok(header):
+                break
+            kind, size = header[156:157], _tar_field_size(header[124:136])
+            if kind in (b"x", b"g", b"L", b"K"):
+                if size > MAX_META_HEADER_BYTES:
+                    raise SourceError(f"{path.name} has a {size:,}-byte tar metadata header "
+                                      f"(over {MAX_META_HEADER_BYTES:,}); not read")
+                data = stream.read(-(-size // 512) * 512)[:size]
+                if kind == b"x":
+                    pax_size = _pax_size(data)
+                continue
+            if pax_size is not None:
+                size, pax_size = pax_size, None
+            left = 0 if kind in (b"1", b"2", b"3", b"4", b"5", b"6") else -(-size // 512) * 512
+            while left > 0:  # skipped by reading: compressed streams cannot seek cheaply
+                skipped = len(stream.read(min(left, _COPY_CHUNK)))
+                if not skipped:
+                    break
+                left -= skipped
+    _CHECKED_TARS.add(key)
+
+
+def _tar_checksum_ok(header: bytes) -> bool:
+    """As tarfile checks it: the header's bytes summed, unsigned or signed, the field as spaces."""
+    try:
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return False
+    rest = header[:148] + header[156:]
+    unsigned = sum(rest) + 8 * 32
+    return stored in (unsigned, unsigned - 256 * sum(byte > 127 for byte in rest))
+
+
+def _pax_size(data: bytes) -> int | None:
+    """The `size` record of a pax extended header ("NN size=123\\n" records), if any."""
+    for record in data.split(b"\n"):
+        _, _, field = record.partition(b" ")
+        key, _, value = field.partition(b"=")
+        if key == b"size" and value.isdigit():
+            return int(value)
+    return None
+
+
 def _tar_members(path: Path) -> Iterator[tarfile.TarInfo]:
     """A tar's members as its headers come (streamed: not all kept), at most MAX_MEMBERS."""
+    _check_tar_headers(path)
     with tarfile.open(path) as archive:
         for count, member in enumerate(archive, 1):
             _check_count(count, path)

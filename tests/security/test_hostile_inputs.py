@@ -55,7 +55,8 @@ def _run_capped(code: str, headroom_mb: int) -> subprocess.CompletedProcess:
         cap = used + {headroom_mb} * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    paths = [str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=240, env=env)
 
@@ -345,6 +346,34 @@ def test_a_tar_that_would_expand_past_the_ratio_is_bad_archive(tmp_path: Path) -
         _store(tmp_path).read(str(tar), "zeros.ogg")
     assert raised.value.reason == "bad_archive" and "compression bomb" in raised.value.detail
     assert not list((tmp_path / "state" / "extracted").glob("*zeros*"))
+
+
+def test_a_tar_gz_whose_pax_header_declares_hundreds_of_megabytes_is_refused_unread(tmp_path: Path) -> None:
+    """tarfile reads a pax header whole: 384 MiB of zeros in ~400 KB of gzip, under 128 MiB of headroom."""
+    import gzip
+
+    tar = tmp_path / "pax-bomb.tar.gz"
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, 384 * 2**20
+    good = tarfile.TarInfo("robin.ogg")
+    good.size = 512
+    with gzip.open(tar, "wb", compresslevel=1) as stream:
+        stream.write(pax.tobuf(tarfile.USTAR_FORMAT))
+        for _ in range(pax.size // 2**20):
+            stream.write(bytes(2**20))
+        stream.write(good.tobuf(tarfile.USTAR_FORMAT) + bytes(512) + bytes(1024))
+    result = _run_capped(f"""
+        from pathlib import Path
+        from audio_dataset.http import HttpClient, HttpConfig
+        from audio_dataset.source import SourceError
+        from pipelines._archives import ArchiveStore
+        try:
+            ArchiveStore(Path({str(tmp_path / 'state')!r}), HttpClient(HttpConfig())).members({str(tar)!r})
+        except SourceError as exc:
+            print("refused:", exc)
+    """, headroom_mb=128)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("refused:") and "metadata header" in result.stdout
 
 
 # --------------------------------------------------------------------------- Freesound
