@@ -48,9 +48,9 @@ MAX_SIDECAR_BYTES = 1 * 2**20
 # included) over this many characters, or a header with more columns, is not a table of clips.
 MAX_TABLE_ROW_CHARS = 1 * 2**20
 MAX_TABLE_COLUMNS = 1000
-# A field over csv's own limit (128 Ki characters) is refused too: a caption is at most
+# A field over 128 Ki characters (csv's default limit) is refused too: a caption is at most
 # MAX_CAPTION_CHARS, and no other column is a clip's metadata at that size.
-MAX_TABLE_FIELD_CHARS = csv.field_size_limit()
+MAX_TABLE_FIELD_CHARS = 131_072
 # A parquet column chunk is read whole, whatever the batch size: larger ones are refused unread.
 MAX_PARQUET_CHUNK_BYTES = 512 * 2**20
 MAX_PARQUET_FOOTER_BYTES = 64 * 2**20
@@ -243,8 +243,8 @@ def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
             if stat.S_ISREG(target.st_mode):
                 found.append((path, (target.st_dev, target.st_ino), None))
             else:  # a FIFO (opening it blocks), a device (/dev/zero never ends), a socket: never opened
-                found.append((path, None, ["not_a_file", f"{_shown_name(path.name)} is {_file_kind(target.st_mode)}, "
-                                                         "not a regular file"]))
+                kind = _file_kind(target.st_mode)
+                found.append((path, None, ["not_a_file", f"{_shown_name(path.name)} is {kind}, not a regular file"]))
         # Walked in name order, so a folder reached by two paths is listed under the first.
         stack.extend(reversed(subfolders))
     found.sort(key=lambda entry: entry[0].relative_to(root).as_posix())
@@ -262,6 +262,7 @@ def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
 class LocalSource(Source):
     name = "local"
     fetch_concurrency = 4
+    _table_checked = False  # set once the table passed _check_table
 
     @property
     def root(self) -> UPath:
@@ -340,7 +341,7 @@ class LocalSource(Source):
 
     def _check_table(self) -> None:
         """Refuse, before pandas or pyarrow reads it, a table that would take unbounded memory."""
-        if getattr(self, "_table_checked", False):
+        if self._table_checked:
             return
         with self._reading():
             if self.root.suffix.lower() == ".parquet":
@@ -362,6 +363,9 @@ class LocalSource(Source):
                     if len(row) > MAX_TABLE_COLUMNS:
                         raise UserError(f"{self.root}: line {reader.line_num} has {len(row):,} columns, "
                                         f"over {MAX_TABLE_COLUMNS:,}")
+                    if row and max(map(len, row)) > MAX_TABLE_FIELD_CHARS:  # csv's limit is process-wide
+                        raise UserError(f"{self.root}: line {reader.line_num} has a field over "
+                                        f"{MAX_TABLE_FIELD_CHARS:,} characters")
             except _RowTooLong:
                 raise UserError(f"{self.root}: the row at line {reader.line_num + 1} is over "
                                 f"{MAX_TABLE_ROW_CHARS:,} characters") from None
@@ -377,7 +381,8 @@ class LocalSource(Source):
             handle.seek(max(0, size - 8))
             footer = int.from_bytes(handle.read(4), "little")
             if footer > MAX_PARQUET_FOOTER_BYTES:
-                raise UserError(f"{self.root}: parquet metadata of {footer:,} bytes, over {MAX_PARQUET_FOOTER_BYTES:,}")
+                raise UserError(f"{self.root}: parquet metadata of {footer:,} bytes, "
+                                f"over {MAX_PARQUET_FOOTER_BYTES:,}")
             handle.seek(0)
             table = pq.ParquetFile(handle)
             schema, meta = table.schema_arrow, table.metadata
