@@ -147,6 +147,17 @@ def test_a_one_hz_wav_is_dropped_from_its_header_under_a_memory_cap(tmp_path: Pa
     assert result.stdout.split() == ["low_source_rate", "bad_audio_header"]
 
 
+def test_a_header_with_too_many_channels_is_refused_before_decoding() -> None:
+    from audio_dataset.audio import MAX_HEADER_CHANNELS, AudioConfig, scan
+
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(1).random((4800, 100), dtype=np.float32) * 0.1
+    soundfile.write(buffer, noise, 48_000, format="WAV", subtype="PCM_16")
+    with pytest.raises(ItemError) as info:
+        scan(buffer.getvalue(), AudioConfig())
+    assert info.value.reason == "bad_audio_header" and f"over {MAX_HEADER_CHANNELS}" in info.value.detail
+
+
 # --------------------------------------------------------------------------- tables
 
 def _table_error(capsys, table: Path, out: Path) -> str:
