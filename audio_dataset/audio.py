@@ -48,6 +48,13 @@ REPLAY_BYTES = 64 * 2**20
 BLOCK_FRAMES = 1 << 16
 # An encoded sample stays in memory up to this size, then spools to a temp file.
 SPOOL_BYTES = 8 * 2**20
+# What a header may declare before anything is decoded. Resampling multiplies a block by the rate
+# ratio (a 1 Hz WAV resampled to 48 kHz is 48000x: gigabytes from a 64k-frame block), and decoded
+# blocks grow with the channel count; headers outside these bounds are not audio we can use.
+MIN_HEADER_RATE = 1_000
+MAX_HEADER_RATE = 1_536_000  # 32x 48 kHz (DXD is 352.8 kHz)
+MAX_HEADER_CHANNELS = 64  # ffmpeg's layouts name at most 64 (Ambisonics 7th order)
+MAX_HEADER_SECONDS = 7 * 24 * 3600.0  # a week-long recording is not a clip
 
 # A clip's bytes in memory, or a local file read in place (so a file bigger than memory still works).
 Media = bytes | Path
@@ -210,9 +217,10 @@ class DecodeStream:
     `frames` counts what was yielded. Problems end as ItemError with a named reason.
     """
 
-    def __init__(self, media: Media, clip: tuple[float, float] | None = None) -> None:
+    def __init__(self, media: Media, clip: tuple[float, float] | None = None, min_rate: int = 0) -> None:
         self.media = media
         self.clip = clip
+        self.min_rate = min_rate  # a lower rate is `low_source_rate`, known from the header alone
         self.sample_rate = 0
         self.codec = ""
         self.layout = ""
@@ -241,6 +249,9 @@ class DecodeStream:
         if not container.streams.audio:
             raise ItemError("not_audio", "no audio stream")
         stream = container.streams.audio[0]
+        codec = stream.codec_context
+        self._check_header(int(stream.rate or codec.sample_rate or 0), int(codec.channels or 0),
+                           _declared_seconds(container, stream))
         pcm: _PcmCollector | None = None
         frames = container.decode(stream)
         while True:
@@ -251,6 +262,7 @@ class DecodeStream:
             if frame is None:
                 break
             if pcm is None:
+                self._check_header(int(frame.sample_rate or 0), len(frame.layout.channels), None)
                 pcm = _PcmCollector(frame)
                 self.sample_rate = int(stream.rate or stream.codec_context.sample_rate or 0)
                 self.codec = stream.codec_context.name
@@ -266,6 +278,18 @@ class DecodeStream:
         if self.decoded_frames == 0:
             raise ItemError("empty", "no audio samples")
         self._check_length(_declared_seconds(container, stream))
+
+    def _check_header(self, rate: int, channels: int, seconds: float | None) -> None:
+        """Refuse what the header (or the first frame) declares before decoding: 0 means unknown."""
+        if rate and rate < self.min_rate:
+            raise ItemError("low_source_rate", f"{rate} Hz < {self.min_rate} Hz")
+        if rate and not MIN_HEADER_RATE <= rate <= MAX_HEADER_RATE:
+            raise ItemError("bad_audio_header", f"sample rate {rate} Hz outside {MIN_HEADER_RATE}..{MAX_HEADER_RATE}")
+        if channels > MAX_HEADER_CHANNELS:
+            raise ItemError("bad_audio_header", f"{channels} channels, over {MAX_HEADER_CHANNELS}")
+        if seconds is not None and math.isfinite(seconds) and seconds > MAX_HEADER_SECONDS:
+            raise ItemError("bad_audio_header", f"declares {seconds / 3600:,.0f} hours, over "
+                                                f"{MAX_HEADER_SECONDS / 3600:.0f}")
 
     def _cut(self, block: np.ndarray) -> Iterator[np.ndarray]:
         first = self.decoded_frames
@@ -538,7 +562,7 @@ def _output_blocks(stream: DecodeStream, config: AudioConfig, stats: _ScanStats 
 def scan(media: Media, config: AudioConfig, clip: tuple[float, float] | None = None) -> Scan:
     """The first pass: decode, downmix and resample the clip once, keeping figures (and, when
     small, the resampled audio for `encode`). Decoding problems raise ItemError."""
-    stream = DecodeStream(media, clip)
+    stream = DecodeStream(media, clip, min_rate=config.min_source_rate)
     stats = _ScanStats(config)
     replay: list[np.ndarray] | None = []
     kept_bytes = 0

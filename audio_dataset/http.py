@@ -336,7 +336,7 @@ class HttpClient:
         if status < 300:
             return
         line = f"HTTP {status} from {where}"
-        if status in (401, 403) and auth_env:
+        if status in (401, 403) and auth_env and not response.history:
             raise SourceError(f"{urlsplit(where).netloc} rejected the credentials (HTTP {status}); "
                               f"check ${auth_env}")
         if status == 429:
@@ -352,6 +352,10 @@ class HttpClient:
             raise _Retry("http_5xx" if status >= 500 else "timeout", line, delay=delay)
         if status in (404, 410):
             raise ItemError("http_404", line)
+        if status in (401, 403) and response.history:
+            # The API took the credentials and redirected; the target (a file host, which is not
+            # sent them) refuses this one item: `http_4xx`, not the whole source's credentials.
+            raise ItemError("http_4xx", f"HTTP {status} from {public_url(response.url)}, redirected from {where}")
         if status >= 500:
             raise ItemError("http_5xx", line)
         raise ItemError("http_4xx", line)

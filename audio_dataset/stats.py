@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -103,13 +104,23 @@ def failures(table: pa.Table, reasons: Collection[str] = ()) -> list[dict[str, A
             for r in sorted(rows, key=lambda r: (r["error"], r["source"], r["source_id"]))]
 
 
+# Characters a terminal or a viewer acts on (C0 and C1 controls, DEL, bidi overrides): escaped.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# A cell starting with one of these is a formula to a spreadsheet (OWASP's CSV injection list).
+_FORMULA_STARTS = ("=", "+", "-", "@")
+
+
 def _cell(value: Any) -> str:
-    """A TSV cell on one line: a decoder's multi-line message must not start a new row."""
-    return " ".join(str(value).split())
+    """A TSV cell on one line, inert: a decoder's multi-line message must not start a new row, a
+    file's name or a server's message must not move the terminal's cursor or run as a formula."""
+    text = _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                         " ".join(str(value).split()))
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
-def print_failures(rows: list[dict[str, Any]], file: TextIO = sys.stdout) -> None:
+def print_failures(rows: list[dict[str, Any]], file: TextIO | None = None) -> None:
     """Tab-separated with a header, one item per line (`cut`, `awk` and spreadsheets read it)."""
+    file = file or sys.stdout  # looked up now: a redirected stdout is honoured
     print("\t".join(FAILURE_COLUMNS), file=file)
     for row in rows:
         print("\t".join(_cell(row[c]) for c in FAILURE_COLUMNS), file=file)

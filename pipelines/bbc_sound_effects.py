@@ -28,6 +28,7 @@ from audio_dataset.http import HTTP_OPTION_PREFIX, HttpClient, HttpConfig
 from audio_dataset.media import sniff_audio
 from audio_dataset.source import Item, ItemError, Source, SourceError, UserError
 from pipelines._common import csv_rows, is_url, join_url, read_text
+from pipelines._archives import read_zip_member
 
 CATALOGUE_URL = "https://sound-effects.bbcrewind.co.uk/assets/BBCSoundEffects.csv"
 CATALOGUE_PATH = "assets/BBCSoundEffects.csv"
@@ -120,7 +121,7 @@ def _wav_from_zip(data: bytes, where: str) -> bytes:
                 with archive.open(info) as member:
                     head = member.read(64)
                 if sniff_audio(head):
-                    return archive.read(info)
+                    return read_zip_member(archive, info.filename)  # within the size and ratio caps
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise ItemError("bad_archive", f"{where}: {type(exc).__name__}: {exc}") from None
     raise ItemError("archive_without_audio", f"{where} holds no audio file")

@@ -9,6 +9,8 @@ string, or a JSON list), optional `tags`/`tag` (`;`-separated or a JSON list), `
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import errno
 import json
 import os
@@ -20,6 +22,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 from upath import UPath
 
+from audio_dataset.build import SPLIT_NAME
 from audio_dataset.listing import INDEX_SCHEMA, id_digests
 from audio_dataset.manifest import iter_batches
 from audio_dataset.source import Item, ItemError, Source, UserError
@@ -38,6 +41,55 @@ _json_string = json.encoder.encode_basestring  # a str as JSON, as json.dumps(en
 
 # A sidecar nested deeper than this is not metadata (and would overflow recursive JSON code later).
 MAX_SIDECAR_DEPTH = 32
+# A sidecar larger than this is not one clip's captions: it fails its item unread (it would go into
+# every sample's JSON, and whole into memory).
+MAX_SIDECAR_BYTES = 1 * 2**20
+# A table's rows are checked before pandas reads them: a row (all its fields, quoted newlines
+# included) over this many characters, or a header with more columns, is not a table of clips.
+MAX_TABLE_ROW_CHARS = 1 * 2**20
+MAX_TABLE_COLUMNS = 1000
+# A field over 128 Ki characters (csv's default limit) is refused too: a caption is at most
+# MAX_CAPTION_CHARS, and no other column is a clip's metadata at that size.
+MAX_TABLE_FIELD_CHARS = 131_072
+# A parquet column chunk is read whole, whatever the batch size: larger ones are refused unread.
+MAX_PARQUET_CHUNK_BYTES = 512 * 2**20
+MAX_PARQUET_FOOTER_BYTES = 64 * 2**20
+
+
+class _RowTooLong(Exception):
+    pass
+
+
+class _RowLines:
+    """A text file's lines for csv.reader, none longer than the row budget, and no row's lines
+    together longer either (the reader sets `used` back to 0 after each row)."""
+
+    def __init__(self, text: io.TextIOBase) -> None:
+        self.text = text
+        self.used = 0
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            line = self.text.readline(MAX_TABLE_ROW_CHARS - self.used + 1)
+            if not line:
+                return
+            self.used += len(line)
+            if self.used > MAX_TABLE_ROW_CHARS:
+                raise _RowTooLong
+            yield line
+
+
+def _holds_bytes(kind: pa.DataType) -> bool:
+    """True for a binary type, or a list or struct with one inside (no JSON holds raw bytes)."""
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        return True
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _holds_bytes(kind.value_type)
+    if pa.types.is_struct(kind):
+        return any(_holds_bytes(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_map(kind):
+        return _holds_bytes(kind.key_type) or _holds_bytes(kind.item_type)
+    return False
 
 
 def _text(value: Any) -> str:
@@ -88,6 +140,19 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+class _SidecarTooLarge(Exception):
+    pass
+
+
+def _read_sidecar(path: UPath) -> bytes:
+    """A sidecar's bytes, never more than MAX_SIDECAR_BYTES of them read."""
+    with path.open("rb") as handle:
+        data = handle.read(MAX_SIDECAR_BYTES + 1)
+    if len(data) > MAX_SIDECAR_BYTES:
+        raise _SidecarTooLarge(f"{path.name}: over {MAX_SIDECAR_BYTES:,} bytes")
+    return data
+
+
 def _sidecar(path: UPath) -> tuple[dict[str, Any], list[str] | None]:
     """The captions beside an audio file, and [reason, detail] when they cannot be used.
 
@@ -96,7 +161,7 @@ def _sidecar(path: UPath) -> tuple[dict[str, Any], list[str] | None]:
     meta = path.with_suffix(".json")
     try:
         if meta.is_file():
-            data = json.loads(meta.read_text(encoding="utf-8"))
+            data = json.loads(_read_sidecar(meta).decode("utf-8"))
             if not isinstance(data, dict):
                 return {}, ["bad_sidecar", f"{meta.name}: want an object with 'text', got {type(data).__name__}"]
             if _depth(data) > MAX_SIDECAR_DEPTH:
@@ -104,8 +169,10 @@ def _sidecar(path: UPath) -> tuple[dict[str, Any], list[str] | None]:
             return data, None
         text = path.with_suffix(".txt")
         if text.is_file():
-            return {"text": [line.strip() for line in text.read_text(encoding="utf-8").splitlines()
+            return {"text": [line.strip() for line in _read_sidecar(text).decode("utf-8").splitlines()
                              if line.strip()]}, None
+    except _SidecarTooLarge as exc:
+        return {}, ["bad_sidecar", str(exc)]
     except json.JSONDecodeError as exc:
         return {}, ["bad_sidecar", f"{meta.name}: {exc}"]
     except RecursionError:
@@ -124,6 +191,17 @@ def _link_problem(path: Path, exc: OSError) -> list[str]:
     if path.is_symlink():
         return ["broken_link", f"{path.name} -> {os.readlink(path)}: {exc.strerror}"]
     return ["read_error", f"{path.name}: {exc.strerror or exc}"]
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _shown_name(path: Path | str) -> str:
+    """A file name as text: bytes that are not UTF-8 (Linux allows any) as \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
@@ -164,6 +242,9 @@ def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
                 continue
             if stat.S_ISREG(target.st_mode):
                 found.append((path, (target.st_dev, target.st_ino), None))
+            else:  # a FIFO (opening it blocks), a device (/dev/zero never ends), a socket: never opened
+                kind = _file_kind(target.st_mode)
+                found.append((path, None, ["not_a_file", f"{_shown_name(path.name)} is {kind}, not a regular file"]))
         # Walked in name order, so a folder reached by two paths is listed under the first.
         stack.extend(reversed(subfolders))
     found.sort(key=lambda entry: entry[0].relative_to(root).as_posix())
@@ -181,6 +262,7 @@ def _local_audio_files(root: Path) -> list[tuple[Path, list[str] | None]]:
 class LocalSource(Source):
     name = "local"
     fetch_concurrency = 4
+    _table_checked = False  # set once the table passed _check_table
 
     @property
     def root(self) -> UPath:
@@ -213,10 +295,14 @@ class LocalSource(Source):
             files = [(p, None) for p in sorted(self.root.rglob("*"))
                      if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
         for path, problem in files:
-            meta, bad_sidecar = _sidecar(location(path)) if problem is None else ({}, None)
             rel = path.relative_to(Path(self.root.path) if is_local(self.root) else self.root).as_posix()
-            item = self._item(rel, self._locator(location(path)), meta)
-            item.listing_error = problem or bad_sidecar
+            locator = self._locator(location(path))
+            if _shown_name(locator) != locator:  # not UTF-8: no text (id, manifest, JSON) can hold it
+                problem = problem or ["bad_file_name", f"{_shown_name(rel)}: the name is not UTF-8"]
+                rel, locator = _shown_name(rel), _shown_name(locator)
+            meta, bad_sidecar = _sidecar(location(path)) if problem is None else ({}, None)
+            item, bad_split = self._checked_item(rel, locator, meta)
+            item.listing_error = problem or bad_sidecar or bad_split
             yield item
 
     def _read_columns(self) -> list[str]:
@@ -253,7 +339,70 @@ class LocalSource(Source):
             for values in zip(*chunk.values()):
                 yield dict(zip(names, values))
 
+    def _check_table(self) -> None:
+        """Refuse, before pandas or pyarrow reads it, a table that would take unbounded memory."""
+        if self._table_checked:
+            return
+        with self._reading():
+            if self.root.suffix.lower() == ".parquet":
+                self._check_parquet()
+            else:
+                self._check_csv()
+        self._table_checked = True
+
+    def _check_csv(self) -> None:
+        """One streamed pass: every row within MAX_TABLE_ROW_CHARS (quoted newlines and all), every
+        field within MAX_TABLE_FIELD_CHARS, at most MAX_TABLE_COLUMNS columns."""
+        sep = "\t" if self.root.suffix.lower() == ".tsv" else ","
+        with self.root.open("rb") as raw:
+            lines = _RowLines(io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=""))
+            reader = csv.reader(lines, delimiter=sep)
+            try:
+                for row in reader:
+                    lines.used = 0
+                    if len(row) > MAX_TABLE_COLUMNS:
+                        raise UserError(f"{self.root}: line {reader.line_num} has {len(row):,} columns, "
+                                        f"over {MAX_TABLE_COLUMNS:,}")
+                    if row and max(map(len, row)) > MAX_TABLE_FIELD_CHARS:  # csv's limit is process-wide
+                        raise UserError(f"{self.root}: line {reader.line_num} has a field over "
+                                        f"{MAX_TABLE_FIELD_CHARS:,} characters")
+            except _RowTooLong:
+                raise UserError(f"{self.root}: the row at line {reader.line_num + 1} is over "
+                                f"{MAX_TABLE_ROW_CHARS:,} characters") from None
+            except csv.Error as exc:
+                raise UserError(f"{self.root}: line {reader.line_num}: {exc}") from None
+
+    def _check_parquet(self) -> None:
+        """The footer, the column count and types, and each column chunk's size, from the metadata."""
+        import pyarrow.parquet as pq
+
+        with self.root.open("rb") as handle:
+            size = handle.seek(0, io.SEEK_END)
+            handle.seek(max(0, size - 8))
+            footer = int.from_bytes(handle.read(4), "little")
+            if footer > MAX_PARQUET_FOOTER_BYTES:
+                raise UserError(f"{self.root}: parquet metadata of {footer:,} bytes, "
+                                f"over {MAX_PARQUET_FOOTER_BYTES:,}")
+            handle.seek(0)
+            table = pq.ParquetFile(handle)
+            schema, meta = table.schema_arrow, table.metadata
+        if len(schema.names) > MAX_TABLE_COLUMNS:
+            raise UserError(f"{self.root} has {len(schema.names):,} columns, over {MAX_TABLE_COLUMNS:,}")
+        for field in schema:
+            if _holds_bytes(field.type):
+                raise UserError(f"{self.root}: column {field.name!r} holds bytes ({field.type}); "
+                                "table columns must be text, numbers or lists of them")
+        for group in range(meta.num_row_groups):
+            row_group = meta.row_group(group)
+            for number in range(row_group.num_columns):
+                chunk = row_group.column(number)
+                if chunk.total_uncompressed_size > MAX_PARQUET_CHUNK_BYTES:
+                    raise UserError(f"{self.root}: column {chunk.path_in_schema!r} of row group {group} is "
+                                    f"{chunk.total_uncompressed_size:,} bytes, over {MAX_PARQUET_CHUNK_BYTES:,} "
+                                    "(write it with smaller row groups)")
+
     def _table_columns(self) -> list[str]:
+        self._check_table()
         columns = self._read_columns()
         names = ", ".join(map(str, columns))
         if "path" not in columns:
@@ -418,6 +567,18 @@ class LocalSource(Source):
         # A link's own absolute path (not its target): a broken one still names what was listed.
         return os.path.abspath(path.path) if is_local(path) else str(path)
 
+    @classmethod
+    def _checked_item(cls, source_id: str, path: str, meta: dict[str, Any]) -> tuple[Item, list[str] | None]:
+        """The item, and [reason, detail] when its sidecar's split names no folder we may write: it
+        fails alone (`bad_split`, in a hashed split). A table's split column is the table's own
+        layout, refused whole by the planner."""
+        item = cls._item(source_id, path, meta)
+        if item.split is None or SPLIT_NAME.fullmatch(item.split):
+            return item, None
+        problem = ["bad_split", f"split {item.split[:100]!r} is not a plain name (letters, digits, _ and -)"]
+        item.split = None
+        return item, problem
+
     @staticmethod
     def _item(source_id: str, path: str, meta: dict[str, Any]) -> Item:
         meta = dict(meta)
@@ -436,8 +597,16 @@ class LocalSource(Source):
         try:
             if is_local(path):  # read in place by the core: a long recording is never loaded whole
                 local = Path(path.path)
-                with open(local, "rb"):
-                    return local
+                # Non-blocking, so a FIFO put there since the listing cannot hang the worker.
+                descriptor = os.open(local, os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    mode = os.fstat(descriptor).st_mode
+                finally:
+                    os.close(descriptor)
+                if not stat.S_ISREG(mode):
+                    raise ItemError("not_a_file",
+                                    f"{_shown_name(local.name)} is {_file_kind(mode)}, not a regular file")
+                return local
             return path.read_bytes()
         except FileNotFoundError:
             raise ItemError("missing_file", item.locator) from None

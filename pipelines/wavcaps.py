@@ -38,7 +38,7 @@ from audio_dataset.http import HttpClient, HttpConfig
 from audio_dataset.manifest import STATUS_EXCLUDED
 from audio_dataset.source import Item, ItemError, Source, SourceConfig, SourceError, UserError
 from audio_dataset.storage import location
-from pipelines._archives import ArchiveStore
+from pipelines._archives import ArchiveStore, read_zip_member
 from pipelines._common import check_options, is_audio_name, is_url, join_url
 
 log = logging.getLogger("audiodata.wavcaps")
@@ -190,7 +190,7 @@ class WavCaps(Source):
                 names = [n for n in archive.namelist() if is_audio_name(n)]
                 if not names:
                     raise ItemError("bad_archive_member", f"no audio file in {link}")
-                return archive.read(names[0])
+                return read_zip_member(archive, names[0])  # within the size and ratio caps
         return data
 
 
