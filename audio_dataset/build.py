@@ -33,6 +33,7 @@ from audio_dataset.listing import INDEX_SCHEMA, IndexWriter
 from audio_dataset.lock import hold_output
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
+from audio_dataset.redaction import redact
 from audio_dataset.raystart import start_ray
 from audio_dataset.schema import SampleMeta, clean_captions, safe_key, shard_name, split_order
 from audio_dataset.shards import Sample, ShardWriter, write_sizes
@@ -302,7 +303,7 @@ def ordered_prefetch(fn: Callable[[Item], Any], items: list[Item], workers: int)
 def _fail_row(source: str, item: Item, split: str, shard: str | None, exc: ItemError, **extra: Any) -> ManifestRow:
     return ManifestRow(source=source, source_id=item.source_id, split=split, shard=shard,
                        status=manifest.status_for_reason(exc.reason), error=exc.reason,
-                       error_detail=exc.detail[:500] or None, url=item.url, license=item.license, **extra)
+                       error_detail=redact(exc.detail)[:500] or None, url=item.url, license=item.license, **extra)
 
 
 def _media_checks(data: Media) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from audio_dataset import manifest
 from audio_dataset.build import WORK_DIR, write_merged
 from audio_dataset.lock import hold_output
 from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls, record_run, redact_mapping
+from audio_dataset.redaction import redact
 from audio_dataset.schema import SIZES_FILE
 from audio_dataset.shards import read_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
@@ -352,7 +353,7 @@ def _run_source(entry: RecipeSource, out: UPath, steps: list[list[str]], status:
             run_command(argv)
         samples = publish(out, entry)
     except (UserError, SourceError) as exc:
-        return SourceOutcome(entry.name, "failed", str(exc))
+        return SourceOutcome(entry.name, "failed", redact(str(exc)))
     return SourceOutcome(entry.name, "done", samples=samples)
 
 
