@@ -155,3 +155,23 @@ def test_search_loads_the_checkpoint_the_user_names_when_its_sha256_matches(tmp_
     torch.save({"config": {}, "state_dict": {}}, other)
     assert audiodata(["search", str(dataset), "dog", "--checkpoint", str(other)]) == 2
     assert "is not the model the embeddings were made with" in _one_line(capsys)
+
+
+def test_a_recipe_never_moves_a_file_its_sources_sizes_json_points_outside(tmp_path):
+    """A recipe moves each source's shards by the names in its sizes.json: a name leading out of
+    the split folder would move any file into the dataset."""
+    from upath import UPath
+
+    from audio_dataset.recipe import RecipeSource, publish, result_dir
+    from audio_dataset.source import UserError
+
+    out = UPath(tmp_path / "out")
+    entry = RecipeSource(name="clips", source="local")
+    split = Path(result_dir(out, entry).path) / "train"
+    split.mkdir(parents=True)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("not a shard")
+    (split / "sizes.json").write_text(json.dumps({"../../../../precious.txt": 1}))
+    with pytest.raises(UserError, match="refusing to move it"):
+        publish(out, entry)
+    assert precious.read_text() == "not a shard" and not list((tmp_path / "out").glob("train/*"))
