@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -385,7 +386,9 @@ def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: st
 def _unexpected_row(source: Source, item: Item, split: str, shard: str, exc: Exception,
                     **extra: Any) -> ManifestRow:
     """An exception no check names fails its item as `unexpected_error`, logged with its traceback."""
-    log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
+    # The traceback, as the message, goes through the one redaction: an exception may quote a token.
+    trace = "".join(traceback.format_exception(exc))
+    log.warning("unexpected error on %s %s\n%s", source.name, item.source_id, redact(trace))
     unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
     return _fail_row(source.name, item, split, shard, unexpected, **extra)
 
