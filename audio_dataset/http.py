@@ -474,12 +474,13 @@ def _expect(expect: str) -> str:
     return expect
 
 
-def _check_content(body: bytes, content_type: str, expect: str, where: str, secrets: list[str] | None = None) -> None:
+def _check_content(body: bytes, content_type: str, expect: str, where: str,
+                   secrets: list[str] | None = None) -> None:
     kind = content_type.split(";")[0].strip().lower()
     if expect == "audio":
         if any(kind.startswith(t) for t in _TEXT_TYPES) or sniff_audio(body) is None:
-            raise ItemError("not_audio_content",
-                            f"{where} returned {kind or 'no content type'} starting {_quote(body, secrets)}, not audio")
+            raise ItemError("not_audio_content", f"{where} returned {kind or 'no content type'} starting "
+                                                 f"{_quote(body, secrets)}, not audio")
     elif expect == "archive":
         if any(kind.startswith(t) for t in _TEXT_TYPES) or sniff_archive(body) is None:
             raise ItemError("not_archive_content", f"{where} returned {kind or 'no content type'} starting "

@@ -51,7 +51,8 @@ def secret_env_names() -> frozenset[str]:
 
 def env_secrets() -> list[str]:
     """The values of those variables set in this process (read now: tests and workers set them late)."""
-    return [value for name in sorted(secret_env_names()) if len(value := os.environ.get(name, "").strip()) >= MIN_SECRET]
+    values = (os.environ.get(name, "").strip() for name in sorted(secret_env_names()))
+    return [value for value in values if len(value) >= MIN_SECRET]
 
 
 def request_secrets(url: str, headers: Mapping[str, object] | None = None,

@@ -143,7 +143,7 @@ def test_search_never_loads_the_checkpoint_a_dataset_names(tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_search_loads_the_checkpoint_the_user_names_when_its_sha256_matches(tmp_path, checkpoint, capsys):
+def test_search_loads_the_checkpoint_the_user_names_when_its_sha256_matches(tmp_path, capsys):
     dataset = tmp_path / "dataset"
     recorded = _tiny_checkpoint(tmp_path / "recorded.pt")  # a well-formed model, still the dataset's
     _embedded(dataset, recorded)
