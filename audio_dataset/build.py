@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,7 @@ from audio_dataset.listing import INDEX_SCHEMA, IndexWriter
 from audio_dataset.lock import hold_output
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
+from audio_dataset.redaction import redact
 from audio_dataset.raystart import start_ray
 from audio_dataset.schema import SampleMeta, clean_captions, safe_key, shard_name, split_order
 from audio_dataset.shards import Sample, ShardWriter, write_sizes
@@ -302,7 +304,7 @@ def ordered_prefetch(fn: Callable[[Item], Any], items: list[Item], workers: int)
 def _fail_row(source: str, item: Item, split: str, shard: str | None, exc: ItemError, **extra: Any) -> ManifestRow:
     return ManifestRow(source=source, source_id=item.source_id, split=split, shard=shard,
                        status=manifest.status_for_reason(exc.reason), error=exc.reason,
-                       error_detail=exc.detail[:500] or None, url=item.url, license=item.license, **extra)
+                       error_detail=redact(exc.detail)[:500] or None, url=item.url, license=item.license, **extra)
 
 
 def _media_checks(data: Media) -> dict[str, Any]:
@@ -384,7 +386,9 @@ def _outcome(source: Source, item: Item, fetched: Callable[[], Media], split: st
 def _unexpected_row(source: Source, item: Item, split: str, shard: str, exc: Exception,
                     **extra: Any) -> ManifestRow:
     """An exception no check names fails its item as `unexpected_error`, logged with its traceback."""
-    log.warning("unexpected error on %s %s", source.name, item.source_id, exc_info=True)
+    # The traceback, as the message, goes through the one redaction: an exception may quote a token.
+    trace = "".join(traceback.format_exception(exc))
+    log.warning("unexpected error on %s %s\n%s", source.name, item.source_id, redact(trace))
     unexpected = ItemError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
     return _fail_row(source.name, item, split, shard, unexpected, **extra)
 

@@ -16,6 +16,7 @@ from upath import UPath
 from audio_dataset import __version__
 from audio_dataset.audio import CLIPPING_POLICIES, FLAC_MAX_RATE, LONG_CLIP_POLICIES, AudioConfig
 from audio_dataset.lock import OutputLocked, current_holder
+from audio_dataset.redaction import redact
 from audio_dataset.source import SourceConfig, SourceError, UserError
 from audio_dataset.storage import is_local, location
 
@@ -435,12 +436,12 @@ def _run(args: argparse.Namespace) -> int:
         _quiet_stdout()
         return 128 + signal.SIGPIPE
     except UserError as exc:
-        print(f"audiodata: error: {exc}", file=sys.stderr)
+        print(f"audiodata: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:
         return _os_error(exc, getattr(args, "out", None))
     except SourceError as exc:
-        print(f"audiodata: source failed: {exc}", file=sys.stderr)
+        print(f"audiodata: source failed: {redact(str(exc))}", file=sys.stderr)
         return 1
     except OutputLocked as exc:
         print(f"audiodata: error: {exc}", file=sys.stderr)

@@ -17,8 +17,8 @@ Outcomes:
   and a rerun resumes later). A shorter Retry-After (on 429 or 503) is waited out, then retried.
 `get_bytes` keeps the body in memory; `download` streams it to a file (temp + rename) for archives.
 Tuning per run: `--source-option http_<field>=value` through `HttpConfig.from_options`.
-URLs in messages lose their query string and credential-looking values are masked, so tokens
-never reach logs or manifests.
+URLs in messages lose their query string and user:password, and every message is scrubbed of the
+request's and the run's secrets (`audio_dataset.redaction`), so tokens never reach logs or manifests.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import email.utils
 import json
 import os
 import random
-import re
 import threading
 import time
 from dataclasses import dataclass, fields, replace
@@ -39,6 +38,7 @@ import urllib3
 
 from audio_dataset import __version__
 from audio_dataset.media import sniff_archive, sniff_audio
+from audio_dataset.redaction import redact, request_secrets
 from audio_dataset.source import ItemError, SourceError, UserError
 
 DEFAULT_USER_AGENT = f"audiodata/{__version__} (LAION-Audio-630K-style audio-text dataset builder)"
@@ -49,8 +49,6 @@ _RETRY_STATUSES = frozenset({408, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 # Content types that are never media, whatever the bytes look like.
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript",
                "application/problem+json")
-_SECRET_RE = re.compile(r"(?i)((?:token|key|api_key|apikey|access_token|client_secret|secret|password|sig|signature)"
-                        r"=)[^&\s'\"]+|(bearer\s+)[A-Za-z0-9._~+/=-]+")
 
 
 @dataclass(frozen=True)
@@ -115,15 +113,10 @@ def _parse_number(key: str, raw: str, kind: Any) -> int | float | None:
     return value
 
 
-def redact(text: str) -> str:
-    """Mask credential-looking query values and bearer tokens in free text."""
-    return _SECRET_RE.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
-
-
 def public_url(url: str) -> str:
-    """scheme://host/path: the query (which may carry a token) never leaves the client."""
+    """scheme://host/path: the query and any user:password (credentials) never leave the client."""
     parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -307,6 +300,7 @@ class HttpClient:
     def _attempt(self, url: str, params: dict | None, headers: dict | None, auth_env: str | None,
                  expect: str, open_sink: Callable[[], "_Sink"]) -> tuple[Any, requests.Response]:
         where = public_url(url)
+        secrets = request_secrets(url, headers, params)
         started = time.monotonic()
         try:
             response = self._session().get(url, params=params, headers=headers, stream=True,
@@ -316,16 +310,16 @@ class HttpClient:
         except requests.exceptions.ReadTimeout:
             raise _Retry("timeout", f"{where} sent no response within {self.config.stall_timeout:g}s") from None
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            raise _Retry("connection_error", f"{where}: {_describe(exc)}") from None
+            raise _Retry("connection_error", f"{where}: {_describe(exc, secrets)}") from None
         except requests.exceptions.RequestException as exc:  # invalid URL, too many redirects...
-            raise ItemError("bad_request", f"{where}: {_describe(exc)}") from None
+            raise ItemError("bad_request", f"{where}: {_describe(exc, secrets)}") from None
         with response:
             self._check_status(response, where, auth_env)
             sink = open_sink()
             try:
                 head = self._read_body(response, where, sink, started)
                 if expect != "any":
-                    _check_content(head, response.headers.get("Content-Type", ""), expect, where)
+                    _check_content(head, response.headers.get("Content-Type", ""), expect, where, secrets)
                 return sink.finish(), response
             except BaseException:
                 sink.discard()
@@ -473,9 +467,9 @@ def _is_timeout(exc: BaseException) -> bool:
     return False
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, secrets: list[str] | None = None) -> str:
     # urllib3 messages embed the request path with its query; keep the type and a masked message.
-    return redact(f"{type(exc).__name__}: {exc}")[:300]
+    return redact(f"{type(exc).__name__}: {exc}", secrets or ())[:300]
 
 
 def _expect(expect: str) -> str:
@@ -484,14 +478,21 @@ def _expect(expect: str) -> str:
     return expect
 
 
-def _check_content(body: bytes, content_type: str, expect: str, where: str) -> None:
+def _check_content(body: bytes, content_type: str, expect: str, where: str,
+                   secrets: list[str] | None = None) -> None:
     kind = content_type.split(";")[0].strip().lower()
-    head = body[:16]
     if expect == "audio":
         if any(kind.startswith(t) for t in _TEXT_TYPES) or sniff_audio(body) is None:
-            raise ItemError("not_audio_content",
-                            f"{where} returned {kind or 'no content type'} starting {head!r}, not audio")
+            raise ItemError("not_audio_content", f"{where} returned {kind or 'no content type'} starting "
+                                                 f"{_quote(body, secrets)}, not audio")
     elif expect == "archive":
         if any(kind.startswith(t) for t in _TEXT_TYPES) or sniff_archive(body) is None:
-            raise ItemError("not_archive_content",
-                            f"{where} returned {kind or 'no content type'} starting {head!r}, not an archive")
+            raise ItemError("not_archive_content", f"{where} returned {kind or 'no content type'} starting "
+                                                   f"{_quote(body, secrets)}, not an archive")
+
+
+def _quote(body: bytes, secrets: list[str] | None) -> str:
+    """The body's first bytes for a message, without what the request or the run holds as secrets
+    (a server may echo a token back: the quote is cut, so a secret's first bytes at its end go too)."""
+    head = body[:16].decode("latin-1")
+    return repr(redact(head, secrets or ()).encode("latin-1"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import re
 import shlex
 import sys
 import time
@@ -15,19 +14,14 @@ from typing import Any
 from upath import UPath
 
 from audio_dataset import __version__
+from audio_dataset.redaction import SECRET_NAME, mask_userinfo
 from audio_dataset.storage import atomic_write_json, read_json
 
 PROVENANCE_FILE = "provenance.json"
-# `token` but not `max_new_tokens` or `tokenizer`: counts and models are no secrets.
-_SECRET = re.compile(r"(token(?!s|iz)|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
-# `scheme://user:password@host`: the userinfo of a URL is a credential wherever it appears.
-_URL_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
-
-
 def mask_urls(value: Any) -> Any:
     """`s3://key:secret@host/x` -> `s3://***@host/x`, in strings and inside lists and dicts."""
     if isinstance(value, str):
-        return _URL_USERINFO.sub(r"\1***@", value)
+        return mask_userinfo(value)
     if isinstance(value, dict):
         return {k: mask_urls(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -43,16 +37,16 @@ def redact(args: list[str]) -> list[str]:
         if hide_next:
             clean.append("***")
             hide_next = False
-        elif "=" in arg and _SECRET.search(arg.split("=", 1)[0]):
+        elif "=" in arg and SECRET_NAME.search(arg.split("=", 1)[0]):
             clean.append(arg.split("=", 1)[0] + "=***")
         else:
             clean.append(mask_urls(arg))
-            hide_next = arg.startswith("--") and bool(_SECRET.search(arg))
+            hide_next = arg.startswith("--") and bool(SECRET_NAME.search(arg))
     return clean
 
 
 def redact_mapping(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if _SECRET.search(k) else mask_urls(v)) for k, v in values.items()}
+    return {k: ("***" if SECRET_NAME.search(k) else mask_urls(v)) for k, v in values.items()}
 
 
 def definition_checksums(names: list[str]) -> dict[str, str]:

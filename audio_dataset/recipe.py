@@ -46,7 +46,8 @@ from audio_dataset import manifest
 from audio_dataset.build import WORK_DIR, write_merged
 from audio_dataset.lock import hold_output
 from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls, record_run, redact_mapping
-from audio_dataset.schema import SIZES_FILE
+from audio_dataset.redaction import redact
+from audio_dataset.schema import SIZES_FILE, bad_shard_name
 from audio_dataset.shards import read_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
 from audio_dataset.storage import atomic_write_json, is_local, read_json
@@ -352,7 +353,7 @@ def _run_source(entry: RecipeSource, out: UPath, steps: list[list[str]], status:
             run_command(argv)
         samples = publish(out, entry)
     except (UserError, SourceError) as exc:
-        return SourceOutcome(entry.name, "failed", str(exc))
+        return SourceOutcome(entry.name, "failed", redact(str(exc)))
     return SourceOutcome(entry.name, "done", samples=samples)
 
 
@@ -374,6 +375,15 @@ def _split_dirs(folder: UPath) -> list[UPath]:
                   if p.is_dir() and not p.name.startswith(("_", ".")) and (p / SIZES_FILE).exists())
 
 
+def _listed_shards(split_dir: UPath) -> dict[str, int]:
+    """A split's sizes.json; its names are moved and renamed, so each must be a file in that folder."""
+    sizes = read_sizes(split_dir)
+    for name in sizes:
+        if problem := bad_shard_name(name):
+            raise UserError(f"{split_dir / SIZES_FILE} lists {name!r}: {problem}; refusing to move it")
+    return sizes
+
+
 def publish(out: UPath, entry: RecipeSource) -> int:
     """Move a finished source's shards into the recipe's split folders; returns its samples.
 
@@ -381,7 +391,7 @@ def publish(out: UPath, entry: RecipeSource) -> int:
     """
     samples = 0
     for split_dir in _split_dirs(result_dir(out, entry)):
-        for shard, count in read_sizes(split_dir).items():
+        for shard, count in _listed_shards(split_dir).items():
             target = _shard_target(out, entry.name, split_dir.name, shard)
             if not target.exists():
                 _move(split_dir / shard, target)
@@ -407,7 +417,7 @@ def merge(out: UPath, entries: list[RecipeSource]) -> dict[str, Any]:
             for table in manifest.iter_tables(work_dir(out, entry) / manifest.MANIFEST_FILE):
                 yield _renamed(table, entry.name)
             for split_dir in _split_dirs(result_dir(out, entry)):
-                for shard, count in read_sizes(split_dir).items():
+                for shard, count in _listed_shards(split_dir).items():
                     sizes.setdefault(split_dir.name, {})[f"{entry.name}-{shard}"] = count
 
     return write_merged(out, tables(), sizes)

@@ -122,3 +122,18 @@ def safe_key(source: str, source_id: str, segment_index: int | None = None) -> s
 
 def shard_name(index: int) -> str:
     return SHARD_NAME_FORMAT.format(index=index)
+
+
+# A shard named in sizes.json is a plain file name in that folder: no path, no `..`, no URL or
+# `pipe:` command (a colon), no control characters. The name comes from data, so nothing in it may
+# lead a reader outside the folder or run a program.
+_PLAIN_NAME = re.compile(r"[^/\\:\x00-\x1f\x7f]+")
+
+
+def bad_shard_name(name: object) -> str | None:
+    """Why `name` (a sizes.json key) is not a plain shard file name, or None when it is one."""
+    if not isinstance(name, str) or not name:
+        return "not a file name"
+    if name in (".", "..") or not _PLAIN_NAME.fullmatch(name):
+        return "not a plain file name in the folder (a path, URL or command)"
+    return None

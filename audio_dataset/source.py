@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
+from audio_dataset.redaction import has_userinfo
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, bad option): reported as one line, exit code 2."""
@@ -119,6 +121,12 @@ def available_sources() -> list[str]:
 def load_source(name: str, config: SourceConfig) -> Source:
     if name not in available_sources():
         raise UserError(f"unknown source {name!r}; known: {', '.join(available_sources())}")
+    if config.base_url and has_userinfo(config.base_url):
+        # Userinfo would ride in every item's URL into the listing and manifest, and requests would
+        # send it as Basic auth in place of the source's own header: credentials come from the environment.
+        raise UserError("--base-url must not carry user:password (it would be stored with every item's URL "
+                        "and would replace the source's own credentials); give credentials through the "
+                        "source's environment variables")
     module = importlib.import_module(f"pipelines.{name}")
     source_cls: type[Source] = module.SOURCE
     return source_cls(config)

@@ -156,7 +156,7 @@ def failure_reason(message: str) -> str:
 
 
 def _clean(message: str) -> str:
-    from audio_dataset.http import redact
+    from audio_dataset.redaction import redact
 
     return redact(message.replace("ERROR: ", ""))[:300]
 

@@ -30,7 +30,7 @@ from webdataset import gopen
 
 from clap_model.config import UsageError
 from clap_model.tarstream import TarFormatError, tar_samples
-from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, TEXT_FIELD
+from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, TEXT_FIELD, bad_shard_name
 
 log = logging.getLogger("clap_model.data")
 
@@ -92,7 +92,12 @@ def folder_shards(folder: Path) -> list[str]:
         raise DataError(f"cannot read {folder / SIZES_FILE}: {exc}") from None
     if not isinstance(sizes, dict) or not sizes:
         raise DataError(f"{folder / SIZES_FILE} lists no shards")
-    urls = [str(folder / name) for name in sorted(sizes)]
+    for name in sizes:
+        # A list read from data names files, never a command (`pipe:`), URL or path elsewhere.
+        if problem := bad_shard_name(name):
+            raise DataError(f"{folder / SIZES_FILE} lists {name!r}: {problem}; refusing to read it")
+    # `./name`, not `name`, for the current folder: a path that can never read as `pipe:` or a URL.
+    urls = [str(folder / name) if str(folder) != "." else f"./{name}" for name in sorted(sizes)]
     for url in urls:
         if not Path(url).is_file():
             raise DataError(f"shard not found: {url} (listed in {folder / SIZES_FILE})")

@@ -227,11 +227,12 @@ def test_a_resumed_embed_equals_a_clean_one(folders, checkpoint, embedded, capsy
                  "--no-progress"]) == 2  # other settings into the same output are refused
 
 
-def test_search_by_audio_finds_the_clip_itself(folders, embedded, capsys):
+def test_search_by_audio_finds_the_clip_itself(folders, checkpoint, embedded, capsys):
     query = folders["tmp"] / "query.wav"
     soundfile.write(query, _pcm(REAL_AUDIO_DIR / f"{CLIPS['waltz']}.ogg", 3.0).T, RATE)
     capsys.readouterr()
-    assert main(["search", str(folders["dataset"]), "--audio", str(query), "-k", "3", "--json"]) == 0
+    assert main(["search", str(folders["dataset"]), "--audio", str(query), "-k", "3", "--json",
+                 "--checkpoint", str(checkpoint)]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 3 and hits[0]["key"] == key("waltz") and hits[0]["score"] > 0.999
     assert hits[0]["shard"] == str(folders["dataset"] / "train" / "000001.tar")

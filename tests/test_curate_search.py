@@ -33,7 +33,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 def _search(dataset: Path, capsys, *args: str) -> list[dict]:
     capsys.readouterr()
-    assert main(["search", str(dataset), *args, "--json"]) == 0
+    checkpoint = dataset.parent / "run" / "latest.pt"
+    assert main(["search", str(dataset), *args, "--json", "--checkpoint", str(checkpoint)]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -43,7 +44,7 @@ def test_a_caption_finds_its_clip_first(trained, capsys):
     dataset, checkpoint = trained
     samples = [s for tar in sorted((dataset / "train").glob("*.tar")) for s in iter_shard(tar)]
     captions = [json.loads(s["json"])["text"][0] for s in samples]
-    searcher = Searcher(dataset, dataset / "embed", SearchOptions(k=10))
+    searcher = Searcher(dataset, dataset / "embed", SearchOptions(k=10, checkpoint=checkpoint))
     firsts = [searcher.text(caption)[0].key for caption in captions]
     right = sum(first == s["__key__"] for first, s in zip(firsts, samples))
     # The same ranking by brute force over the model's own embeddings: the flat index is exact...
@@ -72,12 +73,15 @@ def test_an_audio_file_finds_its_own_clip(trained, tmp_path, capsys):
 
 
 def test_search_usage_errors(trained, tmp_path, capsys):
-    dataset, _ = trained
-    assert main(["search", str(dataset), "dog", "--split", "valid"]) == 2
+    dataset, checkpoint = trained
+    assert main(["search", str(dataset), "dog", "--split", "valid", "--checkpoint", str(checkpoint)]) == 2
     assert "--split valid: not indexed" in capsys.readouterr().err
     assert main(["search", str(tmp_path), "dog"]) == 2
     assert "no finished `embed` run" in capsys.readouterr().err
     assert main(["search", str(dataset), "dog", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "none.pt: not found" in capsys.readouterr().err
+    assert main(["search", str(dataset), "dog"]) == 2  # the recorded checkpoint is named, not loaded
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --checkpoint" in err[0] and str(checkpoint.resolve()) in err[0], err
     assert main(["search", str(dataset), "dog", "--checkpoint", str(dataset / "train" / "000000.tar")]) == 2
     assert "is not the model the embeddings were made with" in capsys.readouterr().err

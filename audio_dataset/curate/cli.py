@@ -67,7 +67,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=10, help="hits to show")
     p.add_argument("--split", action="append", default=[], help="search this split only (repeatable)")
     p.add_argument("--embeddings", type=location, help="embed's output (default DATASET/embed)")
-    p.add_argument("--checkpoint", type=Path, help="the embedding model, if it moved since embed ran")
+    p.add_argument("--checkpoint", type=Path, help="the model embed used (required: a dataset's recorded "
+                   "checkpoint is never loaded on its own; its sha256 must match the recorded one)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=run_search_command)
     add_dedup_cli(subparsers)

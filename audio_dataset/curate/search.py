@@ -32,7 +32,8 @@ class Hit:
 class SearchOptions:
     k: int = 10
     splits: tuple[str, ...] = ()  # default every split embed indexed
-    # The model to embed the query with; default the checkpoint embed recorded (it must be the same model).
+    # The model to embed the query with: the user names it (a dataset's run.json is data, never
+    # loaded from), and its sha256 must be the one embed recorded.
     checkpoint: Path | None = None
 
 
@@ -63,10 +64,13 @@ class Searcher:
     def _model(self):
         from clap_model.inference import CLAPInference
 
-        checkpoint = self.options.checkpoint or Path(self.model["checkpoint"])
+        checkpoint = self.options.checkpoint
+        if checkpoint is None:
+            # run.json is the dataset's, not the user's: its checkpoint is named, never loaded.
+            raise UserError(f"search needs --checkpoint (the model embed used; {self.embed_dir} records "
+                            f"{self.model.get('checkpoint')!r}, {self.model.get('digest')!r})")
         if not checkpoint.exists():
-            raise UserError(f"--checkpoint {checkpoint}: not found" if self.options.checkpoint else
-                            f"checkpoint {checkpoint} (recorded by embed) not found; pass --checkpoint")
+            raise UserError(f"--checkpoint {checkpoint}: not found")
         if file_digest(checkpoint) != self.model["digest"]:
             raise UserError(f"--checkpoint {checkpoint} is not the model the embeddings were made with")
         return CLAPInference.from_checkpoint(checkpoint, model=self.model.get("preset"))
