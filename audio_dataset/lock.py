@@ -30,7 +30,7 @@ from pathlib import Path
 from upath import UPath
 
 from audio_dataset.source import UserError
-from audio_dataset.storage import is_local, make_dirs, open_own, trust_output
+from audio_dataset.storage import check_output_tree, is_local, make_dirs, open_own, trust_output
 
 LOCK_FILE = ".audiodata.lock"
 LEASE_REFRESH_S = 15.0
@@ -210,6 +210,7 @@ def hold_output(out: UPath, stage: str) -> Iterator[Holder]:
     if is_local(out):
         fd = _flock(out, holder)
         try:
+            check_output_tree(out)  # held: no writer of ours is changing the tree under the walk
             yield holder
         finally:
             _unflock(out, fd)

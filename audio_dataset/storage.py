@@ -81,6 +81,25 @@ def make_dirs(folder: Path) -> None:
             raise _refusal(current, "it is not a folder")
 
 
+def check_output_tree(out: UPath) -> None:
+    """Refuse a local output holding a symbolic link or a special file anywhere below it (the
+    toolkit makes neither): names it reads back (resume state, parts, sizes.json) are then never
+    read or written through a planted link. Writers check again as they write (open_temp, open_own)."""
+    if not is_local(out) or not os.path.isdir(out.path):
+        return
+    for folder, dirs, files in os.walk(out.path, followlinks=False):
+        for name in sorted(dirs + files):
+            path = os.path.join(folder, name)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:  # a file another process (not a writer of ours) just removed
+                continue
+            if stat.S_ISLNK(mode):
+                raise _refusal(path, "it is a symbolic link")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise _refusal(path, "it is not a regular file")
+
+
 def check_target(path: Path) -> None:
     """A final name may be absent or a regular file, which a rename replaces (never writes through)."""
     try:
