@@ -32,9 +32,14 @@ def check_target(path: Path, folder: bool = False) -> None:
 
 
 def make_folder(path: Path) -> None:
-    """The folder the tool writes in (`--out`, its tensorboard/): made if absent, refused if a link."""
+    """The folder the tool writes in (`--out`, its tensorboard/): made if absent, refused if a link,
+    and so is a link already in it (a run refused at the start, not after an epoch of training)."""
     check_target(path, folder=True)
     path.mkdir(parents=True, exist_ok=True)
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                raise UnsafeTarget(f"refusing to write {entry.path}: it is a symbolic link")
 
 
 @contextmanager

@@ -26,6 +26,8 @@ from conftest import REAL_AUDIO_DIR
 
 # The temp-name scheme every audio_dataset writer uses (storage.temp_sibling): `.NAME.tmp-PID-RANDOM`.
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<random>[0-9a-f]{16})$")
+# clap_model.files: a private `tempfile.mkdtemp(prefix=".NAME.")` folder beside the target.
+CLAP_PRIVATE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")
 VICTIM_TEXT = b"a file outside the output folder\n"
 VICTIM_MTIME_NS = 1_600_000_000_000_000_000
 
@@ -62,14 +64,16 @@ def _recorded() -> Iterator[list[tuple[str, str]]]:
         _active.clear()
 
 
-def _names_under(out: Path, events: list[tuple[str, str]]) -> tuple[set[str], set[str], set[str]]:
+def _names_under(out: Path, events: list[tuple[str, str]],
+                 temp: re.Pattern = TEMP_NAME) -> tuple[set[str], set[str], set[str]]:
     """(files, folders, temp names) the run used under `out`, relative to it."""
     files, folders, temps = set(), set(), set()
     for event, path in events:
         rel = os.path.relpath(os.path.abspath(path), out)
         if rel == "." or rel.startswith(".."):
             continue
-        (temps if TEMP_NAME.match(Path(rel).name) else folders if event == "os.mkdir" else files).add(rel)
+        is_temp = any(temp.match(part) for part in Path(rel).parts)
+        (temps if is_temp else folders if event == "os.mkdir" else files).add(rel)
     for folder, dirs, names in os.walk(out):
         rel = os.path.relpath(folder, out)
         folders |= {os.path.normpath(os.path.join(rel, d)) for d in dirs}
@@ -129,7 +133,6 @@ def _check_each(names: list[str], victims: Victims, run: Callable[[Path], tuple[
         out = outputs / f"{'folder' if folder else 'file'}-{name.replace('/', '_')}"
         link = _plant(out, name, victims.folder if folder else victims.file)
         code, errors = run(out)
-        print("CHECK", name, folder, code, errors, file=open("/tmp/ow/checks.txt", "a"))
         expected = f"refusing to write {link}: it is a symbolic link"
         if not victims.unchanged():
             problems.append(f"{name}: a file outside the output changed")
@@ -314,9 +317,11 @@ def test_every_name_clap_train_writes_refuses_a_planted_link(clap_shards, tmp_pa
     recorded = tmp_path / "recorded"
     with _recorded() as events:
         assert _clap_train(capsys, clap_shards, recorded)[0] == 0
-        files, folders, _temps = _names_under(recorded, list(events))
+        files, folders, temps = _names_under(recorded, list(events), CLAP_PRIVATE)
     files = {name for name in files if not name.startswith("tensorboard/")}  # event files: named by tensorboard
     assert {"latest.pt", "epoch_1.pt", "results.jsonl"} <= files and "tensorboard" in folders, (files, folders)
+    private = {Path(name).parts[0] for name in temps}
+    assert len(private) >= 2 and len({CLAP_PRIVATE.match(p)[0][-8:] for p in private}) == len(private), temps
     victims = Victims(tmp_path / "outside")
     run = lambda o: _clap_train(capsys, clap_shards, o)  # noqa: E731
     problems = _check_each(sorted(files), victims, run, tmp_path, folder=False)
