@@ -49,7 +49,8 @@ from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls,
 from audio_dataset.schema import SIZES_FILE
 from audio_dataset.shards import read_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
-from audio_dataset.storage import atomic_write_json, check_target, is_local, make_dirs, publish, read_json
+from audio_dataset import storage
+from audio_dataset.storage import atomic_write_json, is_local, read_json
 
 SOURCES_DIR = "_sources"
 STATUS_FILE = "recipe.json"
@@ -391,9 +392,9 @@ def publish(out: UPath, entry: RecipeSource) -> int:
 
 def _move(src: UPath, dest: UPath) -> None:
     if is_local(src):
-        check_target(Path(src.path))  # a planted link is not moved into the dataset
-        make_dirs(Path(dest.path).parent)
-        publish(Path(src.path), dest.path)  # same filesystem: one rename, never a partial file
+        storage.check_target(Path(src.path))  # a planted link is not moved into the dataset
+        storage.make_dirs(Path(dest.path).parent)
+        storage.publish(Path(src.path), dest.path)  # same filesystem: one rename, never a partial file
     else:
         src.fs.mv(src.path, dest.path)  # a server-side copy, then the original is deleted
 

@@ -1,5 +1,12 @@
 """Where outputs live: a local folder or any fsspec URL (s3://, gs://, ...), through one path type.
 
+Every local file the toolkit writes goes through the helpers here: a new file is created with
+O_EXCL | O_NOFOLLOW under an unguessable temp name (`.NAME.tmp-PID-RANDOM`) and renamed onto its
+final name, which must be absent or a regular file; a file written in place (the lock, an
+append) is opened with O_NOFOLLOW and must be the writer's own regular file; folders below the
+user's --out are made one level at a time and none may be a link. What does not pass is refused in
+one line naming it (UnsafeOutput), never written through.
+
 Atomicity differs by kind: a local file is written to a temp name and renamed; an object store has
 no rename, but a single PUT (or a completed multipart upload) is all-or-nothing, so an object is
 uploaded from a finished local temp file and never appears half-written.
@@ -82,11 +89,13 @@ def make_dirs(folder: Path) -> None:
 
 
 def check_output_tree(out: UPath) -> None:
-    """Refuse a local output holding a symbolic link or a special file anywhere below it (the
-    toolkit makes neither): names it reads back (resume state, parts, sizes.json) are then never
-    read or written through a planted link. Writers check again as they write (open_temp, open_own)."""
+    """Refuse a local output holding a special file, or a symbolic link that leads out of it,
+    anywhere below it: names the toolkit reads back (resume state, parts, sizes.json) are then never
+    read or written through a planted link. (A link that stays inside, as an extracted archive may
+    hold, is left alone.) Writers check again as they write (open_temp, open_own, make_dirs)."""
     if not is_local(out) or not os.path.isdir(out.path):
         return
+    inside = os.path.realpath(out.path).rstrip("/") + "/"
     for folder, dirs, files in os.walk(out.path, followlinks=False):
         for name in sorted(dirs + files):
             path = os.path.join(folder, name)
@@ -95,8 +104,9 @@ def check_output_tree(out: UPath) -> None:
             except FileNotFoundError:  # a file another process (not a writer of ours) just removed
                 continue
             if stat.S_ISLNK(mode):
-                raise _refusal(path, "it is a symbolic link")
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                if not os.path.realpath(path).startswith(inside):
+                    raise _refusal(path, "it is a symbolic link")
+            elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise _refusal(path, "it is not a regular file")
 
 

@@ -354,3 +354,19 @@ def test_clap_eval_out_and_clap_export_refuse_a_planted_link(clap_shards, tmp_pa
         _plant(tmp_path, name, victims.folder)
     assert clap_export.main([str(tmp_path / "run.pt"), "--format", "hf", str(tmp_path / "hf2")]) == 0
     assert victims.unchanged() and (tmp_path / "hf2" / "config.json").is_file()
+
+
+def test_the_output_scan_leaves_links_that_stay_inside(tmp_path) -> None:
+    """An extracted archive may hold links among its own members: a resume is not refused for them,
+    but a link leading out, even through one that stays inside, is."""
+    victims = Victims(tmp_path / "outside")
+    out = tmp_path / "out"
+    members = out / "_work" / "source_state" / "extracted" / "pack"
+    members.mkdir(parents=True)
+    (members / "a.wav").write_bytes(b"RIFF")
+    (members / "alias.wav").symlink_to("a.wav")
+    storage.check_output_tree(storage.location(out))
+    (members / "hop").symlink_to(out / "escape")
+    (out / "escape").symlink_to(victims.file)
+    with pytest.raises(storage.UnsafeOutput, match="it is a symbolic link$"):
+        storage.check_output_tree(storage.location(out))
