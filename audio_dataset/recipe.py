@@ -42,14 +42,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from upath import UPath
 
-from audio_dataset import manifest
+from audio_dataset import manifest, storage
 from audio_dataset.build import WORK_DIR, write_merged
 from audio_dataset.lock import hold_output
 from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls, record_run, redact_mapping
 from audio_dataset.schema import SIZES_FILE
 from audio_dataset.shards import read_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
-from audio_dataset import storage
 from audio_dataset.storage import atomic_write_json, is_local, read_json
 
 SOURCES_DIR = "_sources"
