@@ -96,18 +96,17 @@ def check_output_tree(out: UPath) -> None:
     if not is_local(out) or not os.path.isdir(out.path):
         return
     inside = os.path.realpath(out.path).rstrip("/") + "/"
-    for folder, dirs, files in os.walk(out.path, followlinks=False):
-        for name in sorted(dirs + files):
-            path = os.path.join(folder, name)
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:  # a file another process (not a writer of ours) just removed
-                continue
-            if stat.S_ISLNK(mode):
-                if not os.path.realpath(path).startswith(inside):
-                    raise _refusal(path, "it is a symbolic link")
-            elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise _refusal(path, "it is not a regular file")
+    folders = [out.path]
+    while folders:  # scandir's entry types come with the listing: no stat per file
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    if not os.path.realpath(entry.path).startswith(inside):
+                        raise _refusal(entry.path, "it is a symbolic link")
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif not entry.is_file(follow_symlinks=False):
+                    raise _refusal(entry.path, "it is not a regular file")
 
 
 def check_target(path: Path) -> None:

@@ -370,3 +370,37 @@ def test_the_output_scan_leaves_links_that_stay_inside(tmp_path) -> None:
     (out / "escape").symlink_to(victims.file)
     with pytest.raises(storage.UnsafeOutput, match="it is a symbolic link$"):
         storage.check_output_tree(storage.location(out))
+
+
+# --------------------------------------------------------------------------- writers of web sources' state
+
+
+def test_a_download_into_a_planted_link_is_refused(loopback, fast_http_config, tmp_path) -> None:
+    from audio_dataset.http import HttpClient
+
+    victims = Victims(tmp_path / "outside")
+    out = storage.trust_output(tmp_path / "out")
+    url = loopback.add("/a.ogg", (REAL_AUDIO_DIR / "198-209-0000.ogg").read_bytes(), "audio/ogg")
+    archives = Path(out.path) / "_work" / "source_state" / "archives"
+    for dest, target in ((archives / "a.ogg", victims.file), (archives, victims.folder)):
+        shutil.rmtree(Path(out.path), ignore_errors=True)
+        _plant(Path(out.path), str(dest.relative_to(out.path)), target)
+        with pytest.raises(storage.UnsafeOutput, match=f"^refusing to write {re.escape(str(archives))}"):
+            HttpClient(fast_http_config).download(url, archives / "a.ogg", expect="audio")
+        assert victims.unchanged()
+
+
+def test_listing_pages_are_never_appended_through_a_planted_link(tmp_path) -> None:
+    from audio_dataset.listing import PagedListing
+
+    victims = Victims(tmp_path / "outside")
+    state = Path(storage.trust_output(tmp_path / "out").path) / "_work" / "source_state"
+    link = _plant(state.parent.parent, "_work/source_state/site.pages.jsonl", victims.file)
+    listing = PagedListing(state, "site")  # the unreadable "state" is dropped: the link, not its target
+    listing.append([{"id": 1}], None)
+    assert victims.unchanged() and not link.is_symlink() and listing.pages_done == 1
+    os.unlink(link)
+    link.symlink_to(victims.file)
+    with pytest.raises(storage.UnsafeOutput, match="site.pages.jsonl: it is a symbolic link$"):
+        listing._write_line({"page": 1, "records": [], "next": None})  # a link that appears mid-listing
+    assert victims.unchanged()
