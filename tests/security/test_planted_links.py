@@ -404,3 +404,23 @@ def test_listing_pages_are_never_appended_through_a_planted_link(tmp_path) -> No
     with pytest.raises(storage.UnsafeOutput, match="site.pages.jsonl: it is a symbolic link$"):
         listing._write_line({"page": 1, "records": [], "next": None})  # a link that appears mid-listing
     assert victims.unchanged()
+
+
+def test_the_ffmpeg_link_folder_in_a_shared_tmp_must_be_ours(tmp_path, monkeypatch) -> None:
+    """yt-dlp runs `ffmpeg` from a fixed folder in /tmp: one that others can write is refused."""
+    import imageio_ffmpeg
+
+    from audio_dataset import youtube
+    from audio_dataset.source import SourceError
+
+    monkeypatch.setattr(youtube.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: "/opt/imageio/ffmpeg-linux-x86_64-v7.0")
+    monkeypatch.setattr(youtube, "_ffmpeg_dir", None)
+    folder = tmp_path / f"audiodata-ffmpeg-{os.getuid()}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    with pytest.raises(SourceError, match="is not a folder only this user can write"):
+        youtube.ffmpeg_dir()
+    folder.chmod(0o700)
+    assert youtube.ffmpeg_dir() == str(folder)
+    assert os.readlink(folder / "ffmpeg") == "/opt/imageio/ffmpeg-linux-x86_64-v7.0"
