@@ -207,7 +207,8 @@ def test_a_guessed_temp_name_is_refused_not_written_through(tmp_path, monkeypatc
     victims = Victims(tmp_path / "outside")
     out = storage.trust_output(tmp_path / "out")
     link = _plant(Path(out.path), f".stats.json.tmp-{os.getpid()}-{'0' * 16}", victims.file)
-    with pytest.raises(storage.UnsafeOutput, match=f"^refusing to write {re.escape(str(link))}: it is a symbolic link$"):
+    refused = f"^refusing to write {re.escape(str(link))}: it is a symbolic link$"
+    with pytest.raises(storage.UnsafeOutput, match=refused):
         storage.atomic_write_json(out / "stats.json", {})
     assert victims.unchanged() and not (Path(out.path) / "stats.json").exists()
 
