@@ -38,7 +38,8 @@ from audio_dataset.redaction import redact
 from audio_dataset.raystart import start_ray
 from audio_dataset.schema import SampleMeta, clean_captions, safe_key, shard_name, split_order
 from audio_dataset.shards import Sample, ShardWriter, write_sizes
-from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json, remove_stale_temps
+from audio_dataset.storage import Location, atomic_write_json, is_local, location, make_dirs, read_json, \
+    remove_stale_temps, trust_output
 from audio_dataset.source import (
     Item, ItemError, Source, SourceConfig, SourceError, UserError, load_source, read_definition,
 )
@@ -526,7 +527,7 @@ def _prepare_out(out: UPath) -> None:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     try:
-        (folder / WORK_DIR).mkdir(parents=True, exist_ok=True)
+        make_dirs(folder / WORK_DIR)
     except OSError as exc:
         raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
     if not os.access(folder / WORK_DIR, os.W_OK | os.X_OK):
@@ -538,7 +539,7 @@ def _shard_worker(task_json: str, source: Source, out: str, config: AudioConfig)
     import ray
 
     try:
-        result = run_shard(ShardTask.from_json(task_json), source, location(out), config)
+        result = run_shard(ShardTask.from_json(task_json), source, trust_output(out), config)
     except SourceError as exc:
         return {"source_error": str(exc)}
     except EncodeFailed as exc:
@@ -682,7 +683,7 @@ def build(options: BuildOptions) -> BuildSummary:
         raise UserError("--samples-per-shard must be at least 1")
     for split in options.split_ratios:
         check_split_name(split, "--splits")
-    out = location(options.out)
+    out = trust_output(options.out)
     _check_out_is_not_input(out, options.source_config.input)
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)

@@ -18,7 +18,7 @@ from audio_dataset.audio import CLIPPING_POLICIES, FLAC_MAX_RATE, LONG_CLIP_POLI
 from audio_dataset.lock import OutputLocked, current_holder
 from audio_dataset.redaction import redact
 from audio_dataset.source import SourceConfig, SourceError, UserError
-from audio_dataset.storage import is_local, location
+from audio_dataset.storage import UnsafeOutput, is_local, location
 
 if TYPE_CHECKING:
     from audio_dataset.build import BuildOptions
@@ -438,6 +438,9 @@ def _run(args: argparse.Namespace) -> int:
     except UserError as exc:
         print(f"audiodata: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except UnsafeOutput as exc:  # a planted link in the output: the run stops, nothing written through it
+        print(f"audiodata: error: {_root_cause(exc)}", file=sys.stderr)
+        return 1
     except OSError as exc:
         return _os_error(exc, getattr(args, "out", None))
     except SourceError as exc:

@@ -40,6 +40,7 @@ from audio_dataset import __version__
 from audio_dataset.media import sniff_archive, sniff_audio
 from audio_dataset.redaction import redact, request_secrets
 from audio_dataset.source import ItemError, SourceError, UserError
+from audio_dataset.storage import open_temp, publish
 
 DEFAULT_USER_AGENT = f"audiodata/{__version__} (LAION-Audio-630K-style audio-text dataset builder)"
 _CHUNK = 64 * 1024
@@ -432,11 +433,9 @@ class _MemorySink:
 
 class _FileSink:
     def __init__(self, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
         self.dest = dest
-        # Unique per process and thread: two workers fetching one URL never share a temp file.
-        self.temp = dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}.part")
-        self._handle = open(self.temp, "wb")
+        # An unguessable temp name per sink: two workers fetching one URL never share a temp file.
+        self.temp, self._handle = open_temp(dest)
 
     def write(self, chunk: bytes) -> None:
         self._handle.write(chunk)
@@ -445,7 +444,7 @@ class _FileSink:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
-        os.replace(self.temp, self.dest)
+        publish(self.temp, self.dest)
         return self.dest
 
     def discard(self) -> None:

@@ -26,7 +26,7 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.source import Item
-from audio_dataset.storage import atomic_write_json, read_json
+from audio_dataset.storage import atomic_write_json, open_own, read_json
 
 _FORMAT = 1
 
@@ -68,8 +68,11 @@ class PagedListing:
                 self.done = page["next"] is None
                 good_bytes += len(line)
         if good_bytes != self.path.stat().st_size:
-            with open(self.path, "r+b") as handle:
-                handle.truncate(good_bytes)
+            fd = open_own(self.path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, good_bytes)
+            finally:
+                os.close(fd)
 
     def _reset(self) -> None:
         assert self.path is not None
@@ -78,14 +81,11 @@ class PagedListing:
 
     def _write_line(self, data: dict[str, Any]) -> None:
         assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            header = json.dumps({"fingerprint": self.fingerprint}, sort_keys=True) + "\n"
-            with open(self.path, "ab") as handle:
-                handle.write(header.encode("utf-8"))
-        line = json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n"
-        with open(self.path, "ab") as handle:
-            handle.write(line.encode("utf-8"))
+        fd = open_own(self.path)  # appended in place: never through a planted link
+        with os.fdopen(fd, "ab") as handle:
+            if handle.tell() == 0:
+                handle.write((json.dumps({"fingerprint": self.fingerprint}, sort_keys=True) + "\n").encode("utf-8"))
+            handle.write((json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from upath import UPath
 
 from audio_dataset.source import UserError
-from audio_dataset.storage import is_local
+from audio_dataset.storage import check_output_tree, is_local, make_dirs, open_own, trust_output
 
 LOCK_FILE = ".audiodata.lock"
 LEASE_REFRESH_S = 15.0
@@ -99,10 +99,10 @@ def _flock(out: UPath, holder: Holder) -> int:
     folder = Path(out.path)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     path = folder / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_own(path, os.O_RDWR)  # never through a planted link or a hard link to another file
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -206,9 +206,11 @@ def current_holder(out: UPath) -> Holder | None:
 def hold_output(out: UPath, stage: str) -> Iterator[Holder]:
     """Hold the output for one writer for the duration of the block, or raise OutputLocked."""
     holder = Holder(stage)
+    trust_output(out)
     if is_local(out):
         fd = _flock(out, holder)
         try:
+            check_output_tree(out)  # held: no writer of ours is changing the tree under the walk
             yield holder
         finally:
             _unflock(out, fd)

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from upath import UPath
 
-from audio_dataset import manifest
+from audio_dataset import manifest, storage
 from audio_dataset.build import WORK_DIR, write_merged
 from audio_dataset.lock import hold_output
 from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls, record_run, redact_mapping
@@ -401,8 +401,9 @@ def publish(out: UPath, entry: RecipeSource) -> int:
 
 def _move(src: UPath, dest: UPath) -> None:
     if is_local(src):
-        Path(dest.path).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src.path, dest.path)  # same filesystem: one rename, never a partial file
+        storage.check_target(Path(src.path))  # a planted link is not moved into the dataset
+        storage.make_dirs(Path(dest.path).parent)
+        storage.publish(Path(src.path), dest.path)  # same filesystem: one rename, never a partial file
     else:
         src.fs.mv(src.path, dest.path)  # a server-side copy, then the original is deleted
 

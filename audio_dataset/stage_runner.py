@@ -32,7 +32,7 @@ from audio_dataset.manifest import read_parquet
 from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, record_run
 from audio_dataset.raystart import start_ray
 from audio_dataset.source import UserError
-from audio_dataset.storage import Location, is_local, location, remove_stale_temps
+from audio_dataset.storage import Location, is_local, location, remove_stale_temps, trust_output
 
 DEVICES = ("auto", "cpu", "cuda")
 REWRITE, DROP, READ = "rewrite", "drop", "read"
@@ -218,9 +218,11 @@ class _Worker:
     """The body of one Ray actor."""
 
     def __init__(self, factory: Callable[[str], ShardProcessor], device: str, threads: int,
-                 schema: pa.Schema, mode: str = REWRITE) -> None:
+                 schema: pa.Schema, mode: str = REWRITE, out: str | None = None) -> None:
         self.factory, self.device, self.threads, self.schema, self.mode = factory, device, threads, schema, mode
         self.processor: ShardProcessor | None = None
+        if out is not None:  # the driver's --out: no folder below it may be a link (storage.make_dirs)
+            trust_output(out)
 
     def run(self, job: ShardJob) -> tuple[ShardJob, int]:
         # Built on the first job, not in __init__: Ray passes a method's exception (a UserError
@@ -259,7 +261,7 @@ def _run_jobs(stage: Stage, jobs: list[ShardJob], options: RunOptions) -> Iterat
 
     device, workers, threads = _plan_workers(options, len(jobs))
     actor_cls = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0, max_restarts=0)(_Worker)
-    actors = [actor_cls.remote(stage.factory, device, threads, stage.manifest_schema, stage.mode)
+    actors = [actor_cls.remote(stage.factory, device, threads, stage.manifest_schema, stage.mode, str(options.out))
               for _ in range(workers)]
     try:
         yield from ActorPool(actors).map_unordered(lambda actor, job: actor.run.remote(job), jobs)
@@ -286,7 +288,7 @@ def _raise_user_errors(exc: BaseException) -> None:
 
 def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
     check_run(options)  # before the lock creates --out
-    with hold_output(location(options.out), stage.name):
+    with hold_output(trust_output(options.out), stage.name):
         return _run_stage_held(stage, options)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -63,7 +64,11 @@ def ffmpeg_dir() -> str:
             _ffmpeg_dir = os.path.dirname(binary)
             return _ffmpeg_dir
         folder = Path(tempfile.gettempdir()) / f"audiodata-ffmpeg-{os.getuid()}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+        # A shared /tmp: a folder someone else made (or can write) could hand yt-dlp their `ffmpeg`.
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise SourceError(f"{folder} is not a folder only this user can write; remove it and rerun")
         link = folder / "ffmpeg"
         if not (link.is_symlink() and os.readlink(link) == binary):
             temp = folder / f"ffmpeg.{os.getpid()}.{threading.get_ident()}"

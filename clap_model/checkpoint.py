@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from clap_model import hf_format
+from clap_model import files, hf_format
 from clap_model import msclap_format
 from clap_model.clap import CLAP
 from clap_model.config import ModelConfig, UsageError, get_preset
@@ -198,17 +198,15 @@ def load_model(path: str | Path, preset: str | None = None, text_model: str | No
 
 
 def save_atomic(state: dict[str, Any], path: Path, also: Path | None = None) -> None:
-    """Write beside the target and rename: a crash never leaves a half-written checkpoint.
+    """Written in a private folder beside the target and renamed (clap_model.files): a crash never
+    leaves a half-written checkpoint, and no planted link is written through.
     `also` gets the same file (a hard link where the filesystem allows, else a second write)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with files.replacing(path) as tmp:
+        torch.save(state, tmp)
     if also is None:
         return
-    tmp = also.with_name(f".{also.name}.tmp-{os.getpid()}")
-    try:
-        os.link(path, tmp)
-    except OSError:
-        torch.save(state, tmp)
-    os.replace(tmp, also)
+    with files.replacing(also) as tmp:
+        try:
+            os.link(path, tmp, follow_symlinks=False)
+        except OSError:
+            torch.save(state, tmp)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from clap_model import checkpoint as ckpt
+from clap_model import files
 from clap_model.clap import CLAP
 from clap_model.config import ModelConfig, UsageError, error_line, get_preset
 from clap_model.data import (DATASET_SEPARATOR, AudioSpec, DataError, LoaderConfig, ShardDataset, ShardSet,
@@ -109,16 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         print("clap-eval: error: --batch-size must be positive and --workers non-negative", file=sys.stderr)
         return 2
     try:
+        if args.out:  # before the run: a name that will be refused is said at once
+            files.check_target(Path(args.out))
         metrics = _evaluate(args)
+        if args.out:
+            with files.replacing(Path(args.out)) as tmp:
+                tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     except (UsageError, OSError) as exc:
         print(f"clap-eval: error: {error_line(exc)}", file=sys.stderr)
         return 2
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        tmp.replace(out)
     return 0
 
 

@@ -12,15 +12,13 @@ line (exit 2) before anything is written; the output appears whole or not at all
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from clap_model import checkpoint as ckpt
-from clap_model import hf_format, msclap_format
+from clap_model import files, hf_format, msclap_format
 from clap_model.clap import CLAP
 from clap_model.config import PRESETS, UsageError, error_line
 
@@ -67,17 +65,14 @@ def save_laion(model: CLAP, path: Path) -> None:
 
 
 def save_hf_folder(model: CLAP, out: Path) -> None:
-    """save_hf into a sibling folder renamed into place: a failed export leaves no half folder."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """save_hf into a private folder renamed into place: a failed export leaves no half folder."""
+    files.check_target(out, folder=True)
+    if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not an empty folder; remove it or name another")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with files.replacing(out, folder=True) as tmp:
         hf_format.save_hf(model, tmp)
         if out.exists():
             out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 SAVERS = {"hf": save_hf_folder, "laion": save_laion, "msclap": msclap_format.save_msclap}

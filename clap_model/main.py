@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from clap_model import checkpoint as ckpt
-from clap_model import distributed
+from clap_model import distributed, files
 from clap_model.clap import CLAP
 from clap_model.config import UsageError, error_line, get_preset
 from clap_model.data import (DataError, LoaderConfig, ShardDataset, ShardSet, batches_per_worker, make_loader,
@@ -81,7 +81,7 @@ class Run:
         self.optimizer = build_optimizer(self.model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
         self.state = TrainState()
         # Only now that model and data are ready: a run that cannot start leaves no --out behind.
-        self.out.mkdir(parents=True, exist_ok=True)
+        files.make_folder(self.out)
         self.writer = self._tensorboard() if info.is_master else None
 
     def _resume_path(self) -> str:
@@ -96,6 +96,7 @@ class Run:
     def _tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter
 
+        files.make_folder(self.out / "tensorboard")  # its event files' names are its own; its folder is not a link
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def log(self, message: str) -> None:
@@ -177,8 +178,8 @@ class Run:
                      f"({time.perf_counter() - started:.1f}s)")
             for name, value in metrics.items():
                 self.scalar(f"val/{name}", value, self.state.step)
-            with open(self.out / "results.jsonl", "a") as handle:
-                handle.write(json.dumps({"epoch": self.state.epoch, "step": self.state.step, **metrics}) + "\n")
+            files.append_line(self.out / "results.jsonl",
+                              json.dumps({"epoch": self.state.epoch, "step": self.state.step, **metrics}))
         distributed.barrier(self.info)
 
     def on_step(self, state: TrainState) -> None:
