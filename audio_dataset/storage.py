@@ -18,6 +18,7 @@ import fnmatch
 import json
 import os
 import secrets
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -249,6 +250,10 @@ def remove_stale_temps(out: UPath) -> None:
     Only for the one writer that holds `out` (audio_dataset.lock), once its workers have stopped.
     Links to folders are not walked into: what lies behind one is not ours to delete."""
     if is_local(out) and Path(out.path).is_dir():
-        for folder, _dirs, files in os.walk(out.path, followlinks=False):
+        for folder, dirs, files in os.walk(out.path, followlinks=False):
             for name in fnmatch.filter(files, ".*.tmp-*"):
                 Path(folder, name).unlink(missing_ok=True)
+            for name in fnmatch.filter(dirs, ".*.tmp-*"):  # a half-extracted archive
+                dirs.remove(name)
+                if not os.path.islink(os.path.join(folder, name)):
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)

@@ -37,7 +37,7 @@ from typing import BinaryIO, Iterator
 
 from audio_dataset.http import HttpClient, public_url
 from audio_dataset.source import ItemError, SourceError, UserError
-from audio_dataset.storage import location as storage_location, temp_sibling
+from audio_dataset.storage import location as storage_location, open_own, temp_sibling
 from pipelines._common import is_url
 
 ARCHIVE_SUFFIXES = (".zip", ".7z", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -74,9 +74,8 @@ def archive_stem(name: str) -> str:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock held by one thread of one process at a time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    """An exclusive flock held by one thread of one process at a time (never through a planted link)."""
+    with os.fdopen(open_own(path), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -221,9 +220,8 @@ class ArchiveStore:
         with _locked(folder.with_name(folder.name + ".lock")):
             if folder.is_dir():
                 return folder
-            temp = folder.with_name(f".{folder.name}.{os.getpid()}.part")
-            shutil.rmtree(temp, ignore_errors=True)
-            temp.mkdir(parents=True)
+            temp = temp_sibling(folder)  # unguessable: a link planted there is never written through
+            os.mkdir(temp, 0o755)
             try:
                 if path.name.lower().endswith(".7z"):
                     _extract_7z(path, temp)
