@@ -4,6 +4,8 @@ The standard library's stream mode (which webdataset uses) pulls a member's byte
 reads joined in Python; for the loader's large FLAC members that cost ~10x a single read (measured
 in bench/RESULTS.md, clap-train). Shards from any webdataset writer read the same: ustar headers,
 pax `path` records and GNU long names are honoured; links, directories and other entries are skipped.
+A member over its cap (audio_dataset.schema's, shared with audiodata's readers) or sparse is never
+read: it is skipped a bounded chunk at a time and its sample named as refused.
 """
 from __future__ import annotations
 

@@ -186,6 +186,22 @@ def test_captions_are_cut_before_a_model_sees_them() -> None:
     assert len(description_text(meta, "description")) <= MAX_DESCRIPTION_CHARS  # KeyBERT's document
 
 
+def test_k2c_copies_no_overlong_caption_into_its_shard() -> None:
+    from audio_dataset.k2c.keywords import load_ontology
+    from audio_dataset.k2c.models import ResolvedModel
+    from audio_dataset.k2c.stages import K2COptions, K2CProcessor
+    from audio_dataset.stage_runner import ShardJob
+
+    processor = K2CProcessor(K2COptions(model="template"), ResolvedModel("template", "", ""), None,
+                             load_ontology(), "cpu")
+    meta = {"text": ["d" * 5_000_000], "tag": ["dog"], "duration": 3.0}
+    new, rows = processor.process(ShardJob("train", "000000.tar", "", "", ""),
+                                  [{"__key__": "a", "flac": b"x", "json": json.dumps(meta).encode()}])
+    written = json.loads(new[0]["json"])
+    assert rows[0]["status"] == "generated" and len(written["text"][0]) == 5_000_000  # `text` is copied as it was
+    assert [len(t) for t in written["text_augment_all"]] == [MAX_CAPTION_CHARS, len("The sound of dog")]
+
+
 def test_stage_read_path_gives_refused_samples_their_rows(hostile: Path) -> None:
     """What k2c, keywords, embed, dedup and filter share: a refused sample is never given to the
     processor nor written, and its manifest row names why."""
@@ -289,3 +305,24 @@ def test_the_clap_loader_skips_each_hostile_sample_by_name(hostile: Path) -> Non
     for expected in ("sparse1: sparse_member", "sparse2: sparse_member", "bigcap: member_too_large",
                      "huge: member_too_large", "deep: bad_json", "listed: bad_json"):
         assert expected in proc.stderr, (expected, proc.stderr[-3000:])
+
+
+def _pax_header(payload: bytes, size: int | None = None) -> bytes:
+    info = tarfile.TarInfo("PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(payload) if size is None else size
+    return info.tobuf(tarfile.GNU_FORMAT) + payload + bytes(-len(payload) % 512)
+
+
+def test_clap_tarstream_names_refused_members_and_ends_bad_headers() -> None:
+    from clap_model.tarstream import TarFormatError, tar_samples
+
+    data = b"".join([_plain("a.flac", b"1"), _plain("a.json", b"{}"), _pax_sparse("s.flac"), _plain("s.json", b"{}"),
+                     _gnu_sparse("g.flac"), _plain("b.json", b"{}"), bytes(1024)])
+    samples = list(tar_samples(io.BytesIO(data), "u"))
+    assert [(s["__key__"], s["__refused__"].reason if "__refused__" in s else sorted(s)) for s in samples] == [
+        ("a", ["__key__", "__url__", "flac", "json"]), ("s", SPARSE_MEMBER), ("g", SPARSE_MEMBER),
+        ("b", ["__key__", "__url__", "json"])]
+    for header, why in [(_pax_header(b"0 path=x\n"), "malformed pax"),  # once an endless loop
+                        (_pax_header(b"", size=10 ** 12), "extended header")]:  # once a MemoryError
+        with pytest.raises(TarFormatError, match=why):
+            list(tar_samples(io.BytesIO(header + _plain("a.json", b"{}") + bytes(1024)), "u"))
