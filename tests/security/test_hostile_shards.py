@@ -26,9 +26,9 @@ from conftest import REAL_AUDIO_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "audio_dataset.cli"]
-# Each command's data segment is capped here: the unfixed readers took 6-7 GB on the sparse member.
-# Measured peaks on the clean dataset: ~0.3 GB for verify/stats/report, ~0.9 GB for the CLAP loader
-# (torch), well under it; a Ray-run stage's processes each stay under it too.
+# Each command's data segment is capped here: the unfixed readers took 6-7 GB on the sparse member
+# (verify under this cap: a MemoryError traceback). Measured peak RSS on the hostile dataset: 0.12 GB
+# for verify, 0.4 GB for the CLAP loader (torch); filter's Ray processes run under the cap too.
 DATA_CAP = 2 << 30
 GIGA = 3_000_000_000  # the size the sparse members declare
 
