@@ -27,8 +27,8 @@ from upath import UPath
 from audio_dataset import manifest
 from audio_dataset.audio import encode_flac, resample, set_channels
 from audio_dataset.provenance import PROVENANCE_FILE
-from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, SPLITS
-from audio_dataset.shards import DamagedShard, iter_shard, read_sizes
+from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, SPLITS, load_json_object
+from audio_dataset.shards import DamagedShard, iter_shard, read_sizes, refusal
 from audio_dataset.stats import PANELS, compute_stats, failures, panel_pngs, plot_data, warn_damaged
 from audio_dataset.storage import Location, atomic_write_bytes, location, read_json
 
@@ -83,17 +83,22 @@ def load_samples(out: UPath, chosen: list[tuple[str, str]], damaged: dict[str, s
         try:
             for sample in iter_shard(out / shard):
                 if sample["__key__"] in keys:
+                    refused = refusal(sample)
+                    if refused is not None:
+                        damaged.setdefault(shard, f"sample {sample['__key__']}: {refused}")
+                        continue
                     found[sample["__key__"]] = _report_sample(shard, sample)
         except DamagedShard as exc:
             damaged.setdefault(shard, exc.detail)
-        except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:  # FLAC lost sync, bad JSON
+        except (soundfile.LibsndfileError, RuntimeError, ValueError, KeyError) as exc:  # FLAC lost sync, bad JSON
             damaged.setdefault(shard, f"sample {sample['__key__']}: {' '.join(str(exc).split())}")
     return [found[key] for key, _ in chosen if key in found]
 
 
 def _report_sample(shard: str, sample: dict[str, Any]) -> ReportSample:
     flac, seconds = audio_preview(sample[AUDIO_EXT])
-    return ReportSample(sample["__key__"], shard.split("/")[0], json.loads(sample[JSON_EXT]), flac, seconds)
+    return ReportSample(sample["__key__"], shard.split("/")[0], load_json_object(sample[JSON_EXT]), flac,
+                        seconds)
 
 
 def read_split_sizes(out: UPath) -> dict[str, int]:

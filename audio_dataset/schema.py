@@ -137,3 +137,91 @@ def bad_shard_name(name: object) -> str | None:
     if name in (".", "..") or not _PLAIN_NAME.fullmatch(name):
         return "not a plain file name in the folder (a path, URL or command)"
     return None
+
+
+# ---- What a shard member may be. Every reader of shards (audiodata's commands and clap_model's
+# loader) holds a member to these before it is read into memory, so a hostile shard costs a
+# bounded amount of memory and one named outcome for its sample.
+# An audio member: 512 MiB is ~46 min of 48 kHz stereo 16-bit WAV; a FLAC clip is far smaller.
+MAX_MEMBER_BYTES = 512 << 20
+MAX_JSON_BYTES = 16 << 20
+MAX_JSON_DEPTH = 64  # a sample's JSON nests 3 deep; Python's parser recurses in C per level
+MAX_NAME_CHARS = 255
+# A sample refused before it is used: its manifest status (or verify's problem) names which.
+BAD_MEMBER = "bad_member"  # a member name that is not a plain `KEY.EXT`
+MEMBER_TOO_LARGE = "member_too_large"
+SPARSE_MEMBER = "sparse_member"  # a GNU/pax sparse file: it declares more bytes than it stores
+BAD_JSON = "bad_json"  # no .json, not UTF-8 JSON, nested too deep, or not an object
+REFUSED = (BAD_MEMBER, MEMBER_TOO_LARGE, SPARSE_MEMBER, BAD_JSON)
+# The sample entry a shard reader puts a SampleRefused in (dunder: never written as a member).
+REFUSED_KEY = "__refused__"
+
+
+class SampleRefused(ValueError):
+    """A member or sample that is not read further; `reason` is one of REFUSED."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def shown(name: str) -> str:
+    """A member name as it may be printed or recorded: escaped to ASCII and cut short."""
+    text = ascii(name)[1:-1]
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def member_cap(ext: str) -> int:
+    """The most bytes a member with this extension may hold."""
+    return MAX_JSON_BYTES if ext.lower() == JSON_EXT else MAX_MEMBER_BYTES
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """(key, ext) of a plain `KEY.EXT` member name (the key ends at the first dot, webdataset's
+    rule). Anything else (a path, `..`, a leading dot, control characters) raises BAD_MEMBER."""
+    key, _, ext = name.partition(".")
+    if not key or not ext or "/" in name or "\\" in name or ".." in name or not name.isprintable() \
+            or len(name) > MAX_NAME_CHARS:
+        raise SampleRefused(BAD_MEMBER, f"member name {shown(name)!r} is not a plain KEY.EXT")
+    return key, ext
+
+
+def check_member_size(name: str, size: int) -> None:
+    """Raises MEMBER_TOO_LARGE for a member declaring more than its extension's cap."""
+    cap = member_cap(name.rpartition(".")[2] if "." in name else "")
+    if size > cap:
+        raise SampleRefused(MEMBER_TOO_LARGE, f"{shown(name)} declares {size} bytes (the cap is {cap})")
+
+
+# A JSON string literal, and what is left once strings and everything but brackets are gone.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _nesting_ok(raw: bytes) -> bool:
+    """Whether the JSON's brackets balance and nest at most MAX_JSON_DEPTH deep: each pass deletes
+    the innermost pairs, so valid JSON is empty after as many passes as it is deep. Linear passes
+    in C and no recursion (json.loads recurses per level, even into unclosed brackets)."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        if not brackets:
+            return True
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    return not brackets
+
+
+def load_json_object(raw: bytes | str) -> dict[str, Any]:
+    """A sample's JSON member parsed with bounds: at most MAX_JSON_BYTES, nested at most
+    MAX_JSON_DEPTH, and an object. Anything else raises BAD_JSON (never RecursionError)."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(data) > MAX_JSON_BYTES:
+        raise SampleRefused(BAD_JSON, f"{len(data)} bytes (the cap is {MAX_JSON_BYTES})")
+    if not _nesting_ok(data):
+        raise SampleRefused(BAD_JSON, f"brackets unbalanced or nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        value = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
+        raise SampleRefused(BAD_JSON, " ".join(str(exc).split())[:200]) from None
+    if not isinstance(value, dict):
+        raise SampleRefused(BAD_JSON, f"a JSON {type(value).__name__}, not an object")
+    return value

@@ -15,14 +15,16 @@ from typing import BinaryIO, Iterator
 
 from upath import UPath
 
-from audio_dataset.schema import SIZES_FILE
+from audio_dataset.schema import REFUSED_KEY, SIZES_FILE, SPARSE_MEMBER, SampleRefused, check_member_size, \
+    member_key, shown
 from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, atomic_write_json, location, read_json
 
-__all__ = ["CHECKSUMS_FILE", "DamagedShard", "Sample", "ShardWriter", "atomic_write_bytes", "atomic_write_json",
-           "file_sha256", "iter_shard", "read_checksums", "read_sizes", "shard_paths", "write_sizes"]
+__all__ = ["CHECKSUMS_FILE", "REFUSED_KEY", "DamagedShard", "Sample", "ShardWriter", "atomic_write_bytes",
+           "atomic_write_json", "file_sha256", "iter_shard", "read_checksums", "read_sizes", "refusal", "shard_paths",
+           "write_sizes"]
 
 # A member's payload: bytes, text, or an open binary file (a long FLAC spooled to disk), read from its start.
-Sample = dict[str, bytes | str | BinaryIO]
+Sample = dict[str, bytes | str | BinaryIO | SampleRefused]
 CHECKSUMS_FILE = "SHA256SUMS"
 _CHUNK = 1 << 20
 
@@ -95,25 +97,80 @@ class ShardWriter:
 
 def iter_shard(path: Location) -> Iterator[Sample]:
     """Yield samples as dicts {'__key__': key, ext: bytes, ...}, in the order they were written.
+    A member that is badly named, sparse or over its cap is not read: its sample comes as
+    {'__key__': key, REFUSED_KEY: SampleRefused} (see `refusal`), one per key, and reading goes on.
     A shard that is cut short or corrupt raises DamagedShard naming it (after its readable samples)."""
     current: Sample = {}
     try:
         with location(path).open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+            end = _length(handle)
             for member in tar:
+                raw_key = member.name.partition(".")[0]
+                if current and member.isfile() and current["__raw_key__"] != raw_key:
+                    yield _finished(current)
+                    current = {}
+                _check_in_bounds(member, end)
                 if not member.isfile():
                     continue
-                key, _, ext = member.name.partition(".")
+                if not current:
+                    current = {"__raw_key__": raw_key, "__key__": shown(raw_key or member.name)}
+                if REFUSED_KEY in current:
+                    continue
+                try:
+                    key, ext = _readable_member(member)
+                except SampleRefused as exc:
+                    current = {"__raw_key__": raw_key, "__key__": current["__key__"], REFUSED_KEY: exc}
+                    continue
                 data = tar.extractfile(member)
                 assert data is not None
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
                 current["__key__"] = key
                 current[ext] = data.read()
     except (tarfile.TarError, EOFError) as exc:
         raise DamagedShard(path, str(exc) or type(exc).__name__) from None
     if current:
-        yield current
+        yield _finished(current)
+
+
+def _readable_member(member: tarfile.TarInfo) -> tuple[str, str]:
+    """(key, ext) of a member that may be read into memory, else SampleRefused naming why."""
+    key, ext = member_key(member.name)
+    # tarfile fills a sparse file's holes with zeros: a few MB on disk can read as terabytes.
+    if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE \
+            or any(name.startswith("GNU.sparse.") for name in member.pax_headers):
+        raise SampleRefused(SPARSE_MEMBER, f"{shown(member.name)} is a sparse file")
+    check_member_size(member.name, member.size)
+    return key, ext
+
+
+def _length(handle: BinaryIO) -> int | None:
+    """The shard's size in bytes, None where the stream cannot tell."""
+    try:
+        if not handle.seekable():
+            return None
+        where = handle.tell()
+        end = handle.seek(0, io.SEEK_END)
+        handle.seek(where)
+        return end
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_in_bounds(member: tarfile.TarInfo, end: int | None) -> None:
+    """A member whose bytes would run past the shard's end: the shard was cut short (or the header
+    lies). Named now, because tarfile's stream mode would skip a declared terabyte 10 KB at a time."""
+    if end is not None and not member.issparse() and member.offset_data + member.size > end:
+        raise tarfile.ReadError(f"{shown(member.name)} declares {member.size} bytes, past the shard's end")
+
+
+def _finished(sample: Sample) -> Sample:
+    del sample["__raw_key__"]
+    return sample
+
+
+def refusal(sample: Sample) -> SampleRefused | None:
+    """Why `iter_shard` (or a reader's own JSON check) refused this sample, or None."""
+    found = sample.get(REFUSED_KEY)
+    return found if isinstance(found, SampleRefused) else None
 
 
 def shard_paths(split_dir: Location) -> list[UPath]:

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
-from audio_dataset.schema import JSON_EXT, SIZES_FILE
-from audio_dataset.shards import Sample, ShardWriter, atomic_write_bytes, atomic_write_json, iter_shard, \
-    shard_paths, write_sizes
+from audio_dataset.schema import BAD_JSON, JSON_EXT, REFUSED, SIZES_FILE, SampleRefused, load_json_object
+from audio_dataset.shards import REFUSED_KEY, Sample, ShardWriter, atomic_write_bytes, atomic_write_json, \
+    iter_shard, refusal, shard_paths, write_sizes
 from audio_dataset.lock import hold_output
 from audio_dataset.manifest import read_parquet
 from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, record_run
@@ -164,21 +164,33 @@ def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
 
 
 def read_input_shard(job: ShardJob) -> list[Sample]:
-    """The input shard's samples, each with a JSON object. A truncated or corrupt shard is the user's
-    data to repair, so it is one clear line naming the shard, not a traceback from inside Ray."""
+    """The input shard's samples. One that is badly named, over a cap, or without a JSON object is
+    kept with its `refusal` (its manifest row names why; it is not processed or written). A
+    truncated or corrupt shard is the user's data to repair, so it is one clear line naming the
+    shard, not a traceback from inside Ray."""
     try:
         samples = list(iter_shard(job.src))
-        for sample in samples:
-            if JSON_EXT not in sample:
-                raise ValueError(f"sample {sample['__key__']} has no .{JSON_EXT}")
-            if not isinstance(json.loads(sample[JSON_EXT]), dict):
-                raise ValueError(f"{sample['__key__']}.{JSON_EXT} is not a JSON object")
         if job.expected is not None and len(samples) != job.expected:
             raise ValueError(f"{len(samples)} samples, {SIZES_FILE} says {job.expected}")
-    except (tarfile.TarError, EOFError, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
+    except (tarfile.TarError, EOFError, ValueError) as exc:  # DamagedShard is a ValueError
         raise UserError(f"--input {job.src}: unreadable shard ({str(exc)[:200]}); repair or remove it "
                         "(and its sizes.json entry), then rerun to resume") from None
+    for sample in samples:
+        if refusal(sample) is None:
+            try:
+                if JSON_EXT not in sample:
+                    raise SampleRefused(BAD_JSON, f"sample {sample['__key__']} has no .{JSON_EXT}")
+                load_json_object(sample[JSON_EXT])  # the processors' json.loads is then bounded too
+            except SampleRefused as exc:
+                sample[REFUSED_KEY] = exc
     return samples
+
+
+def _refused_row(job: ShardJob, sample: Sample, refused: SampleRefused, schema: pa.Schema) -> dict[str, Any]:
+    """The manifest row of a refused sample; fixed-size vectors (embed's) are zeros, as for a sample
+    without audio, so a split's matrices keep one row per sample."""
+    vectors = {f.name: [0.0] * f.type.list_size for f in schema if pa.types.is_fixed_size_list(f.type)}
+    return {"split": job.split, "shard": job.name, "key": sample["__key__"], "status": refused.reason, **vectors}
 
 
 def _check_output(job: ShardJob, samples: list[Sample], new_samples: list[Sample], rows: list[dict[str, Any]],
@@ -202,12 +214,17 @@ def _check_output(job: ShardJob, samples: list[Sample], new_samples: list[Sample
 
 def process_shard(processor: ShardProcessor, job: ShardJob, schema: pa.Schema, mode: str = REWRITE) -> int:
     samples = read_input_shard(job)
-    new_samples, rows = processor.process(job, samples)
-    _check_output(job, samples, new_samples, rows, mode)
+    usable = [sample for sample in samples if refusal(sample) is None]
+    new_samples, usable_rows = processor.process(job, usable)
+    _check_output(job, usable, new_samples, usable_rows, mode)
     if mode == REWRITE or (mode == DROP and new_samples):
         with ShardWriter(job.dst) as writer:
             for sample in new_samples:
                 writer.write(sample)
+    # One row per input sample, in order: a refused one's names why.
+    processed = iter(usable_rows)
+    rows = [next(processed) if (refused := refusal(sample)) is None else _refused_row(job, sample, refused, schema)
+            for sample in samples]
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     atomic_write_bytes(job.part, buffer.getvalue())
@@ -364,12 +381,16 @@ def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: UPath, out: UPath) 
         return _finalize_read(stage, jobs, out)
     tables = [read_parquet(job.part) for job in jobs]
     by_split: dict[str, dict[str, int]] = {}
+    read_by_split: dict[str, dict[str, int]] = {}
     for job, table in zip(jobs, tables):
-        kept = table.num_rows if stage.mode == REWRITE else table.column("status").to_pylist().count(KEPT)
+        statuses = table.column("status").to_pylist()
+        # A REWRITE stage writes every sample but the refused ones (named in its manifest).
+        kept = statuses.count(KEPT) if stage.mode == DROP else sum(status not in REFUSED for status in statuses)
         by_split.setdefault(job.split, {})[job.name] = kept
+        read_by_split.setdefault(job.split, {})[job.name] = len(statuses)
     for split, counts in by_split.items():
         expected = json.loads((input_dir / split / SIZES_FILE).read_text())
-        if stage.mode == REWRITE and any(expected.get(name, count) != count for name, count in counts.items()):
+        if stage.mode == REWRITE and any(expected.get(name, n) != n for name, n in read_by_split[split].items()):
             raise RuntimeError(f"{split}: sample counts differ from the input's {SIZES_FILE}")
         write_sizes(out / split, {name: count for name, count in counts.items() if count or stage.mode == REWRITE})
     manifest = out / f"{stage.name}_manifest.parquet"

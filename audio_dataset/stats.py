@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import sys
 from collections import Counter
@@ -14,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from audio_dataset import manifest
-from audio_dataset.schema import split_order
-from audio_dataset.shards import DamagedShard, iter_shard, shard_paths
+from audio_dataset.schema import JSON_EXT, SampleRefused, load_json_object, split_order
+from audio_dataset.shards import DamagedShard, Sample, iter_shard, refusal, shard_paths
 from audio_dataset.storage import Location, atomic_write_bytes, location
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting (builds print stats too)
@@ -156,13 +155,25 @@ def caption_lengths(out: Location, splits: list[str]) -> tuple[list[int], dict[s
             name = f"{split}/{path.name}"
             try:
                 for sample in iter_shard(path):
-                    text = json.loads(sample["json"])["text"]
-                    lengths.append(len(text[0].split()) if text else 0)
+                    try:
+                        lengths.append(_first_caption_words(sample))
+                    except (SampleRefused, KeyError, TypeError, IndexError, AttributeError) as exc:  # an edited member
+                        damaged.setdefault(name, f"sample {sample['__key__']}: {_why(exc)}")
             except DamagedShard as exc:
                 damaged[name] = exc.detail
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # an edited JSON member
-                damaged[name] = f"sample {sample.get('__key__')}: bad JSON ({type(exc).__name__}: {exc})"
     return lengths, damaged
+
+
+def _first_caption_words(sample: Sample) -> int:
+    refused = refusal(sample)
+    if refused is not None:
+        raise refused
+    text = load_json_object(sample[JSON_EXT])["text"]
+    return len(text[0].split()) if text else 0
+
+
+def _why(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, SampleRefused) else f"bad JSON ({type(exc).__name__}: {exc})"
 
 
 def warn_damaged(out: Location, damaged: dict[str, str], file: TextIO = sys.stderr) -> None:

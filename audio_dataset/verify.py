@@ -3,7 +3,6 @@ sha256 (SHA256SUMS, recorded when the shard was written) and the manifest."""
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +11,9 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.build import CONFIG_FILE, WORK_DIR
-from audio_dataset.schema import SIZES_FILE, validate_meta
-from audio_dataset.shards import CHECKSUMS_FILE, DamagedShard, file_sha256, iter_shard, read_checksums, shard_paths
+from audio_dataset.schema import SIZES_FILE, SampleRefused, load_json_object, validate_meta
+from audio_dataset.shards import CHECKSUMS_FILE, DamagedShard, file_sha256, iter_shard, read_checksums, refusal, \
+    shard_paths
 from audio_dataset.storage import Location, location, read_json
 
 
@@ -39,29 +39,42 @@ def _built_audio(out: UPath) -> dict[str, Any]:
 def _check_sample(name: str, sample: dict, report: VerifyReport, built: dict[str, Any]) -> None:
     key = sample["__key__"]
     where = f"{name}:{key}"
+    refused = refusal(sample)
+    if refused is not None:
+        report.problems.append(f"{where}: {refused}")
+        return
     if set(sample) != {"__key__", "flac", "json"}:
         report.problems.append(f"{where}: members {sorted(k for k in sample if k != '__key__')}, want flac+json")
         return
     try:
-        meta = json.loads(sample["json"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        report.problems.append(f"{where}: bad JSON ({exc})")
+        meta = load_json_object(sample["json"])
+    except SampleRefused as exc:
+        report.problems.append(f"{where}: {exc}")
         return
     report.problems.extend(f"{where}: {p}" for p in validate_meta(meta))
     report.problems.extend(f"{where}: JSON {option} {meta.get(option)}, the build's options say {value}"
                            for option, value in built.items() if meta.get(option) != value)
     try:
-        audio, rate = soundfile.read(io.BytesIO(sample["flac"]), dtype="float32", always_2d=True)
+        frames, rate, channels = _decode_flac(sample["flac"])
     except (soundfile.LibsndfileError, RuntimeError) as exc:
         report.problems.append(f"{where}: FLAC does not decode ({exc})")
         return
     if rate != meta.get("sample_rate"):
         report.problems.append(f"{where}: FLAC rate {rate} != JSON sample_rate {meta.get('sample_rate')}")
-    if audio.shape[1] != meta.get("channels"):
-        report.problems.append(f"{where}: FLAC has {audio.shape[1]} channels, JSON says {meta.get('channels')}")
-    duration = audio.shape[0] / rate
-    if abs(duration - float(meta.get("duration", 0))) > 0.01:
+    if channels != meta.get("channels"):
+        report.problems.append(f"{where}: FLAC has {channels} channels, JSON says {meta.get('channels')}")
+    duration = frames / rate
+    claimed = meta.get("duration")
+    if not isinstance(claimed, (int, float)) or abs(duration - float(claimed)) > 0.01:
         report.problems.append(f"{where}: FLAC lasts {duration:.3f}s, JSON says {meta.get('duration')}")
+
+
+def _decode_flac(data: bytes) -> tuple[int, int, int]:
+    """(frames, rate, channels), decoding every frame a block at a time: memory stays flat however
+    long the audio a small FLAC (of silence, say) declares."""
+    with soundfile.SoundFile(io.BytesIO(data)) as handle:
+        frames = sum(len(block) for block in handle.blocks(blocksize=1 << 16, dtype="int16", always_2d=True))
+        return frames, handle.samplerate, handle.channels
 
 
 def _check_checksum(name: str, path: UPath, sums: dict[str, str] | None, report: VerifyReport) -> None:

@@ -30,7 +30,8 @@ from webdataset import gopen
 
 from clap_model.config import UsageError
 from clap_model.tarstream import TarFormatError, tar_samples
-from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, TEXT_FIELD, bad_shard_name
+from audio_dataset.schema import AUDIO_EXT, JSON_EXT, MAX_CAPTION_CHARS, REFUSED_KEY, SIZES_FILE, TEXT_FIELD, \
+    bad_shard_name, load_json_object
 
 log = logging.getLogger("clap_model.data")
 
@@ -280,10 +281,11 @@ def crop_or_fill(audio: np.ndarray, spec: AudioSpec, rng: random.Random | None) 
 
 
 def _as_list(value: Any) -> list[str]:
+    """A caption field's strings, each cut to MAX_CAPTION_CHARS before a tokenizer sees it."""
     if isinstance(value, str):
-        return [value] if value.strip() else []
+        value = [value]
     if isinstance(value, list):
-        return [v for v in value if isinstance(v, str) and v.strip()]
+        return [v[:MAX_CAPTION_CHARS] for v in value if isinstance(v, str) and v.strip()]
     return []
 
 
@@ -384,7 +386,9 @@ class ShardDataset(IterableDataset):
             with stream:
                 try:
                     for sample in tar_samples(stream, url):
-                        if AUDIO_EXT in sample and JSON_EXT in sample:
+                        if REFUSED_KEY in sample:  # over a cap, or sparse: named, not read
+                            _warn(ValueError(f"{url}: {sample['__key__']}: {sample[REFUSED_KEY]}"))
+                        elif AUDIO_EXT in sample and JSON_EXT in sample:
                             barren = 0
                             yield sample
                 except (TarFormatError, OSError) as exc:  # a damaged shard: keep what it gave, go on
@@ -408,7 +412,7 @@ class ShardDataset(IterableDataset):
     def _prepare(self, sample: dict[str, Any], rng: random.Random | None) -> dict[str, Any] | str:
         """The sample ready to batch, or why it cannot be used."""
         try:
-            meta = json.loads(sample[JSON_EXT])
+            meta = load_json_object(sample[JSON_EXT])  # bounded: size, depth, an object
             captions = choose_captions(meta, self.cfg.caption_fields, rng)  # before the costly decode
             audio = read_clip(sample[AUDIO_EXT], self.cfg.audio, rng)
             if audio.size == 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from audio_dataset.cli import main
@@ -46,7 +47,7 @@ def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
                                        "--model", "template")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "short", "not_json"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "short"])
 def test_damaged_input_shard_is_one_line_and_resumes_once_repaired(ray_local, tmp_path, capsys, damage):
     good = [_sample("a"), _sample("b")]
     input_dir = _write_input(tmp_path / "in", [good, [_sample("c"), _sample("d")]])
@@ -56,12 +57,8 @@ def test_damaged_input_shard_is_one_line_and_resumes_once_repaired(ray_local, tm
         shard.write_bytes(intact[:1500])
     elif damage == "garbage":
         shard.write_bytes(b"not a tar at all")
-    elif damage == "short":  # cut at a member boundary: reads cleanly, one sample short of sizes.json
+    else:  # cut at a member boundary: reads cleanly, one sample short of sizes.json
         _write_input(input_dir, [good, [_sample("c")]], sizes={"000000.tar": 2, "000001.tar": 2})
-    else:
-        with ShardWriter(shard) as writer:
-            writer.write({**_sample("c"), "json": b"{not json"})
-            writer.write(_sample("d"))
     out = tmp_path / "out"
     args = ["k2c", "--input", input_dir, "--out", out, "--model", "template", "--workers", "1"]
     assert "train/000001.tar: unreadable shard" in _error(capsys, *args)
@@ -70,6 +67,18 @@ def test_damaged_input_shard_is_one_line_and_resumes_once_repaired(ray_local, tm
     _write_input(input_dir, [good, [_sample("c"), _sample("d")]])
     assert main([*map(str, args), "--no-progress", "--threads", "1"]) == 0
     assert [s["__key__"] for s in iter_shard(out / "train" / "000001.tar")] == ["c", "d"]
+
+
+@pytest.mark.parametrize("bad", [b"{not json", b'["a list"]', b"[" * 100_000 + b"]" * 100_000])
+def test_a_sample_without_a_json_object_is_its_row_and_the_run_goes_on(ray_local, tmp_path, bad):
+    input_dir = _write_input(tmp_path / "in", [[_sample("a"), {**_sample("c"), "json": bad}, _sample("d")]])
+    out = tmp_path / "out"
+    args = ["k2c", "--input", input_dir, "--out", out, "--model", "template", "--workers", "1"]
+    assert main([*map(str, args), "--no-progress", "--threads", "1"]) == 0
+    rows = pq.read_table(out / "k2c_manifest.parquet").to_pylist()
+    assert [(r["key"], r["status"]) for r in rows] == [("a", "generated"), ("c", "bad_json"), ("d", "generated")]
+    assert [s["__key__"] for s in iter_shard(out / "train" / "000000.tar")] == ["a", "d"]
+    assert json.loads((out / "train" / "sizes.json").read_text()) == {"000000.tar": 2}
 
 
 def _processed(*samples: dict) -> list[dict]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from upath import UPath
 
 from audio_dataset.k2c.keywords import as_strings
 from audio_dataset.k2c.stages import AUDIO_EXTS
-from audio_dataset.schema import JSON_EXT
+from audio_dataset.schema import JSON_EXT, MAX_CAPTION_CHARS, load_json_object
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError
 from audio_dataset.storage import read_json
@@ -24,7 +23,7 @@ NO_AUDIO = "no_audio"  # no audio member, or one that does not decode
 
 
 def sample_meta(sample: Sample) -> dict[str, Any]:
-    return json.loads(sample[JSON_EXT])
+    return load_json_object(sample[JSON_EXT])
 
 
 def audio_ext(sample: Sample) -> str | None:
@@ -38,7 +37,9 @@ def audio_bytes(sample: Sample) -> bytes | None:
 
 
 def captions(meta: dict[str, Any]) -> list[str]:
-    return [text for text in as_strings(meta.get("text")) if text.strip()]
+    """The sample's captions as a text encoder reads them: each cut to MAX_CAPTION_CHARS (a JSON
+    member holds up to 16 MiB; a text model's memory grows with what it is given)."""
+    return [text[:MAX_CAPTION_CHARS] for text in as_strings(meta.get("text")) if text.strip()]
 
 
 def file_digest(path: Path) -> str:

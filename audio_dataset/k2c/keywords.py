@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from audio_dataset.k2c.models import ResolvedModel, resolve_model
+from audio_dataset.schema import MAX_CAPTION_CHARS
 from audio_dataset.source import UserError
 
 # KeyBERT's own default sentence model; tests pass a local path instead.
 DEFAULT_KEYBERT_MODEL = "all-MiniLM-L6-v2"
 SYNONYM_MODES = ("first", "all")
+# The most of a description KeyBERT is given: its encoder reads a few hundred tokens of it.
+MAX_DESCRIPTION_CHARS = 10 * MAX_CAPTION_CHARS
 
 _ONTOLOGY_ID = re.compile(r"^/[a-z]/[0-9a-z_]+$")
 _PAREN = re.compile(r"\(([^)]*)\)")
@@ -124,11 +127,11 @@ def tag_keywords(tags: Sequence[Any], ontology: dict[str, str], synonyms: str = 
 def as_strings(value: Any) -> list[str]:
     """A sample's `text` or `tag` as a list: some datasets store one bare string, which is one
     caption or tag, not a list of its characters."""
-    if value is None:
-        return []
     if isinstance(value, str):
         return [value]
-    return [str(v) for v in value]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return []  # None, or a number or object an edited JSON holds
 
 
 def field_value(meta: dict[str, Any], dotted: str) -> Any:
@@ -148,7 +151,7 @@ def description_text(meta: dict[str, Any], field: str) -> str:
         value = " ".join(str(v) for v in value)
     if not isinstance(value, str) or not value.strip():
         value = " ".join(as_strings(meta.get("text")))
-    return clean_description(value, str(meta.get("author") or ""))
+    return clean_description(value[:MAX_DESCRIPTION_CHARS], str(meta.get("author") or "")[:MAX_CAPTION_CHARS])
 
 
 def clean_description(text: str, author: str = "") -> str:

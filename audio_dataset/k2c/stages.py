@@ -28,7 +28,7 @@ from audio_dataset.k2c.keywords import SYNONYM_MODES, KeyBertSettings, Keyword, 
 from audio_dataset.k2c.models import ResolvedModel
 from audio_dataset.k2c.postprocess import postprocess
 from audio_dataset.stage_runner import RunOptions, RunSummary, ShardJob, Stage, check_run, options_dict, run_stage
-from audio_dataset.schema import AUDIO_EXT, JSON_EXT, TEXT_AUGMENT_ALL_FIELD, TEXT_AUGMENT_T5_FIELD
+from audio_dataset.schema import AUDIO_EXT, JSON_EXT, MAX_CAPTION_CHARS, TEXT_AUGMENT_ALL_FIELD, TEXT_AUGMENT_T5_FIELD
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError
 
@@ -140,7 +140,8 @@ class K2CProcessor:
         generated = dict(zip(todo, self.captioner.caption([keywords[i] for i in todo], seed)))
         new_samples, rows = [], []
         for i, (sample, meta) in enumerate(zip(samples, metas)):
-            originals = as_strings(meta.get("text"))
+            # Cut as build cuts captions: text_augment_all must not copy a 16 MiB one into the new shard.
+            originals = [text[:MAX_CAPTION_CHARS] for text in as_strings(meta.get("text"))]
             raw = generated.get(i, [])
             result = postprocess(raw, keywords.get(i, []), originals)
             if i in generated:
