@@ -18,6 +18,7 @@ from audio_dataset.audio import CLIPPING_POLICIES, FLAC_MAX_RATE, LONG_CLIP_POLI
 from audio_dataset.lock import OutputLocked, current_holder
 from audio_dataset.source import SourceConfig, SourceError, UserError
 from audio_dataset.storage import is_local, location
+from clap_model.flags import add_renamed
 
 if TYPE_CHECKING:
     from audio_dataset.build import BuildOptions
@@ -226,11 +227,11 @@ def run_plan(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from audio_dataset.verify import verify
 
-    _require_output(args.out)
-    if (holder := current_holder(args.out)) is not None:
-        print(f"audiodata: warning: {args.out} is being written by {holder.describe()}; "
+    _require_output(args.dataset)
+    if (holder := current_holder(args.dataset)) is not None:
+        print(f"audiodata: warning: {args.dataset} is being written by {holder.describe()}; "
               "verify it again once that finishes", file=sys.stderr)
-    report = verify(args.out)
+    report = verify(args.dataset)
     for problem in report.problems:
         print(problem)
     verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
@@ -244,17 +245,17 @@ def run_stats(args: argparse.Namespace) -> int:
     from audio_dataset import manifest
     from audio_dataset.stats import PLOT_FILE, compute_stats, plot_stats, print_summary, warn_damaged
 
-    _require_output(args.out)
-    table = manifest.read_table(args.out / manifest.MANIFEST_FILE)
+    _require_output(args.dataset)
+    table = manifest.read_table(args.dataset / manifest.MANIFEST_FILE)
     stats = compute_stats(table)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
-        print_summary(stats, out=args.out)
-    plot = args.plot or args.out / PLOT_FILE
-    drawn = plot_stats(args.out, table, plot)
+        print_summary(stats, out=args.dataset)
+    plot = args.out or args.dataset / PLOT_FILE
+    drawn = plot_stats(args.dataset, table, plot)
     print(f"plot: {plot}", file=sys.stderr)
-    warn_damaged(args.out, drawn.damaged)
+    warn_damaged(args.dataset, drawn.damaged)
     return 0
 
 
@@ -262,12 +263,12 @@ def run_failures(args: argparse.Namespace) -> int:
     from audio_dataset import manifest
     from audio_dataset.stats import failures, print_failures
 
-    _require_output(args.out)
-    table = manifest.read_table(args.out / manifest.MANIFEST_FILE)
+    _require_output(args.dataset)
+    table = manifest.read_table(args.dataset / manifest.MANIFEST_FILE)
     rows = failures(table, args.reason)
     present = {e for e in table.column("error").to_pylist() if e}
     if unknown := sorted(set(args.reason) - present):
-        print(f"audiodata: no item has reason {', '.join(unknown)}; reasons in {args.out}: "
+        print(f"audiodata: no item has reason {', '.join(unknown)}; reasons in {args.dataset}: "
               f"{', '.join(sorted(present)) or 'none (every item was kept)'}", file=sys.stderr)
     print_failures(rows)
     return 0
@@ -276,17 +277,17 @@ def run_failures(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from audio_dataset.report import write_report
 
-    _require_output(args.out)
-    print(write_report(args.out, args.out_html, n_samples=args.samples))
+    _require_output(args.dataset)
+    print(write_report(args.dataset, args.out, n_samples=args.samples))
     return 0
 
 
 def run_sources(args: argparse.Namespace) -> int:
     from audio_dataset.sources_table import sources_table
 
-    for out in args.out:  # a mistyped --out would otherwise count as an empty build
-        _require_output(out)
-    print(sources_table(args.out))
+    for dataset in args.datasets:  # a mistyped folder would otherwise count as an empty build
+        _require_output(dataset)
+    print(sources_table(args.datasets))
     return 0
 
 
@@ -319,32 +320,40 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_dataset(p: argparse.ArgumentParser) -> None:
+    """The dataset a command reads: the positional DATASET in every command."""
+    p.add_argument("dataset", type=location, metavar="DATASET", help="a build output (folder or fsspec URL)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="audiodata", description="Build audio-text datasets for CLAP.")
     parser.add_argument("--version", action="version", version=f"audiodata {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_build_parser(subparsers)
     p = subparsers.add_parser("verify", help="decode and check every shard against the manifest")
-    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
+    _add_dataset(p)
     p.set_defaults(func=run_verify)
     p = subparsers.add_parser("stats", help="dataset figures and a PNG plot")
-    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
-    p.add_argument("--plot", type=location, help="where to write the PNG (default OUT/stats.png)")
+    _add_dataset(p)
+    p.add_argument("--out", type=location, help="where to write the PNG plot (default DATASET/stats.png)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_renamed(p, {"--plot": "--out"})
     p.set_defaults(func=run_stats)
     p = subparsers.add_parser("failures", help="list the items not kept: reason, source id, URL, detail (TSV)")
-    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
+    _add_dataset(p)
     p.add_argument("--reason", action="append", default=[], metavar="REASON",
                    help="only items with this reason (repeatable; see the summary's `reasons:` line)")
     p.set_defaults(func=run_failures)
     p = subparsers.add_parser("sources", help="list sources with licence, expected and built counts")
-    p.add_argument("--out", type=location, action="append", default=[], help="build output(s) to count")
+    p.add_argument("datasets", type=location, nargs="*", metavar="DATASET", help="build output(s) to count")
+    add_renamed(p, {"--out": "the positional DATASET ... (sources reads them)"})
     p.set_defaults(func=run_sources)
     p = subparsers.add_parser("report", help="a self-contained HTML page: figures, plots, samples to listen to")
-    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
-    p.add_argument("--out-html", type=location, help="where to write the page (default OUT/report.html)")
+    _add_dataset(p)
+    p.add_argument("--out", type=location, help="where to write the page (default DATASET/report.html)")
     p.add_argument("--samples", type=_positive_int, default=6,  # report.DEFAULT_SAMPLES, without importing it
                    help="samples shown with audio previews")
+    add_renamed(p, {"--out-html": "--out"})
     p.set_defaults(func=run_report)
     p = subparsers.add_parser("plan", help="items, hours, bytes and wall time a recipe needs, per source")
     p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a recipe .toml file")
@@ -438,7 +447,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"audiodata: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        return _os_error(exc, getattr(args, "out", None))
+        return _os_error(exc, getattr(args, "out", None) or getattr(args, "dataset", None))
     except SourceError as exc:
         print(f"audiodata: source failed: {exc}", file=sys.stderr)
         return 1

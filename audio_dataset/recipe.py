@@ -15,7 +15,7 @@ options, exclusion lists and the environment variables holding their credentials
     env = ["FREESOUND_API_KEY"]   # credentials, by name only: their values never leave the environment
     build = { max_seconds = 30 }  # per-source overrides of [build]
     expect = { clips = 3839, hours = 23.99 }   # for `audiodata plan`, when not the definition's
-    k2c = { model = "template" }  # `audiodata k2c` options: a captioning step before the shards join
+    k2c = { caption_model = "template" }  # `audiodata k2c` options: a captioning step before the shards join
 
 Each source is built by the ordinary `build()` into `OUT/_sources/<name>/` (its own resume state),
 one after the other (each on the same Ray instance or cluster), then k2c'd into
@@ -78,7 +78,7 @@ class RecipeSource:
     expect: dict[str, float] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     note: str = ""
-    # `audiodata k2c` flags (model = "template", num_beams = 4, ...) to run on the source's build.
+    # `audiodata k2c` flags (caption_model = "template", num_beams = 4, ...) to run on the source's build.
     k2c: dict[str, Any] | None = None
 
 
@@ -209,8 +209,9 @@ def _k2c_table(value: Any, where: str) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise UserError(f"{where}: k2c must be a table of `audiodata k2c` options (k2c = {{ model = \"template\" }})")
-    fixed = sorted(set(value) & {"input", "out", "workers", "ray_address", "no_progress"})
+        raise UserError(f"{where}: k2c must be a table of `audiodata k2c` options "
+                        "(k2c = { caption_model = \"template\" })")
+    fixed = sorted(set(value) & {"input", "dataset", "out", "workers", "ray_address", "no_progress"})
     if fixed:
         raise UserError(f"{where}: k2c {', '.join(fixed)} are set by the recipe run")
     return dict(value)
@@ -258,7 +259,7 @@ def source_commands(recipe: Recipe, entry: RecipeSource, out: UPath, pinned: lis
         argv += ["--exclude", path]
     commands = [argv + pinned]
     if entry.k2c is not None:
-        k2c = ["k2c", "--input", str(work_dir(out, entry)), "--out", str(result_dir(out, entry))]
+        k2c = ["k2c", str(work_dir(out, entry)), "--out", str(result_dir(out, entry))]
         for key, value in entry.k2c.items():
             flag = "--" + key.replace("_", "-")
             k2c += [flag] if value is True else [] if value is False else [flag, _flag_value(value)]

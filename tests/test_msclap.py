@@ -155,12 +155,12 @@ def test_clap_export_msclap_and_refusals(tmp_path, capsys):
     cfg = PRESETS["msclap-2023"]
     model = CLAP(cfg, pretrained_text=False)
     save_atomic({"config": cfg.to_dict(), "state_dict": model.state_dict(), "epoch": 1}, tmp_path / "run.pt")
-    assert main([str(tmp_path / "run.pt"), "--format", "msclap", str(tmp_path / "CLAP_weights_2023.pth")]) == 0
+    assert main(["--checkpoint", str(tmp_path / "run.pt"), "--format", "msclap", "--out", str(tmp_path / "CLAP_weights_2023.pth")]) == 0
     back = load_model(tmp_path / "CLAP_weights_2023.pth")
     assert back.cfg == cfg
     assert all(torch.equal(value, back.state_dict()[key]) for key, value in model.state_dict().items())
     for fmt, message in (("hf", "RoBERTa text encoder"), ("laion", "LAION-CLAP's text encoders")):
-        assert main([str(tmp_path / "run.pt"), "--format", fmt, str(tmp_path / fmt)]) == 2
+        assert main(["--checkpoint", str(tmp_path / "run.pt"), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / fmt).exists()

@@ -83,8 +83,10 @@ def run_dedup_command(args: argparse.Namespace) -> int:
     options = DedupOptions(against=tuple(args.against), keep=args.keep, embedding_threshold=args.embedding_threshold,
                            use_embeddings=not args.no_embeddings, apply_to=args.out)
     result = run_dedup(args.dataset, options, run_options(args, args.dataset, args.out or args.dataset))
-    counts = ", ".join(f"{count} {name}" for name, count in result.counts.items())
-    print(f"dedup: {counts}; clusters {result.clusters}")
+    counts = dict(result.counts)
+    samples, clustered = counts.pop("samples"), counts.pop("clustered")
+    print(f"dedup: {samples} sample(s) ({', '.join(f'{n} {name}' for name, n in counts.items())}); "
+          f"{clustered} in duplicate clusters; clusters {result.clusters}")
     if result.without_embeddings:
         print(f"dedup: no embeddings for {', '.join(result.without_embeddings)} (run `audiodata embed` for "
               "embedding matches)")
