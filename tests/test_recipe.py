@@ -64,7 +64,7 @@ env = ["AUDIODATA_TEST_UNSET_TOKEN"]
 name = "captioned"
 source = "local"
 input = "./b"
-k2c = { model = "template" }
+k2c = { caption_model = "template" }
 """
 
 
@@ -194,7 +194,7 @@ source = "local"
 name = "captioned"
 source = "local"
 expect = { clips = 1000, hours = 1 }
-k2c = { model = "some/t5" }
+k2c = { caption_model = "some/t5" }
 [[sources]]
 name = "plain"
 source = "local"
