@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -679,6 +680,7 @@ def build(options: BuildOptions) -> BuildSummary:
     for split in options.split_ratios:
         check_split_name(split, "--splits")
     out = location(options.out)
+    created = is_local(out) and not Path(out.path).exists()
     _check_out_is_not_input(out, options.source_config.input)
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
@@ -688,16 +690,21 @@ def build(options: BuildOptions) -> BuildSummary:
     fingerprint = _fingerprint(options, excluded)
     _prepare_out(out)
     ray_was_up = _ray_is_up()
-    with hold_output(out, "build"):
-        try:
-            return _build_held(options, source, out, excluded, fingerprint)
-        except BaseException:  # a full disk, Ctrl-C, a failed source: stop writing, leave no temp files
-            if not ray_was_up and _ray_is_up():
-                import ray
+    try:
+        with hold_output(out, "build"):
+            try:
+                return _build_held(options, source, out, excluded, fingerprint)
+            except BaseException:  # a full disk, Ctrl-C, a failed source: stop writing, leave no temp files
+                if not ray_was_up and _ray_is_up():
+                    import ray
 
-                ray.shutdown()  # this build's own Ray: its workers stop before their temps are swept
-                remove_stale_temps(out)
-            raise
+                    ray.shutdown()  # this build's own Ray: its workers stop before their temps are swept
+                    remove_stale_temps(out)
+                raise
+    except UserError:
+        if created and not (out / WORK_DIR / CONFIG_FILE).exists():
+            shutil.rmtree(out.path, ignore_errors=True)  # a mistake in the command leaves no --out behind
+        raise
 
 
 def _ray_is_up() -> bool:

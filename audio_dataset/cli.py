@@ -60,6 +60,8 @@ def _split_ratios(text: str) -> dict[str, float]:
         ratios[name] = float(value)
     if not ratios or any(not math.isfinite(v) or v < 0 for v in ratios.values()) or sum(ratios.values()) <= 0:
         raise argparse.ArgumentTypeError("split ratios must be non-negative numbers, not all zero")
+    if abs(sum(ratios.values()) - 1) > 1e-6:  # silently rescaling would give other shares than typed
+        raise argparse.ArgumentTypeError(f"split ratios must sum to 1, these sum to {sum(ratios.values()):g}")
     return ratios
 
 
@@ -295,6 +297,8 @@ def _require_output(out: UPath) -> None:
     from audio_dataset.manifest import MANIFEST_FILE
 
     if not (out / MANIFEST_FILE).exists():
+        if not out.exists():
+            raise UserError(f"{out} does not exist")
         raise UserError(f"{out} is not a build output (no {MANIFEST_FILE})")
 
 

@@ -236,7 +236,7 @@ def test_verify_catches_a_corrupted_shard(tmp_path: Path) -> None:
         (["build", "--source", "local", "--input", "/nonexistent/dir", "--out", "X"], "input not found"),
         (["build", "--source", "nosuch", "--input", ".", "--out", "X"], "unknown source 'nosuch'"),
         (["build", "--source", "local", "--input", ".", "--out", "X", "--long-clips", "truncate"], "needs --max-seconds"),
-        (["verify", "/nonexistent/out"], "not a build output"),
+        (["verify", "/nonexistent/out"], "/nonexistent/out does not exist"),
     ],
 )
 def test_user_mistakes_get_one_line_and_exit_2(tmp_path: Path, argv: list[str], message: str) -> None:

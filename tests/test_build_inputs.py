@@ -57,7 +57,7 @@ def test_a_split_from_the_table_cannot_write_outside_out(tmp_path: Path) -> None
     assert not (out / WORK_DIR / CONFIG_FILE).exists()
 
 
-@pytest.mark.parametrize("ratios", ["a/b=1", "_work=1", "train=1,../x=1"])
+@pytest.mark.parametrize("ratios", ["a/b=1", "_work=1", "train=0.5,../x=0.5"])
 def test_split_names_on_the_command_line_are_plain_names(tmp_path: Path, robin_folder: Path,
                                                          capsys: pytest.CaptureFixture[str], ratios: str) -> None:
     err = _one_error_line(capsys, ["build", "--source", "local", "--input", str(robin_folder),
@@ -128,7 +128,7 @@ def test_sample_rate_beyond_flac_is_a_usage_error(tmp_path: Path, robin_folder: 
 
 
 def test_sources_with_a_missing_dataset_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert "not a build output" in _one_error_line(capsys, ["sources", str(tmp_path / "nope")])
+    assert "nope does not exist" in _one_error_line(capsys, ["sources", str(tmp_path / "nope")])
 
 
 def test_table_rows_of_one_clip_are_one_item_with_every_caption(tmp_path: Path) -> None:
