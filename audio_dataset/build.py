@@ -72,6 +72,8 @@ class BuildOptions:
     split_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT_RATIOS))
     exclude_files: list[Location] = field(default_factory=list)
     progress: bool = True
+    # The output the end-of-run hint names: a recipe's OUT, where its sources' shards end up.
+    summary_out: Location | None = None
 
 
 @dataclass(frozen=True)
@@ -741,7 +743,7 @@ def _build_held(options: BuildOptions, source: Source, out: UPath, excluded: set
 
     stats = finalize(out, tasks)
     record_run(out, run)
-    print_summary(stats, file=sys.stdout, out=out)
+    print_summary(stats, file=sys.stdout, out=options.summary_out or out)
     if len(per_node) > 1:
         print("shards per node: " + ", ".join(f"{n[:8]}={c}" for n, c in sorted(per_node.items())))
     return BuildSummary(out, len(tasks), len(tasks) - len(todo), stats, per_node)

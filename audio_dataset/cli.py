@@ -137,7 +137,7 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
         source_config=SourceConfig(input=args.input, base_url=args.base_url, options=dict(args.source_option)),
         audio=audio, samples_per_shard=args.samples_per_shard, limit=args.limit, workers=args.workers,
         ray_address=args.ray_address, split_ratios=args.splits, exclude_files=args.exclude,
-        progress=not args.no_progress,
+        progress=not args.no_progress, summary_out=getattr(args, "summary_out", None),
     )
     return options
 
@@ -157,6 +157,7 @@ def run_recipe_build(args: argparse.Namespace) -> int:
 
     def run_command(argv: list[str]) -> None:
         parsed = parser.parse_args(argv + free[argv[0]])
+        parsed.summary_out = out  # its hints name the recipe's OUT, not the source's work folder
         parsed.func(parsed)
 
     outcomes = run_recipe(recipe, out, commands, run_command)
@@ -245,20 +246,44 @@ def run_stats(args: argparse.Namespace) -> int:
     import json
 
     from audio_dataset import manifest
-    from audio_dataset.stats import PLOT_FILE, compute_stats, plot_stats, print_summary, warn_damaged
+    from audio_dataset.recipe import failed_sources
+    from audio_dataset.stats import PLOT_FILE, compute_stats, print_summary, stats_png, warn_damaged
 
     _require_output(args.dataset)
     table = manifest.read_table(args.dataset / manifest.MANIFEST_FILE)
     stats = compute_stats(table)
+    failed = failed_sources(args.dataset)
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps({**stats, "failed_sources": failed}, indent=2))
     else:
         print_summary(stats, out=args.dataset)
-    plot = args.out or args.dataset / PLOT_FILE
-    drawn = plot_stats(args.dataset, table, plot)
-    print(f"plot: {plot}", file=sys.stderr)
+        for name, why in failed.items():  # no manifest rows: the table above cannot show them
+            print(f"source {name} failed: {why}")
+    png, drawn = stats_png(args.dataset, table)
     warn_damaged(args.dataset, drawn.damaged)
+    if (plot := _save(png, args.out, args.dataset / PLOT_FILE, "plot")) is not None:
+        print(f"plot: {plot}", file=sys.stderr)
     return 0
+
+
+def _save(data: bytes, given: UPath | None, default: UPath, what: str) -> UPath | None:
+    """Write `data` to the --out the user gave, else to `default` in the dataset. A dataset we may not
+    write into (read-only) is one line saying so, not an error: what was computed has been printed."""
+    from audio_dataset.storage import atomic_write_bytes
+
+    if given is not None:
+        atomic_write_bytes(given, data)
+        return given
+    try:
+        atomic_write_bytes(default, data)
+    except OSError as exc:
+        if not isinstance(exc, PermissionError) and exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        why = os.strerror(exc.errno) if exc.errno else "not writable"
+        print(f"audiodata: could not save the {what} in {default.parent} ({why}); give --out FILE to "
+              "write it elsewhere", file=sys.stderr)
+        return None
+    return default
 
 
 def run_failures(args: argparse.Namespace) -> int:
@@ -277,19 +302,27 @@ def run_failures(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from audio_dataset.report import write_report
+    from audio_dataset.report import REPORT_FILE, report_page
 
     _require_output(args.dataset)
-    print(write_report(args.dataset, args.out, n_samples=args.samples))
+    page = report_page(args.dataset, n_samples=args.samples)
+    if (dest := _save(page, args.out, args.dataset / REPORT_FILE, "report")) is None:
+        return 1  # the page is the whole result
+    print(dest)
     return 0
 
 
 def run_sources(args: argparse.Namespace) -> int:
     from audio_dataset.sources_table import sources_table
 
+    from audio_dataset.recipe import failed_sources
+
     for dataset in args.datasets:  # a mistyped folder would otherwise count as an empty build
         _require_output(dataset)
     print(sources_table(args.datasets))
+    for dataset in args.datasets:  # a recipe's failed sources built nothing: the counts above miss them
+        for name, why in failed_sources(dataset).items():
+            print(f"{dataset}: source {name} failed: {why}")
     return 0
 
 

@@ -49,7 +49,7 @@ from audio_dataset.provenance import RunRecord, definition_checksums, mask_urls,
 from audio_dataset.schema import SIZES_FILE
 from audio_dataset.shards import read_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
-from audio_dataset.storage import atomic_write_json, is_local, read_json
+from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json
 
 SOURCES_DIR = "_sources"
 STATUS_FILE = "recipe.json"
@@ -353,8 +353,31 @@ def _run_source(entry: RecipeSource, out: UPath, steps: list[list[str]], status:
             run_command(argv)
         samples = publish(out, entry)
     except (UserError, SourceError) as exc:
-        return SourceOutcome(entry.name, "failed", str(exc))
+        # Within a recipe a source's input is given as --recipe-input NAME=PATH (--input is refused).
+        return SourceOutcome(entry.name, "failed",
+                             str(exc).replace("needs --input", f"needs --recipe-input {entry.name}=PATH"))
     return SourceOutcome(entry.name, "done", samples=samples)
+
+
+def failed_sources(out: Location) -> dict[str, str]:
+    """Source name -> why, for each source a recipe run into OUT recorded as failed (OUT/recipe.json;
+    none for other outputs). The file is data: only its string fields are used, cut to one line."""
+    path = location(out) / STATUS_FILE
+    if not path.exists():
+        return {}
+    try:
+        sources = read_json(path).get("sources")  # type: ignore[union-attr]
+    except (ValueError, AttributeError, OSError):
+        return {STATUS_FILE: "unreadable: which sources are missing is unknown"}
+    if not isinstance(sources, dict):
+        return {STATUS_FILE: "holds no sources table"}
+    return {_one_line(name, 100): _one_line(state.get("error") or "no reason recorded", 300)
+            for name, state in sources.items() if isinstance(state, dict) and state.get("status") == "failed"}
+
+
+def _one_line(value: Any, limit: int) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _recorded(steps: list[list[str]], out: UPath) -> list[list[str]]:

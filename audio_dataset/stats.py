@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from audio_dataset import manifest
 from audio_dataset.schema import split_order
 from audio_dataset.shards import DamagedShard, iter_shard, shard_paths
-from audio_dataset.storage import Location, atomic_write_bytes, location
+from audio_dataset.storage import Location, location
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting (builds print stats too)
     from matplotlib.axes import Axes
@@ -249,13 +249,13 @@ def panel_pngs(data: PlotData) -> dict[str, bytes]:
     return pngs
 
 
-def plot_stats(out: Location, table: pa.Table, path: Location) -> PlotData:
-    """All panels side by side in one PNG; returns what it drew (with the damaged shards it met)."""
+def stats_png(out: Location, table: pa.Table) -> tuple[bytes, PlotData]:
+    """All panels side by side in one PNG, and what it drew (with the damaged shards it met)."""
     from matplotlib.figure import Figure
 
     data = plot_data(out, table)
     fig = Figure(figsize=(5 * len(PANELS), 4))
     for ax, draw in zip(fig.subplots(1, len(PANELS)), PANELS.values()):
         draw(ax, data)
-    atomic_write_bytes(path, _png(fig))
-    return data
+    return _png(fig), data
+
