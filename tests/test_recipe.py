@@ -96,7 +96,9 @@ def test_recipe_builds_sources_into_one_dataset_isolates_failures_and_resumes(tm
         assert sum(sizes.values()) == sum(r["n_samples"] for r in table if r["split"] == split)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["per_source"]["a"]["items"] == 3 and stats["per_source"]["b"]["items"] == 2
-    assert verify(out).ok, verify(out).problems
+    # The failed sources are short from the dataset: verify says so (their shards are not there to check).
+    problems = verify(out).problems
+    assert [p.split(" (")[0] for p in problems] == ["source broken failed", "source nocred failed"], problems
     # The k2c step ran on that source's build: its shards gained the template captions.
     captioned = [json.loads(s["json"]) for split in ("train", "valid")
                  for p in shard_paths(out / split) if p.name.startswith("captioned-") for s in iter_shard(p)]
