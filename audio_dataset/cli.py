@@ -441,7 +441,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def _os_error(exc: OSError, out: object) -> int:
     """A full disk fails the run (exit 1; the build removed its temp files, a rerun resumes); other
-    OS errors are a path the user named that cannot be read or written (--plot, --out-html): exit 2."""
+    OS errors are a path the user named that cannot be read or written (stats or report --out): exit 2."""
     cause = _root_cause(exc)
     error = cause if isinstance(cause, OSError) else exc
     if error.errno in (errno.ENOSPC, errno.EDQUOT):

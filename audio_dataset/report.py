@@ -154,7 +154,8 @@ def _failed_sources(failed: dict[str, str]) -> str:
 
 def _reasons(stats: dict[str, Any], failed: dict[str, str]) -> str:
     if not stats["by_reason"]:
-        return "<p>Every listed item was kept.</p>" if not failed else "<p>Every listed item of the other sources was kept.</p>"
+        kept = "Every listed item of the other sources was kept" if failed else "Every listed item was kept"
+        return f"<p>{kept}.</p>"
     rows = [[reason, manifest.status_for_reason(reason), count] for reason, count in stats["by_reason"].items()]
     for source, group in stats["per_source"].items():
         for row in rows:

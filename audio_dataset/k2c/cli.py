@@ -34,7 +34,8 @@ def add_worker_options(p: argparse.ArgumentParser) -> None:
 def _add_keybert_options(p: argparse.ArgumentParser) -> None:
     d = KeyBertSettings()
     p.add_argument("--keybert-model", default=d.model,
-                   help=f"sentence-transformers model for KeyBERT, hub name or folder (default {DEFAULT_KEYBERT_MODEL})")
+                   help=f"sentence-transformers model for KeyBERT, hub name or folder "
+                        f"(default {DEFAULT_KEYBERT_MODEL})")
     p.add_argument("--top-n", type=int, default=d.top_n, help="keyphrases per sample")
     p.add_argument("--ngram-max", type=int, default=d.ngram_max, help="longest keyphrase in words")
     p.add_argument("--diversity", type=float, default=d.diversity,
@@ -92,7 +93,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("k2c", help="add keyword-to-caption captions (text_augment_t5/_all) to shards")
     _add_run_options(p)
     p.add_argument("--caption-model", default=DEFAULT_MODEL,
-                   help=f"the seq2seq captioning model: hub id or local folder, or 'template' (default {DEFAULT_MODEL})")
+                   help=f"the seq2seq captioning model: hub id or local folder, or 'template' "
+                        f"(default {DEFAULT_MODEL})")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of --caption-model")
     p.add_argument("--keywords", choices=("tags", "keybert"), default="tags",
                    help="keywords from the sample's tags, or KeyBERT keyphrases of its description")

@@ -98,7 +98,8 @@ class Seq2SeqCaptioner:
             self.model = AutoModelForSeq2SeqLM.from_pretrained(model.path, dtype=getattr(torch, dtype))
             self.model = self.model.to(device).eval()
         except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot load --caption-model {model.spec}: {str(exc).strip().splitlines()[0][:200]}") from None
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"cannot load --caption-model {model.spec}: {reason}") from None
 
     def caption(self, keyword_lists: list[list[Keyword]], seed: int) -> list[list[str]]:
         import torch
