@@ -271,19 +271,18 @@ def _save(data: bytes, given: UPath | None, default: UPath, what: str) -> UPath 
     write into (read-only) is one line saying so, not an error: what was computed has been printed."""
     from audio_dataset.storage import atomic_write_bytes
 
-    if given is not None:
-        atomic_write_bytes(given, data)
-        return given
+    dest = given or default
     try:
-        atomic_write_bytes(default, data)
-    except OSError as exc:
-        if not isinstance(exc, PermissionError) and exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
+        atomic_write_bytes(dest, data)
+    except OSError as exc:  # named as the file asked for, not the temp file the atomic write used
+        read_only = isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        if given is not None or not read_only:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(dest)) from None
         why = os.strerror(exc.errno) if exc.errno else "not writable"
         print(f"audiodata: could not save the {what} in {default.parent} ({why}); give --out FILE to "
               "write it elsewhere", file=sys.stderr)
         return None
-    return default
+    return dest
 
 
 def run_failures(args: argparse.Namespace) -> int:
@@ -313,9 +312,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_sources(args: argparse.Namespace) -> int:
-    from audio_dataset.sources_table import sources_table
-
     from audio_dataset.recipe import failed_sources
+    from audio_dataset.sources_table import sources_table
 
     for dataset in args.datasets:  # a mistyped folder would otherwise count as an empty build
         _require_output(dataset)

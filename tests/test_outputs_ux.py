@@ -99,6 +99,11 @@ def test_stats_and_report_on_a_read_only_dataset(failed_recipe, monkeypatch, cap
     assert len(err) == 1 and "could not save the report" in err[0] and ".tmp" not in err[0], err
     assert main(["report", str(out), "--out", str(tmp_path / "page.html")]) == 0
     assert (tmp_path / "page.html").read_text().startswith("<!doctype html>")
+    capsys.readouterr()
+    # An --out the user named that cannot be written is a usage error naming that file, not a temp file.
+    assert main(["report", str(out), "--out", str(out / "elsewhere.html")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"audiodata: error: Permission denied: {out / 'elsewhere.html'}"], err
 
 
 def test_a_usage_error_leaves_no_new_out_folder(tmp_path, capsys):
