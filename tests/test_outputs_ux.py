@@ -14,6 +14,7 @@ from audio_dataset import storage
 from audio_dataset.cli import main
 from audio_dataset.recipe import load_recipe
 from audio_dataset.verify import verify
+from conftest import REAL_AUDIO_DIR  # tests/ is on sys.path
 
 ROOT = Path(__file__).parent.parent
 
@@ -69,6 +70,22 @@ def test_failed_sources_read_from_a_planted_recipe_json_stay_one_line(tmp_path):
     assert failed_sources(tmp_path) == {"x y": "a" * 297 + "..."}
     (tmp_path / "recipe.json").write_text("[not json")
     assert list(failed_sources(tmp_path)) == ["recipe.json"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_recipe_runs_hints_name_its_out_not_a_source_work_folder(tmp_path, capsys):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    robin = next(REAL_AUDIO_DIR.glob("456440__*.ogg"))
+    (clips / robin.name).write_bytes(robin.read_bytes())
+    (clips / "broken.wav").write_bytes(b"RIFF not really audio")  # one item fails: the summary hints
+    (tmp_path / "r.toml").write_text('name = "one"\n[[sources]]\nname = "clips"\nsource = "local"\n'
+                                     'input = "./clips"\n[build]\nsplits = "train=1"\n')
+    out = tmp_path / "out"
+    assert main(["build", "--recipe", str(tmp_path / "r.toml"), "--out", str(out), "--workers", "1",
+                 "--no-progress"]) == 0
+    hints = [line for line in capsys.readouterr().out.splitlines() if line.startswith("list them:")]
+    assert hints == [f"list them: audiodata failures {out} [--reason REASON]"], hints
 
 
 def _read_only(monkeypatch: pytest.MonkeyPatch, dataset: Path) -> None:

@@ -201,8 +201,14 @@ k2c = { caption_model = "some/t5" }
 name = "plain"
 source = "local"
 expect = { clips = 1000, hours = 1 }
+[[sources]]
+name = "templated"
+source = "local"
+expect = { clips = 1000, hours = 1 }
+k2c = { caption_model = "template" }
 """)
-    slow, fast, unknown, captioned, plain = plan_recipe(load_recipe(str(path)))
+    slow, fast, unknown, captioned, plain, templated = plan_recipe(load_recipe(str(path)))
+    assert templated.wall == plain.wall  # the template captioner costs no model time
     assert slow.download_bytes == 100 * 3600 * 128_000 / 8
     assert slow.shard_bytes == pytest.approx(100 * 3600 * 16_000 * 2 * 0.6)
     assert slow.wall[1] == (5000.0, "api.example.org rate") == slow.wall[64]  # nodes do not raise a host's limit
