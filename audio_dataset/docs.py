@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def _default(command: str, action: argparse.Action) -> str:
     return f"`{action.default}`"
 
 
-def _names(actions: list[argparse.Action], keep) -> str:
+def _names(actions: list[argparse.Action], keep: Callable[[argparse.Action], bool]) -> str:
     return ", ".join(f"`{_name(a)}`" for a in actions if keep(a)) or "-"
 
 

@@ -3,7 +3,7 @@ usage error naming the new one. Shared by `audiodata` and the clap-* commands (a
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from typing import Any
 
 
 class _Renamed(argparse.Action):
