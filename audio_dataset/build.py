@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import traceback
@@ -74,6 +75,8 @@ class BuildOptions:
     split_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT_RATIOS))
     exclude_files: list[Location] = field(default_factory=list)
     progress: bool = True
+    # The output the end-of-run hint names: a recipe's OUT, where its sources' shards end up.
+    summary_out: Location | None = None
 
 
 @dataclass(frozen=True)
@@ -684,6 +687,7 @@ def build(options: BuildOptions) -> BuildSummary:
     for split in options.split_ratios:
         check_split_name(split, "--splits")
     out = trust_output(options.out)
+    created = is_local(out) and not Path(out.path).exists()
     _check_out_is_not_input(out, options.source_config.input)
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
@@ -693,16 +697,21 @@ def build(options: BuildOptions) -> BuildSummary:
     fingerprint = _fingerprint(options, excluded)
     _prepare_out(out)
     ray_was_up = _ray_is_up()
-    with hold_output(out, "build"):
-        try:
-            return _build_held(options, source, out, excluded, fingerprint)
-        except BaseException:  # a full disk, Ctrl-C, a failed source: stop writing, leave no temp files
-            if not ray_was_up and _ray_is_up():
-                import ray
+    try:
+        with hold_output(out, "build"):
+            try:
+                return _build_held(options, source, out, excluded, fingerprint)
+            except BaseException:  # a full disk, Ctrl-C, a failed source: stop writing, leave no temp files
+                if not ray_was_up and _ray_is_up():
+                    import ray
 
-                ray.shutdown()  # this build's own Ray: its workers stop before their temps are swept
-                remove_stale_temps(out)
-            raise
+                    ray.shutdown()  # this build's own Ray: its workers stop before their temps are swept
+                    remove_stale_temps(out)
+                raise
+    except UserError:
+        if created and not (out / WORK_DIR / CONFIG_FILE).exists():
+            shutil.rmtree(out.path, ignore_errors=True)  # a mistake in the command leaves no --out behind
+        raise
 
 
 def _ray_is_up() -> bool:
@@ -739,7 +748,7 @@ def _build_held(options: BuildOptions, source: Source, out: UPath, excluded: set
 
     stats = finalize(out, tasks)
     record_run(out, run)
-    print_summary(stats, file=sys.stdout, out=out)
+    print_summary(stats, file=sys.stdout, out=options.summary_out or out)
     if len(per_node) > 1:
         print("shards per node: " + ", ".join(f"{n[:8]}={c}" for n, c in sorted(per_node.items())))
     return BuildSummary(out, len(tasks), len(tasks) - len(todo), stats, per_node)

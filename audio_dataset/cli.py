@@ -19,6 +19,7 @@ from audio_dataset.lock import OutputLocked, current_holder
 from audio_dataset.redaction import redact
 from audio_dataset.source import SourceConfig, SourceError, UserError
 from audio_dataset.storage import UnsafeOutput, is_local, location
+from clap_model.flags import add_renamed
 
 if TYPE_CHECKING:
     from audio_dataset.build import BuildOptions
@@ -60,6 +61,8 @@ def _split_ratios(text: str) -> dict[str, float]:
         ratios[name] = float(value)
     if not ratios or any(not math.isfinite(v) or v < 0 for v in ratios.values()) or sum(ratios.values()) <= 0:
         raise argparse.ArgumentTypeError("split ratios must be non-negative numbers, not all zero")
+    if abs(sum(ratios.values()) - 1) > 1e-6:  # silently rescaling would give other shares than typed
+        raise argparse.ArgumentTypeError(f"split ratios must sum to 1, these sum to {sum(ratios.values()):g}")
     return ratios
 
 
@@ -135,7 +138,7 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
         source_config=SourceConfig(input=args.input, base_url=args.base_url, options=dict(args.source_option)),
         audio=audio, samples_per_shard=args.samples_per_shard, limit=args.limit, workers=args.workers,
         ray_address=args.ray_address, split_ratios=args.splits, exclude_files=args.exclude,
-        progress=not args.no_progress,
+        progress=not args.no_progress, summary_out=getattr(args, "summary_out", None),
     )
     return options
 
@@ -155,6 +158,7 @@ def run_recipe_build(args: argparse.Namespace) -> int:
 
     def run_command(argv: list[str]) -> None:
         parsed = parser.parse_args(argv + free[argv[0]])
+        parsed.summary_out = out  # its hints name the recipe's OUT, not the source's work folder
         parsed.func(parsed)
 
     outcomes = run_recipe(recipe, out, commands, run_command)
@@ -227,11 +231,11 @@ def run_plan(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from audio_dataset.verify import verify
 
-    _require_output(args.out)
-    if (holder := current_holder(args.out)) is not None:
-        print(f"audiodata: warning: {args.out} is being written by {holder.describe()}; "
+    _require_output(args.dataset)
+    if (holder := current_holder(args.dataset)) is not None:
+        print(f"audiodata: warning: {args.dataset} is being written by {holder.describe()}; "
               "verify it again once that finishes", file=sys.stderr)
-    report = verify(args.out)
+    report = verify(args.dataset)
     for problem in report.problems:
         print(problem)
     verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
@@ -243,51 +247,81 @@ def run_stats(args: argparse.Namespace) -> int:
     import json
 
     from audio_dataset import manifest
-    from audio_dataset.stats import PLOT_FILE, compute_stats, plot_stats, print_summary, warn_damaged
+    from audio_dataset.recipe import failed_sources
+    from audio_dataset.stats import PLOT_FILE, compute_stats, print_summary, stats_png, warn_damaged
 
-    _require_output(args.out)
-    table = manifest.read_table(args.out / manifest.MANIFEST_FILE)
+    _require_output(args.dataset)
+    table = manifest.read_table(args.dataset / manifest.MANIFEST_FILE)
     stats = compute_stats(table)
+    failed = failed_sources(args.dataset)
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps({**stats, "failed_sources": failed}, indent=2))
     else:
-        print_summary(stats, out=args.out)
-    plot = args.plot or args.out / PLOT_FILE
-    drawn = plot_stats(args.out, table, plot)
-    print(f"plot: {plot}", file=sys.stderr)
-    warn_damaged(args.out, drawn.damaged)
+        print_summary(stats, out=args.dataset)
+        for name, why in failed.items():  # no manifest rows: the table above cannot show them
+            print(f"source {name} failed: {why}")
+    png, drawn = stats_png(args.dataset, table)
+    warn_damaged(args.dataset, drawn.damaged)
+    if (plot := _save(png, args.out, args.dataset / PLOT_FILE, "plot")) is not None:
+        print(f"plot: {plot}", file=sys.stderr)
     return 0
+
+
+def _save(data: bytes, given: UPath | None, default: UPath, what: str) -> UPath | None:
+    """Write `data` to the --out the user gave, else to `default` in the dataset. A dataset we may not
+    write into (read-only) is one line saying so, not an error: what was computed has been printed."""
+    from audio_dataset.storage import atomic_write_bytes
+
+    dest = given or default
+    try:
+        atomic_write_bytes(dest, data)
+    except OSError as exc:  # named as the file asked for, not the temp file the atomic write used
+        read_only = isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        if given is not None or not read_only:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(dest)) from None
+        why = os.strerror(exc.errno) if exc.errno else "not writable"
+        print(f"audiodata: could not save the {what} in {default.parent} ({why}); give --out FILE to "
+              "write it elsewhere", file=sys.stderr)
+        return None
+    return dest
 
 
 def run_failures(args: argparse.Namespace) -> int:
     from audio_dataset import manifest
     from audio_dataset.stats import failures, print_failures
 
-    _require_output(args.out)
-    table = manifest.read_table(args.out / manifest.MANIFEST_FILE)
+    _require_output(args.dataset)
+    table = manifest.read_table(args.dataset / manifest.MANIFEST_FILE)
     rows = failures(table, args.reason)
     present = {e for e in table.column("error").to_pylist() if e}
     if unknown := sorted(set(args.reason) - present):
-        print(f"audiodata: no item has reason {', '.join(unknown)}; reasons in {args.out}: "
+        print(f"audiodata: no item has reason {', '.join(unknown)}; reasons in {args.dataset}: "
               f"{', '.join(sorted(present)) or 'none (every item was kept)'}", file=sys.stderr)
     print_failures(rows)
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from audio_dataset.report import write_report
+    from audio_dataset.report import REPORT_FILE, report_page
 
-    _require_output(args.out)
-    print(write_report(args.out, args.out_html, n_samples=args.samples))
+    _require_output(args.dataset)
+    page = report_page(args.dataset, n_samples=args.samples)
+    if (dest := _save(page, args.out, args.dataset / REPORT_FILE, "report")) is None:
+        return 1  # the page is the whole result
+    print(dest)
     return 0
 
 
 def run_sources(args: argparse.Namespace) -> int:
+    from audio_dataset.recipe import failed_sources
     from audio_dataset.sources_table import sources_table
 
-    for out in args.out:  # a mistyped --out would otherwise count as an empty build
-        _require_output(out)
-    print(sources_table(args.out))
+    for dataset in args.datasets:  # a mistyped folder would otherwise count as an empty build
+        _require_output(dataset)
+    print(sources_table(args.datasets))
+    for dataset in args.datasets:  # a recipe's failed sources built nothing: the counts above miss them
+        for name, why in failed_sources(dataset).items():
+            print(f"{dataset}: source {name} failed: {why}")
     return 0
 
 
@@ -295,6 +329,8 @@ def _require_output(out: UPath) -> None:
     from audio_dataset.manifest import MANIFEST_FILE
 
     if not (out / MANIFEST_FILE).exists():
+        if not out.exists():
+            raise UserError(f"{out} does not exist")
         raise UserError(f"{out} is not a build output (no {MANIFEST_FILE})")
 
 
@@ -320,32 +356,40 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_dataset(p: argparse.ArgumentParser) -> None:
+    """The dataset a command reads: the positional DATASET in every command."""
+    p.add_argument("dataset", type=location, metavar="DATASET", help="a build output (folder or fsspec URL)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="audiodata", description="Build audio-text datasets for CLAP.")
     parser.add_argument("--version", action="version", version=f"audiodata {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_build_parser(subparsers)
     p = subparsers.add_parser("verify", help="decode and check every shard against the manifest")
-    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
+    _add_dataset(p)
     p.set_defaults(func=run_verify)
     p = subparsers.add_parser("stats", help="dataset figures and a PNG plot")
-    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
-    p.add_argument("--plot", type=location, help="where to write the PNG (default OUT/stats.png)")
+    _add_dataset(p)
+    p.add_argument("--out", type=location, help="where to write the PNG plot (default DATASET/stats.png)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_renamed(p, {"--plot": "--out"})
     p.set_defaults(func=run_stats)
     p = subparsers.add_parser("failures", help="list the items not kept: reason, source id, URL, detail (TSV)")
-    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
+    _add_dataset(p)
     p.add_argument("--reason", action="append", default=[], metavar="REASON",
                    help="only items with this reason (repeatable; see the summary's `reasons:` line)")
     p.set_defaults(func=run_failures)
     p = subparsers.add_parser("sources", help="list sources with licence, expected and built counts")
-    p.add_argument("--out", type=location, action="append", default=[], help="build output(s) to count")
+    p.add_argument("datasets", type=location, nargs="*", metavar="DATASET", help="build output(s) to count")
+    add_renamed(p, {"--out": "the positional DATASET ... (sources reads them)"})
     p.set_defaults(func=run_sources)
     p = subparsers.add_parser("report", help="a self-contained HTML page: figures, plots, samples to listen to")
-    p.add_argument("out", type=location, help="a build output (folder or fsspec URL)")
-    p.add_argument("--out-html", type=location, help="where to write the page (default OUT/report.html)")
+    _add_dataset(p)
+    p.add_argument("--out", type=location, help="where to write the page (default DATASET/report.html)")
     p.add_argument("--samples", type=_positive_int, default=6,  # report.DEFAULT_SAMPLES, without importing it
                    help="samples shown with audio previews")
+    add_renamed(p, {"--out-html": "--out"})
     p.set_defaults(func=run_report)
     p = subparsers.add_parser("plan", help="items, hours, bytes and wall time a recipe needs, per source")
     p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a recipe .toml file")
@@ -396,7 +440,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def _os_error(exc: OSError, out: object) -> int:
     """A full disk fails the run (exit 1; the build removed its temp files, a rerun resumes); other
-    OS errors are a path the user named that cannot be read or written (--plot, --out-html): exit 2."""
+    OS errors are a path the user named that cannot be read or written (stats or report --out): exit 2."""
     cause = _root_cause(exc)
     error = cause if isinstance(cause, OSError) else exc
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -442,7 +486,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"audiodata: error: {_root_cause(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
-        return _os_error(exc, getattr(args, "out", None))
+        return _os_error(exc, getattr(args, "out", None) or getattr(args, "dataset", None))
     except SourceError as exc:
         print(f"audiodata: source failed: {redact(str(exc))}", file=sys.stderr)
         return 1

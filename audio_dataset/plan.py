@@ -118,7 +118,7 @@ def plan_source(entry: RecipeSource, sample_rate: int, channels: int, assume: As
     limits = [_rate_limit(limit, entry.name) for limit in plan.get("rate_limits", [])]
     latency = float(plan.get("latency_s", assume.latency))  # a source slower per item than one GET
     per_worker = _fetch_concurrency(entry.source) * DOWNLOAD_CEILING_FRACTION / latency
-    captioning = entry.k2c is not None and entry.k2c.get("model") != "template"
+    captioning = entry.k2c is not None and entry.k2c.get("caption_model") != "template"
     k2c_core_seconds = items / (MEASURED_K2C_CAPTIONS_PER_SECOND / MEASURED_K2C_CORES) if captioning else 0.0
     result = SourcePlan(entry.name, entry.source, items, hours, download, shards,
                         (core_seconds + k2c_core_seconds) / 3600, note=entry.note or str(plan.get("note", "")))

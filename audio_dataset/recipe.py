@@ -15,7 +15,7 @@ options, exclusion lists and the environment variables holding their credentials
     env = ["FREESOUND_API_KEY"]   # credentials, by name only: their values never leave the environment
     build = { max_seconds = 30 }  # per-source overrides of [build]
     expect = { clips = 3839, hours = 23.99 }   # for `audiodata plan`, when not the definition's
-    k2c = { model = "template" }  # `audiodata k2c` options: a captioning step before the shards join
+    k2c = { caption_model = "template" }  # `audiodata k2c` options: a captioning step before the shards join
 
 Each source is built by the ordinary `build()` into `OUT/_sources/<name>/` (its own resume state),
 one after the other (each on the same Ray instance or cluster), then k2c'd into
@@ -50,7 +50,7 @@ from audio_dataset.redaction import redact
 from audio_dataset.schema import SIZES_FILE, bad_shard_name
 from audio_dataset.shards import read_sizes
 from audio_dataset.source import SourceError, UserError, available_sources
-from audio_dataset.storage import atomic_write_json, is_local, read_json
+from audio_dataset.storage import Location, atomic_write_json, is_local, location, read_json
 
 SOURCES_DIR = "_sources"
 STATUS_FILE = "recipe.json"
@@ -79,7 +79,7 @@ class RecipeSource:
     expect: dict[str, float] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     note: str = ""
-    # `audiodata k2c` flags (model = "template", num_beams = 4, ...) to run on the source's build.
+    # `audiodata k2c` flags (caption_model = "template", num_beams = 4, ...) to run on the source's build.
     k2c: dict[str, Any] | None = None
 
 
@@ -210,8 +210,9 @@ def _k2c_table(value: Any, where: str) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise UserError(f"{where}: k2c must be a table of `audiodata k2c` options (k2c = {{ model = \"template\" }})")
-    fixed = sorted(set(value) & {"input", "out", "workers", "ray_address", "no_progress"})
+        raise UserError(f"{where}: k2c must be a table of `audiodata k2c` options "
+                        "(k2c = { caption_model = \"template\" })")
+    fixed = sorted(set(value) & {"input", "dataset", "out", "workers", "ray_address", "no_progress"})
     if fixed:
         raise UserError(f"{where}: k2c {', '.join(fixed)} are set by the recipe run")
     return dict(value)
@@ -259,7 +260,7 @@ def source_commands(recipe: Recipe, entry: RecipeSource, out: UPath, pinned: lis
         argv += ["--exclude", path]
     commands = [argv + pinned]
     if entry.k2c is not None:
-        k2c = ["k2c", "--input", str(work_dir(out, entry)), "--out", str(result_dir(out, entry))]
+        k2c = ["k2c", str(work_dir(out, entry)), "--out", str(result_dir(out, entry))]
         for key, value in entry.k2c.items():
             flag = "--" + key.replace("_", "-")
             k2c += [flag] if value is True else [] if value is False else [flag, _flag_value(value)]
@@ -353,8 +354,31 @@ def _run_source(entry: RecipeSource, out: UPath, steps: list[list[str]], status:
             run_command(argv)
         samples = publish(out, entry)
     except (UserError, SourceError) as exc:
-        return SourceOutcome(entry.name, "failed", redact(str(exc)))
+        # Within a recipe a source's input is given as --recipe-input NAME=PATH (--input is refused).
+        return SourceOutcome(entry.name, "failed", redact(
+            str(exc).replace("needs --input", f"needs --recipe-input {entry.name}=PATH")))
     return SourceOutcome(entry.name, "done", samples=samples)
+
+
+def failed_sources(out: Location) -> dict[str, str]:
+    """Source name -> why, for each source a recipe run into OUT recorded as failed (OUT/recipe.json;
+    none for other outputs). The file is data: only its string fields are used, cut to one line."""
+    path = location(out) / STATUS_FILE
+    if not path.exists():
+        return {}
+    try:
+        sources = read_json(path).get("sources")  # type: ignore[union-attr]
+    except (ValueError, AttributeError, OSError):
+        return {STATUS_FILE: "unreadable: which sources are missing is unknown"}
+    if not isinstance(sources, dict):
+        return {STATUS_FILE: "holds no sources table"}
+    return {_one_line(name, 100): _one_line(state.get("error") or "no reason recorded", 300)
+            for name, state in sources.items() if isinstance(state, dict) and state.get("status") == "failed"}
+
+
+def _one_line(value: Any, limit: int) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _recorded(steps: list[list[str]], out: UPath) -> list[list[str]]:

@@ -148,9 +148,19 @@ def _summary(stats: dict[str, Any], sizes: dict[str, int]) -> str:
     return f'<section id=summary><div class=cards>{cards}</div><p class=muted>sizes.json: {per_split}</p></section>'
 
 
-def _reasons(stats: dict[str, Any]) -> str:
+def _failed_sources(failed: dict[str, str]) -> str:
+    if not failed:
+        return ""
+    rows = [[name, "failed", why] for name, why in failed.items()]
+    return (f"<section id=failed-sources><p><strong>{len(failed)} source(s) of this recipe failed as a whole"
+            f"</strong>: none of their items are here or counted below (rerun the recipe to retry them).</p>"
+            f"{_table(['source', 'state', 'why'], rows)}</section>")
+
+
+def _reasons(stats: dict[str, Any], failed: dict[str, str]) -> str:
     if not stats["by_reason"]:
-        return "<p>Every listed item was kept.</p>"
+        kept = "Every listed item of the other sources was kept" if failed else "Every listed item was kept"
+        return f"<p>{kept}.</p>"
     rows = [[reason, manifest.status_for_reason(reason), count] for reason, count in stats["by_reason"].items()]
     for source, group in stats["per_source"].items():
         for row in rows:
@@ -243,12 +253,14 @@ pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;word-break:break-all}
 
 def render(out: str, stats: dict[str, Any], sizes: dict[str, int], pngs: dict[str, bytes],
            runs: list[dict[str, Any]], samples: list[ReportSample], not_kept: list[dict[str, Any]],
-           damaged: dict[str, str]) -> str:
+           damaged: dict[str, str], failed: dict[str, str] | None = None) -> str:
+    failed = failed or {}
     sections = [
-        f"<h1>audiodata report: {_e(out)}</h1>", _summary(stats, sizes), _damaged(out, damaged),
+        f"<h1>audiodata report: {_e(out)}</h1>", _failed_sources(failed), _summary(stats, sizes),
+        _damaged(out, damaged),
         "<h2>Per split</h2>", _group_table("split", stats["per_split"]),
         "<h2>Per source</h2>", _group_table("source", stats["per_source"]),
-        "<h2>Items not kept</h2>", _reasons(stats), _failure_list(out, not_kept),
+        "<h2>Items not kept</h2>", _reasons(stats, failed), _failure_list(out, not_kept),
         "<h2>Plots</h2>", _plots(pngs),
         f"<h2>Samples ({len(samples)})</h2>", '<div class=samples id=samples>',
         *(_sample_card(s) for s in samples), "</div>",
@@ -261,17 +273,24 @@ def render(out: str, stats: dict[str, Any], sizes: dict[str, int], pngs: dict[st
             f"<body>{''.join(sections)}</body></html>\n")
 
 
-def write_report(out: Location, html_path: Location | None = None, n_samples: int = DEFAULT_SAMPLES) -> UPath:
-    """Write the report (default OUT/report.html) atomically and return where it went. Damaged shards
-    are named on stderr and in the page."""
+def report_page(out: Location, n_samples: int = DEFAULT_SAMPLES) -> bytes:
+    """The report of a build output as HTML bytes. Damaged shards are named on stderr and in the page,
+    sources a recipe run recorded as failed at its top."""
+    from audio_dataset.recipe import failed_sources
+
     out = location(out)
     table = manifest.read_table(out / manifest.MANIFEST_FILE)
     data = plot_data(out, table)
     damaged = dict(data.damaged)
     samples = load_samples(out, choose_samples(table, n_samples), damaged)
     page = render(str(out), compute_stats(table), read_split_sizes(out), panel_pngs(data), read_runs(out),
-                  samples, failures(table), damaged)
+                  samples, failures(table), damaged, failed_sources(out))
     warn_damaged(out, damaged)
-    dest = location(html_path) if html_path is not None else out / REPORT_FILE
-    atomic_write_bytes(dest, page.encode("utf-8"))
+    return page.encode("utf-8")
+
+
+def write_report(out: Location, html_path: Location | None = None, n_samples: int = DEFAULT_SAMPLES) -> UPath:
+    """Write the report (default OUT/report.html) atomically and return where it went."""
+    dest = location(html_path) if html_path is not None else location(out) / REPORT_FILE
+    atomic_write_bytes(dest, report_page(out, n_samples))
     return dest

@@ -110,11 +110,11 @@ def check_run(options: RunOptions) -> None:
     """Fail fast on the run options, before any model is fetched."""
     input_dir, out = location(options.input), location(options.out)
     if not input_dir.is_dir():
-        raise UserError(f"--input {options.input}: no such folder")
+        raise UserError(f"{options.input}: no such folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {options.out}: exists and is not a folder")
     if _identity(out) == _identity(input_dir):
-        raise UserError("--out must differ from --input (input shards are never modified)")
+        raise UserError("--out must differ from DATASET (its shards are never modified)")
     if options.device not in DEVICES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)}")
     if (options.workers is not None and options.workers < 1) or (options.threads is not None and options.threads < 1):
@@ -133,7 +133,7 @@ def find_jobs(input_dir: UPath, out: UPath, stage_name: str, mode: str = REWRITE
                           str(parts / split.name / f"{shard.stem}.parquet"), sizes.get(shard.name))
                  for shard in shard_paths(split)]
     if not jobs:
-        raise UserError(f"--input {input_dir}: no shards (expected SPLIT/NNNNNN.tar with SPLIT/{SIZES_FILE})")
+        raise UserError(f"{input_dir}: no shards (expected SPLIT/NNNNNN.tar with SPLIT/{SIZES_FILE})")
     return jobs
 
 
@@ -144,7 +144,7 @@ def _input_sizes(split: UPath) -> dict[str, int]:
             raise ValueError("not a JSON object")
         return sizes
     except ValueError as exc:
-        raise UserError(f"--input {split / SIZES_FILE}: unreadable ({exc})") from None
+        raise UserError(f"{split / SIZES_FILE}: unreadable ({exc})") from None
 
 
 def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
@@ -172,8 +172,8 @@ def read_input_shard(job: ShardJob) -> list[Sample]:
         samples = list(iter_shard(job.src))
         if job.expected is not None and len(samples) != job.expected:
             raise ValueError(f"{len(samples)} samples, {SIZES_FILE} says {job.expected}")
-    except (tarfile.TarError, EOFError, ValueError) as exc:  # DamagedShard is a ValueError
-        raise UserError(f"--input {job.src}: unreadable shard ({str(exc)[:200]}); repair or remove it "
+    except (tarfile.TarError, EOFError, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
+        raise UserError(f"{job.src}: unreadable shard ({str(exc)[:200]}); repair or remove it "
                         "(and its sizes.json entry), then rerun to resume") from None
     for sample in samples:
         if refusal(sample) is None:

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from audio_dataset import manifest
 from audio_dataset.schema import JSON_EXT, SampleRefused, load_json_object, split_order
 from audio_dataset.shards import DamagedShard, Sample, iter_shard, refusal, shard_paths
-from audio_dataset.storage import Location, atomic_write_bytes, location
+from audio_dataset.storage import Location, location
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting (builds print stats too)
     from matplotlib.axes import Axes
@@ -119,14 +119,15 @@ def _cell(value: Any) -> str:
 
 def print_failures(rows: list[dict[str, Any]], file: TextIO | None = None) -> None:
     """Tab-separated with a header, one item per line (`cut`, `awk` and spreadsheets read it)."""
-    file = file or sys.stdout  # looked up now: a redirected stdout is honoured
+    file = file or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
     print("\t".join(FAILURE_COLUMNS), file=file)
     for row in rows:
         print("\t".join(_cell(row[c]) for c in FAILURE_COLUMNS), file=file)
 
 
-def print_summary(stats: dict[str, Any], file: TextIO = sys.stdout, out: Location | None = None) -> None:
+def print_summary(stats: dict[str, Any], file: TextIO | None = None, out: Location | None = None) -> None:
     """The end-of-run table: one line per split plus a total, then failure reasons (and how to list them)."""
+    file = file or sys.stdout
     header = f"{'split':<8}{'items':>8}{'ok':>8}{'dropped':>9}{'failed':>8}{'excluded':>10}{'samples':>9}{'h in':>9}{'h out':>9}"
     print(header, file=file)
     groups = list(stats["per_split"].items()) + [("total", stats)]
@@ -176,8 +177,9 @@ def _why(exc: Exception) -> str:
     return str(exc) if isinstance(exc, SampleRefused) else f"bad JSON ({type(exc).__name__}: {exc})"
 
 
-def warn_damaged(out: Location, damaged: dict[str, str], file: TextIO = sys.stderr) -> None:
+def warn_damaged(out: Location, damaged: dict[str, str], file: TextIO | None = None) -> None:
     """One line per damaged shard, naming it, for every reader's command."""
+    file = file or sys.stderr
     for name, detail in damaged.items():
         print(f"audiodata: warning: damaged shard {location(out) / name} ({detail}); "
               f"`audiodata verify {out}` lists every problem", file=file)
@@ -271,13 +273,13 @@ def panel_pngs(data: PlotData) -> dict[str, bytes]:
     return pngs
 
 
-def plot_stats(out: Location, table: pa.Table, path: Location) -> PlotData:
-    """All panels side by side in one PNG; returns what it drew (with the damaged shards it met)."""
+def stats_png(out: Location, table: pa.Table) -> tuple[bytes, PlotData]:
+    """All panels side by side in one PNG, and what it drew (with the damaged shards it met)."""
     from matplotlib.figure import Figure
 
     data = plot_data(out, table)
     fig = Figure(figsize=(5 * len(PANELS), 4))
     for ax, draw in zip(fig.subplots(1, len(PANELS)), PANELS.values()):
         draw(ax, data)
-    atomic_write_bytes(path, _png(fig))
-    return data
+    return _png(fig), data
+

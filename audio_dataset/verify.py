@@ -152,8 +152,12 @@ def _check_manifest(out: UPath, found: dict[str, set[str]], report: VerifyReport
 
 
 def verify(out_location: Location) -> VerifyReport:
+    from audio_dataset.recipe import STATUS_FILE, failed_sources
+
     out = location(out_location)
     report = VerifyReport()
+    # A recipe source that failed has no shards to check: the dataset is short of it all the same.
+    report.problems.extend(f"source {name} failed ({STATUS_FILE}): {why}" for name, why in failed_sources(out).items())
     found: dict[str, set[str]] = {}
     built = _built_audio(out)
     for split_dir in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):

@@ -1,11 +1,11 @@
 """clap-export: a CLAP checkpoint in another format.
 
-    clap-export run/epoch_10.pt --format hf out/clap-hf       # transformers' ClapModel + ClapProcessor folder
-    clap-export 630k-audioset-best.pt --model htsat-tiny-roberta --format hf out/clap-hf
-    clap-export laion/clap-htsat-unfused --format laion out/clap.pt   # a file LAION-CLAP's load_ckpt reads
-    clap-export run/epoch_10.pt --format msclap out/clap.pth   # Microsoft CLAP's layout
+    clap-export --checkpoint run/epoch_10.pt --format hf --out out/clap-hf   # transformers' ClapModel folder
+    clap-export --checkpoint 630k-audioset-best.pt --model htsat-tiny-roberta --format hf --out out/clap-hf
+    clap-export --checkpoint laion/clap-htsat-unfused --format laion --out out/clap.pt   # LAION-CLAP's load_ckpt
+    clap-export --checkpoint run/epoch_10.pt --format msclap --out out/clap.pth   # Microsoft CLAP's layout
 
-CHECKPOINT is anything `clap-eval --checkpoint` takes: ours, a LAION-CLAP release (with --model),
+--checkpoint is anything `clap-eval --checkpoint` takes: ours, a LAION-CLAP release (with --model),
 a Hugging Face ClapModel folder or hub id. What the target format cannot hold is refused in one
 line (exit 2) before anything is written; the output appears whole or not at all.
 """
@@ -21,6 +21,7 @@ from clap_model import checkpoint as ckpt
 from clap_model import files, hf_format, msclap_format
 from clap_model.clap import CLAP
 from clap_model.config import PRESETS, UsageError, error_line
+from clap_model.flags import refuse_positionals
 
 FORMATS = ("hf", "laion", "msclap")
 # The HTSAT geometries LAION-CLAP's create_htsat_model builds: (embed_dim, depths), by model name.
@@ -80,14 +81,15 @@ SAVERS = {"hf": save_hf_folder, "laion": save_laion, "msclap": msclap_format.sav
 
 def parser() -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(prog="clap-export", description="Write a CLAP checkpoint in another format.")
-    parse.add_argument("checkpoint", help="ours, a LAION-CLAP release (with --model), or a Hugging Face "
-                                          "ClapModel folder or hub id")
+    parse.add_argument("--checkpoint", required=True, help="ours, a LAION-CLAP release (with --model), or a "
+                                                          "Hugging Face ClapModel folder or hub id")
     parse.add_argument("--format", required=True, choices=FORMATS,
                        help="hf: a transformers ClapModel folder; laion: a file LAION-CLAP's load_ckpt reads; "
                             "msclap: Microsoft CLAP's checkpoint layout")
-    parse.add_argument("out", help="output folder (hf) or file (laion, msclap)")
+    parse.add_argument("--out", required=True, help="output folder (hf) or file (laion, msclap)")
     parse.add_argument("--model", default=None, help=f"architecture of a LAION-CLAP release ({', '.join(PRESETS)})")
     parse.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP release")
+    refuse_positionals(parse, "--checkpoint CHECKPOINT and --out OUT")
     return parse
 
 

@@ -77,8 +77,6 @@ def zeroshot_metrics(audio: torch.Tensor, class_text: torch.Tensor, labels: torc
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    parts = []
-    for key, value in metrics.items():
-        short = key.replace("audio_to_text_", "a2t_").replace("text_to_audio_", "t2a_")
-        parts.append(f"{short} {value:.4f}" if isinstance(value, float) else f"{short} {value}")
-    return " | ".join(parts)
+    """The metrics on one line, each under the name results.jsonl and `clap-eval --out` give it."""
+    return " | ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                      for key, value in metrics.items())

@@ -139,3 +139,14 @@ def s3_env() -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture
+def large_tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path for model-sized files (a full msclap checkpoint is 0.6-0.8 GB): emptied after the
+    test, pass or fail, so the suite does not leave gigabytes in the temp folder."""
+    import shutil
+
+    yield tmp_path
+    for child in tmp_path.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()

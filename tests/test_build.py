@@ -236,7 +236,7 @@ def test_verify_catches_a_corrupted_shard(tmp_path: Path) -> None:
         (["build", "--source", "local", "--input", "/nonexistent/dir", "--out", "X"], "input not found"),
         (["build", "--source", "nosuch", "--input", ".", "--out", "X"], "unknown source 'nosuch'"),
         (["build", "--source", "local", "--input", ".", "--out", "X", "--long-clips", "truncate"], "needs --max-seconds"),
-        (["verify", "/nonexistent/out"], "not a build output"),
+        (["verify", "/nonexistent/out"], "/nonexistent/out does not exist"),
     ],
 )
 def test_user_mistakes_get_one_line_and_exit_2(tmp_path: Path, argv: list[str], message: str) -> None:
@@ -260,7 +260,7 @@ def test_stats_command_prints_figures_and_writes_a_plot(tmp_path: Path) -> None:
 def test_sources_lists_local_with_built_counts(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _build(out, REAL_AUDIO_DIR, limit=3)
-    result = subprocess.run([*CLI, "sources", "--out", str(out)], capture_output=True, text=True)
+    result = subprocess.run([*CLI, "sources", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     line = next(l for l in result.stdout.splitlines() if l.startswith("local "))
     assert " 3 " in line and "ready" in line

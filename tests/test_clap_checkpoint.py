@@ -11,6 +11,7 @@ import sys
 import time
 import types
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +172,7 @@ def test_known_text_towers_build_offline(no_network, name, model_type, vocab, la
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> tuple[Path, CLAP]:
+def release(tmp_path_factory) -> Iterator[tuple[Path, CLAP]]:
     """htsat-tiny-roberta in LAION-CLAP's release layout, random weights: DDP's `module.` prefix,
     the obsolete position_ids buffer, an optimizer-like dict holding a NumPy float64, protocol 4."""
     torch.manual_seed(0)
@@ -184,7 +185,8 @@ def release(tmp_path_factory) -> tuple[Path, CLAP]:
     path = tmp_path_factory.mktemp("release") / "630k-audioset-best.pt"
     torch.save({"epoch": 45, "state_dict": state, "optimizer": {"param_groups": [{"lr": np.float64(1e-4)}]}},
                path, pickle_protocol=4)
-    return path, source
+    yield path, source
+    path.unlink()  # 130 MB: not left in the temp folder
 
 
 def test_a_release_file_embeds_audio_with_no_network(release, no_network):

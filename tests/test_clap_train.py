@@ -52,7 +52,7 @@ def test_learns_until_retrieval_is_perfect(shards, tmp_path, capsys):
                                 "--epochs", "8", "--train-num-samples", "200", "--lr", "3e-3", "--warmup", "10"))
     assert code == 0
     printed = capsys.readouterr().out
-    assert "samples/s" in printed and "a2t_R@1" in printed
+    assert "samples/s" in printed and "audio_to_text_R@1" in printed
     results = _results(out)
     first, last = results[0], results[-1]
     assert first["audio_to_text_R@1"] < 1.0

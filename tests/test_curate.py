@@ -111,7 +111,9 @@ def _clusters(dataset: Path) -> dict[str, dict]:
 def test_dedup_finds_copies_and_the_eval_leak(folders, capsys):
     dataset, evalset = folders["dataset"], folders["eval"]
     _cli("dedup", dataset, "--against", evalset, "--no-embeddings")
-    assert "dedup: 7 clustered, 3 kept, 3 duplicate, 1 eval_overlap" in capsys.readouterr().out
+    # "kept" as in every stage's counts: the samples that stay (the 5 no cluster holds among them).
+    assert "dedup: 12 sample(s) (8 kept, 3 duplicate, 1 eval_overlap); 7 in duplicate clusters" \
+        in capsys.readouterr().out
     rows = _clusters(dataset)
     robin, robin_mp3 = key("robin"), key("robin", "freesound")
     dog, dog_quiet, drums, drums_wav = key("dog"), key("dog", "bbc"), key("drums"), key("drums", "sonniss")
@@ -295,6 +297,8 @@ def test_filter_by_dedup_result_and_usage_errors(folders, capsys):
     manifest = {r["key"]: r["status"] for r in pq.read_table(out / "filter_manifest.parquet").to_pylist()}
     assert manifest[key("trumpet")] == "eval_overlap" and manifest[key("drums", "sonniss")] == "duplicate"
     assert list(manifest.values()).count("kept") == 8
+    summary = json.loads((dataset / "dedup" / "summary.json").read_text())
+    assert summary["counts"]["kept"] == 8  # dedup's "kept" is the samples filter --dedup keeps
     assert main(["filter", str(dataset), "--out", str(folders["tmp"] / "x"), "--no-progress"]) == 2
     assert "no test given" in capsys.readouterr().err
     assert main(["filter", str(dataset), "--out", str(folders["tmp"] / "x"), "--top-fraction", "1.5"]) == 2

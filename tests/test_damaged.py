@@ -65,7 +65,7 @@ def test_k2c_outputs_keep_checksums_too(built: Path, tmp_path: Path) -> None:
     from audio_dataset.cli import main
 
     out = tmp_path / "k2c"
-    assert main(["k2c", "--input", str(built), "--out", str(out), "--model", "template", "--no-progress"]) == 0
+    assert main(["k2c", str(built), "--out", str(out), "--caption-model", "template", "--no-progress"]) == 0
     sums = read_checksums(out / "train")
     assert sums == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shard_paths(out / "train")}
     assert sums != read_checksums(built / "train")  # new JSON members: new shards, their own checksums

@@ -78,7 +78,7 @@ def test_failures_lists_every_item_not_kept_by_name(built: Path) -> None:
 
 def test_the_report_names_the_items_not_kept(built: Path, tmp_path: Path) -> None:
     page = tmp_path / "report.html"
-    result = _run("report", built, "--out-html", page, "--samples", "1")
+    result = _run("report", built, "--out", page, "--samples", "1")
     assert result.returncode == 0, result.stderr
     html = page.read_text()
     listing = html[html.index("<details id=failures"):html.index("</details>", html.index("<details id=failures"))]

@@ -187,17 +187,17 @@ def test_clap_export_hf_and_laion(tmp_path, capsys):
     from clap_model.export import main
 
     model = _saved(TINY, tmp_path / "run.pt")
-    assert main([str(tmp_path / "run.pt"), "--format", "hf", str(tmp_path / "hf")]) == 0
+    assert main(["--checkpoint", str(tmp_path / "run.pt"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     back = ckpt.load_model(tmp_path / "hf")
     held = [k for k in model.state_dict() if not hf_format.OURS_ONLY.fullmatch(k)]
     assert all(torch.equal(back.state_dict()[k], model.state_dict()[k]) for k in held)
     assert back.text_branch.config.model_type == "roberta"
     # A model loaded from HF exports to HF again, the same weights.
-    assert main([str(tmp_path / "hf"), "--format", "hf", str(tmp_path / "hf2")]) == 0
+    assert main(["--checkpoint", str(tmp_path / "hf"), "--format", "hf", "--out", str(tmp_path / "hf2")]) == 0
     again = hf_format.load_hf(str(tmp_path / "hf2"))
     assert all(torch.equal(again.state_dict()[k], model.state_dict()[k]) for k in held)
     # Back out of HF into LAION-CLAP's layout: needs LAION's geometry (the tiny preset is not one).
-    assert main([str(tmp_path / "hf"), "--format", "laion", str(tmp_path / "laion.pt")]) == 2
+    assert main(["--checkpoint", str(tmp_path / "hf"), "--format", "laion", "--out", str(tmp_path / "laion.pt")]) == 2
     assert "LAION-CLAP builds HTSAT tiny/base/large only" in capsys.readouterr().err
     assert not (tmp_path / "laion.pt").exists()
 
@@ -225,7 +225,7 @@ def test_clap_export_refusals_are_one_line_exit_2(argv, message, tmp_path, capsy
 
     _saved(get_preset("tiny"), tmp_path / "run.pt")
     try:
-        code = main([str(tmp_path / "run.pt"), *argv, str(tmp_path / "out")])
+        code = main(["--checkpoint", str(tmp_path / "run.pt"), *argv, "--out", str(tmp_path / "out")])
     except SystemExit as exc:  # argparse's own usage errors
         code = exc.code
     err = capsys.readouterr().err
@@ -239,8 +239,8 @@ def test_clap_export_keeps_an_existing_folder(tmp_path, capsys):
     _saved(TINY, tmp_path / "run.pt")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "notes.txt").write_text("mine")
-    assert main([str(tmp_path / "run.pt"), "--format", "hf", str(tmp_path / "hf")]) == 2
+    assert main(["--checkpoint", str(tmp_path / "run.pt"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["notes.txt"]
-    assert main([str(tmp_path / "missing.pt"), "--format", "hf", str(tmp_path / "new")]) == 2
+    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--format", "hf", "--out", str(tmp_path / "new")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

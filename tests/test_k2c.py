@@ -261,7 +261,7 @@ def _check_copy(input_dir: Path, out: Path) -> None:
 
 def test_template_baseline(ray_local, input_dir, tmp_path):
     out = tmp_path / "out"
-    assert _cli("k2c", "--input", input_dir, "--out", out, "--model", "template", "--workers", "1") == 0
+    assert _cli("k2c", input_dir, "--out", out, "--caption-model", "template", "--workers", "1") == 0
     _check_copy(input_dir, out)
     metas = {m["source_id"]: m for m in _metas(out).values()}
     assert metas["198-209-0000"]["text_augment_t5"] == ["The sound of speech and female speech"]
@@ -283,7 +283,7 @@ def test_build_output_to_k2c_output_verifies(ray_local, tmp_path, capsys):
     built, out = tmp_path / "built", tmp_path / "k2c"
     assert main(["build", "--source", "local", "--input", str(REAL), "--out", str(built), "--sample-rate", "16000",
                  "--max-seconds", "3", "--long-clips", "truncate", "--workers", "1", "--no-progress"]) == 0
-    assert _cli("k2c", "--input", built, "--out", out, "--model", "template") == 0
+    assert _cli("k2c", built, "--out", out, "--caption-model", "template") == 0
     assert "k2c: 10 sample(s) (10 generated)" in capsys.readouterr().out
     assert _audio_digests(out) == _audio_digests(built)
     assert (out / "manifest.parquet").read_bytes() == (built / "manifest.parquet").read_bytes()
@@ -293,14 +293,14 @@ def test_build_output_to_k2c_output_verifies(ray_local, tmp_path, capsys):
     settings = pq.read_schema(out / "k2c_manifest.parquet").metadata[b"audiodata.settings"]
     assert json.loads(settings)["model"] == "template"
     # The build's run record, then each k2c run's: a rerun (all shards done) adds, never erases.
-    assert _cli("k2c", "--input", built, "--out", out, "--model", "template") == 0
+    assert _cli("k2c", built, "--out", out, "--caption-model", "template") == 0
     runs = json.loads((out / "provenance.json").read_text())["runs"]
     assert [r["stage"] for r in runs] == ["build", "k2c", "k2c"]
 
 
 def test_model_from_local_folder(ray_local, input_dir, trained_t5, tmp_path):
     out = tmp_path / "out"
-    code = _cli("k2c", "--input", input_dir, "--out", out, "--model", trained_t5, "--workers", "1",
+    code = _cli("k2c", input_dir, "--out", out, "--caption-model", trained_t5, "--workers", "1",
                 "--num-captions", "2", "--batch-size", "4")
     assert code == 0
     _check_copy(input_dir, out)
@@ -319,7 +319,7 @@ def test_model_from_local_folder(ray_local, input_dir, trained_t5, tmp_path):
     assert record["decoding"]["no_repeat_ngram_size"] == 3 and record["seed"] == 0
     # Rerunning the same command finds every shard done and changes nothing.
     before = {p: p.read_bytes() for p in _shard_files(out)}
-    assert _cli("k2c", "--input", input_dir, "--out", out, "--model", trained_t5, "--workers", "1",
+    assert _cli("k2c", input_dir, "--out", out, "--caption-model", trained_t5, "--workers", "1",
                 "--num-captions", "2", "--batch-size", "4") == 0
     assert {p: p.read_bytes() for p in _shard_files(out)} == before
 
@@ -346,7 +346,7 @@ def test_hub_id_is_pinned_to_the_commit_it_resolves_to(trained_t5, tmp_path, mon
 
 def test_keywords_fills_tags_with_keybert(ray_local, input_dir, minilm, tmp_path):
     out = tmp_path / "kw"
-    assert _cli("keywords", "--input", input_dir, "--out", out, "--model", minilm, "--workers", "1") == 0
+    assert _cli("keywords", input_dir, "--out", out, "--keybert-model", minilm, "--workers", "1") == 0
     assert _audio_digests(out) == _audio_digests(input_dir)
     before, after = _metas(input_dir), _metas(out)
     untagged = next(k for k, m in before.items() if not m["tag"])
@@ -356,7 +356,7 @@ def test_keywords_fills_tags_with_keybert(ray_local, input_dir, minilm, tmp_path
     assert all(after[k] == m for k, m in before.items() if m["tag"])  # tagged samples untouched
     # --replace re-tags everything from the real descriptions (URLs, licence and author removed).
     out2 = tmp_path / "kw2"
-    assert _cli("keywords", "--input", input_dir, "--out", out2, "--model", minilm, "--replace",
+    assert _cli("keywords", input_dir, "--out", out2, "--keybert-model", minilm, "--replace",
                 "--top-n", "3") == 0
     robin = next(m for m in _metas(out2).values() if m["source_id"].startswith("456440"))
     assert len(robin["tag"]) <= 3 and any("robin" in p or "bird" in p for p in robin["tag"])
@@ -365,7 +365,7 @@ def test_keywords_fills_tags_with_keybert(ray_local, input_dir, minilm, tmp_path
 
 def test_k2c_with_keybert_keyphrases(ray_local, input_dir, minilm, tmp_path):
     out = tmp_path / "out"
-    assert _cli("k2c", "--input", input_dir, "--out", out, "--model", "template", "--keywords", "keybert",
+    assert _cli("k2c", input_dir, "--out", out, "--caption-model", "template", "--keywords", "keybert",
                 "--keybert-model", minilm, "--top-n", "3", "--workers", "1") == 0
     _check_copy(input_dir, out)
     rows = {r["key"]: r for r in pq.read_table(out / "k2c_manifest.parquet").to_pylist()}
@@ -379,7 +379,7 @@ def test_killed_run_resumes_to_the_clean_output(ray_local, samples, random_t5, t
     input_dir = _write_input(tmp_path / "in", {"train": [[s["robin"], s["whale"]], [s["trumpet"], s["drums"]],
                                                          [s["dog"], s["woman"]], [s["man"], s["robin"]],
                                                          [s["whale"], s["dog"]]]})
-    args = ["--input", input_dir, "--model", random_t5, "--workers", "1", "--batch-size", "1",
+    args = [input_dir, "--caption-model", random_t5, "--workers", "1", "--batch-size", "1",
             "--max-new-tokens", "40", "--no-progress", "--threads", "1"]
     killed = tmp_path / "killed"
     code = "import sys; from audio_dataset.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -440,22 +440,22 @@ def _error(capsys, *argv) -> str:
 
 def test_user_mistakes_are_one_line(ray_local, input_dir, trained_t5, tmp_path, capsys):
     out = tmp_path / "out"
-    assert "no such folder" in _error(capsys, "k2c", "--input", tmp_path / "nope", "--out", out)
-    assert "no shards" in _error(capsys, "k2c", "--input", tmp_path, "--out", out, "--model", "template")
-    assert "no such folder" in _error(capsys, "k2c", "--input", input_dir, "--out", out, "--model", "./missing")
-    assert "Hugging Face hub" in _error(capsys, "k2c", "--input", input_dir, "--out", out,
-                                        "--model", "nobody/no-such-model-k2c")
-    assert "--num-beams" in _error(capsys, "k2c", "--input", input_dir, "--out", out, "--model", trained_t5,
+    assert "no such folder" in _error(capsys, "k2c", tmp_path / "nope", "--out", out)
+    assert "no shards" in _error(capsys, "k2c", tmp_path, "--out", out, "--caption-model", "template")
+    assert "no such folder" in _error(capsys, "k2c", input_dir, "--out", out, "--caption-model", "./missing")
+    assert "Hugging Face hub" in _error(capsys, "k2c", input_dir, "--out", out,
+                                        "--caption-model", "nobody/no-such-model-k2c")
+    assert "--num-beams" in _error(capsys, "k2c", input_dir, "--out", out, "--caption-model", trained_t5,
                                    "--num-captions", "5")
-    assert "--num-captions" in _error(capsys, "k2c", "--input", input_dir, "--out", out, "--model", "template",
+    assert "--num-captions" in _error(capsys, "k2c", input_dir, "--out", out, "--caption-model", "template",
                                       "--num-captions", "2")
-    assert "--model /no/such: no such folder" in _error(capsys, "keywords", "--input", input_dir, "--out", out,
-                                                        "--model", "/no/such")
+    assert "--keybert-model /no/such: no such folder" in _error(capsys, "keywords", input_dir, "--out", out,
+                                                        "--keybert-model", "/no/such")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")  # fails inside the Ray worker, still one line
-    assert "cannot load --model" in _error(capsys, "k2c", "--input", input_dir, "--out", out, "--model", broken,
+    assert "cannot load --caption-model" in _error(capsys, "k2c", input_dir, "--out", out, "--caption-model", broken,
                                            "--workers", "1")
-    assert _cli("k2c", "--input", input_dir, "--out", out, "--model", "template", "--workers", "1") == 0
-    assert "other settings (model" in _error(capsys, "k2c", "--input", input_dir, "--out", out,
-                                             "--model", trained_t5, "--workers", "1")
+    assert _cli("k2c", input_dir, "--out", out, "--caption-model", "template", "--workers", "1") == 0
+    assert "other settings (model" in _error(capsys, "k2c", input_dir, "--out", out,
+                                             "--caption-model", trained_t5, "--workers", "1")

@@ -43,8 +43,8 @@ def _error(capsys, *argv) -> str:
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
     input_dir = _write_input(tmp_path / "in", [[_sample("a")]])
     (tmp_path / "file").write_text("x")
-    assert "is not a folder" in _error(capsys, "k2c", "--input", input_dir, "--out", tmp_path / "file",
-                                       "--model", "template")
+    assert "is not a folder" in _error(capsys, "k2c", input_dir, "--out", tmp_path / "file",
+                                       "--caption-model", "template")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "short"])
@@ -60,7 +60,7 @@ def test_damaged_input_shard_is_one_line_and_resumes_once_repaired(ray_local, tm
     else:  # cut at a member boundary: reads cleanly, one sample short of sizes.json
         _write_input(input_dir, [good, [_sample("c")]], sizes={"000000.tar": 2, "000001.tar": 2})
     out = tmp_path / "out"
-    args = ["k2c", "--input", input_dir, "--out", out, "--model", "template", "--workers", "1"]
+    args = ["k2c", input_dir, "--out", out, "--caption-model", "template", "--workers", "1"]
     assert "train/000001.tar: unreadable shard" in _error(capsys, *args)
     assert not (out / "train" / "000001.tar").exists() and not (out / "train" / "sizes.json").exists()
     shard.write_bytes(intact)
@@ -121,7 +121,7 @@ def test_captions_outside_ascii_are_kept(caption, keyword):
 def test_revision_with_a_local_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="--revision v1: only for a hub id"):
-        resolve_model(str(tmp_path), "--model", revision="v1")
+        resolve_model(str(tmp_path), "--caption-model", revision="v1")
 
 
 def test_offline_hub_id_says_so_in_one_sentence(tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ def test_offline_hub_id_says_so_in_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="not in the local Hugging Face hub cache and HF_HUB_OFFLINE is set"):
-        resolve_model("nobody/no-such-model-k2c", "--model")
+        resolve_model("nobody/no-such-model-k2c", "--caption-model")
 
 
 def test_more_workers_than_cpus_is_refused_not_a_hang(ray_local):

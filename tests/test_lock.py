@@ -79,7 +79,7 @@ def test_two_concurrent_builds_the_second_with_other_options(tmp_path: Path) -> 
 def test_a_second_k2c_is_refused_naming_the_holder(tmp_path: Path) -> None:
     source, out = _k2c_input(tmp_path / "in"), tmp_path / "k2c"
     with hold_output(location(out), "k2c"):
-        result = subprocess.run([*CLI, "k2c", "--input", str(source), "--out", str(out), "--model", "template",
+        result = subprocess.run([*CLI, "k2c", str(source), "--out", str(out), "--caption-model", "template",
                                  "--no-progress"], capture_output=True, text=True, timeout=120)
         _assert_refused(result, "k2c")
     assert not (out / ".k2c").exists()
@@ -115,7 +115,7 @@ def test_a_killed_holders_lock_is_taken_over_by_build_and_k2c(tmp_path: Path, ra
 
     k2c_out = tmp_path / "k2c"
     _killed_holder(k2c_out)
-    assert main(["k2c", "--input", str(out), "--out", str(k2c_out), "--model", "template", "--no-progress"]) == 0
+    assert main(["k2c", str(out), "--out", str(k2c_out), "--caption-model", "template", "--no-progress"]) == 0
     assert (k2c_out / "k2c_manifest.parquet").exists() and not (k2c_out / LOCK_FILE).exists()
 
 

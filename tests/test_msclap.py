@@ -85,7 +85,8 @@ def test_msclap_projection_and_one_logit_scale():
 
 
 @pytest.mark.parametrize("version", ["2022", "2023"])
-def test_weight_file_round_trip_and_strictness(version, tmp_path):
+def test_weight_file_round_trip_and_strictness(version, large_tmp_path):
+    tmp_path = large_tmp_path
     torch.manual_seed(0)
     model = CLAP(PRESETS[f"msclap-{version}"], pretrained_text=False).eval()
     path = tmp_path / f"CLAP_weights_{version}.pth"
@@ -146,8 +147,9 @@ def test_clap_train_trains_the_msclap_design(tmp_path, capsys):
     assert len(err) == 1 and "second logit scale" in err[0]
 
 
-def test_clap_export_msclap_and_refusals(tmp_path, capsys):
+def test_clap_export_msclap_and_refusals(large_tmp_path, capsys):
     """clap-export writes Microsoft's layout from our checkpoint; HF and LAION cannot hold the model."""
+    tmp_path = large_tmp_path
     from clap_model.checkpoint import save_atomic
     from clap_model.export import main
 
@@ -155,12 +157,13 @@ def test_clap_export_msclap_and_refusals(tmp_path, capsys):
     cfg = PRESETS["msclap-2023"]
     model = CLAP(cfg, pretrained_text=False)
     save_atomic({"config": cfg.to_dict(), "state_dict": model.state_dict(), "epoch": 1}, tmp_path / "run.pt")
-    assert main([str(tmp_path / "run.pt"), "--format", "msclap", str(tmp_path / "CLAP_weights_2023.pth")]) == 0
+    assert main(["--checkpoint", str(tmp_path / "run.pt"), "--format", "msclap",
+                 "--out", str(tmp_path / "CLAP_weights_2023.pth")]) == 0
     back = load_model(tmp_path / "CLAP_weights_2023.pth")
     assert back.cfg == cfg
     assert all(torch.equal(value, back.state_dict()[key]) for key, value in model.state_dict().items())
     for fmt, message in (("hf", "RoBERTa text encoder"), ("laion", "LAION-CLAP's text encoders")):
-        assert main([str(tmp_path / "run.pt"), "--format", fmt, str(tmp_path / fmt)]) == 2
+        assert main(["--checkpoint", str(tmp_path / "run.pt"), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / fmt).exists()

@@ -89,8 +89,8 @@ def test_k2c_and_clap_train_read_shards_from_s3(tmp_path: Path, s3_env: dict[str
                             "--max-seconds", "8", "--long-clips", "truncate", "--no-progress"],
                            env=s3_env, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
-    k2c = subprocess.run([*CLI, "k2c", "--input", f"s3://{BUCKET}/k2c-in", "--out", f"s3://{BUCKET}/k2c-out",
-                          "--model", "template", "--workers", "1", "--no-progress"],
+    k2c = subprocess.run([*CLI, "k2c", f"s3://{BUCKET}/k2c-in", "--out", f"s3://{BUCKET}/k2c-out",
+                          "--caption-model", "template", "--workers", "1", "--no-progress"],
                          env=s3_env, capture_output=True, text=True, timeout=300)
     assert k2c.returncode == 0, k2c.stderr[-2000:]
     before, after = _objects("k2c-in/train/"), _objects("k2c-out/train/")

@@ -35,5 +35,5 @@ def test_the_readme_tour_runs_as_written(tmp_path):
         outputs.append(result.stdout)
     assert "k2c: 10 sample(s) (10 generated)" in outputs[1]
     assert outputs[2].count("eval epoch") == 3
-    assert "eval latest.pt: a2t_mean_rank" in outputs[3] and "num_samples 6.0000" in outputs[3]
+    assert "eval latest.pt: audio_to_text_mean_rank" in outputs[3] and "num_samples 6.0000" in outputs[3]
     assert (tmp_path / "runs" / "tiny" / "epoch_3.pt").is_file()

@@ -175,7 +175,7 @@ def test_report_to_a_chosen_path_and_to_object_storage(built: Path, tmp_path: Pa
     from audio_dataset.report import write_report
 
     chosen = tmp_path / "pages" / "r.html"
-    result = subprocess.run([*CLI, "report", str(built), "--out-html", str(chosen), "--samples", "2"],
+    result = subprocess.run([*CLI, "report", str(built), "--out", str(chosen), "--samples", "2"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(chosen) and chosen.read_text().count("<audio ") == 2

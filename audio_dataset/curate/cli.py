@@ -19,10 +19,17 @@ def _require_dataset(out: UPath) -> None:
         raise UserError(f"{out}: no such folder (a build output)")
 
 
+def _require_file(flag: str, path: Path | None) -> None:
+    """A missing file named on the command line, said before torch, faiss or Ray load (seconds)."""
+    if path is not None and not path.exists():
+        raise UserError(f"{flag} {path}: not found")
+
+
 def run_embed_command(args: argparse.Namespace) -> int:
+    _require_dataset(args.dataset)
+    _require_file("--checkpoint", args.checkpoint)
     from audio_dataset.curate.embed import EmbedOptions, default_out, run_embed
 
-    _require_dataset(args.dataset)
     options = EmbedOptions(checkpoint=args.checkpoint, preset=args.model, batch_size=args.batch_size,
                            index=args.index)
     report("embed", run_embed(options, run_options(args, args.dataset, args.out or default_out(args.dataset))))
@@ -30,12 +37,14 @@ def run_embed_command(args: argparse.Namespace) -> int:
 
 
 def run_search_command(args: argparse.Namespace) -> int:
-    from audio_dataset.curate.embed import default_out
-    from audio_dataset.curate.search import Searcher, SearchOptions, hits_json
-
     _require_dataset(args.dataset)
     if (args.query is None) == (args.audio is None):
         raise UserError("give a text query or --audio FILE (one of them)")
+    _require_file("--audio", args.audio)
+    _require_file("--checkpoint", args.checkpoint)
+    from audio_dataset.curate.embed import default_out
+    from audio_dataset.curate.search import Searcher, SearchOptions, hits_json
+
     searcher = Searcher(args.dataset, args.embeddings or default_out(args.dataset),
                         SearchOptions(k=args.k, splits=tuple(args.split), checkpoint=args.checkpoint))
     hits = searcher.text(args.query) if args.query is not None else searcher.audio(args.audio)
@@ -84,8 +93,10 @@ def run_dedup_command(args: argparse.Namespace) -> int:
     options = DedupOptions(against=tuple(args.against), keep=args.keep, embedding_threshold=args.embedding_threshold,
                            use_embeddings=not args.no_embeddings, apply_to=args.out)
     result = run_dedup(args.dataset, options, run_options(args, args.dataset, args.out or args.dataset))
-    counts = ", ".join(f"{count} {name}" for name, count in result.counts.items())
-    print(f"dedup: {counts}; clusters {result.clusters}")
+    counts = dict(result.counts)
+    samples, clustered = counts.pop("samples"), counts.pop("clustered")
+    print(f"dedup: {samples} sample(s) ({', '.join(f'{n} {name}' for name, n in counts.items())}); "
+          f"{clustered} in duplicate clusters; clusters {result.clusters}")
     if result.without_embeddings:
         print(f"dedup: no embeddings for {', '.join(result.without_embeddings)} (run `audiodata embed` for "
               "embedding matches)")

@@ -335,9 +335,11 @@ def find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> D
     rows = cluster_rows(items, links, options.keep)
     out = dataset / DEDUP_STAGE
     write_parquet(pa.Table.from_pylist(rows, schema=CLUSTER_SCHEMA), out / "clusters.parquet")
-    counts = {"clustered": len(rows), "kept": sum(r["keep"] for r in rows),
+    # "kept" means what it means in every stage: the samples that stay (unclustered ones included).
+    samples = int((items.groups == 0).sum())
+    counts = {"samples": samples, "kept": samples - sum(not r["keep"] for r in rows),
               DUPLICATE: sum(not r["keep"] and r["kind"] != EVAL_OVERLAP for r in rows),
-              EVAL_OVERLAP: sum(r["kind"] == EVAL_OVERLAP for r in rows)}
+              EVAL_OVERLAP: sum(r["kind"] == EVAL_OVERLAP for r in rows), "clustered": len(rows)}
     atomic_write_json(out / "summary.json", {"counts": counts, "keep": options.keep, "against": items.sets[1:],
                                              "embedding_threshold": options.embedding_threshold,
                                              "without_embeddings": missing, "fingerprint": FINGERPRINT_SETTINGS})

@@ -1,9 +1,9 @@
 """Keyword-to-caption augmentation (LAION-CLAP's T5 "keyword-to-caption") and KeyBERT keywords, as
 resumable shard-to-shard stages over a build output:
 
-    audiodata k2c --input OUT --out OUT_K2C                    # keytotext's k2t-base, tags as keywords
-    audiodata k2c --input OUT --out OUT_K2C --model template   # "The sound of A, B and C"
-    audiodata keywords --input OUT --out OUT_KW                # fill empty `tag` lists from descriptions
+    audiodata k2c OUT --out OUT_K2C                            # keytotext's k2t-base, tags as keywords
+    audiodata k2c OUT --out OUT_K2C --caption-model template   # "The sound of A, B and C"
+    audiodata keywords OUT --out OUT_KW                        # fill empty `tag` lists from descriptions
 
 k2c adds `text_augment_t5` and `text_augment_all` to each sample JSON (see `stages`); audio bytes,
 sample order and sizes.json are kept; `OUT_K2C/k2c_manifest.parquet` lists every sample's keywords,

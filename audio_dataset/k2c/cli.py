@@ -10,14 +10,16 @@ from audio_dataset.k2c.generate import DEFAULT_MODEL, DTYPES, Decoding
 from audio_dataset.k2c.keywords import DEFAULT_KEYBERT_MODEL, SYNONYM_MODES, KeyBertSettings
 from audio_dataset.stage_runner import DEVICES, RunOptions, RunSummary
 from audio_dataset.storage import location
+from clap_model.flags import add_renamed
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, type=location,
+    p.add_argument("dataset", type=location, metavar="DATASET",
                    help="a build output (SPLIT/NNNNNN.tar + sizes.json): a folder or an fsspec URL")
     p.add_argument("--out", required=True, type=location,
                    help="new output folder or fsspec URL (rerun the same command to resume)")
     add_worker_options(p)
+    add_renamed(p, {"--input": "the positional DATASET"})
 
 
 def add_worker_options(p: argparse.ArgumentParser) -> None:
@@ -29,10 +31,11 @@ def add_worker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _add_keybert_options(p: argparse.ArgumentParser, model_flag: str) -> None:
+def _add_keybert_options(p: argparse.ArgumentParser) -> None:
     d = KeyBertSettings()
-    p.add_argument(model_flag, dest="keybert_model", default=d.model,
-                   help=f"sentence-transformers model for KeyBERT, hub name or folder (default {DEFAULT_KEYBERT_MODEL})")
+    p.add_argument("--keybert-model", default=d.model,
+                   help=f"sentence-transformers model for KeyBERT, hub name or folder "
+                        f"(default {DEFAULT_KEYBERT_MODEL})")
     p.add_argument("--top-n", type=int, default=d.top_n, help="keyphrases per sample")
     p.add_argument("--ngram-max", type=int, default=d.ngram_max, help="longest keyphrase in words")
     p.add_argument("--diversity", type=float, default=d.diversity,
@@ -47,7 +50,7 @@ def _keybert(args: argparse.Namespace) -> KeyBertSettings:
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
-    return run_options(args, args.input, args.out)
+    return run_options(args, args.dataset, args.out)
 
 
 def run_options(args: argparse.Namespace, input_dir: UPath, out: UPath) -> RunOptions:
@@ -69,7 +72,7 @@ def run_k2c_command(args: argparse.Namespace) -> int:
                         length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_p=args.top_p,
                         top_k=args.top_k, temperature=args.temperature)
-    options = K2COptions(model=args.model, revision=args.revision, keywords=args.keywords,
+    options = K2COptions(model=args.caption_model, revision=args.revision, keywords=args.keywords,
                          ontology=args.ontology, synonyms=args.synonyms, keybert=_keybert(args),
                          decoding=decoding, batch_size=args.batch_size, dtype=args.dtype,
                          min_seconds=args.min_seconds,
@@ -89,9 +92,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     d = Decoding()
     p = subparsers.add_parser("k2c", help="add keyword-to-caption captions (text_augment_t5/_all) to shards")
     _add_run_options(p)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"seq2seq model: hub id or local folder, or 'template' (default {DEFAULT_MODEL})")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
+    p.add_argument("--caption-model", default=DEFAULT_MODEL,
+                   help=f"the seq2seq captioning model: hub id or local folder, or 'template' "
+                        f"(default {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of --caption-model")
     p.add_argument("--keywords", choices=("tags", "keybert"), default="tags",
                    help="keywords from the sample's tags, or KeyBERT keyphrases of its description")
     p.add_argument("--ontology", type=Path, help="AudioSet ontology.json (default: the copy shipped)")
@@ -113,11 +117,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampled decoding (recorded)")
     p.add_argument("--min-seconds", type=float, default=2.0,
                    help="clips shorter than this keep their own captions only (LAION: 2 s)")
-    _add_keybert_options(p, "--keybert-model")
+    _add_keybert_options(p)
+    add_renamed(p, {"--model": "--caption-model"})
     p.set_defaults(func=run_k2c_command)
 
     p = subparsers.add_parser("keywords", help="fill empty `tag` lists with KeyBERT keyphrases of descriptions")
     _add_run_options(p)
-    _add_keybert_options(p, "--model")
+    _add_keybert_options(p)
+    add_renamed(p, {"--model": "--keybert-model"})
     p.add_argument("--replace", action="store_true", help="replace existing tags too")
     p.set_defaults(func=run_keywords_command)

@@ -69,7 +69,7 @@ def template_caption(keywords: list[Keyword]) -> str:
 def resolve_caption_model(spec: str, revision: str | None = None) -> ResolvedModel:
     if spec == TEMPLATE:
         return ResolvedModel(TEMPLATE, "", "")
-    return resolve_model(spec, "--model", revision)
+    return resolve_model(spec, "--caption-model", revision)
 
 
 class Captioner(Protocol):
@@ -98,7 +98,8 @@ class Seq2SeqCaptioner:
             self.model = AutoModelForSeq2SeqLM.from_pretrained(model.path, dtype=getattr(torch, dtype))
             self.model = self.model.to(device).eval()
         except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot load --model {model.spec}: {str(exc).strip().splitlines()[0][:200]}") from None
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"cannot load --caption-model {model.spec}: {reason}") from None
 
     def caption(self, keyword_lists: list[list[Keyword]], seed: int) -> list[list[str]]:
         import torch

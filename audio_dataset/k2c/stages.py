@@ -77,7 +77,7 @@ class K2COptions:
         if self.batch_size < 1 or self.min_seconds < 0:
             raise UserError("--batch-size must be at least 1 and --min-seconds not negative")
         if self.model == TEMPLATE and self.decoding.num_captions > 1:
-            raise UserError("--model template makes one caption per sample; --num-captions needs a model")
+            raise UserError("--caption-model template makes one caption per sample; --num-captions needs a model")
         self.decoding.check()
         _check_keybert(self.keybert)
 
@@ -240,7 +240,7 @@ def _make_keywords(options: KeywordsOptions, model: ResolvedModel, device: str) 
 def run_keywords(options: KeywordsOptions, run: RunOptions) -> RunSummary:
     _check_keybert(options.keybert)
     check_run(run)
-    model = resolve_keybert_model(options.keybert, "--model")
+    model = resolve_keybert_model(options.keybert, "--keybert-model")
     stage = Stage("keywords", {"keybert": _keybert_settings(options.keybert, model), "replace": options.replace},
                   functools.partial(_make_keywords, options, model), KEYWORDS_SCHEMA)
     return run_stage(stage, run)

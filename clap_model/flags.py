@@ -1,0 +1,47 @@
+"""Renamed command-line flags: the old name is no alias (one way to do each thing) but a one-line
+usage error naming the new one. Shared by `audiodata` and the clap-* commands (argparse only)."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+class _Renamed(argparse.Action):
+    """An old flag, hidden from --help, that stops the parse with `OLD is now NEW`."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        kwargs.pop("nargs", None)
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} is now {self.new}")
+
+
+class _OldPositionals(argparse.Action):
+    """Positional arguments a command no longer takes (they became flags): one line naming the flags."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        kwargs.pop("nargs", None)
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="*", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if values:
+            parser.error(f"{' '.join(map(str, values))}: positional arguments are now {self.new}")
+
+
+def add_renamed(parser: argparse.ArgumentParser, renamed: dict[str, str]) -> None:
+    """`{old flag: what to use instead}`, e.g. {"--input": "the positional DATASET"}."""
+    for old, new in renamed.items():
+        parser.add_argument(old, action=_Renamed, new=new)
+
+
+def refuse_positionals(parser: argparse.ArgumentParser, new: str) -> None:
+    """For a command whose positional arguments became flags (`new` names them)."""
+    parser.add_argument("old_positionals", action=_OldPositionals, new=new)
+
