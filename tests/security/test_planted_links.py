@@ -346,14 +346,14 @@ def test_clap_eval_out_and_clap_export_refuse_a_planted_link(clap_shards, tmp_pa
     assert capsys.readouterr().err.splitlines()[-1] == \
         f"clap-eval: error: refusing to write {metrics}: it is a symbolic link"
     exported = _plant(tmp_path, "hf", victims.folder)
-    assert clap_export.main([str(tmp_path / "run.pt"), "--format", "hf", str(exported)]) == 1
+    assert clap_export.main(["--checkpoint", str(tmp_path / "run.pt"), "--format", "hf", "--out", str(exported)]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == \
         f"clap-export: error: refusing to write {exported}: it is a symbolic link"
     assert victims.unchanged()
     # The export's own scratch folder is private (mkdtemp): an export beside planted links succeeds.
     for name in (f".hf2.tmp-{os.getpid()}", ".hf2.tmp"):
         _plant(tmp_path, name, victims.folder)
-    assert clap_export.main([str(tmp_path / "run.pt"), "--format", "hf", str(tmp_path / "hf2")]) == 0
+    assert clap_export.main(["--checkpoint", str(tmp_path / "run.pt"), "--format", "hf", "--out", str(tmp_path / "hf2")]) == 0
     assert victims.unchanged() and (tmp_path / "hf2" / "config.json").is_file()
 
 
