@@ -108,15 +108,17 @@ def _cell(value: Any) -> str:
     return " ".join(str(value).split())
 
 
-def print_failures(rows: list[dict[str, Any]], file: TextIO = sys.stdout) -> None:
+def print_failures(rows: list[dict[str, Any]], file: TextIO | None = None) -> None:
     """Tab-separated with a header, one item per line (`cut`, `awk` and spreadsheets read it)."""
+    file = file or sys.stdout  # looked up now, not at import: a redirected stdout is honoured
     print("\t".join(FAILURE_COLUMNS), file=file)
     for row in rows:
         print("\t".join(_cell(row[c]) for c in FAILURE_COLUMNS), file=file)
 
 
-def print_summary(stats: dict[str, Any], file: TextIO = sys.stdout, out: Location | None = None) -> None:
+def print_summary(stats: dict[str, Any], file: TextIO | None = None, out: Location | None = None) -> None:
     """The end-of-run table: one line per split plus a total, then failure reasons (and how to list them)."""
+    file = file or sys.stdout
     header = f"{'split':<8}{'items':>8}{'ok':>8}{'dropped':>9}{'failed':>8}{'excluded':>10}{'samples':>9}{'h in':>9}{'h out':>9}"
     print(header, file=file)
     groups = list(stats["per_split"].items()) + [("total", stats)]
@@ -154,8 +156,9 @@ def caption_lengths(out: Location, splits: list[str]) -> tuple[list[int], dict[s
     return lengths, damaged
 
 
-def warn_damaged(out: Location, damaged: dict[str, str], file: TextIO = sys.stderr) -> None:
+def warn_damaged(out: Location, damaged: dict[str, str], file: TextIO | None = None) -> None:
     """One line per damaged shard, naming it, for every reader's command."""
+    file = file or sys.stderr
     for name, detail in damaged.items():
         print(f"audiodata: warning: damaged shard {location(out) / name} ({detail}); "
               f"`audiodata verify {out}` lists every problem", file=file)
