@@ -59,8 +59,8 @@ def _check_dataset(out: Path, dropped: dict[str, str], capsys) -> None:
     assert capsys.readouterr().out.strip().endswith(f"{len(kept)} sample(s): OK")
     assert main(["stats", str(out), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["samples"] == len(kept) and stats["by_status"]["ok"] == len(kept)
-    assert stats["by_status"]["dropped"] == len(dropped)
+    assert stats["samples"] == len(kept)
+    assert stats["by_status"]["dropped"] == len(dropped) and stats["by_status"]["ok"] == stats["items"] - len(dropped)
     assert stats["by_reason"] == {reason: list(dropped.values()).count(reason) for reason in set(dropped.values())}
     assert json.loads((out / "stats.json").read_text())["samples"] == len(kept)
     assert main(["failures", str(out)]) == 0
@@ -74,7 +74,7 @@ def _check_dataset(out: Path, dropped: dict[str, str], capsys) -> None:
     assert f'<span id="samples-total">{len(kept)}</span>' in page
     assert all(html.escape(reason) in page and html.escape(source_id) in page
                for source_id, reason in dropped.items())
-    assert built_counts([out]).get("local", (0, 0.0))[0] == len(kept)  # what `audiodata sources` counts
+    assert built_counts([out]).get("local", (0, 0.0))[0] == stats["by_status"]["ok"]  # `audiodata sources`: clips
 
 
 def test_filter_output_reads_as_a_dataset_and_an_identical_rerun_resumes(built, capsys):
@@ -154,3 +154,23 @@ def test_dedup_reads_a_read_only_eval_set_and_a_moved_dataset_resumes(built, cap
     assert _cli("dedup", moved, "--against", evalset, "--no-embeddings") == 0  # resumes: nothing redone
     assert "3 eval_overlap" in capsys.readouterr().out
     assert {name: mtime for name, mtime in _files(moved).items() if name in prints} == prints
+
+
+def test_filter_dropping_some_segments_of_an_item_keeps_its_others(built, capsys):
+    """A clip cut into 2 s segments ends in a shorter one: --min-seconds 1.99 drops only that one, so
+    the item stays kept with its other samples and their seconds."""
+    clips, out = built["root"] / "segmented", built["root"] / "segmented-filtered"
+    assert main(["build", *BUILD[:4], "--sample-rate", "16000", "--segment-seconds", "2", "--limit", "3",
+                 "--workers", "1", "--no-progress", "--out", str(clips), "--splits", "train=1"]) == 0
+    assert _cli("filter", clips, "--out", out, "--min-seconds", "1.99") == 0
+    rows = pq.read_table(out / "filter_manifest.parquet").to_pylist()
+    short = {r["key"] for r in rows if r["status"] == "too_short"}
+    durations = {r["key"]: r["duration"] for r in rows}
+    before, after = _manifest(clips), _manifest(out)
+    partly = [sid for sid, row in before.items() if short & set(row["sample_keys"]) - set(row["sample_keys"][:1])]
+    assert partly and short  # the fixture holds what this test is about
+    for source_id, row in after.items():
+        kept = [key for key in before[source_id]["sample_keys"] if key not in short]
+        assert row["status"] == "ok" and row["sample_keys"] == kept and row["n_samples"] == len(kept)
+        assert row["output_duration"] == pytest.approx(sum(durations[key] for key in kept), abs=0.01)
+    _check_dataset(out, {}, capsys)
