@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
@@ -432,20 +433,21 @@ class _Dropped:
 
 def _dropped_samples(stage: Stage, tables: list[pa.Table]) -> dict[tuple[str, str], _Dropped]:
     """(SPLIT/SHARD, key) -> why, for each sample the stage did not keep (a key a shard holds twice
-    and keeps once is kept)."""
+    and keeps once is kept). Only the dropped rows become Python objects."""
     dropped: dict[tuple[str, str], _Dropped] = {}
-    kept: set[tuple[str, str]] = set()
-    for table in tables:
-        for row in table.to_pylist():
+    for table in tables:  # one shard's rows
+        kept = pc.equal(table["status"], KEPT)
+        gone = table.filter(pc.invert(kept))
+        twice = set(table.filter(pc.and_(kept, pc.is_in(table["key"], value_set=gone["key"].combine_chunks())))
+                    .column("key").to_pylist())
+        for row in gone.to_pylist():
             where = (f"{row['split']}/{row['shard']}", row["key"])
-            if row["status"] == KEPT:
-                kept.add(where)
-            elif where not in dropped:
-                detail = stage.detail(row) if stage.detail is not None else None
+            if row["key"] not in twice and where not in dropped:
                 duration = row.get("duration")
-                dropped[where] = _Dropped(manifest_lib.stage_reason(stage.name, row["status"]), detail,
+                dropped[where] = _Dropped(manifest_lib.stage_reason(stage.name, row["status"]),
+                                          stage.detail(row) if stage.detail is not None else None,
                                           float(duration) if isinstance(duration, (int, float)) else 0.0)
-    return {where: why for where, why in dropped.items() if where not in kept}
+    return dropped
 
 
 def _drop_from_row(row: dict[str, Any], dropped: dict[tuple[str, str], _Dropped]) -> dict[str, Any]:

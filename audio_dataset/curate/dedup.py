@@ -10,8 +10,12 @@ Three ways two samples are the same recording, strongest first:
 Matched samples form clusters (connected components). A cluster holding an item of an --against
 set is an evaluation leak: all its dataset samples are `eval_overlap`, none is kept. Otherwise one
 sample per cluster is kept by --keep (longest, best licence, or first in dataset order; ties go to
-the first). Output: DATASET/dedup/clusters.parquet (one row per clustered sample); with --apply
---out NEW, new shards without the samples not kept (bytes verbatim, order kept) and a manifest.
+the first); a key a shard holds twice is kept once, its later copies `duplicate`. Output:
+DATASET/dedup/clusters.parquet (one row per clustered sample); with --apply --out NEW, new shards
+without the samples not kept (bytes verbatim, order kept) and a manifest. Fingerprints are cached in
+DATASET/fingerprint/ and, for each --against set (never written to: it may be read-only),
+DATASET/dedup/against/<its content digest>/; a run is known by its inputs' content, so a moved or
+copied dataset resumes, and fingerprints of shards since changed are made again.
 """
 from __future__ import annotations
 
