@@ -411,10 +411,10 @@ def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: UPath, out: UPath) 
             raise RuntimeError(f"{split}: sample counts differ from the input's {SIZES_FILE}")
         write_sizes(out / split, {name: count for name, count in counts.items() if count or stage.mode == REWRITE})
     manifest = out / f"{stage.name}_manifest.parquet"
-    rewritten = stage.mode == DROP and (input_dir / manifest_lib.MANIFEST_FILE).is_file()
-    _copy_dataset_files(input_dir, out, frozenset({manifest_lib.MANIFEST_FILE, STATS_FILE}) if rewritten
+    # A DROP stage's manifest and stats.json are written anew (when its input has a manifest at all).
+    _copy_dataset_files(input_dir, out, frozenset({manifest_lib.MANIFEST_FILE, STATS_FILE}) if stage.mode == DROP
                         else frozenset())
-    if rewritten:
+    if stage.mode == DROP and (input_dir / manifest_lib.MANIFEST_FILE).is_file():
         _write_dataset_manifest(stage, tables, input_dir, out)
     table = pa.concat_tables(tables).replace_schema_metadata(
         {"audiodata.stage": stage.name, "audiodata.settings": json.dumps(stage.settings, sort_keys=True)})

@@ -154,6 +154,16 @@ def test_dedup_reads_a_read_only_eval_set_and_a_moved_dataset_resumes(built, cap
     assert _cli("dedup", moved, "--against", evalset, "--no-embeddings") == 0  # resumes: nothing redone
     assert "3 eval_overlap" in capsys.readouterr().out
     assert {name: mtime for name, mtime in _files(moved).items() if name in prints} == prints
+    # The dataset changed since (a sample removed): its fingerprints are made again, not reused.
+    shard = moved / "train" / "000000.tar"
+    samples = list(iter_shard(shard))
+    with ShardWriter(shard) as writer:
+        for sample in samples[:-1]:
+            writer.write(sample)
+    write_sizes(moved / "train", {"000000.tar": len(samples) - 1})
+    assert _cli("dedup", moved, "--against", evalset, "--no-embeddings") == 0
+    part = pq.read_table(moved / "fingerprint" / "train" / "000000.parquet")
+    assert part.column("key").to_pylist() == [s["__key__"] for s in samples[:-1]]
 
 
 def test_filter_dropping_some_segments_of_an_item_keeps_its_others(built, capsys):
