@@ -11,8 +11,8 @@ one table per shard at OUT/SPLIT/NNNNNN.parquet.
 The output of a REWRITE or DROP stage is a dataset every command reads: the input's manifest and
 stats.json for a REWRITE stage (the same samples); for a DROP stage a manifest written from the
 input's, each item the stage dropped whole marked `dropped` with the reason `STAGE:REASON`, and
-stats.json counted from it. A run is recorded by its input's content (SHA256SUMS and sizes.json),
-not its path, so a moved or copied dataset resumes.
+stats.json counted from it. A run records its input's folder and content (SHA256SUMS and
+sizes.json): a moved or copied dataset resumes, and so does one with a shard repaired in place.
 """
 from __future__ import annotations
 
@@ -182,20 +182,23 @@ def as_json(value: Any) -> Any:
 
 
 def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
-    """Record the settings; a later run into the same --out must match them once a shard is done."""
+    """Record the settings; a later run into the same --out must match them once a shard is done.
+    The input must be the same: the same folder (a shard repaired in place resumes) or the same
+    content elsewhere (a moved or copied dataset resumes)."""
     path = _work_dir(out, stage.name) / "run.json"
     settings = as_json(stage.settings)
-    record = {"stage": stage.name, "input": dataset_identity(input_dir), "settings": settings}
+    record = {"stage": stage.name, "input": _identity(input_dir), "input_digest": dataset_identity(input_dir),
+              "settings": settings}
     if path.exists() and any(_parts_dir(out, stage.name, stage.mode).rglob("*.parquet")):
         previous = json.loads(path.read_text())
         changed = sorted(k for k in settings if previous["settings"].get(k) != settings[k])
-        if previous.get("input") != record["input"]:
+        if previous.get("input") != record["input"] and previous.get("input_digest") != record["input_digest"]:
             changed.insert(0, "input")
         if changed:
             what = "with other settings" if changed != ["input"] else "of another input dataset"
             raise UserError(f"{out} holds a {stage.name} run {what} ({', '.join(changed)}); "
                             "use a new --out, or the same settings to resume")
-        return
+        record = {**previous, "input": record["input"], "input_digest": record["input_digest"]}
     atomic_write_json(path, record)
 
 

@@ -121,7 +121,7 @@ def fingerprint_dataset(dataset: UPath, run: RunOptions, out: UPath | None = Non
     Fingerprints of another version of the dataset (its shards changed) are stale: done again."""
     out = out if out is not None else dataset / FINGERPRINT_STAGE
     record = out / f".{FINGERPRINT_STAGE}" / "run.json"
-    if record.exists() and read_json(record).get("input") != dataset_identity(dataset):
+    if record.exists() and read_json(record).get("input_digest") != dataset_identity(dataset):
         for part in out.glob("*/*.parquet"):  # SPLIT/NNNNNN.parquet
             part.unlink()
     stage = Stage(FINGERPRINT_STAGE, FINGERPRINT_SETTINGS, _make_fingerprint, FINGERPRINT_SCHEMA, mode=READ)
