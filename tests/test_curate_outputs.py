@@ -128,6 +128,10 @@ def test_dedup_apply_keeps_one_copy_of_a_key_a_shard_holds_twice(built, capsys):
     assert [(r["key"], r["status"]) for r in rows if r["status"] != "kept"] == [(samples[0]["__key__"], "duplicate")]
     assert [r["status"] for r in rows].count("kept") == len(samples)
     assert main(["verify", str(out)]) == 0, capsys.readouterr().out
+    filtered = built["root"] / "twice-filtered"  # filter --dedup reads the same clusters the same way
+    assert _cli("filter", dataset, "--out", filtered, "--dedup") == 0
+    assert _keys(filtered) == _keys(out)
+    assert main(["verify", str(filtered)]) == 0, capsys.readouterr().out
 
 
 def _files(folder: Path) -> dict[str, int]:
