@@ -2,6 +2,9 @@
 
 `status` is `ok`, `dropped` (a length/quality policy removed it), `failed` (it could not be fetched
 or decoded) or `excluded` (an exclusion list named it); `error` holds the named reason otherwise.
+A curation stage that drops samples (filter, dedup --apply) writes its output's manifest from its
+input's: an item it dropped whole becomes `dropped` with the reason `STAGE:REASON` (`filter:too_short`,
+`dedup:duplicate`) and the detail in `error_detail`; an item it dropped in part keeps its other samples.
 """
 from __future__ import annotations
 
@@ -92,10 +95,16 @@ class ManifestRow:
 assert [f.name for f in fields(ManifestRow)] == SCHEMA.names, "ManifestRow and SCHEMA disagree"
 
 
+def stage_reason(stage: str, reason: str) -> str:
+    """The manifest reason of a sample a curation stage chose not to keep."""
+    return f"{stage}:{reason}"
+
+
 def status_for_reason(reason: str) -> str:
     if reason == STATUS_EXCLUDED:
         return STATUS_EXCLUDED
-    return STATUS_DROPPED if reason in DROP_REASONS else STATUS_FAILED
+    # A build's reasons have no colon; a stage's (`filter:too_short`) are all its own choices.
+    return STATUS_DROPPED if reason in DROP_REASONS or ":" in reason else STATUS_FAILED
 
 
 def rows_to_table(rows: list[ManifestRow]) -> pa.Table:

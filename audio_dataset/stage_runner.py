@@ -7,9 +7,16 @@ renamed into place, so a killed run redoes at most the shards it was writing. Ev
 to the shards: REWRITE keeps every sample (so `sizes.json` is the input's), DROP keeps a subset in
 order (`sizes.json` rewritten; a shard left empty is not written), READ writes no shards, only
 one table per shard at OUT/SPLIT/NNNNNN.parquet.
+
+The output of a REWRITE or DROP stage is a dataset every command reads: the input's manifest and
+stats.json for a REWRITE stage (the same samples); for a DROP stage a manifest written from the
+input's, each item the stage dropped whole marked `dropped` with the reason `STAGE:REASON`, and
+stats.json counted from it. A run records its input's folder and content (SHA256SUMS and
+sizes.json): a moved or copied dataset resumes, and so does one with a shard repaired in place.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,14 +28,19 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
+from audio_dataset import manifest as manifest_lib
+from audio_dataset.build import write_merged
 from audio_dataset.schema import BAD_JSON, JSON_EXT, REFUSED, SIZES_FILE, SampleRefused, load_json_object
 from audio_dataset.shards import REFUSED_KEY, Sample, ShardWriter, atomic_write_bytes, atomic_write_json, \
-    iter_shard, refusal, shard_paths, write_sizes
+    iter_shard, read_checksums, refusal, shard_paths, write_sizes
 from audio_dataset.lock import hold_output
 from audio_dataset.manifest import read_parquet
+from audio_dataset.report import REPORT_FILE
+from audio_dataset.stats import PLOT_FILE, STATS_FILE
 from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, record_run
 from audio_dataset.raystart import start_ray
 from audio_dataset.source import UserError
@@ -66,6 +78,8 @@ class Stage:
     mode: str = REWRITE
     # Runs in the driver once every shard is done (a READ stage's per-split files): (out, jobs).
     finish: Callable[[UPath, list[ShardJob]], None] | None = None
+    # A DROP stage's row of a sample it did not keep -> the output manifest's `error_detail`.
+    detail: Callable[[dict[str, Any]], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,19 +161,44 @@ def _input_sizes(split: UPath) -> dict[str, int]:
         raise UserError(f"{split / SIZES_FILE}: unreadable ({exc})") from None
 
 
+def dataset_identity(folder: UPath) -> str:
+    """What names a dataset's shards wherever it lies: a digest of each split's sizes.json and shard
+    checksums (SHA256SUMS; for shards written without one, their names and byte sizes: hashing a
+    foreign dataset's terabytes at every start would cost more than the run), so a moved or copied
+    dataset is the same one."""
+    digest = hashlib.sha256()
+    for split in sorted(p for p in folder.iterdir() if p.is_dir() and (p / SIZES_FILE).is_file()):
+        sums = read_checksums(split)
+        if sums is None:
+            sums = {path.name: f"bytes:{path.stat().st_size}" for path in shard_paths(split)}
+        digest.update(json.dumps([split.name, (split / SIZES_FILE).read_bytes().decode("utf-8", "replace"),
+                                  sorted(sums.items())]).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def as_json(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples as lists, paths as strings): settings compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
-    """Record the settings; a later run into the same --out must match them once a shard is done."""
+    """Record the settings; a later run into the same --out must match them once a shard is done.
+    The input must be the same: the same folder (a shard repaired in place resumes) or the same
+    content elsewhere (a moved or copied dataset resumes)."""
     path = _work_dir(out, stage.name) / "run.json"
-    record = {"stage": stage.name, "input": _identity(input_dir), "settings": stage.settings}
+    settings = as_json(stage.settings)
+    record = {"stage": stage.name, "input": _identity(input_dir), "input_digest": dataset_identity(input_dir),
+              "settings": settings}
     if path.exists() and any(_parts_dir(out, stage.name, stage.mode).rglob("*.parquet")):
         previous = json.loads(path.read_text())
-        changed = sorted(k for k in record["settings"] if previous["settings"].get(k) != stage.settings[k])
-        if previous.get("input") != record["input"]:
+        changed = sorted(k for k in settings if previous["settings"].get(k) != settings[k])
+        if previous.get("input") != record["input"] and previous.get("input_digest") != record["input_digest"]:
             changed.insert(0, "input")
         if changed:
-            raise UserError(f"{out} holds a {stage.name} run with other settings ({', '.join(changed)}); "
+            what = "with other settings" if changed != ["input"] else "of another input dataset"
+            raise UserError(f"{out} holds a {stage.name} run {what} ({', '.join(changed)}); "
                             "use a new --out, or the same settings to resume")
-        return
+        record = {**previous, "input": record["input"], "input_digest": record["input_digest"]}
     atomic_write_json(path, record)
 
 
@@ -349,13 +388,17 @@ def _run_stage_held(stage: Stage, options: RunOptions) -> RunSummary:
     return summary
 
 
-def _copy_dataset_files(input_dir: UPath, out: UPath) -> None:
+# Views of the input drawn from its shards (`audiodata stats`, `report` draw them again for the output).
+_NOT_COPIED = frozenset({PLOT_FILE, REPORT_FILE})
+
+
+def _copy_dataset_files(input_dir: UPath, out: UPath, skip: frozenset[str] = frozenset()) -> None:
     """The input's top-level files (build's manifest.parquet, stats.json, provenance.json; earlier
     stages' manifests) describe the same samples, so the output stays a complete dataset."""
     for path in sorted(input_dir.iterdir()):
         if path.name == PROVENANCE_FILE:
             _merge_provenance(path, out / PROVENANCE_FILE)
-        elif path.is_file() and not path.name.startswith((".", "_")):
+        elif path.is_file() and not path.name.startswith((".", "_")) and path.name not in _NOT_COPIED | skip:
             atomic_write_bytes(out / path.name, path.read_bytes())
 
 
@@ -394,13 +437,77 @@ def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: UPath, out: UPath) 
             raise RuntimeError(f"{split}: sample counts differ from the input's {SIZES_FILE}")
         write_sizes(out / split, {name: count for name, count in counts.items() if count or stage.mode == REWRITE})
     manifest = out / f"{stage.name}_manifest.parquet"
-    _copy_dataset_files(input_dir, out)
+    # The manifest and stats.json are written anew (when the input has a manifest at all): a DROP
+    # stage drops samples, and a REWRITE stage leaves out the refused ones.
+    _copy_dataset_files(input_dir, out, frozenset({manifest_lib.MANIFEST_FILE, STATS_FILE}))
+    if (input_dir / manifest_lib.MANIFEST_FILE).is_file():
+        _write_dataset_manifest(stage, tables, input_dir, out)
     table = pa.concat_tables(tables).replace_schema_metadata(
         {"audiodata.stage": stage.name, "audiodata.settings": json.dumps(stage.settings, sort_keys=True)})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     atomic_write_bytes(manifest, buffer.getvalue())
     return table, manifest
+
+
+@dataclass(frozen=True)
+class _Dropped:
+    reason: str  # the manifest's `error`: STAGE:REASON
+    detail: str | None
+    duration: float
+
+
+def _dropped_samples(stage: Stage, tables: list[pa.Table]) -> dict[tuple[str, str], _Dropped]:
+    """(SPLIT/SHARD, key) -> why, for each sample the stage did not keep (a key a shard holds twice
+    and keeps once is kept). Only the dropped rows become Python objects."""
+    dropped: dict[tuple[str, str], _Dropped] = {}
+    refused = pa.array(REFUSED, pa.string())
+    for table in tables:  # one shard's rows
+        kept = pc.equal(table["status"], KEPT) if stage.mode == DROP else \
+            pc.invert(pc.is_in(table["status"], value_set=refused))
+        gone = table.filter(pc.invert(kept))
+        twice = set(table.filter(pc.and_(kept, pc.is_in(table["key"], value_set=gone["key"].combine_chunks())))
+                    .column("key").to_pylist())
+        for row in gone.to_pylist():
+            where = (f"{row['split']}/{row['shard']}", row["key"])
+            if row["key"] not in twice and where not in dropped:
+                duration = row.get("duration")
+                dropped[where] = _Dropped(manifest_lib.stage_reason(stage.name, row["status"]),
+                                          stage.detail(row) if stage.detail is not None else None,
+                                          float(duration) if isinstance(duration, (int, float)) else 0.0)
+    return dropped
+
+
+def _drop_from_row(row: dict[str, Any], dropped: dict[tuple[str, str], _Dropped]) -> dict[str, Any]:
+    """An input manifest row as the output holds it: without the samples the stage dropped, and
+    `dropped` with the stage's reason when none is left."""
+    if row["status"] != manifest_lib.STATUS_OK:
+        return row
+    gone = [(key, dropped[(row["shard"], key)]) for key in row["sample_keys"] if (row["shard"], key) in dropped]
+    if not gone:
+        return row
+    keys = [key for key in row["sample_keys"] if (row["shard"], key) not in dropped]
+    row = {**row, "sample_keys": keys, "n_samples": len(keys)}
+    if keys:  # partly dropped: still kept, with its other samples' seconds
+        row["output_duration"] = max(0.0, row["output_duration"] - sum(why.duration for _, why in gone))
+        return row
+    first = gone[0][1]
+    details = "; ".join(f"{key}: {why.detail}" if len(gone) > 1 else why.detail
+                        for key, why in gone if why.detail)
+    return {**row, "status": manifest_lib.STATUS_DROPPED, "error": first.reason, "error_detail": details or None,
+            "output_duration": 0.0}
+
+
+def _write_dataset_manifest(stage: Stage, tables: list[pa.Table], input_dir: UPath, out: UPath) -> None:
+    """A stage's output manifest.parquet and stats.json, streamed from the input's manifest."""
+    dropped = _dropped_samples(stage, tables)
+
+    def rows() -> Iterator[pa.Table]:
+        for table in manifest_lib.iter_tables(input_dir / manifest_lib.MANIFEST_FILE):
+            yield pa.Table.from_pylist([_drop_from_row(row, dropped) for row in table.to_pylist()],
+                                       schema=manifest_lib.SCHEMA)
+
+    write_merged(out, rows(), {})
 
 
 def _versions() -> dict[str, str]:
@@ -420,5 +527,5 @@ def options_dict(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(obj), default=str))
 
 
-__all__ = ["DROP", "KEPT", "READ", "REWRITE", "RunOptions", "RunSummary", "ShardJob", "Stage", "run_stage",
-           "options_dict"]
+__all__ = ["DROP", "KEPT", "READ", "REWRITE", "RunOptions", "RunSummary", "ShardJob", "Stage", "as_json",
+           "dataset_identity", "run_stage", "options_dict"]

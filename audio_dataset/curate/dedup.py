@@ -10,8 +10,12 @@ Three ways two samples are the same recording, strongest first:
 Matched samples form clusters (connected components). A cluster holding an item of an --against
 set is an evaluation leak: all its dataset samples are `eval_overlap`, none is kept. Otherwise one
 sample per cluster is kept by --keep (longest, best licence, or first in dataset order; ties go to
-the first). Output: DATASET/dedup/clusters.parquet (one row per clustered sample); with --apply
---out NEW, new shards without the samples not kept (bytes verbatim, order kept) and a manifest.
+the first); a key a shard holds twice is kept once, its later copies `duplicate`. Output:
+DATASET/dedup/clusters.parquet (one row per clustered sample); with --apply --out NEW, new shards
+without the samples not kept (bytes verbatim, order kept) and a manifest. Fingerprints are cached in
+DATASET/fingerprint/ and, for each --against set (never written to: it may be read-only),
+DATASET/dedup/against/<its content digest>/; a run is known by its inputs' content, so a moved or
+copied dataset resumes, and fingerprints of shards since changed are made again.
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ from audio_dataset.manifest import read_parquet, write_parquet
 from audio_dataset.shards import Sample, file_sha256
 from audio_dataset.source import ItemError, UserError
 from audio_dataset.stage_runner import DROP, KEPT, READ, RunOptions, RunSummary, ShardJob, Stage, check_run, \
-    find_jobs, run_stage
-from audio_dataset.storage import atomic_write_json, location
+    dataset_identity, find_jobs, run_stage
+from audio_dataset.storage import atomic_write_json, location, read_json
 
 FINGERPRINT_STAGE = "fingerprint"
 DEDUP_STAGE = "dedup"
@@ -61,7 +65,7 @@ CLUSTER_SCHEMA = pa.schema([
 ])
 APPLY_SCHEMA = pa.schema([
     ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
-    ("cluster", pa.int64()), ("matched_key", pa.string()),
+    ("cluster", pa.int64()), ("matched_key", pa.string()), ("duration", pa.float64()),
 ])
 FINGERPRINT_SETTINGS = {"method": "wang2003-landmarks", "rate": fp.RATE, "n_fft": fp.N_FFT, "hop": fp.HOP,
                         "peaks_per_second": fp.PEAKS_PER_SECOND, "fanout": fp.FANOUT, "max_seconds": fp.MAX_SECONDS,
@@ -104,10 +108,24 @@ def _make_fingerprint(device: str) -> FingerprintProcessor:
     return FingerprintProcessor(device)
 
 
-def fingerprint_dataset(dataset: UPath, run: RunOptions) -> RunSummary:
-    """DATASET/fingerprint/SPLIT/NNNNNN.parquet (resumable per shard like every stage)."""
+def fingerprint_dirs(dataset: UPath, against: list[UPath]) -> list[tuple[UPath, UPath]]:
+    """(set, where its fingerprints go) for the dataset and each --against set. An evaluation set's
+    go under the dataset, named by its content: it may be read-only, and a moved copy is the same set."""
+    cache = dataset / DEDUP_STAGE / "against"
+    return [(dataset, dataset / FINGERPRINT_STAGE),
+            *((path, cache / dataset_identity(path).removeprefix("sha256:")[:32]) for path in against)]
+
+
+def fingerprint_dataset(dataset: UPath, run: RunOptions, out: UPath | None = None) -> RunSummary:
+    """OUT (default DATASET/fingerprint)/SPLIT/NNNNNN.parquet, resumable per shard like every stage.
+    Fingerprints of another version of the dataset (its shards changed) are stale: done again."""
+    out = out if out is not None else dataset / FINGERPRINT_STAGE
+    record = out / f".{FINGERPRINT_STAGE}" / "run.json"
+    if record.exists() and read_json(record).get("input_digest") != dataset_identity(dataset):
+        for part in out.glob("*/*.parquet"):  # SPLIT/NNNNNN.parquet
+            part.unlink()
     stage = Stage(FINGERPRINT_STAGE, FINGERPRINT_SETTINGS, _make_fingerprint, FINGERPRINT_SCHEMA, mode=READ)
-    return run_stage(stage, _with(run, dataset, dataset / FINGERPRINT_STAGE))
+    return run_stage(stage, _with(run, dataset, out))
 
 
 def _with(run: RunOptions, input_dir: UPath, out: UPath) -> RunOptions:
@@ -125,11 +143,12 @@ class Items:
     sets: list[str]  # group -> folder
 
 
-def _load_items(datasets: list[UPath]) -> Items:
+def _load_items(sets: list[tuple[UPath, UPath]]) -> Items:
+    """`sets`: (dataset, its fingerprints) for the dataset, then each eval set."""
     tables, groups, prints = [], [], []
     meta_columns = [name for name in FINGERPRINT_SCHEMA.names if name not in ("hashes", "times")]
-    for group, dataset in enumerate(datasets):
-        for job in find_jobs(dataset, dataset / FINGERPRINT_STAGE, FINGERPRINT_STAGE, READ):
+    for group, (dataset, prints_dir) in enumerate(sets):
+        for job in find_jobs(dataset, prints_dir, FINGERPRINT_STAGE, READ):
             part = read_parquet(job.part)
             tables.append(part.select(meta_columns))
             groups.append(np.full(part.num_rows, group))
@@ -138,7 +157,7 @@ def _load_items(datasets: list[UPath]) -> Items:
             all_hashes, all_times = hashes.values.to_numpy(), times.values.to_numpy()
             prints += [fp.Fingerprint(all_hashes[start:end], all_times[start:end])
                        for start, end in zip(offsets[:-1], offsets[1:])]
-    return Items(pa.concat_tables(tables), np.concatenate(groups), prints, [str(d) for d in datasets])
+    return Items(pa.concat_tables(tables), np.concatenate(groups), prints, [str(d) for d, _ in sets])
 
 
 @dataclass(frozen=True)
@@ -324,9 +343,10 @@ class DedupResult:
 def find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupResult:
     options.check()
     datasets = [dataset, *[location(path) for path in options.against]]
-    for path in datasets:
-        fingerprint_dataset(path, run)
-    items = _load_items(datasets)
+    sets = fingerprint_dirs(dataset, datasets[1:])
+    for path, prints_dir in sets:
+        fingerprint_dataset(path, run, prints_dir)
+    items = _load_items(sets)
     links = exact_links(items) + fingerprint_links(items)
     missing: list[str] = []
     if options.use_embeddings:
@@ -346,33 +366,60 @@ def find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> D
     return DedupResult(out / "clusters.parquet", rows, counts, missing)
 
 
+Drop = tuple[str, int | None, str | None]  # (duplicate | eval_overlap, cluster, matched key)
+
+
+def drop_of(drops: dict[str, Drop], job: ShardJob, key: str, seen: set[str]) -> Drop | None:
+    """Why the sample `key` of this shard is not kept, or None: what dedup did not keep, and any
+    later copy of a key the shard already held (the first copy stays, so the clip is kept once)."""
+    if key in seen:
+        return DUPLICATE, None, key
+    seen.add(key)
+    return drops.get(f"{job.split}/{job.name}/{key}")
+
+
 class DropProcessor:
     """Keeps the samples a table of drops does not name; each sample's row says which and why."""
 
-    def __init__(self, drops: dict[str, tuple[str, int | None, str | None]], device: str) -> None:
+    def __init__(self, drops: dict[str, Drop], device: str) -> None:
         del device
         self.drops = drops
 
     def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
-        kept, rows = [], []
+        kept, rows, seen = [], [], set()
         for sample in samples:
-            status, cluster, matched = self.drops.get(f"{job.split}/{sample['__key__']}", (KEPT, None, None))
+            status, cluster, matched = drop_of(self.drops, job, sample["__key__"], seen) or (KEPT, None, None)
             if status == KEPT:
                 kept.append(sample)
+            duration = sample_meta(sample).get("duration")
             rows.append({"split": job.split, "shard": job.name, "key": sample["__key__"], "status": status,
-                         "cluster": cluster, "matched_key": matched})
+                         "cluster": cluster, "matched_key": matched,
+                         "duration": duration if isinstance(duration, (int, float)) else None})
         return kept, rows
 
 
-def _make_drop(drops: dict[str, tuple[str, int | None, str | None]], device: str) -> DropProcessor:
+def _make_drop(drops: dict[str, Drop], device: str) -> DropProcessor:
     return DropProcessor(drops, device)
 
 
-def dropped_samples(rows: list[dict[str, Any]]) -> dict[str, tuple[str, int | None, str | None]]:
-    """SPLIT/KEY -> (duplicate | eval_overlap, cluster, matched key) of each sample its cluster does
-    not keep (rows of the clusters table)."""
-    return {f"{r['split']}/{r['key']}": (EVAL_OVERLAP if r["kind"] == EVAL_OVERLAP else DUPLICATE, r["cluster"],
-                                         r["matched_key"]) for r in rows if not r["keep"]}
+def dropped_samples(rows: list[dict[str, Any]]) -> dict[str, Drop]:
+    """SPLIT/SHARD/KEY -> (duplicate | eval_overlap, cluster, matched key) of each sample its cluster
+    does not keep (rows of the clusters table). A key a shard holds twice, one copy kept, is kept."""
+    kept = {f"{r['split']}/{r['shard']}/{r['key']}" for r in rows if r["keep"]}
+    drops = {f"{r['split']}/{r['shard']}/{r['key']}": (EVAL_OVERLAP if r["kind"] == EVAL_OVERLAP else DUPLICATE,
+                                                       r["cluster"], r["matched_key"]) for r in rows if not r["keep"]}
+    return {where: drop for where, drop in drops.items() if where not in kept}
+
+
+def drop_detail(row: dict[str, Any]) -> str | None:
+    """A dropped sample's row (dedup's or filter's) as the output manifest's `error_detail`."""
+    matched = row.get("matched_key")
+    if matched is None:
+        return None
+    cluster = f" (cluster {row['cluster']})" if row.get("cluster") is not None else ""
+    if row["status"] == EVAL_OVERLAP:
+        return f"matches {matched} of an evaluation set{cluster}"
+    return f"duplicate of {matched}{cluster}"
 
 
 def run_dedup(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupResult:
@@ -384,7 +431,8 @@ def run_dedup(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupRe
         return result
     settings = {"clusters": file_sha256(result.clusters), "keep": options.keep}
     drops = dropped_samples(result.rows)
-    stage = Stage(DEDUP_STAGE, settings, functools.partial(_make_drop, drops), APPLY_SCHEMA, mode=DROP)
+    stage = Stage(DEDUP_STAGE, settings, functools.partial(_make_drop, drops), APPLY_SCHEMA, mode=DROP,
+                  detail=drop_detail)
     result.applied = run_stage(stage, _with(run, dataset, options.apply_to))
     return result
 

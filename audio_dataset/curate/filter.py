@@ -24,7 +24,8 @@ from upath import UPath
 
 from audio_dataset.audio import decode
 from audio_dataset.curate.common import OK, audio_bytes, captions, read_columns, sample_meta
-from audio_dataset.curate.dedup import DEDUP_STAGE, dropped_samples
+from audio_dataset.curate.dedup import DEDUP_STAGE, DUPLICATE, EVAL_OVERLAP, Drop, drop_detail, drop_of, \
+    dropped_samples
 from audio_dataset.curate.embed import EMBED_STAGE, embedding_model
 from audio_dataset.shards import Sample, file_sha256
 from audio_dataset.source import ItemError, UserError
@@ -38,7 +39,7 @@ LANGUAGE, TOO_QUIET, TOO_LOUD, UNMEASURABLE = "language", "too_quiet", "too_loud
 FILTER_SCHEMA = pa.schema([
     ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("source", pa.string()),
     ("status", pa.string()), ("duration", pa.float64()), ("similarity", pa.float64()),
-    ("language", pa.string()), ("loudness", pa.float64()),
+    ("language", pa.string()), ("loudness", pa.float64()), ("matched_key", pa.string()),
 ])
 
 
@@ -109,7 +110,7 @@ def source_thresholds(embed_dir: UPath, options: FilterOptions) -> dict[str, flo
 
 class FilterProcessor:
     def __init__(self, options: FilterOptions, embed_dir: UPath | None, thresholds: dict[str, float],
-                 drops: dict[str, str], device: str) -> None:
+                 drops: dict[str, Drop], device: str) -> None:
         del device
         self.options, self.embed_dir, self.thresholds, self.drops = options, embed_dir, thresholds, drops
 
@@ -123,15 +124,16 @@ class FilterProcessor:
         return {key: (score if status == OK else None) for key, score, status in
                 zip(*(rows.column(n).to_pylist() for n in ("key", "similarity", "status")))}
 
-    def judge(self, job: ShardJob, sample: Sample, similarity: float | None) -> dict[str, Any]:
+    def judge(self, job: ShardJob, sample: Sample, similarity: float | None, seen: set[str]) -> dict[str, Any]:
         o = self.options
         meta = sample_meta(sample)
         key, source = sample["__key__"], meta.get("source")
         row = {"split": job.split, "shard": job.name, "key": key, "source": source, "status": KEPT,
-               "duration": meta.get("duration"), "similarity": similarity, "language": None, "loudness": None}
+               "duration": meta.get("duration"), "similarity": similarity, "language": None, "loudness": None,
+               "matched_key": None}
         duration = row["duration"] if isinstance(row["duration"], (int, float)) else 0.0
         checks = [
-            (lambda: self.drops.get(f"{job.split}/{key}")),
+            (lambda: self._dedup_reason(row, job, seen)),
             (lambda: TOO_SHORT if o.min_seconds is not None and duration < o.min_seconds else None),
             (lambda: TOO_LONG if o.max_seconds is not None and duration > o.max_seconds else None),
             (lambda: self._similarity_reason(similarity, source)),
@@ -140,6 +142,15 @@ class FilterProcessor:
         ]
         row["status"] = next((reason for check in checks if (reason := check())), KEPT)
         return row
+
+    def _dedup_reason(self, row: dict[str, Any], job: ShardJob, seen: set[str]) -> str | None:
+        if not self.options.dedup:
+            return None
+        drop = drop_of(self.drops, job, row["key"], seen)
+        if drop is None:
+            return None
+        row["matched_key"] = drop[2]
+        return drop[0]
 
     def _similarity_reason(self, similarity: float | None, source: str | None) -> str | None:
         if not self.options.needs_similarity:
@@ -170,24 +181,36 @@ class FilterProcessor:
         return TOO_LOUD if o.max_lufs is not None and loudness > o.max_lufs else None
 
     def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
-        similarities = self._similarities(job)
-        rows = [self.judge(job, sample, similarities.get(sample["__key__"])) for sample in samples]
+        similarities, seen = self._similarities(job), set()
+        rows = [self.judge(job, sample, similarities.get(sample["__key__"]), seen) for sample in samples]
         return [sample for sample, row in zip(samples, rows) if row["status"] == KEPT], rows
 
 
 def _make_filter(options: FilterOptions, embed_dir: UPath | None, thresholds: dict[str, float],
-                 drops: dict[str, str], device: str) -> FilterProcessor:
+                 drops: dict[str, Drop], device: str) -> FilterProcessor:
     return FilterProcessor(options, embed_dir, thresholds, drops, device)
 
 
-def dedup_drops(dataset: UPath) -> tuple[dict[str, str], str]:
-    """SPLIT/KEY -> duplicate | eval_overlap for the samples `audiodata dedup` did not keep; and the
-    clusters table's digest (part of the filter's settings)."""
+def filter_detail(row: dict[str, Any]) -> str | None:
+    """A dropped sample's row as the output manifest's `error_detail`: what was measured."""
+    if row["status"] in (DUPLICATE, EVAL_OVERLAP):
+        return drop_detail(row)
+    measured = {TOO_SHORT: ("duration", "{:.2f} s"), TOO_LONG: ("duration", "{:.2f} s"),
+                LOW_SIMILARITY: ("similarity", "{:.3f}"), LANGUAGE: ("language", "{}"),
+                TOO_QUIET: ("loudness", "{:.1f} LUFS"), TOO_LOUD: ("loudness", "{:.1f} LUFS")}.get(row["status"])
+    if measured is None or row.get(measured[0]) is None:
+        return None
+    return f"{measured[0]} {measured[1].format(row[measured[0]])}"
+
+
+def dedup_drops(dataset: UPath) -> tuple[dict[str, Drop], str]:
+    """SPLIT/SHARD/KEY -> why, for the samples `audiodata dedup` did not keep; and the clusters
+    table's digest (part of the filter's settings)."""
     path = dataset / DEDUP_STAGE / "clusters.parquet"
     if not path.exists():
         raise UserError(f"--dedup: {path} not found (run `audiodata dedup {dataset}` first)")
-    rows = read_columns(path, ["split", "key", "kind", "keep", "cluster", "matched_key"]).to_pylist()
-    return {key: status for key, (status, _, _) in dropped_samples(rows).items()}, file_sha256(path)
+    rows = read_columns(path, ["split", "shard", "key", "kind", "keep", "cluster", "matched_key"]).to_pylist()
+    return dropped_samples(rows), file_sha256(path)
 
 
 def run_filter(dataset: UPath, options: FilterOptions, run: RunOptions, embed_dir: UPath | None = None) -> RunSummary:
@@ -202,11 +225,11 @@ def run_filter(dataset: UPath, options: FilterOptions, run: RunOptions, embed_di
         settings["thresholds"] = thresholds
     else:
         embed_dir = None
-    drops: dict[str, str] = {}
+    drops: dict[str, Drop] = {}
     if options.dedup:
         drops, settings["clusters"] = dedup_drops(dataset)
     stage = Stage(FILTER_STAGE, settings, functools.partial(_make_filter, options, embed_dir, thresholds, drops),
-                  FILTER_SCHEMA, mode=DROP)
+                  FILTER_SCHEMA, mode=DROP, detail=filter_detail)
     return run_stage(stage, run)
 
 
