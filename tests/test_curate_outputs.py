@@ -108,7 +108,7 @@ def test_dedup_apply_output_reads_as_a_dataset(built, capsys):
 
 def test_k2c_output_reads_as_a_dataset(built, capsys):
     out = built["root"] / "k2c"
-    assert _cli("k2c", "--input", built["clips"], "--out", out, "--model", "template") == 0
+    assert _cli("k2c", built["clips"], "--out", out, "--caption-model", "template") == 0
     assert len(_keys(out)) == 10
     _check_dataset(out, {}, capsys)
 

@@ -73,7 +73,7 @@ def test_damaged_input_shard_is_one_line_and_resumes_once_repaired(ray_local, tm
 def test_a_sample_without_a_json_object_is_its_row_and_the_run_goes_on(ray_local, tmp_path, bad):
     input_dir = _write_input(tmp_path / "in", [[_sample("a"), {**_sample("c"), "json": bad}, _sample("d")]])
     out = tmp_path / "out"
-    args = ["k2c", "--input", input_dir, "--out", out, "--model", "template", "--workers", "1"]
+    args = ["k2c", input_dir, "--out", out, "--caption-model", "template", "--workers", "1"]
     assert main([*map(str, args), "--no-progress", "--threads", "1"]) == 0
     rows = pq.read_table(out / "k2c_manifest.parquet").to_pylist()
     assert [(r["key"], r["status"]) for r in rows] == [("a", "generated"), ("c", "bad_json"), ("d", "generated")]

@@ -247,7 +247,7 @@ def test_verify_lists_each_hostile_member_in_one_line(hostile: Path) -> None:
 
 @pytest.mark.parametrize("command", ["stats", "report"])
 def test_stats_and_report_name_the_shards_and_finish(hostile: Path, command: str, tmp_path: Path) -> None:
-    extra = ["--plot", str(tmp_path / "s.png")] if command == "stats" else ["--out-html", str(tmp_path / "r.html")]
+    extra = ["--out", str(tmp_path / "s.png")] if command == "stats" else ["--out", str(tmp_path / "r.html")]
     proc = _run(*CLI, command, str(hostile), *extra)
     _no_traceback(proc)
     assert proc.returncode == 0
