@@ -4,25 +4,22 @@ Ours: {'config', 'state_dict', 'optimizer', 'scheduler_step', 'epoch', 'step', '
 LAION-CLAP's: {'state_dict' (keys prefixed 'module.' when saved from DDP), 'epoch', 'optimizer'}
 or a bare state dict. Both use the same parameter names, so one loader serves both.
 
-Files are unpickled by `SafeUnpickler`, which admits exactly the globals checkpoints hold. torch's
-own `weights_only` loader cannot: it rejects pickle protocol 4 (LAION-CLAP's releases) and the
-NumPy scalars their optimizer state holds (the learning rate after warm-up).
+Files are checked and unpickled by `pickle_guard`, which admits exactly the data checkpoints hold,
+arguments checked. torch's own `weights_only` loader cannot: it rejects pickle protocol 4
+(LAION-CLAP's releases) and the NumPy scalars their optimizer state holds (the learning rate after
+warm-up).
 """
 from __future__ import annotations
 
-import codecs
-import collections
-import functools
 import os
-import pickle
-import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from clap_model import hf_format
+from clap_model import pickle_guard as guard
 from clap_model import msclap_format
 from clap_model.clap import CLAP
 from clap_model.config import ModelConfig, UsageError, get_preset
@@ -35,115 +32,69 @@ class CheckpointError(UsageError):
     pass
 
 
-class ForeignGlobal(pickle.UnpicklingError):
-    """A pickle names a global that is not checkpoint data: unpickling it could run code."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"refused global {name}")
-        self.name = name
-
-
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """NumPy scalars, dtypes and arrays under NumPy 2's module names and NumPy 1's (`numpy.core`)."""
-    import numpy as np
-
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # NumPy 1.x
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    found: dict[tuple[str, str], Any] = {("numpy", "dtype"): np.dtype, ("numpy", "ndarray"): np.ndarray}
-    for package in ("numpy.core", "numpy._core"):
-        found[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        found[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        found[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # arrays under protocol 5
-    return found
+def _check_loaded(path: str | Path, loaded: Any) -> dict[str, Any]:
+    """What the commands rely on, refused in one line: a dict with str keys, a dict `config`,
+    a str-keyed dict `state_dict`."""
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dict")
+    for name, value in (("checkpoint", loaded), ("state_dict", loaded.get("state_dict", {})),
+                        ("model", loaded.get("model", {}))):
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise CheckpointError(f"{path}: its {name} is not a dict with names (str) as keys")
+    if "config" in loaded and not isinstance(loaded["config"], dict):
+        raise CheckpointError(f"{path}: its config is a {type(loaded['config']).__name__}, not a dict")
+    return loaded
 
 
-def _torch_globals() -> dict[tuple[str, str], Any]:
-    """Tensors, parameters and their storages, dtypes, sizes and devices."""
-    found: dict[tuple[str, str], Any] = {
-        ("torch", "Size"): torch.Size, ("torch", "device"): torch.device, ("torch", "Tensor"): torch.Tensor,
-        ("torch", "UntypedStorage"): torch.UntypedStorage,
-        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-        ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
-    }
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):
-        found[("torch._utils", name)] = getattr(torch._utils, name)
-    for name in dir(torch):
-        if isinstance(getattr(torch, name), torch.dtype):
-            found[("torch", name)] = getattr(torch, name)
-    return found
+def _load_file(path: str | Path, max_bytes: int | None) -> Any:
+    """torch.load on a file whose container was checked first, unpickled by pickle_guard."""
+    with guard.open_regular(str(path)) as handle:
+        budget = guard.Budget(max_bytes if max_bytes is not None else guard.default_budget(handle.size))
+        budget.charge(handle.size, "the file itself")
+        head = handle.read(4)
+        # torch.save writes a zip archive; files from before torch 1.6 are a bare pickle.
+        if head == b"PK\x03\x04":
+            layout = guard.check_zip(handle, budget)
+        elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            if guard.is_legacy_tar(handle):
+                raise guard.Refused("torch < 0.4's tar format, which torch would unpack to disk; "
+                                    "refused (re-save it with a current torch)")
+            layout = None
+        else:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save file)")
+        handle.seek(0)
+        # Not torch's weights_only: the guard is the restriction (see the module docstring).
+        return torch.load(handle, map_location="cpu", pickle_module=guard.guarded(budget, layout, handle.size),
+                          weights_only=False)
 
 
-_PLAIN_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
-    ("builtins", "bytearray"): bytearray,
-    ("_codecs", "encode"): codecs.encode,  # bytes under protocol 2
-}
-
-
-@functools.cache
-def allowed_globals() -> dict[tuple[str, str], Any]:
-    return {**_PLAIN_GLOBALS, **_torch_globals(), **_numpy_globals()}
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """Every global a pickle names (the only way it can reach code) must be checkpoint data.
-    torch.load subclasses this and resolves its storage types before asking here."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return allowed_globals()[(module, name)]
-        except (KeyError, TypeError):
-            raise ForeignGlobal(f"{module}.{name}") from None
-
-
-class SafePickle:
-    """The `pickle_module` torch.load unpickles with: the standard pickle (protocols 2 to 5)
-    restricted to checkpoint data."""
-
-    __name__ = "clap_model.checkpoint.SafePickle"
-    Unpickler = SafeUnpickler
-    UnpicklingError = pickle.UnpicklingError
-
-    @staticmethod
-    def load(file: BinaryIO, **kwargs: Any) -> Any:
-        return SafeUnpickler(file, **kwargs).load()
-
-
-def _is_torchscript(path: str | Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
-
-
-def read(path: str | Path) -> dict[str, Any]:
+def read(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """A checkpoint file (or Hugging Face folder) as a dict, or a one-line CheckpointError. Loading
+    may allocate at most `max_bytes` (default: pickle_guard.default_budget of the file's size)."""
     if hf_format.is_hf_model(str(path)):  # a Hugging Face ClapModel (clap-train --pretrained)
         model = hf_format.load_hf(str(path))
         return {"config": model.cfg.to_dict(), "state_dict": model.state_dict()}
-    if not Path(path).is_file():
+    if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    # torch.save writes a zip archive; files from before torch 1.6 are a bare pickle.
-    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save file)")
     try:
-        if head == b"PK\x03\x04" and _is_torchscript(path):  # torch.load would hand it to torch.jit.load
-            raise CheckpointError(f"{path} is a TorchScript archive, not a checkpoint (torch.save file)")
-        with open(path, "rb") as handle:
-            # Not torch's weights_only: SafePickle is the restriction (see the module docstring).
-            return torch.load(handle, map_location="cpu", pickle_module=SafePickle, weights_only=False)
-    except ForeignGlobal as exc:
+        loaded = _load_file(path, max_bytes)
+    except guard.ForeignGlobal as exc:
         raise CheckpointError(f"{path} holds Python objects besides tensors and plain data (the first: "
                               f"{exc.name}); refused, for safety: unpickling them could run code") from None
+    except guard.Refused as exc:
+        raise CheckpointError(f"{path}: {_one_line(exc)}") from None
     except CheckpointError:
         raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or _one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a truncated or damaged file: say so in one line
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged "
-                              f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__})"
-                              ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged ({_one_line(exc)})") from None
+    return _check_loaded(path, loaded)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def clean_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
