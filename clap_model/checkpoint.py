@@ -12,7 +12,7 @@ warm-up).
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from clap_model import hf_format
 from clap_model import pickle_guard as guard
 from clap_model import msclap_format
 from clap_model.clap import CLAP
-from clap_model.config import ModelConfig, UsageError, get_preset
+from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError, get_preset
 
 # Older transformers saved this buffer; newer ones do not register it as state (LAION-CLAP drops it too).
 OBSOLETE_KEYS = ("text_branch.embeddings.position_ids",)
@@ -108,7 +108,11 @@ def clean_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def load_weights(model: CLAP, checkpoint: dict[str, Any]) -> None:
     """Strict: any missing or unexpected name is an error naming the first few."""
-    missing, unexpected = model.load_state_dict(clean_state_dict(checkpoint), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(clean_state_dict(checkpoint), strict=False)
+    except (RuntimeError, TypeError, AttributeError) as exc:  # wrong shapes, or values that are no tensors
+        raise CheckpointError(f"checkpoint weights do not fit model {model.cfg.audio.model_type}-"
+                              f"{model.cfg.audio.model_name}: {_one_line(exc)}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not fit model {model.cfg.audio.model_type}-{model.cfg.audio.model_name}: "
@@ -116,11 +120,44 @@ def load_weights(model: CLAP, checkpoint: dict[str, Any]) -> None:
         )
 
 
+def _field_fits(annotation: str, value: Any) -> bool:
+    """Whether `value` has the type of a config field (annotations are strings here)."""
+    if value is None:
+        return "None" in annotation
+    if annotation.startswith("tuple"):
+        return isinstance(value, (list, tuple)) and all(type(v) is int for v in value)
+    kind = annotation.split("|")[0].strip()
+    return {"int": type(value) is int, "float": type(value) in (int, float), "str": type(value) is str,
+            "bool": type(value) is bool}.get(kind, isinstance(value, dict))
+
+
+def _check_fields(cls: type, data: Any, where: str) -> None:
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint config: {where} is a {type(data).__name__}, not a dict")
+    known = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            raise CheckpointError(f"checkpoint config: unknown key {where}{str(key)[:40]!r}")
+        if not _field_fits(known[key], value):
+            raise CheckpointError(f"checkpoint config: {where}{key} is {str(value)[:40]!r}, not {known[key]}")
+
+
+def checked_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `config`, refused in one line unless ModelConfig.from_dict can take it: every
+    key known, audio and text present, each value of its field's type."""
+    _check_fields(ModelConfig, data, "")
+    for part, cls in (("audio", AudioConfig), ("text", TextConfig)):
+        if part not in data:
+            raise CheckpointError(f"checkpoint config: the key {part!r} is missing")
+        _check_fields(cls, data[part], f"{part}.")
+    return data
+
+
 def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: str | None) -> ModelConfig:
     if msclap_format.is_msclap_checkpoint(checkpoint):  # the names tell 2022 from 2023
         return msclap_format.config_of(checkpoint)
     if "config" in checkpoint:
-        cfg = ModelConfig.from_dict(checkpoint["config"])
+        cfg = ModelConfig.from_dict(checked_config(checkpoint["config"]))
         if text_model:
             cfg = replace(cfg, text=replace(cfg.text, name_or_path=text_model))
         return cfg
@@ -132,17 +169,21 @@ def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: 
 def model_from(checkpoint: dict[str, Any], cfg: ModelConfig) -> CLAP:
     """The model of `cfg` with the checkpoint's weights, the text tower's too: built offline for
     the presets' towers (clap_model.text.known_text_config)."""
-    model = CLAP(cfg, pretrained_text=False)
+    try:
+        model = CLAP(cfg, pretrained_text=False)
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:  # a config no model has
+        raise CheckpointError(f"checkpoint config builds no model: {_one_line(exc)}") from None
     load_weights(model, checkpoint)
     return model
 
 
-def load_model(path: str | Path, preset: str | None = None, text_model: str | None = None) -> CLAP:
+def load_model(path: str | Path, preset: str | None = None, text_model: str | None = None,
+               max_bytes: int | None = None) -> CLAP:
     """A model built from a checkpoint's config (or `preset` for LAION-CLAP's) with its weights;
     or a Hugging Face ClapModel folder or hub id."""
     if hf_format.is_hf_model(str(path)):
         return hf_format.load_hf(str(path))
-    checkpoint = read(path)
+    checkpoint = read(path, max_bytes)
     if msclap_format.is_msclap_checkpoint(checkpoint):  # Microsoft CLAP's release: its own names and presets
         return msclap_format.load_msclap(checkpoint)
     return model_from(checkpoint, model_config_of(checkpoint, preset, text_model))

@@ -229,6 +229,11 @@ def _check_bytearray(*args: Any) -> None:
         raise Refused("bytearray of something other than its bytes")
 
 
+def _check_empty_bytes(*args: Any) -> None:  # protocol 2 writes b"" as bytes(); bytes(N) would allocate
+    if args:
+        raise Refused("bytes called with arguments")
+
+
 def _check_encode(*args: Any) -> None:
     if not (len(args) == 2 and type(args[0]) is str and args[1] in ("latin1", "latin-1")):
         raise Refused("_codecs.encode other than of latin-1 text")
@@ -376,6 +381,7 @@ def _callables(guard: _Guard) -> dict[tuple[str, str], Checked]:
              ("builtins", "set"): (set, _check_collection), ("builtins", "frozenset"): (frozenset, _check_collection),
              ("builtins", "complex"): (complex, _check_complex), ("builtins", "bytearray"): (bytearray, _check_bytearray),
              ("_codecs", "encode"): (codecs.encode, _check_encode),
+             ("__builtin__", "bytes"): (bytes, _check_empty_bytes), ("builtins", "bytes"): (bytes, _check_empty_bytes),
              ("torch", "Size"): (torch.Size, _check_size), ("torch", "device"): (torch.device, _check_device),
              ("numpy", "dtype"): (np.dtype, _check_np_dtype),
              ("torch._tensor", "_rebuild_from_type_v2"): (torch._tensor._rebuild_from_type_v2, guard.from_type)}

@@ -54,7 +54,7 @@ def file_digest(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def model_identity(checkpoint: Path, preset: str | None) -> dict[str, Any]:
+def model_identity(checkpoint: Path, preset: str | None, max_checkpoint_bytes: int | None = None) -> dict[str, Any]:
     """What names the embedding space: the checkpoint's digest and the model it builds. Loads the
     model once in the driver, so a checkpoint that does not load fails before any worker starts."""
     from clap_model.checkpoint import load_model
@@ -63,7 +63,7 @@ def model_identity(checkpoint: Path, preset: str | None) -> dict[str, Any]:
     if not checkpoint.exists():
         raise UserError(f"--checkpoint {checkpoint}: not found")
     try:
-        cfg = load_model(checkpoint, preset).cfg
+        cfg = load_model(checkpoint, preset, max_bytes=max_checkpoint_bytes).cfg
     except UsageError as exc:
         raise UserError(f"--checkpoint {checkpoint}: {exc}") from None
     return {"checkpoint": str(checkpoint.resolve()), "digest": file_digest(checkpoint), "preset": preset,

@@ -34,6 +34,7 @@ class SearchOptions:
     splits: tuple[str, ...] = ()  # default every split embed indexed
     # The model to embed the query with; default the checkpoint embed recorded (it must be the same model).
     checkpoint: Path | None = None
+    max_checkpoint_bytes: int | None = None  # what loading the checkpoint may allocate (default: by its size)
 
 
 class Searcher:
@@ -69,7 +70,8 @@ class Searcher:
                             f"checkpoint {checkpoint} (recorded by embed) not found; pass --checkpoint")
         if file_digest(checkpoint) != self.model["digest"]:
             raise UserError(f"--checkpoint {checkpoint} is not the model the embeddings were made with")
-        return CLAPInference.from_checkpoint(checkpoint, model=self.model.get("preset"))
+        return CLAPInference.from_checkpoint(checkpoint, model=self.model.get("preset"),
+                                             max_checkpoint_bytes=self.options.max_checkpoint_bytes)
 
     def text(self, query: str) -> list[Hit]:
         return self.vector(self.clap.embed_text([query]).numpy()[0])
