@@ -50,7 +50,6 @@ def _load_file(path: str | Path, max_bytes: int | None) -> Any:
     """torch.load on a file whose container was checked first, unpickled by pickle_guard."""
     with guard.open_regular(str(path)) as handle:
         budget = guard.Budget(max_bytes if max_bytes is not None else guard.default_budget(handle.size))
-        budget.charge(handle.size, "the file itself")
         head = handle.read(4)
         # torch.save writes a zip archive; files from before torch 1.6 are a bare pickle.
         if head == b"PK\x03\x04":

@@ -43,6 +43,8 @@ def captions(meta: dict[str, Any]) -> list[str]:
 
 def file_digest(path: Path) -> str:
     """sha256 of a checkpoint file, or of a checkpoint folder's files (names and bytes) in order."""
+    if not (path.is_dir() or path.is_file()):  # a FIFO or device would block or never end
+        raise UserError(f"{path}: not a regular file or folder")
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
