@@ -33,6 +33,7 @@ import torch
 
 # What unpickling one opcode may allocate beyond its argument bytes (a dict, a tuple, a list slot).
 OPCODE_COST = 160
+ZIPINFO_COST = 12  # bytes of Python objects per byte of a zip's central directory
 BUDGET_PER_FILE_BYTE = 4
 BUDGET_SLACK = 64 << 20
 # The dtypes a NumPy scalar or array in a checkpoint may have: bool, int, uint, float, complex.
@@ -135,9 +136,33 @@ class ZipLayout:
     sizes: dict[str, int] = field(default_factory=dict)  # member name (under prefix) -> bytes
 
 
+def _central_directory_size(handle: CappedReader) -> int:
+    """From the end record torch.save writes last (no comment after it), zip64's where it has one."""
+    if handle.size < 22:
+        raise Refused("truncated or damaged (no zip end record)")
+    handle.seek(handle.size - 22)
+    end = handle.read(22)
+    if end[:4] != b"PK\x05\x06":
+        raise Refused("truncated or damaged (no zip end record at its end: cut short, or more after it)")
+    size = struct.unpack("<I", end[12:16])[0]
+    if size != 0xFFFFFFFF or handle.size < 22 + 20:
+        return size
+    handle.seek(handle.size - 22 - 20)  # the zip64 locator names the zip64 end record
+    locator = handle.read(20)
+    if locator[:4] != b"PK\x06\x07":
+        raise Refused("truncated or damaged (no zip64 locator)")
+    handle.seek(struct.unpack("<Q", locator[8:16])[0])
+    record = handle.read(56)
+    if record[:4] != b"PK\x06\x06" or len(record) < 56:
+        raise Refused("truncated or damaged (no zip64 end record)")
+    return struct.unpack("<Q", record[40:48])[0]
+
+
 def check_zip(handle: CappedReader, budget: Budget) -> ZipLayout:
     """torch's zip as Python's zipfile reads it, held to what torch.save writes: one prefix, stored
     members, no links or directories, no two members sharing bytes, a local header that names each."""
+    # zipfile makes an object of ~500 bytes per central directory entry (46+ bytes): charged first.
+    budget.charge(ZIPINFO_COST * _central_directory_size(handle), "the zip's directory")
     handle.seek(0)
     try:
         archive = zipfile.ZipFile(handle)

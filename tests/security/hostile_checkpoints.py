@@ -16,7 +16,6 @@ import struct
 import sys
 import tarfile
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -270,6 +269,14 @@ def zip_outside_prefix(folder: Path) -> Path:
     path = benign_zip(folder, "outside.pt")
     with zipfile.ZipFile(path, "a") as archive:
         archive.writestr("../escape", b"x")
+    return path
+
+
+def zip_trailing_data(folder: Path) -> Path:
+    """Bytes after the end record: a second reader could see another directory there."""
+    path = benign_zip(folder, "trailing.pt")
+    with path.open("ab") as handle:
+        handle.write(b"PK\x05\x06" + b"\0" * 18 + b"junk")
     return path
 
 

@@ -182,6 +182,7 @@ LONG_TAIL = {
     "legacy-module-id": (hostile.legacy_module_id, "persistent id other than a storage"),
     "zip-symlink": (hostile.zip_symlink_member, "is a link or special file"),
     "zip-outside-prefix": (hostile.zip_outside_prefix, "is outside"),
+    "zip-trailing-data": (hostile.zip_trailing_data, "no zip end record at its end"),
     "list": (lambda f: hostile.saved(f, "list.pt", [1, 2]), "holds a list, not a checkpoint dict"),
     **{name: (make, reason) for name, (make, reason) in MAIN_TRICKS.items() if name not in ("code-global",)},
 }
