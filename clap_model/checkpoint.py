@@ -28,6 +28,11 @@ from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError, 
 OBSOLETE_KEYS = ("text_branch.embeddings.position_ids",)
 
 
+MAX_CONFIG_INT = 1 << 22
+# A config may describe a model larger than its weights by this much (buffers not saved, fp16 weights).
+MODEL_SLACK_BYTES = 64 << 20
+
+
 class CheckpointError(UsageError):
     pass
 
@@ -123,11 +128,13 @@ def _field_fits(annotation: str, value: Any) -> bool:
     """Whether `value` has the type of a config field (annotations are strings here)."""
     if value is None:
         return "None" in annotation
-    if annotation.startswith("tuple"):
-        return isinstance(value, (list, tuple)) and all(type(v) is int for v in value)
+    if annotation.startswith("tuple"):  # depths, num_heads: a few stages of a few blocks
+        return isinstance(value, (list, tuple)) and len(value) <= 8 and all(type(v) is int and 0 < v <= 256
+                                                                           for v in value)
     kind = annotation.split("|")[0].strip()
-    return {"int": type(value) is int, "float": type(value) in (int, float), "str": type(value) is str,
-            "bool": type(value) is bool}.get(kind, isinstance(value, dict))
+    # Sizes and rates beyond 2^22 build no model we know, only a large allocation.
+    return {"int": type(value) is int and 0 <= value <= MAX_CONFIG_INT, "float": type(value) in (int, float),
+            "str": type(value) is str, "bool": type(value) is bool}.get(kind, isinstance(value, dict))
 
 
 def _check_fields(cls: type, data: Any, where: str) -> None:
@@ -138,7 +145,8 @@ def _check_fields(cls: type, data: Any, where: str) -> None:
         if key not in known:
             raise CheckpointError(f"checkpoint config: unknown key {where}{str(key)[:40]!r}")
         if not _field_fits(known[key], value):
-            raise CheckpointError(f"checkpoint config: {where}{key} is {str(value)[:40]!r}, not {known[key]}")
+            raise CheckpointError(f"checkpoint config: {where}{key} is {str(value)[:40]!r}, not {known[key]} "
+                                  f"(sizes at most {MAX_CONFIG_INT})")
 
 
 def checked_config(data: dict[str, Any]) -> dict[str, Any]:
@@ -165,11 +173,26 @@ def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: 
     return get_preset(preset, text_model)
 
 
+def _check_model_size(cfg: ModelConfig, weights: dict[str, Any]) -> None:
+    """The model a config describes, built on the meta device (no memory): refused when it is far
+    larger than the weights the file holds, before it is built for real."""
+    with torch.device("meta"):
+        model = CLAP(cfg, pretrained_text=False)
+    needed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    held = sum(v.numel() * v.element_size() for v in weights.values() if isinstance(v, torch.Tensor))
+    if needed > 2 * held + MODEL_SLACK_BYTES:
+        raise CheckpointError(f"its config describes a model of {needed >> 20} MiB; its weights hold "
+                              f"{held >> 20} MiB: refused")
+
+
 def model_from(checkpoint: dict[str, Any], cfg: ModelConfig) -> CLAP:
     """The model of `cfg` with the checkpoint's weights, the text tower's too: built offline for
     the presets' towers (clap_model.text.known_text_config)."""
     try:
+        _check_model_size(cfg, clean_state_dict(checkpoint))
         model = CLAP(cfg, pretrained_text=False)
+    except CheckpointError:
+        raise
     except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:  # a config no model has
         raise CheckpointError(f"checkpoint config builds no model: {_one_line(exc)}") from None
     load_weights(model, checkpoint)

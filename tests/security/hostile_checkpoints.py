@@ -299,7 +299,13 @@ def structural(folder: Path) -> dict[str, Path]:
     no_audio = {k: v for k, v in tiny_config().items() if k != "audio"}
     bad_type = tiny_config()
     bad_type["audio"]["embed_dim"] = "96"
+    huge = tiny_config()
+    huge["audio"]["embed_dim"] = 10**9
+    wide = tiny_config()  # within the size limits, but a 6 GB text tower for a file of a few bytes
+    wide["text"].update(hidden_size=8192, intermediate_size=32768)
     return {
+        "huge-config": saved(folder, "huge-config.pt", {"config": huge, "state_dict": weights}),
+        "wide-config": saved(folder, "wide-config.pt", {"config": wide, "state_dict": weights}),
         "none": saved(folder, "none.pt", None),
         "list": saved(folder, "list.pt", [1, 2, 3]),
         "list-config": saved(folder, "list-config.pt", {"config": [1, 2], "state_dict": weights}),

@@ -229,6 +229,15 @@ def test_loaded_structure_is_checked_in_one_line(scene, name, reason):
     assert reason in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_config_describing_a_model_far_larger_than_its_weights_is_refused_before_it_is_built(scene):
+    files = hostile.structural(scene.inputs)
+    with pytest.raises(ckpt.CheckpointError, match=r"audio.embed_dim is '1000000000'"):
+        ckpt.model_config_of(ckpt.read(files["huge-config"]), None, None)
+    checkpoint = ckpt.read(files["wide-config"])
+    with pytest.raises(ckpt.CheckpointError, match=r"describes a model of 6\d\d\d MiB; its weights hold 0 MiB"):
+        ckpt.model_from(checkpoint, ckpt.model_config_of(checkpoint, None, None))
+
+
 def test_special_files_are_refused_not_read(scene):
     fifo = scene.inputs / "fifo.pt"
     os.mkfifo(fifo)
