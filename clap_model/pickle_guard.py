@@ -5,7 +5,7 @@ Container: a regular file (no FIFO, device or directory), either torch's zip (me
 prefix, stored not compressed, no links, no overlaps, sizes within the file) or the bare pickle of
 torch < 1.6. torch's pre-0.4 tar format is refused: torch would extract it to disk.
 
-Pickle: every global must be one of `allowed_globals`; callables come back wrapped so each call's
+Pickle: every global must be data (`data_globals`) or a checked callable (`_callables`), so each call's
 arguments are checked (NumPy only as plain numeric scalars and arrays, tensors within their storages,
 no byte counts that allocate); BUILD only on dtypes, arrays and OrderedDicts with checked state.
 A `Budget` charges what loading allocates (storages, arrays, an estimate per pickle opcode) and
@@ -419,11 +419,6 @@ def _callables(guard: _Guard) -> dict[tuple[str, str], Checked]:
         plain[(f"{package}.multiarray", "_reconstruct")] = (multiarray._reconstruct, _check_reconstruct)
         plain[(f"{package}.numeric", "_frombuffer")] = (numeric._frombuffer, guard.frombuffer)
     return {key: Checked(f"{key[0]}.{key[1]}", target, check) for key, (target, check) in plain.items()}
-
-
-def allowed_globals() -> set[tuple[str, str]]:
-    """Every (module, name) a checkpoint's pickle may name."""
-    return set(data_globals()) | set(_callables(_Guard(Budget(0), None, 0)))
 
 
 def _check_dtype_state(state: Any) -> None:
