@@ -4,146 +4,101 @@ Ours: {'config', 'state_dict', 'optimizer', 'scheduler_step', 'epoch', 'step', '
 LAION-CLAP's: {'state_dict' (keys prefixed 'module.' when saved from DDP), 'epoch', 'optimizer'}
 or a bare state dict. Both use the same parameter names, so one loader serves both.
 
-Files are unpickled by `SafeUnpickler`, which admits exactly the globals checkpoints hold. torch's
-own `weights_only` loader cannot: it rejects pickle protocol 4 (LAION-CLAP's releases) and the
-NumPy scalars their optimizer state holds (the learning rate after warm-up).
+Files are checked and unpickled by `pickle_guard`, which admits exactly the data checkpoints hold,
+arguments checked. torch's own `weights_only` loader cannot: it rejects pickle protocol 4
+(LAION-CLAP's releases) and the NumPy scalars their optimizer state holds (the learning rate after
+warm-up).
 """
 from __future__ import annotations
 
-import codecs
-import collections
-import functools
 import os
-import pickle
-import zipfile
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from clap_model import files, hf_format
+from clap_model import pickle_guard as guard
 from clap_model import msclap_format
 from clap_model.clap import CLAP
-from clap_model.config import ModelConfig, UsageError, get_preset
+from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError, get_preset
 
 # Older transformers saved this buffer; newer ones do not register it as state (LAION-CLAP drops it too).
 OBSOLETE_KEYS = ("text_branch.embeddings.position_ids",)
+
+
+MAX_CONFIG_INT = 1 << 22
+# A config may describe a model larger than its weights by this much (buffers not saved, fp16 weights).
+MODEL_SLACK_BYTES = 64 << 20
 
 
 class CheckpointError(UsageError):
     pass
 
 
-class ForeignGlobal(pickle.UnpicklingError):
-    """A pickle names a global that is not checkpoint data: unpickling it could run code."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"refused global {name}")
-        self.name = name
-
-
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """NumPy scalars, dtypes and arrays under NumPy 2's module names and NumPy 1's (`numpy.core`)."""
-    import numpy as np
-
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # NumPy 1.x
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    found: dict[tuple[str, str], Any] = {("numpy", "dtype"): np.dtype, ("numpy", "ndarray"): np.ndarray}
-    for package in ("numpy.core", "numpy._core"):
-        found[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        found[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        found[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # arrays under protocol 5
-    return found
+def _check_loaded(path: str | Path, loaded: Any) -> dict[str, Any]:
+    """What the commands rely on, refused in one line: a dict with str keys, a dict `config`,
+    a str-keyed dict `state_dict`."""
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dict")
+    for name, value in (("checkpoint", loaded), ("state_dict", loaded.get("state_dict", {})),
+                        ("model", loaded.get("model", {}))):
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise CheckpointError(f"{path}: its {name} is not a dict with names (str) as keys")
+    if "config" in loaded and not isinstance(loaded["config"], dict):
+        raise CheckpointError(f"{path}: its config is a {type(loaded['config']).__name__}, not a dict")
+    return loaded
 
 
-def _torch_globals() -> dict[tuple[str, str], Any]:
-    """Tensors, parameters and their storages, dtypes, sizes and devices."""
-    found: dict[tuple[str, str], Any] = {
-        ("torch", "Size"): torch.Size, ("torch", "device"): torch.device, ("torch", "Tensor"): torch.Tensor,
-        ("torch", "UntypedStorage"): torch.UntypedStorage,
-        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-        ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
-    }
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):
-        found[("torch._utils", name)] = getattr(torch._utils, name)
-    for name in dir(torch):
-        if isinstance(getattr(torch, name), torch.dtype):
-            found[("torch", name)] = getattr(torch, name)
-    return found
+def _load_file(path: str | Path, max_bytes: int | None) -> Any:
+    """torch.load on a file whose container was checked first, unpickled by pickle_guard."""
+    with guard.open_regular(str(path)) as handle:
+        budget = guard.Budget(max_bytes if max_bytes is not None else guard.default_budget(handle.size))
+        head = handle.read(4)
+        # torch.save writes a zip archive; files from before torch 1.6 are a bare pickle.
+        if head == b"PK\x03\x04":
+            layout = guard.check_zip(handle, budget)
+        elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            if guard.is_legacy_tar(handle):
+                raise guard.Refused("torch < 0.4's tar format, which torch would unpack to disk; "
+                                    "refused (re-save it with a current torch)")
+            layout = None
+        else:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save file)")
+        handle.seek(0)
+        # Not torch's weights_only: the guard is the restriction (see the module docstring).
+        return torch.load(handle, map_location="cpu", pickle_module=guard.guarded(budget, layout, handle.size),
+                          weights_only=False)
 
 
-_PLAIN_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
-    ("builtins", "bytearray"): bytearray,
-    ("_codecs", "encode"): codecs.encode,  # bytes under protocol 2
-}
-
-
-@functools.cache
-def allowed_globals() -> dict[tuple[str, str], Any]:
-    return {**_PLAIN_GLOBALS, **_torch_globals(), **_numpy_globals()}
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """Every global a pickle names (the only way it can reach code) must be checkpoint data.
-    torch.load subclasses this and resolves its storage types before asking here."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return allowed_globals()[(module, name)]
-        except (KeyError, TypeError):
-            raise ForeignGlobal(f"{module}.{name}") from None
-
-
-class SafePickle:
-    """The `pickle_module` torch.load unpickles with: the standard pickle (protocols 2 to 5)
-    restricted to checkpoint data."""
-
-    __name__ = "clap_model.checkpoint.SafePickle"
-    Unpickler = SafeUnpickler
-    UnpicklingError = pickle.UnpicklingError
-
-    @staticmethod
-    def load(file: BinaryIO, **kwargs: Any) -> Any:
-        return SafeUnpickler(file, **kwargs).load()
-
-
-def _is_torchscript(path: str | Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
-
-
-def read(path: str | Path) -> dict[str, Any]:
+def read(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """A checkpoint file (or Hugging Face folder) as a dict, or a one-line CheckpointError. Loading
+    may allocate at most `max_bytes` (default: pickle_guard.default_budget of the file's size)."""
     if hf_format.is_hf_model(str(path)):  # a Hugging Face ClapModel (clap-train --pretrained)
         model = hf_format.load_hf(str(path))
         return {"config": model.cfg.to_dict(), "state_dict": model.state_dict()}
-    if not Path(path).is_file():
+    if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    # torch.save writes a zip archive; files from before torch 1.6 are a bare pickle.
-    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save file)")
     try:
-        if head == b"PK\x03\x04" and _is_torchscript(path):  # torch.load would hand it to torch.jit.load
-            raise CheckpointError(f"{path} is a TorchScript archive, not a checkpoint (torch.save file)")
-        with open(path, "rb") as handle:
-            # Not torch's weights_only: SafePickle is the restriction (see the module docstring).
-            return torch.load(handle, map_location="cpu", pickle_module=SafePickle, weights_only=False)
-    except ForeignGlobal as exc:
+        loaded = _load_file(path, max_bytes)
+    except guard.ForeignGlobal as exc:
         raise CheckpointError(f"{path} holds Python objects besides tensors and plain data (the first: "
                               f"{exc.name}); refused, for safety: unpickling them could run code") from None
+    except guard.Refused as exc:
+        raise CheckpointError(f"{path}: {_one_line(exc)}") from None
     except CheckpointError:
         raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or _one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a truncated or damaged file: say so in one line
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged "
-                              f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__})"
-                              ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged ({_one_line(exc)})") from None
+    return _check_loaded(path, loaded)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def clean_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -157,7 +112,11 @@ def clean_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def load_weights(model: CLAP, checkpoint: dict[str, Any]) -> None:
     """Strict: any missing or unexpected name is an error naming the first few."""
-    missing, unexpected = model.load_state_dict(clean_state_dict(checkpoint), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(clean_state_dict(checkpoint), strict=False)
+    except (RuntimeError, TypeError, AttributeError) as exc:  # wrong shapes, or values that are no tensors
+        raise CheckpointError(f"checkpoint weights do not fit model {model.cfg.audio.model_type}-"
+                              f"{model.cfg.audio.model_name}: {_one_line(exc)}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not fit model {model.cfg.audio.model_type}-{model.cfg.audio.model_name}: "
@@ -165,11 +124,47 @@ def load_weights(model: CLAP, checkpoint: dict[str, Any]) -> None:
         )
 
 
+def _field_fits(annotation: str, value: Any) -> bool:
+    """Whether `value` has the type of a config field (annotations are strings here)."""
+    if value is None:
+        return "None" in annotation
+    if annotation.startswith("tuple"):  # depths, num_heads: a few stages of a few blocks
+        return isinstance(value, (list, tuple)) and len(value) <= 8 and all(type(v) is int and 0 < v <= 256
+                                                                           for v in value)
+    kind = annotation.split("|")[0].strip()
+    # Sizes and rates beyond 2^22 build no model we know, only a large allocation.
+    return {"int": type(value) is int and 0 <= value <= MAX_CONFIG_INT, "float": type(value) in (int, float),
+            "str": type(value) is str, "bool": type(value) is bool}.get(kind, isinstance(value, dict))
+
+
+def _check_fields(cls: type, data: Any, where: str) -> None:
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint config: {where} is a {type(data).__name__}, not a dict")
+    known = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            raise CheckpointError(f"checkpoint config: unknown key {where}{str(key)[:40]!r}")
+        if not _field_fits(known[key], value):
+            raise CheckpointError(f"checkpoint config: {where}{key} is {str(value)[:40]!r}, not {known[key]} "
+                                  f"(sizes at most {MAX_CONFIG_INT})")
+
+
+def checked_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `config`, refused in one line unless ModelConfig.from_dict can take it: every
+    key known, audio and text present, each value of its field's type."""
+    _check_fields(ModelConfig, data, "")
+    for part, cls in (("audio", AudioConfig), ("text", TextConfig)):
+        if part not in data:
+            raise CheckpointError(f"checkpoint config: the key {part!r} is missing")
+        _check_fields(cls, data[part], f"{part}.")
+    return data
+
+
 def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: str | None) -> ModelConfig:
     if msclap_format.is_msclap_checkpoint(checkpoint):  # the names tell 2022 from 2023
         return msclap_format.config_of(checkpoint)
     if "config" in checkpoint:
-        cfg = ModelConfig.from_dict(checkpoint["config"])
+        cfg = ModelConfig.from_dict(checked_config(checkpoint["config"]))
         if text_model:
             cfg = replace(cfg, text=replace(cfg.text, name_or_path=text_model))
         return cfg
@@ -178,20 +173,39 @@ def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: 
     return get_preset(preset, text_model)
 
 
+def _check_model_size(cfg: ModelConfig, weights: dict[str, Any]) -> None:
+    """The model a config describes, built on the meta device (no memory): refused when it is far
+    larger than the weights the file holds, before it is built for real."""
+    with torch.device("meta"):
+        model = CLAP(cfg, pretrained_text=False)
+    needed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    held = sum(v.numel() * v.element_size() for v in weights.values() if isinstance(v, torch.Tensor))
+    if needed > 2 * held + MODEL_SLACK_BYTES:
+        raise CheckpointError(f"its config describes a model of {needed >> 20} MiB; its weights hold "
+                              f"{held >> 20} MiB: refused")
+
+
 def model_from(checkpoint: dict[str, Any], cfg: ModelConfig) -> CLAP:
     """The model of `cfg` with the checkpoint's weights, the text tower's too: built offline for
     the presets' towers (clap_model.text.known_text_config)."""
-    model = CLAP(cfg, pretrained_text=False)
+    try:
+        _check_model_size(cfg, clean_state_dict(checkpoint))
+        model = CLAP(cfg, pretrained_text=False)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:  # a config no model has
+        raise CheckpointError(f"checkpoint config builds no model: {_one_line(exc)}") from None
     load_weights(model, checkpoint)
     return model
 
 
-def load_model(path: str | Path, preset: str | None = None, text_model: str | None = None) -> CLAP:
+def load_model(path: str | Path, preset: str | None = None, text_model: str | None = None,
+               max_bytes: int | None = None) -> CLAP:
     """A model built from a checkpoint's config (or `preset` for LAION-CLAP's) with its weights;
     or a Hugging Face ClapModel folder or hub id."""
     if hf_format.is_hf_model(str(path)):
         return hf_format.load_hf(str(path))
-    checkpoint = read(path)
+    checkpoint = read(path, max_bytes)
     if msclap_format.is_msclap_checkpoint(checkpoint):  # Microsoft CLAP's release: its own names and presets
         return msclap_format.load_msclap(checkpoint)
     return model_from(checkpoint, model_config_of(checkpoint, preset, text_model))

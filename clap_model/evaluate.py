@@ -93,7 +93,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
         get_preset(args.model)  # a misspelt preset is an error even when the checkpoint carries its config
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    checkpoint = ckpt.read(args.checkpoint)
+    checkpoint = ckpt.read(args.checkpoint, args.max_checkpoint_bytes)
     cfg = ckpt.model_config_of(checkpoint, args.model, args.text_model)
     spec = audio_spec(cfg, args.data_truncating, args.data_filling, args.max_fusion_seconds)
     tokenize = Tokenize(cfg.text)  # before the model is built: a missing tokenizer is one quick line

@@ -22,6 +22,7 @@ from clap_model import files, hf_format, msclap_format
 from clap_model.clap import CLAP
 from clap_model.config import PRESETS, UsageError, error_line
 from clap_model.flags import refuse_positionals
+from clap_model.params import add_max_checkpoint_bytes
 
 FORMATS = ("hf", "laion", "msclap")
 # The HTSAT geometries LAION-CLAP's create_htsat_model builds: (embed_dim, depths), by model name.
@@ -90,13 +91,14 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--model", default=None, help=f"architecture of a LAION-CLAP release ({', '.join(PRESETS)})")
     parse.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP release")
     refuse_positionals(parse, "--checkpoint CHECKPOINT and --out OUT")
+    add_max_checkpoint_bytes(parse)
     return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        model = ckpt.load_model(args.checkpoint, args.model, args.text_model).eval()
+        model = ckpt.load_model(args.checkpoint, args.model, args.text_model, args.max_checkpoint_bytes).eval()
         SAVERS[args.format](model, Path(args.out))
     except UsageError as exc:
         print(f"clap-export: error: {error_line(exc)}", file=sys.stderr)

@@ -224,14 +224,26 @@ def config_from_hf(config: Any, extractor: Any, name_or_path: str) -> ModelConfi
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
+_MAX_CONFIG_BYTES = 16 << 20
+
+
+def _check_folder(folder: Path) -> None:
+    """A local model folder holds regular files and folders only: transformers would block on a
+    FIFO (or read a device) planted among them."""
+    for entry in folder.iterdir():
+        if not (entry.is_file() or entry.is_dir()):
+            raise UsageError(f"{folder}: {entry.name} is not a regular file (a FIFO, device or broken link); refused")
 
 
 def is_hf_model(path_or_id: str) -> bool:
     """A folder whose config.json is a ClapModel's, or (no such path here) a hub id `owner/name`."""
     path = Path(path_or_id)
     if path.is_dir():
-        try:
-            return json.loads((path / "config.json").read_text()).get("model_type") == "clap"
+        config = path / "config.json"
+        try:  # is_file first: a FIFO planted as config.json must not block the read
+            if not config.is_file() or config.stat().st_size > _MAX_CONFIG_BYTES:
+                return False
+            return json.loads(config.read_text()).get("model_type") == "clap"
         except (OSError, ValueError, AttributeError):
             return False
     return (not path.exists() and _HUB_ID.fullmatch(path_or_id) is not None
@@ -242,8 +254,13 @@ def load_hf(path_or_id: str) -> CLAP:
     """Our CLAP with the weights of an HF ClapModel folder or hub id; every weight placed (strict)."""
     from transformers import ClapFeatureExtractor, ClapModel
 
+    local = Path(path_or_id)
+    if local.is_dir():
+        _check_folder(local)
+    # Safetensors wherever the folder has it: pytorch_model.bin is a pickle.
+    safe = True if (local / "model.safetensors").is_file() else None
     try:
-        source = ClapModel.from_pretrained(path_or_id)
+        source = ClapModel.from_pretrained(path_or_id, use_safetensors=safe)
         extractor = ClapFeatureExtractor.from_pretrained(path_or_id)
     except (OSError, ValueError) as exc:
         raise _fail(path_or_id, exc) from None

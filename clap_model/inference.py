@@ -51,9 +51,10 @@ class CLAPInference:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, model: str | None = None, text_model: str | None = None,
-                        **kwargs) -> "CLAPInference":
-        """A clap-train checkpoint, or a LAION-CLAP release with `model` naming its preset."""
-        return cls(ckpt.load_model(path, model, text_model), **kwargs)
+                        max_checkpoint_bytes: int | None = None, **kwargs) -> "CLAPInference":
+        """A clap-train checkpoint, or a LAION-CLAP release with `model` naming its preset; loading it
+        may allocate at most `max_checkpoint_bytes` (checkpoint.read)."""
+        return cls(ckpt.load_model(path, model, text_model, max_checkpoint_bytes), **kwargs)
 
     def _waveform(self, item: AudioInput, sample_rate: int | None) -> np.ndarray:
         rate = self.spec.sample_rate

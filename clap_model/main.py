@@ -62,7 +62,7 @@ class Run:
         self.steps = steps_per_epoch(num_samples, args.batch_size, info.world_size)
         # The checkpoint files next, then the tokenizer: their mistakes are found before any download.
         self.resumed = self._read_resume() if args.resume else None
-        pretrained = ckpt.read(args.pretrained) if args.pretrained else None
+        pretrained = ckpt.read(args.pretrained, args.max_checkpoint_bytes) if args.pretrained is not None else None
         self.tokenize = Tokenize(cfg.text)
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         # A checkpoint supplies the text weights: the tower is built from its known config, offline.
@@ -88,7 +88,7 @@ class Run:
         return str(self.out / "latest.pt") if self.args.resume == "latest" else self.args.resume
 
     def _read_resume(self) -> dict[str, Any]:
-        saved = ckpt.read(self._resume_path())
+        saved = ckpt.read(self._resume_path(), self.args.max_checkpoint_bytes)
         if "optimizer" not in saved or "step" not in saved:
             raise ckpt.CheckpointError(f"{self._resume_path()} holds weights only; use --pretrained to start from it")
         return saved

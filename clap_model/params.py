@@ -19,6 +19,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                             "folder with the preset's tokenizer works offline")
     group.add_argument("--pretrained", default=None,
                        help="initial weights: a clap-train checkpoint or a LAION-CLAP release (.pt)")
+    add_max_checkpoint_bytes(group)
     group.add_argument("--data-truncating", choices=TRUNCATING, default=None,
                        help="long clips: rand_trunc (random 10 s crop) or fusion; default from the model")
     group.add_argument("--data-filling", choices=FILLING, default="repeatpad", help="short clips")
@@ -47,6 +48,25 @@ def default_workers() -> int:
         cores = os.cpu_count() or 2
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, cores // ranks - 1)
+
+
+def byte_count(text: str) -> int:
+    """A positive number of bytes, optionally with a K, M, G or T suffix (powers of 1024)."""
+    scale = 1024 ** (" KMGT".index(text[-1].upper()) if text and text[-1].upper() in "KMGT" else 0)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def add_max_checkpoint_bytes(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--max-checkpoint-bytes: what loading a checkpoint file may allocate (clap_model.pickle_guard)."""
+    parser.add_argument("--max-checkpoint-bytes", type=byte_count, default=None, metavar="BYTES",
+                        help="refuse a checkpoint whose loading would allocate more (e.g. 8G; default: 4 x the "
+                             "file's size + 64M)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +136,7 @@ def eval_parser() -> argparse.ArgumentParser:
                         help=f"architecture of a LAION-CLAP checkpoint ({', '.join(PRESETS)}; "
                              "clap-train checkpoints carry theirs)")
     parser.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP checkpoint")
+    add_max_checkpoint_bytes(parser)
     parser.add_argument("--data-truncating", choices=TRUNCATING, default=None)
     parser.add_argument("--data-filling", choices=FILLING, default="repeatpad")
     parser.add_argument("--max-fusion-seconds", type=float, default=60.0)

@@ -11,6 +11,7 @@ from audio_dataset.curate.index import INDEX_KINDS  # faiss itself loads only wh
 from audio_dataset.k2c.cli import add_worker_options, report, run_options
 from audio_dataset.source import UserError
 from audio_dataset.storage import location
+from clap_model.params import add_max_checkpoint_bytes
 
 
 
@@ -31,7 +32,7 @@ def run_embed_command(args: argparse.Namespace) -> int:
     from audio_dataset.curate.embed import EmbedOptions, default_out, run_embed
 
     options = EmbedOptions(checkpoint=args.checkpoint, preset=args.model, batch_size=args.batch_size,
-                           index=args.index)
+                           index=args.index, max_checkpoint_bytes=args.max_checkpoint_bytes)
     report("embed", run_embed(options, run_options(args, args.dataset, args.out or default_out(args.dataset))))
     return 0
 
@@ -46,7 +47,8 @@ def run_search_command(args: argparse.Namespace) -> int:
     from audio_dataset.curate.search import Searcher, SearchOptions, hits_json
 
     searcher = Searcher(args.dataset, args.embeddings or default_out(args.dataset),
-                        SearchOptions(k=args.k, splits=tuple(args.split), checkpoint=args.checkpoint))
+                        SearchOptions(k=args.k, splits=tuple(args.split), checkpoint=args.checkpoint,
+                                      max_checkpoint_bytes=args.max_checkpoint_bytes))
     hits = searcher.text(args.query) if args.query is not None else searcher.audio(args.audio)
     if args.json:
         print(json.dumps(hits_json(hits), indent=2, ensure_ascii=False))
@@ -61,6 +63,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", type=location, help="a build output (folder or fsspec URL)")
     p.add_argument("--checkpoint", required=True, type=Path, help="a CLAP checkpoint (clap-train's, or a release)")
     p.add_argument("--model", help="preset of a checkpoint without a config (a LAION-CLAP release)")
+    add_max_checkpoint_bytes(p)
     p.add_argument("--out", type=location, help="where the embeddings go (default DATASET/embed)")
     p.add_argument("--batch-size", type=int, default=32, help="clips or captions per forward pass")
     p.add_argument("--index", choices=INDEX_KINDS, default="auto",
@@ -78,6 +81,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings", type=location, help="embed's output (default DATASET/embed)")
     p.add_argument("--checkpoint", type=Path, help="the model embed used (required: a dataset's recorded "
                    "checkpoint is never loaded on its own; its sha256 must match the recorded one)")
+    add_max_checkpoint_bytes(p)
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=run_search_command)
     add_dedup_cli(subparsers)

@@ -44,6 +44,8 @@ def captions(meta: dict[str, Any]) -> list[str]:
 
 def file_digest(path: Path) -> str:
     """sha256 of a checkpoint file, or of a checkpoint folder's files (names and bytes) in order."""
+    if not (path.is_dir() or path.is_file()):  # a FIFO or device would block or never end
+        raise UserError(f"{path}: not a regular file or folder")
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
@@ -55,7 +57,7 @@ def file_digest(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def model_identity(checkpoint: Path, preset: str | None) -> dict[str, Any]:
+def model_identity(checkpoint: Path, preset: str | None, max_checkpoint_bytes: int | None = None) -> dict[str, Any]:
     """What names the embedding space: the checkpoint's digest and the model it builds. Loads the
     model once in the driver, so a checkpoint that does not load fails before any worker starts."""
     from clap_model.checkpoint import load_model
@@ -64,7 +66,7 @@ def model_identity(checkpoint: Path, preset: str | None) -> dict[str, Any]:
     if not checkpoint.exists():
         raise UserError(f"--checkpoint {checkpoint}: not found")
     try:
-        cfg = load_model(checkpoint, preset).cfg
+        cfg = load_model(checkpoint, preset, max_bytes=max_checkpoint_bytes).cfg
     except UsageError as exc:
         raise UserError(f"--checkpoint {checkpoint}: {exc}") from None
     return {"checkpoint": str(checkpoint.resolve()), "digest": file_digest(checkpoint), "preset": preset,

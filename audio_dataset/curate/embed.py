@@ -49,6 +49,7 @@ class EmbedOptions:
     preset: str | None = None
     batch_size: int = 32
     index: str = "auto"
+    max_checkpoint_bytes: int | None = None  # what loading the checkpoint may allocate (default: by its size)
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -78,7 +79,8 @@ class EmbedProcessor:
     def __init__(self, options: EmbedOptions, device: str) -> None:
         from clap_model.inference import CLAPInference
 
-        self.clap = CLAPInference.from_checkpoint(options.checkpoint, model=options.preset, device=device)
+        self.clap = CLAPInference.from_checkpoint(options.checkpoint, model=options.preset, device=device,
+                                                  max_checkpoint_bytes=options.max_checkpoint_bytes)
         self.batch_size = options.batch_size
         self.dim = self.clap.model.cfg.joint_dim
 
@@ -169,7 +171,7 @@ def default_out(dataset: UPath) -> UPath:
 def run_embed(options: EmbedOptions, run: RunOptions) -> RunSummary:
     options.check()
     check_run(run)
-    identity = model_identity(options.checkpoint, options.preset)
+    identity = model_identity(options.checkpoint, options.preset, options.max_checkpoint_bytes)
     settings = {"model": identity, "batch_size": options.batch_size, "index": options.index}
     stage = Stage(EMBED_STAGE, settings, functools.partial(_make_embed, options), embed_schema(identity["joint_dim"]),
                   mode=READ, finish=functools.partial(_finish, identity["joint_dim"], options.index))

@@ -35,6 +35,7 @@ class SearchOptions:
     # The model to embed the query with: the user names it (a dataset's run.json is data, never
     # loaded from), and its sha256 must be the one embed recorded.
     checkpoint: Path | None = None
+    max_checkpoint_bytes: int | None = None  # what loading the checkpoint may allocate (default: by its size)
 
 
 class Searcher:
@@ -73,7 +74,8 @@ class Searcher:
             raise UserError(f"--checkpoint {checkpoint}: not found")
         if file_digest(checkpoint) != self.model["digest"]:
             raise UserError(f"--checkpoint {checkpoint} is not the model the embeddings were made with")
-        return CLAPInference.from_checkpoint(checkpoint, model=self.model.get("preset"))
+        return CLAPInference.from_checkpoint(checkpoint, model=self.model.get("preset"),
+                                             max_checkpoint_bytes=self.options.max_checkpoint_bytes)
 
     def text(self, query: str) -> list[Hit]:
         return self.vector(self.clap.embed_text([query]).numpy()[0])
