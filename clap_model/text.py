@@ -138,26 +138,30 @@ def gpt2_byte_tokenizer() -> PreTrainedTokenizerFast:
                                    model_input_names=["input_ids", "attention_mask"])
 
 
-def from_pretrained(load: Callable[..., Any], name: str) -> Any:
-    """`load(name)` from local files (a folder, or the hub cache), else from the hub; each failure
-    (a missing folder, an unknown id, no network) is one UsageError line naming the model:
-    transformers' own message speaks of repo ids even for a mistyped local path."""
+TEXT_MODEL_HINT = "pass --text-model PATH (a folder with its tokenizer and config) or fill the cache"
+
+
+def from_pretrained(load: Callable[..., Any], name: str, what: str = "text model",
+                    hint: str = TEXT_MODEL_HINT) -> Any:
+    """`load(name)` from local files (a folder, or the hub cache), else from the hub; a mistake (a
+    missing folder, an unknown id) is one UsageError line naming the model (transformers' own
+    message speaks of repo ids even for a mistyped local path), a hub that cannot be reached one
+    RunFailure line, found in seconds rather than after transformers' minute of retries."""
     if name.startswith((".", "/")) and not Path(name).exists():
-        raise UsageError(f"text model folder not found: {name}")
+        raise UsageError(f"{what} folder not found: {name}")
     try:
         return load(name, local_files_only=True)
     except (OSError, ValueError) as exc:
         if Path(name).exists():  # a local folder without what is asked for: the hub has no say
-            raise UsageError(f"cannot load text model {name!r}: {last_line(exc)}") from None
+            raise UsageError(f"cannot load {what} {name!r}: {last_line(exc)}") from None
     reason = hub_unreachable()
     if reason:
-        raise RunFailure(f"text model {name!r} is not in the Hugging Face cache and {reason}: pass "
-                         "--text-model PATH (a folder with its tokenizer and config) or fill the cache "
+        raise RunFailure(f"{what} {name!r} is not in the Hugging Face cache and {reason}: {hint} "
                          f"(hf download {name})")
     try:
         return load(name)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load text model {name!r}: {last_line(exc)}") from None
+        raise UsageError(f"cannot load {what} {name!r}: {last_line(exc)}") from None
 
 
 def build_tokenizer(cfg: TextConfig):

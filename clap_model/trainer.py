@@ -1,10 +1,9 @@
-"""clap-train: train CLAP on audiodata shards, on a CPU, one GPU, or many through torchrun."""
+"""A clap-train run: the model, data, checkpoints and the epoch loop (clap_model.main parses the command line)."""
 from __future__ import annotations
 
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,13 +14,13 @@ from torch.nn.parallel import DistributedDataParallel
 from clap_model import checkpoint as ckpt
 from clap_model import distributed
 from clap_model.clap import CLAP
-from clap_model.config import UsageError, error_line, get_preset
+from clap_model.cli_common import Stop
+from clap_model.config import UsageError, get_preset
 from clap_model.data import (DataError, LoaderConfig, ShardDataset, ShardSet, batches_per_worker, make_loader,
                              steps_per_epoch)
 from clap_model.evaluate import audio_spec, check_eval_args, run_evaluations
 from clap_model.loss import ClipLoss
 from clap_model.metrics import format_metrics
-from clap_model.params import train_parser
 from clap_model.text import Tokenize
 from clap_model.train import EpochContext, TrainState, build_optimizer, train_one_epoch
 
@@ -38,12 +37,31 @@ def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if name in saved and name not in NO_EFFECT_ON_TRAINING and saved[name] != value]
 
 
-class Run:
-    """Everything one process of a training run holds."""
+def check_out(out: Path, resume: str | None) -> None:
+    """A run writes into a new or empty folder, or continues the one in it with --resume: training
+    over another run would replace its latest.pt and first epochs, keep its later ones and append
+    to its results."""
+    if resume or not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a run folder")
+    if any(out.iterdir()):
+        held = "a run (latest.pt)" if (out / "latest.pt").exists() else "files"
+        raise UsageError(f"--out {out} already holds {held}; continue it with --resume latest, "
+                         "or name a new or empty folder")
 
-    def __init__(self, args: argparse.Namespace, info: distributed.DistInfo) -> None:
+
+class Run:
+    """Everything one process of a training run holds. `stop` holds a SIGINT / SIGTERM that arrives
+    while training: the step in progress finishes, OUT/latest.pt is saved, then it is raised."""
+
+    def __init__(self, args: argparse.Namespace, info: distributed.DistInfo, stop: Stop | None = None) -> None:
         self.args, self.info = args, info
+        self.stop = stop or Stop()
         self.out = Path(args.out)
+        self.saved_step: int | None = None  # the step OUT/latest.pt holds, once this run saved it
+        check_out(self.out, args.resume)
+        distributed.barrier(info)  # every rank has looked before rank 0 creates OUT
         self.precision = args.precision or ("bf16" if info.device.type == "cuda" else "fp32")
         if info.device.type == "cuda":  # fp32 work outside autocast (mel features) may use TF32
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -115,18 +133,28 @@ class Run:
         return rng
 
     def save(self, epoch_file: bool) -> None:
-        """Called on every rank (their RNG states are gathered); rank 0 writes."""
-        rngs = distributed.gather_objects(self.info, self.rng_state())
-        if not self.info.is_master:
-            return
-        state = {"config": self.model.cfg.to_dict(), "state_dict": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "step": self.state.step, "epoch": self.state.epoch,
-                 "step_in_epoch": self.state.step_in_epoch, "rng": rngs, "args": vars(self.args)}
-        if epoch_file:
-            ckpt.save_atomic(state, self.out / f"epoch_{self.state.epoch}.pt",
-                             also=self.out / "latest.pt")
-        else:
-            ckpt.save_atomic(state, self.out / "latest.pt")
+        """Called on every rank (their RNG states are gathered); rank 0 writes. A signal waits for
+        the write to end."""
+        with self.stop.deferred():
+            rngs = distributed.gather_objects(self.info, self.rng_state())
+            if not self.info.is_master:
+                return
+            state = {"config": self.model.cfg.to_dict(), "state_dict": self.model.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "step": self.state.step, "epoch": self.state.epoch,
+                     "step_in_epoch": self.state.step_in_epoch, "rng": rngs, "args": vars(self.args)}
+            if epoch_file:
+                ckpt.save_atomic(state, self.out / f"epoch_{self.state.epoch}.pt",
+                                 also=self.out / "latest.pt")
+            else:
+                ckpt.save_atomic(state, self.out / "latest.pt")
+            self.saved_step = self.state.step
+
+    def interrupted_line(self) -> str:
+        """What an interrupted run leaves, for clap-train's one line."""
+        if self.saved_step is None:
+            return "no checkpoint saved yet"
+        return (f"{self.out / 'latest.pt'} holds step {self.saved_step}: continue with the same command "
+                "and --resume latest")
 
     def resume(self) -> None:
         path, saved = self._resume_path(), self.resumed
@@ -182,9 +210,40 @@ class Run:
         distributed.barrier(self.info)
 
     def on_step(self, state: TrainState) -> None:
+        # At an epoch's last step the stop waits for fit's epoch checkpoint.
+        if state.step_in_epoch < self.steps and self.stop_requested():
+            self.save(epoch_file=False)
+            self.stop_now()
         every = self.args.save_every_steps
         if every and state.step % every == 0 and state.step_in_epoch < self.steps:
             self.save(epoch_file=False)
+
+    def stop_requested(self, now: bool = False) -> bool:
+        """A pending SIGINT / SIGTERM, on any rank. Ranks agree (a collective) at log steps and
+        when `now`: each agreement waits for the device, which the host otherwise runs ahead of."""
+        if not self.info.distributed:
+            return self.stop.signum is not None
+        if self.state.step % self.args.log_every and not now:
+            return False
+        flag = torch.tensor([0 if self.stop.signum is None else 1], device=self.info.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def stop_now(self) -> None:
+        self.stop.check()
+        raise KeyboardInterrupt  # another rank was signalled: this one stops with it
+
+    def train_epoch(self, ctx: EpochContext) -> None:
+        """One epoch (or its rest); a signal is acted on at the next step's end. A loader whose
+        workers took the terminal's Ctrl-C too fails: with a signal pending, that is the signal."""
+        with self.stop.deferred():
+            try:
+                train_one_epoch(ctx, self.train_batches(self.state.epoch), self.state)
+            except Exception:
+                if self.stop.signum is None:
+                    raise
+                self.save(epoch_file=False)
+                self.stop.check()
 
     def fit(self) -> None:
         args = self.args
@@ -199,7 +258,7 @@ class Run:
         while self.state.epoch < args.epochs:
             if args.max_steps is not None and self.state.step >= args.max_steps:
                 break
-            train_one_epoch(ctx, self.train_batches(self.state.epoch), self.state)
+            self.train_epoch(ctx)
             if self.state.step_in_epoch < self.steps:  # stopped by --max-steps mid-epoch
                 self.save(epoch_file=False)
                 break
@@ -207,33 +266,11 @@ class Run:
             self.state.step_in_epoch = 0
             # Saved before evaluating (which uses no random stream): a failing evaluation loses no training.
             self.save(epoch_file=self.state.epoch % args.save_frequency == 0 or self.state.epoch == args.epochs)
+            if self.stop_requested(now=True):
+                self.stop_now()
             if self.state.epoch % args.val_frequency == 0 or self.state.epoch == args.epochs:
                 self.evaluate()
         if self.writer is not None:
             self.writer.close()
+        self.stop.check()  # a signal during the last step: the run is complete and saved, but was stopped
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = train_parser().parse_args(argv)
-    for name in ("batch_size", "epochs", "workers", "log_every", "save_frequency", "val_frequency"):
-        if getattr(args, name) < (0 if name == "workers" else 1):
-            print(f"clap-train: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
-    info = None
-    try:
-        info = distributed.init(args.device)
-        run = Run(args, info)
-        if args.resume:
-            run.resume()
-        run.fit()
-    except (UsageError, OSError) as exc:
-        print(f"clap-train: error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    finally:
-        if info is not None:
-            distributed.shutdown(info)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
