@@ -5,6 +5,7 @@ one line with exit 128 + signal. Imports nothing heavy: the arguments are parsed
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 import threading
@@ -99,6 +100,16 @@ def signals_to(stop: Stop) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def load_modules(stop: Stop, *names: str) -> None:
+    """Import the heavy modules (torch, transformers) with SIGINT / SIGTERM held until they are in,
+    then acted on: a KeyboardInterrupt raised inside a C extension's initialisation leaves it half
+    made, and the interpreter's exit may then crash (a segfault, not a line)."""
+    with stop.deferred():
+        for name in names:
+            importlib.import_module(name)
+    stop.check()
+
+
 def interrupted_line(prog: str, exc: KeyboardInterrupt, what_is_left: str = "") -> int:
     """Print the one line of an interruption; the exit status is 128 + the signal's number."""
     signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
@@ -107,14 +118,14 @@ def interrupted_line(prog: str, exc: KeyboardInterrupt, what_is_left: str = "") 
     return 128 + signum
 
 
-def run_command(prog: str, body: Callable[[], int], stop: Stop | None = None,
+def run_command(prog: str, body: Callable[[Stop], int], stop: Stop | None = None,
                 what_is_left: Callable[[], str] = lambda: "") -> int:
-    """`body()` with SIGINT / SIGTERM and a run failure (exit 1) each as one line. The body maps
+    """`body(stop)` with SIGINT / SIGTERM and a run failure (exit 1) each as one line. The body maps
     its own usage errors (exit 2): which exceptions are the user's differs between commands."""
     stop = stop or Stop()
     with signals_to(stop):
         try:
-            return body()
+            return body(stop)
         except RunFailure as exc:
             print(f"{prog}: error: {error_line(exc)}", file=sys.stderr, flush=True)
             return 1

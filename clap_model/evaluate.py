@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clap_model.cli_common import run_command
+from clap_model.cli_common import Stop, load_modules, run_command
 from clap_model.config import ModelConfig, UsageError, error_line, get_preset
 from clap_model.params import eval_parser
 
@@ -127,14 +127,15 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(PROG, lambda: _main(argv))
+    return run_command(PROG, lambda stop: _main(argv, stop))
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, stop: Stop) -> int:
     args = eval_parser().parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         print(f"{PROG}: error: --batch-size must be positive and --workers non-negative", file=sys.stderr)
         return 2
+    load_modules(stop, "clap_model.checkpoint", "clap_model.train", "clap_model.data")
     try:
         metrics = _evaluate(args)
     except (UsageError, OSError) as exc:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from clap_model.cli_common import OneLineParser, run_command
+from clap_model.cli_common import OneLineParser, Stop, load_modules, run_command
 from clap_model.config import UsageError, error_line
 from clap_model.params import presets_help
 
@@ -114,11 +114,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(PROG, lambda: _main(argv))
+    return run_command(PROG, lambda stop: _main(argv, stop))
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, stop: Stop) -> int:
     args = parser().parse_args(argv)
+    load_modules(stop, "clap_model.checkpoint")
     from clap_model import checkpoint as ckpt
 
     try:

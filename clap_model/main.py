@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from clap_model.cli_common import Stop, run_command
+from clap_model.cli_common import Stop, load_modules, run_command
 from clap_model.config import UsageError, error_line
 from clap_model.params import train_parser
 
@@ -18,13 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = Stop()
     run = None
 
-    def body() -> int:
+    def body(stop: Stop) -> int:
         nonlocal run
         args = train_parser().parse_args(argv)
         for name in ("batch_size", "epochs", "workers", "log_every", "save_frequency", "val_frequency"):
             if getattr(args, name) < (0 if name == "workers" else 1):
                 print(f"{PROG}: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
                 return 2
+        load_modules(stop, "clap_model.trainer")
         from clap_model import distributed
         from clap_model.trainer import Run
 
