@@ -80,7 +80,8 @@ def _hf_embeddings(folder: Path, clips: list[np.ndarray], max_length: int):
     return features, tokens, pooled(audio), pooled(text)
 
 
-@pytest.mark.parametrize("cfg", [TINY, TINY_FUSION], ids=["tiny", "tiny-fusion"])
+# tiny-roberta as it is: its shipped BPE tokenizer goes into the export as it is.
+@pytest.mark.parametrize("cfg", [TINY, TINY_FUSION, get_preset("tiny-roberta")], ids=["tiny", "tiny-fusion", "tiny-roberta"])
 def test_export_loads_in_transformers_and_computes_our_embeddings(cfg, clips, tmp_path, hf_crops_like_ours):
     model = _our_model(cfg, seed=1)
     hf_format.save_hf(model, tmp_path / "hf")
