@@ -255,22 +255,24 @@ class Run:
                            self.precision, args.lr, args.warmup, total, self.steps,
                            args.batch_size * self.info.world_size, args.grad_clip_norm, args.log_every,
                            args.max_steps, self.log, self.scalar, self.on_step)
-        while self.state.epoch < args.epochs:
-            if args.max_steps is not None and self.state.step >= args.max_steps:
-                break
-            self.train_epoch(ctx)
-            if self.state.step_in_epoch < self.steps:  # stopped by --max-steps mid-epoch
-                self.save(epoch_file=False)
-                break
-            self.state.epoch += 1
-            self.state.step_in_epoch = 0
-            # Saved before evaluating (which uses no random stream): a failing evaluation loses no training.
-            self.save(epoch_file=self.state.epoch % args.save_frequency == 0 or self.state.epoch == args.epochs)
-            if self.stop_requested(now=True):
-                self.stop_now()
-            if self.state.epoch % args.val_frequency == 0 or self.state.epoch == args.epochs:
-                self.evaluate()
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            while self.state.epoch < args.epochs:
+                if args.max_steps is not None and self.state.step >= args.max_steps:
+                    break
+                self.train_epoch(ctx)
+                if self.state.step_in_epoch < self.steps:  # stopped by --max-steps mid-epoch
+                    self.save(epoch_file=False)
+                    break
+                self.state.epoch += 1
+                self.state.step_in_epoch = 0
+                # Saved before evaluating (which uses no random stream): a failing evaluation loses no training.
+                self.save(epoch_file=self.state.epoch % args.save_frequency == 0 or self.state.epoch == args.epochs)
+                if self.stop_requested(now=True):
+                    self.stop_now()
+                if self.state.epoch % args.val_frequency == 0 or self.state.epoch == args.epochs:
+                    self.evaluate()
+        finally:  # an interrupted run keeps its logs too
+            if self.writer is not None:
+                self.writer.close()
         self.stop.check()  # a signal during the last step: the run is complete and saved, but was stopped
 
