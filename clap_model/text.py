@@ -2,9 +2,9 @@
 
 `TextConfig.name_or_path=None` builds a randomly initialised RoBERTa of the configured size with a
 byte-level tokenizer made in code (every byte is a token), or with a tokenizer shipped in
-clap_model/vocab/ (`TextConfig.vocabulary`), so small presets and tests need no download. The presets' hub towers (roberta-base, bert-base-uncased, gpt2) are built from their known
-configs when a checkpoint supplies the weights, so embedding audio from a release file needs no
-network; their tokenizers, and pretrained weights, come through `from_pretrained`: the local cache
+clap_model/vocab/ (`TextConfig.vocabulary`), so small presets and tests need no download. The
+presets' hub towers (roberta-base, bert-base-uncased, gpt2) are built from their known configs
+when a checkpoint supplies the weights, so embedding audio from a release file needs no network; their tokenizers, and pretrained weights, come through `from_pretrained`: the local cache
 first, the hub only when it can be reached.
 """
 from __future__ import annotations
