@@ -1,8 +1,7 @@
-"""clap-train, clap-eval and clap-export as commands (every option's help text:
-tests/test_failures.py): `--help` at once and with the defaults, a
+"""clap-train, clap-eval and clap-export as commands: `--help` at once and with the defaults, a
 mistake in one line, `--version`, a run folder never trained over, Ctrl-C / SIGTERM leaving a
 checkpoint `--resume latest` continues, an unreachable hub in one quick line, and the shipped
-tokenizer of the `tiny-roberta` preset."""
+tokenizer of the `tiny-roberta` preset. (Every option's help text: tests/test_failures.py.)"""
 from __future__ import annotations
 
 import json
