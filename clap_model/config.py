@@ -15,6 +15,10 @@ class UsageError(ValueError):
     """A user mistake (arguments, data, checkpoint): reported in one line, exit status 2."""
 
 
+class RunFailure(RuntimeError):
+    """The command line is fine but the run cannot go on (the hub cannot be reached): one line, exit 1."""
+
+
 def error_line(exc: BaseException) -> str:
     """The one line to show for `exc`. A DataLoader worker's error arrives as its whole traceback
     ending in `module.Class: message`: keep the message."""
@@ -86,6 +90,9 @@ class TextConfig:
     # appended (GPT-2: " <|endoftext|>") and `pad_token` (GPT-2: "!") is added as the pad token.
     suffix: str = ""
     pad_token: str | None = None
+    # With name_or_path None: a tokenizer shipped in clap_model/vocab/ (text.SHIPPED_VOCABULARIES)
+    # instead of the byte-level one; the random tower's embeddings are sized to it.
+    vocabulary: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,8 +137,14 @@ _TINY_AUDIO = AudioConfig(
 _TINY_TEXT = TextConfig(name_or_path=None, max_length=48, hidden_size=32, layers=2, heads=2,
                         intermediate_size=64, pooling="mean")
 
+# `tiny-roberta`: `tiny` with what Hugging Face's ClapModel holds: a RoBERTa read through its pooler
+# and a RoBERTa BPE tokenizer shipped in the package (clap_model/vocab/audioset-bpe): it trains,
+# exports to --format hf and loads in transformers with no download.
+_TINY_ROBERTA_TEXT = replace(_TINY_TEXT, pooling="pooler", vocabulary="audioset-bpe")
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(audio=_TINY_AUDIO, text=_TINY_TEXT, joint_dim=128),
+    "tiny-roberta": ModelConfig(audio=_TINY_AUDIO, text=_TINY_ROBERTA_TEXT, joint_dim=128),
     "tiny-fusion": ModelConfig(audio=_TINY_AUDIO, text=_TINY_TEXT, joint_dim=128, enable_fusion=True),
     "htsat-tiny-roberta": ModelConfig(audio=_HTSAT_TINY, text=_ROBERTA),
     "htsat-tiny-roberta-fusion": ModelConfig(audio=_HTSAT_TINY, text=_ROBERTA, enable_fusion=True),
@@ -167,5 +180,10 @@ def get_preset(name: str, text_model: str | None = None) -> ModelConfig:
     config = PRESETS[name]
     if text_model:
         config = replace(config, text=replace(config.text, name_or_path=text_model, model_type="auto",
-                                              pooling="pooler", suffix="", pad_token=None))
+                                              pooling="pooler", suffix="", pad_token=None, vocabulary=None))
     return config
+
+
+def hub_presets() -> list[str]:
+    """The presets whose text tower (tokenizer, and weights when training) comes from the Hugging Face hub."""
+    return [name for name, cfg in PRESETS.items() if cfg.text.name_or_path is not None]

@@ -1,27 +1,34 @@
-"""clap-eval: retrieval and zero-shot evaluation of a checkpoint (ours or LAION-CLAP's)."""
+"""clap-eval: retrieval and zero-shot evaluation of a checkpoint (ours or LAION-CLAP's).
+
+torch and the data loader load inside the functions, after clap-eval has parsed its arguments:
+`--help` and mistakes answer at once.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from clap_model import checkpoint as ckpt
 from clap_model import files
-from clap_model.clap import CLAP
+from clap_model.cli_common import Stop, load_modules, run_command
 from clap_model.config import ModelConfig, UsageError, error_line, get_preset
-from clap_model.data import (DATASET_SEPARATOR, AudioSpec, DataError, LoaderConfig, ShardDataset, ShardSet,
-                             expand_datasets, make_loader, split_folders)
-from clap_model.metrics import format_metrics
 from clap_model.params import eval_parser
-from clap_model.text import Tokenize
-from clap_model.train import evaluate_retrieval, evaluate_zeroshot
+
+if TYPE_CHECKING:
+    import torch
+
+    from clap_model.clap import CLAP
+    from clap_model.data import AudioSpec, ShardDataset
+    from clap_model.text import Tokenize
+
+PROG = "clap-eval"
 
 
 def audio_spec(cfg: ModelConfig, truncating: str | None, filling: str, max_fusion_seconds: float) -> AudioSpec:
+    from clap_model.data import AudioSpec, DataError
+
     truncating = truncating or ("fusion" if cfg.enable_fusion else "rand_trunc")
     if (truncating == "fusion") != cfg.enable_fusion:
         raise DataError("--data-truncating fusion needs a fusion model (e.g. htsat-tiny-roberta-fusion), "
@@ -32,6 +39,8 @@ def audio_spec(cfg: ModelConfig, truncating: str | None, filling: str, max_fusio
 
 def check_eval_args(args: argparse.Namespace) -> None:
     """The evaluation arguments' mistakes, found before training rather than after its first epoch."""
+    from clap_model.data import expand_datasets
+
     for pattern in (args.val_data, args.zeroshot_data):
         if pattern:
             expand_datasets(pattern)  # raises on a pattern naming no shards or a missing local shard
@@ -48,6 +57,8 @@ def val_datasets(spec: str) -> list[tuple[str, str]]:
     within one dataset, so each is scored on its own, named as LAION-CLAP names them: the two
     folders above the shards (`data/clotho/test/{0..3}.tar` -> `clotho-test`); one dataset alone
     goes unnamed."""
+    from clap_model.data import DATASET_SEPARATOR, split_folders
+
     found: list[tuple[str, str]] = []  # (pattern, the folder its shards are in)
     for part in (part.strip() for part in spec.split(DATASET_SEPARATOR)):
         folders = split_folders(part, train=False) if part else []
@@ -63,6 +74,8 @@ def val_datasets(spec: str) -> list[tuple[str, str]]:
 
 def eval_dataset(pattern: str, spec: AudioSpec, tokenize: Tokenize, batch_size: int,
                  label_field: str | None = None) -> ShardDataset:
+    from clap_model.data import LoaderConfig, ShardDataset, ShardSet
+
     shards = ShardSet.from_spec(pattern)
     cfg = LoaderConfig(batch_size=batch_size, audio=spec, label_field=label_field, train=False)
     return ShardDataset(shards, cfg, tokenize)
@@ -71,6 +84,9 @@ def eval_dataset(pattern: str, spec: AudioSpec, tokenize: Tokenize, batch_size: 
 def run_evaluations(model: CLAP, args: argparse.Namespace, spec: AudioSpec, tokenize: Tokenize,
                     device: torch.device, precision: str) -> dict[str, float]:
     """Retrieval on --val-data and zero-shot on --zeroshot-data, whichever are given."""
+    from clap_model.data import make_loader
+    from clap_model.train import evaluate_retrieval, evaluate_zeroshot
+
     metrics: dict[str, float] = {}
     workers = min(args.workers, 2)
     for name, pattern in val_datasets(args.val_data or ""):
@@ -86,6 +102,13 @@ def run_evaluations(model: CLAP, args: argparse.Namespace, spec: AudioSpec, toke
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from clap_model import checkpoint as ckpt
+    from clap_model.data import DataError
+    from clap_model.metrics import format_metrics
+    from clap_model.text import Tokenize
+
     if not (args.val_data or args.zeroshot_data):
         raise DataError("nothing to evaluate: give --val-data and/or --zeroshot-data")
     check_eval_args(args)
@@ -105,10 +128,15 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, lambda stop: _main(argv, stop))
+
+
+def _main(argv: list[str] | None, stop: Stop) -> int:
     args = eval_parser().parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
-        print("clap-eval: error: --batch-size must be positive and --workers non-negative", file=sys.stderr)
+        print(f"{PROG}: error: --batch-size must be positive and --workers non-negative", file=sys.stderr)
         return 2
+    load_modules(stop, "clap_model.checkpoint", "clap_model.train", "clap_model.data")
     try:
         if args.out:  # before the run: a name that will be refused is said at once
             files.check_target(Path(args.out))
@@ -117,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             with files.replacing(Path(args.out)) as tmp:
                 tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     except (UsageError, OSError) as exc:
-        print(f"clap-eval: error: {error_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,22 +7,28 @@
 
 --checkpoint is anything `clap-eval --checkpoint` takes: ours, a LAION-CLAP release (with --model),
 a Hugging Face ClapModel folder or hub id. What the target format cannot hold is refused in one
-line (exit 2) before anything is written; the output appears whole or not at all.
+line (exit 2) before anything is written; the output appears whole or not at all. torch loads
+after the arguments are parsed.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-import torch
+from clap_model.cli_common import OneLineParser, Stop, load_modules, run_command
+from clap_model.config import UsageError, error_line
+from clap_model.params import presets_help
 
-from clap_model import checkpoint as ckpt
-from clap_model import files, hf_format, msclap_format
-from clap_model.clap import CLAP
-from clap_model.config import PRESETS, UsageError, error_line
+from clap_model import files
 from clap_model.flags import refuse_positionals
 from clap_model.params import add_max_checkpoint_bytes
+
+if TYPE_CHECKING:
+    from clap_model.clap import CLAP
+
+PROG = "clap-export"
 
 FORMATS = ("hf", "laion", "msclap")
 # The HTSAT geometries LAION-CLAP's create_htsat_model builds: (embed_dim, depths), by model name.
@@ -33,6 +39,8 @@ POSITION_IDS = "text_branch.embeddings.position_ids"
 
 def check_laion(model: CLAP) -> None:
     """One line on the first thing LAION-CLAP's CLAP class cannot build or load."""
+    from clap_model.clap import CLAP
+
     if not isinstance(model, CLAP):
         raise UsageError(f"LAION-CLAP's CLAP class cannot hold a {type(model).__name__} model")
     cfg, audio = model.cfg, model.cfg.audio
@@ -55,6 +63,8 @@ def check_laion(model: CLAP) -> None:
 def laion_state(model: CLAP) -> dict[str, object]:
     """As LAION-CLAP's training saves: DDP's 'module.' prefix, and the text position_ids buffer that
     its load_state_dict deletes (so requires) under transformers >= 4.31."""
+    import torch
+
     state = {f"module.{key}": value for key, value in model.state_dict().items()}
     positions = model.text_branch.config.max_position_embeddings
     state[f"module.{POSITION_IDS}"] = torch.arange(positions)[None]
@@ -62,14 +72,18 @@ def laion_state(model: CLAP) -> dict[str, object]:
 
 
 def save_laion(model: CLAP, path: Path) -> None:
+    from clap_model import checkpoint as ckpt
+
     check_laion(model)
     ckpt.save_atomic(laion_state(model), path)
 
 
 def save_hf_folder(model: CLAP, out: Path) -> None:
     """save_hf into a private folder renamed into place: a failed export leaves no half folder."""
+    from clap_model import hf_format
+
     files.check_target(out, folder=True)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder; remove it or name another")
     with files.replacing(out, folder=True) as tmp:
         hf_format.save_hf(model, tmp)
@@ -77,18 +91,23 @@ def save_hf_folder(model: CLAP, out: Path) -> None:
             out.rmdir()
 
 
-SAVERS = {"hf": save_hf_folder, "laion": save_laion, "msclap": msclap_format.save_msclap}
+def saver(fmt: str) -> Callable[[CLAP, Path], None]:
+    if fmt == "msclap":
+        from clap_model import msclap_format
+
+        return msclap_format.save_msclap
+    return {"hf": save_hf_folder, "laion": save_laion}[fmt]
 
 
 def parser() -> argparse.ArgumentParser:
-    parse = argparse.ArgumentParser(prog="clap-export", description="Write a CLAP checkpoint in another format.")
+    parse = OneLineParser(prog=PROG, description="Write a CLAP checkpoint in another format.")
     parse.add_argument("--checkpoint", required=True, help="ours, a LAION-CLAP release (with --model), or a "
                                                           "Hugging Face ClapModel folder or hub id")
     parse.add_argument("--format", required=True, choices=FORMATS,
                        help="hf: a transformers ClapModel folder; laion: a file LAION-CLAP's load_ckpt reads; "
                             "msclap: Microsoft CLAP's checkpoint layout")
     parse.add_argument("--out", required=True, help="output folder (hf) or file (laion, msclap)")
-    parse.add_argument("--model", default=None, help=f"architecture of a LAION-CLAP release ({', '.join(PRESETS)})")
+    parse.add_argument("--model", default=None, help=f"architecture of a LAION-CLAP release: {presets_help()}")
     parse.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP release")
     refuse_positionals(parse, "--checkpoint CHECKPOINT and --out OUT")
     add_max_checkpoint_bytes(parse)
@@ -96,17 +115,24 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, lambda stop: _main(argv, stop))
+
+
+def _main(argv: list[str] | None, stop: Stop) -> int:
     args = parser().parse_args(argv)
+    load_modules(stop, "clap_model.checkpoint")
+    from clap_model import checkpoint as ckpt
+
     try:
         model = ckpt.load_model(args.checkpoint, args.model, args.text_model, args.max_checkpoint_bytes).eval()
-        SAVERS[args.format](model, Path(args.out))
+        saver(args.format)(model, Path(args.out))
     except UsageError as exc:
-        print(f"clap-export: error: {error_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     except (OSError, ImportError) as exc:
-        print(f"clap-export: error: {error_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 1
-    print(f"clap-export: wrote {args.out} ({args.format})", flush=True)
+    print(f"{PROG}: wrote {args.out} ({args.format})", flush=True)
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from clap_model.clap import CLAP
-from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError, last_line
+from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError
 
 # (ours, theirs): `{name}` placeholders match the same text on both sides. Several names on HF's
 # side split our tensor along dim 0 in that order (HTSAT's fused qkv -> query, key, value).
@@ -180,12 +180,6 @@ def feature_extractor(cfg: ModelConfig):
         truncation="fusion" if cfg.enable_fusion else "rand_trunc", padding="repeatpad")
 
 
-def _fail(what: str, exc: BaseException) -> UsageError:
-    detail = last_line(exc)
-    where = "" if Path(what).exists() else " (no such local folder; as a hub id)"
-    return UsageError(f"cannot load Hugging Face CLAP model {what!r}{where}: {detail}")
-
-
 def config_from_hf(config: Any, extractor: Any, name_or_path: str) -> ModelConfig:
     """Our ModelConfig of an HF ClapConfig and its feature extractor; refuses what ours cannot run."""
     audio, text = config.audio_config, config.text_config
@@ -254,16 +248,20 @@ def load_hf(path_or_id: str) -> CLAP:
     """Our CLAP with the weights of an HF ClapModel folder or hub id; every weight placed (strict)."""
     from transformers import ClapFeatureExtractor, ClapModel
 
+    from clap_model.text import from_pretrained
+
     local = Path(path_or_id)
     if local.is_dir():
         _check_folder(local)
     # Safetensors wherever the folder has it: pytorch_model.bin is a pickle.
     safe = True if (local / "model.safetensors").is_file() else None
-    try:
-        source = ClapModel.from_pretrained(path_or_id, use_safetensors=safe)
-        extractor = ClapFeatureExtractor.from_pretrained(path_or_id)
-    except (OSError, ValueError) as exc:
-        raise _fail(path_or_id, exc) from None
+
+    def load(name: str, **kwargs: Any) -> tuple[Any, Any]:
+        return (ClapModel.from_pretrained(name, use_safetensors=safe, **kwargs),
+                ClapFeatureExtractor.from_pretrained(name, **kwargs))
+
+    source, extractor = from_pretrained(load, path_or_id, "Hugging Face CLAP model",
+                                        "name a local ClapModel folder or fill the cache")
     cfg = config_from_hf(source.config, extractor, path_or_id)
     model = CLAP(cfg, pretrained_text=False)
     state = from_hf_state(source.state_dict())

@@ -1,239 +1,50 @@
-"""clap-train: train CLAP on audiodata shards, on a CPU, one GPU, or many through torchrun."""
+"""clap-train: train CLAP on audiodata shards, on a CPU, one GPU, or many through torchrun.
+
+The arguments are parsed before torch loads (clap_model.trainer holds the run), so `--help` and
+mistakes answer at once.
+"""
 from __future__ import annotations
 
-import argparse
-import json
-import random
 import sys
-import time
-from pathlib import Path
-from typing import Any, Iterator
 
-import torch
-from torch.nn.parallel import DistributedDataParallel
-
-from clap_model import checkpoint as ckpt
-from clap_model import distributed, files
-from clap_model.clap import CLAP
-from clap_model.config import UsageError, error_line, get_preset
-from clap_model.data import (DataError, LoaderConfig, ShardDataset, ShardSet, batches_per_worker, make_loader,
-                             steps_per_epoch)
-from clap_model.evaluate import audio_spec, check_eval_args, run_evaluations
-from clap_model.loss import ClipLoss
-from clap_model.metrics import format_metrics
+from clap_model.cli_common import Stop, load_modules, run_command
+from clap_model.config import UsageError, error_line
 from clap_model.params import train_parser
-from clap_model.text import Tokenize
-from clap_model.train import EpochContext, TrainState, build_optimizer, train_one_epoch
 
-
-# Options that leave the trained weights alone: where to log, evaluate and save, when to stop.
-NO_EFFECT_ON_TRAINING = {"resume", "out", "log_every", "val_data", "val_frequency", "zeroshot_data",
-                         "zeroshot_label_field", "zeroshot_classes", "zeroshot_template", "save_frequency",
-                         "save_every_steps", "max_steps", "compile", "device"}
-
-
-def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`--name old -> new` for each option that shapes training and differs from the checkpoint's."""
-    return [f"--{name.replace('_', '-')} {saved[name]!r} -> {value!r}" for name, value in now.items()
-            if name in saved and name not in NO_EFFECT_ON_TRAINING and saved[name] != value]
-
-
-class Run:
-    """Everything one process of a training run holds."""
-
-    def __init__(self, args: argparse.Namespace, info: distributed.DistInfo) -> None:
-        self.args, self.info = args, info
-        self.out = Path(args.out)
-        self.precision = args.precision or ("bf16" if info.device.type == "cuda" else "fp32")
-        if info.device.type == "cuda":  # fp32 work outside autocast (mel features) may use TF32
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
-        cfg = get_preset(args.model, args.text_model)
-        # The data arguments are checked before the (possibly downloaded) model is built.
-        self.spec = audio_spec(cfg, args.data_truncating, args.data_filling, args.max_fusion_seconds)
-        check_eval_args(args)
-        if args.train_data_weights and args.no_resample:
-            raise DataError("--train-data-weights weights resampled shard draws; drop --no-resample")
-        self.shards = ShardSet.from_spec(args.train_data, args.train_data_weights, train=True)
-        num_samples = args.train_num_samples or self.shards.num_samples
-        if not num_samples:
-            raise DataError("epoch length unknown: no sizes.json covers every shard; pass --train-num-samples")
-        self.steps = steps_per_epoch(num_samples, args.batch_size, info.world_size)
-        # The checkpoint files next, then the tokenizer: their mistakes are found before any download.
-        self.resumed = self._read_resume() if args.resume else None
-        pretrained = ckpt.read(args.pretrained, args.max_checkpoint_bytes) if args.pretrained is not None else None
-        self.tokenize = Tokenize(cfg.text)
-        torch.manual_seed(args.seed)  # the same initial weights on every rank
-        # A checkpoint supplies the text weights: the tower is built from its known config, offline.
-        self.model = CLAP(cfg, pretrained_text=pretrained is None and self.resumed is None, mlp_loss=args.mlp_loss)
-        if pretrained is not None:
-            ckpt.load_weights(self.model, pretrained)
-        del pretrained
-        self.model.to(info.device)
-        compile_audio = args.compile if args.compile is not None else info.device.type == "cuda"
-        if compile_audio and hasattr(self.model.audio_branch, "compile_features") and not cfg.enable_fusion:
-            self.model.audio_branch.compile_features()
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[info.device.index] if info.device.type == "cuda"
-                                            else None) if info.distributed else self.model)
-        torch.manual_seed(args.seed + info.rank)  # each rank its own dropout / SpecAugment stream
-        random.seed(args.seed + info.rank)
-        self.optimizer = build_optimizer(self.model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
-        self.state = TrainState()
-        # Only now that model and data are ready: a run that cannot start leaves no --out behind.
-        files.make_folder(self.out)
-        self.writer = self._tensorboard() if info.is_master else None
-
-    def _resume_path(self) -> str:
-        return str(self.out / "latest.pt") if self.args.resume == "latest" else self.args.resume
-
-    def _read_resume(self) -> dict[str, Any]:
-        saved = ckpt.read(self._resume_path(), self.args.max_checkpoint_bytes)
-        if "optimizer" not in saved or "step" not in saved:
-            raise ckpt.CheckpointError(f"{self._resume_path()} holds weights only; use --pretrained to start from it")
-        return saved
-
-    def _tensorboard(self):
-        from torch.utils.tensorboard import SummaryWriter
-
-        files.make_folder(self.out / "tensorboard")  # its event files' names are its own; its folder is not a link
-        return SummaryWriter(str(self.out / "tensorboard"))
-
-    def log(self, message: str) -> None:
-        if self.info.is_master:
-            print(message, flush=True)
-
-    def scalar(self, name: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(name, value, step)
-
-    # ---- checkpoints ----
-
-    def rng_state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if self.info.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.info.device)
-        return rng
-
-    def save(self, epoch_file: bool) -> None:
-        """Called on every rank (their RNG states are gathered); rank 0 writes."""
-        rngs = distributed.gather_objects(self.info, self.rng_state())
-        if not self.info.is_master:
-            return
-        state = {"config": self.model.cfg.to_dict(), "state_dict": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "step": self.state.step, "epoch": self.state.epoch,
-                 "step_in_epoch": self.state.step_in_epoch, "rng": rngs, "args": vars(self.args)}
-        if epoch_file:
-            ckpt.save_atomic(state, self.out / f"epoch_{self.state.epoch}.pt",
-                             also=self.out / "latest.pt")
-        else:
-            ckpt.save_atomic(state, self.out / "latest.pt")
-
-    def resume(self) -> None:
-        path, saved = self._resume_path(), self.resumed
-        self.resumed = None  # the weights move into the model; the file's copy is not kept
-        ckpt.load_weights(self.model, saved)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.state = TrainState(saved["step"], saved["epoch"], saved["step_in_epoch"])
-        rngs = saved["rng"]
-        if len(rngs) == self.info.world_size:  # same world size: every rank continues its own stream
-            rng = rngs[self.info.rank]
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if "cuda" in rng and self.info.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.info.device)
-        else:
-            self.log(f"note: saved with {len(rngs)} ranks, resumed on {self.info.world_size}: "
-                     "the random streams restart from the seed")
-        self.log(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}")
-        changed = changed_options(saved.get("args", {}), vars(self.args))
-        if changed:
-            self.log("note: resumed with options other than the checkpoint's (" + ", ".join(changed)
-                     + "): the run will not be the one an uninterrupted run gives")
-
-    # ---- data ----
-
-    def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
-        args = self.args
-        cfg = LoaderConfig(batch_size=args.batch_size, audio=self.spec,
-                           caption_fields=tuple(f.strip() for f in args.caption_fields.split(",") if f.strip()),
-                           train=True, resampled=not args.no_resample, shuffle_buffer=args.shuffle_buffer,
-                           seed=args.seed, batches_per_worker=batches_per_worker(self.steps, args.workers))
-        dataset = ShardDataset(self.shards, cfg, self.tokenize, self.info.rank, self.info.world_size, epoch)
-        batches = iter(make_loader(dataset, args.workers))
-        for _ in range(self.state.step_in_epoch):  # mid-epoch resume: replay the consumed batches
-            next(batches)
-        return batches
-
-    # ---- the loop ----
-
-    def evaluate(self) -> None:
-        if not (self.args.val_data or self.args.zeroshot_data):
-            return
-        if self.info.is_master:
-            started = time.perf_counter()
-            metrics = run_evaluations(self.model, self.args, self.spec, self.tokenize, self.info.device,
-                                      self.precision)
-            self.log(f"eval epoch {self.state.epoch}: {format_metrics(metrics)} "
-                     f"({time.perf_counter() - started:.1f}s)")
-            for name, value in metrics.items():
-                self.scalar(f"val/{name}", value, self.state.step)
-            files.append_line(self.out / "results.jsonl",
-                              json.dumps({"epoch": self.state.epoch, "step": self.state.step, **metrics}))
-        distributed.barrier(self.info)
-
-    def on_step(self, state: TrainState) -> None:
-        every = self.args.save_every_steps
-        if every and state.step % every == 0 and state.step_in_epoch < self.steps:
-            self.save(epoch_file=False)
-
-    def fit(self) -> None:
-        args = self.args
-        total = self.steps * args.epochs  # --max-steps interrupts the run; it does not reshape the schedule
-        self.log(f"clap-train: model {args.model}, {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M "
-                 f"params, {len(self.shards.urls)} shards, {self.steps} steps/epoch x {args.epochs} epochs, "
-                 f"batch {args.batch_size} x {self.info.world_size} ranks, {self.precision}, {self.info.device}")
-        ctx = EpochContext(self.ddp, self.model, self.optimizer, ClipLoss(args.local_loss), self.info.device,
-                           self.precision, args.lr, args.warmup, total, self.steps,
-                           args.batch_size * self.info.world_size, args.grad_clip_norm, args.log_every,
-                           args.max_steps, self.log, self.scalar, self.on_step)
-        while self.state.epoch < args.epochs:
-            if args.max_steps is not None and self.state.step >= args.max_steps:
-                break
-            train_one_epoch(ctx, self.train_batches(self.state.epoch), self.state)
-            if self.state.step_in_epoch < self.steps:  # stopped by --max-steps mid-epoch
-                self.save(epoch_file=False)
-                break
-            self.state.epoch += 1
-            self.state.step_in_epoch = 0
-            # Saved before evaluating (which uses no random stream): a failing evaluation loses no training.
-            self.save(epoch_file=self.state.epoch % args.save_frequency == 0 or self.state.epoch == args.epochs)
-            if self.state.epoch % args.val_frequency == 0 or self.state.epoch == args.epochs:
-                self.evaluate()
-        if self.writer is not None:
-            self.writer.close()
+PROG = "clap-train"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = train_parser().parse_args(argv)
-    for name in ("batch_size", "epochs", "workers", "log_every", "save_frequency", "val_frequency"):
-        if getattr(args, name) < (0 if name == "workers" else 1):
-            print(f"clap-train: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+    stop = Stop()
+    run = None
+
+    def body(stop: Stop) -> int:
+        nonlocal run
+        args = train_parser().parse_args(argv)
+        for name in ("batch_size", "epochs", "workers", "log_every", "save_frequency", "val_frequency"):
+            if getattr(args, name) < (0 if name == "workers" else 1):
+                print(f"{PROG}: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+                return 2
+        load_modules(stop, "clap_model.trainer")
+        from clap_model import distributed
+        from clap_model.trainer import Run
+
+        info = None
+        try:
+            info = distributed.init(args.device)
+            run = Run(args, info, stop)
+            if args.resume:
+                run.resume()
+            run.fit()
+        except (UsageError, OSError) as exc:
+            print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
             return 2
-    info = None
-    try:
-        info = distributed.init(args.device)
-        run = Run(args, info)
-        if args.resume:
-            run.resume()
-        run.fit()
-    except (UsageError, OSError) as exc:
-        print(f"clap-train: error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    finally:
-        if info is not None:
-            distributed.shutdown(info)
-    return 0
+        finally:
+            if info is not None:
+                distributed.shutdown(info)
+        return 0
+
+    return run_command(PROG, body, stop, lambda: run.interrupted_line() if run is not None else "nothing saved")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,29 @@
-"""Command-line arguments of clap-train and clap-eval."""
+"""Command-line arguments of clap-train and clap-eval (no torch: `--help` and mistakes come at once)."""
 from __future__ import annotations
 
 import argparse
 import os
 
-from clap_model.config import FILLING, PRESETS, TRUNCATING
+from clap_model.cli_common import OneLineParser
+from clap_model.config import FILLING, PRESETS, TRUNCATING, hub_presets
 
 DEFAULT_TEMPLATE = "This is a sound of {}."
+
+
+def presets_help() -> str:
+    """The presets, and which of them need the Hugging Face hub (or its cache) for their text tower."""
+    offline = [name for name in PRESETS if name not in hub_presets()]
+    return (f"{', '.join(PRESETS)}. {', '.join(offline)} need no download; the others load their text "
+            "tower's tokenizer (and, to train from scratch, its weights) from the Hugging Face hub or its "
+            "cache, or from --text-model PATH")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     # No argparse `choices`: an unknown name gets get_preset's one-line error, not the whole usage.
     group.add_argument("--model", default="htsat-tiny-roberta",
-                       help=f"architecture preset: {', '.join(PRESETS)}; `tiny` trains on a CPU in minutes")
+                       help=f"architecture preset: {presets_help()}. `tiny` trains on a CPU in minutes; "
+                            "`tiny-roberta` too, and exports to Hugging Face (clap-export --format hf)")
     group.add_argument("--text-model", default=None,
                        help="text encoder: a transformers hub id or local path (overrides the preset's); a local "
                             "folder with the preset's tokenizer works offline")
@@ -22,7 +32,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_max_checkpoint_bytes(group)
     group.add_argument("--data-truncating", choices=TRUNCATING, default=None,
                        help="long clips: rand_trunc (random 10 s crop) or fusion; default from the model")
-    group.add_argument("--data-filling", choices=FILLING, default="repeatpad", help="short clips")
+    group.add_argument("--data-filling", choices=FILLING, default="repeatpad",
+                       help="short clips: repeat then zero-pad, zero-pad, or repeat")
     group.add_argument("--max-fusion-seconds", type=float, default=60.0,
                        help="fusion keeps long clips whole up to this length (random crop beyond)")
 
@@ -78,11 +89,11 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                        help="bf16 autocast (default on GPU) or fp32 (default on CPU)")
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0, help="random seed (initial weights, data order, augmentation)")
 
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clap-train", description="Train a CLAP model on audiodata shards.")
+    parser = OneLineParser(prog="clap-train", description="Train a CLAP model on audiodata shards.")
     data = parser.add_argument_group("data")
     data.add_argument("--train-data", required=True,
                       help="shards: a brace pattern, several datasets joined by '::', pipe: or fsspec URLs, or a "
@@ -103,21 +114,25 @@ def train_parser() -> argparse.ArgumentParser:
                         help="each rank computes its rows of the logits only (less memory, same gradient)")
     add_eval_args(parser)
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=10)
-    optim.add_argument("--lr", type=float, default=1e-4)
+    optim.add_argument("--epochs", type=int, default=10, help="passes over --train-num-samples samples")
+    optim.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, cosine schedule)")
     optim.add_argument("--wd", type=float, default=0.0, help="weight decay (not on norms, biases, temperatures)")
-    optim.add_argument("--beta1", type=float, default=0.9)
-    optim.add_argument("--beta2", type=float, default=0.999)
-    optim.add_argument("--eps", type=float, default=1e-8)
+    optim.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    optim.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
+    optim.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
     optim.add_argument("--warmup", type=int, default=500, help="linear warm-up steps before the cosine decay")
-    optim.add_argument("--grad-clip-norm", type=float, default=None)
+    optim.add_argument("--grad-clip-norm", type=float, default=None,
+                       help="clip the gradient's global norm to this (default: no clipping)")
     optim.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the audio encoder's Swin stages for training (HTSAT; default: on "
                             "with CUDA, off on CPU)")
     add_runtime_args(parser)
     out = parser.add_argument_group("output")
-    out.add_argument("--out", required=True, help="run directory: checkpoints, TensorBoard logs, results")
-    out.add_argument("--resume", default=None, help="checkpoint path, or 'latest' for OUT/latest.pt")
+    out.add_argument("--out", required=True,
+                     help="run directory: checkpoints, TensorBoard logs, results; a new or empty folder unless "
+                          "--resume continues the run in it")
+    out.add_argument("--resume", default=None,
+                     help="checkpoint path, or 'latest' for OUT/latest.pt (also written on SIGINT / SIGTERM)")
     out.add_argument("--save-frequency", type=int, default=1, help="keep OUT/epoch_N.pt every N epochs")
     out.add_argument("--save-every-steps", type=int, default=0,
                      help="also refresh OUT/latest.pt every N steps (mid-epoch resume)")
@@ -129,17 +144,20 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clap-eval", description="Evaluate a CLAP checkpoint.")
+    parser = OneLineParser(prog="clap-eval", description="Evaluate a CLAP checkpoint.")
     parser.add_argument("--checkpoint", required=True,
                         help="a clap-train checkpoint, or a LAION-CLAP release together with --model")
     parser.add_argument("--model", default=None,
-                        help=f"architecture of a LAION-CLAP checkpoint ({', '.join(PRESETS)}; "
-                             "clap-train checkpoints carry theirs)")
+                        help=f"architecture of a LAION-CLAP checkpoint (clap-train checkpoints carry theirs): "
+                             f"{presets_help()}")
     parser.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP checkpoint")
     add_max_checkpoint_bytes(parser)
-    parser.add_argument("--data-truncating", choices=TRUNCATING, default=None)
-    parser.add_argument("--data-filling", choices=FILLING, default="repeatpad")
-    parser.add_argument("--max-fusion-seconds", type=float, default=60.0)
+    parser.add_argument("--data-truncating", choices=TRUNCATING, default=None,
+                        help="long clips: rand_trunc (random crop) or fusion; default from the model")
+    parser.add_argument("--data-filling", choices=FILLING, default="repeatpad",
+                        help="short clips: repeat then zero-pad, zero-pad, or repeat")
+    parser.add_argument("--max-fusion-seconds", type=float, default=60.0,
+                        help="fusion keeps long clips whole up to this length (random crop beyond)")
     add_eval_args(parser)
     add_runtime_args(parser)
     parser.add_argument("--out", default=None, help="write the metrics as JSON here")

@@ -1,10 +1,10 @@
 """Text encoders through transformers: RoBERTa (default), BERT or any encoder by hub id or path.
 
 `TextConfig.name_or_path=None` builds a randomly initialised RoBERTa of the configured size with a
-byte-level tokenizer made in code (every byte is a token), so small presets and tests need no
-download. The presets' hub towers (roberta-base, bert-base-uncased, gpt2) are built from their known
-configs when a checkpoint supplies the weights, so embedding audio from a release file needs no
-network; their tokenizers, and pretrained weights, come through `from_pretrained`: the local cache
+byte-level tokenizer made in code (every byte is a token), or with a tokenizer shipped in
+clap_model/vocab/ (`TextConfig.vocabulary`), so small presets and tests need no download. The
+presets' hub towers (roberta-base, bert-base-uncased, gpt2) are built from their known configs
+when a checkpoint supplies the weights, so embedding audio from a release file needs no network; their tokenizers, and pretrained weights, come through `from_pretrained`: the local cache
 first, the hub only when it can be reached.
 """
 from __future__ import annotations
@@ -20,10 +20,44 @@ from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model,
                           PretrainedConfig, PreTrainedTokenizerFast, RobertaConfig, RobertaModel)
 
-from clap_model.config import TextConfig, UsageError, last_line
+from clap_model.config import RunFailure, TextConfig, UsageError, last_line
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 GPT2_EOS = "<|endoftext|>"
+# Tokenizer folders shipped as package data, by the name a TextConfig's `vocabulary` gives (a name
+# read from a checkpoint only ever selects one of these). Origin: clap_model/vocab/README.md.
+VOCAB_DIR = Path(__file__).parent / "vocab"
+SHIPPED_VOCABULARIES = {"audioset-bpe": VOCAB_DIR / "audioset-bpe"}
+AUDIOSET_BPE_SIZE = 2000
+CAPTION_TEMPLATES = ("{}", "The sound of {}", "This is a sound of {}.")
+
+
+def audioset_bpe_corpus(class_names: list[str]) -> list[str]:
+    """The text `audioset-bpe` is trained on: each AudioSet class name alone and in the caption
+    templates (k2c's template baseline, the zero-shot prompt)."""
+    return [template.format(name) for name in class_names for template in CAPTION_TEMPLATES]
+
+
+def train_audioset_bpe(class_names: list[str], out: Path) -> None:
+    """Write `audioset-bpe` (RoBERTa's vocab.json + merges.txt, byte-level BPE) into `out`; see
+    clap_model/vocab/README.md for the command that made the shipped copy."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer(add_prefix_space=False)
+    tok.train_from_iterator(audioset_bpe_corpus(class_names), vocab_size=AUDIOSET_BPE_SIZE, min_frequency=2,
+                            special_tokens=SPECIALS, show_progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_model(str(out))
+    (out / "tokenizer_config.json").write_text('{"tokenizer_class": "RobertaTokenizer", "model_max_length": 512}\n')
+
+
+def shipped_tokenizer(name: str):
+    """A RoBERTa tokenizer from a folder shipped in the package."""
+    from transformers import RobertaTokenizerFast
+
+    if name not in SHIPPED_VOCABULARIES:
+        raise UsageError(f"unknown text vocabulary {name!r}; this version ships: {', '.join(SHIPPED_VOCABULARIES)}")
+    return RobertaTokenizerFast.from_pretrained(str(SHIPPED_VOCABULARIES[name]))
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -104,30 +138,36 @@ def gpt2_byte_tokenizer() -> PreTrainedTokenizerFast:
                                    model_input_names=["input_ids", "attention_mask"])
 
 
-def from_pretrained(load: Callable[..., Any], name: str) -> Any:
-    """`load(name)` from local files (a folder, or the hub cache), else from the hub; each failure
-    (a missing folder, an unknown id, no network) is one UsageError line naming the model:
-    transformers' own message speaks of repo ids even for a mistyped local path."""
+TEXT_MODEL_HINT = "pass --text-model PATH (a folder with its tokenizer and config) or fill the cache"
+
+
+def from_pretrained(load: Callable[..., Any], name: str, what: str = "text model",
+                    hint: str = TEXT_MODEL_HINT) -> Any:
+    """`load(name)` from local files (a folder, or the hub cache), else from the hub; a mistake (a
+    missing folder, an unknown id) is one UsageError line naming the model (transformers' own
+    message speaks of repo ids even for a mistyped local path), a hub that cannot be reached one
+    RunFailure line, found in seconds rather than after transformers' minute of retries."""
     if name.startswith((".", "/")) and not Path(name).exists():
-        raise UsageError(f"text model folder not found: {name}")
+        raise UsageError(f"{what} folder not found: {name}")
     try:
         return load(name, local_files_only=True)
     except (OSError, ValueError) as exc:
         if Path(name).exists():  # a local folder without what is asked for: the hub has no say
-            raise UsageError(f"cannot load text model {name!r}: {last_line(exc)}") from None
+            raise UsageError(f"cannot load {what} {name!r}: {last_line(exc)}") from None
     reason = hub_unreachable()
     if reason:
-        raise UsageError(f"text model {name!r} is not in the Hugging Face cache and {reason}: pass "
-                         "--text-model PATH (a folder with its tokenizer and config) or fill the cache "
+        raise RunFailure(f"{what} {name!r} is not in the Hugging Face cache and {reason}: {hint} "
                          f"(hf download {name})")
     try:
         return load(name)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load text model {name!r}: {last_line(exc)}") from None
+        raise UsageError(f"cannot load {what} {name!r}: {last_line(exc)}") from None
 
 
 def build_tokenizer(cfg: TextConfig):
-    if cfg.name_or_path is None:
+    if cfg.name_or_path is None and cfg.vocabulary:
+        tokenizer = shipped_tokenizer(cfg.vocabulary)
+    elif cfg.name_or_path is None:
         tokenizer = gpt2_byte_tokenizer() if cfg.model_type == "gpt2" else byte_tokenizer()
     else:
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, cfg.name_or_path)
@@ -137,7 +177,8 @@ def build_tokenizer(cfg: TextConfig):
 
 
 def _random_model(cfg: TextConfig) -> nn.Module:
-    """A randomly initialised encoder of the configured size, for the byte-level tokenizers."""
+    """A randomly initialised encoder of the configured size, for the byte-level tokenizers or a shipped one."""
+    vocab_size = len(shipped_tokenizer(cfg.vocabulary)) if cfg.vocabulary else len(SPECIALS) + 256
     dims = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
             "intermediate_size": cfg.intermediate_size}
     if cfg.model_type == "gpt2":
@@ -145,9 +186,9 @@ def _random_model(cfg: TextConfig) -> nn.Module:
                                     n_layer=cfg.layers, n_head=cfg.heads, n_inner=cfg.intermediate_size,
                                     bos_token_id=256, eos_token_id=256))
     if cfg.model_type == "bert":
-        return BertModel(BertConfig(vocab_size=len(SPECIALS) + 256, max_position_embeddings=cfg.max_length,
+        return BertModel(BertConfig(vocab_size=vocab_size, max_position_embeddings=cfg.max_length,
                                     pad_token_id=1, **dims), add_pooling_layer=cfg.pooling == "pooler")
-    config = RobertaConfig(vocab_size=len(SPECIALS) + 256, max_position_embeddings=cfg.max_length + 2,
+    config = RobertaConfig(vocab_size=vocab_size, max_position_embeddings=cfg.max_length + 2,
                            pad_token_id=1, bos_token_id=0, eos_token_id=2, **dims)
     return RobertaModel(config, add_pooling_layer=cfg.pooling == "pooler")
 

@@ -179,7 +179,11 @@ def _parsers(parser: argparse.ArgumentParser, name: str = "audiodata") -> Iterat
 
 
 def test_every_option_has_help_and_help_shows_defaults() -> None:
-    missing = [f"{name} {action.option_strings or action.dest}" for name, parser in _parsers(make_parser())
+    from clap_model.export import parser as clap_export_parser
+    from clap_model.params import eval_parser, train_parser
+
+    clap = [(parser.prog, parser) for parser in (train_parser(), eval_parser(), clap_export_parser())]
+    missing = [f"{name} {action.option_strings or action.dest}" for name, parser in [*_parsers(make_parser()), *clap]
                for action in parser._actions
                if not action.help and not isinstance(action, argparse._SubParsersAction)]
     assert not missing, missing

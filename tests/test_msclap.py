@@ -142,7 +142,8 @@ def test_clap_train_trains_the_msclap_design(tmp_path, capsys):
     assert "logit_scale_t" not in saved["state_dict"] and saved["config"]["projection"] == "msclap"
     assert load_model(out / "epoch_4.pt").cfg == PRESETS["msclap-tiny"]
     capsys.readouterr()
-    assert clap_main.main([*args, "--epochs", "1", "--train-num-samples", "8", "--mlp-loss"]) == 2
+    assert clap_main.main([*args, "--epochs", "1", "--train-num-samples", "8", "--mlp-loss",
+                           "--out", str(tmp_path / "mlp-loss")]) == 2  # a new run: `run` holds one
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "second logit scale" in err[0]
 

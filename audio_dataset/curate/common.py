@@ -61,13 +61,13 @@ def model_identity(checkpoint: Path, preset: str | None, max_checkpoint_bytes: i
     """What names the embedding space: the checkpoint's digest and the model it builds. Loads the
     model once in the driver, so a checkpoint that does not load fails before any worker starts."""
     from clap_model.checkpoint import load_model
-    from clap_model.config import UsageError
+    from clap_model.config import RunFailure, UsageError
 
     if not checkpoint.exists():
         raise UserError(f"--checkpoint {checkpoint}: not found")
     try:
         cfg = load_model(checkpoint, preset, max_bytes=max_checkpoint_bytes).cfg
-    except UsageError as exc:
+    except (UsageError, RunFailure) as exc:  # RunFailure: its text tower's config is on an unreachable hub
         raise UserError(f"--checkpoint {checkpoint}: {exc}") from None
     return {"checkpoint": str(checkpoint.resolve()), "digest": file_digest(checkpoint), "preset": preset,
             "audio": f"{cfg.audio.model_type}-{cfg.audio.model_name}", "text": cfg.text.name_or_path,
