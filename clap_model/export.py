@@ -17,13 +17,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from clap_model import files
 from clap_model.cli_common import OneLineParser, Stop, load_modules, run_command
 from clap_model.config import UsageError, error_line
-from clap_model.params import presets_help
-
-from clap_model import files
 from clap_model.flags import refuse_positionals
-from clap_model.params import add_max_checkpoint_bytes
+from clap_model.params import add_max_checkpoint_bytes, presets_help
 
 if TYPE_CHECKING:
     from clap_model.clap import CLAP
