@@ -19,7 +19,7 @@ from audio_dataset.lock import OutputLocked, current_holder
 from audio_dataset.redaction import redact
 from audio_dataset.source import SourceConfig, SourceError, UserError
 from audio_dataset.storage import UnsafeOutput, is_local, location
-from clap_model.flags import add_renamed
+from clap_model.flags import DefaultsHelpFormatter, add_renamed
 
 if TYPE_CHECKING:
     from audio_dataset.build import BuildOptions
@@ -332,16 +332,6 @@ def _require_output(out: UPath) -> None:
         if not out.exists():
             raise UserError(f"{out} does not exist")
         raise UserError(f"{out} is not a build output (no {MANIFEST_FILE})")
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` shows each option's default, unless it has none or its text already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 class OneLineParser(argparse.ArgumentParser):

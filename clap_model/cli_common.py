@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NoReturn
 
 from clap_model.config import RunFailure, error_line
+from clap_model.flags import DefaultsHelpFormatter
 
 
 def version() -> str:
@@ -23,16 +24,6 @@ def version() -> str:
         return dist_version("audiodata")
     except PackageNotFoundError:  # running from a source tree without installing
         return "0.0.0+local"
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` shows each option's default, unless it has none or its text already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 class OneLineParser(argparse.ArgumentParser):

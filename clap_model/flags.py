@@ -1,9 +1,20 @@
-"""Renamed command-line flags: the old name is no alias (one way to do each thing) but a one-line
-usage error naming the new one. Shared by `audiodata` and the clap-* commands (argparse only)."""
+"""Command-line pieces shared by `audiodata` and the clap-* commands (argparse only): the help
+formatter that shows defaults, and renamed flags (the old name is no alias, one way to do each
+thing, but a one-line usage error naming the new one)."""
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, unless it has none or its text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 class _Renamed(argparse.Action):

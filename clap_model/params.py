@@ -30,12 +30,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pretrained", default=None,
                        help="initial weights: a clap-train checkpoint or a LAION-CLAP release (.pt)")
     add_max_checkpoint_bytes(group)
-    group.add_argument("--data-truncating", choices=TRUNCATING, default=None,
-                       help="long clips: rand_trunc (random 10 s crop) or fusion; default from the model")
-    group.add_argument("--data-filling", choices=FILLING, default="repeatpad",
-                       help="short clips: repeat then zero-pad, zero-pad, or repeat")
-    group.add_argument("--max-fusion-seconds", type=float, default=60.0,
-                       help="fusion keeps long clips whole up to this length (random crop beyond)")
+    add_clip_args(group)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +138,16 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_clip_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """How clips are fitted to the model's input: the same options in clap-train and clap-eval."""
+    parser.add_argument("--data-truncating", choices=TRUNCATING, default=None,
+                        help="long clips: rand_trunc (random 10 s crop) or fusion; default from the model")
+    parser.add_argument("--data-filling", choices=FILLING, default="repeatpad",
+                        help="short clips: repeat then zero-pad, zero-pad, or repeat")
+    parser.add_argument("--max-fusion-seconds", type=float, default=60.0,
+                        help="fusion keeps long clips whole up to this length (random crop beyond)")
+
+
 def eval_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="clap-eval", description="Evaluate a CLAP checkpoint.")
     parser.add_argument("--checkpoint", required=True,
@@ -152,12 +157,7 @@ def eval_parser() -> argparse.ArgumentParser:
                              f"{presets_help()}")
     parser.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP checkpoint")
     add_max_checkpoint_bytes(parser)
-    parser.add_argument("--data-truncating", choices=TRUNCATING, default=None,
-                        help="long clips: rand_trunc (random crop) or fusion; default from the model")
-    parser.add_argument("--data-filling", choices=FILLING, default="repeatpad",
-                        help="short clips: repeat then zero-pad, zero-pad, or repeat")
-    parser.add_argument("--max-fusion-seconds", type=float, default=60.0,
-                        help="fusion keeps long clips whole up to this length (random crop beyond)")
+    add_clip_args(parser)
     add_eval_args(parser)
     add_runtime_args(parser)
     parser.add_argument("--out", default=None, help="write the metrics as JSON here")
