@@ -87,5 +87,6 @@ def test_commands_doc_is_generated_from_the_parsers():
     for command in commands():
         assert f"## `{command.name}`" in text
         for action in command.parser._actions:
-            if action.help != argparse.SUPPRESS and action.option_strings and action.option_strings[0] != "-h":
+            if action.help != argparse.SUPPRESS and action.option_strings \
+                    and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
                 assert f"`{', '.join(action.option_strings)}`" in text, (command.name, action.option_strings)
