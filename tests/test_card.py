@@ -156,3 +156,14 @@ def test_missing_dataset_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["card", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"audiodata: error: {tmp_path / 'nowhere'} does not exist"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_curated_output_gets_its_own_card_not_the_inputs(dataset: Path, tmp_path: Path) -> None:
+    assert main(["card", str(dataset)]) == 0
+    out = tmp_path / "filtered"
+    assert main(["filter", str(dataset), "--out", str(out), "--min-seconds", "5", "--no-progress"]) == 0
+    assert not (out / "README.md").exists()  # the input's card describes other samples
+    table = manifest.read_table(out / manifest.MANIFEST_FILE)
+    dropped = pc.sum(pc.equal(table["error"], "filter:too_short")).as_py()
+    assert dropped and f"- not kept, by reason: filter\\:too\\_short {dropped}" in _card(out).text
