@@ -13,7 +13,8 @@ of backticks they hold, so nothing read can add a header field, a link or markup
 """
 from __future__ import annotations
 
-import html
+import functools
+import os
 import re
 import shlex
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from audio_dataset.recipe import STATUS_FILE, failed_sources
 from audio_dataset.redaction import redact
 from audio_dataset.source import UserError
 from audio_dataset.stats import StatsCounter
-from audio_dataset.storage import atomic_write_bytes, read_json
+from audio_dataset.storage import atomic_write_bytes, is_local, read_json
 
 CARD_FILE = "README.md"
 # The line that marks a card as ours: a README.md without it is the user's and is kept (--force replaces it).
@@ -189,7 +190,7 @@ def _runs(out: UPath) -> list[Run]:
     for run in runs if isinstance(runs, list) else []:
         if not isinstance(run, dict):
             continue
-        text = lambda key: _one_line(run.get(key), 100) if isinstance(run.get(key), str) else "?"  # noqa: E731
+        text = functools.partial(_field, run)
         command = run.get("command")
         if isinstance(command, str):
             found.append(Run(text("stage"), text("tool_version"), text("finished_at"), _safe_command(command)))
@@ -200,6 +201,11 @@ def _runs(out: UPath) -> list[Run]:
                     found.append(Run(f"{text('stage')} source {_one_line(name, 100)}", text("tool_version"),
                                      text("finished_at"), _safe_command(step)))
     return found
+
+
+def _field(run: dict[str, Any], key: str) -> str:
+    value = run.get(key)
+    return _one_line(value, 100) if isinstance(value, str) else "?"
 
 
 def _safe_command(command: str) -> str:
@@ -232,7 +238,8 @@ def gather(out: UPath) -> CardFacts:
         if (run.stage, run.command) not in distinct:
             distinct.add((run.stage, run.command))
             runs.append(run)
-    return CardFacts(name=_one_line(out.name or str(out), 100), stats=counter.result(),
+    name = out.name or (os.path.basename(os.path.abspath(out.path)) if is_local(out) else "") or str(out)
+    return CardFacts(name=_one_line(name, 100), stats=counter.result(),
                      licences=sorted(tally.values(), key=lambda l: (-l.seconds, l.key, l.cls)),
                      runs=runs[:MAX_COMMANDS], runs_left_out=max(0, len(runs) - MAX_COMMANDS),
                      recipe=_recipe_name(out), failed=failed_sources(out))
