@@ -124,10 +124,17 @@ def test_hostile_records_cannot_change_the_header(dataset: Path) -> None:
     assert "--hf-token '***'" in card.text or "--hf-token ***" in card.text
 
 
-def test_recipe_papers_and_failed_sources(dataset: Path) -> None:
+def test_recipe_papers_commands_and_failed_sources(dataset: Path) -> None:
     (dataset / "recipe.json").write_text(json.dumps({"recipe": "laion-audio-630k", "sources": {
         "wavcaps": {"status": "failed", "error": "needs --recipe-input wavcaps=PATH"}}}))
+    runs = json.loads((dataset / "provenance.json").read_text())["runs"]
+    step = "build --source clotho --out /data/_sources/clotho --api-key=abcd1234secret"
+    runs.append({**runs[0], "stage": "recipe", "command": "audiodata build --recipe laion-audio-630k --out /data",
+                 "options": {"recipe": "laion-audio-630k", "sources": {"clotho": [step]}}})
+    (dataset / "provenance.json").write_text(json.dumps({"runs": runs}))
     text = _card(dataset).text
+    assert "build --source clotho --out /data/_sources/clotho '--api-key=***'" in text
+    assert "abcd1234secret" not in text
     assert "eprint = {2211.06687}" in text and "eprint = {2303.17395}" in text
     assert "2309.05767" not in text
     assert "- source wavcaps failed as a whole" in text
@@ -167,3 +174,9 @@ def test_a_curated_output_gets_its_own_card_not_the_inputs(dataset: Path, tmp_pa
     table = manifest.read_table(out / manifest.MANIFEST_FILE)
     dropped = pc.sum(pc.equal(table["error"], "filter:too_short")).as_py()
     assert dropped and f"- not kept, by reason: filter\\:too\\_short {dropped}" in _card(out).text
+
+
+def test_a_manifest_read_in_small_batches_gives_the_same_card(dataset: Path, monkeypatch) -> None:
+    whole = _card(dataset).text
+    monkeypatch.setattr(manifest, "BATCH_ROWS", 3)  # ten items: four batches, tallies added up
+    assert _card(dataset).text == whole
