@@ -325,6 +325,16 @@ def run_sources(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_card(args: argparse.Namespace) -> int:
+    from audio_dataset.card import CARD_FILE, write_card
+
+    _require_output(args.dataset)
+    dest = args.out or args.dataset / CARD_FILE
+    write_card(args.dataset, dest, force=args.force)
+    print(dest)
+    return 0
+
+
 def _require_output(out: UPath) -> None:
     from audio_dataset.manifest import MANIFEST_FILE
 
@@ -381,6 +391,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="samples shown with audio previews")
     add_renamed(p, {"--out-html": "--out"})
     p.set_defaults(func=run_report)
+    p = subparsers.add_parser("card", help="a Hugging Face dataset card (README.md) for a build output")
+    _add_dataset(p)
+    p.add_argument("--out", type=location, help="where to write the card (default DATASET/README.md)")
+    p.add_argument("--force", action="store_true", help="replace a README.md that `audiodata card` did not write")
+    p.set_defaults(func=run_card)
     p = subparsers.add_parser("plan", help="items, hours, bytes and wall time a recipe needs, per source")
     p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a recipe .toml file")
     p.add_argument("--flac-ratio", type=_positive_float, help="FLAC size / 16-bit PCM size (default 0.6)")

@@ -39,6 +39,7 @@ from audio_dataset.shards import REFUSED_KEY, Sample, ShardWriter, atomic_write_
     iter_shard, read_checksums, refusal, shard_paths, write_sizes
 from audio_dataset.lock import hold_output
 from audio_dataset.manifest import read_parquet
+from audio_dataset.card import CARD_FILE
 from audio_dataset.report import REPORT_FILE
 from audio_dataset.stats import PLOT_FILE, STATS_FILE
 from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, record_run
@@ -388,8 +389,8 @@ def _run_stage_held(stage: Stage, options: RunOptions) -> RunSummary:
     return summary
 
 
-# Views of the input drawn from its shards (`audiodata stats`, `report` draw them again for the output).
-_NOT_COPIED = frozenset({PLOT_FILE, REPORT_FILE})
+# Views of the input drawn from its shards (`audiodata stats`, `report`, `card` draw them again for the output).
+_NOT_COPIED = frozenset({PLOT_FILE, REPORT_FILE, CARD_FILE})
 
 
 def _copy_dataset_files(input_dir: UPath, out: UPath, skip: frozenset[str] = frozenset()) -> None:
