@@ -9,7 +9,10 @@ Outcomes:
 - `ItemError(reason)` for one item: `http_404`, `http_4xx`, `http_429`, `http_5xx`, `timeout`,
   `connection_error`, `stalled`, `truncated_body`, `too_slow` (past `download_timeout` at under
   `min_download_rate` on average, however steadily it trickled; not retried), `too_large`,
-  `not_audio_content`, `not_archive_content`, `bad_json` (after retries where retrying can help).
+  `not_audio_content`, `not_archive_content`, `bad_json` (after retries where retrying can help);
+  `opted_out` for a media fetch (`get_bytes`, `download`) the site refuses when the config honours
+  opt-outs: robots.txt and tdmrep.json of its origin (read once per worker process, cached per
+  origin) and the response's X-Robots-Tag and tdm-reservation headers (audio_dataset.optout).
 - `SourceError` for the whole source: credentials rejected (401/403 on a request made with
   `auth_env`), `max_consecutive_failures` requests in a row to one host that ended in connection
   errors/timeouts/5xx (the site is down), or a 429 whose Retry-After exceeds `max_retry_after`
