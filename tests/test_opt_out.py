@@ -210,3 +210,12 @@ def test_every_definition_declares_whether_it_is_open_web():
         assert isinstance(read_definition(name).get("open_web"), bool), name
     assert is_open_web("bbc_sound_effects") and is_open_web("audiostock")
     assert not is_open_web("freesound") and not is_open_web("local")  # an API with keys; local files
+
+
+def test_a_recipe_run_passes_both_flags_to_every_build():
+    from audio_dataset.cli import _recipe_commands, make_parser
+
+    args = make_parser().parse_args(["build", "--recipe", "laion-audio-630k", "--out", "out",
+                                     "--contact", "ops@example.org", "--ignore-opt-out"])
+    free = _recipe_commands(args)[3]
+    assert free["build"][:3] == ["--contact", "ops@example.org", "--ignore-opt-out"]
