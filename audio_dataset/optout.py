@@ -59,11 +59,30 @@ def user_agent(contact: str | None = None) -> str:
 # --------------------------------------------------------------------------- path patterns
 
 
-def _pattern(rule: str) -> re.Pattern[str]:
-    """A robots.txt / tdmrep path pattern: `*` any run of characters, a trailing `$` the end."""
+# A policy file is the site's text: bounded work per item whatever it holds.
+MAX_RULES = 10_000
+MAX_RULE_CHARS = 512
+
+
+def path_matches(rule: str, target: str) -> bool:
+    """Whether a robots.txt / tdmrep path pattern matches `target` from its start: `*` any run of
+    characters, a trailing `$` the end. Greedy two-pointer matching, O(len(rule) * len(target)) at
+    worst: no regular expression a hostile pattern (`/*a*a*a*...`) could make backtrack for ever."""
     anchored = rule.endswith("$")
-    body = rule[:-1] if anchored else rule
-    return re.compile("".join(".*" if c == "*" else re.escape(c) for c in body) + ("$" if anchored else ""))
+    pattern = rule[:-1] if anchored else rule + "*"
+    p = t = 0
+    star, resume = -1, 0
+    while t < len(target):
+        if p < len(pattern) and pattern[p] == "*":
+            star, resume, p = p, t, p + 1
+        elif p < len(pattern) and pattern[p] == target[t]:
+            p, t = p + 1, t + 1
+        elif star >= 0:
+            resume += 1
+            p, t = star + 1, resume
+        else:
+            return False
+    return all(c == "*" for c in pattern[p:])
 
 
 @dataclass(frozen=True)
@@ -72,7 +91,8 @@ class Rule:
     path: str
 
     def matches(self, target: str) -> bool:
-        return _pattern(self.path).match(target) is not None
+        literal = self.path.split("*", 1)[0].rstrip("$") if "*" in self.path else self.path.rstrip("$")
+        return target.startswith(literal) and path_matches(self.path, target)
 
 
 def _best(rules: list[Rule], target: str) -> Rule | None:
@@ -95,6 +115,7 @@ class Robots:
         robots = cls()
         agents: list[str] = []
         in_rules = False  # a user-agent line after rules starts a new group
+        rules = 0
         for raw in text.splitlines():
             line = raw.split("#", 1)[0].strip()
             key, sep, value = line.partition(":")
@@ -109,7 +130,8 @@ class Robots:
                     robots.groups.setdefault(agent, [])
             elif key in ("allow", "disallow") and agents:
                 in_rules = True
-                if value:  # an empty Disallow allows all: no rule
+                if value and len(value) <= MAX_RULE_CHARS and rules < MAX_RULES:  # empty Disallow: no rule
+                    rules += 1
                     for agent in agents:
                         robots.groups[agent].append(Rule(key == "allow", value))
         return robots
@@ -179,7 +201,8 @@ class TdmRep:
             if not isinstance(entry, dict) or not isinstance(entry.get("location"), str):
                 continue
             reserved = entry.get("tdm-reservation")
-            if reserved in (0, 1) and not isinstance(reserved, bool):
+            if reserved in (0, 1) and not isinstance(reserved, bool) and len(entry["location"]) <= MAX_RULE_CHARS \
+                    and len(rules) < MAX_RULES:
                 location = entry["location"]
                 rules.append(Rule(allow=reserved == 0, path=location if location.startswith("/") else "/" + location))
         return cls(rules)

@@ -176,6 +176,21 @@ def test_robots_rules_follow_rfc_9309():
     assert not Robots.parse("").refusal("audiodata", "/anything")
 
 
+def test_a_hostile_pattern_costs_bounded_time():
+    """`/*a*a*...*b` against a long run of `a` makes a backtracking regex run for ever; here it
+    is a bounded scan, and rules past the caps are not kept."""
+    import time
+
+    from audio_dataset.optout import MAX_RULES, path_matches
+
+    started = time.monotonic()
+    assert not path_matches("/" + "*a" * 100 + "b", "/" + "a" * 1000)
+    assert time.monotonic() - started < 5
+    assert path_matches("/*a*b$", "/xxaxxb") and not path_matches("/*a*b$", "/xxaxxbc")
+    many = Robots.parse("User-agent: *\n" + "Disallow: /x\n" * (MAX_RULES + 5) + "Disallow: /" + "y" * 600 + "\n")
+    assert len(many.groups["*"]) == MAX_RULES
+
+
 def test_x_robots_tag_scopes_and_directives():
     assert x_robots_refusal(["noai"], "audiodata")
     assert x_robots_refusal(["noimageai"], "audiodata")
