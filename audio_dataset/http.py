@@ -471,9 +471,12 @@ class _HostPolicy:
 
 class _PolicyCache:
     """Each origin's policy, fetched once per worker process (one fetch while other threads wait),
-    kept for a day (RFC 9309's longest cache), the least recently used dropped past `size` origins."""
+    kept for a day (RFC 9309's longest cache), the least recently used dropped past `size` origins.
+    An unreachable robots.txt is asked again after ten minutes: a passing outage refuses only the
+    items fetched meanwhile, not the rest of the run."""
 
     TTL = 24 * 3600.0
+    FAILURE_TTL = 600.0
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
@@ -488,7 +491,8 @@ class _PolicyCache:
         with gate:
             with self._lock:
                 found = self._entries.get(key)
-                if found and time.monotonic() - found[0] < self.TTL:
+                ttl = self.TTL if found and found[1].robots is not None else self.FAILURE_TTL
+                if found and time.monotonic() - found[0] < ttl:
                     self._entries.move_to_end(key)
                     return found[1]
             policy = fetch()
