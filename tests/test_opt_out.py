@@ -118,7 +118,7 @@ def _client(**config) -> HttpClient:
     return HttpClient(HttpConfig(honour_opt_outs=True, **{**fast, **config}))
 
 
-def test_robots_404_allows_and_503_refuses_naming_it(loopback, real_clips):
+def test_robots_404_allows_and_503_refuses_naming_it(loopback, real_clips, monkeypatch):
     clip = real_clips["198-209-0000"]
     url = loopback.add("/a.ogg", clip, "audio/ogg")
     assert _client().get_bytes(url) == clip  # no robots.txt: a 404 allows all
@@ -135,6 +135,12 @@ def test_robots_404_allows_and_503_refuses_naming_it(loopback, real_clips):
         with pytest.raises(ItemError, match="robots.txt unreachable"):  # cached: asked once
             _client().get_bytes(media)
         assert len(down.requests_to("/robots.txt")) == 2  # one fetch: two attempts (retries=1)
+        # a failure is kept briefly: once it has aged, the next item asks again and the site is back
+        from audio_dataset import http
+
+        monkeypatch.setattr(http._PolicyCache, "FAILURE_TTL", 0.0)
+        down.clear_faults("/robots.txt")
+        assert _client().get_bytes(media) == clip
 
 
 def test_not_honoured_fetches_without_asking(loopback, real_clips):
