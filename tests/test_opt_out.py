@@ -13,7 +13,7 @@ from audio_dataset import manifest
 from audio_dataset.http import HttpClient, HttpConfig
 from audio_dataset.optout import Robots, TdmRep, check_contact, user_agent, x_robots_refusal
 from audio_dataset.source import ItemError, SourceError, UserError, is_open_web, read_definition
-from loopback import LoopbackServer, Response
+from loopback import LoopbackServer
 
 FAST = {"http_retries": "1", "http_backoff_base": "0.01", "http_backoff_cap": "0.05", "http_stall_timeout": "2"}
 CONTACT = "https://example.org/crawler-contact"
