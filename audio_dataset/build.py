@@ -42,7 +42,7 @@ from audio_dataset.shards import Sample, ShardWriter, write_sizes
 from audio_dataset.storage import Location, atomic_write_json, is_local, location, make_dirs, read_json, \
     remove_stale_temps, trust_output
 from audio_dataset.source import (
-    Item, ItemError, Source, SourceConfig, SourceError, UserError, load_source, read_definition,
+    Item, ItemError, Source, SourceConfig, SourceError, UserError, is_open_web, load_source, read_definition,
 )
 
 WORK_DIR = "_work"
@@ -77,6 +77,8 @@ class BuildOptions:
     progress: bool = True
     # The output the end-of-run hint names: a recipe's OUT, where its sources' shards end up.
     summary_out: Location | None = None
+    # --ignore-opt-out: an open-web source fetches what robots.txt, X-Robots-Tag or TDM-Rep refuse.
+    ignore_opt_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -472,10 +474,19 @@ def _fingerprint(options: BuildOptions, excluded: set[str]) -> dict[str, Any]:
         # Pairs, not a mapping: the order decides which hash range goes to which split.
         "split_ratios": [[name, ratio] for name, ratio in options.split_ratios.items()],
     }
+    if _opt_outs(options) == "ignored":  # absent when honoured, as in outputs from before the option
+        fingerprint["opt_outs"] = "ignored"
     if excluded:  # other exclusions re-plan every shard; absent when none (outputs from before it)
         ids = "\n".join(sorted(excluded)).encode()
         fingerprint["exclusions"] = f"{len(excluded)} ids, sha256 {hashlib.sha256(ids).hexdigest()[:16]}"
     return fingerprint
+
+
+def _opt_outs(options: BuildOptions) -> str:
+    """`honoured`, `ignored` (--ignore-opt-out) or `not checked` (not an open-web source)."""
+    if not is_open_web(options.source):
+        return "not checked"
+    return "ignored" if options.ignore_opt_out else "honoured"
 
 
 def _check_resumable(work: UPath, fingerprint: dict[str, Any]) -> None:
@@ -691,6 +702,7 @@ def build(options: BuildOptions) -> BuildSummary:
     _check_out_is_not_input(out, options.source_config.input)
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
+    options.source_config.honour_opt_outs = _opt_outs(options) == "honoured"
     source = load_source(options.source, options.source_config)
     source.check()
     excluded = read_exclusions([*definition_exclusions(options.source), *options.exclude_files])
@@ -727,7 +739,8 @@ def _build_held(options: BuildOptions, source: Source, out: UPath, excluded: set
     _check_resumable(work, fingerprint)
     run = RunRecord("build", {**fingerprint, "workers": options.workers, "ray_address": options.ray_address,
                               "base_url": options.source_config.base_url,
-                              "exclude_files": [str(p) for p in options.exclude_files]},
+                              "exclude_files": [str(p) for p in options.exclude_files],
+                              "opt_outs": _opt_outs(options), "contact": options.source_config.contact},
                     definitions=definition_checksums([options.source]))
 
     pinned = (work / CONFIG_FILE).exists()

@@ -47,6 +47,15 @@ def _sample_rate(text: str) -> int:
     return value
 
 
+def _contact(text: str) -> str:
+    from audio_dataset.optout import check_contact
+
+    try:
+        return check_contact(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--contact ")) from None
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -98,6 +107,11 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", type=Path, action="append", default=[], metavar="FILE",
                    help="file of source ids to exclude (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--contact", type=_contact, metavar="URL_OR_EMAIL",
+                   help="how a site can reach you, sent in the User-Agent of every web request")
+    p.add_argument("--ignore-opt-out", action="store_true",
+                   help="fetch items whose site opts out (robots.txt, X-Robots-Tag, TDM-Rep); "
+                        "recorded in provenance.json")
     p.add_argument("--recipe-input", type=_key_value, action="append", default=[], metavar="NAME=PATH",
                    help="with --recipe: the input of one of its sources (repeatable)")
     p.add_argument("--only", help="with --recipe: build only these sources (comma-separated names)")
@@ -135,16 +149,19 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
                         clipping=args.clipping)
     options = BuildOptions(
         source=args.source, out=args.out,
-        source_config=SourceConfig(input=args.input, base_url=args.base_url, options=dict(args.source_option)),
+        source_config=SourceConfig(input=args.input, base_url=args.base_url, options=dict(args.source_option),
+                                   contact=args.contact),
         audio=audio, samples_per_shard=args.samples_per_shard, limit=args.limit, workers=args.workers,
         ray_address=args.ray_address, split_ratios=args.splits, exclude_files=args.exclude,
         progress=not args.no_progress, summary_out=getattr(args, "summary_out", None),
+        ignore_opt_out=args.ignore_opt_out,
     )
     return options
 
 
 # `audiodata build` flags a recipe run takes from the command line; the rest come from the recipe.
-RECIPE_RUN_FLAGS = {"recipe", "out", "limit", "workers", "ray_address", "no_progress", "recipe_input", "only"}
+RECIPE_RUN_FLAGS = {"recipe", "out", "limit", "workers", "ray_address", "no_progress", "recipe_input", "only",
+                    "contact", "ignore_opt_out"}
 
 
 def run_recipe_build(args: argparse.Namespace) -> int:
@@ -192,7 +209,8 @@ def _recipe_commands(args: argparse.Namespace) -> RecipeRun:
     pinned = ["--limit", str(args.limit)] if args.limit else []
     shared = ["--no-progress"] if args.no_progress else []
     shared += ["--ray-address", args.ray_address] if args.ray_address else []
-    free = {"build": shared + (["--workers", str(args.workers)] if args.workers else []), "k2c": shared}
+    web = (["--contact", args.contact] if args.contact else []) + (["--ignore-opt-out"] if args.ignore_opt_out else [])
+    free = {"build": shared + web + (["--workers", str(args.workers)] if args.workers else []), "k2c": shared}
     # Absolute: Ray workers resolve paths in their own working directory.
     out = location(os.path.abspath(args.out.path)) if is_local(args.out) else args.out
     return recipe, out, {n: source_commands(recipe, recipe.source(n), out, pinned) for n in names}, free

@@ -9,7 +9,10 @@ Outcomes:
 - `ItemError(reason)` for one item: `http_404`, `http_4xx`, `http_429`, `http_5xx`, `timeout`,
   `connection_error`, `stalled`, `truncated_body`, `too_slow` (past `download_timeout` at under
   `min_download_rate` on average, however steadily it trickled; not retried), `too_large`,
-  `not_audio_content`, `not_archive_content`, `bad_json` (after retries where retrying can help).
+  `not_audio_content`, `not_archive_content`, `bad_json` (after retries where retrying can help);
+  `opted_out` for a media fetch (`get_bytes`, `download`) the site refuses when the config honours
+  opt-outs: robots.txt and tdmrep.json of its origin (read once per worker process, cached per
+  origin) and the response's X-Robots-Tag and tdm-reservation headers (audio_dataset.optout).
 - `SourceError` for the whole source: credentials rejected (401/403 on a request made with
   `auth_env`), `max_consecutive_failures` requests in a row to one host that ended in connection
   errors/timeouts/5xx (the site is down), or a 429 whose Retry-After exceeds `max_retry_after`
@@ -28,6 +31,7 @@ import os
 import random
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -36,13 +40,16 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import urllib3
 
-from audio_dataset import __version__
 from audio_dataset.media import sniff_archive, sniff_audio
+from audio_dataset.optout import (
+    OPTED_OUT, POLICY_MAX_BYTES, PRODUCT, ROBOTS_PATH, TDMREP_PATH, Robots, TdmRep, tdm_header_refusal,
+    user_agent, x_robots_refusal,
+)
 from audio_dataset.redaction import redact, request_secrets
-from audio_dataset.source import ItemError, SourceError, UserError
+from audio_dataset.source import ItemError, SourceConfig, SourceError, UserError
 from audio_dataset.storage import open_temp, publish
 
-DEFAULT_USER_AGENT = f"audiodata/{__version__} (LAION-Audio-630K-style audio-text dataset builder)"
+DEFAULT_USER_AGENT = user_agent()
 _CHUNK = 64 * 1024
 # Leading bytes kept for the magic-byte check (tar's "ustar" sits at offset 257).
 _HEAD = 512
@@ -77,6 +84,16 @@ class HttpConfig:
     max_consecutive_failures: int = 20
     # Connections kept per host per thread-local session.
     pool_size: int = 4
+    # Check robots.txt, X-Robots-Tag and TDM-Rep on media fetches (audio_dataset.optout); set by the
+    # build for an `open_web` source unless --ignore-opt-out, never by a source option.
+    honour_opt_outs: bool = False
+
+    @classmethod
+    def for_source(cls, config: SourceConfig, **defaults: Any) -> "HttpConfig":
+        """`from_options` with what the command line decides for every web request of the run: the
+        User-Agent (`--contact`) and whether opt-outs are honoured."""
+        return cls.from_options(config.options, user_agent=user_agent(config.contact),
+                                honour_opt_outs=config.honour_opt_outs, **defaults)
 
     @classmethod
     def from_options(cls, options: dict[str, str], **defaults: Any) -> "HttpConfig":
@@ -91,14 +108,16 @@ class HttpConfig:
             if not key.startswith(HTTP_OPTION_PREFIX):
                 continue
             name = key[len(HTTP_OPTION_PREFIX):]
-            if name not in types or name == "user_agent":
-                known = ", ".join(HTTP_OPTION_PREFIX + n for n in types if n != "user_agent")
+            if name not in types or name in _RUN_FIELDS:
+                known = ", ".join(HTTP_OPTION_PREFIX + n for n in types if n not in _RUN_FIELDS)
                 raise UserError(f"unknown HTTP option {key!r}; known: {known}")
             config = replace(config, **{name: _parse_number(key, raw, types[name])})
         return config
 
 
 HTTP_OPTION_PREFIX = "http_"
+# Fields the command line sets for the whole run, not `--source-option http_*`.
+_RUN_FIELDS = frozenset({"user_agent", "honour_opt_outs"})
 
 
 def _parse_number(key: str, raw: str, kind: Any) -> int | float | None:
@@ -221,7 +240,7 @@ class HttpClient:
     def get_bytes(self, url: str, headers: dict | None = None, expect: str = "audio",
                   params: dict | None = None, auth_env: str | None = None) -> bytes:
         """The body of a media download; `expect` is "audio", "archive" or "any"."""
-        body, _ = self._get(url, params, headers, auth_env, _expect(expect))
+        body, _ = self._get(url, params, headers, auth_env, _expect(expect), guarded=True)
         return body
 
     def download(self, url: str, dest: Path, headers: dict | None = None, expect: str = "any",
@@ -230,7 +249,8 @@ class HttpClient:
 
         Written to a temp file beside `dest`, fsynced and renamed: `dest` is complete or absent.
         """
-        path, _ = self._get(url, params, headers, auth_env, _expect(expect), sink=lambda: _FileSink(Path(dest)))
+        path, _ = self._get(url, params, headers, auth_env, _expect(expect), sink=lambda: _FileSink(Path(dest)),
+                            guarded=True)
         return Path(path).stat().st_size
 
     # -- internals --------------------------------------------------------------------------
@@ -262,10 +282,15 @@ class HttpClient:
         return random.uniform(0.0, min(self.config.backoff_cap, self.config.backoff_base * 2 ** attempt))
 
     def _get(self, url: str, params: dict | None, headers: dict | None, auth_env: str | None,
-             expect: str, sink: Callable[[], "_Sink"] | None = None) -> tuple[Any, requests.Response]:
+             expect: str, sink: Callable[[], "_Sink"] | None = None,
+             guarded: bool = False) -> tuple[Any, requests.Response]:
+        """`guarded`: a media fetch, checked against the site's opt-outs when the run honours them."""
         host = urlsplit(url).netloc.lower()
         if host in self._down:  # declared down: the other threads stop at once instead of retrying
             raise SourceError(self._down[host])
+        guarded = guarded and self.config.honour_opt_outs
+        if guarded:
+            self._check_host_policy(url)
         last: _Retry | None = None
         for attempt in range(self.config.retries + 1):
             if attempt:
@@ -274,7 +299,7 @@ class HttpClient:
             if bucket:
                 bucket.acquire()
             try:
-                result = self._attempt(url, params, headers, auth_env, expect, sink or _MemorySink)
+                result = self._attempt(url, params, headers, auth_env, expect, sink or _MemorySink, guarded)
             except _Retry as retry:
                 last = retry
                 continue
@@ -286,6 +311,34 @@ class HttpClient:
         assert last is not None
         self._record(host, ok=last.reason not in _HOST_FAILURES)
         raise ItemError(last.reason, f"{last.detail} (after {self.config.retries + 1} attempts)")
+
+    def _check_host_policy(self, url: str) -> None:
+        """Refuse `url` (ItemError `opted_out`) when its origin's robots.txt or tdmrep.json does."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            return
+        origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2].lower()}"
+        policy = _POLICIES.get(origin, self.config.user_agent, lambda: self._fetch_host_policy(origin))
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        refusal = policy.refusal(target)
+        if refusal:
+            raise ItemError(OPTED_OUT, f"{public_url(url)}: {refusal}")
+
+    def _fetch_host_policy(self, origin: str) -> "_HostPolicy":
+        """robots.txt and tdmrep.json of `origin`, through this client's retries and rate limits with a
+        512 KiB cap. robots.txt: 4xx allows all; any other failure is a complete disallow (RFC 9309)."""
+        client = HttpClient(replace(self.config, max_bytes=POLICY_MAX_BYTES, honour_opt_outs=False), self.host_rates)
+        try:
+            robots = Robots.parse(client.get_text(origin + ROBOTS_PATH))
+        except ItemError as exc:
+            if exc.reason in ("http_404", "http_4xx"):
+                return _HostPolicy(Robots(), None, TdmRep())
+            return _HostPolicy(None, f"robots.txt unreachable ({exc}), a complete disallow", TdmRep())
+        try:
+            tdm = TdmRep.parse(client.get_text(origin + TDMREP_PATH))
+        except ItemError:  # none published, or unreadable: nothing declared (the header still counts)
+            tdm = TdmRep()
+        return _HostPolicy(robots, None, tdm)
 
     def _record(self, host: str, ok: bool) -> None:
         with self._lock:
@@ -299,7 +352,7 @@ class HttpClient:
             raise SourceError(message)
 
     def _attempt(self, url: str, params: dict | None, headers: dict | None, auth_env: str | None,
-                 expect: str, open_sink: Callable[[], "_Sink"]) -> tuple[Any, requests.Response]:
+                 expect: str, open_sink: Callable[[], "_Sink"], guarded: bool = False) -> tuple[Any, requests.Response]:
         where = public_url(url)
         secrets = request_secrets(url, headers, params)
         started = time.monotonic()
@@ -316,6 +369,8 @@ class HttpClient:
             raise ItemError("bad_request", f"{where}: {_describe(exc, secrets)}") from None
         with response:
             self._check_status(response, where, auth_env)
+            if guarded:
+                _check_response_opt_outs(response, where)
             sink = open_sink()
             try:
                 head = self._read_body(response, where, sink, started)
@@ -392,6 +447,65 @@ class HttpClient:
             raise ItemError("too_slow", f"{where}: {size} of {declared or 'unknown'} bytes in {elapsed:.0f}s, "
                                         f"under {self.config.min_download_rate:g} bytes/s past "
                                         f"download_timeout {self.config.download_timeout:g}s")
+
+
+def _check_response_opt_outs(response: requests.Response, where: str) -> None:
+    """X-Robots-Tag (each header line apart: a line's bot scope is its own) and the TDM-Rep header."""
+    lines = response.raw.headers.getlist("X-Robots-Tag") if response.raw is not None else []
+    refusal = x_robots_refusal(lines, PRODUCT) or tdm_header_refusal(response.headers.get("tdm-reservation"))
+    if refusal:
+        raise ItemError(OPTED_OUT, f"{where}: {refusal}")
+
+
+@dataclass(frozen=True)
+class _HostPolicy:
+    robots: Robots | None  # None: robots.txt could not be read, `failure` says why
+    failure: str | None
+    tdm: TdmRep
+
+    def refusal(self, target: str) -> str | None:
+        if self.robots is None:
+            return self.failure
+        return self.robots.refusal(PRODUCT, target) or self.tdm.refusal(target)
+
+
+class _PolicyCache:
+    """Each origin's policy, fetched once per worker process (one fetch while other threads wait),
+    kept for a day (RFC 9309's longest cache), the least recently used dropped past `size` origins.
+    An unreachable robots.txt is asked again after ten minutes: a passing outage refuses only the
+    items fetched meanwhile, not the rest of the run."""
+
+    TTL = 24 * 3600.0
+    FAILURE_TTL = 600.0
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[str, str], tuple[float, _HostPolicy]] = OrderedDict()
+        self._fetching: dict[tuple[str, str], threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, origin: str, agent: str, fetch: Callable[[], _HostPolicy]) -> _HostPolicy:
+        key = (origin, agent)
+        with self._lock:
+            gate = self._fetching.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                found = self._entries.get(key)
+                ttl = self.TTL if found and found[1].robots is not None else self.FAILURE_TTL
+                if found and time.monotonic() - found[0] < ttl:
+                    self._entries.move_to_end(key)
+                    return found[1]
+            policy = fetch()
+            with self._lock:
+                self._entries[key] = (time.monotonic(), policy)
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.size:
+                    old, _ = self._entries.popitem(last=False)
+                    self._fetching.pop(old, None)
+            return policy
+
+
+_POLICIES = _PolicyCache()
 
 
 def _arriving(response: requests.Response) -> Iterator[bytes]:

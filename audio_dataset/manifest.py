@@ -1,7 +1,8 @@
 """The manifest: one row per input item with its outcome. The one place its schema is defined.
 
 `status` is `ok`, `dropped` (a length/quality policy removed it), `failed` (it could not be fetched
-or decoded) or `excluded` (an exclusion list named it); `error` holds the named reason otherwise.
+or decoded) or `excluded` (an exclusion list named it: reason `excluded`; or its site opts out of
+such use: reason `opted_out`, the signal in `error_detail`); `error` holds the named reason otherwise.
 A curation stage that drops samples (filter, dedup --apply) writes its output's manifest from its
 input's: an item it dropped whole becomes `dropped` with the reason `STAGE:REASON` (`filter:too_short`,
 `dedup:duplicate`) and the detail in `error_detail`; an item it dropped in part keeps its other samples.
@@ -25,6 +26,10 @@ STATUSES = (STATUS_OK, STATUS_DROPPED, STATUS_FAILED, STATUS_EXCLUDED)
 
 # Reasons that come from a policy (the item was fine, we chose not to keep it).
 DROP_REASONS = frozenset({"too_short", "too_long", "silent", "low_source_rate"})
+# The reason of an item whose site opts out (robots.txt, X-Robots-Tag, TDM-Rep: audio_dataset.optout).
+OPTED_OUT = "opted_out"
+# Reasons an item is left out before it is used: an exclusion list, or the site's opt-out.
+EXCLUDE_REASONS = frozenset({STATUS_EXCLUDED, OPTED_OUT})
 
 MANIFEST_FILE = "manifest.parquet"
 
@@ -101,7 +106,7 @@ def stage_reason(stage: str, reason: str) -> str:
 
 
 def status_for_reason(reason: str) -> str:
-    if reason == STATUS_EXCLUDED:
+    if reason in EXCLUDE_REASONS:
         return STATUS_EXCLUDED
     # A build's reasons have no colon; a stage's (`filter:too_short`) are all its own choices.
     return STATUS_DROPPED if reason in DROP_REASONS or ":" in reason else STATUS_FAILED

@@ -82,6 +82,11 @@ class SourceConfig:
     options: dict[str, str] = field(default_factory=dict)
     # A folder the source may keep listing state in, so an interrupted listing resumes.
     state_dir: Path | None = None
+    # `--contact` (a URL or e-mail) for the User-Agent every web request sends.
+    contact: str | None = None
+    # Whether media fetches honour robots.txt, X-Robots-Tag and TDM-Rep: the build sets it for a
+    # source whose definition says `open_web = true`, unless --ignore-opt-out (audio_dataset.optout).
+    honour_opt_outs: bool = False
 
 
 class Source(abc.ABC):
@@ -141,3 +146,13 @@ def read_definition(name: str) -> dict[str, Any]:
     if not path.is_file():
         return {}
     return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def is_open_web(name: str) -> bool:
+    """Whether the definition declares `open_web = true`: the source takes item media from public web
+    addresses without an API agreement or a purchase, so the build honours the sites' opt-outs
+    (audio_dataset.optout). Absent means false (an API with keys, a purchase, local or hub data)."""
+    value = read_definition(name).get("open_web", False)
+    if not isinstance(value, bool):
+        raise UserError(f"manifests/{name}.toml: open_web must be true or false, not {value!r}")
+    return value

@@ -61,7 +61,7 @@ class PackSource(Source):
 
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
-        self.client = HttpClient(HttpConfig.from_options(config.options, max_bytes=256 * 2**30))
+        self.client = HttpClient(HttpConfig.for_source(config, max_bytes=256 * 2**30))
         self.store = ArchiveStore(config.state_dir, self.client)
 
     def check(self) -> None:

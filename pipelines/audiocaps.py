@@ -41,7 +41,7 @@ class AudioCaps(YoutubeSegmentSource):
 
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
-        self.client = HttpClient(HttpConfig.from_options(config.options))
+        self.client = HttpClient(HttpConfig.for_source(config))
         self.locations = self._locations(config.input)
 
     @staticmethod

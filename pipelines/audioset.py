@@ -58,7 +58,7 @@ class AudioSet(YoutubeSegmentSource):
 
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
-        self.client = HttpClient(HttpConfig.from_options(config.options))
+        self.client = HttpClient(HttpConfig.for_source(config))
         self.csv_location = NAMED_CSVS.get(config.input or "", config.input)
         self.ontology_location = config.options.get("ontology", ONTOLOGY_URL)
 

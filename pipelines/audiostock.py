@@ -55,7 +55,7 @@ class Audiostock(Source):
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
         self.base = (config.base_url or BASE_URL).rstrip("/")
-        self.client = HttpClient(HttpConfig.from_options(config.options, requests_per_second=4.0))
+        self.client = HttpClient(HttpConfig.for_source(config, requests_per_second=4.0))
         self.max_pages = int(config.options.get("max_pages", 10_000))
 
     def check(self) -> None:

@@ -65,7 +65,7 @@ class BBCSoundEffectsSource(Source):
         root = config.base_url.rstrip("/") if config.base_url else None
         self.catalogue = config.input or (join_url(root, CATALOGUE_PATH) if root else CATALOGUE_URL)
         self.media = (config.options.get("media_url") or root or MEDIA_ROOT).rstrip("/")
-        self.client = HttpClient(HttpConfig.from_options(config.options))
+        self.client = HttpClient(HttpConfig.for_source(config))
 
     def check(self) -> None:
         if self.config.input and not is_url(self.config.input) and not Path(self.config.input).expanduser().is_file():

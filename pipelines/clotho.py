@@ -38,7 +38,7 @@ class Clotho(Source):
         self.root = config.input or ZENODO_FILES
         wanted = config.options.get("splits", ",".join(SPLITS))
         self.splits = [name.strip() for name in wanted.split(",") if name.strip()]
-        self.client = HttpClient(HttpConfig.from_options(config.options, max_bytes=64 * 2**30))
+        self.client = HttpClient(HttpConfig.for_source(config, max_bytes=64 * 2**30))
         self.store = ArchiveStore(config.state_dir, self.client)
 
     def check(self) -> None:

@@ -73,7 +73,7 @@ class EpidemicSound(Source):
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
         self.base = (config.base_url or BASE_URL).rstrip("/")
-        self.client = HttpClient(HttpConfig.from_options(config.options, requests_per_second=4.0))
+        self.client = HttpClient(HttpConfig.for_source(config, requests_per_second=4.0))
         wanted = config.options.get("genres", "")
         self.genres = [g.strip() for g in wanted.split(",") if g.strip()]
         self.term = config.options.get("term", "")

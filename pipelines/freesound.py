@@ -100,7 +100,7 @@ class FreesoundSource(Source):
         api_host = urlsplit(self.api).netloc
         default_rate = DOCUMENTED_RATE if api_host.endswith("freesound.org") else 0.0
         rate = _float_option(options, "rate", default_rate)
-        self.client = HttpClient(HttpConfig.from_options(options), host_rates={api_host: rate} if rate > 0 else None)
+        self.client = HttpClient(HttpConfig.for_source(config), host_rates={api_host: rate} if rate > 0 else None)
 
     # -- contract -------------------------------------------------------------------------------
 

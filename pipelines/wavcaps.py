@@ -71,7 +71,7 @@ class WavCaps(Source):
         self.audio = options.get("audio", "archive")
         self.archives = options.get("archives", "").rstrip("/")
         self.blacklist = options.get("blacklist", "all")
-        self.client = HttpClient(HttpConfig.from_options(options, max_bytes=256 * 2**30))
+        self.client = HttpClient(HttpConfig.for_source(config, max_bytes=256 * 2**30))
         self.store = ArchiveStore(config.state_dir, self.client)
 
     def check(self) -> None:
