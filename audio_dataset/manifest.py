@@ -25,6 +25,10 @@ STATUSES = (STATUS_OK, STATUS_DROPPED, STATUS_FAILED, STATUS_EXCLUDED)
 
 # Reasons that come from a policy (the item was fine, we chose not to keep it).
 DROP_REASONS = frozenset({"too_short", "too_long", "silent", "low_source_rate"})
+# Reasons that say more about the moment than the item (a server error, a slow or broken
+# connection, a worker that died): what `build --retry-failed` retries when given no reasons.
+TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_5xx", "http_429", "stalled",
+                               "truncated_body", "too_slow", "worker_died"})
 
 MANIFEST_FILE = "manifest.parquet"
 
