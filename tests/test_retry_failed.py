@@ -29,7 +29,7 @@ from test_source_bbc import CATALOGUE, to_wav
 pytestmark = pytest.mark.usefixtures("ray_local")
 CLI = [sys.executable, "-m", "audio_dataset.cli"]
 # One retry per fetch: a fault queued twice fails the item, queued once more it fails the next try.
-FAST = {"http_retries": "1", "http_backoff_base": "0.01", "http_backoff_cap": "0.02", "http_stall_timeout": "0.5"}
+FAST = {"http_retries": "1", "http_backoff_base": "0.01", "http_backoff_cap": "0.02", "http_stall_timeout": "5"}
 MEDIA = json.loads((CATALOGUE.parent / "media.json").read_text())
 
 
@@ -189,6 +189,8 @@ def test_a_retry_killed_mid_way_is_finished_by_a_rerun(site, tmp_path, real_clip
     for sid in failing:
         site.add(f"/wav/{sid}.wav", bodies[sid], "audio/wav")
     retry_failed(_options(site, clean, per_shard=1), parse_reasons("transient"))
+    assert _outcomes(killed) == _outcomes(clean)
+    assert read_sizes(killed / "train") == read_sizes(clean / "train")
     assert _tree(killed) == _tree(clean)
     assert verify(killed).ok
     assert [r["status"] for r in _rows(killed) if r["source_id"] in failing] == ["ok"] * 4
