@@ -196,3 +196,29 @@ def test_a_retry_killed_mid_way_is_finished_by_a_rerun(site, tmp_path, real_clip
     assert [r["status"] for r in _rows(killed) if r["source_id"] in failing] == ["ok"] * 4
     assert len(_retry_runs(killed)) == 1 and _retry_runs(killed)[0]["succeeded"] == 4
     assert not list(killed.rglob(".*.tmp-*"))
+
+
+def test_a_retry_stopped_while_committing_is_finished_by_the_next(site, tmp_path, monkeypatch):
+    import audio_dataset.retry as retry_module
+
+    site.fault("/wav/07076050.wav", "503", times=2)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    build(_options(site, out, per_shard=4))
+    shutil.copytree(out, clean)
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt  # after the shards moved in, before the manifest was rewritten
+
+    monkeypatch.setattr(retry_module, "finalize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        retry_failed(_options(site, out, per_shard=4), ["http_5xx"])
+    state = json.loads((out / "_work" / "retry-1" / "state.json").read_text())
+    assert state["phase"] == "committing" and (out / "train" / "000003.tar").exists()
+    monkeypatch.undo()
+
+    asked = _requests(site, "07076050")
+    retry_failed(_options(site, out, per_shard=4), ["http_5xx"])  # finishes retry-1, fetches nothing
+    assert _requests(site, "07076050") == asked and verify(out).ok
+    retry_failed(_options(site, clean, per_shard=4), ["http_5xx"])
+    assert _tree(out) == _tree(clean) and _outcomes(out)["07076050"][0] == "ok"
+    assert len(_retry_runs(out)) == 1
