@@ -222,3 +222,21 @@ def test_a_retry_stopped_while_committing_is_finished_by_the_next(site, tmp_path
     retry_failed(_options(site, clean, per_shard=4), ["http_5xx"])
     assert _tree(out) == _tree(clean) and _outcomes(out)["07076050"][0] == "ok"
     assert len(_retry_runs(out)) == 1
+
+
+def test_retry_in_object_storage(site, s3_env):
+    from conftest import BUCKET
+
+    site.fault("/wav/07076050.wav", "503", times=2)
+    out = f"s3://{BUCKET}/retry-out"
+    args = [*CLI, "build", "--source", "bbc_sound_effects", "--base-url", site.url, "--out", out,
+            "--samples-per-shard", "4", "--splits", "train=1", "--workers", "1", "--no-progress",
+            *[a for k, v in FAST.items() for a in ("--source-option", f"{k}={v}")]]
+    for argv in (args, [*args, "--retry-failed"]):
+        run = subprocess.run(argv, env=s3_env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert "retried 1 items: 1 now ok" in run.stdout
+    check = subprocess.run([*CLI, "verify", out], env=s3_env, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    rows = {r["source_id"]: r for r in manifest.read_table(f"{out}/{manifest.MANIFEST_FILE}").to_pylist()}
+    assert rows["07076050"]["status"] == "ok" and rows["07076050"]["shard"] == "train/000003.tar"
