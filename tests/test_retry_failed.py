@@ -137,6 +137,21 @@ def test_reasons_are_checked():
             parse_reasons(bad)
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--source", "bbc_sound_effects", "--retry-failed", "too_short"], "not a failure"),
+    (["--source", "bbc_sound_effects", "--retry-failed", "http_5xx"], "no finished build"),
+    (["--recipe", "tiny", "--retry-failed"], "goes with --source"),
+])
+def test_retry_mistakes_are_one_line(tmp_path, capsys, extra, says):
+    from audio_dataset.cli import main
+
+    out = tmp_path / "out"
+    assert main(["build", "--out", str(out), "--base-url", "http://127.0.0.1:9", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not out.exists()
+
+
 def test_retry_needs_a_finished_build_with_the_same_options(site, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError, match="no finished build"):
