@@ -232,6 +232,8 @@ def test_a_retry_stopped_while_committing_is_finished_by_the_next(site, tmp_path
     monkeypatch.undo()
 
     asked = _requests(site, "07076050")
+    build(_options(site, out, per_shard=4))  # a plain rerun of the build takes the committed retry in
+    assert _outcomes(out)["07076050"][0] == "ok" and verify(out).ok
     retry_failed(_options(site, out, per_shard=4), ["http_5xx"])  # finishes retry-1, fetches nothing
     assert _requests(site, "07076050") == asked and verify(out).ok
     retry_failed(_options(site, clean, per_shard=4), ["http_5xx"])
