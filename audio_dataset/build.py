@@ -39,7 +39,7 @@ from audio_dataset.redaction import redact
 from audio_dataset.raystart import start_ray
 from audio_dataset.schema import SampleMeta, clean_captions, safe_key, shard_name, split_order
 from audio_dataset.shards import Sample, ShardWriter, write_sizes
-from audio_dataset.storage import Location, atomic_write_json, is_local, location, make_dirs, read_json, \
+from audio_dataset.storage import Location, atomic_write_json, is_local, location, make_dirs, publish, read_json, \
     remove_stale_temps, trust_output
 from audio_dataset.source import (
     Item, ItemError, Source, SourceConfig, SourceError, UserError, is_open_web, load_source, read_definition,
@@ -691,8 +691,13 @@ def _excluded_row(source: str, item_json: str, split: str) -> ManifestRow:
     return _fail_row(source, Item.from_json(item_json), split, None, error)
 
 
-def build(options: BuildOptions) -> BuildSummary:
-    """Run (or resume) a build into `options.out`; raises UserError/SourceError on fatal problems."""
+# What runs while the output is held: the build proper, or a retry of its failed items (audio_dataset.retry).
+HeldRun = Callable[[BuildOptions, Source, UPath, set[str], dict[str, Any]], BuildSummary]
+
+
+def build(options: BuildOptions, held: HeldRun | None = None) -> BuildSummary:
+    """Run (or resume) a build into `options.out`; raises UserError/SourceError on fatal problems.
+    `held` replaces the build proper (a retry of a finished build's failed items)."""
     if options.samples_per_shard < 1:
         raise UserError("--samples-per-shard must be at least 1")
     for split in options.split_ratios:
@@ -712,7 +717,7 @@ def build(options: BuildOptions) -> BuildSummary:
     try:
         with hold_output(out, "build"):
             try:
-                return _build_held(options, source, out, excluded, fingerprint)
+                return (held or _build_held)(options, source, out, excluded, fingerprint)
             except BaseException:  # a full disk, Ctrl-C, a failed source: stop writing, leave no temp files
                 if not ray_was_up and _ray_is_up():
                     import ray
@@ -737,11 +742,7 @@ def _build_held(options: BuildOptions, source: Source, out: UPath, excluded: set
 
     work = out / WORK_DIR
     _check_resumable(work, fingerprint)
-    run = RunRecord("build", {**fingerprint, "workers": options.workers, "ray_address": options.ray_address,
-                              "base_url": options.source_config.base_url,
-                              "exclude_files": [str(p) for p in options.exclude_files],
-                              "opt_outs": _opt_outs(options), "contact": options.source_config.contact},
-                    definitions=definition_checksums([options.source]))
+    run = run_record(options, fingerprint)
 
     pinned = (work / CONFIG_FILE).exists()
     if not pinned and (work / INDEX_FILE).exists():
@@ -750,6 +751,8 @@ def _build_held(options: BuildOptions, source: Source, out: UPath, excluded: set
     plan = plan_shards(options.source, index, work / PLAN_DIR, options.split_ratios,
                        options.samples_per_shard, excluded, options.limit)
     tasks = plan.tasks
+    for folder in published_retries(work):  # a retry killed while it moved its shards in
+        publish_staged(folder, out)
     # Only a run whose listing and plan succeeded records its options: a typo (a missing column,
     # a bad split name) must not pin the output folder to the mistaken command.
     if not pinned:
@@ -765,6 +768,15 @@ def _build_held(options: BuildOptions, source: Source, out: UPath, excluded: set
     if len(per_node) > 1:
         print("shards per node: " + ", ".join(f"{n[:8]}={c}" for n, c in sorted(per_node.items())))
     return BuildSummary(out, len(tasks), len(tasks) - len(todo), stats, per_node)
+
+
+def run_record(options: BuildOptions, fingerprint: dict[str, Any]) -> RunRecord:
+    """The provenance record of a build run (or a retry of one) with these options."""
+    return RunRecord("build", {**fingerprint, "workers": options.workers, "ray_address": options.ray_address,
+                               "base_url": options.source_config.base_url,
+                               "exclude_files": [str(p) for p in options.exclude_files],
+                               "opt_outs": _opt_outs(options), "contact": options.source_config.contact},
+                     definitions=definition_checksums([options.source]))
 
 
 def _local_state_dir(out: UPath) -> Path:
@@ -798,16 +810,17 @@ def _report_progress(results: Iterator[dict], total: int, done: int, show: bool)
 
 def finalize(out: UPath, tasks: list[ShardTask]) -> dict[str, Any]:
     """Merge manifest parts, write sizes.json per split, manifest.parquet and stats.json, streaming:
-    one part in memory at a time."""
+    one part in memory at a time. The rows of items a retry attempt redid (`--retry-failed`) are its."""
     work = out / WORK_DIR / "parts"
     paths = [work / t.part_name for t in tasks] + [work / "excluded.parquet"]
     sizes: dict[str, dict[str, int]] = {}
+    retried = _retried_rows(out / WORK_DIR)
 
     def parts() -> Iterator[pa.Table]:
         for path in paths:
             if not path.exists():
                 continue
-            table = manifest.read_table(path)
+            table = _with_retried(manifest.read_table(path), retried)
             wrote = pc.and_(pc.is_valid(table.column("shard")), pc.greater(table.column("n_samples"), 0))
             for row in table.filter(wrote).group_by("shard").aggregate([("n_samples", "sum")]).to_pylist():
                 split, name = row["shard"].split("/")
@@ -836,3 +849,90 @@ def write_merged(out: UPath, tables: Iterable[pa.Table], sizes: dict[str, dict[s
     stats = counter.result()
     atomic_write_json(out / "stats.json", stats)
     return stats
+
+
+# --------------------------------------------------------------------------- retried items
+# `build --retry-failed` (audio_dataset.retry) redoes failed items in attempts, `_work/retry-N/`.
+# An attempt writes its shards and manifest parts under its `staged/` folder, as a build writes them
+# under OUT, out of the dataset's sight. Once all are written its state says `committing`: its
+# shards move into their splits, and from then on its rows replace the build's rows of the same
+# items wherever the manifest is written (finalize), so a plain rerun of the build keeps them.
+RETRY_PREFIX = "retry-"
+RETRY_STATE = "state.json"
+RETRY_STAGED = "staged"
+RETRY_RUNNING, RETRY_COMMITTING, RETRY_DONE = "running", "committing", "done"
+_STAGED_SHARD = re.compile(r"\.?[0-9]{6}\.tar(\.sha256)?")
+
+
+def retry_folders(work: UPath) -> list[tuple[int, UPath]]:
+    """(number, folder) of every retry attempt under `work`, oldest first."""
+    if not work.exists():
+        return []
+    found = [(int(p.name[len(RETRY_PREFIX):]), p) for p in work.iterdir()
+             if p.name.startswith(RETRY_PREFIX) and p.name[len(RETRY_PREFIX):].isdigit() and p.is_dir()]
+    return sorted(found, key=lambda pair: pair[0])
+
+
+def retry_state(folder: UPath) -> dict[str, Any] | None:
+    """An attempt's state, or None where it has none (killed before it was recorded) or it is not one."""
+    path = folder / RETRY_STATE
+    state = read_json(path) if path.exists() else None
+    phases = (RETRY_RUNNING, RETRY_COMMITTING, RETRY_DONE)
+    return state if isinstance(state, dict) and state.get("phase") in phases else None
+
+
+def published_retries(work: UPath) -> list[UPath]:
+    """The attempts whose rows are the dataset's (committing or done), oldest first."""
+    return [folder for _, folder in retry_folders(work)
+            if (retry_state(folder) or {}).get("phase") in (RETRY_COMMITTING, RETRY_DONE)]
+
+
+def retry_parts(folder: UPath) -> list[UPath]:
+    """An attempt's manifest parts, in shard order."""
+    parts = folder / RETRY_STAGED / WORK_DIR / "parts"
+    return sorted(parts.glob("*.parquet"), key=lambda p: p.name) if parts.exists() else []
+
+
+def publish_staged(folder: UPath, out: UPath) -> None:
+    """Move an attempt's shards (each after its recorded checksum) into their splits. Each move is
+    a rename: a rerun after a kill moves the rest."""
+    staged = folder / RETRY_STAGED
+    if not staged.exists():
+        return
+    for split_dir in sorted(staged.iterdir(), key=lambda p: p.name):
+        if split_dir.name == WORK_DIR or not split_dir.is_dir():
+            continue
+        check_split_name(split_dir.name, f"staged retry shards in {folder.name}")
+        names = sorted((p.name for p in split_dir.iterdir() if _STAGED_SHARD.fullmatch(p.name)),
+                       key=lambda n: (n.lstrip(".")[:6], not n.startswith(".")))  # a checksum before its shard
+        for name in names:
+            _move(split_dir / name, out / split_dir.name / name)
+
+
+def _move(src: UPath, dest: UPath) -> None:
+    if is_local(dest):
+        make_dirs(Path(dest.parent.path))
+        publish(Path(src.path), dest.path)
+    else:
+        dest.fs.mv(src.path, dest.path)
+
+
+def _retried_rows(work: UPath) -> tuple[pa.Table, dict[str, int]] | None:
+    """Every published attempt's rows and, per source id, the position of its latest row."""
+    tables = [manifest.read_table(p) for folder in published_retries(work) for p in retry_parts(folder)]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables)
+    return table, {sid: n for n, sid in enumerate(table.column("source_id").to_pylist())}
+
+
+def _with_retried(table: pa.Table, retried: tuple[pa.Table, dict[str, int]] | None) -> pa.Table:
+    """A build part with each row a retry redid replaced by the retry's row, in place."""
+    if retried is None:
+        return table
+    rows, latest = retried
+    ids = table.column("source_id").to_pylist()
+    if not any(sid in latest for sid in ids):
+        return table
+    order = [len(table) + latest[sid] if sid in latest else n for n, sid in enumerate(ids)]
+    return pa.concat_tables([table, rows]).take(pa.array(order, pa.int64()))

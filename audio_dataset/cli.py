@@ -115,16 +115,28 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe-input", type=_key_value, action="append", default=[], metavar="NAME=PATH",
                    help="with --recipe: the input of one of its sources (repeatable)")
     p.add_argument("--only", help="with --recipe: build only these sources (comma-separated names)")
+    p.add_argument("--retry-failed", nargs="?", const="transient", metavar="REASONS",
+                   help="on a finished build (the same options): retry the failed items with these reasons "
+                        "(comma-separated; `transient`, the default, is timeouts, 5xx, 429, connection "
+                        "errors, stalled or cut-off bodies, too_slow, worker_died) into new shards, "
+                        "updating the manifest, sizes.json, SHA256SUMS and stats")
     p.set_defaults(func=run_build)
 
 
 def run_build(args: argparse.Namespace) -> int:
     from audio_dataset.build import build
 
+    if args.recipe and args.retry_failed is not None:
+        raise UserError("--retry-failed goes with --source: retry one source's build in its own --out")
     if args.recipe:
         return run_recipe_build(args)
     if args.recipe_input or args.only:
         raise UserError("--recipe-input and --only go with --recipe")
+    if args.retry_failed is not None:
+        from audio_dataset.retry import parse_reasons, retry_failed
+
+        retry_failed(build_options(args), parse_reasons(args.retry_failed))
+        return 0
     build(build_options(args))
     return 0
 

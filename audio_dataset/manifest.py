@@ -30,6 +30,10 @@ DROP_REASONS = frozenset({"too_short", "too_long", "silent", "low_source_rate"})
 OPTED_OUT = "opted_out"
 # Reasons an item is left out before it is used: an exclusion list, or the site's opt-out.
 EXCLUDE_REASONS = frozenset({STATUS_EXCLUDED, OPTED_OUT})
+# Reasons that say more about the moment than the item (a server error, a slow or broken
+# connection, a worker that died): what `build --retry-failed` retries when given no reasons.
+TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_5xx", "http_429", "stalled",
+                               "truncated_body", "too_slow", "worker_died"})
 
 MANIFEST_FILE = "manifest.parquet"
 
