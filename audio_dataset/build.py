@@ -31,9 +31,9 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.audio import AudioConfig, Media, encode, scan
+from audio_dataset.licenses import classify
 from audio_dataset.listing import INDEX_SCHEMA, IndexWriter
 from audio_dataset.lock import hold_output
-from audio_dataset.licenses import classify
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.redaction import redact

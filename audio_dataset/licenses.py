@@ -76,6 +76,10 @@ _EXACT: dict[str, str | None] = {
     "per sound SoundBible licence (see its page); WavCaps: academic use only": WAVCAPS_ACADEMIC,
     "academic use only (WavCaps); audio: each site's terms (Freesound CC per sound, BBC RemArc, SoundBible, "
     "YouTube)": WAVCAPS_ACADEMIC,
+    # Definitions (manifests/*.toml) of sources whose licence is each item's: known, and deliberately no id.
+    "per sound: CC0, CC BY 3.0/4.0, CC BY-NC 3.0/4.0 (Sampling+ on old uploads); recorded per item": None,
+    "per dataset (its card); recorded per item from a `license` column when there is one": None,
+    "as recorded per item": None,
     # Names (Freesound's API, sidecars, Hugging Face cards).
     "Public domain": PUBLIC_DOMAIN,
     "Public Domain Mark 1.0": "PDM-1.0",
@@ -143,6 +147,11 @@ def license_id(text: str | None) -> str | None:
     return _from_cc_url(squashed) or _from_name(squashed)
 
 
+def is_known(text: str | None) -> bool:
+    """Whether the table knows this string (an id, or a definition that says the licence is per item)."""
+    return license_id(text) is not None or (isinstance(text, str) and _squash(text) in _EXACT_SQUASHED)
+
+
 def class_of(license_id_: str | None) -> str:
     """The class of a license_id (ours or SPDX as this module writes it)."""
     if not license_id_:
@@ -187,5 +196,5 @@ def parse_classes(text: str) -> list[str]:
     return names
 
 
-__all__ = ["CLASSES", "NAMED", "classify", "class_of", "license_id", "license_url", "needs_attribution",
+__all__ = ["CLASSES", "NAMED", "classify", "class_of", "is_known", "license_id", "license_url", "needs_attribution",
            "parse_classes"]
