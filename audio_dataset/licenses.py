@@ -168,6 +168,13 @@ def classify(text: str | None) -> tuple[str | None, str]:
     return found, class_of(found)
 
 
+def sample_licence(meta: dict) -> tuple[str | None, str]:
+    """(license_id, license_class) of a sample JSON, always from its `license` string through this table:
+    one answer for samples written before the fields existed and for ones whose fields were edited."""
+    text = meta.get("license")
+    return classify(text if isinstance(text, str) else None)
+
+
 def needs_attribution(license_id_: str | None) -> bool:
     """Whether the licence asks that the author be credited (every CC BY variant and Sampling+)."""
     return bool(license_id_) and (license_id_.startswith("CC-BY-") or license_id_ == SAMPLING_PLUS)
@@ -186,9 +193,9 @@ def license_url(license_id_: str | None) -> str:
     return f"https://creativecommons.org/licenses/{match[1].lower()}/{match[2]}/{port}"
 
 
-def parse_classes(text: str) -> list[str]:
-    """`open,sharealike` as a list of classes; a ValueError names one that is not a class."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
+def parse_classes(text: str) -> tuple[str, ...]:
+    """`open,sharealike` as classes; a ValueError names one that is not a class."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
     if bad := [n for n in names if n not in CLASSES]:
         raise ValueError(f"unknown licence class {', '.join(bad)}; classes: {', '.join(CLASSES)}")
     if not names:
@@ -196,5 +203,16 @@ def parse_classes(text: str) -> list[str]:
     return names
 
 
+def parse_ids(text: str) -> tuple[str, ...]:
+    """`CC-BY-4.0,CC0-1.0` as ids; a ValueError names one this table never writes."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if bad := [n for n in names if class_of(n) == UNKNOWN]:
+        raise ValueError(f"unknown licence id {', '.join(bad)} (SPDX ids such as CC-BY-4.0, or "
+                         f"{', '.join(sorted(k for k in NAMED if not k.startswith(('CC0', 'PDM'))))})")
+    if not names:
+        raise ValueError("give at least one licence id")
+    return names
+
+
 __all__ = ["CLASSES", "NAMED", "classify", "class_of", "is_known", "license_id", "license_url", "needs_attribution",
-           "parse_classes"]
+           "parse_classes", "parse_ids", "sample_licence"]
