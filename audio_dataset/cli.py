@@ -312,6 +312,24 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_attribution(args: argparse.Namespace) -> int:
+    from audio_dataset.attribution import print_missing, write_attribution
+    from audio_dataset.stats import warn_damaged
+
+    _require_output(args.dataset)
+    result = write_attribution(args.dataset, args.out)
+    warn_damaged(args.dataset, result.damaged)
+    for split, credits in result.credits.items():
+        print(f"{split}: {len(credits)} clip(s) to credit")
+    folder = result.written[0].parent if result.written else (args.out or args.dataset)
+    print(f"wrote {len(result.written)} file(s) in {folder}")
+    print_missing(result)
+    if result.missing:  # the files are written; a publisher must fix these first
+        print(f"audiodata: {len(result.missing)} clip(s) need credit but have no author or URL", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_sources(args: argparse.Namespace) -> int:
     from audio_dataset.recipe import failed_sources
     from audio_dataset.sources_table import sources_table
@@ -374,6 +392,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", type=location, nargs="*", metavar="DATASET", help="build output(s) to count")
     add_renamed(p, {"--out": "the positional DATASET ... (sources reads them)"})
     p.set_defaults(func=run_sources)
+    p = subparsers.add_parser("attribution", help="per split, the credit lines (TSV and Markdown) every clip "
+                                                  "under CC BY, BY-SA, BY-NC or Sampling+ needs")
+    _add_dataset(p)
+    p.add_argument("--out", type=location, help="folder for SPLIT.tsv and SPLIT.md (default DATASET/attribution)")
+    p.set_defaults(func=run_attribution)
     p = subparsers.add_parser("report", help="a self-contained HTML page: figures, plots, samples to listen to")
     _add_dataset(p)
     p.add_argument("--out", type=location, help="where to write the page (default DATASET/report.html)")

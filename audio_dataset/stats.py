@@ -116,12 +116,18 @@ _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066
 _FORMULA_STARTS = ("=", "+", "-", "@")
 
 
-def _cell(value: Any) -> str:
+def one_line(value: Any) -> str:
+    """Text on one line with the characters a terminal or viewer acts on shown as escapes."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                         " ".join(str(value).split()))
+
+
+def tsv_cell(value: Any) -> str:
     """A TSV cell on one line, inert: a decoder's multi-line message must not start a new row, a
     file's name or a server's message must not move the terminal's cursor or run as a formula."""
-    text = _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
-                         " ".join(str(value).split()))
+    text = one_line(value)
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
 
 
 def print_failures(rows: list[dict[str, Any]], file: TextIO | None = None) -> None:
@@ -129,7 +135,7 @@ def print_failures(rows: list[dict[str, Any]], file: TextIO | None = None) -> No
     file = file or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
     print("\t".join(FAILURE_COLUMNS), file=file)
     for row in rows:
-        print("\t".join(_cell(row[c]) for c in FAILURE_COLUMNS), file=file)
+        print("\t".join(tsv_cell(row[c]) for c in FAILURE_COLUMNS), file=file)
 
 
 def print_summary(stats: dict[str, Any], file: TextIO | None = None, out: Location | None = None) -> None:
