@@ -238,7 +238,11 @@ def run_verify(args: argparse.Namespace) -> int:
     report = verify(args.dataset)
     for problem in report.problems:
         print(problem)
+    for warning in report.warnings:  # a dataset fit to train on, not yet to publish: exit 0
+        print(f"warning: {warning}")
     verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    if report.warnings:
+        verdict += f"; {len(report.warnings)} clip(s) without the credit their licence asks for"
     print(f"verified {report.shards} shard(s), {report.samples} sample(s): {verdict}")
     return 0 if report.ok else 1
 

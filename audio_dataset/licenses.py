@@ -74,6 +74,7 @@ _EXACT: dict[str, str | None] = {
     "per sound Freesound CC licence (see its page); WavCaps: academic use only": WAVCAPS_ACADEMIC,
     "RemArc Licence (personal, educational and research use); WavCaps: academic use only": WAVCAPS_ACADEMIC,
     "per sound SoundBible licence (see its page); WavCaps: academic use only": WAVCAPS_ACADEMIC,
+    "YouTube uploader's terms; WavCaps captions: academic use only": WAVCAPS_ACADEMIC,
     "academic use only (WavCaps); audio: each site's terms (Freesound CC per sound, BBC RemArc, SoundBible, "
     "YouTube)": WAVCAPS_ACADEMIC,
     # Definitions (manifests/*.toml) of sources whose licence is each item's: known, and deliberately no id.

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from audio_dataset import manifest
-from audio_dataset.licenses import UNKNOWN, classify, is_known
+from audio_dataset.licenses import CLASSES, UNKNOWN, classify, is_known
 from audio_dataset.source import available_sources, read_definition
 from audio_dataset.storage import Location, location
 
@@ -31,7 +31,8 @@ def built_by_class(outputs: list[Location]) -> dict[tuple[str, str], tuple[int, 
                 total = totals[(row["source"], row["license_class"] or UNKNOWN)]
                 total[0] += 1
                 total[1] += row["output_duration"] / 3600
-    return {key: (int(v[0]), v[1]) for key, v in sorted(totals.items())}
+    order = sorted(totals, key=lambda key: (key[0], CLASSES.index(key[1]) if key[1] in CLASSES else len(CLASSES)))
+    return {key: (int(totals[key][0]), totals[key][1]) for key in order}
 
 
 def definition_class(licence: str | None) -> str:
