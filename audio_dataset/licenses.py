@@ -176,6 +176,20 @@ def sample_licence(meta: dict) -> tuple[str | None, str]:
     return classify(text if isinstance(text, str) else None)
 
 
+_CC_RANK = {"BY": 1, "BY-SA": 2, "BY-ND": 3, "BY-NC": 4, "BY-NC-SA": 5, "BY-NC-ND": 6}
+
+
+def permissiveness(license_id_: str | None) -> int:
+    """Lower is more permissive: public domain and CC0 0, CC BY 1, BY-SA 2, BY-ND 3, BY-NC 4, BY-NC-SA
+    and Sampling+ 5, BY-NC-ND 6, anything else 7 (dedup `--keep license` keeps the lowest)."""
+    if license_id_ in ("CC0-1.0", "PDM-1.0", PUBLIC_DOMAIN):
+        return 0
+    if license_id_ == SAMPLING_PLUS:
+        return 5
+    match = re.match(r"^CC-(BY(?:-NC)?(?:-SA|-ND)?)-\d\.\d", license_id_ or "")
+    return _CC_RANK[match[1]] if match else 7
+
+
 def needs_attribution(license_id_: str | None) -> bool:
     """Whether the licence asks that the author be credited (every CC BY variant and Sampling+)."""
     return bool(license_id_) and (license_id_.startswith("CC-BY-") or license_id_ == SAMPLING_PLUS)
@@ -216,4 +230,4 @@ def parse_ids(text: str) -> tuple[str, ...]:
 
 
 __all__ = ["CLASSES", "NAMED", "classify", "class_of", "is_known", "license_id", "license_url", "needs_attribution",
-           "parse_classes", "parse_ids", "sample_licence"]
+           "parse_classes", "parse_ids", "permissiveness", "sample_licence"]

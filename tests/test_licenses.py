@@ -311,3 +311,14 @@ def test_a_dataset_built_before_the_columns_still_counts_classes(built: Path, tm
     assert main(["stats", str(old), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["per_license_class"]["unknown"]["items"] == 1
     assert main(["verify", str(old)]) == 0
+
+
+def test_dedup_keeps_the_most_permissive_licence_by_the_same_table() -> None:
+    from audio_dataset.curate.dedup import licence_rank
+
+    ranked = ["CC0 1.0", "CC-BY 3.0", "CC BY-SA 4.0", "http://creativecommons.org/licenses/by-nc/3.0/",
+              "CC BY-NC-ND 4.0", "RemArc Licence: personal, educational and research use only"]
+    assert [licence_rank(text) for text in ranked] == sorted(licence_rank(text) for text in ranked)
+    assert len({licence_rank(text) for text in ranked}) == len(ranked)
+    # a label licence is not the audio's: the YouTube clip ranks with the unknowns, not as CC BY
+    assert licence_rank("CC BY 4.0 (labels); audio: the YouTube uploader's terms") == licence_rank(None) == 7
