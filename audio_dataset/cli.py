@@ -318,13 +318,13 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_attribution(args: argparse.Namespace) -> int:
     from audio_dataset.attribution import print_missing, write_attribution
-    from audio_dataset.stats import warn_damaged
+    from audio_dataset.stats import tsv_cell, warn_damaged
 
     _require_output(args.dataset)
     result = write_attribution(args.dataset, args.out)
     warn_damaged(args.dataset, result.damaged)
     for split, credits in result.credits.items():
-        print(f"{split}: {len(credits)} clip(s) to credit")
+        print(f"{tsv_cell(split)}: {len(credits)} clip(s) to credit")  # a folder's name: inert
     folder = result.written[0].parent if result.written else (args.out or args.dataset)
     print(f"wrote {len(result.written)} file(s) in {folder}")
     print_missing(result)
