@@ -17,6 +17,7 @@ module imports nothing of ours: the manifest and the sample writer both use it.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 OPEN = "open"
@@ -163,8 +164,14 @@ def class_of(license_id_: str | None) -> str:
     return _CC_CLASS[match[1].lower()] if match else UNKNOWN
 
 
-def classify(text: str | None) -> tuple[str | None, str]:
-    """(license_id, license_class) of a licence string; (None, "unknown") when it is not in the table."""
+def classify(text: object) -> tuple[str | None, str]:
+    """(license_id, license_class) of a licence string; (None, "unknown") when it is not in the table
+    (or not a string at all: sample JSON is untrusted)."""
+    return _classify(text) if isinstance(text, str) else (None, UNKNOWN)
+
+
+@functools.lru_cache(maxsize=4096)  # a corpus repeats a few strings millions of times
+def _classify(text: str) -> tuple[str | None, str]:
     found = license_id(text)
     return found, class_of(found)
 
@@ -172,8 +179,7 @@ def classify(text: str | None) -> tuple[str | None, str]:
 def sample_licence(meta: dict) -> tuple[str | None, str]:
     """(license_id, license_class) of a sample JSON, always from its `license` string through this table:
     one answer for samples written before the fields existed and for ones whose fields were edited."""
-    text = meta.get("license")
-    return classify(text if isinstance(text, str) else None)
+    return classify(meta.get("license"))
 
 
 _CC_RANK = {"BY": 1, "BY-SA": 2, "BY-ND": 3, "BY-NC": 4, "BY-NC-SA": 5, "BY-NC-ND": 6}

@@ -26,7 +26,7 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.audio import encode_flac, resample, set_channels
-from audio_dataset.licenses import classify
+from audio_dataset.licenses import sample_licence
 from audio_dataset.provenance import PROVENANCE_FILE
 from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, SPLITS, load_json_object
 from audio_dataset.shards import DamagedShard, iter_shard, read_sizes, refusal
@@ -250,10 +250,8 @@ def _sample_card(sample: ReportSample) -> str:
 
 
 def _licence_of(meta: dict[str, Any]) -> str:
-    """`id (class)` from the sample JSON, classified from `license` for samples written before those fields."""
-    found = meta.get("license_id"), meta.get("license_class")
-    if not all(isinstance(v, str) for v in found):
-        found = classify(meta.get("license") if isinstance(meta.get("license"), str) else None)
+    """`id (class)` of the sample's `license` through the table, as filter and attribution read it."""
+    found = sample_licence(meta)
     return f"{found[0] or 'unmapped'} ({found[1]})"
 
 
