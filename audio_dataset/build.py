@@ -31,6 +31,7 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.audio import AudioConfig, Media, encode, scan
+from audio_dataset.licenses import classify
 from audio_dataset.listing import INDEX_SCHEMA, IndexWriter
 from audio_dataset.lock import hold_output
 from audio_dataset.manifest import ManifestRow
@@ -346,6 +347,7 @@ def process_item(source: str, item: Item, data: Media, split: str, shard: str,
     except ItemError as exc:
         return _fail_row(source, item, split, shard, exc, **checks), []
     level = dict(gain_db=result.gain_db, clipped_samples=result.clipped_samples)
+    licence = dict(zip(("license_id", "license_class"), classify(item.license)))
     keys = [safe_key(source, item.source_id, None if result.whole else number) for number in range(len(result.spans))]
 
     def samples() -> Iterator[Sample]:  # encoded as the shard writer asks: one FLAC in hand at a time
@@ -356,7 +358,7 @@ def process_item(source: str, item: Item, data: Media, split: str, shard: str,
                 duration=round(segment.duration, 6), sample_rate=config.sample_rate,
                 channels=config.channels,
                 segment=None if result.whole else [round(segment.start, 6), round(segment.end, 6)],
-                extra=dict(level, downmix=found.downmix, downmix_cancels=found.downmix_cancels,
+                extra=dict(level, **licence, downmix=found.downmix, downmix_cancels=found.downmix_cancels,
                            captions_truncated=truncated),
             )
             yield {"__key__": key, "flac": segment.file, "json": meta.to_json_bytes()}
@@ -364,7 +366,7 @@ def process_item(source: str, item: Item, data: Media, split: str, shard: str,
     row = ManifestRow(
         source=source, source_id=item.source_id, split=split, shard=shard, status=manifest.STATUS_OK,
         sample_keys=keys, n_samples=len(keys), output_duration=result.output_duration,
-        url=item.url, license=item.license, captions_truncated=truncated, **level, **checks,
+        url=item.url, license=item.license, **licence, captions_truncated=truncated, **level, **checks,
     )
     return row, samples()
 

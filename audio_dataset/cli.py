@@ -268,7 +268,11 @@ def run_verify(args: argparse.Namespace) -> int:
     report = verify(args.dataset)
     for problem in report.problems:
         print(problem)
+    for warning in report.warnings:  # a dataset fit to train on, not yet to publish: exit 0
+        print(f"warning: {warning}")
     verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    if report.warnings:
+        verdict += f"; {len(report.warnings)} clip(s) without the credit their licence asks for"
     print(f"verified {report.shards} shard(s), {report.samples} sample(s): {verdict}")
     return 0 if report.ok else 1
 
@@ -339,6 +343,24 @@ def run_report(args: argparse.Namespace) -> int:
     if (dest := _save(page, args.out, args.dataset / REPORT_FILE, "report")) is None:
         return 1  # the page is the whole result
     print(dest)
+    return 0
+
+
+def run_attribution(args: argparse.Namespace) -> int:
+    from audio_dataset.attribution import print_missing, write_attribution
+    from audio_dataset.stats import tsv_cell, warn_damaged
+
+    _require_output(args.dataset)
+    result = write_attribution(args.dataset, args.out)
+    warn_damaged(args.dataset, result.damaged)
+    for split, credits in result.credits.items():
+        print(f"{tsv_cell(split)}: {len(credits)} clip(s) to credit")  # a folder's name: inert
+    folder = result.written[0].parent if result.written else (args.out or args.dataset)
+    print(f"wrote {len(result.written)} file(s) in {folder}")
+    print_missing(result)
+    if result.missing:  # the files are written; a publisher must fix these first
+        print(f"audiodata: {len(result.missing)} clip(s) need credit but have no author or URL", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -414,6 +436,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", type=location, nargs="*", metavar="DATASET", help="build output(s) to count")
     add_renamed(p, {"--out": "the positional DATASET ... (sources reads them)"})
     p.set_defaults(func=run_sources)
+    p = subparsers.add_parser("attribution", help="per split, the credit lines (TSV and Markdown) every clip "
+                                                  "under CC BY, BY-SA, BY-NC or Sampling+ needs")
+    _add_dataset(p)
+    p.add_argument("--out", type=location, help="folder for SPLIT.tsv and SPLIT.md (default DATASET/attribution)")
+    p.set_defaults(func=run_attribution)
     p = subparsers.add_parser("report", help="a self-contained HTML page: figures, plots, samples to listen to")
     _add_dataset(p)
     p.add_argument("--out", type=location, help="where to write the page (default DATASET/report.html)")

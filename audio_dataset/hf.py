@@ -26,8 +26,9 @@ if typing.TYPE_CHECKING:
     import datasets
 
 AUDIO_COLUMN = "audio"
-# Optional JSON fields we know the type of (written by `audiodata k2c`); other extras are not kept.
-_OPTIONAL_FIELDS = {TEXT_AUGMENT_T5_FIELD: list[str], TEXT_AUGMENT_ALL_FIELD: list[str]}
+# Optional JSON fields we know the type of (k2c's captions, the build's licence fields); other extras are not kept.
+_OPTIONAL_FIELDS = {TEXT_AUGMENT_T5_FIELD: list[str], TEXT_AUGMENT_ALL_FIELD: list[str],
+                    "license_id": str, "license_class": str}  # licences: audio_dataset/licenses.py
 
 
 def _feature(hint: Any) -> Any:

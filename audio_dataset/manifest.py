@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from audio_dataset.licenses import classify
 from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, location
 
 STATUS_OK = "ok"
@@ -56,6 +57,10 @@ SCHEMA = pa.schema([
     pa.field("sha256", pa.string()),  # of the source bytes
     pa.field("url", pa.string()),
     pa.field("license", pa.string()),
+    # The licence normalised (audio_dataset/licenses.py): SPDX or named id, and its class. Manifests
+    # written before these columns are read with them derived from `license` (see `_conform`).
+    pa.field("license_id", pa.string()),
+    pa.field("license_class", pa.string()),
     # Level and channels (see README "What a build writes"): the gain that fitted the peak under
     # full scale, samples clipped (--clipping clip), how channels were combined and whether it cancelled.
     pa.field("gain_db", pa.float64()),
@@ -87,6 +92,8 @@ class ManifestRow:
     sha256: str | None = None
     url: str | None = None
     license: str | None = None
+    license_id: str | None = None  # both derived from `license` when neither is given
+    license_class: str | None = None
     gain_db: float | None = None
     clipped_samples: int | None = None
     downmix: str | None = None
@@ -99,6 +106,8 @@ class ManifestRow:
             raise ValueError(f"unknown status {self.status!r}")
         if (self.status == STATUS_OK) != (self.error is None):
             raise ValueError("error is set exactly when status is not ok")
+        if self.license_id is None and self.license_class is None:
+            self.license_id, self.license_class = classify(self.license)
 
 
 assert [f.name for f in fields(ManifestRow)] == SCHEMA.names, "ManifestRow and SCHEMA disagree"
@@ -139,8 +148,24 @@ def write_table(table: pa.Table, path: Location) -> None:
     write_parquet(table.cast(SCHEMA), path)
 
 
+# Columns added after manifests were first written: an older manifest gets them derived on read.
+_LICENSE_COLUMNS = ("license_id", "license_class")
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """A manifest table in SCHEMA; one written before license_id/license_class gets them from `license`."""
+    missing = [name for name in _LICENSE_COLUMNS if name not in table.schema.names]
+    if missing and "license" in table.schema.names:
+        pairs = [classify(text) for text in table.column("license").to_pylist()]
+        derived = {"license_id": [p[0] for p in pairs], "license_class": [p[1] for p in pairs]}
+        for name in missing:
+            table = table.append_column(pa.field(name, pa.string()), pa.array(derived[name], pa.string()))
+        table = table.select([name for name in SCHEMA.names if name in table.schema.names])
+    return table.cast(SCHEMA)
+
+
 def read_table(path: Location) -> pa.Table:
-    return read_parquet(path).cast(SCHEMA)
+    return _conform(read_parquet(path))
 
 
 def concat(paths: list[Location]) -> pa.Table:
@@ -166,7 +191,7 @@ def iter_batches(path: Location, columns: list[str] | None = None,
 def iter_tables(path: Location) -> Iterator[pa.Table]:
     """A manifest file as tables of at most BATCH_ROWS rows, in the manifest schema."""
     for batch in iter_batches(path):
-        yield pa.Table.from_batches([batch]).cast(SCHEMA)
+        yield _conform(pa.Table.from_batches([batch]))
 
 
 def read_rows(path: Location, start: int, stop: int, column: str) -> list[Any]:

@@ -26,6 +26,7 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.audio import encode_flac, resample, set_channels
+from audio_dataset.licenses import sample_licence
 from audio_dataset.provenance import PROVENANCE_FILE
 from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, SPLITS, load_json_object
 from audio_dataset.shards import DamagedShard, iter_shard, read_sizes, refusal
@@ -138,6 +139,20 @@ def _group_table(title: str, groups: dict[str, dict[str, Any]]) -> str:
     return _table(headers, rows, "num")
 
 
+def _licences(stats: dict[str, Any]) -> str:
+    """Hours written per licence class, per source and in total (audio_dataset/licenses.py's classes)."""
+    classes = list(stats.get("per_license_class", {}))
+    if not classes:
+        return "<p class=muted>No licence classes recorded.</p>"
+    rows = [[source, *(f"{hours.get(c, 0.0):.3f}" for c in classes)]
+            for source, hours in stats["license_class_hours"].items()]
+    rows.append(["total", *(f"{stats['per_license_class'][c]['hours_out']:.3f}" for c in classes)])
+    items = [["kept items", *(stats["per_license_class"][c]["by_status"][manifest.STATUS_OK] for c in classes)]]
+    note = ("<p class=muted>Hours written per licence class. <code>audiodata filter --license-class open,sharealike"
+            "</code> writes the publishable subset; <code>audiodata attribution</code> the credit lines.</p>")
+    return f"<section id=licences>{_table(['source', *classes], rows + items, 'num')}{note}</section>"
+
+
 def _summary(stats: dict[str, Any], sizes: dict[str, int]) -> str:
     total = sum(sizes.values())
     facts = [("samples", f'<span id="samples-total">{total}</span>'),
@@ -229,8 +244,15 @@ def _sample_card(sample: ReportSample) -> str:
         f'<audio controls preload="metadata" src="{uri}"></audio>'
         f"<ul class=captions>{captions}</ul><div class=tags>{tags}</div>"
         f"<dl><dt>licence</dt><dd class=license>{_e(meta.get('license'))}</dd>"
+        f"<dt>licence class</dt><dd class=license-class>{_e(_licence_of(meta))}</dd>"
         f"<dt>author</dt><dd class=author>{_e(meta.get('author'))}</dd>"
         f"<dt>source</dt><dd class=url>{_link(meta.get('url'))}</dd></dl></article>")
+
+
+def _licence_of(meta: dict[str, Any]) -> str:
+    """`id (class)` of the sample's `license` through the table, as filter and attribution read it."""
+    found = sample_licence(meta)
+    return f"{found[0] or 'unmapped'} ({found[1]})"
 
 
 _STYLE = """
@@ -260,6 +282,7 @@ def render(out: str, stats: dict[str, Any], sizes: dict[str, int], pngs: dict[st
         _damaged(out, damaged),
         "<h2>Per split</h2>", _group_table("split", stats["per_split"]),
         "<h2>Per source</h2>", _group_table("source", stats["per_source"]),
+        "<h2>Licences</h2>", _licences(stats),
         "<h2>Items not kept</h2>", _reasons(stats, failed), _failure_list(out, not_kept),
         "<h2>Plots</h2>", _plots(pngs),
         f"<h2>Samples ({len(samples)})</h2>", '<div class=samples id=samples>',

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from audio_dataset import manifest
+from audio_dataset.licenses import CLASSES, UNKNOWN
 from audio_dataset.schema import JSON_EXT, SampleRefused, load_json_object, split_order
 from audio_dataset.shards import DamagedShard, Sample, iter_shard, refusal, shard_paths
 from audio_dataset.storage import Location, location
@@ -29,7 +30,7 @@ def _hours(seconds: float | None) -> float:
     return round((seconds or 0.0) / 3600, 4)
 
 
-_GROUP_KEYS = ["split", "source", "status", "error"]
+_GROUP_KEYS = ["split", "source", "status", "error", "license_class"]
 _SUMS = ["n_samples", "source_duration", "output_duration"]
 
 
@@ -37,7 +38,7 @@ class StatsCounter:
     """The figures of `compute_stats`, added up a manifest table at a time (memory stays flat)."""
 
     def __init__(self) -> None:
-        # (split, source, status, error) -> [items, samples, seconds in, seconds out]
+        # (split, source, status, error, license_class) -> [items, samples, seconds in, seconds out]
         self.groups: dict[tuple, list[float]] = {}
 
     def add(self, table: pa.Table) -> None:
@@ -75,10 +76,16 @@ class StatsCounter:
     def result(self) -> dict[str, Any]:
         splits = sorted({k[0] for k in self.groups}, key=split_order)
         sources = sorted({k[1] for k in self.groups})
+        classes = [c for c in CLASSES if any((k[4] or UNKNOWN) == c for k in self.groups)]
         return {
             **self._group(lambda key: True),
             "per_split": {s: self._group(lambda key, s=s: key[0] == s) for s in splits},
             "per_source": {s: self._group(lambda key, s=s: key[1] == s) for s in sources},
+            "per_license_class": {c: self._group(lambda key, c=c: (key[4] or UNKNOWN) == c) for c in classes},
+            # source -> licence class -> hours written: what a publishable subset would hold
+            "license_class_hours": {s: {c: _hours(sum(v[3] for k, v in self.groups.items()
+                                                     if k[1] == s and (k[4] or UNKNOWN) == c))
+                                        for c in classes} for s in sources},
         }
 
 
@@ -109,12 +116,18 @@ _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066
 _FORMULA_STARTS = ("=", "+", "-", "@")
 
 
-def _cell(value: Any) -> str:
+def one_line(value: Any) -> str:
+    """Text on one line with the characters a terminal or viewer acts on shown as escapes."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                         " ".join(str(value).split()))
+
+
+def tsv_cell(value: Any) -> str:
     """A TSV cell on one line, inert: a decoder's multi-line message must not start a new row, a
     file's name or a server's message must not move the terminal's cursor or run as a formula."""
-    text = _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
-                         " ".join(str(value).split()))
+    text = one_line(value)
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
 
 
 def print_failures(rows: list[dict[str, Any]], file: TextIO | None = None) -> None:
@@ -122,7 +135,7 @@ def print_failures(rows: list[dict[str, Any]], file: TextIO | None = None) -> No
     file = file or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
     print("\t".join(FAILURE_COLUMNS), file=file)
     for row in rows:
-        print("\t".join(_cell(row[c]) for c in FAILURE_COLUMNS), file=file)
+        print("\t".join(tsv_cell(row[c]) for c in FAILURE_COLUMNS), file=file)
 
 
 def print_summary(stats: dict[str, Any], file: TextIO | None = None, out: Location | None = None) -> None:
@@ -135,6 +148,9 @@ def print_summary(stats: dict[str, Any], file: TextIO | None = None, out: Locati
         s = g["by_status"]
         print(f"{name:<8}{g['items']:>8}{s['ok']:>8}{s['dropped']:>9}{s['failed']:>8}{s['excluded']:>10}"
               f"{g['samples']:>9}{g['hours_in']:>9.3f}{g['hours_out']:>9.3f}", file=file)
+    if classes := stats.get("per_license_class"):
+        print("licences: " + ", ".join(f"{name} {g['by_status']['ok']} ({g['hours_out']:.3f} h)"
+                                       for name, g in classes.items()), file=file)
     if stats["by_reason"]:
         reasons = ", ".join(f"{k}={v}" for k, v in stats["by_reason"].items())
         print(f"reasons: {reasons}", file=file)

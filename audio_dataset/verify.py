@@ -11,6 +11,7 @@ from upath import UPath
 
 from audio_dataset import manifest
 from audio_dataset.build import CONFIG_FILE, WORK_DIR
+from audio_dataset.licenses import needs_attribution, sample_licence
 from audio_dataset.schema import SIZES_FILE, SampleRefused, load_json_object, validate_meta
 from audio_dataset.shards import CHECKSUMS_FILE, DamagedShard, file_sha256, iter_shard, read_checksums, refusal, \
     shard_paths
@@ -22,6 +23,9 @@ class VerifyReport:
     shards: int = 0
     samples: int = 0
     problems: list[str] = field(default_factory=list)
+    # Found, but not a broken dataset: clips whose licence asks for credit with nothing to credit.
+    warnings: list[str] = field(default_factory=list)
+    _uncredited: set[tuple[Any, Any]] = field(default_factory=set, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -52,6 +56,7 @@ def _check_sample(name: str, sample: dict, report: VerifyReport, built: dict[str
         report.problems.append(f"{where}: {exc}")
         return
     report.problems.extend(f"{where}: {p}" for p in validate_meta(meta))
+    _check_credit(where, meta, report)
     report.problems.extend(f"{where}: JSON {option} {meta.get(option)}, the build's options say {value}"
                            for option, value in built.items() if meta.get(option) != value)
     try:
@@ -67,6 +72,20 @@ def _check_sample(name: str, sample: dict, report: VerifyReport, built: dict[str
     claimed = meta.get("duration")
     if not isinstance(claimed, (int, float)) or abs(duration - float(claimed)) > 0.01:
         report.problems.append(f"{where}: FLAC lasts {duration:.3f}s, JSON says {meta.get('duration')}")
+
+
+def _check_credit(where: str, meta: dict[str, Any], report: VerifyReport) -> None:
+    """A clip whose licence asks for attribution needs an author or a URL (`audiodata attribution`)."""
+    licence_id, _ = sample_licence(meta)
+    if not needs_attribution(licence_id):
+        return
+    if any(isinstance(meta.get(name), str) and meta[name].strip() for name in ("author", "url")):
+        return
+    clip = (meta.get("source"), meta.get("source_id"))
+    clip = clip if all(isinstance(part, str) for part in clip) else (where, None)
+    if clip not in report._uncredited:  # one line per clip, not per segment
+        report._uncredited.add(clip)
+        report.warnings.append(f"{where}: licence {licence_id} asks for attribution, but the clip has no author or url")
 
 
 def _decode_flac(data: bytes) -> tuple[int, int, int]:

@@ -131,13 +131,32 @@ def run_filter_command(args: argparse.Namespace) -> int:
     _require_dataset(args.dataset)
     options = FilterOptions(min_similarity=args.min_similarity, top_fraction=args.top_fraction,
                             min_seconds=args.min_seconds, max_seconds=args.max_seconds, min_lufs=args.min_lufs,
-                            max_lufs=args.max_lufs, languages=tuple(args.language), dedup=args.dedup)
+                            max_lufs=args.max_lufs, languages=tuple(args.language), dedup=args.dedup,
+                            license_classes=args.license_class or (), license_ids=args.license_id or ())
     report("filter", run_filter(args.dataset, options, run_options(args, args.dataset, args.out), args.embeddings))
     return 0
 
 
+def _licence_classes(text: str) -> tuple[str, ...]:
+    from audio_dataset.licenses import parse_classes
+
+    try:
+        return parse_classes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _licence_ids(text: str) -> tuple[str, ...]:
+    from audio_dataset.licenses import parse_ids
+
+    try:
+        return parse_ids(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_filter_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("filter", help="a new dataset of the samples that pass similarity, duration, "
+    p = subparsers.add_parser("filter", help="a new dataset of the samples that pass licence, similarity, duration, "
                                              "loudness, language and dedup tests")
     p.add_argument("dataset", type=location, help="a build output")
     p.add_argument("--out", required=True, type=location, help="the new dataset's folder (rerun to resume)")
@@ -150,6 +169,11 @@ def add_filter_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--language", action="append", default=[],
                    help="caption language to keep, ISO 639-1 (repeatable); texts under 3 words pass")
     p.add_argument("--dedup", action="store_true", help="drop what `audiodata dedup` did not keep")
+    p.add_argument("--license-class", type=_licence_classes, metavar="CLASS[,CLASS]",
+                   help="keep samples whose licence class is one of these (open, sharealike, noncommercial, "
+                        "restricted, unknown): `open,sharealike` is the publishable subset")
+    p.add_argument("--license-id", type=_licence_ids, metavar="ID[,ID]",
+                   help="keep samples with one of these licence ids too (CC-BY-4.0, CC0-1.0, ...)")
     p.add_argument("--embeddings", type=location, help="embed's output (default DATASET/embed)")
     add_worker_options(p)
     p.set_defaults(func=run_filter_command)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,6 +34,7 @@ from audio_dataset.curate import fingerprint as fp
 from audio_dataset.curate.common import NO_AUDIO, OK, audio_bytes, read_columns, sample_meta
 from audio_dataset.curate.embed import embedding_model, split_files
 from audio_dataset.curate.index import build_index
+from audio_dataset.licenses import classify, permissiveness
 from audio_dataset.manifest import read_parquet, write_parquet
 from audio_dataset.shards import Sample, file_sha256
 from audio_dataset.source import ItemError, UserError
@@ -261,14 +261,10 @@ def _components(count: int, links: list[Link]) -> np.ndarray:
     return np.array([root(i) for i in range(count)])
 
 
-_LICENCE_ORDER = [("cc0", 0), ("public domain", 0), ("publicdomain", 0), ("by-nc-nd", 6), ("by-nc-sa", 5),
-                  ("by-nc", 4), ("by-nd", 3), ("by-sa", 2), ("by", 1)]
-
-
 def licence_rank(licence: str | None) -> int:
-    """Lower is more permissive: CC0/public domain, CC-BY, BY-SA, BY-ND, BY-NC, BY-NC-SA, BY-NC-ND, other."""
-    text = re.sub(r"[\s_]+", "-", (licence or "").lower()).replace("cc-", "")
-    return next((rank for name, rank in _LICENCE_ORDER if name.replace(" ", "-") in text), 7)
+    """Lower is more permissive: CC0/public domain, CC-BY, BY-SA, BY-ND, BY-NC, BY-NC-SA and Sampling+,
+    BY-NC-ND, then restricted and unknown licences (read through audio_dataset/licenses.py's table)."""
+    return permissiveness(classify(licence)[0])
 
 
 def _keeper(members: list[int], column: dict[str, list[Any]], rule: str) -> int:

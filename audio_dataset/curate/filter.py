@@ -1,7 +1,8 @@
 """`audiodata filter`: a new dataset of the samples that pass every given test, in order, audio bytes
 verbatim; `filter_manifest.parquet` has one row per input sample: `kept` or the first test it failed.
 
-Tests, cheapest first: the dedup result (`duplicate`, `eval_overlap`), duration (`too_short`,
+Tests, cheapest first: the licence (`license`: its class or id is not among --license-class or
+--license-id, classified by audio_dataset/licenses.py from the sample's `license`), the dedup result (`duplicate`, `eval_overlap`), duration (`too_short`,
 `too_long`), CLAP audio-text similarity from `audiodata embed` (`low_similarity`, or `no_embedding`
 for a sample embed could not score) as a threshold or the top fraction per source, the captions'
 language (`language`), loudness (`too_quiet`, `too_loud`, `loudness_unmeasurable` under 0.4 s).
@@ -27,6 +28,7 @@ from audio_dataset.curate.common import OK, audio_bytes, captions, read_columns,
 from audio_dataset.curate.dedup import DEDUP_STAGE, DUPLICATE, EVAL_OVERLAP, Drop, drop_detail, drop_of, \
     dropped_samples
 from audio_dataset.curate.embed import EMBED_STAGE, embedding_model
+from audio_dataset.licenses import sample_licence
 from audio_dataset.shards import Sample, file_sha256
 from audio_dataset.source import ItemError, UserError
 from audio_dataset.stage_runner import DROP, KEPT, RunOptions, RunSummary, ShardJob, Stage, check_run, run_stage
@@ -35,11 +37,13 @@ FILTER_STAGE = "filter"
 MIN_LANGUAGE_WORDS = 3
 TOO_SHORT, TOO_LONG, LOW_SIMILARITY, NO_EMBEDDING = "too_short", "too_long", "low_similarity", "no_embedding"
 LANGUAGE, TOO_QUIET, TOO_LOUD, UNMEASURABLE = "language", "too_quiet", "too_loud", "loudness_unmeasurable"
+LICENSE = "license"
 
 FILTER_SCHEMA = pa.schema([
     ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("source", pa.string()),
     ("status", pa.string()), ("duration", pa.float64()), ("similarity", pa.float64()),
     ("language", pa.string()), ("loudness", pa.float64()), ("matched_key", pa.string()),
+    ("license_id", pa.string()), ("license_class", pa.string()),
 ])
 
 
@@ -53,10 +57,14 @@ class FilterOptions:
     max_lufs: float | None = None
     languages: tuple[str, ...] = ()
     dedup: bool = False
+    # A sample passes when its licence class is one of these or its id one of those (licenses.py).
+    license_classes: tuple[str, ...] = ()
+    license_ids: tuple[str, ...] = ()
 
     def check(self) -> None:
         if not any(v is not None for v in (self.min_similarity, self.top_fraction, self.min_seconds, self.max_seconds,
-                                           self.min_lufs, self.max_lufs)) and not self.languages and not self.dedup:
+                                           self.min_lufs, self.max_lufs)) and not self.languages and not self.dedup \
+                and not self.license_classes and not self.license_ids:
             raise UserError("no test given (see audiodata filter --help)")
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
             raise UserError("--top-fraction must be in (0, 1]")
@@ -130,9 +138,10 @@ class FilterProcessor:
         key, source = sample["__key__"], meta.get("source")
         row = {"split": job.split, "shard": job.name, "key": key, "source": source, "status": KEPT,
                "duration": meta.get("duration"), "similarity": similarity, "language": None, "loudness": None,
-               "matched_key": None}
+               "matched_key": None, "license_id": None, "license_class": None}
         duration = row["duration"] if isinstance(row["duration"], (int, float)) else 0.0
         checks = [
+            (lambda: self._license_reason(row, meta)),
             (lambda: self._dedup_reason(row, job, seen)),
             (lambda: TOO_SHORT if o.min_seconds is not None and duration < o.min_seconds else None),
             (lambda: TOO_LONG if o.max_seconds is not None and duration > o.max_seconds else None),
@@ -142,6 +151,14 @@ class FilterProcessor:
         ]
         row["status"] = next((reason for check in checks if (reason := check())), KEPT)
         return row
+
+    def _license_reason(self, row: dict[str, Any], meta: dict[str, Any]) -> str | None:
+        o = self.options
+        row["license_id"], row["license_class"] = sample_licence(meta)
+        if not o.license_classes and not o.license_ids:
+            return None
+        allowed = row["license_class"] in o.license_classes or row["license_id"] in o.license_ids
+        return None if allowed else LICENSE
 
     def _dedup_reason(self, row: dict[str, Any], job: ShardJob, seen: set[str]) -> str | None:
         if not self.options.dedup:
@@ -195,6 +212,8 @@ def filter_detail(row: dict[str, Any]) -> str | None:
     """A dropped sample's row as the output manifest's `error_detail`: what was measured."""
     if row["status"] in (DUPLICATE, EVAL_OVERLAP):
         return drop_detail(row)
+    if row["status"] == LICENSE:
+        return f"licence {row.get('license_id') or 'unmapped'} ({row.get('license_class')})"
     measured = {TOO_SHORT: ("duration", "{:.2f} s"), TOO_LONG: ("duration", "{:.2f} s"),
                 LOW_SIMILARITY: ("similarity", "{:.3f}"), LANGUAGE: ("language", "{}"),
                 TOO_QUIET: ("loudness", "{:.1f} LUFS"), TOO_LOUD: ("loudness", "{:.1f} LUFS")}.get(row["status"])
