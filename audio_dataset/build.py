@@ -33,7 +33,7 @@ from audio_dataset import manifest
 from audio_dataset.audio import AudioConfig, Media, encode, scan
 from audio_dataset.licenses import classify
 from audio_dataset.listing import INDEX_SCHEMA, IndexWriter
-from audio_dataset.lock import hold_output
+from audio_dataset.lock import hold_output, refuse_foreign
 from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.redaction import redact
@@ -707,6 +707,8 @@ def build(options: BuildOptions, held: HeldRun | None = None) -> BuildSummary:
     out = trust_output(options.out)
     created = is_local(out) and not Path(out.path).exists()
     _check_out_is_not_input(out, options.source_config.input)
+    if is_local(out):
+        refuse_foreign(out)  # before the listing state below is written into it
     # Listing state is scratch space the source reads and writes often: keep it on local disk.
     options.source_config.state_dir = options.source_config.state_dir or _local_state_dir(out)
     options.source_config.honour_opt_outs = _opt_outs(options) == "honoured"

@@ -29,10 +29,14 @@ from pathlib import Path
 
 from upath import UPath
 
+from audio_dataset.schema import shown
 from audio_dataset.source import UserError
 from audio_dataset.storage import check_output_tree, is_local, make_dirs, open_own, trust_output
 
 LOCK_FILE = ".audiodata.lock"
+# Names only an audiodata output holds (with a stage's `.STAGE/run.json`): a folder that holds
+# none of them but other files is someone else's, and no command writes into it.
+OUR_NAMES = frozenset({LOCK_FILE, "_work", "manifest.parquet", "provenance.json", "recipe.json", "_sources"})
 LEASE_REFRESH_S = 15.0
 LEASE_STALE_S = 120.0
 LEASE_SETTLE_S = 1.0
@@ -202,12 +206,30 @@ def current_holder(out: UPath) -> Holder | None:
     return None if holder is None or holder.is_dead_here() else holder
 
 
+def refuse_foreign(out: UPath) -> None:
+    """A non-empty local folder no audiodata command wrote (`--out ./docs`) is refused in one line
+    before anything is written into it; an empty one, or an earlier output, is fine."""
+    path = Path(out.path)
+    try:
+        entries = os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not entries or OUR_NAMES.intersection(entries) or any(
+            name.startswith(".") and (path / name / "run.json").is_file() for name in entries):
+        return
+    check_output_tree(out)  # a planted link is named as one, not as a foreign file
+    names = ", ".join(shown(name) for name in sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+    raise UserError(f"--out {out} holds files audiodata did not write ({names}): name a new or empty "
+                    "folder, or an earlier output of the same command")
+
+
 @contextmanager
 def hold_output(out: UPath, stage: str) -> Iterator[Holder]:
     """Hold the output for one writer for the duration of the block, or raise OutputLocked."""
     holder = Holder(stage)
     trust_output(out)
     if is_local(out):
+        refuse_foreign(out)
         fd = _flock(out, holder)
         try:
             check_output_tree(out)  # held: no writer of ours is changing the tree under the walk

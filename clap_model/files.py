@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from clap_model.config import UsageError
+
 
 class UnsafeTarget(OSError):
     """The name to write is a symbolic link or not what the tool writes there: refused, not followed."""
@@ -69,3 +71,17 @@ def append_line(path: Path, line: str) -> None:
         if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
             raise UnsafeTarget(f"refusing to write {path}: it is not a regular file of its own")
         handle.write(line + "\n")
+
+
+def check_out(out: Path, resume: str | None) -> None:
+    """A run writes into a new or empty folder, or continues the one in it with --resume: training
+    over another run would replace its latest.pt and first epochs, keep its later ones and append
+    to its results."""
+    if resume or not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a run folder")
+    if any(out.iterdir()):
+        held = "a run (latest.pt)" if (out / "latest.pt").exists() else "files"
+        raise UsageError(f"--out {out} already holds {held}; continue it with --resume latest, "
+                         "or name a new or empty folder")

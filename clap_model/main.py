@@ -6,7 +6,9 @@ mistakes answer at once.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from clap_model import files
 from clap_model.cli_common import Stop, load_modules, run_command
 from clap_model.config import UsageError, error_line
 from clap_model.params import train_parser
@@ -25,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) < (0 if name == "workers" else 1):
                 print(f"{PROG}: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
                 return 2
+        try:
+            files.check_out(Path(args.out), args.resume)  # said before torch loads
+        except UsageError as exc:
+            print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
+            return 2
         load_modules(stop, "clap_model.trainer")
         from clap_model import distributed
         from clap_model.trainer import Run

@@ -151,7 +151,8 @@ def add_clip_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
 def eval_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="clap-eval", description="Evaluate a CLAP checkpoint.")
     parser.add_argument("--checkpoint", required=True,
-                        help="a clap-train checkpoint, or a LAION-CLAP release together with --model")
+                        help="a clap-train checkpoint, a LAION-CLAP release (with --model), a Microsoft "
+                             "CLAP file, or a Hugging Face ClapModel folder or hub id")
     parser.add_argument("--model", default=None,
                         help=f"architecture of a LAION-CLAP checkpoint (clap-train checkpoints carry theirs): "
                              f"{presets_help()}")

@@ -15,7 +15,7 @@ from clap_model import checkpoint as ckpt
 from clap_model import distributed, files
 from clap_model.clap import CLAP
 from clap_model.cli_common import Stop
-from clap_model.config import UsageError, get_preset
+from clap_model.config import get_preset
 from clap_model.data import (DataError, LoaderConfig, ShardDataset, ShardSet, batches_per_worker, make_loader,
                              steps_per_epoch)
 from clap_model.evaluate import audio_spec, check_eval_args, run_evaluations
@@ -37,20 +37,6 @@ def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if name in saved and name not in NO_EFFECT_ON_TRAINING and saved[name] != value]
 
 
-def check_out(out: Path, resume: str | None) -> None:
-    """A run writes into a new or empty folder, or continues the one in it with --resume: training
-    over another run would replace its latest.pt and first epochs, keep its later ones and append
-    to its results."""
-    if resume or not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a run folder")
-    if any(out.iterdir()):
-        held = "a run (latest.pt)" if (out / "latest.pt").exists() else "files"
-        raise UsageError(f"--out {out} already holds {held}; continue it with --resume latest, "
-                         "or name a new or empty folder")
-
-
 class Run:
     """Everything one process of a training run holds. `stop` holds a SIGINT / SIGTERM that arrives
     while training: the step in progress finishes, OUT/latest.pt is saved, then it is raised."""
@@ -60,7 +46,7 @@ class Run:
         self.stop = stop or Stop()
         self.out = Path(args.out)
         self.saved_step: int | None = None  # the step OUT/latest.pt holds, once this run saved it
-        check_out(self.out, args.resume)
+        files.check_out(self.out, args.resume)
         distributed.barrier(info)  # every rank has looked before rank 0 creates OUT
         self.precision = args.precision or ("bf16" if info.device.type == "cuda" else "fp32")
         if info.device.type == "cuda":  # fp32 work outside autocast (mel features) may use TF32
