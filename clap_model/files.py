@@ -38,6 +38,10 @@ def make_folder(path: Path) -> None:
     and so is a link already in it (a run refused at the start, not after an epoch of training)."""
     check_target(path, folder=True)
     path.mkdir(parents=True, exist_ok=True)
+    refuse_links_in(path)
+
+
+def refuse_links_in(path: Path) -> None:
     with os.scandir(path) as entries:
         for entry in entries:
             if entry.is_symlink():
@@ -82,6 +86,7 @@ def check_out(out: Path, resume: str | None) -> None:
     if not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a run folder")
     if any(out.iterdir()):
+        refuse_links_in(out)  # a planted link is named as one
         held = "a run (latest.pt)" if (out / "latest.pt").exists() else "files"
         raise UsageError(f"--out {out} already holds {held}; continue it with --resume latest, "
                          "or name a new or empty folder")

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         try:
             files.check_out(Path(args.out), args.resume)  # said before torch loads
-        except UsageError as exc:
+        except (UsageError, OSError) as exc:
             print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
             return 2
         load_modules(stop, "clap_model.trainer")

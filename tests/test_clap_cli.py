@@ -66,7 +66,7 @@ def test_help_comes_at_once_with_the_defaults(prog):
 @pytest.mark.parametrize("prog,argv", [("clap-train", ["--train-data", "x", "--out", "y", "--epochs", "many"]),
                                        ("clap-train", ["--no-such-option"]),
                                        ("clap-eval", ["--checkpoint", "x.pt", "--data-filling", "loop"]),
-                                       ("clap-export", ["x.pt", "out", "--format", "onnx"])])
+                                       ("clap-export", ["--checkpoint", "x.pt", "--out", "out", "--format", "onnx"])])
 def test_a_usage_mistake_is_one_line_at_once(prog, argv):
     started = time.monotonic()
     result = _run(COMMANDS[prog], *argv)
@@ -106,7 +106,7 @@ def _hub_env(tmp_path: Path, offline: bool) -> dict[str, str]:
 
 HUB_CASES = [
     ("clap-eval", ["--checkpoint", "nobody/no-such-clap", "--val-data", "{shards}", "--workers", "0"]),
-    ("clap-export", ["nobody/no-such-clap", "--format", "laion", "{tmp}/out.pt"]),
+    ("clap-export", ["--checkpoint", "nobody/no-such-clap", "--format", "laion", "--out", "{tmp}/out.pt"]),
     ("clap-train", ["--train-data", "{shards}", "--model", "htsat-tiny-roberta", "--batch-size", "2", "--workers", "0",
                     "--out", "{tmp}/run"]),
 ]

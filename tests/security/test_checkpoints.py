@@ -80,7 +80,8 @@ def _cap_memory() -> None:
 COMMANDS = {
     "clap-eval": lambda s, p: ["-m", "clap_model.evaluate", "--checkpoint", str(p), "--val-data",
                                str(s.dataset / "train" / "000000.tar")],
-    "clap-export": lambda s, p: ["-m", "clap_model.export", str(p), "--format", "laion", str(s.out / "x.pt")],
+    "clap-export": lambda s, p: ["-m", "clap_model.export", "--checkpoint", str(p), "--format", "laion",
+                                 "--out", str(s.out / "x.pt")],
     "embed": lambda s, p: ["-m", "audio_dataset.cli", "embed", str(s.dataset), "--checkpoint", str(p),
                            "--out", str(s.out / "embed")],
     "clap-train": lambda s, p: ["-m", "clap_model.main", "--train-data", str(s.dataset / "train" / "000000.tar"),
@@ -159,8 +160,8 @@ def test_our_checkpoint_still_exports(scene):
     ckpt.save_atomic({"config": cfg.to_dict(), "state_dict": CLAP(cfg, pretrained_text=False).state_dict(),
                       "epoch": 1}, path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scene.tmp)}
-    done = subprocess.run([sys.executable, "-m", "clap_model.export", str(path), "--format", "msclap",
-                           str(scene.out / "x.pth")], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    done = subprocess.run([sys.executable, "-m", "clap_model.export", "--checkpoint", str(path), "--format", "msclap",
+                           "--out", str(scene.out / "x.pth")], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
     # tiny is no msclap architecture: refused after loading, which proves the file loaded.
     assert done.returncode == 2 and "msclap's format holds only" in done.stderr, done.stderr[-2000:]
 
