@@ -196,6 +196,22 @@ class Run:
                               json.dumps({"epoch": self.state.epoch, "step": self.state.step, **metrics}))
         distributed.barrier(self.info)
 
+    def _missed_evaluation(self) -> bool:
+        """Whether the run was stopped after an epoch's checkpoint but before its evaluation: the
+        resumed run then evaluates that epoch first, so results.jsonl is an uninterrupted run's."""
+        epoch, args = self.state.epoch, self.args
+        if self.state.step_in_epoch or not epoch or not (args.val_data or args.zeroshot_data) \
+                or not (epoch % args.val_frequency == 0 or epoch == args.epochs):
+            return False
+        if self.info.world_size > 1:  # every rank must agree before the barrier: left to the next epoch
+            return False
+        try:
+            with open(self.out / "results.jsonl", "rb") as handle:
+                rows = handle.read(64 << 20).splitlines()  # our own one-line rows; a bound all the same
+        except FileNotFoundError:
+            return True
+        return not any(row.startswith(b'{"epoch": %d,' % epoch) for row in rows)
+
     def on_step(self, state: TrainState) -> None:
         # At an epoch's last step the stop waits for fit's epoch checkpoint.
         if state.step_in_epoch < self.steps and self.stop_requested():
@@ -243,6 +259,8 @@ class Run:
                            args.batch_size * self.info.world_size, args.grad_clip_norm, args.log_every,
                            args.max_steps, self.log, self.scalar, self.on_step)
         try:
+            if args.resume and self._missed_evaluation():
+                self.evaluate()
             while self.state.epoch < args.epochs:
                 if args.max_steps is not None and self.state.step >= args.max_steps:
                     break

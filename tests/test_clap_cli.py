@@ -263,3 +263,22 @@ def test_the_shipped_vocabulary_is_what_its_readme_says(tmp_path):
     tokenizer = shipped_tokenizer("audioset-bpe")
     ids = tokenizer(["The sound of Dog, Bark and Speech"])["input_ids"][0]
     assert len(ids) < 16 and tokenizer.decode(ids, skip_special_tokens=True) == "The sound of Dog, Bark and Speech"
+
+
+def test_an_evaluation_a_stop_cut_short_is_done_on_resume(shards, tmp_path, capsys):
+    """Stopped after an epoch's checkpoint but before its evaluation row: `--resume latest` evaluates
+    that epoch first, so results.jsonl holds every epoch's row, as the uninterrupted run's does."""
+    out = tmp_path / "run"
+    args = _train_args(shards, out, "--val-data", f"{shards}/{{000000..000001}}.tar")
+    assert clap_main.main(args) == 0
+    rows = (out / "results.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [1, 2, 3]
+    (out / "results.jsonl").write_text("\n".join(rows[:2]) + "\n")  # the last epoch's evaluation never ran
+    capsys.readouterr()
+    assert clap_main.main([*args, "--resume", "latest"]) == 0
+    assert "eval epoch 3" in capsys.readouterr().out
+    resumed = [json.loads(row) for row in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert resumed[2] == json.loads(rows[2])  # the same weights give the same metrics
+    assert clap_main.main([*args, "--resume", "latest"]) == 0  # nothing missing: no second row
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
