@@ -1,0 +1,99 @@
+"""Findings of the hostile review (issue 16's retry): a dataset's OWN records -- sizes.json,
+provenance.json, SHA256SUMS -- are data like any shard member. Nested 100k deep, 20 GB sparse,
+a list, or counts that are strings, they gave verify, report and clap-eval a RecursionError or
+TypeError traceback (or read the whole file); now one line naming the file, exit 2."""
+from __future__ import annotations
+
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audio_dataset.build import BuildOptions, build
+from audio_dataset.source import SourceConfig
+from conftest import REAL_AUDIO_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA_CAP = 2 << 30  # a sparse record read whole would need 20 GB: a MemoryError traceback here
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_local) -> Path:
+    out = tmp_path_factory.mktemp("review") / "clean"
+    build(BuildOptions(source="local", out=out, source_config=SourceConfig(input=str(REAL_AUDIO_DIR)),
+                       split_ratios={"train": 1.0}, samples_per_shard=5, workers=1, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    from clap_model.clap import CLAP
+    from clap_model.config import get_preset
+
+    cfg = get_preset("tiny", None)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"config": cfg.to_dict(), "state_dict": CLAP(cfg, pretrained_text=False).state_dict()}, path)
+    return path
+
+
+def _capped() -> None:
+    resource.setrlimit(resource.RLIMIT_DATA, (DATA_CAP, DATA_CAP))
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_capped, cwd=ROOT)
+
+
+def _hostile_copy(built: Path, tmp_path: Path, name: str, content: bytes | None) -> Path:
+    """The build with one of its records replaced (None: a 20 GB sparse file)."""
+    out = tmp_path / "ds"
+    shutil.copytree(built, out)
+    (out / name).unlink()
+    if content is None:
+        with open(out / name, "wb") as handle:
+            handle.truncate(20 << 30)
+    else:
+        (out / name).write_bytes(content)
+    return out
+
+
+def _one_line(proc: subprocess.CompletedProcess, name: str) -> None:
+    assert "Traceback" not in proc.stderr and "Error:" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert name in proc.stderr and ("unreadable" in proc.stderr or "cannot read" in proc.stderr), proc.stderr
+
+
+SIZES = "train/sizes.json"
+
+
+@pytest.mark.parametrize("content", [DEEP, None, b"[1, 2]", b'{"000000.tar": "5", "000001.tar": 5}'],
+                         ids=["deep", "sparse", "list", "string_count"])
+def test_hostile_sizes_json_is_one_line(built: Path, checkpoint: Path, tmp_path: Path, content: bytes | None) -> None:
+    dataset = _hostile_copy(built, tmp_path, SIZES, content)
+    verify = _run("audio_dataset.cli", "verify", str(dataset))
+    if content is not None and content.startswith(b"{"):  # a JSON object: verify lists the bad count as a problem
+        assert verify.returncode == 1 and "Traceback" not in verify.stderr and "problem" in verify.stdout
+    else:
+        _one_line(verify, SIZES)
+    _one_line(_run("audio_dataset.cli", "report", str(dataset), "--out", str(tmp_path / "r.html")), SIZES)
+    _one_line(_run("clap_model.evaluate", "--checkpoint", str(checkpoint), "--val-data", str(dataset),
+                   "--device", "cpu", "--workers", "0"), SIZES)
+
+
+@pytest.mark.parametrize("content", [DEEP, None, b'{"runs": 5}'], ids=["deep", "sparse", "runs_not_list"])
+def test_hostile_provenance_is_one_line(built: Path, tmp_path: Path, content: bytes | None) -> None:
+    dataset = _hostile_copy(built, tmp_path, "provenance.json", content)
+    _one_line(_run("audio_dataset.cli", "report", str(dataset), "--out", str(tmp_path / "r.html")), "provenance.json")
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe  000000.tar\n"], ids=["sparse", "not_ascii"])
+def test_hostile_checksums_are_one_line(built: Path, tmp_path: Path, content: bytes | None) -> None:
+    dataset = _hostile_copy(built, tmp_path, "train/SHA256SUMS", content)
+    _one_line(_run("audio_dataset.cli", "verify", str(dataset)), "SHA256SUMS")
