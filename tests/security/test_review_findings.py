@@ -97,3 +97,77 @@ def test_hostile_provenance_is_one_line(built: Path, tmp_path: Path, content: by
 def test_hostile_checksums_are_one_line(built: Path, tmp_path: Path, content: bytes | None) -> None:
     dataset = _hostile_copy(built, tmp_path, "train/SHA256SUMS", content)
     _one_line(_run("audio_dataset.cli", "verify", str(dataset)), "SHA256SUMS")
+
+
+# ---- checkpoints: values shown in messages, and --resume's training state ---------------------------
+def _laughs() -> list:
+    """A list that holds itself twice, 40 levels down: a few hundred pickle bytes, 2^40 items to print."""
+    value: list = [0]
+    for _ in range(40):
+        value = [value, value]
+    return value
+
+
+def _clap(*argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_capped, cwd=ROOT)
+
+
+def test_config_value_that_prints_forever_is_one_line(checkpoint: Path, built: Path, tmp_path: Path) -> None:
+    """The refusal message printed str(value)[:40], which first prints all 2^40 items (hung)."""
+    import torch
+
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["config"]["audio"]["model_type"] = _laughs()
+    torch.save(saved, tmp_path / "laughs.pt")
+    proc = _clap("clap_model.evaluate", "--checkpoint", str(tmp_path / "laughs.pt"), "--val-data", str(built),
+                 "--device", "cpu", "--workers", "0", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "audio.model_type is a list" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(built: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "run"
+    proc = _clap("clap_model.main", "--train-data", str(built), "--model", "tiny", "--batch-size", "2",
+                 "--workers", "0", "--device", "cpu", "--max-steps", "1", "--epochs", "1", "--out", str(out),
+                 timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out / "latest.pt"
+
+
+def _no_rng(saved: dict) -> None:
+    del saved["rng"]
+
+
+def _python_rng(saved: dict) -> None:
+    saved["rng"][0]["python"] = (1, 2)
+
+
+def _moment_shape(saved: dict) -> None:
+    import torch
+
+    state = saved["optimizer"]["state"]
+    state[next(iter(state))]["exp_avg"] = torch.zeros(3)  # failed the first step, mid-run
+
+
+def _laughs_args(saved: dict) -> None:
+    saved["args"]["lr"] = _laughs()  # printed in the "resumed with other options" note (hung)
+
+
+@pytest.mark.parametrize("damage", [_no_rng, _python_rng, _moment_shape, _laughs_args],
+                         ids=["no_rng", "python_rng", "moment_shape", "laughs_args"])
+def test_resume_from_damaged_state_is_one_line(trained: Path, built: Path, tmp_path: Path, damage) -> None:
+    import torch
+
+    saved = torch.load(trained, weights_only=False)
+    damage(saved)
+    torch.save(saved, tmp_path / "damaged.pt")
+    proc = _clap("clap_model.main", "--train-data", str(built), "--model", "tiny", "--batch-size", "2",
+                 "--workers", "0", "--device", "cpu", "--max-steps", "2", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "damaged.pt"), timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if damage is _laughs_args:  # a value it cannot show is named by its type, and the run goes on
+        assert proc.returncode == 0 and "--lr a list" in proc.stdout, (proc.stdout[-1000:], proc.stderr[-1000:])
+    else:
+        assert proc.returncode == 2 and "damaged.pt" in proc.stderr, proc.stderr[-2000:]
