@@ -171,3 +171,17 @@ def test_resume_from_damaged_state_is_one_line(trained: Path, built: Path, tmp_p
         assert proc.returncode == 0 and "--lr a list" in proc.stdout, (proc.stdout[-1000:], proc.stderr[-1000:])
     else:
         assert proc.returncode == 2 and "damaged.pt" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("record", [b"{}", b'{"settings": 5}', b'{"settings": {}}'],
+                         ids=["no_settings", "settings_int", "no_model"])
+def test_search_on_damaged_embed_record_is_one_line(built: Path, checkpoint: Path, tmp_path: Path,
+                                                    record: bytes) -> None:
+    """embed/.embed/run.json is the dataset's, not the user's: a KeyError/TypeError traceback before."""
+    dataset = tmp_path / "ds"
+    shutil.copytree(built, dataset)
+    (dataset / "embed" / ".embed").mkdir(parents=True)
+    (dataset / "embed" / ".embed" / "run.json").write_bytes(record)
+    proc = _run("audio_dataset.cli", "search", str(dataset), "a bird", "--checkpoint", str(checkpoint))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "run.json" in proc.stderr and "rerun `audiodata embed`" in proc.stderr, proc.stderr
