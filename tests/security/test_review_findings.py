@@ -185,3 +185,21 @@ def test_search_on_damaged_embed_record_is_one_line(built: Path, checkpoint: Pat
     proc = _run("audio_dataset.cli", "search", str(dataset), "a bird", "--checkpoint", str(checkpoint))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "run.json" in proc.stderr and "rerun `audiodata embed`" in proc.stderr, proc.stderr
+
+
+def test_ordered_dict_state_cannot_shadow_methods(checkpoint: Path, built: Path, tmp_path: Path) -> None:
+    """BUILD on an OrderedDict admitted any attribute: `get` = 5 on the checkpoint dict made every
+    reader's checkpoint.get(...) a TypeError traceback. Only a state dict's `_metadata` is admitted."""
+    from collections import OrderedDict
+
+    import torch
+
+    class Shadowing(OrderedDict):
+        def __reduce_ex__(self, protocol: int):  # what a crafted pickle holds: OrderedDict, then BUILD
+            return OrderedDict, (), {"get": 5}, None, iter(list(OrderedDict.items(self)))
+
+    torch.save(Shadowing(torch.load(checkpoint, weights_only=False)), tmp_path / "shadow.pt")
+    proc = _clap("clap_model.evaluate", "--checkpoint", str(tmp_path / "shadow.pt"), "--val-data", str(built),
+                 "--device", "cpu", "--workers", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "sets the state of a OrderedDict" in proc.stderr
