@@ -17,7 +17,8 @@ from upath import UPath
 
 from audio_dataset.schema import MAX_RECORD_BYTES, REFUSED_KEY, SIZES_FILE, SPARSE_MEMBER, SampleRefused, \
     check_member_size, check_sizes, member_key, shown
-from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, atomic_write_json, location, read_json
+from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, atomic_write_json, is_local, location, \
+    read_json
 from audio_dataset.source import UserError
 
 __all__ = ["CHECKSUMS_FILE", "REFUSED_KEY", "DamagedShard", "Sample", "ShardWriter", "atomic_write_bytes",
@@ -178,7 +179,10 @@ def shard_paths(split_dir: Location) -> list[UPath]:
     folder = location(split_dir)
     if not folder.exists():
         return []
-    return sorted((p for p in folder.glob("*.tar") if not p.name.startswith(".")), key=lambda p: p.name)
+    # A FIFO or device named like a shard (or a link to one) would block or never end a reader: not a shard.
+    local = is_local(folder)
+    return sorted((p for p in folder.glob("*.tar") if not p.name.startswith(".") and (not local or p.is_file())),
+                  key=lambda p: p.name)
 
 
 def write_sizes(split_dir: Location, counts: dict[str, int]) -> None:

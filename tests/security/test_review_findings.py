@@ -203,3 +203,23 @@ def test_ordered_dict_state_cannot_shadow_methods(checkpoint: Path, built: Path,
                  "--device", "cpu", "--workers", "0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "sets the state of a OrderedDict" in proc.stderr
+
+
+def test_a_fifo_named_like_a_shard_is_not_read(built: Path, tmp_path: Path) -> None:
+    """A FIFO (or a link to one) named NNNNNN.tar in a received dataset: verify, stats and report
+    opened it and waited forever for a writer. It is not a shard; listed in sizes.json, it is missing."""
+    import json
+    import os
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(built, dataset)
+    os.mkfifo(tmp_path / "fifo")
+    (dataset / "train" / "000005.tar").symlink_to(tmp_path / "fifo")
+    os.mkfifo(dataset / "train" / "000006.tar")
+    sizes = json.loads((dataset / SIZES).read_text())
+    (dataset / SIZES).write_text(json.dumps({**sizes, "000005.tar": 1}))
+    verify = _clap("audio_dataset.cli", "verify", str(dataset), timeout=60)
+    assert verify.returncode == 1 and "000005.tar: listed in sizes.json but missing" in verify.stdout, verify.stdout
+    for argv in (["stats", str(dataset)], ["report", str(dataset), "--out", str(tmp_path / "r.html")]):
+        proc = _clap("audio_dataset.cli", *argv, timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
