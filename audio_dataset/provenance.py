@@ -15,6 +15,7 @@ from upath import UPath
 
 from audio_dataset import __version__
 from audio_dataset.redaction import SECRET_NAME, mask_userinfo
+from audio_dataset.source import UserError
 from audio_dataset.storage import atomic_write_json, read_json
 
 PROVENANCE_FILE = "provenance.json"
@@ -83,10 +84,21 @@ class RunRecord:
         }
 
 
+def read_runs(folder: UPath) -> list[dict[str, Any]]:
+    """FOLDER/provenance.json's run records (none when it has no such file); one UserError line
+    when the file is not a {"runs": [{...}, ...]} (it is data anyone may have edited)."""
+    path = folder / PROVENANCE_FILE
+    if not path.exists():
+        return []
+    runs = read_json(path).get("runs")
+    if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+        raise UserError(f"{path}: unreadable (its runs are not a list of records)")
+    return runs
+
+
 def record_run(out: UPath, record: RunRecord) -> None:
     """Append the finished run to OUT/provenance.json (atomically rewritten)."""
     record.finished_at = _now()
-    path = out / PROVENANCE_FILE
-    runs = read_json(path)["runs"] if path.exists() else []
+    runs = read_runs(out)
     runs.append(record.to_dict())
-    atomic_write_json(path, {"runs": runs})
+    atomic_write_json(out / PROVENANCE_FILE, {"runs": runs})

@@ -27,11 +27,11 @@ from upath import UPath
 from audio_dataset import manifest
 from audio_dataset.audio import encode_flac, resample, set_channels
 from audio_dataset.licenses import sample_licence
-from audio_dataset.provenance import PROVENANCE_FILE
+from audio_dataset.provenance import PROVENANCE_FILE, read_runs
 from audio_dataset.schema import AUDIO_EXT, JSON_EXT, SIZES_FILE, SPLITS, load_json_object
 from audio_dataset.shards import DamagedShard, iter_shard, read_sizes, refusal
 from audio_dataset.stats import PANELS, compute_stats, failures, panel_pngs, plot_data, warn_damaged
-from audio_dataset.storage import Location, atomic_write_bytes, location, read_json
+from audio_dataset.storage import Location, atomic_write_bytes, location
 
 REPORT_FILE = "report.html"
 DEFAULT_SAMPLES = 6
@@ -105,11 +105,6 @@ def _report_sample(shard: str, sample: dict[str, Any]) -> ReportSample:
 def read_split_sizes(out: UPath) -> dict[str, int]:
     """Samples per split as trainers see them (sizes.json)."""
     return {split: sum(read_sizes(out / split).values()) for split in SPLITS if (out / split / SIZES_FILE).exists()}
-
-
-def read_runs(out: UPath) -> list[dict[str, Any]]:
-    path = out / PROVENANCE_FILE
-    return list(read_json(path).get("runs", [])) if path.exists() else []
 
 
 # --------------------------------------------------------------------------- rendering

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any
 
 AUDIO_EXT = "flac"
 JSON_EXT = "json"
@@ -145,6 +145,8 @@ def bad_shard_name(name: object) -> str | None:
 # An audio member: 512 MiB is ~46 min of 48 kHz stereo 16-bit WAV; a FLAC clip is far smaller.
 MAX_MEMBER_BYTES = 512 << 20
 MAX_JSON_BYTES = 16 << 20
+# A dataset's own JSON records: sizes.json of a million shards is ~30 MB.
+MAX_RECORD_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64  # a sample's JSON nests 3 deep; Python's parser recurses in C per level
 MAX_NAME_CHARS = 255
 # A sample refused before it is used: its manifest status (or verify's problem) names which.
@@ -210,12 +212,12 @@ def _nesting_ok(raw: bytes) -> bool:
     return not brackets
 
 
-def load_json_object(raw: bytes | str) -> dict[str, Any]:
-    """A sample's JSON member parsed with bounds: at most MAX_JSON_BYTES, nested at most
+def load_json_object(raw: bytes | str, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """A sample's JSON member parsed with bounds: at most `limit` bytes, nested at most
     MAX_JSON_DEPTH, and an object. Anything else raises BAD_JSON (never RecursionError)."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    if len(data) > MAX_JSON_BYTES:
-        raise SampleRefused(BAD_JSON, f"{len(data)} bytes (the cap is {MAX_JSON_BYTES})")
+    if len(data) > limit:
+        raise SampleRefused(BAD_JSON, f"more than {limit} bytes")
     if not _nesting_ok(data):
         raise SampleRefused(BAD_JSON, f"brackets unbalanced or nested deeper than {MAX_JSON_DEPTH}")
     try:
@@ -225,3 +227,17 @@ def load_json_object(raw: bytes | str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SampleRefused(BAD_JSON, f"a JSON {type(value).__name__}, not an object")
     return value
+
+
+def check_sizes(sizes: dict[str, Any]) -> dict[str, int]:
+    """A sizes.json's counts: each a non-negative integer (a trainer multiplies and sums them)."""
+    if not all(type(count) is int and count >= 0 for count in sizes.values()):
+        raise SampleRefused(BAD_JSON, "a count that is not a non-negative integer")
+    return sizes
+
+
+def read_json_record(handle: IO[bytes]) -> dict[str, Any]:
+    """A dataset's own JSON file (sizes.json, run.json, provenance.json, ...) from an open binary
+    handle, with load_json_object's bounds: it is data like any member, so it is read only up to
+    MAX_RECORD_BYTES and never parsed into a RecursionError."""
+    return load_json_object(handle.read(MAX_RECORD_BYTES + 1), MAX_RECORD_BYTES)

@@ -15,9 +15,11 @@ from typing import BinaryIO, Iterator
 
 from upath import UPath
 
-from audio_dataset.schema import REFUSED_KEY, SIZES_FILE, SPARSE_MEMBER, SampleRefused, check_member_size, \
-    member_key, shown
-from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, atomic_write_json, location, read_json
+from audio_dataset.schema import MAX_RECORD_BYTES, REFUSED_KEY, SIZES_FILE, SPARSE_MEMBER, SampleRefused, \
+    check_member_size, check_sizes, member_key, shown
+from audio_dataset.storage import Location, StagedFile, atomic_write_bytes, atomic_write_json, is_local, location, \
+    read_json
+from audio_dataset.source import UserError
 
 __all__ = ["CHECKSUMS_FILE", "REFUSED_KEY", "DamagedShard", "Sample", "ShardWriter", "atomic_write_bytes",
            "atomic_write_json", "file_sha256", "iter_shard", "read_checksums", "read_sizes", "refusal", "shard_paths",
@@ -177,7 +179,10 @@ def shard_paths(split_dir: Location) -> list[UPath]:
     folder = location(split_dir)
     if not folder.exists():
         return []
-    return sorted((p for p in folder.glob("*.tar") if not p.name.startswith(".")), key=lambda p: p.name)
+    # A FIFO or device named like a shard (or a link to one) would block or never end a reader: not a shard.
+    local = is_local(folder)
+    return sorted((p for p in folder.glob("*.tar") if not p.name.startswith(".") and (not local or p.is_file())),
+                  key=lambda p: p.name)
 
 
 def write_sizes(split_dir: Location, counts: dict[str, int]) -> None:
@@ -192,7 +197,12 @@ def _recorded_checksum(shard: UPath) -> UPath:
 
 
 def read_sizes(split_dir: Location) -> dict[str, int]:
-    return read_json(location(split_dir) / SIZES_FILE)
+    """A split's sizes.json: shard name -> sample count, refused in one UserError line otherwise."""
+    path = location(split_dir) / SIZES_FILE
+    try:
+        return check_sizes(read_json(path))
+    except SampleRefused as exc:
+        raise UserError(f"{path}: unreadable ({exc.detail})") from None
 
 
 def file_sha256(path: Location) -> str:
@@ -228,8 +238,16 @@ def read_checksums(split_dir: Location) -> dict[str, str] | None:
     path = location(split_dir) / CHECKSUMS_FILE
     if not path.exists():
         return None
+    with path.open("rb") as handle:  # ~80 bytes a shard: the cap allows 800,000 shards
+        raw = handle.read(MAX_RECORD_BYTES + 1)
+    try:
+        if len(raw) > MAX_RECORD_BYTES:
+            raise ValueError(f"more than {MAX_RECORD_BYTES} bytes")
+        text = raw.decode("ascii")
+    except ValueError as exc:
+        raise UserError(f"{path}: unreadable ({' '.join(str(exc).split())[:200]})") from None
     sums = {}
-    for line in path.read_text(encoding="ascii").splitlines():
+    for line in text.splitlines():
         digest, _, name = line.partition("  ")
         if name:
             sums[name] = digest

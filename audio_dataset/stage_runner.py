@@ -36,16 +36,16 @@ from audio_dataset import manifest as manifest_lib
 from audio_dataset.build import write_merged
 from audio_dataset.schema import BAD_JSON, JSON_EXT, REFUSED, SIZES_FILE, SampleRefused, load_json_object
 from audio_dataset.shards import REFUSED_KEY, Sample, ShardWriter, atomic_write_bytes, atomic_write_json, \
-    iter_shard, read_checksums, refusal, shard_paths, write_sizes
+    iter_shard, read_checksums, read_sizes, refusal, shard_paths, write_sizes
 from audio_dataset.lock import hold_output
 from audio_dataset.manifest import read_parquet
 from audio_dataset.card import CARD_FILE
 from audio_dataset.report import REPORT_FILE
 from audio_dataset.stats import PLOT_FILE, STATS_FILE
-from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, record_run
+from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, read_runs, record_run
 from audio_dataset.raystart import start_ray
 from audio_dataset.source import UserError
-from audio_dataset.storage import Location, is_local, location, remove_stale_temps, trust_output
+from audio_dataset.storage import Location, is_local, location, read_json, remove_stale_temps, trust_output
 
 DEVICES = ("auto", "cpu", "cuda")
 REWRITE, DROP, READ = "rewrite", "drop", "read"
@@ -143,23 +143,13 @@ def find_jobs(input_dir: UPath, out: UPath, stage_name: str, mode: str = REWRITE
     parts = _parts_dir(out, stage_name, mode)
     jobs: list[ShardJob] = []
     for split in splits:
-        sizes = _input_sizes(split)
+        sizes = read_sizes(split)
         jobs += [ShardJob(split.name, shard.name, str(shard), str(out / split.name / shard.name),
                           str(parts / split.name / f"{shard.stem}.parquet"), sizes.get(shard.name))
                  for shard in shard_paths(split)]
     if not jobs:
         raise UserError(f"{input_dir}: no shards (expected SPLIT/NNNNNN.tar with SPLIT/{SIZES_FILE})")
     return jobs
-
-
-def _input_sizes(split: UPath) -> dict[str, int]:
-    try:
-        sizes = json.loads((split / SIZES_FILE).read_text())
-        if not isinstance(sizes, dict):
-            raise ValueError("not a JSON object")
-        return sizes
-    except ValueError as exc:
-        raise UserError(f"{split / SIZES_FILE}: unreadable ({exc})") from None
 
 
 def dataset_identity(folder: UPath) -> str:
@@ -170,6 +160,7 @@ def dataset_identity(folder: UPath) -> str:
     digest = hashlib.sha256()
     for split in sorted(p for p in folder.iterdir() if p.is_dir() and (p / SIZES_FILE).is_file()):
         sums = read_checksums(split)
+        read_sizes(split)  # checked (and bounded) before its bytes are hashed
         if sums is None:
             sums = {path.name: f"bytes:{path.stat().st_size}" for path in shard_paths(split)}
         digest.update(json.dumps([split.name, (split / SIZES_FILE).read_bytes().decode("utf-8", "replace"),
@@ -191,7 +182,7 @@ def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
     record = {"stage": stage.name, "input": _identity(input_dir), "input_digest": dataset_identity(input_dir),
               "settings": settings}
     if path.exists() and any(_parts_dir(out, stage.name, stage.mode).rglob("*.parquet")):
-        previous = json.loads(path.read_text())
+        previous = read_json(path)
         changed = sorted(k for k in settings if previous["settings"].get(k) != settings[k])
         if previous.get("input") != record["input"] and previous.get("input_digest") != record["input_digest"]:
             changed.insert(0, "input")
@@ -381,7 +372,7 @@ def _run_stage_held(stage: Stage, options: RunOptions) -> RunSummary:
     statuses = dict(sorted(Counter(table.column("status").to_pylist()).items()))
     summary = RunSummary(out, len(jobs), len(jobs) - len(todo), table.num_rows, time.monotonic() - started,
                          manifest, statuses)
-    record = json.loads((_work_dir(out, stage.name) / "run.json").read_text())
+    record = read_json(_work_dir(out, stage.name) / "run.json")
     record["last_run"] = {"shards": summary.shards, "resumed_shards": summary.resumed, "samples": table.num_rows,
                           "statuses": statuses, "seconds": round(summary.seconds, 2), **_versions()}
     atomic_write_json(_work_dir(out, stage.name) / "run.json", record)
@@ -405,8 +396,8 @@ def _copy_dataset_files(input_dir: UPath, out: UPath, skip: frozenset[str] = fro
 
 def _merge_provenance(source: UPath, dest: UPath) -> None:
     """The input's run records, then this output's own earlier ones (a rerun must not erase them)."""
-    runs = json.loads(source.read_text())["runs"]
-    earlier = json.loads(dest.read_text())["runs"] if dest.exists() else []
+    runs = read_runs(source.parent)
+    earlier = read_runs(dest.parent)
     atomic_write_json(dest, {"runs": runs + [run for run in earlier if run not in runs]})
 
 
@@ -433,7 +424,7 @@ def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: UPath, out: UPath) 
         by_split.setdefault(job.split, {})[job.name] = kept
         read_by_split.setdefault(job.split, {})[job.name] = len(statuses)
     for split, counts in by_split.items():
-        expected = json.loads((input_dir / split / SIZES_FILE).read_text())
+        expected = read_sizes(input_dir / split)
         if stage.mode == REWRITE and any(expected.get(name, n) != n for name, n in read_by_split[split].items()):
             raise RuntimeError(f"{split}: sample counts differ from the input's {SIZES_FILE}")
         write_sizes(out / split, {name: count for name, count in counts.items() if count or stage.mode == REWRITE})

@@ -26,6 +26,9 @@ from typing import IO
 
 from upath import UPath
 
+from audio_dataset.schema import SampleRefused, read_json_record
+from audio_dataset.source import UserError
+
 Location = str | os.PathLike
 
 
@@ -202,8 +205,13 @@ def atomic_write_json(dest: Location, data: object) -> None:
     atomic_write_bytes(dest, json.dumps(data, indent=2, sort_keys=True).encode("utf-8") + b"\n")
 
 
-def read_json(src: Location) -> object:
-    return json.loads(location(src).read_text(encoding="utf-8"))
+def read_json(src: Location) -> dict:
+    """A JSON object the toolkit wrote (and anyone may have edited): bounded, one UserError line if not."""
+    with location(src).open("rb") as handle:
+        try:
+            return read_json_record(handle)
+        except SampleRefused as exc:
+            raise UserError(f"{src}: unreadable ({exc.detail})") from None
 
 
 class StagedFile:

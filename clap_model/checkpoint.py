@@ -86,17 +86,27 @@ def read(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
         raise CheckpointError(f"{path} holds Python objects besides tensors and plain data (the first: "
                               f"{exc.name}); refused, for safety: unpickling them could run code") from None
     except guard.Refused as exc:
-        raise CheckpointError(f"{path}: {_one_line(exc)}") from None
+        raise CheckpointError(f"{path}: {one_line(exc)}") from None
     except CheckpointError:
         raise
     except OSError as exc:
-        raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or _one_line(exc)}") from None
+        raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a truncated or damaged file: say so in one line
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged ({_one_line(exc)})") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged ({one_line(exc)})") from None
     return _check_loaded(path, loaded)
 
 
-def _one_line(exc: BaseException) -> str:
+def shown(value: Any) -> str:
+    """A value read from a checkpoint, for a message: a plain scalar's repr, cut short; only the type
+    of anything else (the repr of a crafted list that nests itself 40 times never ends)."""
+    if type(value) is str:
+        return repr(value[:40])
+    if value is None or type(value) in (bool, float) or (type(value) is int and value.bit_length() <= 64):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
@@ -116,7 +126,7 @@ def load_weights(model: CLAP, checkpoint: dict[str, Any]) -> None:
         missing, unexpected = model.load_state_dict(clean_state_dict(checkpoint), strict=False)
     except (RuntimeError, TypeError, AttributeError) as exc:  # wrong shapes, or values that are no tensors
         raise CheckpointError(f"checkpoint weights do not fit model {model.cfg.audio.model_type}-"
-                              f"{model.cfg.audio.model_name}: {_one_line(exc)}") from None
+                              f"{model.cfg.audio.model_name}: {one_line(exc)}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not fit model {model.cfg.audio.model_type}-{model.cfg.audio.model_name}: "
@@ -145,7 +155,7 @@ def _check_fields(cls: type, data: Any, where: str) -> None:
         if key not in known:
             raise CheckpointError(f"checkpoint config: unknown key {where}{str(key)[:40]!r}")
         if not _field_fits(known[key], value):
-            raise CheckpointError(f"checkpoint config: {where}{key} is {str(value)[:40]!r}, not {known[key]} "
+            raise CheckpointError(f"checkpoint config: {where}{key} is {shown(value)}, not {known[key]} "
                                   f"(sizes at most {MAX_CONFIG_INT})")
 
 
@@ -194,7 +204,7 @@ def model_from(checkpoint: dict[str, Any], cfg: ModelConfig) -> CLAP:
     except CheckpointError:
         raise
     except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:  # a config no model has
-        raise CheckpointError(f"checkpoint config builds no model: {_one_line(exc)}") from None
+        raise CheckpointError(f"checkpoint config builds no model: {one_line(exc)}") from None
     load_weights(model, checkpoint)
     return model
 

@@ -12,7 +12,6 @@ epoch's batches are a function of those four numbers: resume replays them exactl
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from webdataset import gopen
 from clap_model.config import UsageError
 from clap_model.tarstream import TarFormatError, tar_samples
 from audio_dataset.schema import AUDIO_EXT, JSON_EXT, MAX_CAPTION_CHARS, REFUSED_KEY, SIZES_FILE, TEXT_FIELD, \
-    bad_shard_name, load_json_object
+    bad_shard_name, check_sizes, load_json_object, read_json_record
 
 log = logging.getLogger("clap_model.data")
 
@@ -88,7 +87,8 @@ def split_folders(part: str, train: bool) -> list[Path] | None:
 def folder_shards(folder: Path) -> list[str]:
     """A split folder's shards: those its sizes.json lists (numbers can have gaps), in name order."""
     try:
-        sizes = json.loads((folder / SIZES_FILE).read_text())
+        with open(folder / SIZES_FILE, "rb") as handle:
+            sizes = check_sizes(read_json_record(handle))
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {folder / SIZES_FILE}: {exc}") from None
     if not isinstance(sizes, dict) or not sizes:
@@ -152,11 +152,14 @@ def _sizes_for_dir(directory: str, local: bool) -> dict[str, int] | None:
     try:
         if local:
             path = Path(directory) / SIZES_FILE
-            return json.loads(path.read_text()) if path.is_file() else None
+            if not path.is_file():
+                return None
+            with open(path, "rb") as handle:
+                return check_sizes(read_json_record(handle))
         import fsspec
 
         with fsspec.open(f"{directory}/{SIZES_FILE}", "rb") as handle:
-            return json.loads(handle.read())
+            return check_sizes(read_json_record(handle))
     except (OSError, ValueError, ImportError):  # unknown sizes: the caller asks for --train-num-samples
         return None
 

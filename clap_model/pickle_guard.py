@@ -521,9 +521,11 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             _check_array_state(state)
             self.guard.budget.charge(len(state[4]), "a NumPy array")
             inst.__setstate__(state)
-        elif type(inst) is collections.OrderedDict and isinstance(state, dict) \
-                and all(type(k) is str and not k.startswith("__") for k in state):
-            inst.__dict__.update(state)  # a state dict's `_metadata`
+        elif type(inst) is collections.OrderedDict and type(state) is dict and set(state) <= {"_metadata"} \
+                and all(type(v) in (dict, collections.OrderedDict) for v in state.values()):
+            # a state dict's `_metadata`, and nothing else: an attribute named `get` or `items` would
+            # shadow the dict's own method for every reader
+            inst.__dict__.update(state)
         else:
             raise Refused(f"the pickle sets the state of a {type(inst).__name__}")
 

@@ -33,8 +33,18 @@ NO_EFFECT_ON_TRAINING = {"resume", "out", "log_every", "val_data", "val_frequenc
 
 def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`--name old -> new` for each option that shapes training and differs from the checkpoint's."""
-    return [f"--{name.replace('_', '-')} {saved[name]!r} -> {value!r}" for name, value in now.items()
+    return [f"--{name.replace('_', '-')} {ckpt.shown(saved[name])} -> {value!r}" for name, value in now.items()
             if name in saved and name not in NO_EFFECT_ON_TRAINING and saved[name] != value]
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """load_state_dict checks the groups, not the tensors: a moment of another shape would fail the
+    first step with a traceback, so each must be a scalar (`step`) or of its parameter's shape."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor) or (value.dim() and value.shape != param.shape):
+                    raise ValueError(f"its {name!s:.40} is not a tensor of its parameter's shape")
 
 
 class Run:
@@ -95,6 +105,11 @@ class Run:
         saved = ckpt.read(self._resume_path(), self.args.max_checkpoint_bytes)
         if "optimizer" not in saved or "step" not in saved:
             raise ckpt.CheckpointError(f"{self._resume_path()} holds weights only; use --pretrained to start from it")
+        counters_ok = all(type(saved.get(k)) is int and saved[k] >= 0 for k in ("step", "epoch", "step_in_epoch"))
+        if not (counters_ok and isinstance(saved.get("rng"), list) and all(isinstance(r, dict) for r in saved["rng"])
+                and isinstance(saved["optimizer"], dict) and isinstance(saved.get("args", {}), dict)):
+            raise ckpt.CheckpointError(f"{self._resume_path()}: its training state (step, epoch, step_in_epoch, "
+                                       "rng, optimizer, args) is missing or of other types; cannot resume from it")
         return saved
 
     def _tensorboard(self):
@@ -147,16 +162,21 @@ class Run:
         path, saved = self._resume_path(), self.resumed
         self.resumed = None  # the weights move into the model; the file's copy is not kept
         ckpt.load_weights(self.model, saved)
-        self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainState(saved["step"], saved["epoch"], saved["step_in_epoch"])
         rngs = saved["rng"]
-        if len(rngs) == self.info.world_size:  # same world size: every rank continues its own stream
-            rng = rngs[self.info.rank]
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if "cuda" in rng and self.info.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.info.device)
-        else:
+        try:  # torch and random check these values themselves; a damaged file is one line
+            self.optimizer.load_state_dict(saved["optimizer"])
+            _check_optimizer_state(self.optimizer)
+            if len(rngs) == self.info.world_size:  # same world size: every rank continues its own stream
+                rng = rngs[self.info.rank]
+                torch.set_rng_state(rng["torch"])
+                random.setstate(rng["python"])
+                if "cuda" in rng and self.info.device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["cuda"], self.info.device)
+        except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as exc:
+            raise ckpt.CheckpointError(f"{path}: its optimizer or random state does not fit this run "
+                                       f"({ckpt.one_line(exc)})") from None
+        if len(rngs) != self.info.world_size:
             self.log(f"note: saved with {len(rngs)} ranks, resumed on {self.info.world_size}: "
                      "the random streams restart from the seed")
         self.log(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}")

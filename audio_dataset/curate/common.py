@@ -79,7 +79,10 @@ def read_run_settings(folder: UPath, stage_name: str) -> dict[str, Any]:
     path = folder / f".{stage_name}" / "run.json"
     if not path.exists():
         raise UserError(f"{folder}: no finished `{stage_name}` run (run `audiodata {stage_name}` first)")
-    return read_json(path)["settings"]  # type: ignore[index]
+    settings = read_json(path).get("settings")
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: unreadable (no settings record); rerun `audiodata {stage_name}`")
+    return settings
 
 
 def read_columns(path: UPath, columns: list[str]) -> pa.Table:

@@ -180,7 +180,10 @@ def run_embed(options: EmbedOptions, run: RunOptions) -> RunSummary:
 
 def embedding_model(embed_dir: UPath) -> dict[str, Any]:
     """The model identity a finished embed run recorded."""
-    return read_run_settings(embed_dir, EMBED_STAGE)["model"]
+    model = read_run_settings(embed_dir, EMBED_STAGE).get("model")
+    if not (isinstance(model, dict) and type(model.get("digest")) is str):  # compared with a checkpoint's sha256
+        raise UserError(f"{embed_dir}: its run.json records no model digest; rerun `audiodata {EMBED_STAGE}`")
+    return model
 
 
 __all__ = ["EmbedOptions", "embed_schema", "embedding_model", "run_embed", "split_files"]
