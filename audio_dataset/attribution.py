@@ -25,6 +25,7 @@ from audio_dataset.provenance import PROVENANCE_FILE
 from audio_dataset.schema import JSON_EXT, SampleRefused, load_json_object, split_order
 from audio_dataset.shards import DamagedShard, iter_shard, refusal, shard_paths
 from audio_dataset.stats import one_line, tsv_cell
+from audio_dataset.source import UserError
 from audio_dataset.storage import Location, atomic_write_bytes, location, read_json, trust_output
 
 ATTRIBUTION_DIR = "attribution"
@@ -76,7 +77,7 @@ def _bounded_json(path: UPath) -> dict[str, Any]:
         return {}
     try:
         value = read_json(path)
-    except (ValueError, RecursionError):
+    except UserError:  # not a bounded JSON object (storage.read_json): no changes to state
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -217,7 +217,7 @@ def load_json_object(raw: bytes | str, limit: int = MAX_JSON_BYTES) -> dict[str,
     MAX_JSON_DEPTH, and an object. Anything else raises BAD_JSON (never RecursionError)."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     if len(data) > limit:
-        raise SampleRefused(BAD_JSON, f"more than {limit} bytes")
+        raise SampleRefused(BAD_JSON, f"too large (the cap is {limit} bytes)")
     if not _nesting_ok(data):
         raise SampleRefused(BAD_JSON, f"brackets unbalanced or nested deeper than {MAX_JSON_DEPTH}")
     try:
