@@ -58,8 +58,9 @@ def test_header_parses_with_the_hub_parser(dataset: Path) -> None:
     card = _card(dataset)
     data = card.data.to_dict()
     assert data == metadata_load(dataset / "README.md")
-    # Today's manifests hold free-text licences only: none maps to a Hub id, so `other`, named.
-    assert data["license"] == ["other"] and data["license_name"] == "per-item-licences"
+    # The clips' CC licences as the Hub's ids; the public-domain ones have none, so `other`, named.
+    assert data["license"] == ["cc-by-3.0", "cc-by-4.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "other"]
+    assert data["license_name"] == "per-item-licences"
     assert data["size_categories"] == ["n<1K"]
     assert data["task_categories"] == ["audio-classification", "text-to-audio"]
     assert data["source_datasets"] == ["original"]
@@ -92,7 +93,7 @@ def test_body_counts_and_hours_are_the_manifests(dataset: Path) -> None:
     assert f"- hours kept: {format_hours(seconds)}" in text
     assert f"| local | {len(kept):,} | {samples:,} | {format_hours(seconds)} | 0 |" in text
     cc_by_4 = kept.filter(pc.equal(kept["license"], "CC-BY 4.0"))
-    assert cc_by_4.num_rows and (f"| CC\\-BY 4\\.0 | unknown | {cc_by_4.num_rows} | {cc_by_4.num_rows} | "
+    assert cc_by_4.num_rows and (f"| CC\\-BY\\-4\\.0 | open | {cc_by_4.num_rows} | {cc_by_4.num_rows} | "
                                  f"{format_hours(pc.sum(cc_by_4['output_duration']).as_py())} |") in text
 
 
@@ -156,7 +157,7 @@ def test_out_writes_elsewhere(dataset: Path, tmp_path: Path) -> None:
     dest = tmp_path / "cards" / "corpus.md"
     assert main(["card", str(dataset), "--out", str(dest)]) == 0
     assert not (dataset / "README.md").exists()
-    assert DatasetCard.load(dest).data.license == ["other"]
+    assert "cc-by-4.0" in DatasetCard.load(dest).data.license
 
 
 def test_missing_dataset_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
