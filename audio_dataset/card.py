@@ -183,7 +183,7 @@ def _runs(out: UPath) -> list[Run]:
         return []
     try:
         data = read_json(path)
-    except (ValueError, OSError):
+    except (UserError, OSError):  # unreadable, too large or too deep: as if absent
         return []
     runs = data.get("runs") if isinstance(data, dict) else None
     found = []
@@ -221,7 +221,7 @@ def _recipe_name(out: UPath) -> str | None:
     path = out / STATUS_FILE
     try:
         data = read_json(path) if path.exists() else None
-    except (ValueError, OSError):
+    except (UserError, OSError):
         return None
     name = data.get("recipe") if isinstance(data, dict) else None
     return _one_line(name, 100) if isinstance(name, str) else None

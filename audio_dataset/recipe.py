@@ -367,8 +367,8 @@ def failed_sources(out: Location) -> dict[str, str]:
     if not path.exists():
         return {}
     try:
-        sources = read_json(path).get("sources")  # type: ignore[union-attr]
-    except (ValueError, AttributeError, OSError):
+        sources = read_json(path).get("sources")
+    except (UserError, OSError):
         return {STATUS_FILE: "unreadable: which sources are missing is unknown"}
     if not isinstance(sources, dict):
         return {STATUS_FILE: "holds no sources table"}
