@@ -12,22 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from audio_dataset.build import BuildOptions, build
 from audio_dataset.shards import CHECKSUMS_FILE, DamagedShard, iter_shard, read_checksums, shard_paths
-from audio_dataset.source import SourceConfig
 from audio_dataset.verify import verify
-from conftest import REAL_AUDIO_DIR
 
 CLI = [sys.executable, "-m", "audio_dataset.cli"]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local) -> Path:
-    """The ten real clips in two train shards of five."""
-    out = tmp_path_factory.mktemp("damaged") / "out"
-    build(BuildOptions(source="local", out=out, source_config=SourceConfig(input=str(REAL_AUDIO_DIR)),
-                       split_ratios={"train": 1.0}, samples_per_shard=5, workers=2, progress=False))
-    return out
+def built(two_shard_build: Path) -> Path:
+    return two_shard_build
 
 
 @pytest.fixture

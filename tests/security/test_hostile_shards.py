@@ -17,12 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from audio_dataset.build import BuildOptions, build
 from audio_dataset.schema import (BAD_JSON, BAD_MEMBER, MAX_CAPTION_CHARS, MAX_JSON_DEPTH, MEMBER_TOO_LARGE,
                                   SPARSE_MEMBER, SampleRefused, load_json_object, member_key)
 from audio_dataset.shards import CHECKSUMS_FILE, DamagedShard, iter_shard, refusal
-from audio_dataset.source import SourceConfig
-from conftest import REAL_AUDIO_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "audio_dataset.cli"]
@@ -96,12 +93,8 @@ HOSTILE_KEYS = {"sparse1": SPARSE_MEMBER, "sparse2": SPARSE_MEMBER, "deep": BAD_
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local) -> Path:
-    """The ten real clips in two train shards of five."""
-    out = tmp_path_factory.mktemp("hostile") / "clean"
-    build(BuildOptions(source="local", out=out, source_config=SourceConfig(input=str(REAL_AUDIO_DIR)),
-                       split_ratios={"train": 1.0}, samples_per_shard=5, workers=2, progress=False))
-    return out
+def built(two_shard_build: Path) -> Path:
+    return two_shard_build
 
 
 @pytest.fixture(scope="module")

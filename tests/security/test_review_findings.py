@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from audio_dataset.build import BuildOptions, build
-from audio_dataset.source import SourceConfig
-from conftest import REAL_AUDIO_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_CAP = 2 << 30  # a sparse record read whole would need 20 GB: a MemoryError traceback here
@@ -22,11 +19,8 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local) -> Path:
-    out = tmp_path_factory.mktemp("review") / "clean"
-    build(BuildOptions(source="local", out=out, source_config=SourceConfig(input=str(REAL_AUDIO_DIR)),
-                       split_ratios={"train": 1.0}, samples_per_shard=5, workers=1, progress=False))
-    return out
+def built(two_shard_build: Path) -> Path:
+    return two_shard_build
 
 
 @pytest.fixture(scope="module")
