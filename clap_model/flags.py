@@ -17,28 +17,30 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class _Renamed(argparse.Action):
-    """An old flag, hidden from --help, that stops the parse with `OLD is now NEW`."""
+class _Refused(argparse.Action):
+    """An argument hidden from --help that only stops the parse with a line naming `new`."""
+
+    takes = "?"  # how many values argparse hands it
 
     def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
         kwargs.pop("nargs", None)
-        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs=self.takes, default=argparse.SUPPRESS,
                          help=argparse.SUPPRESS, **kwargs)
         self.new = new
+
+
+class _Renamed(_Refused):
+    """An old flag: `OLD is now NEW`."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         parser.error(f"{option_string} is now {self.new}")
 
 
-class _OldPositionals(argparse.Action):
+class _OldPositionals(_Refused):
     """Positional arguments a command no longer takes (they became flags): one line naming the flags."""
 
-    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
-        kwargs.pop("nargs", None)
-        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="*", default=argparse.SUPPRESS,
-                         help=argparse.SUPPRESS, **kwargs)
-        self.new = new
+    takes = "*"
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
