@@ -38,7 +38,7 @@ from audio_dataset.manifest import ManifestRow
 from audio_dataset.provenance import RunRecord, definition_checksums, record_run, redact_mapping
 from audio_dataset.redaction import redact
 from audio_dataset.raystart import start_ray
-from audio_dataset.schema import SampleMeta, clean_captions, safe_key, shard_name, split_order
+from audio_dataset.schema import REQUIRED_FIELDS, SampleMeta, clean_captions, safe_key, shard_name, split_order
 from audio_dataset.shards import Sample, ShardWriter, write_sizes
 from audio_dataset.storage import Location, atomic_write_json, is_local, location, make_dirs, publish, read_json, \
     remove_stale_temps, trust_output
@@ -327,6 +327,11 @@ def _media_checks(data: Media) -> dict[str, Any]:
 Outcome = tuple[ManifestRow, Iterable[Sample]]
 
 
+def _sample_fields(item: Item) -> dict[str, Any]:
+    """The source's extra sample fields, less any the schema names (they would replace its own)."""
+    return {name: value for name, value in item.sample_fields.items() if name not in REQUIRED_FIELDS}
+
+
 def process_item(source: str, item: Item, data: Media, split: str, shard: str,
                  config: AudioConfig) -> Outcome:
     """Transcode one fetched item into its row and samples (encoded as they are read), or a failure row."""
@@ -358,8 +363,8 @@ def process_item(source: str, item: Item, data: Media, split: str, shard: str,
                 duration=round(segment.duration, 6), sample_rate=config.sample_rate,
                 channels=config.channels,
                 segment=None if result.whole else [round(segment.start, 6), round(segment.end, 6)],
-                extra=dict(level, **licence, downmix=found.downmix, downmix_cancels=found.downmix_cancels,
-                           captions_truncated=truncated),
+                extra=dict(_sample_fields(item), **level, **licence, downmix=found.downmix,
+                           downmix_cancels=found.downmix_cancels, captions_truncated=truncated),
             )
             yield {"__key__": key, "flac": segment.file, "json": meta.to_json_bytes()}
 

@@ -51,6 +51,9 @@ class Item:
     original_data: dict[str, Any] = field(default_factory=dict)
     # A split the source imposes (Clotho's own splits); None means hash-assigned.
     split: str | None = None
+    # Fields the sample's JSON carries beside the schema's own (a benchmark's class labels, ids,
+    # fold and split: pipelines/_benchmark.py); a name the schema or the build uses is never overwritten.
+    sample_fields: dict[str, Any] = field(default_factory=dict)
     # [start, end] seconds to cut from the fetched audio (AudioSet segments); None keeps it all.
     clip: tuple[float, float] | None = None
     # [reason, detail] of a problem the source found while listing (a broken link, a bad sidecar):

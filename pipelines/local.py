@@ -509,7 +509,7 @@ class LocalSource(Source):
         pieces = [
             '{"author": ', escaped(stripped("author")), ', "clip": null, "license": ', escaped(stripped("license")),
             ', "listing_error": null, "locator": ', escaped(self._table_locators(folder, rel)),
-            ', "original_data": {', *original, '}, "source_id": ', escaped(ids),
+            ', "original_data": {', *original, '}, "sample_fields": {}, "source_id": ', escaped(ids),
             ', "split": ', pa.array(["null" if name is None else _json_string(name) for name in splits], pa.string()),
             ', "tag": [', pa.array([", ".join(map(_json_string, _as_list(v, ";"))) if v else "" for v in tags],
                                     pa.string()),
