@@ -82,6 +82,8 @@ _EXACT: dict[str, str | None] = {
     "per sound: CC0, CC BY 3.0/4.0, CC BY-NC 3.0/4.0 (Sampling+ on old uploads); recorded per item": None,
     "per dataset (its card); recorded per item from a `license` column when there is one": None,
     "as recorded per item": None,
+    # pipelines/fsd50k.py's fallback when the metadata part is not given: each clip's own CC licence.
+    "per clip Freesound CC licence (FSD50K metadata clips_info); labels: CC BY 4.0": None,
     # pipelines/gtzan.py: excerpts of commercial recordings that no one licensed; the class stays unknown.
     "unknown: GTZAN's excerpts come from CDs and radio; no licence granted (research use by custom)": None,
     # Names (Freesound's API, sidecars, Hugging Face cards).

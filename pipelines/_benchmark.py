@@ -61,6 +61,9 @@ class Distribution:
             and Path(location).expanduser().is_dir()
         self._names: list[str] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__, _names=None)  # workers read by name; the listing stays here
+
     def check(self) -> None:
         if self.is_folder or is_url(self.location):
             return
