@@ -31,7 +31,7 @@ def _emitted_strings() -> set[str]:
     """Every licence string an item of ours can carry: pipelines' constants, the fixtures' records,
     the bundled clips' sidecars."""
     found: set[str] = set()
-    for name in ("audiocaps", "audioset", "audiostock", "bbc_sound_effects", "epidemic_sound", "esc50", "us8k"):
+    for name in ("audiocaps", "audioset", "audiostock", "bbc_sound_effects", "epidemic_sound", "esc50", "us8k", "vggsound"):
         found.add(importlib.import_module(f"pipelines.{name}").LICENSE)
     found.update(importlib.import_module("pipelines.wavcaps").LICENSES.values())
     for name in ("free_to_use_sounds", "paramount_motion", "sonniss", "wesoundeffects"):
