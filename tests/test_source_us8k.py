@@ -56,6 +56,27 @@ def test_a_csv_name_that_climbs_out_is_never_read(tmp_path):
     assert error.value.reason == "bad_file_name"
 
 
+def test_a_planted_link_out_of_the_folder_is_never_followed(tmp_path):
+    (tmp_path / "secret.wav").write_bytes(tone(9))
+    root = write_tree(tmp_path / "d", official_files(ROWS[:1]))
+    planted = root / "UrbanSound8K/audio/fold5/100032-3-0-0.wav"
+    planted.unlink()
+    planted.symlink_to(tmp_path / "secret.wav")
+    [item] = UrbanSound8K(SourceConfig(input=str(root))).list_items()
+    with pytest.raises(ItemError) as error:
+        UrbanSound8K(SourceConfig(input=str(root))).fetch(item)
+    assert error.value.reason == "bad_file_name" and "outside" in error.value.detail
+
+
+def test_sample_fields_never_replace_the_schema_or_the_build_fields():
+    from audio_dataset.build import _sample_fields
+    from audio_dataset.source import Item
+
+    item = Item(source_id="x", locator="x", text=["dog"],
+                sample_fields={"text": ["planted"], "source": "other", "fold": 3, "class_labels": ["dog"]})
+    assert _sample_fields(item) == {"fold": 3, "class_labels": ["dog"]}
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_tar_gz_over_http_builds_every_fold_into_test(loopback, tmp_path):
     url = loopback.add("/records/1203745/files/UrbanSound8K.tar.gz", tar_gz_of(official_files()),
