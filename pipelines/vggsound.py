@@ -47,7 +47,7 @@ def parse_rows(text: str) -> Iterator[tuple[str, int, str, str]]:
         if len(row) != 4:
             raise SourceError(f"vggsound.csv row {number} has {len(row)} columns, expected 4: {row[:5]!r}")
         video, start, label, split = (cell.strip() for cell in row)
-        if number == 1 and not start.lstrip("-").isdigit():
+        if number == 1 and video.lower() in ("youtube_id", "ytid"):
             continue  # a header a user added: youtube_id,start_seconds,label,split
         if not start.isdigit():
             raise SourceError(f"vggsound.csv row {number} has start_seconds {start!r}")
