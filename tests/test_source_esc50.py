@@ -45,6 +45,20 @@ def test_listing_keeps_folds_targets_and_labels(tmp_path):
     assert source.fetch(water)[:4] == b"RIFF"
 
 
+def test_the_zip_on_disk_is_read_in_place(tmp_path):
+    archive = tmp_path / "ESC-50-master.zip"
+    archive.write_bytes(zip_of(official_files()))
+    source = ESC50(SourceConfig(input=str(archive), state_dir=tmp_path / "state"))
+    source.check()
+    items = {item.source_id: item for item in source.list_items()}
+    assert items["5-9032-A-0.wav"].locator == "ESC-50-master/audio/5-9032-A-0.wav"
+    assert source.fetch(items["5-9032-A-0.wav"])[:4] == b"RIFF"
+    assert not (tmp_path / "state").exists()  # nothing copied or extracted
+    (tmp_path / "esc50.csv").write_text("filename\n")
+    with pytest.raises(UserError, match="folder or a .zip"):
+        ESC50(SourceConfig(input=str(tmp_path / "esc50.csv"))).check()
+
+
 def test_a_bad_fold_fails_its_clip_alone(tmp_path):
     files = official_files()
     files["ESC-50-master/meta/esc50.csv"] = csv_text(HEADER, [ROWS[0], ["x.wav", "one", 0, "dog", "True", 1, "A"]])
