@@ -48,6 +48,8 @@ NAMED: dict[str, tuple[str, str]] = {
     "WeSoundEffects": (RESTRICTED, ""),
     "Paramount-Motion": (RESTRICTED, ""),
     "Free-To-Use-Sounds": (RESTRICTED, ""),
+    # GTZAN's excerpts of commercial recordings: no one granted a licence, so the class is unknown.
+    "GTZAN-unlicensed": (UNKNOWN, ""),
 }
 
 # The sources' own strings (pipelines/*.py and manifests/*.toml), matched whole after _squash.
@@ -84,8 +86,9 @@ _EXACT: dict[str, str | None] = {
     "as recorded per item": None,
     # pipelines/fsd50k.py's fallback when the metadata part is not given: each clip's own CC licence.
     "per clip Freesound CC licence (FSD50K metadata clips_info); labels: CC BY 4.0": None,
-    # pipelines/gtzan.py: excerpts of commercial recordings that no one licensed; the class stays unknown.
-    "unknown: GTZAN's excerpts come from CDs and radio; no licence granted (research use by custom)": None,
+    # pipelines/gtzan.py: excerpts of commercial recordings that no one licensed.
+    "unknown: GTZAN's excerpts come from CDs and radio; no licence granted (research use by custom)":
+        "GTZAN-unlicensed",
     # Names (Freesound's API, sidecars, Hugging Face cards).
     "Public domain": PUBLIC_DOMAIN,
     "Public Domain Mark 1.0": "PDM-1.0",

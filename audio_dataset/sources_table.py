@@ -37,8 +37,8 @@ def built_by_class(outputs: list[Location]) -> dict[tuple[str, str], tuple[int, 
 
 def definition_class(licence: str | None) -> str:
     """The class a definition's licence string names, or `per item` where each item records its own."""
-    found = classify(licence)[1]
-    return "per item" if found == UNKNOWN and is_known(licence) else found
+    found_id, found = classify(licence)
+    return "per item" if found_id is None and is_known(licence) else found
 
 
 def sources_table(outputs: list[Location]) -> str:
