@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 from web_source_helpers import run_build, samples, serve_videos, status_counts
 
+from audio_dataset import manifest
 from audio_dataset.source import Item, ItemError, SourceConfig, SourceError, UserError
+from audio_dataset.stats import compute_stats
 from pipelines import vggsound
 from pipelines.vggsound import VGGSound, parse_rows
 
@@ -79,6 +81,8 @@ def test_vggsound_builds_with_unavailable_videos_counted(loopback, tmp_path):
     assert rows["GoNe0000001_000000"]["error_detail"].startswith("http_404")
     assert {key: rows[key]["split"] for key in ("WaLtZ000001_000005", "HuMpBaCk001_000030")} == \
         {"WaLtZ000001_000005": "test", "HuMpBaCk001_000030": "train"}
+    by_reason = compute_stats(manifest.read_table(out / manifest.MANIFEST_FILE))["by_reason"]
+    assert by_reason["unavailable"] == 1  # what `audiodata stats` and the card report
     horn = samples(out)["WaLtZ000001_000005"]
     assert (horn["text"], horn["class_labels"], horn["benchmark_split"], horn["fold"]) == \
         (["vehicle horn, car horn, honking"], ["vehicle horn, car horn, honking"], "test", None)
