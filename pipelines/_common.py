@@ -18,8 +18,8 @@ def check_options(source: str, options: dict[str, str], known: set[str], http: b
     """A mistyped `--source-option` is a usage mistake, named with the options the source knows."""
     unknown = sorted(k for k in options if k not in known and not (http and k.startswith(HTTP_OPTION_PREFIX)))
     if unknown:
-        also = " and http_* (see audio_dataset.http)" if http else ""
-        raise UserError(f"unknown {source} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}{also}")
+        listed = sorted(known) + (["http_* (see audio_dataset.http)"] if http else [])
+        raise UserError(f"unknown {source} option(s) {', '.join(unknown)}; known: {', '.join(listed) or 'none'}")
 
 
 def is_url(location: str) -> bool:

@@ -68,6 +68,11 @@ def test_a_bad_fold_fails_its_clip_alone(tmp_path):
     assert bad.listing_error[0] == "bad_metadata" and "fold 'one'" in bad.listing_error[1]
 
 
+def test_an_unknown_option_is_a_usage_mistake(tmp_path):
+    with pytest.raises(UserError, match=r"unknown esc50 option\(s\) folds; known: http_\*"):
+        ESC50(SourceConfig(input=str(tmp_path), options={"folds": "1"})).check()
+
+
 def test_a_folder_without_the_metadata_is_refused(tmp_path):
     (tmp_path / "audio").mkdir()
     source = ESC50(SourceConfig(input=str(tmp_path)))
