@@ -74,7 +74,7 @@ class Distribution:
             raise UserError(f"{self.what} must be a folder or a .zip/.tar.gz archive, not {path.name}")
 
     def names(self) -> list[str]:
-        """Every regular file's path (POSIX, relative to the folder, or the archive's member name)."""
+        """Every file's path (POSIX, relative to the folder; an archive's regular members)."""
         if self._names is None:
             if self.is_folder:
                 root = Path(self.location).expanduser()
