@@ -22,7 +22,7 @@ from clap_model import files, hf_format
 from clap_model import pickle_guard as guard
 from clap_model import msclap_format
 from clap_model.clap import CLAP
-from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError, get_preset
+from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError, get_preset, preset_text_models
 
 # Older transformers saved this buffer; newer ones do not register it as state (LAION-CLAP drops it too).
 OBSOLETE_KEYS = ("text_branch.embeddings.position_ids",)
@@ -35,6 +35,11 @@ MODEL_SLACK_BYTES = 64 << 20
 
 class CheckpointError(UsageError):
     pass
+
+
+class FolderCheckpoint(dict):
+    """What `read` makes of a Hugging Face folder or hub id the user named: its config's text tower
+    is that folder, named by the user (an unpickled file is never of this type)."""
 
 
 def _check_loaded(path: str | Path, loaded: Any) -> dict[str, Any]:
@@ -77,7 +82,7 @@ def read(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
     may allocate at most `max_bytes` (default: pickle_guard.default_budget of the file's size)."""
     if hf_format.is_hf_model(str(path)):  # a Hugging Face ClapModel (clap-train --pretrained)
         model = hf_format.load_hf(str(path))
-        return {"config": model.cfg.to_dict(), "state_dict": model.state_dict()}
+        return FolderCheckpoint(config=model.cfg.to_dict(), state_dict=model.state_dict())
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -176,11 +181,24 @@ def model_config_of(checkpoint: dict[str, Any], preset: str | None, text_model: 
     if "config" in checkpoint:
         cfg = ModelConfig.from_dict(checked_config(checkpoint["config"]))
         if text_model:
-            cfg = replace(cfg, text=replace(cfg.text, name_or_path=text_model))
+            return replace(cfg, text=replace(cfg.text, name_or_path=text_model))
+        if not isinstance(checkpoint, FolderCheckpoint):
+            check_text_source(cfg.text.name_or_path)
         return cfg
     if preset is None:
         raise CheckpointError("this checkpoint carries no model config (a LAION-CLAP release?): pass --model")
     return get_preset(preset, text_model)
+
+
+def check_text_source(name: str | None) -> None:
+    """A file's config names data, not what to load: its text model is followed only when it is one
+    of the presets' hub ids (or None, built in code); a local path or any other id is refused, and
+    the user names it with --text-model if they trust it."""
+    if name is None or name in preset_text_models():
+        return
+    raise CheckpointError(f"checkpoint config: text.name_or_path is {shown(name)}, not a preset's hub id "
+                          f"({', '.join(sorted(preset_text_models()))}); a checkpoint does not choose a path "
+                          "or hub id to load: pass --text-model with the text model you trust")
 
 
 def _check_model_size(cfg: ModelConfig, weights: dict[str, Any]) -> None:

@@ -184,6 +184,12 @@ def get_preset(name: str, text_model: str | None = None) -> ModelConfig:
     return config
 
 
+def preset_text_models() -> frozenset[str]:
+    """The hub ids the presets' text towers name: the only text models a checkpoint's config may
+    choose (a checkpoint is data; any other path or id must come from the user's --text-model)."""
+    return frozenset(cfg.text.name_or_path for cfg in PRESETS.values() if cfg.text.name_or_path is not None)
+
+
 def hub_presets() -> list[str]:
     """The presets whose text tower (tokenizer, and weights when training) comes from the Hugging Face hub."""
     return [name for name, cfg in PRESETS.items() if cfg.text.name_or_path is not None]

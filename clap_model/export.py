@@ -106,7 +106,9 @@ def parser() -> argparse.ArgumentParser:
                             "msclap: Microsoft CLAP's checkpoint layout")
     parse.add_argument("--out", required=True, help="output folder (hf) or file (laion, msclap)")
     parse.add_argument("--model", default=None, help=f"architecture of a LAION-CLAP release: {presets_help()}")
-    parse.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP release")
+    parse.add_argument("--text-model", default=None,
+                       help="text encoder hub id or path: for a LAION-CLAP release, or a checkpoint whose config "
+                            "names a text model no preset names (a checkpoint's own is not followed)")
     refuse_positionals(parse, "--checkpoint CHECKPOINT and --out OUT")
     add_max_checkpoint_bytes(parse)
     return parse

@@ -156,7 +156,9 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help=f"architecture of a LAION-CLAP checkpoint (clap-train checkpoints carry theirs): "
                              f"{presets_help()}")
-    parser.add_argument("--text-model", default=None, help="text encoder hub id or path for a LAION-CLAP checkpoint")
+    parser.add_argument("--text-model", default=None,
+                        help="text encoder hub id or path: for a LAION-CLAP checkpoint, or one whose config names a "
+                             "text model no preset names (a checkpoint's own is not followed)")
     add_max_checkpoint_bytes(parser)
     add_clip_args(parser)
     add_eval_args(parser)

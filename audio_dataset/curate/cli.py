@@ -14,6 +14,11 @@ from audio_dataset.storage import location
 from clap_model.params import add_max_checkpoint_bytes
 
 
+def add_text_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-model", default=None,
+                        help="text encoder hub id or folder, for a checkpoint whose config names one that no "
+                             "preset names (a checkpoint's own is not followed)")
+
 
 def _require_dataset(out: UPath) -> None:
     if not out.is_dir():
@@ -32,7 +37,8 @@ def run_embed_command(args: argparse.Namespace) -> int:
     from audio_dataset.curate.embed import EmbedOptions, default_out, run_embed
 
     options = EmbedOptions(checkpoint=args.checkpoint, preset=args.model, batch_size=args.batch_size,
-                           index=args.index, max_checkpoint_bytes=args.max_checkpoint_bytes)
+                           index=args.index, max_checkpoint_bytes=args.max_checkpoint_bytes,
+                           text_model=args.text_model)
     report("embed", run_embed(options, run_options(args, args.dataset, args.out or default_out(args.dataset))))
     return 0
 
@@ -48,7 +54,8 @@ def run_search_command(args: argparse.Namespace) -> int:
 
     searcher = Searcher(args.dataset, args.embeddings or default_out(args.dataset),
                         SearchOptions(k=args.k, splits=tuple(args.split), checkpoint=args.checkpoint,
-                                      max_checkpoint_bytes=args.max_checkpoint_bytes))
+                                      max_checkpoint_bytes=args.max_checkpoint_bytes,
+                                      text_model=args.text_model))
     hits = searcher.text(args.query) if args.query is not None else searcher.audio(args.audio)
     if args.json:
         print(json.dumps(hits_json(hits), indent=2, ensure_ascii=False))
@@ -63,6 +70,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", type=location, help="a build output (folder or fsspec URL)")
     p.add_argument("--checkpoint", required=True, type=Path, help="a CLAP checkpoint (clap-train's, or a release)")
     p.add_argument("--model", help="preset of a checkpoint without a config (a LAION-CLAP release)")
+    add_text_model(p)
     add_max_checkpoint_bytes(p)
     p.add_argument("--out", type=location, help="where the embeddings go (default DATASET/embed)")
     p.add_argument("--batch-size", type=int, default=32, help="clips or captions per forward pass")
@@ -81,6 +89,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings", type=location, help="embed's output (default DATASET/embed)")
     p.add_argument("--checkpoint", type=Path, help="the model embed used (required: a dataset's recorded "
                    "checkpoint is never loaded on its own; its sha256 must match the recorded one)")
+    add_text_model(p)
     add_max_checkpoint_bytes(p)
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=run_search_command)

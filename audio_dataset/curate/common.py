@@ -57,7 +57,8 @@ def file_digest(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def model_identity(checkpoint: Path, preset: str | None, max_checkpoint_bytes: int | None = None) -> dict[str, Any]:
+def model_identity(checkpoint: Path, preset: str | None, max_checkpoint_bytes: int | None = None,
+                   text_model: str | None = None) -> dict[str, Any]:
     """What names the embedding space: the checkpoint's digest and the model it builds. Loads the
     model once in the driver, so a checkpoint that does not load fails before any worker starts."""
     from clap_model.checkpoint import load_model
@@ -66,7 +67,7 @@ def model_identity(checkpoint: Path, preset: str | None, max_checkpoint_bytes: i
     if not checkpoint.exists():
         raise UserError(f"--checkpoint {checkpoint}: not found")
     try:
-        cfg = load_model(checkpoint, preset, max_bytes=max_checkpoint_bytes).cfg
+        cfg = load_model(checkpoint, preset, text_model, max_bytes=max_checkpoint_bytes).cfg
     except (UsageError, RunFailure) as exc:  # RunFailure: its text tower's config is on an unreachable hub
         raise UserError(f"--checkpoint {checkpoint}: {exc}") from None
     return {"checkpoint": str(checkpoint.resolve()), "digest": file_digest(checkpoint), "preset": preset,

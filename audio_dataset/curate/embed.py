@@ -50,6 +50,7 @@ class EmbedOptions:
     batch_size: int = 32
     index: str = "auto"
     max_checkpoint_bytes: int | None = None  # what loading the checkpoint may allocate (default: by its size)
+    text_model: str | None = None  # the user's text model for a checkpoint whose own is no preset's
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -80,6 +81,7 @@ class EmbedProcessor:
         from clap_model.inference import CLAPInference
 
         self.clap = CLAPInference.from_checkpoint(options.checkpoint, model=options.preset, device=device,
+                                                  text_model=options.text_model,
                                                   max_checkpoint_bytes=options.max_checkpoint_bytes)
         self.batch_size = options.batch_size
         self.dim = self.clap.model.cfg.joint_dim
@@ -171,7 +173,7 @@ def default_out(dataset: UPath) -> UPath:
 def run_embed(options: EmbedOptions, run: RunOptions) -> RunSummary:
     options.check()
     check_run(run)
-    identity = model_identity(options.checkpoint, options.preset, options.max_checkpoint_bytes)
+    identity = model_identity(options.checkpoint, options.preset, options.max_checkpoint_bytes, options.text_model)
     settings = {"model": identity, "batch_size": options.batch_size, "index": options.index}
     stage = Stage(EMBED_STAGE, settings, functools.partial(_make_embed, options), embed_schema(identity["joint_dim"]),
                   mode=READ, finish=functools.partial(_finish, identity["joint_dim"], options.index))

@@ -36,6 +36,7 @@ class SearchOptions:
     # loaded from), and its sha256 must be the one embed recorded.
     checkpoint: Path | None = None
     max_checkpoint_bytes: int | None = None  # what loading the checkpoint may allocate (default: by its size)
+    text_model: str | None = None  # the user's text model for a checkpoint whose own is no preset's
 
 
 class Searcher:
@@ -75,6 +76,7 @@ class Searcher:
         if file_digest(checkpoint) != self.model["digest"]:
             raise UserError(f"--checkpoint {checkpoint} is not the model the embeddings were made with")
         return CLAPInference.from_checkpoint(checkpoint, model=self.model.get("preset"),
+                                             text_model=self.options.text_model,
                                              max_checkpoint_bytes=self.options.max_checkpoint_bytes)
 
     def text(self, query: str) -> list[Hit]:

@@ -1,0 +1,107 @@
+"""Leftovers of the untrusted-files work (docs/security.md): a checkpoint's config does not choose a
+text model to load; a dataset's top-level files are copied in bounded chunks; opt-out signals are
+asked of every host a download is redirected to."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+# ---- 1. a checkpoint's text.name_or_path is data, not a path or hub id to follow -------------------
+
+
+@pytest.fixture(scope="module")
+def planted_text_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny checkpoint whose config names a local folder (outside anything the user named) as its
+    text model; the folder holds a loadable tokenizer, so following it would work."""
+    import shutil
+
+    from clap_model import checkpoint as ckpt
+    from clap_model.clap import CLAP
+    from clap_model.config import get_preset
+    from clap_model.text import SHIPPED_VOCABULARIES
+
+    root = tmp_path_factory.mktemp("planted-text")
+    victim = root / "elsewhere" / "tokenizer"
+    shutil.copytree(SHIPPED_VOCABULARIES["audioset-bpe"], victim)
+    cfg = get_preset("tiny")
+    state = CLAP(cfg, pretrained_text=False).state_dict()
+    cfg = replace(cfg, text=replace(cfg.text, name_or_path=str(victim)))
+    path = root / "planted.pt"
+    ckpt.save_atomic({"config": cfg.to_dict(), "state_dict": state}, path)
+    (root / "data" / "train").mkdir(parents=True)
+    (root / "data" / "train" / "sizes.json").write_text('{"000000.tar": 1}')
+    (root / "data" / "train" / "000000.tar").write_bytes(b"")
+    return path, victim
+
+
+@pytest.fixture
+def followed(monkeypatch) -> list[str]:
+    """Every name transformers would be asked to load (tokenizer, config, weights)."""
+    from clap_model import text
+    from clap_model.config import UsageError
+
+    names: list[str] = []
+
+    def record(load, name, *args, **kwargs):
+        names.append(name)
+        raise UsageError(f"followed {name}")
+
+    monkeypatch.setattr(text, "from_pretrained", record)
+    return names
+
+
+def _one_refusal(capsys, rc: int, prog: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    assert "--text-model" in err[0] and "not a preset's hub id" in err[0], err
+    return err[0]
+
+
+def test_clap_eval_and_export_refuse_a_checkpoints_own_text_path(planted_text_checkpoint, followed, capsys,
+                                                                 tmp_path):
+    from clap_model import evaluate, export
+
+    path, _ = planted_text_checkpoint
+    shard = path.parent / "data" / "train" / "000000.tar"
+    _one_refusal(capsys, evaluate.main(["--checkpoint", str(path), "--val-data", str(shard)]), "clap-eval")
+    _one_refusal(capsys, export.main(["--checkpoint", str(path), "--format", "laion",
+                                      "--out", str(tmp_path / "x.pt")]), "clap-export")
+    assert followed == [] and not (tmp_path / "x.pt").exists()
+
+
+def test_embed_and_searchs_loader_refuse_a_checkpoints_own_text_path(planted_text_checkpoint, followed, capsys,
+                                                                     tmp_path):
+    from audio_dataset import cli
+    from clap_model.config import UsageError
+    from clap_model.inference import CLAPInference
+
+    path, _ = planted_text_checkpoint
+    dataset = path.parent / "data"
+    rc = cli.main(["embed", str(dataset), "--checkpoint", str(path), "--out", str(tmp_path / "embed")])
+    _one_refusal(capsys, rc, "audiodata")
+    with pytest.raises(UsageError, match="pass --text-model"):  # search's and embed workers' loader
+        CLAPInference.from_checkpoint(path, device="cpu")
+    assert followed == [] and not (tmp_path / "embed").exists()
+
+
+def test_the_text_model_the_user_names_or_a_presets_hub_id_is_honoured(planted_text_checkpoint):
+    from clap_model import checkpoint as ckpt
+
+    path, victim = planted_text_checkpoint
+    saved = ckpt.read(path)
+    # The user names the folder: it is theirs to trust.
+    assert ckpt.model_config_of(saved, None, str(victim)).text.name_or_path == str(victim)
+    for hub_id in ("roberta-base", "bert-base-uncased", "gpt2"):
+        saved["config"]["text"]["name_or_path"] = hub_id
+        assert ckpt.model_config_of(saved, None, None).text.name_or_path == hub_id
+    for planted in ("someone/else", "/etc", "../x", "https://example.com/m"):
+        saved["config"]["text"]["name_or_path"] = planted
+        with pytest.raises(ckpt.CheckpointError, match="not a preset's hub id"):
+            ckpt.model_config_of(saved, None, None)
+    # What read() made of a Hugging Face folder the user named keeps that folder as its text tower.
+    folder = ckpt.FolderCheckpoint(config=dict(saved["config"], text=dict(saved["config"]["text"],
+                                                                          name_or_path=str(victim))))
+    assert ckpt.model_config_of(folder, None, None).text.name_or_path == str(victim)
+
