@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -45,7 +46,8 @@ from audio_dataset.stats import PLOT_FILE, STATS_FILE
 from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, read_runs, record_run
 from audio_dataset.raystart import start_ray
 from audio_dataset.source import UserError
-from audio_dataset.storage import Location, is_local, location, read_json, remove_stale_temps, trust_output
+from audio_dataset.storage import Location, StagedFile, is_local, location, read_json, remove_stale_temps, \
+    trust_output
 
 DEVICES = ("auto", "cpu", "cuda")
 REWRITE, DROP, READ = "rewrite", "drop", "read"
@@ -391,7 +393,23 @@ def _copy_dataset_files(input_dir: UPath, out: UPath, skip: frozenset[str] = fro
         if path.name == PROVENANCE_FILE:
             _merge_provenance(path, out / PROVENANCE_FILE)
         elif path.is_file() and not path.name.startswith((".", "_")) and path.name not in _NOT_COPIED | skip:
-            atomic_write_bytes(out / path.name, path.read_bytes())
+            _copy_file(path, out / path.name)
+
+
+COPY_CHUNK_BYTES = 1 << 20
+
+
+def _copy_file(source: UPath, dest: UPath) -> None:
+    """Streamed in bounded chunks through a staged file (a received dataset's manifest may be
+    gigabytes; memory stays at one chunk), published only once whole."""
+    staged = StagedFile(dest)
+    try:
+        with source.open("rb") as handle:
+            shutil.copyfileobj(handle, staged.handle, COPY_CHUNK_BYTES)
+    except BaseException:  # a read error, a full disk, a signal: no temp file is left
+        staged.abort()
+        raise
+    staged.commit()
 
 
 def _merge_provenance(source: UPath, dest: UPath) -> None:

@@ -105,3 +105,36 @@ def test_the_text_model_the_user_names_or_a_presets_hub_id_is_honoured(planted_t
                                                                           name_or_path=str(victim))))
     assert ckpt.model_config_of(folder, None, None).text.name_or_path == str(victim)
 
+
+# ---- 2. a stage copies the input's top-level files in bounded chunks -----------------------------
+
+def test_a_large_top_level_file_is_copied_without_reading_it_whole(tmp_path):
+    """A received dataset's top-level file (a manifest of gigabytes) is streamed: the copy's peak
+    Python memory stays near one chunk, not the file's size, and the bytes arrive whole."""
+    import filecmp
+    import tracemalloc
+
+    from upath import UPath
+
+    from audio_dataset.stage_runner import _copy_dataset_files
+
+    size = 64 << 20
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    big = source / "manifest.parquet"
+    with open(big, "wb") as handle:  # sparse: cheap to make, 64 MiB to read
+        handle.write(b"head")
+        handle.truncate(size - 4)
+        handle.seek(size - 4)
+        handle.write(b"tail")
+    tracemalloc.start()
+    try:
+        _copy_dataset_files(UPath(source), UPath(out))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"copying a {size >> 20} MiB file took {peak >> 20} MiB"
+    assert filecmp.cmp(big, out / big.name, shallow=False)
+    assert sorted(p.name for p in out.iterdir()) == [big.name], "a temp file was left behind"
+
