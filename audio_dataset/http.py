@@ -11,8 +11,9 @@ Outcomes:
   `min_download_rate` on average, however steadily it trickled; not retried), `too_large`,
   `not_audio_content`, `not_archive_content`, `bad_json` (after retries where retrying can help);
   `opted_out` for a media fetch (`get_bytes`, `download`) the site refuses when the config honours
-  opt-outs: robots.txt and tdmrep.json of its origin (read once per worker process, cached per
-  origin) and the response's X-Robots-Tag and tdm-reservation headers (audio_dataset.optout).
+  opt-outs: robots.txt and tdmrep.json of its origin and of each origin it is redirected to,
+  before that hop is requested (read once per worker process, cached per origin), and the final
+  response's X-Robots-Tag and tdm-reservation headers (audio_dataset.optout).
 - `SourceError` for the whole source: credentials rejected (401/403 on a request made with
   `auth_env`), `max_consecutive_failures` requests in a row to one host that ended in connection
   errors/timeouts/5xx (the site is down), or a 429 whose Retry-After exceeds `max_retry_after`
@@ -35,7 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -324,6 +325,19 @@ class HttpClient:
         if refusal:
             raise ItemError(OPTED_OUT, f"{public_url(url)}: {refusal}")
 
+    def _check_redirect(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        """requests' response hook, called on each response before a redirect is followed: the
+        target (another host, or another path) is refused when its origin's robots.txt or
+        tdmrep.json refuses it, before it is requested."""
+        target = self._session().get_redirect_target(response) if response.is_redirect else None
+        if not target:
+            return
+        try:
+            self._check_host_policy(urljoin(response.url, target))
+        except ItemError as exc:
+            response.close()
+            raise ItemError(exc.reason, f"{exc.detail} (redirected from {public_url(response.url)})") from None
+
     def _fetch_host_policy(self, origin: str) -> "_HostPolicy":
         """robots.txt and tdmrep.json of `origin`, through this client's retries and rate limits with a
         512 KiB cap. robots.txt: 4xx allows all; any other failure is a complete disallow (RFC 9309)."""
@@ -356,8 +370,10 @@ class HttpClient:
         where = public_url(url)
         secrets = request_secrets(url, headers, params)
         started = time.monotonic()
+        # A media fetch redirected: each hop's target is asked of its own origin's opt-outs first.
+        hooks = {"response": self._check_redirect} if guarded else None
         try:
-            response = self._session().get(url, params=params, headers=headers, stream=True,
+            response = self._session().get(url, params=params, headers=headers, stream=True, hooks=hooks,
                                            timeout=(self.config.connect_timeout, self.config.stall_timeout))
         except requests.exceptions.ConnectTimeout:
             raise _Retry("timeout", f"connect to {where} timed out") from None

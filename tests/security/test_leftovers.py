@@ -138,3 +138,35 @@ def test_a_large_top_level_file_is_copied_without_reading_it_whole(tmp_path):
     assert filecmp.cmp(big, out / big.name, shallow=False)
     assert sorted(p.name for p in out.iterdir()) == [big.name], "a temp file was left behind"
 
+
+# ---- 3. opt-outs are asked of every host a download is redirected to ------------------------------
+
+def test_a_redirect_to_another_host_is_checked_against_that_hosts_opt_outs(loopback, real_clips):
+    """Two loopback servers on different ports are two origins: a media fetch from A redirected to B
+    is refused when B's robots.txt or tdmrep.json refuses the target, before B is asked for it."""
+    import json
+
+    from audio_dataset.http import HttpClient, HttpConfig
+    from audio_dataset.source import ItemError
+    from loopback import LoopbackServer, Response
+
+    clip = real_clips["198-209-0000"]
+    client = HttpClient(HttpConfig(honour_opt_outs=True, retries=0, stall_timeout=2.0))
+    with LoopbackServer() as other:
+        other.add("/robots.txt", b"User-agent: *\nDisallow: /private/\n", "text/plain")
+        other.add("/.well-known/tdmrep.json", json.dumps([{"location": "/reserved/*", "tdm-reservation": 1}]).encode(),
+                  "application/json")
+        for path in ("/private/a.ogg", "/public/a.ogg", "/reserved/a.ogg"):
+            other.add(path, clip, "audio/ogg")
+            loopback.add_handler(path, lambda _req, path=path: Response(302, headers={"Location": other.url + path}))
+
+        with pytest.raises(ItemError) as caught:
+            client.get_bytes(loopback.url + "/private/a.ogg")
+        assert caught.value.reason == "opted_out"
+        assert "robots.txt Disallow: /private/" in caught.value.detail and "redirected from" in caught.value.detail
+        with pytest.raises(ItemError, match="tdmrep.json tdm-reservation 1"):
+            client.get_bytes(loopback.url + "/reserved/a.ogg")
+        assert other.requests_to("/private/a.ogg") == [] and other.requests_to("/reserved/a.ogg") == []
+
+        assert client.get_bytes(loopback.url + "/public/a.ogg") == clip  # B allows it: the redirect is followed
+        assert len(other.requests_to("/robots.txt")) == 1  # asked once for the whole chain's host
