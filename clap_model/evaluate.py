@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from clap_model import files
 from clap_model.cli_common import Stop, load_modules, run_command
 from clap_model.config import ModelConfig, UsageError, error_line, get_preset
+from clap_model.inputs import check_named
 from clap_model.params import eval_parser
 
 if TYPE_CHECKING:
@@ -136,10 +137,11 @@ def _main(argv: list[str] | None, stop: Stop) -> int:
     if args.batch_size < 1 or args.workers < 0:
         print(f"{PROG}: error: --batch-size must be positive and --workers non-negative", file=sys.stderr)
         return 2
-    load_modules(stop, "clap_model.checkpoint", "clap_model.train", "clap_model.data")
     try:
         if args.out:  # before the run: a name that will be refused is said at once
             files.check_target(Path(args.out))
+        check_named(args.model, None, (args.val_data, args.zeroshot_data), (args.checkpoint,))  # before torch
+        load_modules(stop, "clap_model.checkpoint", "clap_model.train", "clap_model.data")
         metrics = _evaluate(args)
         if args.out:
             with files.replacing(Path(args.out)) as tmp:

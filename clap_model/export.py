@@ -21,6 +21,7 @@ from clap_model import files
 from clap_model.cli_common import OneLineParser, Stop, load_modules, run_command
 from clap_model.config import UsageError, error_line
 from clap_model.flags import refuse_positionals
+from clap_model.inputs import check_named
 from clap_model.params import add_max_checkpoint_bytes, presets_help
 
 if TYPE_CHECKING:
@@ -120,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None, stop: Stop) -> int:
     args = parser().parse_args(argv)
-    load_modules(stop, "clap_model.checkpoint")
-    from clap_model import checkpoint as ckpt
-
     try:
+        check_named(args.model, checkpoints=(args.checkpoint,))  # before torch
+        load_modules(stop, "clap_model.checkpoint")
+        from clap_model import checkpoint as ckpt
+
         model = ckpt.load_model(args.checkpoint, args.model, args.text_model, args.max_checkpoint_bytes).eval()
         saver(args.format)(model, Path(args.out))
     except UsageError as exc:

@@ -21,6 +21,7 @@ import torch
 
 from clap_model.clap import CLAP
 from clap_model.config import AudioConfig, ModelConfig, TextConfig, UsageError
+from clap_model.inputs import is_hub_id
 
 # (ours, theirs): `{name}` placeholders match the same text on both sides. Several names on HF's
 # side split our tensor along dim 0 in that order (HTSAT's fused qkv -> query, key, value).
@@ -216,8 +217,6 @@ def config_from_hf(config: Any, extractor: Any, name_or_path: str) -> ModelConfi
 
 # ---- folders -----------------------------------------------------------------------------------
 
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 _MAX_CONFIG_BYTES = 16 << 20
 
 
@@ -240,8 +239,7 @@ def is_hf_model(path_or_id: str) -> bool:
             return json.loads(config.read_text()).get("model_type") == "clap"
         except (OSError, ValueError, AttributeError):
             return False
-    return (not path.exists() and _HUB_ID.fullmatch(path_or_id) is not None
-            and not path_or_id.lower().endswith(_FILE_SUFFIXES))
+    return not path.exists() and is_hub_id(path_or_id)
 
 
 def load_hf(path_or_id: str) -> CLAP:

@@ -11,6 +11,7 @@ from pathlib import Path
 from clap_model import files
 from clap_model.cli_common import Stop, load_modules, run_command
 from clap_model.config import UsageError, error_line
+from clap_model.inputs import check_named
 from clap_model.params import train_parser
 
 PROG = "clap-train"
@@ -27,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) < (0 if name == "workers" else 1):
                 print(f"{PROG}: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
                 return 2
-        try:
-            files.check_out(Path(args.out), args.resume)  # said before torch loads
+        try:  # said before torch loads
+            files.check_out(Path(args.out), args.resume)
+            resumed = str(Path(args.out) / "latest.pt") if args.resume == "latest" else args.resume
+            check_named(args.model, args.train_data, (args.val_data, args.zeroshot_data), (resumed, args.pretrained))
         except (UsageError, OSError) as exc:
             print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
             return 2

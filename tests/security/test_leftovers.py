@@ -170,3 +170,62 @@ def test_a_redirect_to_another_host_is_checked_against_that_hosts_opt_outs(loopb
 
         assert client.get_bytes(loopback.url + "/public/a.ogg") == clip  # B allows it: the redirect is followed
         assert len(other.requests_to("/robots.txt")) == 1  # asked once for the whole chain's host
+
+
+# ---- 4. the clap-* commands' quick refusals come before torch is imported -------------------------
+
+EARLY_REFUSALS = {  # name: (module, arguments, what the one line says); {d} is a folder of the test's
+    "train-unknown-model": ("main", ["--train-data", "{d}/data/train/000000.tar", "--model", "nope",
+                                     "--out", "{d}/run"], "unknown model 'nope'"),
+    "train-missing-shard": ("main", ["--train-data", "{d}/data/train/{{000000..000001}}.tar", "--model", "tiny",
+                                     "--out", "{d}/run"], "shard not found"),
+    "train-missing-val-shard": ("main", ["--train-data", "{d}/data/train/000000.tar", "--model", "tiny",
+                                         "--val-data", "{d}/nope.tar", "--out", "{d}/run"], "shard not found"),
+    "train-missing-pretrained": ("main", ["--train-data", "{d}/data/train/000000.tar", "--model", "tiny",
+                                          "--pretrained", "{d}/none.pt", "--out", "{d}/run"], "checkpoint not found"),
+    "eval-missing-checkpoint": ("evaluate", ["--checkpoint", "{d}/none.pt", "--val-data", "{d}/data/train/000000.tar"],
+                                "checkpoint not found"),
+    "eval-unknown-model": ("evaluate", ["--checkpoint", "{d}/none.pt", "--model", "nope",
+                                        "--val-data", "{d}/data/train/000000.tar"], "unknown model 'nope'"),
+    "export-missing-checkpoint": ("export", ["--checkpoint", "{d}/none.pt", "--format", "laion",
+                                             "--out", "{d}/x.pt"], "checkpoint not found"),
+    "export-unknown-model": ("export", ["--checkpoint", "{d}/none.pt", "--model", "nope", "--format", "laion",
+                                        "--out", "{d}/x.pt"], "unknown model 'nope'"),
+}
+_CHILD = """
+import contextlib, io, json, sys
+from importlib import import_module
+found = {}
+for name, (module, argv) in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = import_module("clap_model." + module).main(argv)
+    found[name] = [rc, err.getvalue(), sorted(m for m in ("torch", "transformers") if m in sys.modules)]
+print(json.dumps(found))
+"""
+
+
+def test_quick_refusals_come_before_torch_is_imported(tmp_path):
+    """A typo in --model, a missing shard or checkpoint: one line, exit 2, with torch never imported
+    (a torch import takes seconds to tens of seconds; these mistakes are found by looking at names)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "sizes.json").write_text('{"000000.tar": 1}')
+    (tmp_path / "data" / "train" / "000000.tar").write_bytes(b"")
+    cases = {name: (module, [arg.format(d=tmp_path) for arg in argv])
+             for name, (module, argv, _) in EARLY_REFUSALS.items()}
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout)
+    for name, (_, _, says) in EARLY_REFUSALS.items():
+        rc, err, heavy = found[name]
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and says in lines[0], (name, err)
+        assert heavy == [], f"{name}: refused only after importing {heavy}"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x.pt").exists()
