@@ -40,7 +40,7 @@ def audio_spec(cfg: ModelConfig, truncating: str | None, filling: str, max_fusio
 
 def check_eval_args(args: argparse.Namespace) -> None:
     """The evaluation arguments' mistakes, found before training rather than after its first epoch."""
-    from clap_model.data import expand_datasets
+    from clap_model.inputs import expand_datasets  # no torch: clap-eval says these before it loads
 
     for pattern in (args.val_data, args.zeroshot_data):
         if pattern:
@@ -140,7 +140,8 @@ def _main(argv: list[str] | None, stop: Stop) -> int:
     try:
         if args.out:  # before the run: a name that will be refused is said at once
             files.check_target(Path(args.out))
-        check_named(args.model, None, (args.val_data, args.zeroshot_data), (args.checkpoint,))  # before torch
+        check_eval_args(args)  # before torch: the arguments, then the names of model and checkpoint
+        check_named(args.model, checkpoints=(args.checkpoint,))
         load_modules(stop, "clap_model.checkpoint", "clap_model.train", "clap_model.data")
         metrics = _evaluate(args)
         if args.out:
