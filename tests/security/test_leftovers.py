@@ -1,6 +1,7 @@
 """Leftovers of the untrusted-files work (docs/security.md): a checkpoint's config does not choose a
 text model to load; a dataset's top-level files are copied in bounded chunks; opt-out signals are
-asked of every host a download is redirected to."""
+asked of every host a download is redirected to; the clap-* commands' quick refusals (a misspelt
+preset, a missing shard or checkpoint) come before torch is imported."""
 from __future__ import annotations
 
 from dataclasses import replace
