@@ -175,6 +175,8 @@ def score_classification(model: CLAP, tokenize: Tokenize, task: Task, embedded: 
         for row, i in enumerate(keep):
             for label in labels_of(embedded.meta[i]):
                 targets[row, index[label]] = 1.0
+        if not keep:
+            raise UsageError(f"task {task.name}: no clip in folds {list(task.folds)}")
         found, per_class = multilabel_map(embedded.audio[keep], class_text, targets)
         details["per_class_ap"] = dict(zip(classes, per_class))
         details["clips_scored"] = len(keep)
@@ -211,15 +213,23 @@ def score_retrieval(task: Task, embedded: Embedded) -> tuple[dict[str, float], d
                      "captions_per_clip": sorted({int(c) for c in counts})}
 
 
-def run_task(model: CLAP, tokenize: Tokenize, task: Task, folder: Path, opts: Options) -> TaskResult:
+def run_task(model: CLAP, tokenize: Tokenize, task: Task, folder: Path, opts: Options,
+             cache: dict[tuple, Embedded] | None = None) -> TaskResult:
+    """One task, `opts.repeats` times under random crops; `cache` keeps a split's embeddings for the
+    next task on the same clips under the same audio settings (ESC-50 fold 1, then all of it)."""
     import time
 
     start = time.perf_counter()
+    cache = {} if cache is None else cache
     spec = audio_spec_for(model, task, opts)
     runs, details, clips = [], {}, 0
     seeds = [opts.seed + r for r in range(opts.repeats)] if opts.crop == "random" else [None]
     for crop_seed in seeds:
-        embedded = embed_split(model, folder, spec, tokenize, opts, crop_seed, captions=task.kind == "retrieval")
+        captions = task.kind == "retrieval"
+        key = (str(folder), spec, crop_seed, captions)
+        if key not in cache:
+            cache[key] = embed_split(model, folder, spec, tokenize, opts, crop_seed, captions)
+        embedded = cache[key]
         if task.kind == "retrieval":
             found, details = score_retrieval(task, embedded)
         else:
@@ -276,13 +286,18 @@ def published_for(task: Task, checkpoint: str, reference: str | None) -> dict[st
 def run_suite(model: CLAP, tokenize: Tokenize, suite: Suite, data_root: Path, opts: Options
               ) -> tuple[list[TaskResult], list[dict[str, str]]]:
     results, skipped = [], []
+    cache: dict[tuple, Embedded] = {}
     for task in suite.tasks:
         folder, why = task_folder(task, data_root)
         if folder is None:
             skipped.append({"task": task.name, "dataset": task.dataset, "reason": why})
             opts.log(f"{task.name}: skipped ({why})")
             continue
-        results.append(run_task(model, tokenize, task, folder, opts))
+        try:
+            results.append(run_task(model, tokenize, task, folder, opts, cache))
+        except UsageError as exc:  # this task's data cannot be scored: named, the others go on
+            skipped.append({"task": task.name, "dataset": task.dataset, "reason": f"not scored: {exc}"})
+            opts.log(f"{task.name}: not scored ({exc})")
     return results, skipped
 
 

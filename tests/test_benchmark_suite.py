@@ -140,6 +140,12 @@ kind = "retrieval"
 name = "urban"
 dataset = "us8k"
 kind = "zeroshot"
+
+[[task]]
+name = "esc-fold9"
+dataset = "esc50"
+folds = [9]
+kind = "zeroshot"
 """
 
 
@@ -147,6 +153,14 @@ kind = "zeroshot"
 def suite_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bench_suite") / "suite.toml"
     path.write_text(SUITE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def esc_suite(tmp_path_factory) -> Path:
+    """One task (every ESC-like clip): for the tests that run the command several times."""
+    path = tmp_path_factory.mktemp("bench_suite") / "esc.toml"
+    path.write_text('[suite]\nname = "esc"\n[[task]]\nname = "esc-all"\ndataset = "esc50"\nkind = "zeroshot"\n')
     return path
 
 
@@ -158,7 +172,8 @@ def _run(suite_file: Path, data_root: Path, checkpoint: Path, out: Path, *extra:
 
 @pytest.fixture(scope="module")
 def fixed_run(suite_file, data_root, checkpoint, tmp_path_factory) -> dict:
-    return _run(suite_file, data_root[0], checkpoint, tmp_path_factory.mktemp("bench_out") / "run")
+    out = tmp_path_factory.mktemp("bench_out") / "run"
+    return {**_run(suite_file, data_root[0], checkpoint, out), "out": str(out)}
 
 
 # --------------------------------------------------------------------------- suites as data
@@ -222,15 +237,30 @@ def test_suite_usage_mistakes_are_one_line(argv, says, checkpoint, capsys):
     assert says in err and err.count("\n") == 1
 
 
+def test_suite_mistakes_are_found_before_torch_loads(tmp_path):
+    """The suite, data root and templates are checked before the heavy imports: a quick line."""
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.toml").write_text("[suite]\nname = 1\n")
+    code = ("import sys; from clap_model.evaluate import main; "
+            f"code = main(['--suite', {str(tmp_path / 'bad.toml')!r}, '--checkpoint', 'x.pt', '--data-root', '.']); "
+            "assert 'torch' not in sys.modules, 'torch loaded'; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("clap-eval: error: ") and done.stderr.count("\n") == 1
+
+
 # --------------------------------------------------------------------------- the command end to end
 
 
 def test_the_suite_scores_what_is_built_and_names_what_is_skipped(fixed_run, capsys):
     tasks = {t["name"]: t for t in fixed_run["tasks"]}
     assert set(tasks) == {"esc-fold1", "esc-all", "clotho"}
-    assert fixed_run["skipped"] == [{"task": "urban", "dataset": "us8k",
-                                     "reason": fixed_run["skipped"][0]["reason"]}]
+    assert [(s["task"], s["dataset"]) for s in fixed_run["skipped"]] == [("urban", "us8k"), ("esc-fold9", "esc50")]
     assert "us8k is not built" in fixed_run["skipped"][0]["reason"]
+    assert "no clip in folds [9]" in fixed_run["skipped"][1]["reason"]  # named; the other tasks go on
     assert tasks["esc-fold1"]["clips"] == 6 and tasks["esc-all"]["clips"] == 12
     assert tasks["clotho"]["details"]["captions"] == 20 and tasks["clotho"]["details"]["captions_per_clip"] == [5]
     fold1 = tasks["esc-fold1"]
@@ -278,10 +308,10 @@ def test_retrieval_equals_the_metrics_of_clap_inference_embeddings(fixed_run, da
     assert found == pytest.approx(expected, abs=1e-6)
 
 
-def test_a_fixed_crop_repeats_exactly(fixed_run, suite_file, data_root, checkpoint, tmp_path):
-    again = _run(suite_file, data_root[0], checkpoint, tmp_path / "again")
-    for first, second in zip(fixed_run["tasks"], again["tasks"]):
-        assert first["metrics"] == second["metrics"] and first["details"] == second["details"]
+def test_a_fixed_crop_repeats_exactly(fixed_run, esc_suite, data_root, checkpoint, tmp_path):
+    [again] = _run(esc_suite, data_root[0], checkpoint, tmp_path / "again", "--batch-size", "7")["tasks"]
+    first = next(t for t in fixed_run["tasks"] if t["name"] == "esc-all")
+    assert first["metrics"] == again["metrics"] and first["details"] == again["details"]
 
 
 def test_random_crops_are_drawn_per_clip_and_reproduced_by_their_seed(data_root, checkpoint):
@@ -304,16 +334,16 @@ def test_random_crops_are_drawn_per_clip_and_reproduced_by_their_seed(data_root,
     assert not torch.allclose(first, embed(8)) and not torch.allclose(first, fixed)
 
 
-def test_repeated_random_crops_give_a_mean_and_spread(suite_file, data_root, checkpoint, tmp_path):
-    args = ("--crop", "random", "--seed", "4", "--repeats", "2")
-    one = _run(suite_file, data_root[0], checkpoint, tmp_path / "a", *args)
-    two = _run(suite_file, data_root[0], checkpoint, tmp_path / "b", *args)
-    for a, b in zip(one["tasks"], two["tasks"]):
-        assert a["repeats"] == b["repeats"] and len(a["repeats"]) == 2
-        assert a["audio"]["crop_seeds"] == [4, 5] and a["audio"]["crop"] == "random"
-        for metric, value in a["metrics"].items():
-            assert value == pytest.approx(np.mean([r[metric] for r in a["repeats"]]))
-            assert a["spread"][metric] == pytest.approx(np.std([r[metric] for r in a["repeats"]]))
+def test_repeated_random_crops_give_a_mean_and_spread(esc_suite, data_root, checkpoint, tmp_path):
+    """Repeat r draws with seed + r: the second of two repeats from seed 4 is the run of seed 5."""
+    [task] = _run(esc_suite, data_root[0], checkpoint, tmp_path / "a", "--crop", "random", "--seed", "4",
+                  "--repeats", "2")["tasks"]
+    [alone] = _run(esc_suite, data_root[0], checkpoint, tmp_path / "b", "--crop", "random", "--seed", "5")["tasks"]
+    assert len(task["repeats"]) == 2 and task["repeats"][1] == alone["metrics"]
+    assert task["audio"]["crop_seeds"] == [4, 5] and task["audio"]["crop"] == "random"
+    for metric, value in task["metrics"].items():
+        assert value == pytest.approx(np.mean([r[metric] for r in task["repeats"]]))
+        assert task["spread"][metric] == pytest.approx(np.std([r[metric] for r in task["repeats"]]))
 
 
 # --------------------------------------------------------------------------- prompts
@@ -329,11 +359,11 @@ def test_a_prompt_ensemble_is_the_normalised_mean_of_its_prompts(checkpoint):
     assert torch.allclose(found[1], clap.embed_text(groups[1])[0], atol=1e-6)
 
 
-def test_templates_file_prompts_are_used_and_recorded(suite_file, data_root, checkpoint, tmp_path, fixed_run):
+def test_templates_file_prompts_are_used_and_recorded(esc_suite, data_root, checkpoint, tmp_path, fixed_run):
     (tmp_path / "prompts.toml").write_text(
         'templates = ["This is a sound of {}.", "A recording of {}."]\n'
         '[datasets.esc50.descriptions]\ndog = ["a dog barking loudly"]\n')
-    found = _run(suite_file, data_root[0], checkpoint, tmp_path / "out", "--templates", str(tmp_path / "prompts.toml"))
+    found = _run(esc_suite, data_root[0], checkpoint, tmp_path / "out", "--templates", str(tmp_path / "prompts.toml"))
     task = next(t for t in found["tasks"] if t["name"] == "esc-all")
     assert task["details"]["prompts"]["dog"] == ["This is a sound of dog.", "A recording of dog.", "a dog barking loudly"]
     assert task["details"]["prompts"]["car_horn"] == ["This is a sound of car horn.", "A recording of car horn."]
@@ -361,12 +391,10 @@ def test_prompts_fall_back_to_the_tasks_own_templates():
 # --------------------------------------------------------------------------- tables
 
 
-def test_results_convert_to_markdown_and_csv(fixed_run, suite_file, data_root, checkpoint, tmp_path, capsys):
-    out = tmp_path / "t"
-    _run(suite_file, data_root[0], checkpoint, out, "--table", "md")
-    printed = capsys.readouterr().out
+def test_results_convert_to_markdown_and_csv(fixed_run, capsys):
+    out = Path(fixed_run["out"])
     markdown = (out / "results.md").read_text()
-    assert printed == markdown and markdown.startswith("| task | metric | ours | published | difference |")
+    assert markdown.startswith("| task | metric | ours | published | difference |")
     accuracy = next(t for t in fixed_run["tasks"] if t["name"] == "esc-fold1")["metrics"]["accuracy"]
     assert f"| esc-fold1 | accuracy | {100 * accuracy:.2f} | 50.00 [1] |" in markdown
     assert "[1] made up for the test" in markdown and "Skipped urban" in markdown
@@ -374,8 +402,13 @@ def test_results_convert_to_markdown_and_csv(fixed_run, suite_file, data_root, c
     row = next(r for r in rows if r["task"] == "esc-fold1" and r["metric"] == "accuracy")
     assert float(row["ours"]) == pytest.approx(accuracy) and row["source"] == "made up for the test"
     assert {r["task"] for r in rows} == {"esc-fold1", "esc-all", "clotho"}
-    assert main(["--results", str(out / "results.json"), "--table", "csv"]) == 0
-    assert capsys.readouterr().out == (out / "results.csv").read_text()
+    for table in ("csv", "md"):
+        assert main(["--results", str(out / "results.json"), "--table", table]) == 0
+        assert capsys.readouterr().out == (out / f"results.{table}").read_text()
+    assert main(["--results", str(out / "results.json")]) == 0  # the text table
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split() == ["task", "metric", "ours", "published", "difference"]
+    assert "skipped urban: us8k is not built" in printed
 
 
 def test_a_results_file_that_is_not_ours_is_one_line(tmp_path, capsys):
