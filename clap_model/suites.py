@@ -8,6 +8,7 @@ loading a model. A suite file is read as data, never executed; a mistake in it i
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -227,7 +228,11 @@ def parse_suite(data: dict[str, Any], where: str) -> Suite:
     names = [t.name for t in parsed]
     if len(set(names)) < len(names):
         raise SuiteError(f"{where}: two tasks are named {next(n for n in names if names.count(n) > 1)!r}")
-    return Suite(name=_get(head, "name", str, where), description=_get(head, "description", str, where, ""),
+    name = _get(head, "name", str, where)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise SuiteError(f"{where}: suite name {name!r} must be letters, digits, '.', '_' or '-' "
+                         "(it names the default output folder)")
+    return Suite(name=name, description=_get(head, "description", str, where, ""),
                  tasks=parsed, left_out=_strings(head, "left_out", where), path=where)
 
 

@@ -209,6 +209,7 @@ BAD_SUITES = {
                              '[[task.published]]\ncheckpoint="c"\nmetric="accuracy"\nvalue=0.9\nsource=""\n',
     "percent for a fraction": '[suite]\nname="x"\n[[task]]\nname="a"\ndataset="esc50"\nkind="zeroshot"\n'
                               '[[task.published]]\ncheckpoint="c"\nmetric="accuracy"\nvalue=92.75\nsource="s"\n',
+    "a name that is a path": '[suite]\nname="../../x"\n[[task]]\nname="a"\ndataset="esc50"\nkind="zeroshot"\n',
     "misspelt key": '[suite]\nname="x"\n[[task]]\nname="a"\ndataset="esc50"\nkind="zeroshot"\nfold=[1]\n',
 }
 
@@ -445,3 +446,22 @@ def test_multilabel_map_is_scikit_learns_average_precision_macro():
     # Ties: a constant score earns the base rate, as scikit-learn gives it.
     flat, _ = multilabel_map(audio, torch.zeros(5, 8), targets)
     assert flat == pytest.approx(np.mean([float(targets[:, c].mean()) for c in range(4)]))
+
+
+def test_a_linked_dataset_folder_is_skipped_not_followed(data_root, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "esc50").symlink_to(data_root[0] / "esc50")
+    (root / "clotho").mkdir()
+    (root / "clotho" / "test").symlink_to(data_root[0] / "clotho" / "test")
+    tasks = {t.name: t for t in load_suite("laion-clap").tasks}
+    for name in ("esc50-fold1", "clotho-test"):
+        folder, why = benchmark.task_folder(tasks[name], root)
+        assert folder is None and "symbolic link" in why
+    assert benchmark.task_folder(tasks["esc50"], data_root[0]) == (data_root[0] / "esc50" / "test", "")
+    assert "no test split" in benchmark.task_folder(tasks["gtzan"], _with(tmp_path / "g", "gtzan"))[1]
+
+
+def _with(root: Path, dataset: str) -> Path:
+    (root / dataset / "train").mkdir(parents=True)
+    return root
