@@ -465,3 +465,17 @@ def test_a_linked_dataset_folder_is_skipped_not_followed(data_root, tmp_path):
 def _with(root: Path, dataset: str) -> Path:
     (root / dataset / "train").mkdir(parents=True)
     return root
+
+
+def test_a_hugging_face_folder_is_scored_and_hashed(esc_suite, data_root, tmp_path):
+    """The suite runs on any format clap-eval loads: here an HF ClapModel folder (tiny-roberta)."""
+    from clap_model import hf_format
+
+    torch.manual_seed(0)
+    hf_format.save_hf(CLAP(get_preset("tiny-roberta"), pretrained_text=False), tmp_path / "hf")
+    found = _run(esc_suite, data_root[0], tmp_path / "hf", tmp_path / "out", "--reference", "tiny-bench.pt")
+    assert found["tasks"][0]["clips"] == 12 and found["checkpoint"]["name"] == "hf"
+    assert found["checkpoint"]["sha256"] == benchmark.checkpoint_sha256(str(tmp_path / "hf"))
+    assert len(found["checkpoint"]["sha256"]) == 64 and found["checkpoint"]["reference"] == "tiny-bench.pt"
+    (tmp_path / "hf" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text() + " ")
+    assert benchmark.checkpoint_sha256(str(tmp_path / "hf")) != found["checkpoint"]["sha256"]
