@@ -247,6 +247,10 @@ def run_task(model: CLAP, tokenize: Tokenize, task: Task, folder: Path, opts: Op
                         "crop": "random" if opts.crop == "random" else
                         ("centre (fusion)" if spec.truncating == "fusion" else "start"),
                         "crop_seeds": seeds if opts.crop == "random" else []}
+    # The model is fed what it was trained on; say so where the reference fed its own model otherwise.
+    reference = (task.sample_rate, task.clip_seconds)
+    ours = (spec.sample_rate, spec.clip_samples / spec.sample_rate)
+    details["audio"]["as_reference"] = None if None in reference else reference == ours
     return TaskResult(task, mean, spread, runs, clips, details, time.perf_counter() - start)
 
 

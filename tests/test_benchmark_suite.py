@@ -270,7 +270,7 @@ def test_the_suite_scores_what_is_built_and_names_what_is_skipped(fixed_run, cap
     # Every protocol choice and the checkpoint's identity are recorded.
     assert fold1["protocol"]["folds"] == [1] and fold1["protocol"]["templates"] == [TEMPLATE]
     assert fold1["audio"] == {"sample_rate": RATE, "clip_seconds": 2.0, "truncating": "rand_trunc",
-                              "filling": "repeatpad", "crop": "start", "crop_seeds": []}
+                              "filling": "repeatpad", "crop": "start", "crop_seeds": [], "as_reference": None}
     assert set(fold1["details"]["per_class_accuracy"]) == set(CLASSES)
     assert fixed_run["checkpoint"]["sha256"] and len(fixed_run["checkpoint"]["sha256"]) == 64
     assert fixed_run["version"] and fixed_run["suite"]["left_out"] == ["nothing"]
