@@ -341,6 +341,11 @@ class LoaderConfig:
     seed: int = 0
     # Training: batches each worker yields per epoch (None: one pass, evaluation).
     batches_per_worker: int | None = None
+    # Evaluation: sample JSON fields handed on as the batch's `meta` (class labels, fold).
+    meta_fields: tuple[str, ...] = ()
+    # Evaluation with random crops (clap-eval --crop random): each clip's crop drawn from a generator
+    # seeded by (this, its key), so it is the same whatever the workers, batch size or shard order.
+    eval_crop_seed: int | None = None
 
 
 @dataclass
@@ -417,17 +422,22 @@ class ShardDataset(IterableDataset):
         try:
             meta = load_json_object(sample[JSON_EXT])  # bounded: size, depth, an object
             captions = choose_captions(meta, self.cfg.caption_fields, rng)  # before the costly decode
-            audio = read_clip(sample[AUDIO_EXT], self.cfg.audio, rng)
+            crop_rng = rng if rng is not None else self._eval_crop_rng(sample["__key__"])
+            audio = read_clip(sample[AUDIO_EXT], self.cfg.audio, crop_rng)
             if audio.size == 0:
                 raise ValueError("empty audio")
         except (ValueError, RuntimeError, soundfile.LibsndfileError) as exc:
             reason = f"{sample.get('__key__')}: {exc}"
             _warn(ValueError(reason))
             return reason
-        waveform, longer, crop_u = crop_or_fill(audio, self.cfg.audio, rng)
+        waveform, longer, crop_u = crop_or_fill(audio, self.cfg.audio, crop_rng)
         label = label_of(meta, self.cfg.label_field) if self.cfg.label_field else None
         return {"key": sample["__key__"], "waveform": waveform, "longer": longer, "crop_u": crop_u,
-                "captions": captions, "label": label}
+                "captions": captions, "label": label, "meta": {k: meta.get(k) for k in self.cfg.meta_fields}}
+
+    def _eval_crop_rng(self, key: str) -> random.Random | None:
+        seed = self.cfg.eval_crop_seed
+        return None if seed is None else random.Random(f"{seed}/{key}")
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(item["waveform"]) for item in items]
@@ -446,6 +456,8 @@ class ShardDataset(IterableDataset):
             key=[item["key"] for item in items], text=[item["captions"][0] for item in items],
             label=[item["label"] for item in items],
         )
+        if self.cfg.meta_fields:
+            batch["meta"] = [item["meta"] for item in items]
         if slot is not None:
             batch[BUFFER_SLOT] = slot
         return batch

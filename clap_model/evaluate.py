@@ -1,4 +1,5 @@
-"""clap-eval: retrieval and zero-shot evaluation of a checkpoint (ours or LAION-CLAP's).
+"""clap-eval: retrieval and zero-shot evaluation of a checkpoint (ours or LAION-CLAP's); with
+--suite, a benchmark suite's tasks under each reference's protocol (clap_model.benchmark).
 
 torch and the data loader load inside the functions, after clap-eval has parsed its arguments:
 `--help` and mistakes answer at once.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ from clap_model import files
 from clap_model.cli_common import Stop, load_modules, run_command
 from clap_model.config import ModelConfig, UsageError, error_line, get_preset
 from clap_model.params import eval_parser
+from clap_model.suites import Prompts, Suite
 
 if TYPE_CHECKING:
     import torch
@@ -131,13 +134,110 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, lambda stop: _main(argv, stop))
 
 
+@dataclass
+class SuiteRun:
+    """What the command line asked of a suite run, checked before torch loads."""
+
+    suite: Suite
+    data_root: Path
+    out: Path
+    prompts: Prompts | None
+
+
+def check_suite_args(args: argparse.Namespace) -> SuiteRun | None:
+    """The suite options' mistakes (a bad suite or templates file, a missing data root, options that
+    do not go together) as one UsageError, before anything heavy loads. None without --suite."""
+    from clap_model.suites import load_prompts, load_suite
+
+    if args.suite is None:
+        for flag, given in (("--data-root", args.data_root), ("--templates", args.templates),
+                            ("--reference", args.reference), ("--crop random", args.crop == "random"),
+                            ("--repeats", args.repeats != 1)):
+            if given:
+                raise UsageError(f"{flag} goes with --suite")
+        return None
+    if args.val_data or args.zeroshot_data:
+        raise UsageError("--suite scores its own tasks: give it without --val-data and --zeroshot-data")
+    if args.repeats < 1 or (args.repeats > 1 and args.crop != "random"):
+        raise UsageError("--repeats needs --crop random (a fixed crop gives the same numbers every run) "
+                         "and must be at least 1")
+    suite = load_suite(args.suite)
+    if not args.data_root:
+        raise UsageError("--suite needs --data-root, the folder holding the benchmarks' builds")
+    data_root = Path(args.data_root)
+    if not data_root.is_dir():
+        raise UsageError(f"--data-root {data_root}: no such folder")
+    prompts = load_prompts(args.templates) if args.templates else None
+    out = Path(args.out or f"eval-{suite.name}")
+    files.check_target(out, folder=True)
+    for name in RESULT_FILES:
+        files.check_target(out / name)
+    return SuiteRun(suite, data_root, out, prompts)
+
+
+RESULT_FILES = ("results.json", "results.md", "results.csv")
+
+
+def _run_suite(args: argparse.Namespace, run: SuiteRun) -> int:
+    import torch
+
+    from clap_model import benchmark
+    from clap_model import checkpoint as ckpt
+    from clap_model.cli_common import version
+    from clap_model.suite_results import TABLES, csv_table, markdown_table
+    from clap_model.text import Tokenize
+
+    if args.model:
+        get_preset(args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    model = ckpt.load_model(args.checkpoint, args.model, args.text_model, args.max_checkpoint_bytes).to(device)
+    tokenize = Tokenize(model.cfg.text)
+    opts = benchmark.Options(crop=args.crop, seed=args.seed, repeats=args.repeats, batch_size=args.batch_size,
+                             workers=min(args.workers, 4), device=device, precision=precision,
+                             max_fusion_seconds=args.max_fusion_seconds, prompts=run.prompts,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
+    results, skipped = benchmark.run_suite(model, tokenize, run.suite, run.data_root, opts)
+    document = benchmark.results_document(run.suite, results, skipped, model, args.checkpoint, args.reference,
+                                          opts, version())
+    files.make_folder(run.out)
+    texts = {"results.json": json.dumps(document, indent=2, sort_keys=False) + "\n",
+             "results.md": markdown_table(document), "results.csv": csv_table(document)}
+    for name, text in texts.items():
+        with files.replacing(run.out / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    print(TABLES[args.table](document), end="", flush=True)
+    print(f"{PROG}: {len(results)} task(s) scored, {len(skipped)} skipped; results in {run.out}/",
+          file=sys.stderr, flush=True)
+    return 0 if results else 1
+
+
+def _print_results(args: argparse.Namespace) -> int:
+    from clap_model.suite_results import TABLES, read_results
+
+    print(TABLES[args.table](read_results(args.results)), end="")
+    return 0
+
+
 def _main(argv: list[str] | None, stop: Stop) -> int:
-    args = eval_parser().parse_args(argv)
+    parser = eval_parser()
+    args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         print(f"{PROG}: error: --batch-size must be positive and --workers non-negative", file=sys.stderr)
         return 2
+    try:
+        if args.results:
+            return _print_results(args)
+        if not args.checkpoint:
+            parser.error("the following arguments are required: --checkpoint")
+        suite_run = check_suite_args(args)
+    except (UsageError, OSError) as exc:
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
+        return 2
     load_modules(stop, "clap_model.checkpoint", "clap_model.train", "clap_model.data")
     try:
+        if suite_run is not None:
+            return _run_suite(args, suite_run)
         if args.out:  # before the run: a name that will be refused is said at once
             files.check_target(Path(args.out))
         metrics = _evaluate(args)

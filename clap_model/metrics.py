@@ -106,6 +106,46 @@ def zeroshot_metrics(audio: torch.Tensor, class_text: torch.Tensor, labels: torc
     }
 
 
+def class_ranks(audio: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each clip's true class among the classes (ties against it, as above)."""
+    logits = audio.float() @ class_text.float().T
+    return _ranks(logits, logits.gather(1, labels[:, None]).squeeze(1))
+
+
+def per_class_accuracy(ranks: torch.Tensor, labels: torch.Tensor, classes: int) -> list[float | None]:
+    """Top-1 accuracy of each class's clips (None for a class with none), from `class_ranks`."""
+    hits = torch.zeros(classes).index_add_(0, labels, (ranks < 1).float())
+    counts = torch.bincount(labels, minlength=classes).float()
+    return [float(h / c) if c else None for h, c in zip(hits, counts)]
+
+
+def average_precision(scores: torch.Tensor, relevant: torch.Tensor) -> float:
+    """Average precision of one ranking: the mean, over the relevant items, of the precision at
+    each one's rank; items tied on a score count as one step, which is scikit-learn's
+    average_precision_score (a constant score earns the base rate)."""
+    relevant = relevant.bool()
+    positives = int(relevant.sum())
+    if positives == 0:
+        return float("nan")
+    # Rank of each relevant item: items scoring higher, plus every item scoring the same.
+    at = scores[relevant]
+    ranks = (scores[None, :] >= at[:, None]).sum(dim=1).float()  # 1-based, pessimistic
+    hits = (at[None, :] >= at[:, None]).sum(dim=1).float()  # relevant items at or above it
+    return float((hits / ranks).mean())
+
+
+def multilabel_map(audio: torch.Tensor, class_text: torch.Tensor, targets: torch.Tensor
+                   ) -> tuple[float, list[float | None]]:
+    """Macro mAP of zero-shot multi-label tagging (FSD50K): per class, the average precision of the
+    clips ranked by their similarity to the class's prompt; the mean over classes with a positive
+    clip. `targets` is (clips, classes) of 0/1. Returns (mAP, per-class AP, None for no positives)."""
+    logits = audio.float() @ class_text.float().T
+    per_class = [average_precision(logits[:, c], targets[:, c]) if targets[:, c].any() else None
+                 for c in range(targets.shape[1])]
+    found = [ap for ap in per_class if ap is not None]
+    return (sum(found) / len(found) if found else float("nan")), per_class
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     """The metrics on one line, each under the name results.jsonl and `clap-eval --out` give it."""
     return " | ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"

@@ -150,9 +150,10 @@ def add_clip_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
 
 def eval_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="clap-eval", description="Evaluate a CLAP checkpoint.")
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint", default=None,
                         help="a clap-train checkpoint, a LAION-CLAP release (with --model), a Microsoft "
-                             "CLAP file, or a Hugging Face ClapModel folder or hub id")
+                             "CLAP file, or a Hugging Face ClapModel folder or hub id (required, except "
+                             "with --results)")
     parser.add_argument("--model", default=None,
                         help=f"architecture of a LAION-CLAP checkpoint (clap-train checkpoints carry theirs): "
                              f"{presets_help()}")
@@ -160,6 +161,36 @@ def eval_parser() -> argparse.ArgumentParser:
     add_max_checkpoint_bytes(parser)
     add_clip_args(parser)
     add_eval_args(parser)
+    add_suite_args(parser)
     add_runtime_args(parser)
-    parser.add_argument("--out", default=None, help="write the metrics as JSON here")
+    parser.add_argument("--out", default=None,
+                        help="write the metrics as JSON here; with --suite, the folder for results.json, "
+                             "results.md and results.csv (default: ./eval-SUITE)")
     return parser
+
+
+def add_suite_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("benchmark suite")
+    group.add_argument("--suite", default=None,
+                       help="score the tasks of a benchmark suite, each under its reference's protocol: a "
+                            "shipped suite (laion-clap, msclap-2022, msclap-2023) or a suite TOML file")
+    group.add_argument("--data-root", default=None,
+                       help="with --suite: the folder holding each benchmark's build as DATA_ROOT/<dataset>/ "
+                            "(e.g. audiodata build esc50 ... --out DATA_ROOT/esc50); tasks without one are "
+                            "skipped and named")
+    group.add_argument("--crop", choices=("fixed", "random"), default="fixed",
+                       help="fixed: the clip's start (centred local crops for fusion), the same every run; "
+                            "random: a random crop per clip as the references drew, seeded by --seed (and "
+                            "the clip), --repeats times for a mean and spread")
+    group.add_argument("--repeats", type=int, default=1, help="with --crop random: runs, each with the next seed")
+    group.add_argument("--templates", default=None, metavar="FILE",
+                       help="prompt ensembles and class descriptions (TOML; see README), in place of the "
+                            "suite's prompts: a class's text embedding is the mean over its prompts")
+    group.add_argument("--reference", default=None, metavar="CHECKPOINT",
+                       help="compare with the numbers published for this released checkpoint (default: the "
+                            "ones published for a checkpoint of --checkpoint's file name)")
+    group.add_argument("--table", choices=("text", "md", "csv"), default="text",
+                       help="the table printed at the end (results.md and results.csv are written beside "
+                            "results.json all the same)")
+    group.add_argument("--results", default=None, metavar="RESULTS_JSON",
+                       help="print the --table of a results.json written before, and exit (no model)")

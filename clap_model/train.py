@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -157,25 +157,32 @@ class Embedded:
     text: torch.Tensor
     owner: torch.Tensor
     labels: list[Any]
+    keys: list[str] = field(default_factory=list)
+    meta: list[dict[str, Any]] = field(default_factory=list)  # the loader's meta_fields, per clip
 
 
 @torch.no_grad()
-def embed_batches(model: CLAP, batches, device: torch.device, precision: str) -> Embedded:
-    """Audio and caption embeddings and labels of every batch."""
+def embed_batches(model: CLAP, batches, device: torch.device, precision: str, captions: bool = True) -> Embedded:
+    """Audio and (unless `captions` is False: zero-shot needs none) caption embeddings, labels, keys
+    and meta of every batch."""
     model.eval()
-    audio, text, owner, labels = [], [], [], []
+    audio, text, owner, labels, keys, meta = [], [], [], [], [], []
     clips = 0
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(device, precision):
             audio.append(model.encode_audio(batch["waveform"], batch["length"], batch["crop_u"]).float().cpu())
-            text.append(model.encode_text(batch).float().cpu())
+            if captions:
+                text.append(model.encode_text(batch).float().cpu())
         owner.append(batch["caption_owner"].cpu() + clips)
         clips += len(batch["key"])
         labels.extend(batch["label"])
+        keys.extend(batch["key"])
+        meta.extend(batch.get("meta") or [{} for _ in batch["key"]])
     if not audio:
         raise UsageError("the evaluation data yielded no samples")
-    return Embedded(torch.cat(audio), torch.cat(text), torch.cat(owner), labels)
+    text_emb = torch.cat(text) if text else torch.empty(0, audio[0].shape[1])
+    return Embedded(torch.cat(audio), text_emb, torch.cat(owner), labels, keys, meta)
 
 
 def evaluate_retrieval(model: CLAP, batches, device: torch.device, precision: str) -> dict[str, float]:
