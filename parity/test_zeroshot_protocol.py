@@ -11,9 +11,10 @@ every clip.
   and zero_shot_classification.py), CLAPWrapper.get_text_embeddings / get_audio_embeddings
   (44.1 kHz, 7 s for 2023, repeat fill, random crop: here at the start), compute_similarity,
   softmax, argmax.
-- Ours: the clips written as shards and read by our loader, scored by clap_model.train's
-  evaluate_zeroshot with each clip labelled with the reference's prediction: a top-1 accuracy of 1
-  (ties count against the label) is the same prediction for every clip.
+- Ours: the clips written as a shard folder and read by our loader, scored by `clap-eval --suite`'s
+  run_task under the shipped suites' tasks (laion-clap: esc50 with the evaluation code's prompt,
+  esc50-fold1 with the README's; msclap-2023: esc50), whose prompts, label formatting and filling
+  come from manifests/suites/*.toml: its per-clip predictions are compared.
 """
 from __future__ import annotations
 
@@ -38,16 +39,17 @@ from test_msclap import build_msclap, perturb as perturb_msclap, save_release
 from clap_model import checkpoint as ckpt
 from clap_model.clap import CLAP
 from clap_model.config import PRESETS
-from clap_model.data import AudioSpec, decode_audio, fill, make_loader
-from clap_model.evaluate import eval_dataset
+from clap_model.benchmark import Options, run_task
+from clap_model.data import decode_audio, fill
+from clap_model.suites import load_suite
 from clap_model.text import Tokenize, build_tokenizer
-from clap_model.train import evaluate_zeroshot
 
 # ESC-50's labels as its meta/esc50.csv spells them (underscores): both references' label
-# formatting turns them into spaces.
+# formatting turns them into spaces. One per bundled clip: the suite's classes are the labels found.
 CLASSES = ["dog", "rooster", "chirping_birds", "sea_waves", "crying_baby", "church_bells", "clock_tick",
-           "rain", "footsteps", "laughing", "engine", "siren", "car_horn", "water_drops", "breathing"]
-LAION_TEMPLATE = "This is a sound of {}."
+           "car_horn", "water_drops", "breathing"]
+LAION_EVAL = "This is a sound of {}."  # eval_zeroshot_classification.py
+LAION_README = "This is a sound of "  # README.md's ESC-50 example: + label, no full stop
 MSCLAP_PROMPT = "this is the sound of "
 # Each clip's best class beats the next by more than the two sides' difference in cosine similarity
 # (embeddings to 1e-4 at most, test_laion.py and test_msclap.py; random weights leave classes close).
@@ -64,39 +66,44 @@ def bundled_clips(rate: int) -> dict[str, np.ndarray]:
     for index, path in enumerate(sorted(REAL_AUDIO_DIR.glob("*.ogg"))):
         wave = decode_audio(path.read_bytes(), rate)
         clips[f"clip{index:02d}"] = np.clip(np.round(wave * 32768), -32768, 32767).astype(np.int16)
-    assert len(clips) >= 10
+    assert len(clips) == len(CLASSES)
     return clips
 
 
-def write_shard(folder: Path, clips: dict[str, np.ndarray], rate: int, labels: dict[str, str]) -> Path:
-    """One webdataset shard of the clips (16-bit FLAC), each labelled in `tag`."""
+def write_shard(folder: Path, clips: dict[str, np.ndarray], rate: int) -> Path:
+    """A split folder of one shard (16-bit FLAC) as a benchmark source writes it: clip i labelled
+    CLASSES[i] with its id, all in fold 1."""
     folder.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(folder / "0.tar", "w") as tar:
-        for key, pcm in clips.items():
+    with tarfile.open(folder / "000000.tar", "w") as tar:
+        for index, (key, pcm) in enumerate(clips.items()):
             audio = io.BytesIO()
             soundfile.write(audio, pcm, rate, format="FLAC", subtype="PCM_16")
-            meta = json.dumps({"text": [f"recording {key}"], "tag": [labels[key]]}).encode()
+            meta = json.dumps({"text": [f"recording {key}"], "class_labels": [CLASSES[index]],
+                               "class_ids": [index], "fold": 1}).encode()
             for name, data in ((f"{key}.flac", audio.getvalue()), (f"{key}.json", meta)):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    (folder / "sizes.json").write_text(json.dumps({"000000.tar": len(clips)}))
     return folder
 
 
-def our_agreement(model: CLAP, tokenize: Tokenize, folder: Path, spec: AudioSpec, template: str) -> dict[str, float]:
-    """Our zero-shot pipeline on the shard (each clip labelled with the reference's prediction)."""
-    dataset = eval_dataset(str(folder / "0.tar"), spec, tokenize, batch_size=4, label_field="tag")
-    classes = [spaced(c) for c in CLASSES]
-    return evaluate_zeroshot(model, make_loader(dataset, 0), tokenize, classes, template, torch.device("cpu"), "fp32")
+def suite_predictions(model: CLAP, tokenize: Tokenize, suite: str, task_name: str, folder: Path,
+                      cache: dict) -> dict[str, str]:
+    """The class `clap-eval --suite` predicts for each clip (by key) under the shipped suite's task."""
+    [task] = [task for task in load_suite(suite).tasks if task.name == task_name]
+    result = run_task(model, tokenize, task, folder, Options(batch_size=4, log=lambda line: None), cache)
+    assert result.details["classes"] == CLASSES and result.clips == len(CLASSES)
+    return result.details["predictions"]
 
 
-def check_reference_predictions(similarity: torch.Tensor) -> list[str]:
+def check_reference_predictions(similarity: torch.Tensor, keys) -> dict[str, str]:
     """The reference's class per clip; the example has teeth: several classes, clear margins."""
     top2 = similarity.topk(2, dim=1).values
     assert float((top2[:, 0] - top2[:, 1]).min()) > MARGIN
     predicted = [CLASSES[i] for i in similarity.argmax(dim=1).tolist()]
     assert len(set(predicted)) >= 3, predicted
-    return predicted
+    return dict(zip(keys, predicted))
 
 
 @torch.no_grad()
@@ -105,29 +112,27 @@ def test_laion_clap_zero_shot_predictions_are_ours(text_folder, tmp_path, monkey
     start = time.perf_counter()
     theirs = reference(monkeypatch, "HTSAT-tiny", False, seed=3)
     clips = bundled_clips(48_000)
-    prompts = [LAION_TEMPLATE.format(spaced(c)) for c in CLASSES]
+    prompts = {"esc50": [LAION_EVAL.format(spaced(c)) for c in CLASSES],
+               "esc50-fold1": [LAION_README + spaced(c) for c in CLASSES]}
     waves = [pcm / 32768.0 for pcm in clips.values()]
     centre(theirs.model.audio_projection[-1], lambda: theirs.get_audio_embedding_from_data(waves))
-    centre(theirs.model.text_projection[-1], lambda: theirs.get_text_embedding(prompts))
+    centre(theirs.model.text_projection[-1], lambda: theirs.get_text_embedding(sum(prompts.values(), [])))
     save_as_laion_training(theirs, tmp_path / "laion.pt")
 
-    text = theirs.get_text_embedding(prompts, use_tensor=True)
-    audio = theirs.get_audio_embedding_from_data(waves)  # numpy, quantised as its API does
-    predicted = check_reference_predictions(torch.from_numpy(audio) @ text.T)
-
-    labels = dict(zip(clips, (spaced(p) for p in predicted)))
+    audio = torch.from_numpy(theirs.get_audio_embedding_from_data(waves))  # numpy in, quantised as its API does
     ours = ckpt.load_model(tmp_path / "laion.pt", "htsat-tiny-roberta", str(text_folder)).eval()
-    spec = AudioSpec(48_000, 480_000, "rand_trunc", "repeatpad")
-    metrics = our_agreement(ours, Tokenize(ours.cfg.text), write_shard(tmp_path / "shard", clips, 48_000, labels),
-                            spec, LAION_TEMPLATE)
-    print(f"laion-clap zero-shot: {metrics['zeroshot_top1'] * len(clips):.0f}/{len(clips)} predictions agree, "
-          f"{len(set(predicted))} classes predicted, {time.perf_counter() - start:.1f} s")
-    assert metrics["zeroshot_samples"] == len(clips)
-    assert metrics["zeroshot_top1"] == 1.0
-
-    # The check can fail: msclap's prompt on the LAION-CLAP model changes some prediction.
-    other = our_agreement(ours, Tokenize(ours.cfg.text), tmp_path / "shard", spec, MSCLAP_PROMPT + "{}")
-    assert other["zeroshot_top1"] < 1.0
+    folder, cache = write_shard(tmp_path / "esc50" / "test", clips, 48_000), {}
+    for task, task_prompts in prompts.items():
+        text = theirs.get_text_embedding(task_prompts, use_tensor=True)
+        predicted = check_reference_predictions(audio @ text.T, clips)
+        mine = suite_predictions(ours, Tokenize(ours.cfg.text), "laion-clap", task, folder, cache)
+        agree = sum(mine[key] == predicted[key] for key in clips)
+        print(f"laion-clap {task}: {agree}/{len(clips)} predictions agree, "
+              f"{len(set(predicted.values()))} classes predicted")
+        assert mine == predicted
+    # The check can fail: msclap's protocol (its prompt, repeat filling) on this model changes predictions.
+    assert suite_predictions(ours, Tokenize(ours.cfg.text), "msclap-2023", "esc50", folder, cache) != predicted
+    print(f"laion-clap: {time.perf_counter() - start:.1f} s")
 
 
 @torch.no_grad()
@@ -163,14 +168,12 @@ def test_msclap_zero_shot_predictions_are_ours(tmp_path, monkeypatch):
     audio = wrapper.get_audio_embeddings(list(clips), resample=True)
     similarity = wrapper.compute_similarity(audio, text)
     probabilities = torch.softmax(similarity, dim=1)
-    predicted = check_reference_predictions(similarity / wrapper.clap.logit_scale.exp())
-    assert predicted == [CLASSES[i] for i in probabilities.argmax(dim=1).tolist()]
+    predicted = check_reference_predictions(similarity / wrapper.clap.logit_scale.exp(), clips)
+    assert list(predicted.values()) == [CLASSES[i] for i in probabilities.argmax(dim=1).tolist()]
 
-    labels = dict(zip(clips, (spaced(p) for p in predicted)))
-    spec = AudioSpec(rate, rate * seconds, "rand_trunc", "repeat")
-    metrics = our_agreement(ours, Tokenize(text_cfg), write_shard(tmp_path / "shard", clips, rate, labels),
-                            spec, MSCLAP_PROMPT + "{}")
-    print(f"msclap-{version} zero-shot: {metrics['zeroshot_top1'] * len(clips):.0f}/{len(clips)} predictions "
-          f"agree, {len(set(predicted))} classes predicted, {time.perf_counter() - start:.1f} s")
-    assert metrics["zeroshot_samples"] == len(clips)
-    assert metrics["zeroshot_top1"] == 1.0
+    mine = suite_predictions(ours, Tokenize(text_cfg), f"msclap-{version}", "esc50",
+                             write_shard(tmp_path / "esc50" / "test", clips, rate), {})
+    agree = sum(mine[key] == predicted[key] for key in clips)
+    print(f"msclap-{version} esc50: {agree}/{len(clips)} predictions agree, {len(set(predicted.values()))} "
+          f"classes predicted, {time.perf_counter() - start:.1f} s")
+    assert mine == predicted
