@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from clap_model import files
+from clap_model.suite_results import FORMAT as RESULTS_FORMAT
 
 # (dataset, kind) in a suite -> the MTEB task names, the split MTEB scores, its languages.
 MTEB_TASKS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
@@ -43,7 +44,6 @@ MTEB_LANGUAGES = {"ESC50_Zeroshot": ["zxx-Zxxx"], "UrbanSound8kZeroshot": ["zxx-
                   "AudioCapsA2TRetrieval": ["eng-Latn", "zxx-Zxxx"],
                   "AudioCapsT2ARetrieval": ["eng-Latn", "zxx-Zxxx"]}
 MAIN_SCORE = {"zeroshot": "accuracy", "a2t": "hit_rate_at_5", "t2a": "hit_rate_at_5"}
-RESULTS_FORMAT = "audiodata-clap-eval-suite/1"
 
 
 def _number(value: Any) -> float | None:
