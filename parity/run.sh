@@ -2,8 +2,20 @@
 # Parity with the reference implementations (LAION-CLAP, Microsoft CLAP, transformers 4's
 # ClapModel) in their own virtualenv: they pin numpy<2 and transformers<5, which the project's
 # venv does not have. Usage: bash parity/run.sh [pytest args, e.g. parity/test_hf.py -x]
+# `bash parity/run.sh parity/test_mteb.py` runs MTEB's test in a virtualenv of its own
+# (MTEB_VENV, default .venv-mteb: mteb 2 wants transformers 5), without the references' conftest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = parity/test_mteb.py ]; then
+  venv=${MTEB_VENV:-.venv-mteb}
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  if ! cmp -s parity/requirements-mteb.txt "$venv/.requirements"; then
+    "$venv/bin/pip" install -q -r parity/requirements-mteb.txt
+    cp parity/requirements-mteb.txt "$venv/.requirements"
+  fi
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  exec "$venv/bin/python" -m pytest -q -p no:cacheprovider --noconftest "$@"
+fi
 venv=${PARITY_VENV:-.venv-parity}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"

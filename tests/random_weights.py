@@ -18,3 +18,18 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.nn.Parameter):
                 bias.copy_(torch.randn(bias.shape, generator=gen) * 0.05)
+
+
+@torch.no_grad()
+def centre(last: torch.nn.Module, embed) -> None:
+    """Random weights give every clip (and every prompt) nearly the same embedding, so a zero-shot
+    check would see every clip predict one class. Subtracting from the bias of the projection's
+    last layer (`last`: a Linear or msclap's LayerNorm) its mean output while `embed()` runs the
+    test's inputs leaves what tells them apart; the weights stay the model every side loads."""
+    seen: list[torch.Tensor] = []
+    handle = last.register_forward_hook(lambda module, args, output: seen.append(output.detach()))
+    try:
+        embed()
+    finally:
+        handle.remove()
+    last.bias -= torch.cat(seen).mean(dim=0)
