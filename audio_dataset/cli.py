@@ -463,8 +463,15 @@ def make_parser() -> argparse.ArgumentParser:
                         "default the figure in bench/RESULTS.md)")
     p.set_defaults(func=run_plan)
     _add_k2c(subparsers)
+    _add_caption(subparsers)
     _add_curate(subparsers)
     return parser
+
+
+def _add_caption(subparsers: argparse._SubParsersAction) -> None:
+    from audio_dataset.caption.cli import add_cli
+
+    add_cli(subparsers)
 
 
 def _add_k2c(subparsers: argparse._SubParsersAction) -> None:
