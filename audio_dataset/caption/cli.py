@@ -45,7 +45,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     add_worker_options(p)
     add_renamed(p, {"--input": "the positional DATASET"})
     p.add_argument("--steps", type=_steps,
-                   help="comma-separated: listen, write, check (default all three; write needs --llm-model or "
+                   help="comma-separated: listen, write, check (default all three; write needs --llm or "
                         "--llm-url, check needs --clap-checkpoint)")
     p.add_argument("--alm-model", default=DEFAULT_ALM,
                    help=f"audio-language model: hub id or local folder (Qwen2-Audio, Qwen2.5-Omni; "

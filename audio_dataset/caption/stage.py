@@ -65,7 +65,7 @@ class CaptionOptions:
             raise UserError(f"--steps: a comma-separated subset of {','.join(STEPS)}")
         if CHECK in self.steps and WRITE not in self.steps:
             raise UserError("--steps check needs write (it checks the captions written)")
-        missing = [what for step, what, given in ((WRITE, "--llm-model or --llm-url (write)", self.write),
+        missing = [what for step, what, given in ((WRITE, "--llm or --llm-url (write)", self.write),
                                                   (CHECK, "--clap-checkpoint (check)", self.check))
                    if step in self.steps and given is None]
         if missing:

@@ -54,6 +54,14 @@ def make_tiny_alm(folder: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2AudioForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            # Unit-gain weights (the default init's 0.02 makes every answer the same): what the model
+            # says then depends on the audio and the question, so a batching bug shows.
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
+                    fan_in = module.weight[0].numel()
+                    module.weight.normal_(0.0, fan_in ** -0.5)
+            model.get_input_embeddings().weight.normal_(0.0, 1.0)
     with torch.no_grad():  # as make_tiny_llm: answers made of words, not stray bytes
         embeddings = model.get_input_embeddings().weight
         keep = torch.zeros(len(embeddings), dtype=torch.bool)
