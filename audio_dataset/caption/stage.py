@@ -178,7 +178,8 @@ class CaptionProcessor:
         for entry, score in zip(new, scores):
             entry.score = score
         bar = self.options.check.min_score if self.options.check.min_score is not None else references[i]
-        passing = [e for e in entries if e.score is not None and (bar is None or e.score >= bar)]
+        # Scores are rounded to 6 places: the text itself, scored in another batch, is "at least" itself.
+        passing = [e for e in entries if e.score is not None and (bar is None or e.score >= bar - 1e-6)]
         passing.sort(key=lambda e: -e.score)
         for entry in entries:
             entry.kept = False
