@@ -58,7 +58,9 @@ RETRY_TEMPERATURE = 0.7
 # Per field, what reaches the prompt: a pasted licence or page dump is not a description.
 MAX_FIELD_CHARS = 2000
 MAX_LIST_ITEMS = 50
-MAX_ANSWERS = 64
+# The listening model's answers: a long clip has many windows, each asked every question.
+MAX_ANSWERS = 48
+MAX_ANSWER_CHARS = 600
 
 DATA_BEGIN = "<sample_data>"
 DATA_END = "</sample_data>"
@@ -85,7 +87,7 @@ USER_PROMPT = """{begin}
 
 TASK_ONE = "Write one caption for this clip. Answer with the caption only."
 TASK_MANY = ("Write {n} different captions for this clip, each following every rule and worded differently. "
-             "Answer with the captions only, one per line, numbered 1. to {n}.")
+             "Answer with the captions only, one per line, numbered 1 to {n}.")
 
 _LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian",
                    "pt": "Portuguese", "nl": "Dutch", "zh": "Chinese", "ja": "Japanese", "ko": "Korean",
@@ -153,14 +155,14 @@ def _bounded(value: Any) -> Any:
 
 
 def _answers_json(answers: Iterable[WindowAnswer]) -> list[dict[str, Any]]:
-    return [{"window_seconds": [round(a.start, 2), round(a.end, 2)], "question": a.question, "answer": a.answer}
-            for a in list(answers)[:MAX_ANSWERS]]
+    return [{"window_seconds": [round(a.start, 2), round(a.end, 2)], "question": a.question,
+             "answer": a.answer[:MAX_ANSWER_CHARS]} for a in list(answers)[:MAX_ANSWERS]]
 
 
 def data_block(request: WriteRequest, special_tokens: Iterable[str] = ()) -> str:
     """The sample's data as JSON that cannot close the block or forge a chat turn."""
     data = {"listening_model_answers": _answers_json(request.answers), "metadata": request.metadata}
-    text = json.dumps(_bounded(data), ensure_ascii=False, indent=1)
+    text = json.dumps(_bounded(data), ensure_ascii=False)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e")
     for token in sorted({*KNOWN_SPECIAL_TOKENS, *special_tokens}, key=len, reverse=True):
         if token and token in text:
@@ -239,9 +241,13 @@ class WriterConfig:
         """Pin the model: a hub id to its commit (downloaded once, here), a folder to its digest."""
         if self.url or self.model_path:
             return self
+        from pathlib import Path
+
         from audio_dataset.k2c.models import resolve_model
 
         assert self.llm is not None
+        if self.revision and Path(self.llm).expanduser().exists():
+            raise UserError(f"--llm-revision {self.revision}: only for a hub id, and --llm {self.llm} is a folder")
         resolved = resolve_model(self.llm, "--llm", self.revision)
         return replace(self, model_path=resolved.path, resolved_revision=resolved.revision)
 
@@ -387,13 +393,17 @@ class OpenAIWriter:
         self.endpoint = _chat_url(config.url or "")
         self.user_agent = user_agent()
         self._local = threading.local()
+        # One pool for the writer's life: its threads keep their sessions (and connections) between
+        # batches, and at most `concurrency` requests are ever in flight from this worker.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="llm")
 
     def write(self, requests: list[WriteRequest], num_captions: int, attempt: int) -> list[list[Candidate]]:
         decoding = self.config.decoding.for_attempt(attempt)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency,
-                                                   thread_name_prefix="llm") as pool:
-            futures = [pool.submit(self._one, request, num_captions, decoding, attempt) for request in requests]
-            return [future.result() for future in futures]
+        futures = [self._pool.submit(self._one, request, num_captions, decoding, attempt) for request in requests]
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _one(self, request: WriteRequest, num_captions: int, decoding: Decoding, attempt: int) -> list[Candidate]:
         body = {"model": self.config.model_name,
