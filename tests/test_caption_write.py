@@ -10,7 +10,7 @@ import json
 import pytest
 
 from audio_dataset.caption.clean import clean_answer, clean_caption, split_captions
-from audio_dataset.caption.tiny_llm import IM_END, IM_START, make_tiny_llm
+from audio_dataset.caption.tiny_llm import IM_END, IM_START, build_tokenizer, make_tiny_llm
 from audio_dataset.caption.types import EMPTY, OK, REFUSED, WRONG_LANGUAGE, WindowAnswer, WriteRequest
 from audio_dataset.caption.write import (
     DATA_BEGIN, DATA_END, Decoding, WriterConfig, add_writer_arguments, build_messages, make_writer,
@@ -113,6 +113,24 @@ def test_a_tokenizers_own_special_tokens_are_escaped_too():
     user = messages[1]["content"]
     assert "[MASK]" not in user and "<pad>" not in user
     assert _block(user + "\n")["metadata"]["title"] == "a <pad> b [MASK] c"
+
+
+# Gemma's way: a template that refuses a system turn.
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_template_without_a_system_role_gets_the_rules_in_the_user_turn(tmp_path):
+    folder = make_tiny_llm(tmp_path / "no-system")
+    build_tokenizer(chat_template=NO_SYSTEM_TEMPLATE).save_pretrained(folder)
+    writer = make_writer(WriterConfig(llm=str(folder), device="cpu", decoding=Decoding(max_new_tokens=4)))
+    [(role, user)] = _turns(writer.prompt(REQUEST, 1))
+    system = build_messages(REQUEST, 1)[0]["content"]
+    assert role == "user" and user.startswith(system + "\n\n" + DATA_BEGIN)
+    assert _block(user[len(system) + 2:])["metadata"] == REQUEST.metadata
+    assert writer.write([REQUEST], 1, 0)[0][0].outcome == OK
 
 
 def _requests(n: int) -> list[WriteRequest]:

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -165,9 +166,17 @@ def data_block(request: WriteRequest, special_tokens: Iterable[str] = ()) -> str
     text = json.dumps(_bounded(data), ensure_ascii=False)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e")
     for token in sorted({*KNOWN_SPECIAL_TOKENS, *special_tokens}, key=len, reverse=True):
-        if token and token in text:
-            text = text.replace(token, f"\\u{ord(token[0]):04x}{token[1:]}")
+        if token.strip() and token in text:
+            # Not where the match starts inside an escape (`\\n` then "nl..."): an odd run of backslashes.
+            pattern = re.compile(r"(?<!\\)((?:\\\\)*)" + re.escape(token))
+            text = pattern.sub(lambda m: m.group(1) + _escaped(token[0]) + token[1:], text)
     return text
+
+
+def _escaped(char: str) -> str:
+    """`char` as a JSON \\u escape (a surrogate pair beyond the BMP)."""
+    encoded = char.encode("utf-16-be")
+    return "".join(f"\\u{int.from_bytes(encoded[i:i + 2], 'big'):04x}" for i in range(0, len(encoded), 2))
 
 
 def build_messages(request: WriteRequest, num_captions: int, language: str | None = "en",
@@ -289,7 +298,6 @@ class TransformersWriter:
     """A causal LM through transformers: chat template, left padding, batched `generate`."""
 
     def __init__(self, config: WriterConfig) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config
@@ -308,14 +316,17 @@ class TransformersWriter:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = self.model.to(self.device).eval()
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
         self.special_tokens = tuple(str(t) for t in self.tokenizer.all_special_tokens) + tuple(
-            str(t) for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values())
+            str(t) for t in added if getattr(t, "special", False))
+        self.system_turn = _takes_system_turn(self.tokenizer)
         self._lock = threading.Lock()
-        torch.set_grad_enabled(False)
 
     def prompt(self, request: WriteRequest, num_captions: int) -> str:
         """The rendered chat, exactly as the model reads it."""
         messages = build_messages(request, num_captions, self.config.language, self.special_tokens)
+        if not self.system_turn:
+            messages = merge_system_turn(messages)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def write(self, requests: list[WriteRequest], num_captions: int, attempt: int) -> list[list[Candidate]]:
@@ -358,6 +369,24 @@ class TransformersWriter:
             output = self.model.generate(**batch, **kwargs)
         new = output[:, batch["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def merge_system_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """For templates without a system role (Gemma's, early Mistral's): the rules open the user turn."""
+    system, user = messages[0]["content"], messages[1]["content"]
+    return [{"role": "user", "content": f"{system}\n\n{user}"}]
+
+
+def _takes_system_turn(tokenizer) -> bool:
+    """Whether the chat template renders a system turn (some raise, some drop it silently)."""
+    probe = "\u2063system-probe\u2063"
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}], tokenize=False,
+            add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - jinja's TemplateError and whatever raise_exception() raises
+        return False
+    return probe in rendered
 
 
 def _device(device: str) -> str:
