@@ -201,6 +201,8 @@ def test_sample_metadata_reads_title_tags_description_and_text():
     ("1. A siren wails in the distance.", "A siren wails in the distance.", OK),
     ('Here is the caption: "Rain falls on a roof."', "Rain falls on a roof.", OK),
     ("  A man  speaks\nwhile *rain* falls.  ", "A man speaks while rain falls.", OK),
+    ("<think>The tags say dog.</think>\nA dog barks twice.", "A dog barks twice.", OK),
+    ("<think>The tags say dog, so maybe", None, EMPTY),  # cut off while thinking
     ("", None, EMPTY),
     ("  \n ``` ``` \n", None, EMPTY),
     ('Caption: ""', None, EMPTY),

@@ -1,7 +1,7 @@
 """What an LLM returns, made into captions or a named reason why not.
 
 Chat models wrap the caption they were asked for: quotes, markdown (bold, bullets, headings, code
-fences), a leading "Caption:" or "Caption 2:", numbering. `clean_caption` strips those, cuts the
+fences), a leading "Caption:" or "Caption 2:", numbering, a reasoning model's <think> block. `clean_caption` strips those, cuts the
 text at schema.MAX_CAPTION_CHARS and names what is not a caption: EMPTY (nothing left), REFUSED
 ("I'm sorry, I cannot ...", "As an AI ..."), WRONG_LANGUAGE (py3langid, as `audiodata filter`
 judges captions, on texts long enough to judge). `split_captions` cuts an answer asked for N
@@ -22,6 +22,8 @@ ANY_LANGUAGE = "any"
 MIN_LANGUAGE_WORDS = 3  # as `audiodata filter`: fewer words are too few to judge
 MIN_LANGUAGE_CONFIDENCE = 0.8  # py3langid's normalised probability of its top language
 
+# A reasoning model's thoughts (Qwen3, DeepSeek-R1): closed, or cut off by the token limit.
+_THINKING = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL | re.IGNORECASE)
 _FENCE = re.compile(r"^\s*```[\w-]*\s*$", re.MULTILINE)
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+", re.MULTILINE)
 # A list marker or a number: "- ", "* ", "• ", "1. ", "2) ", "(3) ".
@@ -57,6 +59,7 @@ def clean_caption(raw: str, language: str | None = "en", max_chars: int = MAX_CA
 
 def _strip_wrapping(text: str) -> str:
     text = _CONTROL.sub("", text)
+    text = _THINKING.sub("", text)
     text = _FENCE.sub("", text)
     text = _HEADING.sub("", text)
     lines = []
@@ -96,7 +99,7 @@ def _identifier():
 def split_captions(raw: str, num_captions: int) -> list[str]:
     """The captions in an answer asked for `num_captions`: a JSON list of strings, numbered or
     bulleted items, else one caption per non-empty line (the whole answer when one was asked)."""
-    text = _FENCE.sub("", raw if isinstance(raw, str) else "").strip()
+    text = _FENCE.sub("", _THINKING.sub("", raw if isinstance(raw, str) else "")).strip()
     listed = _json_list(text)
     if listed is not None:
         return listed

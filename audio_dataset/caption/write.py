@@ -27,7 +27,9 @@ Two backends, one `Writer`:
 
 Retries after the CLAP check rejected every caption (`attempt` > 0) sample: greedy decoding would
 write the same text again, so a retry uses at least RETRY_TEMPERATURE, with a seed derived from
-`--seed`, the sample key and the attempt.
+`--seed`, the sample key and the attempt (an endpoint gets it per request; `generate` draws one
+batch from one generator, seeded by the batch's first key, so sampled text reproduces for the same
+batches, which the stage forms the same way on every run). Greedy text never depends on the batch.
 """
 from __future__ import annotations
 
