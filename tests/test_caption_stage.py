@@ -126,6 +126,23 @@ def test_the_manifest_names_one_outcome_per_sample_and_the_counts_add_up(caption
             assert all(s < row["reference_score"] for s in row["scores"] if s is not None)
 
 
+def test_clap_train_draws_from_text_and_text_llm(captioned):
+    """`clap-train --caption-fields text,text_llm`: one caption uniformly among both fields (as
+    text_augment_all is drawn); a sample with no kept caption trains on its own text."""
+    import random
+
+    from clap_model.data import choose_captions
+
+    out, _ = captioned
+    metas = [json.loads(s["json"]) for samples in _samples(out).values() for s in samples]
+    rng = random.Random(0)
+    for meta in metas:
+        pool = meta["text"] + meta["text_llm"]
+        drawn = {choose_captions(meta, ("text", "text_llm"), rng)[0] for _ in range(60)}
+        assert drawn == set(pool)
+    assert any(meta["text_llm"] for meta in metas) and any(not meta["text_llm"] for meta in metas)
+
+
 def test_run_json_and_provenance_record_models_prompts_and_decoding(captioned, caption_models):
     out, _ = captioned
     settings = json.loads((out / ".caption" / "run.json").read_text())["settings"]
