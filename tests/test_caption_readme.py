@@ -42,3 +42,21 @@ def test_the_readme_recaption_block_names_the_shipped_script_and_flags():
     args = make_parser().parse_args(caption.split()[1:])
     assert args.alm_model == "./tiny-models/alm" and args.llm == "./tiny-models/llm"
     assert str(args.clap_checkpoint) == "tiny-models/clap.pt"
+
+
+def test_plan_prices_recaptioning_in_gpu_hours_from_the_rate(capsys):
+    from audio_dataset.cli import main
+    from audio_dataset.plan import ESTIMATED_CAPTION_WINDOWS_PER_GPU_SECOND, caption_windows, plan_recipe
+    from audio_dataset.recipe import load_recipe
+
+    plans = plan_recipe(load_recipe("laion-audio-630k"))
+    windows = caption_windows(plans)
+    # At least one window a clip; more where the clips run longer than 30 s on average.
+    assert sum(p.items for p in plans) <= windows <= sum(p.items for p in plans) + sum(p.hours for p in plans) * 120
+    assert main(["plan", "laion-audio-630k"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("recaption"))
+    hours = windows / ESTIMATED_CAPTION_WINDOWS_PER_GPU_SECOND / 3600
+    assert f"{hours:,.0f} GPU-h" in line and "(estimate)" in line
+    assert main(["plan", "laion-audio-630k", "--caption-rate", str(2 * ESTIMATED_CAPTION_WINDOWS_PER_GPU_SECOND)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("recaption"))
+    assert f"{hours / 2:,.0f} GPU-h" in line and "(--caption-rate)" in line

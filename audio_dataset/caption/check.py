@@ -48,15 +48,31 @@ class ClapChecker:
                                                  max_checkpoint_bytes=options.max_checkpoint_bytes), device)
         self.settings = settings  # check_settings', computed once in the driver
         self.batch_size = options.batch_size
+        # Audio embeddings of the clips being checked: a retry scores the same clip again. Held with
+        # the waveform itself (identity, not the key: keys may repeat across shards), a shard's worth.
+        self._audio: dict[int, tuple[Any, Any]] = {}
+
+    def _embed_audio(self, clip: Clip):
+        held = self._audio.get(id(clip.audio))
+        if held is not None and held[0] is clip.audio:
+            return held[1]
+        if len(self._audio) >= 1024:  # a shard of long clips: bounded memory over speed
+            self._audio.clear()
+        embedding = self.embed.clap.embed_audio([clip.audio], sample_rate=clip.sample_rate, batch_size=1)
+        self._audio[id(clip.audio)] = (clip.audio, embedding)
+        return embedding
+
+    def forget(self) -> None:
+        """Drop the held clips (the stage calls it after each shard)."""
+        self._audio.clear()
 
     def score(self, clip: Clip, texts: list[str]) -> list[float]:
         """Cosine similarity of each text to the clip (both embeddings L2-normalised, as embed's)."""
         if not texts:
             return []
         clap = self.embed.clap
-        audio = clap.embed_audio([clip.audio], sample_rate=clip.sample_rate, batch_size=1)
         text = clap.embed_text(texts, batch_size=self.batch_size)
-        return [round(float(s), 6) for s in clap.similarity(audio, text)[0].tolist()]
+        return [round(float(s), 6) for s in clap.similarity(self._embed_audio(clip), text)[0].tolist()]
 
 
 __all__ = ["CheckOptions", "ClapChecker", "check_settings"]

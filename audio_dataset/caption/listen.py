@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from audio_dataset.caption.types import Clip, WindowAnswer
+from audio_dataset.caption.write import DTYPES, _torch_dtype as torch_dtype  # one rule for both models' dtype
 from audio_dataset.k2c.models import ResolvedModel, resolve_model
 from audio_dataset.schema import MAX_CAPTION_CHARS
 from audio_dataset.source import UserError
@@ -34,7 +35,6 @@ DEFAULT_QUESTIONS = (
     "If there is music in this audio, describe its genre and instruments. If there is no music, say so.",
 )
 ENGINES = ("transformers", "vllm")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 # A last window shorter than this is noise to a model that pads to 30 s; it joins no answer.
 MIN_TAIL_SECONDS = 1.0
 
@@ -137,14 +137,6 @@ def listen_settings(options: ListenOptions, model: ResolvedModel, kind: str) -> 
             "questions": list(options.questions), "questions_sha256": questions_digest(options.questions),
             "decoding": {"do_sample": False, "max_new_tokens": options.max_new_tokens},
             "dtype": options.dtype}
-
-
-def torch_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":  # bf16 where the GPU runs it fast; CPUs run fp32 faster and exactly
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
 
 
 def windows(n_samples: int, rate: int, window_seconds: float) -> list[tuple[int, int]]:

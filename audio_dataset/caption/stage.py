@@ -213,6 +213,8 @@ class CaptionProcessor:
                         for i in range(len(samples)) if i not in status}
             if requests:
                 scored, references = self._write_and_check(requests, clips, metas)
+            if self.checker is not None:
+                self.checker.forget()
         new_samples, rows = [], []
         for i, (sample, meta) in enumerate(zip(samples, metas)):
             entries = scored.get(i, [])
