@@ -27,12 +27,32 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def build_input(out: Path) -> Path:
-    from audio_dataset.build import BuildOptions, build
-    from audio_dataset.source import SourceConfig
+def build_input(out: Path, per_shard: int = 5) -> Path:
+    """The bundled clips, whole, as FLAC shards with their sidecars' captions (no Ray: the bench
+    measures the caption stage, not the build)."""
+    from audio_dataset.audio import decode, encode_flac
+    from audio_dataset.schema import SampleMeta, safe_key
+    from audio_dataset.shards import ShardWriter, write_sizes
 
-    build(BuildOptions(source="local", out=out, source_config=SourceConfig(input=str(ROOT / "tests/data/real-audio")),
-                       split_ratios={"train": 1.0}, samples_per_shard=5, workers=1, progress=False))
+    real = ROOT / "tests" / "data" / "real-audio"
+    samples = []
+    for path in sorted(real.glob("*.ogg")):
+        side = json.loads(path.with_suffix(".json").read_text())
+        audio = decode(path.read_bytes())
+        meta = SampleMeta(text=side["text"], tag=side["tag"], original_data={"description": side["description"]},
+                          source="local", source_id=path.stem, license=side["license"], author=side["author"],
+                          url=side["url"], duration=round(audio.duration, 3), sample_rate=audio.sample_rate,
+                          channels=1)
+        samples.append({"__key__": safe_key("local", path.stem), "flac": encode_flac(audio.samples, audio.sample_rate),
+                        "json": meta.to_json_bytes()})
+    counts = {}
+    for index in range(0, len(samples), per_shard):
+        name = f"{index // per_shard:06d}.tar"
+        with ShardWriter(out / "train" / name) as writer:
+            for sample in samples[index:index + per_shard]:
+                writer.write(sample)
+        counts[name] = len(samples[index:index + per_shard])
+    write_sizes(out / "train", counts)
     return out
 
 

@@ -15,6 +15,7 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.mark.slow  # the same plumbing is tested in-process by test_caption_stage.py
+@pytest.mark.timeout(1200)  # five commands, each its own process (and Ray); minutes on a busy machine
 def test_the_readme_recaption_block_runs_as_written(tmp_path):
     bin_dir = Path(sys.executable).parent
     commands = readme_commands("caption")
