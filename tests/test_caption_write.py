@@ -19,6 +19,8 @@ from audio_dataset.caption.write import (
 from audio_dataset.schema import MAX_CAPTION_CHARS
 from audio_dataset.source import UserError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REQUEST = WriteRequest(
     "clip-1",
     {"title": "Dog in the park", "tags": ["Dog", "Bark"],
