@@ -577,12 +577,14 @@ def _answer_text(body: str) -> str:
 
 # ----------------------------------------------------------------------------------- command line
 
-def add_writer_arguments(parser: argparse.ArgumentParser, shared: bool = True) -> None:
+def add_writer_arguments(parser: argparse.ArgumentParser, shared: bool = True,
+                         llm_default: str | None = DEFAULT_LLM) -> None:
     """The write step's options. `shared=False` leaves out --device, --dtype, --batch-size and
-    --seed, for a command that defines them for all its steps (`writer_config_from_args` reads them)."""
+    --seed, for a command that defines them for all its steps (`writer_config_from_args` reads them);
+    `llm_default=None` for a command where writing is optional (no --llm, no --llm-url: no writer)."""
     group = parser.add_argument_group("write (the LLM that writes captions)")
-    group.add_argument("--llm", default=DEFAULT_LLM, metavar="MODEL",
-                       help="a causal chat LM: hub id or local folder (default %(default)s)")
+    group.add_argument("--llm", default=llm_default, metavar="MODEL",
+                       help=f"a causal chat LM: hub id or local folder (e.g. {DEFAULT_LLM})")
     group.add_argument("--llm-revision", default=None, help="hub revision (branch, tag or commit) of --llm")
     group.add_argument("--llm-url", default=None, metavar="URL",
                        help="an OpenAI-compatible endpoint (vLLM, SGLang, Ollama), e.g. http://host:8000/v1; "
