@@ -11,13 +11,15 @@ import pytest
 
 from audio_dataset.caption.clean import clean_answer, clean_caption, split_captions
 from audio_dataset.caption.tiny_llm import IM_END, IM_START, build_tokenizer, make_tiny_llm
-from audio_dataset.caption.types import EMPTY, OK, REFUSED, WRONG_LANGUAGE, WindowAnswer, WriteRequest
+from audio_dataset.caption.types import EMPTY, LLM_ERROR, OK, REFUSED, WRONG_LANGUAGE, WindowAnswer, WriteRequest
 from audio_dataset.caption.write import (
     DATA_BEGIN, DATA_END, Decoding, WriterConfig, add_writer_arguments, build_messages, make_writer,
     prompt_template_sha256, sample_metadata, writer_config_from_args,
 )
 from audio_dataset.schema import MAX_CAPTION_CHARS
 from audio_dataset.source import UserError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REQUEST = WriteRequest(
     "clip-1",
@@ -151,6 +153,29 @@ def test_greedy_captions_do_not_depend_on_the_batch(writer, llm_folder):
     assert all(candidates[0].outcome == OK for candidates in batched)
     # The model reads each prompt: different samples get different captions (a mix-up would show).
     assert len(set(texts)) >= 4
+
+
+def test_out_of_memory_halves_the_batch_and_other_failures_fail_only_their_samples(writer, monkeypatch):
+    import torch
+
+    sizes = []
+
+    def generate(prompts, decoding, num_captions, seed):
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any("broken" in prompt for prompt in prompts):
+            raise RuntimeError("index out of range in self")
+        return ["A dog barks in the rain."] * len(prompts)
+
+    monkeypatch.setattr(writer, "_generate", generate)
+    requests = _requests(7) + [WriteRequest("bad", {"title": "broken"})]
+    results = writer.write(requests, 1, 0)
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]  # halved until it fits
+    outcomes = {request.key: candidates[0].outcome for request, candidates in zip(requests, results)}
+    assert outcomes["bad"] == LLM_ERROR and "index out of range" in results[-1][0].raw
+    # Only "bad" and the one sample batched with it fail; the rest are captioned.
+    assert sum(outcome == OK for outcome in outcomes.values()) >= 6
 
 
 def test_a_retry_samples_reproducibly(writer):

@@ -341,18 +341,32 @@ class TransformersWriter:
         with self._lock:
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]
-                try:
-                    answers = self._generate([prompts[i] for i in chunk], decoding, num_captions,
-                                             _derived_seed(decoding.seed, requests[chunk[0]].key, attempt))
-                except RuntimeError as exc:  # out of memory, a broken model: these samples fail, the run goes on
-                    message = f"generate failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-                    log.warning(message)
-                    for index in chunk:
-                        results[index] = _error(message, num_captions)
-                    continue
-                for index, answer in zip(chunk, answers):
-                    results[index] = clean_answer(answer, num_captions, self.config.language, self.config.max_chars)
+                seed = _derived_seed(decoding.seed, requests[chunk[0]].key, attempt)
+                for index, answer in zip(chunk, self._generate_or_split([prompts[i] for i in chunk], decoding,
+                                                                          num_captions, seed)):
+                    results[index] = _error(answer.message, num_captions) if isinstance(answer, _Failed) else \
+                        clean_answer(answer, num_captions, self.config.language, self.config.max_chars)
         return results
+
+    def _generate_or_split(self, prompts: list[str], decoding: Decoding, num_captions: int,
+                           seed: int) -> list["str | _Failed"]:
+        """Answers, or why not: out of GPU memory, the batch is halved and tried again; any other
+        failure (a prompt past the model's positions) fails these samples, and the run goes on."""
+        import torch
+
+        try:
+            return list(self._generate(prompts, decoding, num_captions, seed))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if len(prompts) == 1:
+                return [_Failed("generate failed: out of GPU memory for one sample")]
+            half = len(prompts) // 2
+            return (self._generate_or_split(prompts[:half], decoding, num_captions, seed)
+                    + self._generate_or_split(prompts[half:], decoding, num_captions, seed))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            message = f"generate failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            log.warning(message)
+            return [_Failed(message)] * len(prompts)
 
     def _generate(self, prompts: list[str], decoding: Decoding, num_captions: int, seed: int) -> list[str]:
         import torch
@@ -371,6 +385,11 @@ class TransformersWriter:
             output = self.model.generate(**batch, **kwargs)
         new = output[:, batch["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    message: str
 
 
 def merge_system_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -558,12 +577,14 @@ def _answer_text(body: str) -> str:
 
 # ----------------------------------------------------------------------------------- command line
 
-def add_writer_arguments(parser: argparse.ArgumentParser, shared: bool = True) -> None:
+def add_writer_arguments(parser: argparse.ArgumentParser, shared: bool = True,
+                         llm_default: str | None = DEFAULT_LLM) -> None:
     """The write step's options. `shared=False` leaves out --device, --dtype, --batch-size and
-    --seed, for a command that defines them for all its steps (`writer_config_from_args` reads them)."""
+    --seed, for a command that defines them for all its steps (`writer_config_from_args` reads them);
+    `llm_default=None` for a command where writing is optional (no --llm, no --llm-url: no writer)."""
     group = parser.add_argument_group("write (the LLM that writes captions)")
-    group.add_argument("--llm", default=DEFAULT_LLM, metavar="MODEL",
-                       help="a causal chat LM: hub id or local folder (default %(default)s)")
+    group.add_argument("--llm", default=llm_default, metavar="MODEL",
+                       help=f"a causal chat LM: hub id or local folder (e.g. {DEFAULT_LLM})")
     group.add_argument("--llm-revision", default=None, help="hub revision (branch, tag or commit) of --llm")
     group.add_argument("--llm-url", default=None, metavar="URL",
                        help="an OpenAI-compatible endpoint (vLLM, SGLang, Ollama), e.g. http://host:8000/v1; "
