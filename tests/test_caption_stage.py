@@ -238,16 +238,14 @@ def test_a_run_killed_with_sigkill_resumes_to_the_clean_output(small_input, capt
 def test_write_alone_captions_from_metadata_without_audio(small_input, caption_models):
     """`--steps write` (WavCaps' way: the LLM rewrites the metadata): no audio decoded, so the sample
     whose audio is broken is captioned too; no alm_answers field is added."""
-    import argparse
-
     from audio_dataset.caption.stage import CaptionOptions, CaptionProcessor
     from audio_dataset.caption.write_step import write_step
     from audio_dataset.stage_runner import ShardJob, read_input_shard
 
-    args = argparse.Namespace(llm=str(caption_models["llm"]), llm_revision=None, llm_url=None, llm_model=None,
-                              llm_api_key_env="OPENAI_API_KEY", llm_concurrency=1, llm_timeout=60.0, llm_retries=0,
-                              language="en", dtype="auto", batch_size=4, temperature=0.0, top_p=1.0,
-                              max_new_tokens=8, seed=0)
+    from audio_dataset.cli import make_parser
+
+    args = make_parser().parse_args(["caption", str(small_input), "--out", "unused", "--steps", "write",
+                                     "--llm", str(caption_models["llm"]), "--max-new-tokens", "8"])
     processor = CaptionProcessor(CaptionOptions(steps=("write",), write=write_step(args)), None, None, "cpu")
     shard = small_input / "train" / "000001.tar"
     samples = read_input_shard(ShardJob("train", shard.name, str(shard), "", ""))
