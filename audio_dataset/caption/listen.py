@@ -196,7 +196,8 @@ class TransformersListener:
                  for start, end in windows(len(clip.audio), self.sample_rate, self.window_seconds) for q in questions]
         prompts = {q: self.prompt(q) for q in questions}
         # Longest windows first, then by prompt: a batch's windows and prompts pad to similar lengths.
-        order = sorted(range(len(items)), key=lambda n: (-(items[n].end - items[n].start), len(prompts[items[n].question]), n))
+        order = sorted(range(len(items)),
+                       key=lambda n: (-(items[n].end - items[n].start), len(prompts[items[n].question]), n))
         answers: list[str] = [""] * len(items)
         step = self.options.batch_size
         for first in range(0, len(order), step):

@@ -29,7 +29,8 @@ def make_tiny_models(out: str | Path) -> dict[str, Path]:
     from audio_dataset.caption.tiny_llm import make_tiny_llm
 
     out = Path(out)
-    return {"alm": make_tiny_alm(out / "alm"), "llm": make_tiny_llm(out / "llm"), "clap": make_tiny_clap(out / "clap.pt")}
+    return {"alm": make_tiny_alm(out / "alm"), "llm": make_tiny_llm(out / "llm"),
+            "clap": make_tiny_clap(out / "clap.pt")}
 
 
 def main(argv: list[str] | None = None) -> int:
