@@ -56,7 +56,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                         "(default: AudioSetCaps' three: sound events and scene, speech, music)")
     p.add_argument("--alm-max-new-tokens", type=int, default=128, help="longest answer in tokens (greedy)")
     p.add_argument("--engine", choices=ENGINES, default="transformers",
-                   help="vllm runs the models through vLLM's offline engine (where vllm is installed)")
+                   help="vllm runs the listening model through vLLM's offline engine (where vllm is installed); "
+                        "for the writer, serve it with vLLM and pass --llm-url")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (raise it on a GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="model weights; auto: bfloat16 on CUDA, "
                                                                   "float32 on CPU")
