@@ -252,7 +252,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     given = {"flac_ratio": args.flac_ratio, "latency": args.latency, "node_gbps": args.node_gbps,
-             "transcode_rate": args.transcode_rate}
+             "transcode_rate": args.transcode_rate, "caption_rate": args.caption_rate}
     assume = Assumptions(**{k: v for k, v in given.items() if v is not None})
     print(format_plan(recipe, plan_recipe(recipe, assume), assume))
     return 0
@@ -461,10 +461,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--transcode-rate", type=_positive_float,
                    help="seconds of audio a core transcodes per second (bench/transcode.py prints it; "
                         "default the figure in bench/RESULTS.md)")
+    p.add_argument("--caption-rate", type=_positive_float,
+                   help="30 s windows one GPU recaptions per second (bench/caption.py --device cuda prints it; "
+                        "default an estimate: no GPU figure is measured yet)")
     p.set_defaults(func=run_plan)
     _add_k2c(subparsers)
+    _add_caption(subparsers)
     _add_curate(subparsers)
     return parser
+
+
+def _add_caption(subparsers: argparse._SubParsersAction) -> None:
+    from audio_dataset.caption.cli import add_cli
+
+    add_cli(subparsers)
 
 
 def _add_k2c(subparsers: argparse._SubParsersAction) -> None:

@@ -18,6 +18,11 @@ A source with a `k2c` step adds its captioning after the build: on CPUs at the r
 bench/k2c.py measured for the t5-base shape (3.01 captions/s on 2 cores at batch 16; no GPU
 figure has been measured, and on GPUs the step is far shorter), nothing for `model = "template"`.
 Sources are built one after another, so the recipe's total is the sum of its sources' times.
+
+Recaptioning the result (`audiodata caption`: listen, write, check) is GPU work, sized in the
+listening model's 30 s windows: a clip is at least one, a long one more. No GPU run has been
+measured here (bench/caption.py measures it with --device cuda): the rate is an estimate,
+`--caption-rate` takes the figure measured on your GPUs.
 """
 from __future__ import annotations
 
@@ -40,6 +45,14 @@ DOWNLOAD_CEILING_FRACTION = 0.88
 # bench/RESULTS.md, k2c: t5-base (k2t-base's shape), batch 16, 2 CPU cores.
 MEASURED_K2C_CAPTIONS_PER_SECOND = 3.01
 MEASURED_K2C_CORES = 2
+# An estimate, not a measurement (no GPU was lent to measure one; bench/RESULTS.md, caption): a
+# 7B audio-language model in bf16 at batch 32 answers AudioSetCaps' three questions (~60 tokens
+# each) for about 5 windows/s on one H100 with transformers' generate, the 7B writer (~60 tokens)
+# about 15 captions/s; CLAP's check is negligible. Listen and write on the same GPU: ~3.7/s,
+# rounded down to 2 for retries and padding.
+ESTIMATED_CAPTION_WINDOWS_PER_GPU_SECOND = 2.0
+CAPTION_WINDOW_SECONDS = 30.0  # Qwen2-Audio's (Whisper's) window
+CAPTION_GPU_COUNTS = (1, 8, 64)
 DEFAULT_LATENCY_S = 0.2  # a real CDN round trip; the benchmark's loopback server added 50 ms
 DEFAULT_FLAC_RATIO = 0.6
 DEFAULT_NODE_GBPS = 1.0
@@ -103,6 +116,8 @@ class Assumptions:
     latency: float = DEFAULT_LATENCY_S
     node_gbps: float = DEFAULT_NODE_GBPS
     cores: int = CORES_PER_NODE
+    # Listening-model windows one GPU captions per second (listen + write + check).
+    caption_rate: float = ESTIMATED_CAPTION_WINDOWS_PER_GPU_SECOND
 
 
 def plan_source(entry: RecipeSource, sample_rate: int, channels: int, assume: Assumptions) -> SourcePlan:
@@ -197,6 +212,7 @@ def format_plan(recipe: Recipe, plans: list[SourcePlan], assume: Assumptions | N
                  f"{assume.transcode_rate:.0f} s of audio per core-second and downloads at "
                  f"{DOWNLOAD_CEILING_FRACTION:g} x in-flight / {assume.latency:g} s (bench/RESULTS.md); shards as "
                  f"FLAC at {assume.flac_ratio:g} x 16-bit PCM (FLAC's size depends on the audio)")
+    lines.append(caption_line(known, assume))
     unknown = [p.name for p in plans if not p.wall]
     if unknown:
         lines.append(f"not in the totals (no expected counts): {', '.join(unknown)}")
@@ -206,6 +222,21 @@ def format_plan(recipe: Recipe, plans: list[SourcePlan], assume: Assumptions | N
         lines.append(f"missing: {part.get('name')}" + (f" ({items:,} items)" if isinstance(items, int) else "")
                      + (f": {part['note']}" if part.get("note") else ""))
     return "\n".join(lines)
+
+
+def caption_windows(plans: list[SourcePlan]) -> float:
+    """The listening model's windows over the recipe's clips: one a clip, more for long ones."""
+    return math.fsum(max(p.items or 0.0, (p.hours or 0.0) * 3600 / CAPTION_WINDOW_SECONDS) for p in plans)
+
+
+def caption_line(plans: list[SourcePlan], assume: Assumptions) -> str:
+    windows = caption_windows(plans)
+    gpu_seconds = windows / assume.caption_rate
+    source = "estimate" if assume.caption_rate == ESTIMATED_CAPTION_WINDOWS_PER_GPU_SECOND else "--caption-rate"
+    walls = ", ".join(f"{human_duration(gpu_seconds / n)} on {n} GPU{'s' if n > 1 else ''}" for n in CAPTION_GPU_COUNTS)
+    return (f"recaption (audiodata caption: listen, write, check): {windows:,.0f} windows of "
+            f"{CAPTION_WINDOW_SECONDS:g} s, {gpu_seconds / 3600:,.0f} GPU-h at {assume.caption_rate:g} windows/s "
+            f"per GPU ({source}): {walls}")
 
 
 def total_seconds(plans: list[SourcePlan], nodes: int) -> float:

@@ -102,7 +102,7 @@ def train_parser() -> argparse.ArgumentParser:
     data.add_argument("--shuffle-buffer", type=int, default=1000, help="samples held for shuffling")
     data.add_argument("--caption-fields", default="text",
                       help="comma-separated JSON fields to draw captions from, e.g. "
-                           "text,text_augment_t5 or text,text_augment_all")
+                           "text,text_augment_t5, text,text_augment_all or text,text_llm (audiodata caption)")
     add_model_args(parser)
     parser.add_argument("--mlp-loss", action="store_true", help="LAION-CLAP's extra MLP-transformed loss terms")
     parser.add_argument("--local-loss", action="store_true",

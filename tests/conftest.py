@@ -163,3 +163,14 @@ def large_tmp_path(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     for child in tmp_path.iterdir():
         shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+# ---- caption stage (owner: cap-stage) --------------------------------------------------------------
+@pytest.fixture(scope="session")
+def caption_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny random-weight models `python -m audio_dataset.caption.tiny_models` makes, built once:
+    {"alm": folder, "llm": folder, "clap": checkpoint}; tests load them through the users' flags."""
+    from audio_dataset.caption.tiny_models import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("caption_models"))
+# ---- end caption stage block -----------------------------------------------------------------------

@@ -7,6 +7,8 @@
         client.get_bytes(server.url + "/media/a.ogg")
         assert len(server.requests_to("/media/a.ogg")) == 3
 
+GET, HEAD and POST are served alike; a POST's body is in the logged `Request.body`.
+
 Fault kinds (each served `times` times, None = always, before the route answers normally):
 `404`, `403`, `401`, `500`, `503`, `429` (with `retry_after`), `stall` (headers and part of the
 body, then silence for `seconds`), `truncate` (Content-Length larger than what is sent, then the
@@ -36,6 +38,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     time: float
+    body: bytes = b""  # a POST's body
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers.items():
@@ -89,6 +92,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.server.owner._handle(self)
 
     def do_HEAD(self) -> None:  # noqa: N802 (the same answer without a body, as clients probing a URL expect)
+        self.server.owner._handle(self)
+
+    def do_POST(self) -> None:  # noqa: N802 (an API that takes a JSON body, e.g. chat completions)
         self.server.owner._handle(self)
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet test output
@@ -194,7 +200,9 @@ class LoopbackServer:
     def _handle(self, handler: _RequestHandler) -> None:
         parts = urlsplit(handler.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-        request = Request(handler.command, parts.path, query, dict(handler.headers.items()), time.monotonic())
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length > 0 else b""
+        request = Request(handler.command, parts.path, query, dict(handler.headers.items()), time.monotonic(), body)
         with self._lock:
             self._log.append(request)
             fault = self._take_fault(parts.path)

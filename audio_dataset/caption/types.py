@@ -18,7 +18,8 @@ LLM_ERROR = "llm_error"  # the writer failed for this sample (endpoint error, de
 NO_CAPTION = "no_caption"  # the writer answered, but every answer was empty, refused or the wrong language
 NO_AUDIO = "no_audio"  # the sample has no decodable audio member
 ALM_ERROR = "alm_error"  # the listening model failed on this sample
-OUTCOMES = (CAPTIONED, REJECTED_BY_CLAP, LLM_ERROR, NO_CAPTION, NO_AUDIO, ALM_ERROR)
+LISTENED = "listened"  # `--steps listen` alone: answers kept, no caption asked for
+OUTCOMES = (CAPTIONED, REJECTED_BY_CLAP, LLM_ERROR, NO_CAPTION, NO_AUDIO, ALM_ERROR, LISTENED)
 
 # Per-candidate outcomes (why a generated text is not a caption).
 OK = "ok"

@@ -1,0 +1,265 @@
+"""The LISTEN step: an audio-language model answers questions about each clip, window by window.
+
+Models load through transformers from a hub id or a folder; which class and chat format a model
+takes is a row of `FAMILIES`, keyed by its config's `model_type`, so another audio-text-to-text
+class is a table entry. The model's own processor is the front end: its feature extractor's
+sampling rate and window (Whisper-style 30 s). A clip longer than the window is cut into windows
+and each window's answers are kept with its start and end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audio_dataset.caption.types import Clip, WindowAnswer
+from audio_dataset.caption.write import DTYPES, _torch_dtype as torch_dtype  # one rule for both models' dtype
+from audio_dataset.k2c.models import ResolvedModel, resolve_model
+from audio_dataset.schema import MAX_CAPTION_CHARS
+from audio_dataset.source import UserError
+
+DEFAULT_ALM = "Qwen/Qwen2-Audio-7B-Instruct"
+# The three questions AudioSetCaps asks Qwen-Audio-Chat (its pipeline/Audiosetcaps_qwen_main.py,
+# github.com/AudioSetCaps/AudioSetCaps): the sounds (within 50 words), then speech (emotion, gender,
+# language) and music (genre, instruments) only where present. Ours are reworded to stand alone:
+# each is asked of the window without the others' history, so the answers batch.
+DEFAULT_QUESTIONS = (
+    "Describe the sound events in this audio and the acoustic scene they happen in, in at most 50 words.",
+    "If there is speech in this audio, describe it: the speaker's gender and emotion and the spoken language. "
+    "If there is no speech, say so.",
+    "If there is music in this audio, describe its genre and instruments. If there is no music, say so.",
+)
+ENGINES = ("transformers", "vllm")
+# A last window shorter than this is noise to a model that pads to 30 s; it joins no answer.
+MIN_TAIL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model type is loaded and prompted."""
+    model_class: str  # a transformers class name
+    system: str | None = None  # a system turn; None keeps the chat template's own default
+    audio_kwarg: str = "audio"  # the processor's keyword for the waveforms
+
+
+# Qwen2.5-Omni's thinker expects its own system prompt (its model card's), else it warns and drifts.
+_OMNI_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+                "auditory and visual inputs, as well as generating text and speech.")
+FAMILIES: dict[str, Family] = {
+    "qwen2_audio": Family("Qwen2AudioForConditionalGeneration"),
+    "qwen2_5_omni": Family("Qwen2_5OmniThinkerForConditionalGeneration", system=_OMNI_SYSTEM),
+    "qwen2_5_omni_thinker": Family("Qwen2_5OmniThinkerForConditionalGeneration", system=_OMNI_SYSTEM),
+}
+
+
+@dataclass(frozen=True)
+class ListenOptions:
+    model: str = DEFAULT_ALM
+    revision: str | None = None
+    questions: tuple[str, ...] = DEFAULT_QUESTIONS
+    batch_size: int = 8
+    dtype: str = "auto"
+    max_new_tokens: int = 128
+    engine: str = "transformers"
+
+    def check(self) -> None:
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise UserError("--batch-size and --alm-max-new-tokens must be at least 1")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine must be one of {', '.join(ENGINES)}")
+        if self.engine == "vllm" and not vllm_available():
+            raise UserError("--engine vllm: vllm is not installed here (pip install vllm on a GPU machine)")
+        if not self.questions:
+            raise UserError("--questions: no questions")
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def read_questions(path: Path) -> tuple[str, ...]:
+    """--questions FILE: a JSON list of strings, or one question a line (blank lines skipped)."""
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--questions {path}: cannot read it ({type(exc).__name__})") from None
+    if raw.lstrip().startswith("["):
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            raise UserError(f"--questions {path}: not a JSON list of strings") from None
+        if not isinstance(found, list) or not all(isinstance(q, str) for q in found):
+            raise UserError(f"--questions {path}: not a JSON list of strings")
+    else:
+        found = raw.splitlines()
+    questions = tuple(q.strip() for q in found if q.strip())
+    if not questions:
+        raise UserError(f"--questions {path}: no questions in it")
+    if len(questions) > 32 or any(len(q) > 2000 for q in questions):
+        raise UserError(f"--questions {path}: at most 32 questions of at most 2000 characters")
+    return questions
+
+
+def questions_digest(questions: tuple[str, ...]) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(list(questions)).encode()).hexdigest()
+
+
+def model_type(model: ResolvedModel) -> str:
+    """The resolved model's `model_type`, checked against FAMILIES (the folder's config is data)."""
+    try:
+        config = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"--alm-model {model.spec}: no readable config.json") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in FAMILIES:
+        raise UserError(f"--alm-model {model.spec}: model_type {str(kind)[:60]!r} is not an audio-language model "
+                        f"this step knows ({', '.join(FAMILIES)})")
+    return kind
+
+
+def resolve_alm(options: ListenOptions) -> tuple[ResolvedModel, str]:
+    model = resolve_model(options.model, "--alm-model", options.revision)
+    return model, model_type(model)
+
+
+def listen_settings(options: ListenOptions, model: ResolvedModel, kind: str) -> dict[str, Any]:
+    """What decides the answers (recorded in run.json and provenance.json, checked on resume)."""
+    return {"model": model.spec, "revision": model.revision, "model_type": kind, "engine": options.engine,
+            "questions": list(options.questions), "questions_sha256": questions_digest(options.questions),
+            "decoding": {"do_sample": False, "max_new_tokens": options.max_new_tokens},
+            "dtype": options.dtype}
+
+
+def windows(n_samples: int, rate: int, window_seconds: float) -> list[tuple[int, int]]:
+    """[start, end) sample ranges of at most `window_seconds`; a short tail after a full window is dropped."""
+    step = int(round(window_seconds * rate))
+    spans = [(start, min(start + step, n_samples)) for start in range(0, max(n_samples, 1), step)]
+    if len(spans) > 1 and (spans[-1][1] - spans[-1][0]) < MIN_TAIL_SECONDS * rate:
+        spans.pop()
+    return spans
+
+
+@dataclass(frozen=True)
+class _Item:
+    clip: int
+    start: int
+    end: int
+    question: str
+
+
+def messages(family: Family, question: str) -> list[dict[str, Any]]:
+    """One question about one audio, in the chat format the model's template renders."""
+    turns: list[dict[str, Any]] = []
+    if family.system is not None:
+        turns.append({"role": "system", "content": [{"type": "text", "text": family.system}]})
+    turns.append({"role": "user", "content": [{"type": "audio", "audio": "clip"}, {"type": "text", "text": question}]})
+    return turns
+
+
+class TransformersListener:
+    """Batched greedy generation (left padding) with the model's own processor."""
+
+    def __init__(self, options: ListenOptions, model: ResolvedModel, kind: str, device: str) -> None:
+        import transformers
+
+        self.options, self.family, self.device = options, FAMILIES[kind], device
+        self.settings = listen_settings(options, model, kind)
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(model.path)
+            model_class = getattr(transformers, self.family.model_class)
+            self.model = model_class.from_pretrained(model.path, dtype=torch_dtype(options.dtype, device))
+            self.model = self.model.to(device).eval()
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"cannot load --alm-model {model.spec}: {reason}") from None
+        self.processor.tokenizer.padding_side = "left"  # decoder-only: new tokens follow every prompt directly
+        extractor = self.processor.feature_extractor
+        self.sample_rate = int(extractor.sampling_rate)
+        self.window_seconds = float(getattr(extractor, "chunk_length", 0) or extractor.n_samples / self.sample_rate)
+
+    def prompt(self, question: str) -> str:
+        """The rendered chat template for one question (what the model reads, audio tokens aside)."""
+        return self.processor.apply_chat_template(messages(self.family, question), add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def listen(self, clips: list[Clip], questions: list[str]) -> list[list[WindowAnswer]]:
+        items = [_Item(i, start, end, q) for i, clip in enumerate(clips)
+                 for start, end in windows(len(clip.audio), self.sample_rate, self.window_seconds) for q in questions]
+        prompts = {q: self.prompt(q) for q in questions}
+        # Longest windows first, then by prompt: a batch's windows and prompts pad to similar lengths.
+        order = sorted(range(len(items)),
+                       key=lambda n: (-(items[n].end - items[n].start), len(prompts[items[n].question]), n))
+        answers: list[str] = [""] * len(items)
+        step = self.options.batch_size
+        for first in range(0, len(order), step):
+            chunk = [items[n] for n in order[first:first + step]]
+            for n, text in zip(order[first:first + step], self._generate(clips, chunk, prompts)):
+                answers[n] = text
+        per_clip: list[list[WindowAnswer]] = [[] for _ in clips]
+        for item, text in zip(items, answers):
+            rate = self.sample_rate
+            per_clip[item.clip].append(WindowAnswer(round(item.start / rate, 3), round(item.end / rate, 3),
+                                                    item.question, text[:MAX_CAPTION_CHARS]))
+        return per_clip
+
+    def _generate(self, clips: list[Clip], chunk: list[_Item], prompts: dict[str, str]) -> list[str]:
+        import torch
+
+        waves = [clips[item.clip].audio[item.start:item.end] for item in chunk]
+        waves = [wave if len(wave) else np.zeros(self.sample_rate // 10, np.float32) for wave in waves]
+        batch = self.processor(text=[prompts[item.question] for item in chunk],
+                               **{self.family.audio_kwarg: waves}, sampling_rate=self.sample_rate,
+                               return_tensors="pt", padding=True)
+        batch = batch.to(self.device)
+        if "input_features" in batch:
+            batch["input_features"] = batch["input_features"].to(self.model.dtype)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            output = self.model.generate(**batch, do_sample=False, max_new_tokens=self.options.max_new_tokens)
+        new = output[:, batch["input_ids"].shape[1]:]
+        return [text.strip() for text in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+class VllmListener(TransformersListener):
+    """The same prompts through vLLM's offline engine (GPU machines where vllm is installed)."""
+
+    def __init__(self, options: ListenOptions, model: ResolvedModel, kind: str, device: str) -> None:
+        import transformers
+        from vllm import LLM, SamplingParams
+
+        self.options, self.family, self.device = options, FAMILIES[kind], device
+        self.settings = listen_settings(options, model, kind)
+        self.processor = transformers.AutoProcessor.from_pretrained(model.path)
+        extractor = self.processor.feature_extractor
+        self.sample_rate = int(extractor.sampling_rate)
+        self.window_seconds = float(getattr(extractor, "chunk_length", 0) or extractor.n_samples / self.sample_rate)
+        dtype = {"auto": "bfloat16"}.get(options.dtype, options.dtype)
+        self.llm = LLM(model=model.path, dtype=dtype, max_num_seqs=options.batch_size,
+                       limit_mm_per_prompt={"audio": 1})
+        self.params = SamplingParams(temperature=0.0, max_tokens=options.max_new_tokens)
+
+    def _generate(self, clips: list[Clip], chunk: list[_Item], prompts: dict[str, str]) -> list[str]:
+        requests = [{"prompt": prompts[item.question],
+                     "multi_modal_data": {"audio": (clips[item.clip].audio[item.start:item.end], self.sample_rate)}}
+                    for item in chunk]
+        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
+        return [out.outputs[0].text.strip() for out in outputs]
+
+
+def make_listener(options: ListenOptions, model: ResolvedModel, kind: str, device: str) -> TransformersListener:
+    if options.engine == "vllm":
+        return VllmListener(options, model, kind, device)
+    return TransformersListener(options, model, kind, device)
+
+
+__all__ = ["DEFAULT_ALM", "DEFAULT_QUESTIONS", "FAMILIES", "ListenOptions", "make_listener", "read_questions",
+           "resolve_alm", "windows"]
