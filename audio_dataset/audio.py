@@ -409,7 +409,11 @@ class _FlacWriter:
         self.frames = 0
 
     def write(self, block: np.ndarray) -> None:
-        self._sound.write(np.clip(block, -1.0, FULL_SCALE).T)
+        # To 16-bit here as libsndfile would (x 32768, rounded half to even): the same FLAC bytes,
+        # and about a fifth less encoding CPU than handing it floats (bench/RESULTS.md, transcode).
+        pcm = np.clip(block, -1.0, FULL_SCALE)
+        pcm *= 32768.0
+        self._sound.write(np.rint(pcm, out=pcm).astype(np.int16).T)
         self.frames += block.shape[1]
 
     def close(self) -> BinaryIO:
