@@ -47,17 +47,13 @@ import imageio_ffmpeg
 import numpy as np
 import soundfile
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checks import BenchFailed  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = sorted((ROOT / "tests" / "data" / "real-audio").glob("*.ogg"))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "audiodata-bench" / "transcode-v1"
 OUTPUT_RATE = 48_000
-
-
-class BenchFailed(SystemExit):
-    """The benchmark did not do the work it reports: its figures would be meaningless."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"bench/transcode.py: FAILED: {message}")
 
 
 def _copy_name(index: int) -> str:
@@ -242,6 +238,27 @@ def check_build(out: Path, paths: list[Path], frames: list[int]) -> None:
                           f"expected {want[off[0]]}")
 
 
+def schedule_bound(out: Path, cores: int) -> float:
+    """The best fraction of the ceiling this build's shard layout allows: each shard's work taken as
+    its audio seconds, run largest first (as the build submits them) on the earliest free core;
+    total work / (cores x the time the last core finishes). Below 1 where a few long shards end
+    on one core while the others idle."""
+    import heapq
+
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "manifest.parquet", columns=["shard", "source_duration"]).to_pylist()
+    work: dict[str, list[float]] = {}
+    for row in rows:
+        work.setdefault(row["shard"], []).append(row["source_duration"])
+    order = sorted(work.values(), key=len, reverse=True)
+    free = [0.0] * cores
+    for shard in order:
+        heapq.heapreplace(free, free[0] + sum(shard))
+    total = sum(map(sum, order))
+    return total / (cores * max(free))
+
+
 def _tree_rss(root_pid: int) -> int:
     """Resident bytes of a process and all its descendants, from /proc."""
     total = 0
@@ -278,21 +295,23 @@ def one_size(work: Path, count: int, args: argparse.Namespace) -> dict[str, floa
     frames = expected_frames(paths)
     audio_seconds = sum(f / OUTPUT_RATE for f in frames)
     figures: dict[str, float] = {}
+    per_shard = args.samples_per_shard or min(128, -(-count // (4 * args.cores)))
     for attempt in range(args.repeat):
-        t_ours, cpu_ours = ours(work / f"in-{count}", work / f"ours-{count}", args.cores, args.samples_per_shard)
+        t_ours, cpu_ours = ours(work / f"in-{count}", work / f"ours-{count}", args.cores, per_shard)
         check_build(work / f"ours-{count}", paths, frames)
+        bound = schedule_bound(work / f"ours-{count}", args.cores)
         shutil.rmtree(work / f"ours-{count}")
         t_ffmpeg, cpu_ffmpeg = ffmpeg_loop(paths, work / f"ffmpeg-{count}", args.cores)
         shutil.rmtree(work / f"ffmpeg-{count}")
         t_cpu = cpu_seconds_in_process(paths)
         ceiling = t_cpu / args.cores
-        print(f"[{count} items, run {attempt + 1}] build {t_ours:6.2f} s wall, {cpu_ours:6.2f} CPU s | "
+        print(f"[{count} items, {per_shard} per shard, run {attempt + 1}] build {t_ours:6.2f} s wall, {cpu_ours:6.2f} CPU s | "
               f"ffmpeg loop {t_ffmpeg:6.2f} s wall, {cpu_ffmpeg:6.2f} CPU s | in-process transcode "
               f"{t_cpu:6.2f} CPU s | {t_ffmpeg / t_ours:4.2f}x ffmpeg | {ceiling / t_ours:4.2f} of the ceiling | "
-              f"transcode/build CPU {t_cpu / cpu_ours:4.2f}", flush=True)
+              f"transcode/build CPU {t_cpu / cpu_ours:4.2f} | shard layout allows {bound:4.2f}", flush=True)
         run = dict(build_s=t_ours, build_cpu_s=cpu_ours, ffmpeg_s=t_ffmpeg, ffmpeg_cpu_s=cpu_ffmpeg,
                    transcode_cpu_s=t_cpu, vs_ffmpeg=t_ffmpeg / t_ours, of_ceiling=ceiling / t_ours,
-                   cpu_share=t_cpu / cpu_ours, audio_s=audio_seconds)
+                   cpu_share=t_cpu / cpu_ours, audio_s=audio_seconds, bound=bound, per_shard=per_shard)
         if not figures or run["of_ceiling"] > figures["of_ceiling"]:
             figures = run  # the least disturbed run of a loaded machine
     return figures
@@ -303,9 +322,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, nargs="+", default=[400, 1536])
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=2, help="runs per size (the best is reported)")
-    # Half the build's default (256) so N items still make several shards per core; large enough
-    # that per-task costs (scheduling, one tar and manifest part per shard) stay small.
-    parser.add_argument("--samples-per-shard", type=int, default=128)
+    # Unset: N / (4 x cores), at most 128 (half the build's default), so N items make at least four
+    # shards per core and the last shards to finish are short; large enough that per-task costs
+    # (scheduling, one tar and manifest part per shard) stay small.
+    parser.add_argument("--samples-per-shard", type=int, default=None)
     parser.add_argument("--memory-items", type=int, default=150, help="base item count of the memory runs")
     parser.add_argument("--memory-scale", type=int, default=10)
     parser.add_argument("--skip-memory", action="store_true")
@@ -329,12 +349,13 @@ def main() -> None:
         shutil.rmtree(work / "warm")
         results = {count: one_size(work, count, args) for count in args.items}
         ray.shutdown()
-        print("\n| items | build s | ffmpeg loop s | in-process transcode CPU s | x ffmpeg | of ceiling "
-              "| transcode / build CPU |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| items | per shard | build s | ffmpeg loop s | in-process transcode CPU s | x ffmpeg "
+              "| of ceiling | shard layout allows | transcode / build CPU |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for count, r in results.items():
-            print(f"| {count} | {r['build_s']:.2f} | {r['ffmpeg_s']:.2f} | {r['transcode_cpu_s']:.2f} | "
-                  f"{r['vs_ffmpeg']:.2f}x | {r['of_ceiling']:.2f} | {r['cpu_share']:.2f} |")
+            print(f"| {count} | {r['per_shard']} | {r['build_s']:.2f} | {r['ffmpeg_s']:.2f} | "
+                  f"{r['transcode_cpu_s']:.2f} | {r['vs_ffmpeg']:.2f}x | {r['of_ceiling']:.2f} | {r['bound']:.2f} | "
+                  f"{r['cpu_share']:.2f} |")
         biggest = results[max(results)]
         rate = biggest["audio_s"] / (biggest["build_s"] * args.cores)
         print(f"plan figure: {rate:.0f} s of audio per core-second of build wall time "
