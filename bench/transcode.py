@@ -127,21 +127,28 @@ def _tree_pids(root: int) -> list[int]:
     return found
 
 
-def tree_cpu_seconds(root: int) -> dict[int, float]:
-    """user + system CPU seconds of every live process under `root` (itself included)."""
+def tree_cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
+    """(role, user + system CPU seconds) of every live process under `root` (itself included):
+    role `driver` (root), `worker` (a Ray worker, `ray::...`) or `ray` (GCS, raylet, agents)."""
     tick = os.sysconf("SC_CLK_TCK")
     times = {}
     for pid in _tree_pids(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            times[pid] = (int(fields[11]) + int(fields[12])) / tick
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
+        role = "driver" if pid == root else "worker" if command.startswith(b"ray::") else "ray"
+        times[pid] = (role, (int(fields[11]) + int(fields[12])) / tick)
     return times
 
 
-def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
-    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+def cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two snapshots, per role."""
+    spent = {"driver": 0.0, "worker": 0.0, "ray": 0.0}
+    for pid, (role, seconds) in after.items():
+        spent[role] += seconds - before.get(pid, (role, 0.0))[1]
+    return spent
 
 
 # --------------------------------------------------------------------------- the three measures
@@ -189,8 +196,8 @@ def cpu_seconds_in_process(paths: list[Path]) -> float:
     return spent
 
 
-def ours(folder: Path, out: Path, cores: int, per_shard: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the whole process tree) of `build()`."""
+def ours(folder: Path, out: Path, cores: int, per_shard: int) -> tuple[float, dict[str, float]]:
+    """(wall seconds, CPU seconds of the process tree per role) of `build()`."""
     from audio_dataset.build import BuildOptions, build
     from audio_dataset.source import SourceConfig
 
@@ -297,7 +304,8 @@ def one_size(work: Path, count: int, args: argparse.Namespace) -> dict[str, floa
     figures: dict[str, float] = {}
     per_shard = args.samples_per_shard or min(128, -(-count // (4 * args.cores)))
     for attempt in range(args.repeat):
-        t_ours, cpu_ours = ours(work / f"in-{count}", work / f"ours-{count}", args.cores, per_shard)
+        t_ours, roles = ours(work / f"in-{count}", work / f"ours-{count}", args.cores, per_shard)
+        cpu_ours = sum(roles.values())
         check_build(work / f"ours-{count}", paths, frames)
         bound = schedule_bound(work / f"ours-{count}", args.cores)
         shutil.rmtree(work / f"ours-{count}")
@@ -309,9 +317,13 @@ def one_size(work: Path, count: int, args: argparse.Namespace) -> dict[str, floa
               f"ffmpeg loop {t_ffmpeg:6.2f} s wall, {cpu_ffmpeg:6.2f} CPU s | in-process transcode "
               f"{t_cpu:6.2f} CPU s | {t_ffmpeg / t_ours:4.2f}x ffmpeg | {ceiling / t_ours:4.2f} of the ceiling | "
               f"transcode/build CPU {t_cpu / cpu_ours:4.2f} | shard layout allows {bound:4.2f}", flush=True)
+        print(f"    build CPU by role: workers {roles['worker']:.2f} s (transcode / workers "
+              f"{t_cpu / roles['worker']:.2f}), driver {roles['driver']:.2f} s, Ray's services {roles['ray']:.2f} s",
+              flush=True)
         run = dict(build_s=t_ours, build_cpu_s=cpu_ours, ffmpeg_s=t_ffmpeg, ffmpeg_cpu_s=cpu_ffmpeg,
                    transcode_cpu_s=t_cpu, vs_ffmpeg=t_ffmpeg / t_ours, of_ceiling=ceiling / t_ours,
-                   cpu_share=t_cpu / cpu_ours, audio_s=audio_seconds, bound=bound, per_shard=per_shard)
+                   cpu_share=t_cpu / cpu_ours, audio_s=audio_seconds, bound=bound, per_shard=per_shard,
+                   worker_cpu_s=roles["worker"], driver_cpu_s=roles["driver"], ray_cpu_s=roles["ray"])
         if not figures or run["of_ceiling"] > figures["of_ceiling"]:
             figures = run  # the least disturbed run of a loaded machine
     return figures
