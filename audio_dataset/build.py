@@ -105,6 +105,14 @@ class ShardTask:
         return f"{self.split}/{shard_name(self.index)}"
 
     @property
+    def size(self) -> int:
+        """How many items the shard holds (without reading them)."""
+        if self.items is not None:
+            return len(self.items)
+        assert self.rows is not None, "a shard task has items or rows"
+        return self.rows.stop - self.rows.start
+
+    @property
     def part_name(self) -> str:
         return f"{self.split}-{self.index:06d}.parquet"
 
@@ -616,7 +624,9 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: Buil
     # always runs out of memory could hold the build for ever.
     remote = ray.remote(num_cpus=1, max_retries=0)(_shard_worker)
     source_ref = ray.put(source)
-    queue = iter(tasks)
+    # Largest shards first (stable): the short ones (each split's last) fill in at the end, rather
+    # than a full shard running alone on one core while the others idle.
+    queue = iter(sorted(tasks, key=lambda task: -task.size))
     running: dict[Any, tuple[ShardTask, int]] = {}  # ref -> (shard, attempt)
 
     def submit(task: ShardTask, attempt: int = 0) -> Any:

@@ -40,13 +40,30 @@ class DamagedShard(ValueError):
         self.detail = detail
 
 
+class _Hashing:
+    """A write-only file that hashes what passes through it, so a shard's sha256 is known when the
+    last byte is written rather than read back (tarfile in "w" mode only writes, in order)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+
 class ShardWriter:
     """Writes one tar shard; it appears under its final name only when `close()` succeeds."""
 
     def __init__(self, path: Location) -> None:
         self.path = location(path)
         self._staged = StagedFile(self.path)
-        self._tar = tarfile.open(fileobj=self._staged.handle, mode="w", format=tarfile.USTAR_FORMAT)
+        self._hashing = _Hashing(self._staged.handle)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = 0
         self.sha256: str | None = None  # set by close(): of the bytes published
 
@@ -70,7 +87,7 @@ class ShardWriter:
         try:
             self._tar.close()
             self._staged.handle.flush()
-            self.sha256 = file_sha256(self._staged.local)
+            self.sha256 = self._hashing.digest.hexdigest()
         except BaseException:  # a full disk: no temp file is left to fill it further
             self._staged.abort()
             raise

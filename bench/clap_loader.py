@@ -13,6 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checks import require  # noqa: E402
 from clap_model.config import get_preset  # noqa: E402
 from clap_model.data import LoaderConfig, ShardDataset, ShardSet, make_loader  # noqa: E402
 from clap_model.evaluate import audio_spec  # noqa: E402
@@ -38,6 +40,9 @@ def measure(pattern: str, model: str, workers: int, batches: int, batch_size: in
     for _ in range(batches - 1):
         samples += len(next(iterator)["key"])
     elapsed = time.perf_counter() - started
+    # Full batches only: a loader that ran short (too few shards) would time less work than it says.
+    require(first == batch_size and samples == (batches - 1) * batch_size,
+            f"the loader gave {first + samples} samples in {batches} batches of {batch_size}")
     samples_per_s = samples / elapsed if elapsed > 0 else 0.0
     report = {"workers": workers, "batch_size": batch_size, "samples": samples + first, "seconds": elapsed,
               "samples_per_s": samples_per_s, "samples_per_s_per_worker": samples_per_s / max(workers, 1),

@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checks import require  # noqa: E402
 from clap_model.clap import CLAP  # noqa: E402
 from clap_model.config import ModelConfig, get_preset  # noqa: E402
 from clap_model.data import LoaderConfig, ShardDataset, ShardSet, make_loader  # noqa: E402
@@ -288,11 +290,26 @@ def loader_fed(cfg: ModelConfig, args: argparse.Namespace, ctx: EpochContext, to
     # Warm-up long enough that every worker has filled its shuffle buffer and delivered a batch.
     for _ in range(max(args.warmup, args.workers)):
         train_step(ctx, next(batches), TrainState())
-    elapsed, busy = timed_steps(ctx, batches, steps, device)
+    counted = _Counted(batches)
+    elapsed, busy = timed_steps(ctx, counted, steps, device)
+    require(counted.samples == batch_size * steps,
+            f"loader-fed: {counted.samples} samples in {steps} steps of batch {batch_size}")
     busy_profiler = profiled_steps(ctx, batches, min(steps, 8), device, None)
     return {"loader_workers": args.workers, "loader_steps": steps,
             "loader_samples_per_s": batch_size * steps / elapsed, "loader_gpu_busy_nvml": busy,
             "loader_gpu_busy_profiler": busy_profiler}
+
+
+class _Counted:
+    """Batches passed through, counting their samples: the loader-fed figure is of samples trained on."""
+
+    def __init__(self, batches) -> None:
+        self.batches, self.samples = batches, 0
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self.batches)
+        self.samples += len(batch["key"])
+        return batch
 
 
 def main() -> int:

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checks import require  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 DIM = 512
@@ -67,8 +71,11 @@ def bench_embed(count: int, threads: int) -> list[tuple[str, float]]:
         processor = EmbedProcessor(EmbedOptions(checkpoint=path, batch_size=16), "cpu")
         processor.process(job, samples[:4])  # warm-up
         start = time.perf_counter()
-        processor.process(job, samples)
-        results.append((name, count / (time.perf_counter() - start)))
+        _, rows = processor.process(job, samples)
+        elapsed = time.perf_counter() - start
+        embedded = sum(row["status"] == "ok" and row["audio"] is not None for row in rows)
+        require(len(rows) == count and embedded == count, f"embed {name}: {embedded} of {count} samples embedded")
+        results.append((name, count / elapsed))
     return results
 
 
@@ -103,6 +110,7 @@ def bench_search(count: int, kind: str, queries: int = 200) -> dict[str, float]:
     start = time.perf_counter()
     index = build_index(vectors, kind)
     built = time.perf_counter() - start
+    require(index.ntotal == count, f"search: the {kind} index holds {index.ntotal} of {count} vectors")
     rng = np.random.default_rng(2)
     picks = rng.choice(count, queries, replace=False)
     probe = vectors[picks] + 0.02 * rng.standard_normal((queries, DIM), dtype=np.float32)
@@ -110,6 +118,7 @@ def bench_search(count: int, kind: str, queries: int = 200) -> dict[str, float]:
     start = time.perf_counter()
     tops = [index.search(probe[i : i + 1], 10)[1][0, 0] for i in range(queries)]
     per_query = (time.perf_counter() - start) / queries
+    require(len(tops) == queries and min(tops) >= 0, f"search: {kind} answered fewer than {queries} queries")
     return {"build_s": built, "ms_per_query": 1000 * per_query,
             "top1_is_source": float(np.mean(np.array(tops) == picks))}
 

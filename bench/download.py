@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checks import require  # noqa: E402
 CLIP = ROOT / "tests" / "data" / "real-audio" / "456440__inspectorj__bird-whistling-robin-single-13.ogg"
 
 
@@ -39,24 +41,32 @@ def _serve(latency: float, items: int, port_out: "multiprocessing.Queue", stop: 
 def _sequential(urls: list[str]) -> float:
     import requests
 
+    body = CLIP.read_bytes()
+    fetched = 0
     started = time.perf_counter()
     with requests.Session() as session:
         for url in urls:
             response = session.get(url, timeout=30)
             response.raise_for_status()
-            assert response.content[:4] == b"OggS"
-    return len(urls) / (time.perf_counter() - started)
+            fetched += response.content == body
+    elapsed = time.perf_counter() - started
+    require(fetched == len(urls), f"sequential: {fetched} of {len(urls)} responses were the clip served")
+    return len(urls) / elapsed
 
 
 def _audiodata(urls: list[str], concurrency: int) -> float:
     from audio_dataset.build import ordered_prefetch
     from audio_dataset.http import HttpClient, HttpConfig
 
+    body = CLIP.read_bytes()
     client = HttpClient(HttpConfig())
+    fetched = 0
     started = time.perf_counter()
     for _, future in ordered_prefetch(client.get_bytes, urls, concurrency):
-        assert future.result()[:4] == b"OggS"
-    return len(urls) / (time.perf_counter() - started)
+        fetched += future.result() == body
+    elapsed = time.perf_counter() - started
+    require(fetched == len(urls), f"audiodata: {fetched} of {len(urls)} downloads were the clip served")
+    return len(urls) / elapsed
 
 
 def run(items: int, latency: float, concurrency: int, sequential_items: int) -> dict[str, float]:

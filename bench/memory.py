@@ -28,6 +28,8 @@ from pathlib import Path
 import imageio_ffmpeg
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checks import require  # noqa: E402
 BEFORE_COMMIT = "73be499"
 FORMATS = {"mp3": ["-c:a", "libmp3lame", "-b:a", "192k"], "wav": ["-c:a", "pcm_s16le"]}
 
@@ -46,7 +48,8 @@ run_shard(ShardTask("warm", 0, list(warm_source.list_items())), warm_source, loc
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 source = LocalSource(SourceConfig(input=folder))
 result = run_shard(ShardTask("train", 0, list(source.list_items())), source, location(out), config)
-assert result["ok"] == 1, result
+if result["ok"] != 1:
+    sys.exit(f"FAILED: the clip was not built: {result}")
 print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "samples": result["samples"]}))
 """
@@ -95,6 +98,9 @@ def measure(script: str, clip: Path, warm: Path, work: Path, mode: str, old_dir:
         raise SystemExit(f"measurement failed: {run.stderr[-2000:]}")
     report = json.loads(run.stdout)
     report["seconds"] = time.perf_counter() - start
+    seconds = int(clip.stem.split("-")[1].rstrip("s"))
+    expected = 1 if mode == "whole" else -(-seconds // 10)  # 10 s segments
+    require(report["samples"] == expected, f"{clip.name} {mode}: {report['samples']} samples, expected {expected}")
     return report
 
 

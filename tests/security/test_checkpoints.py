@@ -10,6 +10,9 @@ import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -91,12 +94,16 @@ COMMANDS = {
 PROGRAMS = {"clap-eval": "clap-eval", "clap-export": "clap-export", "embed": "audiodata", "clap-train": "clap-train"}
 
 
-def run_command(scene: Scene, command: str, path: Path, *extra: str) -> str:
-    """COMMAND on PATH as a user runs it; asserts the refusal's shape and returns its one line."""
-    scene.freeze()
+def _launch(scene: Scene, command: str, path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """COMMAND on PATH as a user runs it: a fresh interpreter, under the address-space cap."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scene.tmp), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, *COMMANDS[command](scene, path), *extra], cwd=scene.out, env=env,
+    return subprocess.run([sys.executable, *COMMANDS[command](scene, path), *extra], cwd=scene.out, env=env,
                           preexec_fn=_cap_memory, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+
+
+def _refusal_line(scene: Scene, command: str, done: subprocess.CompletedProcess) -> str:
+    """Asserts the refusal's shape (exit 2, one line, the program's prefix, nothing outside OUT
+    changed) and returns its one line."""
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1, done.stderr[-2000:]
@@ -121,33 +128,83 @@ MAIN_TRICKS = {
 }
 
 
-@pytest.mark.parametrize("trick", list(MAIN_TRICKS))
-def test_clap_eval_refuses_each_trick_in_one_line(scene, trick):
-    make, reason = MAIN_TRICKS[trick]
-    assert reason in run_command(scene, "clap-eval", make(scene.inputs))
+EVERY_COMMAND = [("clap-export", "tar-hardlink"), ("clap-export", "numpy-object-scalar"), ("embed", "tar-hardlink"),
+                 ("embed", "bytearray-bomb"), ("clap-train", "none"), ("clap-train", "zip-storage-bomb")]
 
 
-@pytest.mark.parametrize("command,trick", [
-    ("clap-export", "tar-hardlink"), ("clap-export", "numpy-object-scalar"), ("embed", "tar-hardlink"),
-    ("embed", "bytearray-bomb"), ("clap-train", "none"), ("clap-train", "zip-storage-bomb"),
-])
-def test_every_command_that_loads_checkpoints_refuses_them(scene, command, trick):
-    make, reason = MAIN_TRICKS[trick]
-    assert reason in run_command(scene, command, make(scene.inputs))
-    assert not any(scene.out.iterdir()), "a refused command wrote output"
-
-
-def test_a_fifo_named_as_the_checkpoint_is_refused_not_waited_on(scene):
-    fifo = scene.inputs / "ckpt.pt"
+def _fifo(folder: Path) -> Path:
+    fifo = folder / "ckpt.pt"
     os.mkfifo(fifo)
-    assert "not a regular file" in run_command(scene, "clap-eval", fifo)
+    return fifo
 
 
-def test_the_memory_budget_is_an_option_and_counts(scene, tmp_path):
-    path = hostile.benign_zip(scene.inputs)
-    assert "--max-checkpoint-bytes 4096 bytes" in run_command(scene, "clap-eval", path, "--max-checkpoint-bytes", "4K")
-    assert "--max-checkpoint-bytes 4096 bytes" in run_command(scene, "clap-export", path, "--max-checkpoint-bytes", "4096")
-    assert ckpt.read(path, max_bytes=1 << 20)["w"].tolist() == [1.5, -2.0]
+# What the refusal tests below run: name -> (command, the file made in its scene's IN, extra arguments).
+REFUSALS: dict[str, tuple[str, Callable[[Path], Path], tuple[str, ...]]] = {
+    **{f"clap-eval:{trick}": ("clap-eval", make, ()) for trick, (make, _) in MAIN_TRICKS.items()},
+    **{f"{command}:{trick}": (command, MAIN_TRICKS[trick][0], ()) for command, trick in EVERY_COMMAND},
+    "clap-eval:fifo": ("clap-eval", _fifo, ()),
+    "clap-eval:budget": ("clap-eval", hostile.benign_zip, ("--max-checkpoint-bytes", "4K")),
+    "clap-export:budget": ("clap-export", hostile.benign_zip, ("--max-checkpoint-bytes", "4096")),
+}
+
+
+@dataclass
+class Refusal:
+    scene: Scene
+    command: str
+    path: Path
+    done: subprocess.CompletedProcess
+
+    def line(self) -> str:
+        return _refusal_line(self.scene, self.command, self.done)
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> Iterator[dict[str, Future[Refusal]]]:
+    """Every command of REFUSALS on its hostile file, each in a scene of its own, run a few at once
+    in the order of the tests below: each is a fresh interpreter that spends seconds importing torch,
+    so side by side they take about a core's share of the time. Each test waits for and checks its
+    own run (so no one test waits for them all)."""
+    planned = {}
+    for name, (command, make, extra) in REFUSALS.items():
+        scene = Scene(tmp_path_factory.mktemp("scene"))
+        path = make(scene.inputs)
+        scene.freeze()
+        planned[name] = (scene, command, path, extra)
+
+    def run(name: str) -> Refusal:
+        scene, command, path, extra = planned[name]
+        return Refusal(scene, command, path, _launch(scene, command, path, *extra))
+
+    pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+    try:
+        yield {name: pool.submit(run, name) for name in planned}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("trick", list(MAIN_TRICKS))
+def test_clap_eval_refuses_each_trick_in_one_line(refusals, trick):
+    _, reason = MAIN_TRICKS[trick]
+    assert reason in refusals[f"clap-eval:{trick}"].result().line()
+
+
+@pytest.mark.parametrize("command,trick", EVERY_COMMAND)
+def test_every_command_that_loads_checkpoints_refuses_them(refusals, command, trick):
+    _, reason = MAIN_TRICKS[trick]
+    refused = refusals[f"{command}:{trick}"].result()
+    assert reason in refused.line()
+    assert not any(refused.scene.out.iterdir()), "a refused command wrote output"
+
+
+def test_a_fifo_named_as_the_checkpoint_is_refused_not_waited_on(refusals):
+    assert "not a regular file" in refusals["clap-eval:fifo"].result().line()
+
+
+def test_the_memory_budget_is_an_option_and_counts(refusals):
+    assert "--max-checkpoint-bytes 4096 bytes" in refusals["clap-eval:budget"].result().line()
+    assert "--max-checkpoint-bytes 4096 bytes" in refusals["clap-export:budget"].result().line()
+    assert ckpt.read(refusals["clap-eval:budget"].result().path, max_bytes=1 << 20)["w"].tolist() == [1.5, -2.0]
 
 
 def test_our_checkpoint_still_exports(scene):

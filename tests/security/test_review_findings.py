@@ -4,10 +4,12 @@ a list, or counts that are strings, they gave verify, report and clap-eval a Rec
 TypeError traceback (or read the whole file); now one line naming the file, exit 2."""
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,13 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
                           preexec_fn=_capped, cwd=ROOT)
 
 
+def _run_side_by_side(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """Independent commands at once, results in order: each is a fresh interpreter that spends
+    seconds on its imports, so on two cores a test's commands take about the time of the longest."""
+    with ThreadPoolExecutor(max(1, min(len(commands), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda argv: _run(*argv), commands))
+
+
 def _hostile_copy(built: Path, tmp_path: Path, name: str, content: bytes | None) -> Path:
     """The build with one of its records replaced (None: a 20 GB sparse file)."""
     out = tmp_path / "ds"
@@ -71,14 +80,17 @@ SIZES = "train/sizes.json"
                          ids=["deep", "sparse", "list", "string_count"])
 def test_hostile_sizes_json_is_one_line(built: Path, checkpoint: Path, tmp_path: Path, content: bytes | None) -> None:
     dataset = _hostile_copy(built, tmp_path, SIZES, content)
-    verify = _run("audio_dataset.cli", "verify", str(dataset))
+    verify, report, evaluate = _run_side_by_side(
+        ("audio_dataset.cli", "verify", str(dataset)),
+        ("audio_dataset.cli", "report", str(dataset), "--out", str(tmp_path / "r.html")),
+        ("clap_model.evaluate", "--checkpoint", str(checkpoint), "--val-data", str(dataset), "--device", "cpu",
+         "--workers", "0"))
     if content is not None and content.startswith(b"{"):  # a JSON object: verify lists the bad count as a problem
         assert verify.returncode == 1 and "Traceback" not in verify.stderr and "problem" in verify.stdout
     else:
         _one_line(verify, SIZES)
-    _one_line(_run("audio_dataset.cli", "report", str(dataset), "--out", str(tmp_path / "r.html")), SIZES)
-    _one_line(_run("clap_model.evaluate", "--checkpoint", str(checkpoint), "--val-data", str(dataset),
-                   "--device", "cpu", "--workers", "0"), SIZES)
+    _one_line(report, SIZES)
+    _one_line(evaluate, SIZES)
 
 
 @pytest.mark.parametrize("content", [DEEP, None, b'{"runs": 5}'], ids=["deep", "sparse", "runs_not_list"])
