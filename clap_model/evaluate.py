@@ -61,7 +61,7 @@ def val_datasets(spec: str) -> list[tuple[str, str]]:
     within one dataset, so each is scored on its own, named as LAION-CLAP names them: the two
     folders above the shards (`data/clotho/test/{0..3}.tar` -> `clotho-test`); one dataset alone
     goes unnamed."""
-    from clap_model.data import DATASET_SEPARATOR, split_folders
+    from clap_model.inputs import DATASET_SEPARATOR, split_folders
 
     found: list[tuple[str, str]] = []  # (pattern, the folder its shards are in)
     for part in (part.strip() for part in spec.split(DATASET_SEPARATOR)):
