@@ -255,7 +255,8 @@ def _model(prints: list[fp.Fingerprint], plants: list, found: dict, durations: l
             density.append(copy / (len(prints[o].hashes) * overlap))
         survival[t] = {"kept": float(np.median(kept)), "density": float(np.median(density))}
     return {"hashes_per_second": rate, "band": band.tolist(), "first": first.tolist(), "second": second.tolist(),
-            "collision_real": _collision(prints, sorted(distinct)), "survival": survival}
+            "collision_real": _collision(prints, sorted(distinct)), "survival": survival,
+            "pool": hashes.tolist()}
 
 
 def _collision(prints: list[fp.Fingerprint], members: list[int]) -> float:
@@ -270,22 +271,39 @@ def _collision(prints: list[fp.Fingerprint], members: list[int]) -> float:
 # ------------------------------------------------------------------------------------------- stand-in
 @dataclass(frozen=True)
 class Model:
+    """Hashes: with odds `pooled` a real hash drawn from the real clips' pool (their joint statistics,
+    the common hashes among them), else the three fields drawn from their marginals (values the
+    pool never saw); `pooled` is set so that two clips' hashes collide as often as real ones do."""
+
     rate: float
     band: np.ndarray  # probabilities
     first: np.ndarray
     second: np.ndarray
     survival: dict
+    pool: np.ndarray
+    pooled: float
+    collision_real: float
 
     @staticmethod
     def of(stats: dict) -> "Model":
         p = {k: np.array(stats[k], np.float64) / np.sum(stats[k]) for k in ("band", "first", "second")}
-        return Model(stats["hashes_per_second"], p["band"], p["first"], p["second"], stats["survival"])
+        pool = np.array(stats["pool"], np.uint32)
+        marginal = float((p["band"] ** 2).sum() * (p["first"] ** 2).sum() * (p["second"] ** 2).sum())
+        _, counts = np.unique(pool, return_counts=True)
+        pooled_c = float(((counts / len(pool)) ** 2).sum())
+        # a^2 pooled_c + (1 - a)^2 marginal = the real collision rate
+        target = stats["collision_real"]
+        a = next((x for x in np.linspace(0, 1, 1001) if x * x * pooled_c + (1 - x) ** 2 * marginal >= target), 1.0)
+        return Model(stats["hashes_per_second"], p["band"], p["first"], p["second"], stats["survival"], pool,
+                     float(a), target)
 
 
 def _stream(model: Model, rng: np.random.Generator, seconds: float) -> fp.Fingerprint:
     n = rng.poisson(model.rate * seconds)
     hashes = (rng.choice(256, n, p=model.band).astype(np.uint32) << 24) | \
         (rng.choice(4096, n, p=model.first).astype(np.uint32) << 12) | rng.choice(4096, n, p=model.second).astype(np.uint32)
+    real = rng.random(n) < model.pooled
+    hashes[real] = model.pool[rng.integers(0, len(model.pool), int(real.sum()))]
     times = np.sort(rng.integers(0, max(1, int(seconds * fp.RATE / fp.HOP)), n)).astype(np.int32)
     return fp.Fingerprint(hashes, times)
 
@@ -381,12 +399,16 @@ def run_standin(out: Path, model: Model, size: int, evals: int, seed: int) -> di
     dups = {(min(a, b), max(a, b)): t for a, b, t, kind in plants if kind == "dup"}
     leak_pairs = {(min(a, b), max(a, b)) for a, b, _, kind in plants if kind == "leak"}
     assert dups and leak_pairs, "no planted pairs: nothing to find"
+    sample = [_eval_item(model, seed, i) for i in range(300)]
+    collision = _collision(sample, list(range(len(sample))))
     found = {(m.a, m.b) for m in result.matches}
     false = found - set(dups) - leak_pairs
     by_transform = {t: float(np.mean([p in found for p, tt in dups.items() if tt == t]))
                     for t in sorted(set(dups.values()))}
     shutil.rmtree(work / "prints", ignore_errors=True)
     return {"clips": size, "eval_clips": evals, "hashes": hashes, "planted": len(dups), "leaks": len(leak_pairs),
+            "stop_floor": fp.STOP_FLOOR, "collision": {"real": model.collision_real, "standin": collision,
+                                                       "pooled_share": model.pooled},
             "recall": float(np.mean([p in found for p in dups])), "recall_by_transform": by_transform,
             "leaks_found": sum(p in found for p in leak_pairs), "false_matches": len(false),
             "false_match_rate": len(false) / (total * (total - 1) / 2),
@@ -404,10 +426,12 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=5000, help="eval-set clips (stand-in)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dedup-bench")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop-floor", type=int, default=fp.STOP_FLOOR, help="the stop-list's floor (its effect)")
     args = parser.parse_args()
     from audio_dataset.raystart import start_ray
 
     args.out.mkdir(parents=True, exist_ok=True)
+    fp.STOP_FLOOR = args.stop_floor  # the plan (made here) carries the threshold to the tasks
     start_ray(None, num_cpus=os.cpu_count())
     results = {"machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GB"}
     model_file = args.out / "model.json"
@@ -421,7 +445,8 @@ def main() -> None:
         result = run_standin(args.out, model, size, args.eval, args.seed)
         results[f"standin_{size}"] = result
         print(json.dumps({f"standin_{size}": result}, indent=1), flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    name = f"results-{'real-' if args.real else ''}{args.standin.replace(',', '-')}-stop{args.stop_floor}.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
