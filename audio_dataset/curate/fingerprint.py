@@ -234,6 +234,9 @@ def best_matches(votes: Votes, sizes: np.ndarray) -> list[Match]:
     is not a whole number of hops moves some peaks to the neighbouring frame); a match when that
     is at least MIN_COUNT and MIN_FRACTION of the shorter clip's hashes. `votes` must hold all of
     a pair's votes. `sizes`: each item's hash count."""
+    # A pair with fewer votes in all than MIN_COUNT cannot match: most pairs (chance collisions) go
+    # here, before the window below triples what is held.
+    votes = _with_total(votes, MIN_COUNT)
     # Each vote counts for its offset and both neighbours; the window's total is the best offset's.
     offset = votes.offset.astype(np.int64)
     window = aggregate(np.tile(votes.pair, 3), np.concatenate([offset - 1, offset, offset + 1]),
@@ -250,6 +253,19 @@ def best_matches(votes: Votes, sizes: np.ndarray) -> list[Match]:
     ok = (count >= MIN_COUNT) & (score >= MIN_FRACTION)
     return [Match(int(x), int(y), int(c), float(sc), int(o))
             for x, y, c, sc, o in zip(a[ok], b[ok], count[ok], score[ok], offset[ok])]
+
+
+def _with_total(votes: Votes, least: int) -> Votes:
+    """The votes of the pairs with at least `least` votes in all (`votes` sorted by pair, as
+    `aggregate` leaves them)."""
+    if len(votes.pair) == 0:
+        return votes
+    first = np.ones(len(votes.pair), bool)
+    first[1:] = votes.pair[1:] != votes.pair[:-1]
+    starts = np.nonzero(first)[0]
+    totals = np.add.reduceat(votes.count, starts)
+    keep = np.repeat(totals >= least, np.diff(np.append(starts, len(votes.pair))))
+    return Votes(votes.pair[keep], votes.offset[keep], votes.count[keep])
 
 
 def match_all(prints: list[Fingerprint], groups: np.ndarray | None = None,

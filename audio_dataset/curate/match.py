@@ -5,7 +5,8 @@ Three rounds of tasks (Ray tasks, one CPU each; or in this process), each resuma
    (hash, item, time) split into `partitions` hash ranges, one parquet per (range, map task) under WORK;
 2. hash: one hash range, all its occurrences -> the stop-list (hashes in more than
    `fingerprint.stop_threshold(items)` clips) and the candidate votes, summed per (pair, offset) and
-   split by pair into `pair_partitions` files (a pair's votes come from many hash ranges);
+   split by pair into as many pair ranges (a pair's votes come from many hash ranges; chance
+   collisions make the votes about as many as the occurrences);
 3. pair: one pair range, all its votes -> the matches (`fingerprint.best_matches`).
 The driver holds the list of parts and the matches (the pair list, small), never the hashes. Each
 task's memory is its partition: the plan sizes partitions to about PARTITION_HASHES occurrences, and
@@ -32,7 +33,6 @@ from audio_dataset.storage import atomic_write_bytes, atomic_write_json, read_js
 
 # Hash occurrences per partition (12 bytes each, a few copies while sorting: ~0.5 GB a task).
 PARTITION_HASHES = 8_000_000
-PAIRS_PER_VOTE_FILE = 8  # hash partitions per pair partition: votes are far fewer than hashes
 OCCURRENCE_SCHEMA = pa.schema([("hash", pa.uint32()), ("item", pa.uint32()), ("time", pa.int32())])
 VOTE_SCHEMA = pa.schema([("pair", pa.uint64()), ("offset", pa.int32()), ("count", pa.int64())])
 MATCH_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("count", pa.int64()), ("score", pa.float64()),
@@ -102,7 +102,7 @@ def plan_matching(work: UPath, parts: list[PrintPart], first_other: int | None,
     if current:
         groups.append(tuple(current))
     return MatchPlan(str(work), tuple(parts), items, first_other, fp.stop_threshold(items), partitions,
-                     max(1, -(-partitions // PAIRS_PER_VOTE_FILE)), tuple(groups))
+                     partitions, tuple(groups))
 
 
 # ---------------------------------------------------------------------------------------------- tasks
