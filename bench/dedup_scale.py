@@ -15,12 +15,12 @@ process, wall time, from real audio up to stand-in corpora of 100k+ clips, with 
    30 s excerpts of the 3-minute clips. Every clip is encoded (FLAC, or the MP3) and fingerprinted by
    `dedup.analyse`, the code the fingerprint stage runs per sample; matching is `curate/match.py` on Ray.
 2. stand-in: above what 2 shared cores decode in the time, fingerprints are synthetic hash streams
-   with the real ones' statistics, measured in step 1: hashes per second, the distributions of a
-   triplet's anchor band and of each partner's (df, dt) (drawn independently; the collision rate of
-   real and stand-in hashes is printed side by side), and for each planted transform the share of a
-   clip's hashes its copy keeps at the right offset and its copy's own hash count. Clips of 4-10 s,
-   1 in 1000 of 3 minutes; 0.5% of items are planted copies, plus a 5k eval set of which 0.5% of
-   dataset-size/1000... (see --leaks) are planted leaks into the dataset.
+   with the real ones' statistics, measured in step 1 (`Model`): hashes per second; each hash a real
+   one from the real clips' pool or its three fields from their real marginals, mixed so that two
+   clips' hashes collide as often as real ones do (both rates are printed); and for each planted
+   transform the share of a clip's hashes its copy keeps at the right offset and the copy's own
+   hash count. Clips of 4-10 s, 1 in 1000 of 3 minutes; 0.5% of the dataset's items are planted
+   copies, and as many again are planted leaks of a 5k-clip eval set (--eval) into the dataset.
 
 The bench asserts that it did the work: every clip fingerprinted (hashes > 0), matching read every
 hash (the report's count equals what was written), and planted pairs exist to find.
@@ -88,7 +88,8 @@ def distinct_clips(rng: np.random.Generator, long_tapes: int = 4) -> list[Clip]:
     used: list[tuple[int, int, int]] = []
     for t in range(long_tapes):  # 3-minute clips, one per tape (a tape is 2.5-8 minutes)
         start = int(rng.integers(0, max(1, len(tapes[t]) - 180 * SOURCE_RATE)))
-        clips.append(Clip(f"long{t}", tapes[t][start: start + 180 * SOURCE_RATE], [(t, start, start + 180 * SOURCE_RATE)]))
+        end = start + 180 * SOURCE_RATE
+        clips.append(Clip(f"long{t}", tapes[t][start:end], [(t, start, end)]))
     pieces = []
     for t in range(long_tapes, len(tapes)):
         at = int(rng.integers(0, 3 * SOURCE_RATE))  # random first cut
@@ -300,15 +301,17 @@ class Model:
 
 def _stream(model: Model, rng: np.random.Generator, seconds: float) -> fp.Fingerprint:
     n = rng.poisson(model.rate * seconds)
-    hashes = (rng.choice(256, n, p=model.band).astype(np.uint32) << 24) | \
-        (rng.choice(4096, n, p=model.first).astype(np.uint32) << 12) | rng.choice(4096, n, p=model.second).astype(np.uint32)
+    hashes = (rng.choice(256, n, p=model.band).astype(np.uint32) << 24) \
+        | (rng.choice(4096, n, p=model.first).astype(np.uint32) << 12) \
+        | rng.choice(4096, n, p=model.second).astype(np.uint32)
     real = rng.random(n) < model.pooled
     hashes[real] = model.pool[rng.integers(0, len(model.pool), int(real.sum()))]
     times = np.sort(rng.integers(0, max(1, int(seconds * fp.RATE / fp.HOP)), n)).astype(np.int32)
     return fp.Fingerprint(hashes, times)
 
 
-def _copy(model: Model, rng: np.random.Generator, original: fp.Fingerprint, transform: str) -> tuple[fp.Fingerprint, float]:
+def _copy(model: Model, rng: np.random.Generator, original: fp.Fingerprint,
+          transform: str) -> tuple[fp.Fingerprint, float]:
     """A planted copy's stream: the original's hashes each kept with the transform's measured odds,
     shifted by its trim or cut to its excerpt, plus the new hashes its measured density adds."""
     frames = int(original.times.max()) + 1 if len(original.times) else 1
@@ -433,7 +436,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     fp.STOP_FLOOR = args.stop_floor  # the plan (made here) carries the threshold to the tasks
     start_ray(None, num_cpus=os.cpu_count())
-    results = {"machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GB"}
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 30
+    results = {"machine": f"{os.cpu_count()} cores, {memory_gb} GB", "load_average": os.getloadavg()}
     model_file = args.out / "model.json"
     if args.real:
         real = run_real(args.out, args.per_transform, args.seed)
