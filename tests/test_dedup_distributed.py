@@ -3,13 +3,13 @@ one process, the stop-list reported and deterministic, partial overlaps with the
 excerpt of a clip longer than one analysis block, resume after an interruption, partitions sized."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from upath import UPath
 
 from audio_dataset.audio import decode, encode_flac
 from audio_dataset.curate import fingerprint as fp
@@ -57,7 +57,7 @@ def _write_parts(folder: Path, prints: list[fp.Fingerprint], per_part: int) -> l
         path = folder / f"{first:06d}.parquet"
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
-        parts.append(matching.part_of(matching.UPath(path), first))
+        parts.append(matching.part_of(UPath(path), first))
     return parts
 
 
@@ -65,7 +65,7 @@ def _match(tmp_path: Path, prints: list[fp.Fingerprint], name: str, first_other:
            partition_hashes: int | None = None, runner=matching.run_inline) -> matching.MatchResult:
     parts = _write_parts(tmp_path / f"{name}-prints", prints, 3)
     total = sum(p.hashes for p in parts)
-    plan = matching.plan_matching(matching.UPath(tmp_path / name), parts, first_other,
+    plan = matching.plan_matching(UPath(tmp_path / name), parts, first_other,
                                   partition_hashes or max(1, total // 5))
     return matching.run_matching(plan, runner)
 
@@ -95,7 +95,7 @@ def test_the_stop_list_is_applied_counted_and_deterministic(tmp_path, corpus):
     assert stop["threshold"] == fp.stop_threshold(len(prints)) == fp.STOP_FLOOR
     assert stop["hashes"] >= 1 and stop["occurrences"] >= fp.STOP_FLOOR + 20
     assert stop == again.report["stop_list"] and first.matches == again.matches == fp.match_all(prints)
-    assert (matching.UPath(tmp_path / "a") / "match.json").exists()  # the run record holds the report
+    assert (UPath(tmp_path / "a") / "match.json").exists()  # the run record holds the report
 
 
 def test_a_partial_overlap_is_found_with_its_span(tmp_path, waves):

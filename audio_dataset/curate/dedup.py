@@ -38,7 +38,7 @@ from audio_dataset.curate.common import NO_AUDIO, OK, audio_bytes, read_columns,
 from audio_dataset.curate.embed import embedding_model, split_files
 from audio_dataset.curate.index import build_index
 from audio_dataset.licenses import classify, permissiveness
-from audio_dataset.manifest import read_parquet, write_parquet
+from audio_dataset.manifest import write_parquet
 from audio_dataset.shards import Sample, file_sha256
 from audio_dataset.source import ItemError, UserError
 from audio_dataset.stage_runner import DROP, KEPT, READ, RunOptions, RunSummary, ShardJob, Stage, _raise_user_errors, \
