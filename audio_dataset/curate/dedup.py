@@ -410,6 +410,20 @@ class DedupResult:
 
 def find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupResult:
     options.check()
+    owns_ray = start_ray(run.ray_address)  # once for every fingerprint run and the matching (seconds each)
+    try:
+        return _find_duplicates(dataset, options, run)
+    except Exception as exc:
+        _raise_user_errors(exc)
+        raise
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupResult:
     datasets = [dataset, *[location(path) for path in options.against]]
     sets = fingerprint_dirs(dataset, datasets[1:])
     for path, prints_dir in sets:
@@ -417,7 +431,7 @@ def find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> D
     out = dataset / DEDUP_STAGE
     with hold_output(trust_output(out / "_work"), DEDUP_STAGE):
         items = _load_items(sets)
-        found_prints, report = _match_prints(items, [dataset_identity(path) for path, _ in sets], out / "_work", run)
+        found_prints, report = _match_prints(items, [dataset_identity(path) for path, _ in sets], out / "_work")
         links = exact_links(items) + found_prints
         missing: list[str] = []
         if options.use_embeddings:
@@ -428,8 +442,7 @@ def find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> D
         return _summarise(out, items, rows, options, missing, report)
 
 
-def _match_prints(items: Items, identities: list[str], work_root: UPath,
-                  run: RunOptions) -> tuple[list[Link], dict[str, Any]]:
+def _match_prints(items: Items, identities: list[str], work_root: UPath) -> tuple[list[Link], dict[str, Any]]:
     """Fingerprint links from Ray tasks over hash partitions, in WORK/match-DIGEST (named by the inputs'
     content and the settings, so a rerun after a kill resumes; other matchings there are stale)."""
     name = matching.work_name(identities, {**FINGERPRINT_SETTINGS, **MATCH_SETTINGS,
@@ -440,19 +453,9 @@ def _match_prints(items: Items, identities: list[str], work_root: UPath,
     # The run record: which matching this folder holds, and once done its report (the stop-list).
     record = work_root / f".{DEDUP_STAGE}" / "run.json"
     atomic_write_json(record, {"stage": DEDUP_STAGE, "match": name, "finished": False})
-    owns_ray = start_ray(run.ray_address)
-    try:
-        links, report = fingerprint_links(items, work_root / name, matching.run_on_ray)
-        atomic_write_json(record, {"stage": DEDUP_STAGE, "match": name, "finished": True, "report": report})
-        return links, report
-    except Exception as exc:
-        _raise_user_errors(exc)
-        raise
-    finally:
-        if owns_ray:
-            import ray
-
-            ray.shutdown()
+    links, report = fingerprint_links(items, work_root / name, matching.run_on_ray)
+    atomic_write_json(record, {"stage": DEDUP_STAGE, "match": name, "finished": True, "report": report})
+    return links, report
 
 
 def _summarise(out: UPath, items: Items, rows: list[dict[str, Any]], options: DedupOptions, missing: list[str],
