@@ -121,6 +121,10 @@ def test_dedup_finds_copies_and_the_eval_leak(folders, capsys):
     assert rows[robin]["cluster"] == rows[robin_mp3]["cluster"] != rows[dog]["cluster"]
     assert rows[robin]["kind"] == rows[dog_quiet]["kind"] == "fingerprint"
     assert rows[drums]["kind"] == rows[drums_wav]["kind"] == "exact" and rows[drums]["score"] == 1.0
+    # The MP3 is the whole clip: it starts at 0 s in it and overlaps all of it (to a frame hop).
+    assert abs(rows[robin]["matched_span"][0]) < 0.03 and rows[robin]["matched_span"][1] > 2.0
+    summary = json.loads((dataset / "dedup" / "summary.json").read_text())["fingerprint_matching"]
+    assert summary["stop_list"]["threshold"] == 100 and summary["items"] == 12 + 2 and summary["matches"] >= 3
     assert rows[drums]["pcm_sha256"] == rows[drums_wav]["pcm_sha256"]
     assert rows[drums]["bytes_sha256"] != rows[drums_wav]["bytes_sha256"]  # both are recorded
     # --keep longest (default): robin is longer than its MP3; dog than its trimmed copy; drums tie -> first

@@ -4,7 +4,9 @@ Three ways two samples are the same recording, strongest first:
 - `exact`: equal sha256 of the decoded PCM (mono, resampled to 16 kHz, 16-bit): two encodings of the
   same audio, even with other bytes; the audio member's own sha256 is recorded beside it.
 - `fingerprint`: Wang's landmark hashes (`fingerprint.py`) agree at one time offset: a re-encode,
-  resample, gain change, trim or mono/stereo copy.
+  resample, gain change, trim or mono/stereo copy, or one clip an excerpt of the other (where it
+  lies and how long they overlap are the row's `matched_span`). Matching runs over hash partitions
+  (`match.py`, Ray tasks), never every clip's hashes in one process.
 - `embedding`: CLAP audio embeddings (from `audiodata embed`) within --embedding-threshold cosine.
 
 Matched samples form clusters (connected components). A cluster holding an item of an --against
@@ -29,18 +31,21 @@ import numpy as np
 import pyarrow as pa
 from upath import UPath
 
-from audio_dataset.audio import decode
+from audio_dataset.audio import DecodeStream, _Resampler, set_channels
 from audio_dataset.curate import fingerprint as fp
+from audio_dataset.curate import match as matching
 from audio_dataset.curate.common import NO_AUDIO, OK, audio_bytes, read_columns, sample_meta
 from audio_dataset.curate.embed import embedding_model, split_files
 from audio_dataset.curate.index import build_index
 from audio_dataset.licenses import classify, permissiveness
-from audio_dataset.manifest import read_parquet, write_parquet
+from audio_dataset.manifest import write_parquet
 from audio_dataset.shards import Sample, file_sha256
 from audio_dataset.source import ItemError, UserError
-from audio_dataset.stage_runner import DROP, KEPT, READ, RunOptions, RunSummary, ShardJob, Stage, check_run, \
-    dataset_identity, find_jobs, run_stage
-from audio_dataset.storage import atomic_write_json, location, read_json
+from audio_dataset.stage_runner import DROP, KEPT, READ, RunOptions, RunSummary, ShardJob, Stage, _raise_user_errors, \
+    as_json, check_run, dataset_identity, find_jobs, run_stage
+from audio_dataset.lock import hold_output
+from audio_dataset.raystart import start_ray
+from audio_dataset.storage import atomic_write_json, location, read_json, trust_output
 
 FINGERPRINT_STAGE = "fingerprint"
 DEDUP_STAGE = "dedup"
@@ -62,20 +67,58 @@ CLUSTER_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("cluster", pa.int64()),
     ("kind", pa.string()), ("method", pa.string()), ("score", pa.float64()), ("matched_key", pa.string()),
     ("matched_set", pa.string()), ("keep", pa.bool_()), ("bytes_sha256", pa.string()), ("pcm_sha256", pa.string()),
+    # [offset_s, length_s]: where the shorter of the two clips starts in the longer, and how long they
+    # overlap (an excerpt: its position and length); null for an embedding match.
+    ("matched_span", pa.list_(pa.float64())),
 ])
 APPLY_SCHEMA = pa.schema([
     ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
     ("cluster", pa.int64()), ("matched_key", pa.string()), ("duration", pa.float64()),
 ])
-FINGERPRINT_SETTINGS = {"method": "wang2003-landmarks", "rate": fp.RATE, "n_fft": fp.N_FFT, "hop": fp.HOP,
-                        "peaks_per_second": fp.PEAKS_PER_SECOND, "fanout": fp.FANOUT, "max_seconds": fp.MAX_SECONDS,
+FINGERPRINT_SETTINGS = {"method": "wang2003-landmark-triplets", "rate": fp.RATE, "n_fft": fp.N_FFT, "hop": fp.HOP,
+                        "peaks_per_second": fp.PEAKS_PER_SECOND, "fanout": fp.FANOUT,
+                        "block_seconds": fp.MAX_SECONDS, "block_overlap": fp.BLOCK_OVERLAP, "whole_clip": True,
                         "pcm_hash": f"sha256 of mono {PCM_RATE} Hz int16"}
+MATCH_SETTINGS = {"min_count": fp.MIN_COUNT, "min_fraction": fp.MIN_FRACTION, "stop_floor": fp.STOP_FLOOR,
+                  "stop_fraction": fp.STOP_FRACTION}
 
 
 # ---------------------------------------------------------------------------- per-sample fingerprints
 def pcm_digest(wave: np.ndarray) -> str:
-    pcm = np.clip(np.round(wave * 32767.0), -32768, 32767).astype("<i2")
-    return hashlib.sha256(pcm.tobytes()).hexdigest()
+    return hashlib.sha256(_pcm16(wave)).hexdigest()
+
+
+def _pcm16(wave: np.ndarray) -> bytes:
+    return np.clip(np.round(wave * 32767.0), -32768, 32767).astype("<i2").tobytes()
+
+
+@dataclass
+class Analysis:
+    landmarks: fp.Fingerprint
+    pcm_sha256: str
+    duration: float
+
+
+def analyse(data: bytes) -> Analysis:
+    """A clip's landmarks and PCM digest, decoded as a stream: memory is bounded at any length (the
+    landmarks cover the whole clip). Raises ItemError for audio that does not decode."""
+    stream = DecodeStream(data)
+    digest = hashlib.sha256()
+    resamplers: dict[int, _Resampler] = {}
+
+    def mono_blocks():  # -> mono blocks at the fingerprint rate; the PCM digest fed on the way
+        for block in stream:
+            mono = set_channels(block, 1, stream.channel_names)
+            if not resamplers:
+                resamplers.update({rate: _Resampler(stream.sample_rate, rate, 1) for rate in (fp.RATE, PCM_RATE)})
+            digest.update(_pcm16(resamplers[PCM_RATE](mono)[0]))
+            yield resamplers[fp.RATE](mono)[0]
+        if resamplers:
+            digest.update(_pcm16(resamplers[PCM_RATE].flush()[0]))
+            yield resamplers[fp.RATE].flush()[0]
+
+    landmarks = fp.fingerprint_blocks(mono_blocks())
+    return Analysis(landmarks, digest.hexdigest(), stream.frames / stream.sample_rate)
 
 
 class FingerprintProcessor:
@@ -91,15 +134,14 @@ class FingerprintProcessor:
                    "bytes_sha256": hashlib.sha256(data).hexdigest() if data else None, "pcm_sha256": None,
                    "hashes": [], "times": []}
             try:
-                decoded = decode(data or b"")
+                found = analyse(data or b"")
             except ItemError:
                 rows.append(row)
                 continue
-            landmarks = fp.fingerprint(fp.mono_at_rate(decoded.samples, decoded.sample_rate, fp.RATE))
-            pcm = fp.mono_at_rate(decoded.samples, decoded.sample_rate, PCM_RATE)
-            row.update(status=OK, pcm_sha256=pcm_digest(pcm), hashes=landmarks.hashes, times=landmarks.times)
+            row.update(status=OK, pcm_sha256=found.pcm_sha256, hashes=found.landmarks.hashes,
+                       times=found.landmarks.times)
             if not isinstance(meta.get("duration"), (int, float)):
-                row["duration"] = decoded.duration
+                row["duration"] = found.duration
             rows.append(row)
         return [], rows
 
@@ -121,7 +163,8 @@ def fingerprint_dataset(dataset: UPath, run: RunOptions, out: UPath | None = Non
     Fingerprints of another version of the dataset (its shards changed) are stale: done again."""
     out = out if out is not None else dataset / FINGERPRINT_STAGE
     record = out / f".{FINGERPRINT_STAGE}" / "run.json"
-    if record.exists() and read_json(record).get("input_digest") != dataset_identity(dataset):
+    if record.exists() and (read_json(record).get("input_digest") != dataset_identity(dataset)
+                            or read_json(record).get("settings") != as_json(FINGERPRINT_SETTINGS)):
         for part in out.glob("*/*.parquet"):  # SPLIT/NNNNNN.parquet
             part.unlink()
     stage = Stage(FINGERPRINT_STAGE, FINGERPRINT_SETTINGS, _make_fingerprint, FINGERPRINT_SCHEMA, mode=READ)
@@ -135,29 +178,31 @@ def _with(run: RunOptions, input_dir: UPath, out: UPath) -> RunOptions:
 # ---------------------------------------------------------------------------------------- matching
 @dataclass
 class Items:
-    """Every sample of the dataset (group 0) and of each eval set (groups 1..), in dataset order."""
+    """Every sample of the dataset (group 0) and of each eval set (groups 1..), in dataset order:
+    their fingerprint rows but the hashes (which stay in the parts, read by the matching tasks)."""
 
     table: pa.Table  # the fingerprint columns but hashes and times
     groups: np.ndarray
-    prints: list[fp.Fingerprint]
+    parts: list[matching.PrintPart]
     sets: list[str]  # group -> folder
 
 
 def _load_items(sets: list[tuple[UPath, UPath]]) -> Items:
     """`sets`: (dataset, its fingerprints) for the dataset, then each eval set."""
-    tables, groups, prints = [], [], []
+    tables, groups, parts = [], [], []
     meta_columns = [name for name in FINGERPRINT_SCHEMA.names if name not in ("hashes", "times")]
+    first = 0
     for group, (dataset, prints_dir) in enumerate(sets):
         for job in find_jobs(dataset, prints_dir, FINGERPRINT_STAGE, READ):
-            part = read_parquet(job.part)
-            tables.append(part.select(meta_columns))
-            groups.append(np.full(part.num_rows, group))
-            hashes, times = (part.column(name).combine_chunks() for name in ("hashes", "times"))
-            offsets = hashes.offsets.to_numpy()
-            all_hashes, all_times = hashes.values.to_numpy(), times.values.to_numpy()
-            prints += [fp.Fingerprint(all_hashes[start:end], all_times[start:end])
-                       for start, end in zip(offsets[:-1], offsets[1:])]
-    return Items(pa.concat_tables(tables), np.concatenate(groups), prints, [str(d) for d, _ in sets])
+            table = read_columns(location(job.part), meta_columns)
+            part = matching.part_of(location(job.part), first)
+            if part.rows != table.num_rows:
+                raise UserError(f"{job.part}: changed while read; rerun")
+            tables.append(table)
+            groups.append(np.full(table.num_rows, group))
+            parts.append(part)
+            first += table.num_rows
+    return Items(pa.concat_tables(tables), np.concatenate(groups), parts, [str(d) for d, _ in sets])
 
 
 @dataclass(frozen=True)
@@ -166,11 +211,13 @@ class Link:
     b: int
     kind: str
     score: float
+    span: tuple[float, float] | None = None  # matched_span: [offset_s, length_s]
 
 
 def exact_links(items: Items) -> list[Link]:
     """Each sample to the first dataset sample with the same decoded PCM."""
     by_digest: dict[str, list[int]] = {}
+    durations = items.table.column("duration").to_pylist()
     for i, digest in enumerate(items.table.column("pcm_sha256").to_pylist()):
         if digest is not None:
             by_digest.setdefault(digest, []).append(i)
@@ -178,12 +225,36 @@ def exact_links(items: Items) -> list[Link]:
     for members in by_digest.values():
         anchor = next((i for i in members if items.groups[i] == 0), None)
         if anchor is not None:
-            links += [Link(min(anchor, i), max(anchor, i), EXACT, 1.0) for i in members if i != anchor]
+            links += [Link(min(anchor, i), max(anchor, i), EXACT, 1.0, _whole(durations[i]))
+                      for i in members if i != anchor]
     return links
 
 
-def fingerprint_links(items: Items) -> list[Link]:
-    return [Link(m.a, m.b, FINGERPRINT, m.score) for m in fp.match_all(items.prints, items.groups)]
+def _whole(duration: float | None) -> tuple[float, float] | None:
+    return (0.0, float(duration)) if isinstance(duration, (int, float)) else None
+
+
+def matched_span(offset: int, duration_a: float | None, duration_b: float | None) -> tuple[float, float] | None:
+    """[offset_s, length_s] of a fingerprint match whose hashes agree at `offset` frames (a time in
+    b is that time in a plus the offset): where the shorter clip starts in the longer one (to a
+    frame hop), and how long the two overlap at that alignment."""
+    if not isinstance(duration_a, (int, float)) or not isinstance(duration_b, (int, float)):
+        return None
+    shift = offset * fp.HOP / fp.RATE  # b's start lies at -shift seconds in a
+    start, end = max(0.0, -shift), min(float(duration_a), float(duration_b) - shift)
+    where = start if duration_a >= duration_b else start + shift
+    return round(where, 4), round(max(0.0, end - start), 4)
+
+
+def fingerprint_links(items: Items, work: UPath, runner: matching.Runner) -> tuple[list[Link], dict[str, Any]]:
+    """Fingerprint matches over hash partitions (`match.py`); and the matching's report."""
+    groups = items.groups
+    first_other = int((groups == 0).sum()) if (groups != 0).any() else None
+    plan = matching.plan_matching(work, items.parts, first_other)
+    result = matching.run_matching(plan, runner)
+    durations = items.table.column("duration").to_pylist()
+    return [Link(m.a, m.b, FINGERPRINT, m.score, matched_span(m.offset, durations[m.a], durations[m.b]))
+            for m in result.matches], result.report
 
 
 def load_embeddings(embed_dir: UPath) -> tuple[np.ndarray, list[str]]:
@@ -245,20 +316,20 @@ def embedding_links(items: Items, datasets: list[UPath], threshold: float) -> tu
 
 
 # --------------------------------------------------------------------------------------- clustering
-def _components(count: int, links: list[Link]) -> np.ndarray:
-    parent = np.arange(count)
+def _components(links: list[Link]) -> dict[int, int]:
+    """Each linked item's component, named by its first item: a union-find over the links alone
+    (the pair list is small; items without a link are never touched)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for link in links:
-        ra, rb = root(link.a), root(link.b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # the root is the component's first item
-    return np.array([root(i) for i in range(count)])
+    ends = np.array([(link.a, link.b) for link in links], np.int64).reshape(-1, 2)
+    nodes, compact = np.unique(ends, return_inverse=True)
+    compact = compact.reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(compact)), (compact[:, 0], compact[:, 1])), shape=(len(nodes), len(nodes)))
+    _, label = connected_components(graph, directed=False)
+    first = np.full(len(nodes), len(nodes))
+    np.minimum.at(first, label, np.arange(len(nodes)))  # nodes are sorted: the smallest index names it
+    return {int(node): int(nodes[first[lab]]) for node, lab in zip(nodes, label)}
 
 
 def licence_rank(licence: str | None) -> int:
@@ -283,7 +354,7 @@ def cluster_rows(items: Items, links: list[Link], rule: str) -> list[dict[str, A
             current = best.get(i)
             if current is None or (_STRENGTH[link.kind], link.score) > (_STRENGTH[current.kind], current.score):
                 best[i] = link
-    roots = _components(len(items.groups), links)
+    roots = _components(links)
     members_of: dict[int, list[int]] = {}
     for i in sorted(best):
         members_of.setdefault(int(roots[i]), []).append(i)
@@ -303,7 +374,8 @@ def cluster_rows(items: Items, links: list[Link], rule: str) -> list[dict[str, A
                          "cluster": cluster, "kind": EVAL_OVERLAP if leaked else link.kind, "method": link.kind,
                          "score": link.score, "matched_key": column["key"][other],
                          "matched_set": items.sets[int(items.groups[other])], "keep": i == keeper,
-                         "bytes_sha256": column["bytes_sha256"][i], "pcm_sha256": column["pcm_sha256"][i]})
+                         "bytes_sha256": column["bytes_sha256"][i], "pcm_sha256": column["pcm_sha256"][i],
+                         "matched_span": list(link.span) if link.span is not None else None})
     return rows
 
 
@@ -338,19 +410,56 @@ class DedupResult:
 
 def find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupResult:
     options.check()
+    owns_ray = start_ray(run.ray_address)  # once for every fingerprint run and the matching (seconds each)
+    try:
+        return _find_duplicates(dataset, options, run)
+    except Exception as exc:
+        _raise_user_errors(exc)
+        raise
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> DedupResult:
     datasets = [dataset, *[location(path) for path in options.against]]
     sets = fingerprint_dirs(dataset, datasets[1:])
     for path, prints_dir in sets:
         fingerprint_dataset(path, run, prints_dir)
-    items = _load_items(sets)
-    links = exact_links(items) + fingerprint_links(items)
-    missing: list[str] = []
-    if options.use_embeddings:
-        found, missing = embedding_links(items, datasets, options.embedding_threshold)
-        links += found
-    rows = cluster_rows(items, links, options.keep)
     out = dataset / DEDUP_STAGE
-    write_parquet(pa.Table.from_pylist(rows, schema=CLUSTER_SCHEMA), out / "clusters.parquet")
+    with hold_output(trust_output(out / "_work"), DEDUP_STAGE):
+        items = _load_items(sets)
+        found_prints, report = _match_prints(items, [dataset_identity(path) for path, _ in sets], out / "_work")
+        links = exact_links(items) + found_prints
+        missing: list[str] = []
+        if options.use_embeddings:
+            found, missing = embedding_links(items, datasets, options.embedding_threshold)
+            links += found
+        rows = cluster_rows(items, links, options.keep)
+        write_parquet(pa.Table.from_pylist(rows, schema=CLUSTER_SCHEMA), out / "clusters.parquet")
+        return _summarise(out, items, rows, options, missing, report)
+
+
+def _match_prints(items: Items, identities: list[str], work_root: UPath) -> tuple[list[Link], dict[str, Any]]:
+    """Fingerprint links from Ray tasks over hash partitions, in WORK/match-DIGEST (named by the inputs'
+    content and the settings, so a rerun after a kill resumes; other matchings there are stale)."""
+    name = matching.work_name(identities, {**FINGERPRINT_SETTINGS, **MATCH_SETTINGS,
+                                           "partition_hashes": matching.PARTITION_HASHES})
+    for stale in work_root.glob("match-*") if work_root.exists() else []:
+        if stale.name != name:
+            stale.fs.rm(stale.path, recursive=True)
+    # The run record: which matching this folder holds, and once done its report (the stop-list).
+    record = work_root / f".{DEDUP_STAGE}" / "run.json"
+    atomic_write_json(record, {"stage": DEDUP_STAGE, "match": name, "finished": False})
+    links, report = fingerprint_links(items, work_root / name, matching.run_on_ray)
+    atomic_write_json(record, {"stage": DEDUP_STAGE, "match": name, "finished": True, "report": report})
+    return links, report
+
+
+def _summarise(out: UPath, items: Items, rows: list[dict[str, Any]], options: DedupOptions, missing: list[str],
+               report: dict[str, Any]) -> DedupResult:
     # "kept" means what it means in every stage: the samples that stay (unclustered ones included).
     samples = int((items.groups == 0).sum())
     counts = {"samples": samples, "kept": samples - sum(not r["keep"] for r in rows),
@@ -358,7 +467,8 @@ def find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> D
               EVAL_OVERLAP: sum(r["kind"] == EVAL_OVERLAP for r in rows), "clustered": len(rows)}
     atomic_write_json(out / "summary.json", {"counts": counts, "keep": options.keep, "against": items.sets[1:],
                                              "embedding_threshold": options.embedding_threshold,
-                                             "without_embeddings": missing, "fingerprint": FINGERPRINT_SETTINGS})
+                                             "without_embeddings": missing, "fingerprint": FINGERPRINT_SETTINGS,
+                                             "fingerprint_matching": report})
     return DedupResult(out / "clusters.parquet", rows, counts, missing)
 
 

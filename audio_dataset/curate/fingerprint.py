@@ -1,5 +1,7 @@
 """Audio fingerprints after Wang (2003), "An Industrial-Strength Audio Search Algorithm" (Shazam):
-spectrogram peaks ("constellation"), pairs of nearby peaks hashed as (f1, f2 - f1, t2 - t1), and a
+spectrogram peaks ("constellation"), an anchor peak with two of its next peaks hashed as
+(f1, f2 - f1, t2 - t1, f3 - f1, t3 - t1) (triplets, as Panako and Olaf do: 32 bits, so a hash is
+rare enough to index millions of clips; a pair's 21 bits are shared by ~80 clips at 100k), and a
 match is many shared hashes at one consistent time offset.
 
 Peaks are local maxima of the log spectrogram, the strongest few per second: a gain change shifts
@@ -9,7 +11,9 @@ follow Ellis's audfprint (11025 Hz, 512-point FFT, hop 256).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 from scipy.ndimage import maximum_filter
@@ -24,15 +28,22 @@ FANOUT = 4  # pairs per anchor peak
 MAX_DT = 40  # frames (~0.93 s) ahead an anchor looks for partners
 MAX_DF = 32  # bins either side
 NEIGHBOURHOOD = (9, 7)  # (freq bins, frames): a peak is the maximum of this box
-MAX_SECONDS = 120.0  # hashes of a clip's first two minutes: enough to match, memory stays bounded
+# A clip is analysed in blocks of this many seconds overlapping by BLOCK_OVERLAP (a block's edges
+# are dropped, each anchor is kept by exactly one block): any length in bounded memory.
+MAX_SECONDS = 120.0
+BLOCK_OVERLAP = 4.0
 # A match: at least this many hashes agree on one offset (within a frame), and that is at least
 # this fraction of the shorter clip's hashes.
 MIN_COUNT = 20
 MIN_FRACTION = 0.1
-# Hashes shared by more than this many clips say nothing (silence, hum) and would cost n^2 pairs.
-MAX_BUCKET = 64
+# The stop-list: a hash found in more than max(STOP_FLOOR, STOP_FRACTION * clips) clips says nothing
+# (silence, hum, a test tone) and would cost n^2 candidate pairs; it is left out of matching, and
+# how many hashes (and occurrences) that drops is reported.
+STOP_FLOOR = 100
+STOP_FRACTION = 1e-4
 
 _DT_BITS, _DF_BITS = 6, 6
+_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # partner pairs of an anchor's FANOUT partners
 
 
 @dataclass(frozen=True)
@@ -76,18 +87,47 @@ def peaks(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return frames[order].astype(np.int32), bins[order].astype(np.int32)
 
 
+def stop_threshold(clips: int) -> int:
+    """The most clips a hash may be in and still be matched (the stop-list rule)."""
+    return max(STOP_FLOOR, int(np.ceil(STOP_FRACTION * clips)))
+
+
 def fingerprint(wave: np.ndarray) -> Fingerprint:
-    """Landmark hashes of mono float audio at RATE (see `mono_at_rate`), from two analyses half a
-    hop apart (as audfprint does for queries): a trim that falls between two frames of one analysis
-    lands near a frame of the other, so its peaks keep their spacing."""
-    wave = wave[: int(MAX_SECONDS * RATE)]
-    halves = [_landmarks(wave), _landmarks(wave[HOP // 2 :])]
-    return Fingerprint(np.concatenate([h for h, _ in halves]), np.concatenate([t for _, t in halves]))
+    """Landmark hashes of mono float audio at RATE (see `mono_at_rate`)."""
+    return fingerprint_blocks(iter([wave]))
+
+
+def fingerprint_blocks(blocks: Iterator[np.ndarray]) -> Fingerprint:
+    """Landmark hashes of mono float audio at RATE given in blocks of any size (a stream): the clip
+    is analysed MAX_SECONDS at a time, so memory is bounded whatever its length."""
+    size, step = int(MAX_SECONDS * RATE), int((MAX_SECONDS - BLOCK_OVERLAP) * RATE) // HOP * HOP
+    margin = int(BLOCK_OVERLAP / 2 * RATE) // HOP  # frames each side of a block boundary
+    buffer, start, parts = np.empty(0, np.float32), 0, []
+    for block in blocks:
+        buffer = np.concatenate([buffer, np.asarray(block, np.float32)])
+        while len(buffer) > size:
+            parts.append(_block_landmarks(buffer[:size], start // HOP, margin if start else 0, step // HOP + margin))
+            buffer, start = buffer[step:], start + step
+    parts.append(_block_landmarks(buffer, start // HOP, margin if start else 0, None))
+    return Fingerprint(np.concatenate([h for h, _ in parts]), np.concatenate([t for _, t in parts]))
+
+
+def _block_landmarks(wave: np.ndarray, first: int, head: int, until: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A block's landmarks from two analyses half a hop apart (as audfprint does for queries): a trim
+    that falls between two frames of one analysis lands near a frame of the other, so its peaks keep
+    their spacing. The block keeps the anchors in its frames [head, until) (the others belong to the
+    blocks around it); times are frames from the clip's start (`first` is the block's)."""
+    hashes, times = [], []
+    for shift in (0, HOP // 2):
+        h, t = _landmarks(wave[shift:])
+        keep = (t >= head) & (t < (until if until is not None else np.iinfo(np.int32).max))
+        hashes.append(h[keep]), times.append(t[keep] + first)
+    return np.concatenate(hashes), np.concatenate(times).astype(np.int32)
 
 
 def _landmarks(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     frames, bins = peaks(wave)
-    anchors, dts, dfs = [], [], []
+    partners = np.full((len(frames), FANOUT), -1, np.int64)
     taken = np.zeros(len(frames), np.int32)
     for step in range(1, 3 * FANOUT + 1):  # the next peaks in time order, nearest first
         if step >= len(frames):
@@ -95,14 +135,23 @@ def _landmarks(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         i = np.arange(len(frames) - step)
         dt, df = frames[i + step] - frames[i], bins[i + step] - bins[i]
         ok = (dt > 0) & (dt < MAX_DT) & (np.abs(df) < MAX_DF) & (taken[i] < FANOUT)
+        partners[i[ok], taken[i[ok]]] = i[ok] + step
         taken[i[ok]] += 1
-        anchors.append(i[ok]), dts.append(dt[ok]), dfs.append(df[ok])
-    if not anchors:
-        return np.empty(0, np.uint32), np.empty(0, np.int32)
-    a, dt, df = np.concatenate(anchors), np.concatenate(dts), np.concatenate(dfs)
-    hashes = ((bins[a].astype(np.uint32) << (_DT_BITS + _DF_BITS)) | ((df + MAX_DF).astype(np.uint32) << _DT_BITS)
-              | dt.astype(np.uint32))
-    return hashes, frames[a]
+    hashes, anchors = [], []
+    for p, q in _PAIRS:
+        a = np.nonzero(partners[:, q] >= 0)[0]
+        j, k = partners[a, p], partners[a, q]
+        hashes.append((np.minimum(bins[a], 255).astype(np.uint32) << 24) | _part(bins, frames, a, j) << 12
+                      | _part(bins, frames, a, k))
+        anchors.append(a)
+    a = np.concatenate(anchors)
+    order = np.argsort(a, kind="stable")
+    return np.concatenate(hashes)[order].astype(np.uint32), frames[a[order]].astype(np.int32)
+
+
+def _part(bins: np.ndarray, frames: np.ndarray, a: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """A partner's 12 bits: (df + MAX_DF) then dt."""
+    return ((bins[j] - bins[a] + MAX_DF).astype(np.uint32) << _DT_BITS) | (frames[j] - frames[a]).astype(np.uint32)
 
 
 @dataclass(frozen=True)
@@ -114,64 +163,129 @@ class Match:
     offset: int  # frames from a to b
 
 
-def match_all(prints: list[Fingerprint], groups: np.ndarray | None = None) -> list[Match]:
-    """Every pair of fingerprints that match (a < b). With `groups`, only pairs with a member in
-    group 0 (the dataset; other groups are the eval sets it is checked against)."""
+@dataclass
+class Votes:
+    """Candidate votes of one set of hash occurrences: per (pair of items a < b, offset t_b - t_a),
+    how many hashes agree; and what the stop-list left out."""
+
+    pair: np.ndarray  # uint64: a << 32 | b
+    offset: np.ndarray  # int32, frames
+    count: np.ndarray  # int64
+    stopped_hashes: int = 0  # distinct hashes over the stop-list threshold
+    stopped_occurrences: int = 0  # their occurrences, not matched
+
+
+def candidate_votes(hashes: np.ndarray, times: np.ndarray, items: np.ndarray, threshold: int,
+                    first_other: int | None = None) -> Votes:
+    """Every pair of items sharing a hash votes for its time offset. Hashes found in more than
+    `threshold` items are stop-listed. With `first_other`, items from it on (the eval sets) are only
+    paired with items below it (the dataset). Every occurrence of a hash must be in these arrays:
+    the caller partitions by hash, never splitting one hash's occurrences."""
+    order = np.lexsort((items, hashes))
+    hashes, times, items = hashes[order], times[order].astype(np.int64), items[order].astype(np.int64)
+    new_hash = np.ones(len(hashes), bool)
+    new_hash[1:] = hashes[1:] != hashes[:-1]
+    new_item = new_hash.copy()
+    new_item[1:] |= items[1:] != items[:-1]
+    group = np.cumsum(new_hash) - 1
+    starts = np.nonzero(new_hash)[0]
+    df = np.add.reduceat(new_item.astype(np.int64), starts) if len(starts) else np.empty(0, np.int64)
+    stopped = df > threshold
+    keep = ~stopped[group]
+    stopped_hashes, stopped_occurrences = int(stopped.sum()), int((~keep).sum())
+    hashes, times, items = hashes[keep], times[keep], items[keep]
+    ends = np.searchsorted(hashes, hashes, side="right")
+    pairs, offsets = [], []
+    live = np.arange(len(hashes))
+    for step in itertools.count(1):  # the group's next occurrences, until no group is that long
+        live = live[live + step < ends[live]]
+        if len(live) == 0:
+            break
+        i, j = live, live + step
+        differ = items[i] != items[j]
+        i, j = i[differ], j[differ]  # sorted by item within a hash: items[i] < items[j]
+        if first_other is not None:
+            wanted = items[i] < first_other
+            i, j = i[wanted], j[wanted]
+        pairs.append((items[i].astype(np.uint64) << np.uint64(32)) | items[j].astype(np.uint64))
+        offsets.append(times[j] - times[i])
+    votes = aggregate(np.concatenate(pairs) if pairs else np.empty(0, np.uint64),
+                      np.concatenate(offsets) if offsets else np.empty(0, np.int64),
+                      None)
+    votes.stopped_hashes, votes.stopped_occurrences = stopped_hashes, stopped_occurrences
+    return votes
+
+
+def aggregate(pair: np.ndarray, offset: np.ndarray, count: np.ndarray | None) -> Votes:
+    """The votes summed per (pair, offset)."""
+    count = np.ones(len(pair), np.int64) if count is None else count.astype(np.int64)
+    if len(pair) == 0:
+        return Votes(np.empty(0, np.uint64), np.empty(0, np.int32), np.empty(0, np.int64))
+    order = np.lexsort((offset, pair))
+    pair, offset, count = pair[order], offset[order], count[order]
+    first = np.ones(len(pair), bool)
+    first[1:] = (pair[1:] != pair[:-1]) | (offset[1:] != offset[:-1])
+    starts = np.nonzero(first)[0]
+    return Votes(pair[starts], offset[starts].astype(np.int32), np.add.reduceat(count, starts))
+
+
+def best_matches(votes: Votes, sizes: np.ndarray) -> list[Match]:
+    """Per pair of clips, the most hashes agreeing on one offset give or take a frame (a trim that
+    is not a whole number of hops moves some peaks to the neighbouring frame); a match when that
+    is at least MIN_COUNT and MIN_FRACTION of the shorter clip's hashes. `votes` must hold all of
+    a pair's votes. `sizes`: each item's hash count."""
+    # A pair with fewer votes in all than MIN_COUNT cannot match: most pairs (chance collisions) go
+    # here, before the window below triples what is held.
+    votes = _with_total(votes, MIN_COUNT)
+    # Each vote counts for its offset and both neighbours; the window's total is the best offset's.
+    offset = votes.offset.astype(np.int64)
+    window = aggregate(np.tile(votes.pair, 3), np.concatenate([offset - 1, offset, offset + 1]),
+                       np.tile(votes.count, 3))
+    if len(window.pair) == 0:
+        return []
+    order = np.lexsort((window.offset, -window.count, window.pair))  # per pair: most votes, then lowest offset
+    pair, offset, count = window.pair[order], window.offset[order], window.count[order]
+    first = np.ones(len(pair), bool)
+    first[1:] = pair[1:] != pair[:-1]
+    pair, offset, count = pair[first], offset[first], count[first]
+    a, b = (pair >> np.uint64(32)).astype(np.int64), (pair & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    score = count / np.maximum(1, np.minimum(sizes[a], sizes[b]))
+    ok = (count >= MIN_COUNT) & (score >= MIN_FRACTION)
+    return [Match(int(x), int(y), int(c), float(sc), int(o))
+            for x, y, c, sc, o in zip(a[ok], b[ok], count[ok], score[ok], offset[ok])]
+
+
+def _with_total(votes: Votes, least: int) -> Votes:
+    """The votes of the pairs with at least `least` votes in all (`votes` sorted by pair, as
+    `aggregate` leaves them)."""
+    if len(votes.pair) == 0:
+        return votes
+    first = np.ones(len(votes.pair), bool)
+    first[1:] = votes.pair[1:] != votes.pair[:-1]
+    starts = np.nonzero(first)[0]
+    totals = np.add.reduceat(votes.count, starts)
+    keep = np.repeat(totals >= least, np.diff(np.append(starts, len(votes.pair))))
+    return Votes(votes.pair[keep], votes.offset[keep], votes.count[keep])
+
+
+def match_all(prints: list[Fingerprint], groups: np.ndarray | None = None,
+              threshold: int | None = None) -> list[Match]:
+    """Every pair of fingerprints that match (a < b), all in memory: the reference the partitioned
+    matching (`curate/match.py`) equals. With `groups`, only pairs with a member in group 0 (the
+    dataset, listed first; other groups are the eval sets it is checked against)."""
     sizes = np.array([len(p.hashes) for p in prints], np.int64)
     if sizes.sum() == 0:
         return []
-    hashes = np.concatenate([p.hashes for p in prints])
-    times = np.concatenate([p.times for p in prints])
     items = np.repeat(np.arange(len(prints), dtype=np.int64), sizes)
-    order = np.argsort(hashes, kind="stable")
-    hashes, times, items = hashes[order], times[order], items[order]
-    starts = np.searchsorted(hashes, hashes, side="left")
-    ends = np.searchsorted(hashes, hashes, side="right")
-    common = (ends - starts) > MAX_BUCKET
-    pairs_a, pairs_b, offsets = [], [], []
-    for step in range(1, MAX_BUCKET):
-        i = np.nonzero((np.arange(len(hashes)) + step < ends) & ~common)[0]
-        if len(i) == 0:
-            break
-        j = i + step
-        differ = items[i] != items[j]
-        i, j = i[differ], j[differ]
-        swap = items[i] > items[j]
-        a = np.where(swap, items[j], items[i])
-        b = np.where(swap, items[i], items[j])
-        offset = np.where(swap, times[i] - times[j], times[j] - times[i])
-        pairs_a.append(a), pairs_b.append(b), offsets.append(offset)
-    if not pairs_a:
-        return []
-    a, b, offset = np.concatenate(pairs_a), np.concatenate(pairs_b), np.concatenate(offsets)
+    first_other = None
     if groups is not None:
-        ga, gb = groups[a], groups[b]
-        wanted = (ga == 0) | (gb == 0)
-        a, b, offset = a[wanted], b[wanted], offset[wanted]
-    return _best_offsets(a, b, offset, sizes)
+        if np.any(np.diff(groups) < 0) or (len(groups) and groups[0] != 0):
+            raise ValueError("groups must list the dataset (group 0) first")
+        first_other = int((groups == 0).sum())
+    votes = candidate_votes(np.concatenate([p.hashes for p in prints]), np.concatenate([p.times for p in prints]),
+                            items, threshold if threshold is not None else stop_threshold(len(prints)), first_other)
+    return sorted(best_matches(votes, sizes), key=lambda m: (m.a, m.b))
 
 
-def _best_offsets(a: np.ndarray, b: np.ndarray, offset: np.ndarray, sizes: np.ndarray) -> list[Match]:
-    """Per pair of clips, the most hashes agreeing on one offset give or take a frame (a trim that
-    is not a whole number of hops moves some peaks to the neighbouring frame)."""
-    shift = 1 << 20
-    # Each vote counts for its offset and both neighbours; the window's total is the best offset's.
-    a3, b3 = np.tile(a, 3), np.tile(b, 3)
-    off3 = np.concatenate([offset - 1, offset, offset + 1]) + shift
-    key = (a3 << 42) | (b3 << 21) | off3
-    keys, counts = np.unique(key, return_counts=True)
-    pair = keys >> 21
-    order = np.lexsort((-counts, pair))
-    pair, keys, counts = pair[order], keys[order], counts[order]
-    first = np.ones(len(pair), bool)
-    first[1:] = pair[1:] != pair[:-1]
-    matches = []
-    for k, count in zip(keys[first], counts[first]):
-        ia, ib = int(k >> 42), int((k >> 21) & (shift * 2 - 1))
-        score = count / max(1, min(sizes[ia], sizes[ib]))
-        if count >= MIN_COUNT and score >= MIN_FRACTION:
-            matches.append(Match(ia, ib, int(count), float(score), int(k & (shift * 2 - 1)) - shift))
-    return matches
-
-
-__all__ = ["Fingerprint", "Match", "RATE", "fingerprint", "match_all", "mono_at_rate", "peaks"]
+__all__ = ["Fingerprint", "Match", "RATE", "Votes", "aggregate", "best_matches", "candidate_votes", "fingerprint",
+           "fingerprint_blocks", "match_all", "mono_at_rate", "peaks", "stop_threshold"]

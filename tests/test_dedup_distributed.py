@@ -1,0 +1,168 @@
+"""Fingerprint matching over hash partitions (`curate/match.py`): the same matches as matching all in
+one process, the stop-list reported and deterministic, partial overlaps with their span, a late
+excerpt of a clip longer than one analysis block, resume after an interruption, partitions sized."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from upath import UPath
+
+from audio_dataset.audio import decode, encode_flac
+from audio_dataset.curate import fingerprint as fp
+from audio_dataset.curate import match as matching
+from audio_dataset.curate.dedup import analyse, matched_span
+from conftest import REAL_AUDIO_DIR
+
+CLIPS = ("glacier-bay-humpback", "pibble", "147793__setuniman__sweet-waltz-0i-22mi",
+         "Hungarian_Dance_number_5_-_Allegro_in_F_sharp_minor_(string_orchestra)", "admiralbob77_-_Choice_-_Drum-bass")
+
+
+@pytest.fixture(scope="module")
+def waves() -> dict[str, np.ndarray]:
+    """The longer real clips, mono at the fingerprint rate."""
+    found = {}
+    for name in CLIPS:
+        decoded = decode((REAL_AUDIO_DIR / f"{name}.ogg").read_bytes())
+        found[name] = fp.mono_at_rate(decoded.samples, decoded.sample_rate, fp.RATE)
+    return found
+
+
+def _seconds(wave: np.ndarray, start: float, length: float) -> np.ndarray:
+    return wave[int(start * fp.RATE): int((start + length) * fp.RATE)]
+
+
+@pytest.fixture(scope="module")
+def corpus(waves) -> list[fp.Fingerprint]:
+    """12 clips: 5 recordings' first 20 s, a copy of each (gain, excerpts, noise), and two cuts that
+    overlap a clip by half."""
+    rng = np.random.default_rng(0)
+    clips = [_seconds(w, 0, 20) for w in waves.values()]
+    clips += [0.5 * clips[0], _seconds(waves[CLIPS[1]], 7.3, 6), _seconds(waves[CLIPS[2]], 12.0, 15),
+              clips[3] + 0.003 * rng.standard_normal(len(clips[3])).astype(np.float32),
+              _seconds(waves[CLIPS[4]], 12, 4), _seconds(waves[CLIPS[0]], 10, 20), _seconds(waves[CLIPS[3]], 10, 20)]
+    return [fp.fingerprint(c) for c in clips]
+
+
+def _write_parts(folder: Path, prints: list[fp.Fingerprint], per_part: int) -> list[matching.PrintPart]:
+    """The prints as fingerprint parts (the columns the matching reads), `per_part` rows a file."""
+    parts = []
+    for first in range(0, len(prints), per_part):
+        chunk = prints[first: first + per_part]
+        table = pa.table({"hashes": pa.array([p.hashes for p in chunk], pa.list_(pa.uint32())),
+                          "times": pa.array([p.times for p in chunk], pa.list_(pa.int32()))})
+        path = folder / f"{first:06d}.parquet"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        parts.append(matching.part_of(UPath(path), first))
+    return parts
+
+
+def _match(tmp_path: Path, prints: list[fp.Fingerprint], name: str, first_other: int | None = None,
+           partition_hashes: int | None = None, runner=matching.run_inline) -> matching.MatchResult:
+    parts = _write_parts(tmp_path / f"{name}-prints", prints, 3)
+    total = sum(p.hashes for p in parts)
+    plan = matching.plan_matching(UPath(tmp_path / name), parts, first_other,
+                                  partition_hashes or max(1, total // 5))
+    return matching.run_matching(plan, runner)
+
+
+def test_partitioned_matching_equals_matching_all_in_one(tmp_path, corpus):
+    result = _match(tmp_path, corpus, "work")
+    assert result.report["partitions"] >= 5 and result.report["map_tasks"] >= 2  # it was split
+    assert result.matches == fp.match_all(corpus)
+    pairs = {(m.a, m.b) for m in result.matches}
+    assert {(0, 5), (1, 6), (2, 7), (3, 8), (4, 9), (0, 10), (3, 11)} <= pairs  # each copy found
+    assert not pairs & {(a, b) for a in range(5) for b in range(a + 1, 5)}  # distinct recordings are not
+    # With eval sets (items 6.. here): only pairs with a dataset member, as match_all with groups.
+    groups = np.array([0] * 6 + [1] * 6)
+    with_eval = _match(tmp_path, corpus, "work-eval", first_other=6)
+    assert with_eval.matches == fp.match_all(corpus, groups)
+    assert all(m.a < 6 for m in with_eval.matches) and (0, 10) in {(m.a, m.b) for m in with_eval.matches}
+
+
+def test_the_stop_list_is_applied_counted_and_deterministic(tmp_path, corpus):
+    """A hash in more clips than the threshold (a tone in every clip) is left out, and counted."""
+    rng = np.random.default_rng(1)
+    crowd = [fp.Fingerprint(np.append(rng.integers(0, 2**32, 30, dtype=np.uint32), np.uint32(7)),
+                            np.append(np.arange(30, dtype=np.int32), np.int32(5))) for _ in range(fp.STOP_FLOOR + 20)]
+    prints = corpus + crowd
+    first, again = _match(tmp_path, prints, "a"), _match(tmp_path, prints, "b")
+    stop = first.report["stop_list"]
+    assert stop["threshold"] == fp.stop_threshold(len(prints)) == fp.STOP_FLOOR
+    assert stop["hashes"] >= 1 and stop["occurrences"] >= fp.STOP_FLOOR + 20
+    assert stop == again.report["stop_list"] and first.matches == again.matches == fp.match_all(prints)
+    assert (UPath(tmp_path / "a") / "match.json").exists()  # the run record holds the report
+
+
+def test_a_partial_overlap_is_found_with_its_span(tmp_path, waves):
+    whole = _seconds(waves[CLIPS[0]], 0, 60)
+    start = 23.4
+    excerpt = _seconds(whole, start, 10)
+    [m] = _match(tmp_path, [fp.fingerprint(whole), fp.fingerprint(excerpt)], "w").matches
+    offset_s, length_s = matched_span(m.offset, len(whole) / fp.RATE, len(excerpt) / fp.RATE)
+    assert abs(offset_s - start) <= fp.HOP / fp.RATE and abs(length_s - 10) <= fp.HOP / fp.RATE
+    # The other way round (the excerpt listed first), the same span.
+    [m] = fp.match_all([fp.fingerprint(excerpt), fp.fingerprint(whole)])
+    offset_s, length_s = matched_span(m.offset, len(excerpt) / fp.RATE, len(whole) / fp.RATE)
+    assert abs(offset_s - start) <= fp.HOP / fp.RATE and abs(length_s - 10) <= fp.HOP / fp.RATE
+
+
+def test_a_long_clip_is_fingerprinted_whole_and_its_late_excerpt_found(waves):
+    """A 3.4-minute clip, decoded as a stream and analysed in blocks: an excerpt from 2:30 matches."""
+    long = np.concatenate([waves[name] for name in CLIPS[:4]])
+    assert len(long) / fp.RATE > fp.MAX_SECONDS + 60
+    found = analyse(encode_flac(long[None, :], fp.RATE))
+    assert found.landmarks.times.max() * fp.HOP / fp.RATE > len(long) / fp.RATE - 5  # to its end (a fade)
+    start = 150.0
+    excerpt = analyse(encode_flac(_seconds(long, start, 10)[None, :], fp.RATE)).landmarks
+    [m] = fp.match_all([found.landmarks, excerpt])
+    offset_s, _ = matched_span(m.offset, found.duration, 10.0)
+    assert abs(offset_s - start) <= fp.HOP / fp.RATE and m.score > 0.3
+    # The landmarks do not depend on how the stream is cut into decoded blocks.
+    whole = fp.fingerprint(long)
+    streamed = fp.fingerprint_blocks(iter(np.array_split(long, 97)))
+    assert np.array_equal(whole.hashes, streamed.hashes) and np.array_equal(whole.times, streamed.times)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_equals_a_clean_run(tmp_path, corpus):
+    clean = _match(tmp_path, corpus, "clean")
+    done = []
+
+    def dies_midway(task, plan, count):  # the run is killed during the hash round, some tasks done
+        if task is matching.hash_task:
+            for i in range(count // 2):
+                done.append(task(plan, i))
+            raise Interrupted
+        return matching.run_inline(task, plan, count)
+
+    with pytest.raises(Interrupted):
+        _match(tmp_path, corpus, "killed", runner=dies_midway)
+    resumed = _match(tmp_path, corpus, "killed")
+    assert resumed.matches == clean.matches and done
+    assert resumed.report["resumed_tasks"] == clean.report["map_tasks"] + len(done)
+    assert {k: v for k, v in resumed.report.items() if k not in ("seconds", "resumed_tasks", "peak_rss_mb")} == \
+        {k: v for k, v in clean.report.items() if k not in ("seconds", "resumed_tasks", "peak_rss_mb")}
+    assert not (tmp_path / "killed" / "hashes").exists()  # intermediates go once done
+    assert _match(tmp_path, corpus, "killed").report["resumed"]  # a finished matching is read back
+
+
+def test_partitions_are_sized_by_the_plan(tmp_path, corpus):
+    total = sum(len(p.hashes) for p in corpus)
+    result = _match(tmp_path, corpus, "sized", partition_hashes=total // 8)
+    sizes = result.report["partition_hashes"]
+    assert len(sizes) == result.report["partitions"] == 9 and sum(sizes) == total == result.report["hashes"]
+    assert max(sizes) <= 2 * (total // 8)  # hashes are mixed before bucketing: no range holds most
+    assert result.matches == fp.match_all(corpus)
+
+
+def test_matching_on_ray_equals_inline(tmp_path, corpus, ray_local):
+    result = _match(tmp_path, corpus, "ray", runner=matching.run_on_ray)
+    assert result.matches == fp.match_all(corpus) and result.report["peak_rss_mb"] > 0
