@@ -88,3 +88,24 @@ def test_an_index_for_other_rows_is_refused(vectors, tmp_path):
         load_index(path, 49, DIM)
     with pytest.raises(UserError, match="where the split has 50 of 64"):
         load_index(path, 50, 64)
+
+
+def test_ivfpq_reranks_from_the_full_vectors(vectors, small_lists, tmp_path):
+    from audio_dataset.curate.index import Reranked, full_vectors
+
+    path = UPath(tmp_path / "train.audio.faiss")
+    save_index(_build("ivfpq", vectors), path)
+    npy = UPath(tmp_path / "train.audio.npy")
+    np.save(npy.path, vectors)
+    index = load_index(path, COUNT, DIM, full_vectors(npy, COUNT, DIM))
+    assert isinstance(index, Reranked)
+    queries = clustered(200, DIM, seed=1)
+    exact = (queries @ vectors.T).argsort(axis=1)[:, ::-1][:, :10]
+    scores, found = index.search(queries, 10)
+    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])
+    alone = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(index.index.search(queries, 10)[1], exact)])
+    assert recall >= 0.85 and recall > alone + 0.2, (recall, alone)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, found, 1), atol=1e-5)  # exact scores
+    np.save(npy.path, vectors[:, :16])
+    with pytest.raises(UserError, match="where the split has"):
+        full_vectors(npy, COUNT, DIM)

@@ -26,7 +26,7 @@ import numpy as np
 from upath import UPath
 
 from audio_dataset.source import UserError
-from audio_dataset.storage import atomic_write_bytes
+from audio_dataset.storage import atomic_write_bytes, is_local
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw", "none")
 AUTO_IVF = 100_000
@@ -38,6 +38,7 @@ MAX_TRAIN = 200_000  # 400 MB of 512-d float32 at most, whatever the split's siz
 DEFAULT_NPROBE = 16
 PQ_BITS = 8
 PQ_DIMS_PER_CODE = 8  # dim/8 one-byte sub-quantisers: 64 B per 512-d vector
+RERANK = 10  # ivfpq: candidates per wanted hit scored again from the full vectors
 HNSW_LINKS = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 64
@@ -177,8 +178,9 @@ def _reader_limits(size: int, table: int) -> Iterator[None]:
         faiss.set_deserialization_loop_limit(before[1])
 
 
-def load_index(path: UPath, count: int, dim: int):
-    """The index of a split of `count` rows of `dim`-d embeddings; UserError for any other file."""
+def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = None):
+    """The index of a split of `count` rows of `dim`-d embeddings; UserError for any other file.
+    With the split's full `vectors` (`full_vectors`), an ivfpq index re-ranks its candidates exactly."""
     import faiss
 
     def refuse(why: str) -> UserError:
@@ -206,7 +208,46 @@ def load_index(path: UPath, count: int, dim: int):
     if problem:
         raise refuse(problem)
     _set_search_parameters(index)
+    if vectors is not None and kinds[fourcc] == "ivfpq":
+        return Reranked(index, vectors)
     return index
+
+
+class Reranked:
+    """An ivfpq index whose candidates are scored again exactly from the split's full vectors (the
+    embed output's SPLIT.audio.npy, memory-mapped: a query reads only its candidates' rows). PQ codes
+    rank coarsely (recall@10 ~0.5 alone at 1M, bench/search_scale.py); RERANK times as many
+    candidates re-scored give the exact order among them."""
+
+    def __init__(self, index, vectors: np.ndarray) -> None:
+        self.index, self.vectors, self.ntotal = index, vectors, index.ntotal
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        wanted = min(self.ntotal, max(k * RERANK, k))
+        _, ids = self.index.search(queries, wanted)
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        found = np.full((len(queries), k), -1, np.int64)
+        for row, (query, candidates) in enumerate(zip(queries, ids)):
+            candidates = np.unique(candidates[candidates >= 0])  # sorted: the memory map read in order
+            exact = np.asarray(self.vectors[candidates], np.float32) @ query
+            top = np.argsort(-exact, kind="stable")[:k]
+            scores[row, : len(top)], found[row, : len(top)] = exact[top], candidates[top]
+        return scores, found
+
+
+def full_vectors(path: UPath, count: int, dim: int) -> np.ndarray | None:
+    """The split's (count, dim) float32 .npy memory-mapped, or None where it is not a local file of
+    that shape (the index then ranks by its codes alone). A header naming another shape or type
+    is refused: the file is data."""
+    if not is_local(path) or not path.exists():
+        return None
+    try:
+        vectors = np.load(path.path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path}: not the embeddings `audiodata embed` writes ({str(exc)[:120]})") from None
+    if vectors.shape != (count, dim) or vectors.dtype != np.float32:
+        raise UserError(f"{path}: holds {vectors.shape} {vectors.dtype} where the split has ({count}, {dim}) float32")
+    return vectors
 
 
 def _check_structure(index, kind: str, count: int, dim: int) -> str | None:

@@ -13,7 +13,7 @@ from upath import UPath
 
 from audio_dataset.curate.common import OK, file_digest, read_columns
 from audio_dataset.curate.embed import ROW_COLUMNS, embedding_model, split_files
-from audio_dataset.curate.index import load_index
+from audio_dataset.curate.index import full_vectors, load_index
 from audio_dataset.source import UserError
 
 
@@ -53,8 +53,11 @@ class Searcher:
                        for split, rows in self.rows.items()}
         # The index is data: it must hold one vector of the model's dimension per row, no more.
         dim = self.clap.model.cfg.joint_dim
-        self.indexes = {split: load_index(split_files(embed_dir, split)["index"], self.rows[split].num_rows, dim)
-                        for split in self.splits}
+        self.indexes = {split: self._index(split, dim) for split in self.splits}
+
+    def _index(self, split: str, dim: int):
+        files, count = split_files(self.embed_dir, split), self.rows[split].num_rows
+        return load_index(files["index"], count, dim, full_vectors(files["audio"], count, dim))
 
     def _splits(self) -> list[str]:
         found = sorted(p.name[: -len(".audio.faiss")] for p in self.embed_dir.glob("*.audio.faiss"))
