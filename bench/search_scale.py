@@ -1,8 +1,8 @@
 """Search at corpus size: each `embed --index` kind at N vectors (default 1M) of 512 dimensions.
 
-Vectors: synthetic with the structure of real embeddings, clustered: 20,000 centres on the unit
-sphere (a corpus's sounds come in families), each vector a centre plus isotropic noise (norm ~0.7 of
-the centre's), L2-normalised. Queries: 300 more drawn the same way (not in the index: a text or an
+Vectors: synthetic with the structure of real embeddings, clustered at two scales: 2,000 families
+(unit vectors), each with 25 sounds (the family plus an offset of norm 0.8), each vector a sound plus
+noise of norm 0.5, L2-normalised: cosine ~0.87 within a sound, ~0.5 within a family, ~0 across. Queries: 300 more drawn the same way (not in the index: a text or an
 audio query is never one of the indexed clips). For each kind: the index built as `embed` builds it
 (`IndexBuilder`, trained on a sample spread over the split), saved, loaded back through the guarded
 loader (`load_index`, every structural check included; ivfpq re-ranks RERANK x k candidates from
@@ -26,7 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-DIM, K, QUERIES, CENTRES = 512, 10, 300, 20_000
+DIM, K, QUERIES, FAMILIES, SOUNDS = 512, 10, 300, 2_000, 25
+
+
+def _spread(rng: np.random.Generator, count: int, norm: float) -> np.ndarray:
+    return rng.standard_normal((count, DIM), np.float32) * (norm / np.sqrt(DIM))
 
 
 def clustered(count: int, seed: int, centres: np.ndarray) -> np.ndarray:
@@ -34,7 +38,7 @@ def clustered(count: int, seed: int, centres: np.ndarray) -> np.ndarray:
     out = np.empty((count, DIM), np.float32)
     for start in range(0, count, 100_000):  # a chunk at a time: memory is the result only
         n = min(100_000, count - start)
-        chunk = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, DIM), np.float32) * (0.7 / np.sqrt(DIM))
+        chunk = centres[rng.integers(0, len(centres), n)] + _spread(rng, n, 0.5)
         out[start : start + n] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
     return out
 
@@ -100,8 +104,9 @@ def main() -> None:
     parser.add_argument("--kinds", default="flat,ivfpq,hnsw")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((CENTRES, DIM)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    families = rng.standard_normal((FAMILIES, DIM)).astype(np.float32)
+    families /= np.linalg.norm(families, axis=1, keepdims=True)
+    centres = np.repeat(families, SOUNDS, axis=0) + _spread(rng, FAMILIES * SOUNDS, 0.8)
     started = time.perf_counter()
     vectors, queries = clustered(args.count, 1, centres), clustered(QUERIES, 2, centres)
     truth = exact_top(vectors, queries)
