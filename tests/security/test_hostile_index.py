@@ -197,3 +197,20 @@ def test_search_reads_a_good_hnsw_index(tmp_path, capsys):
     assert audiodata(["search", str(dataset), "dog", "--checkpoint", str(checkpoint), "--json", "-k", "3"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 3 and all(hit["key"].startswith("k") for hit in hits)
+
+
+def test_search_reranks_an_ivfpq_index_from_the_vectors_and_refuses_a_foreign_npy(tmp_path, capsys):
+    from clap_model.inference import CLAPInference
+
+    dataset = tmp_path / "dataset"
+    checkpoint = _embed_output(dataset, _bytes(_ivf(pq=True)[0]))
+    np.save(dataset / "embed" / "train.audio.npy", _vectors())
+    query = CLAPInference.from_checkpoint(checkpoint, device="cpu").embed_text(["dog"]).numpy()[0]
+    exact = [f"k{i}" for i in np.argsort(-(_vectors() @ query))[:3]]
+    capsys.readouterr()
+    assert audiodata(["search", str(dataset), "dog", "--checkpoint", str(checkpoint), "--json", "-k", "3"]) == 0
+    assert [hit["key"] for hit in json.loads(capsys.readouterr().out)] == exact  # the exact order, re-ranked
+    np.save(dataset / "embed" / "train.audio.npy", _vectors()[:, :64])  # another shape: not this split's
+    assert audiodata(["search", str(dataset), "dog", "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "where the split has (40, 128) float32" in err[0], err
