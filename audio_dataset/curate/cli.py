@@ -37,7 +37,7 @@ def run_embed_command(args: argparse.Namespace) -> int:
     from audio_dataset.curate.embed import EmbedOptions, default_out, run_embed
 
     options = EmbedOptions(checkpoint=args.checkpoint, preset=args.model, batch_size=args.batch_size,
-                           index=args.index, max_checkpoint_bytes=args.max_checkpoint_bytes,
+                           index=args.index, windows=args.windows, max_checkpoint_bytes=args.max_checkpoint_bytes,
                            text_model=args.text_model)
     report("embed", run_embed(options, run_options(args, args.dataset, args.out or default_out(args.dataset))))
     return 0
@@ -75,8 +75,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=location, help="where the embeddings go (default DATASET/embed)")
     p.add_argument("--batch-size", type=int, default=32, help="clips or captions per forward pass")
     p.add_argument("--index", choices=INDEX_KINDS, default="auto",
-                   help="faiss index per split: exact (flat), inverted lists (ivf, for millions), auto (flat "
-                        "up to 100k vectors) or none")
+                   help="faiss index per split: exact (flat, 2 kB a 512-d vector), inverted lists (ivf, same "
+                        "size, faster on millions), inverted lists of product-quantised codes (ivfpq, 72 B a "
+                        "vector: 10M in 0.7 GB), a graph (hnsw, ~2.3 kB), auto (flat below 100k vectors, ivf "
+                        "below 1M, ivfpq above) or none")
+    p.add_argument("--windows", choices=("first", "all"), default="first",
+                   help="a clip longer than the model's window: embed its first window (as evaluation does), "
+                        "or all windows covering it and keep their mean (curation: a 30 s clip judged whole)")
     add_worker_options(p)
     p.set_defaults(func=run_embed_command)
 

@@ -72,7 +72,8 @@ def model_identity(checkpoint: Path, preset: str | None, max_checkpoint_bytes: i
         raise UserError(f"--checkpoint {checkpoint}: {exc}") from None
     return {"checkpoint": str(checkpoint.resolve()), "digest": file_digest(checkpoint), "preset": preset,
             "audio": f"{cfg.audio.model_type}-{cfg.audio.model_name}", "text": cfg.text.name_or_path,
-            "joint_dim": cfg.joint_dim, "sample_rate": cfg.audio.sample_rate}
+            "joint_dim": cfg.joint_dim, "sample_rate": cfg.audio.sample_rate, "fusion": cfg.enable_fusion,
+            "window_seconds": cfg.audio.clip_samples / cfg.audio.sample_rate}
 
 
 def read_run_settings(folder: UPath, stage_name: str) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from audio_dataset.curate import fingerprint as fp
 from audio_dataset.curate import match as matching
 from audio_dataset.curate.common import NO_AUDIO, OK, audio_bytes, read_columns, sample_meta
 from audio_dataset.curate.embed import embedding_model, split_files
-from audio_dataset.curate.index import build_index
+from audio_dataset.curate.index import DEFAULT_NPROBE, IndexBuilder
 from audio_dataset.licenses import classify, permissiveness
 from audio_dataset.manifest import write_parquet
 from audio_dataset.shards import Sample, file_sha256
@@ -54,8 +54,6 @@ EXACT, FINGERPRINT, EMBEDDING, EVAL_OVERLAP = "exact", "fingerprint", "embedding
 DUPLICATE = "duplicate"
 _STRENGTH = {EXACT: 3, FINGERPRINT: 2, EMBEDDING: 1}
 PCM_RATE = 16_000
-# Neighbours asked of the index per sample; a larger cluster still joins through its members' links.
-NEIGHBOURS = 10
 
 FINGERPRINT_SCHEMA = pa.schema([
     ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("source", pa.string()),
@@ -270,24 +268,115 @@ def load_embeddings(embed_dir: UPath) -> tuple[np.ndarray, list[str]]:
     return np.concatenate(vectors), keys
 
 
+# ---- embedding matches: range search on an IVF index, queries sharded over Ray tasks ----------------
+QUERIES_PER_TASK = 100_000
+_QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
+
+
+class _LinkReducer:
+    """Keeps of a stream of (a, b, score) pairs a subset that loses nothing clustering needs: a
+    spanning forest of the pairs (so the same components) plus each item's strongest pair (the
+    link `cluster_rows` reports). At most 2 pairs per item, however many pairs match."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.forest: list[tuple[int, int, float]] = []
+        self.best: dict[int, tuple[float, int, int]] = {}  # item -> (score, a, b)
+
+    def _root(self, i: int) -> int:
+        parent = self.parent
+        while parent.setdefault(i, i) != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def offer(self, a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> None:
+        for i in np.argsort(-scores, kind="stable"):
+            x, y, score = int(a[i]), int(b[i]), float(scores[i])
+            rx, ry = self._root(x), self._root(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+                self.forest.append((x, y, score))
+            for item in (x, y):
+                if item not in self.best or score > self.best[item][0]:
+                    self.best[item] = (score, x, y)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        found = {(x, y): score for x, y, score in self.forest}
+        found.update({(x, y): score for score, x, y in self.best.values()})
+        keys = list(found)
+        return (np.array([k[0] for k in keys], np.int64), np.array([k[1] for k in keys], np.int64),
+                np.array(list(found.values()), np.float32))
+
+
+def _range_pairs(index_bytes: bytes, queries: np.ndarray, first: int, threshold: float,
+                 same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, base row, cosine) at or above `threshold` for queries numbered from `first`,
+    reduced by `_LinkReducer`. Runs in a Ray task (or in the driver for a single shard)."""
+    import faiss
+
+    index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
+    if hasattr(index, "nprobe"):
+        index.nprobe = min(DEFAULT_NPROBE, index.nlist)
+    # faiss keeps inner products strictly above the radius: the float32 just below the threshold.
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-2)))
+    reducer = _LinkReducer()
+    for start in range(0, len(queries), _QUERY_CHUNK):
+        chunk = np.ascontiguousarray(queries[start : start + _QUERY_CHUNK], dtype=np.float32)
+        lims, scores, ids = index.range_search(chunk, radius)
+        rows = np.repeat(np.arange(first + start, first + start + len(chunk)), np.diff(lims.astype(np.int64)))
+        keep = (rows != ids) if same else np.ones(len(ids), bool)
+        reducer.offer(rows[keep], ids[keep], scores[keep])
+    return reducer.pairs()
+
+
 def embedding_pairs(base: np.ndarray, queries: np.ndarray, threshold: float, same: bool,
-                    chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query row, base row, cosine) of each query's neighbours at or above `threshold`; exact below
-    10k vectors, IVF above (the index `embed --index ivf` builds; `IndexBuilder` falls back to flat
-    below its IVF minimum). Queries go in chunks: memory flat."""
-    index = build_index(base, "ivf")
-    k = min(len(base), NEIGHBOURS + (1 if same else 0))
-    found_q, found_b, found_s = [], [], []
-    for start in range(0, len(queries), chunk):
-        scores, ids = index.search(np.ascontiguousarray(queries[start : start + chunk]), k)
-        rows = np.repeat(np.arange(start, start + len(scores)), k)
-        ids, scores = ids.ravel(), scores.ravel()
-        keep = (ids >= 0) & (scores >= threshold) & ((ids != rows) if same else True)
-        found_q.append(rows[keep]), found_b.append(ids[keep]), found_s.append(scores[keep])
-    return np.concatenate(found_q), np.concatenate(found_b), np.concatenate(found_s)
+                    per_task: int = QUERIES_PER_TASK,
+                    ray_address: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, base row, cosine) of query-base pairs at or above `threshold`: every pair for the
+    clusters' sake (a spanning forest of them and each item's strongest, see `_LinkReducer`), never
+    an all-pairs matrix. The base is indexed once: exact below 10k vectors, IVF above (lists trained
+    on a sample spread over the base, so scores of the pairs found are exact); the queries go in
+    shards of `per_task` to Ray tasks when there is more than one, each searching its shard's
+    neighbourhoods at the threshold (range search) a chunk at a time."""
+    import faiss
+
+    builder = IndexBuilder("ivf", base.shape[1], len(base))
+    if builder.train_size:
+        builder.train(base[builder.train_rows()])
+    for start in range(0, len(base), 100_000):
+        builder.add(base[start : start + 100_000])
+    index_bytes = faiss.serialize_index(builder.finish()).tobytes()
+    starts = list(range(0, len(queries), per_task))
+    if len(starts) <= 1:
+        found = [_range_pairs(index_bytes, queries, 0, threshold, same)]
+    else:
+        found = _range_pairs_on_ray(index_bytes, queries, starts, per_task, threshold, same, ray_address)
+    reducer = _LinkReducer()  # shards' pairs joined: still at most 2 per item
+    for q, b, scores in found:
+        reducer.offer(q, b, scores)
+    return reducer.pairs()
 
 
-def embedding_links(items: Items, datasets: list[UPath], threshold: float) -> tuple[list[Link], list[str]]:
+def _range_pairs_on_ray(index_bytes: bytes, queries: np.ndarray, starts: list[int], per_task: int,
+                        threshold: float, same: bool, ray_address: str | None) -> list:
+    import ray
+
+    from audio_dataset.raystart import start_ray
+
+    owns_ray = start_ray(ray_address)
+    try:
+        task = ray.remote(num_cpus=1)(_range_pairs)
+        index_ref = ray.put(index_bytes)  # once in the object store, read by every task
+        return ray.get([task.remote(index_ref, queries[start : start + per_task], start, threshold, same)
+                        for start in starts])
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def embedding_links(items: Items, datasets: list[UPath], threshold: float,
+                    ray_address: str | None = None) -> tuple[list[Link], list[str]]:
     """Links from CLAP audio embeddings, where the dataset (and each eval set) was embedded by one
     model; the sets without embeddings are named in the second value."""
     dataset_embed = datasets[0] / "embed"
@@ -297,7 +386,7 @@ def embedding_links(items: Items, datasets: list[UPath], threshold: float) -> tu
     keys = items.table.column("key").to_pylist()
     where = {(int(g), key): i for i, (g, key) in enumerate(zip(items.groups, keys))}
     base, base_keys = load_embeddings(dataset_embed)
-    base_items = np.array([where.get((0, key), -1) for key in base_keys])
+    base, base_items = _matchable(base, np.array([where.get((0, key), -1) for key in base_keys]))
     links, missing = [], []
     for group, dataset in enumerate(datasets):
         embed_dir = dataset / "embed"
@@ -306,13 +395,24 @@ def embedding_links(items: Items, datasets: list[UPath], threshold: float) -> tu
             continue
         if group and embedding_model(embed_dir)["digest"] != model:
             raise UserError(f"{embed_dir}: embedded with another model than {dataset_embed}; embed both with one")
-        vectors, query_keys = (base, base_keys) if group == 0 else load_embeddings(embed_dir)
-        query_items = np.array([where.get((group, key), -1) for key in query_keys])
-        q, b, score = embedding_pairs(base, vectors, threshold, same=group == 0)
+        if group == 0:
+            vectors, query_items = base, base_items
+        else:
+            vectors, query_keys = load_embeddings(embed_dir)
+            vectors, query_items = _matchable(vectors, np.array([where.get((group, key), -1) for key in query_keys]))
+        if not len(base) or not len(vectors):
+            continue
+        q, b, score = embedding_pairs(base, vectors, threshold, same=group == 0, ray_address=ray_address)
         for qi, bi, sc in zip(query_items[q], base_items[b], score):
-            if qi >= 0 and bi >= 0 and qi != bi:
+            if qi != bi:
                 links.append(Link(int(min(qi, bi)), int(max(qi, bi)), EMBEDDING, float(sc)))
     return links, missing
+
+
+def _matchable(vectors: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of samples dedup knows (fingerprinted) that have an embedding (not a zero vector)."""
+    keep = (items >= 0) & np.any(vectors != 0, axis=1)
+    return np.ascontiguousarray(vectors[keep]), items[keep]
 
 
 # --------------------------------------------------------------------------------------- clustering
@@ -435,7 +535,7 @@ def _find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> 
         links = exact_links(items) + found_prints
         missing: list[str] = []
         if options.use_embeddings:
-            found, missing = embedding_links(items, datasets, options.embedding_threshold)
+            found, missing = embedding_links(items, datasets, options.embedding_threshold, run.ray_address)
             links += found
         rows = cluster_rows(items, links, options.keep)
         write_parquet(pa.Table.from_pylist(rows, schema=CLUSTER_SCHEMA), out / "clusters.parquet")

@@ -6,11 +6,17 @@ split, SPLIT.audio.npy and SPLIT.text.npy (rows in shard order) with SPLIT.rows.
 row, and SPLIT.audio.faiss, the index `audiodata search` reads. A sample's text embedding is the
 L2-normalised mean of its captions' embeddings. The model's identity (checkpoint digest, config)
 is recorded in .embed/run.json and checked by every stage that reads the embeddings.
+
+Audio is read as `clap-train`'s loader reads it (`read_clip`: int16 at the model's rate, only the
+model's window decoded when the clip is at that rate). `--windows first` (the default) embeds a
+clip's first window, as evaluation does; `--windows all` (curation) embeds every window covering the
+clip (the last one ends at the clip's end) and keeps their normalised mean, so a 30 s clip is not
+judged by its first 10 s. A fusion model sees the whole clip either way.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +26,8 @@ import soundfile
 from upath import UPath
 
 from audio_dataset.curate.common import NO_AUDIO, OK, as_matrix, audio_bytes, audio_ext, captions, \
-    model_identity, npy_bytes_header, read_run_settings, sample_meta
-from audio_dataset.curate.index import INDEX_KINDS, IndexBuilder, save_index
+    model_identity, npy_bytes_header, read_columns, read_run_settings, sample_meta
+from audio_dataset.curate.index import INDEX_KINDS, IndexBuilder, index_settings, save_index
 from audio_dataset.manifest import read_parquet, write_parquet
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError
@@ -30,6 +36,7 @@ from audio_dataset.storage import StagedFile, location
 
 EMBED_STAGE = "embed"
 NO_TEXT = "no_text"
+WINDOWS = ("first", "all")
 ROW_COLUMNS = ["split", "shard", "key", "member", "source", "caption", "duration", "status", "similarity"]
 
 
@@ -49,6 +56,7 @@ class EmbedOptions:
     preset: str | None = None
     batch_size: int = 32
     index: str = "auto"
+    windows: str = "first"  # first | all: the clip's first model window, or the mean over all windows
     max_checkpoint_bytes: int | None = None  # what loading the checkpoint may allocate (default: by its size)
     text_model: str | None = None  # the user's text model for a checkpoint whose own is no preset's
 
@@ -57,18 +65,29 @@ class EmbedOptions:
             raise UserError("--batch-size must be at least 1")
         if self.index not in INDEX_KINDS:
             raise UserError(f"--index must be one of {', '.join(INDEX_KINDS)}")
+        if self.windows not in WINDOWS:
+            raise UserError(f"--windows must be one of {', '.join(WINDOWS)}")
 
 
-def _decode(data: bytes | None, rate: int) -> np.ndarray | None:
-    from clap_model.data import decode_audio
+def _decode(data: bytes | None, spec) -> np.ndarray | None:
+    """int16 mono PCM at the model's rate, as `clap-train` reads it; None if it does not decode."""
+    from clap_model.data import read_clip
 
     if data is None:
         return None
     try:
-        wave = decode_audio(data, rate)
-    except (RuntimeError, soundfile.LibsndfileError):  # one bad member is that sample's status only
+        wave = read_clip(data, spec, None)
+    except (RuntimeError, ValueError, soundfile.LibsndfileError):  # one bad member is that sample's status only
         return None
     return wave if len(wave) else None
+
+
+def window_starts(length: int, window: int) -> list[int]:
+    """Starts of the windows covering `length` samples: every `window`, the last ending at the end."""
+    if length <= window:
+        return [0]
+    count = -(-length // window)
+    return [*range(0, (count - 1) * window, window), length - window]
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -85,6 +104,10 @@ class EmbedProcessor:
                                                   max_checkpoint_bytes=options.max_checkpoint_bytes)
         self.batch_size = options.batch_size
         self.dim = self.clap.model.cfg.joint_dim
+        spec = self.clap.spec
+        # --windows all reads the whole clip (up to the fusion limit, 600 s) to cut it into windows.
+        self.windowed = options.windows == "all" and spec.truncating != "fusion"
+        self.read_spec = replace(spec, clip_samples=spec.max_fusion_samples) if self.windowed else spec
 
     def embed_texts(self, texts_per_sample: list[list[str]]) -> np.ndarray:
         """(N, dim): each sample's normalised mean caption embedding (zeros without captions)."""
@@ -96,16 +119,28 @@ class EmbedProcessor:
         return np.where(np.linalg.norm(sums, axis=1, keepdims=True) > 0, _unit(sums), 0).astype(np.float32)
 
     def embed_waves(self, waves: list[np.ndarray | None]) -> np.ndarray:
-        found = [i for i, wave in enumerate(waves) if wave is not None]
+        """(N, dim): each clip's embedding (its windows' normalised mean when windowed); zeros for None."""
+        pieces, owners = [], []
+        window = self.clap.spec.clip_samples
+        for i, wave in enumerate(waves):
+            if wave is None:
+                continue
+            starts = window_starts(len(wave), window) if self.windowed else [0]
+            pieces += [wave[start : start + window] for start in starts] if self.windowed else [wave]
+            owners += [i] * len(starts)
         audio = np.zeros((len(waves), self.dim), np.float32)
-        if found:
-            audio[found] = self.clap.embed_audio([waves[i] for i in found], sample_rate=self.clap.spec.sample_rate,
-                                                 batch_size=self.batch_size).numpy()
+        if pieces:
+            emb = self.clap.embed_audio(pieces, sample_rate=self.clap.spec.sample_rate,
+                                        batch_size=self.batch_size).numpy()
+            np.add.at(audio, np.array(owners), emb)
+            if self.windowed:
+                found = sorted(set(owners))
+                audio[found] = _unit(audio[found])
         return audio
 
     def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
         metas = [sample_meta(sample) for sample in samples]
-        waves = [_decode(audio_bytes(sample), self.clap.spec.sample_rate) for sample in samples]
+        waves = [_decode(audio_bytes(sample), self.read_spec) for sample in samples]
         texts = [captions(meta) for meta in metas]
         audio, text = self.embed_waves(waves), self.embed_texts(texts)
         rows = []
@@ -135,6 +170,8 @@ def _finish_split(out: UPath, split: str, parts: list[UPath], dim: int, index_ki
     count = sum(read_parquet(part).num_rows for part in parts)
     staged = {name: StagedFile(files[name]) for name in ("audio", "text")}
     builder = IndexBuilder(index_kind, dim, count) if index_kind != "none" else None
+    if builder is not None and builder.train_size:
+        builder.train(_rows_of(parts, builder.train_rows(), dim))
     rows = []
     try:
         for handle in staged.values():
@@ -158,6 +195,17 @@ def _finish_split(out: UPath, split: str, parts: list[UPath], dim: int, index_ki
         save_index(builder.finish(), files["index"])
 
 
+def _rows_of(parts: list[UPath], wanted: np.ndarray, dim: int) -> np.ndarray:
+    """The audio embeddings at rows `wanted` (sorted) of the split the parts make, a part at a time."""
+    found, start = [], 0
+    for part in parts:
+        matrix = as_matrix(read_columns(part, ["audio"]).column("audio"), dim)
+        local = wanted[(wanted >= start) & (wanted < start + len(matrix))] - start
+        found.append(matrix[local])
+        start += len(matrix)
+    return np.concatenate(found)
+
+
 def _finish(dim: int, index_kind: str, out: UPath, jobs: list[ShardJob]) -> None:
     by_split: dict[str, list[UPath]] = {}
     for job in jobs:
@@ -174,7 +222,9 @@ def run_embed(options: EmbedOptions, run: RunOptions) -> RunSummary:
     options.check()
     check_run(run)
     identity = model_identity(options.checkpoint, options.preset, options.max_checkpoint_bytes, options.text_model)
-    settings = {"model": identity, "batch_size": options.batch_size, "index": options.index}
+    settings = {"model": identity, "batch_size": options.batch_size, "index": options.index,
+                "index_parameters": index_settings(options.index), "windows": options.windows,
+                "window_seconds": None if identity["fusion"] else identity["window_seconds"]}
     stage = Stage(EMBED_STAGE, settings, functools.partial(_make_embed, options), embed_schema(identity["joint_dim"]),
                   mode=READ, finish=functools.partial(_finish, identity["joint_dim"], options.index))
     return run_stage(stage, run)

@@ -13,7 +13,7 @@ from upath import UPath
 
 from audio_dataset.curate.common import OK, file_digest, read_columns
 from audio_dataset.curate.embed import ROW_COLUMNS, embedding_model, split_files
-from audio_dataset.curate.index import load_index
+from audio_dataset.curate.index import full_vectors, load_index
 from audio_dataset.source import UserError
 
 
@@ -48,11 +48,17 @@ class Searcher:
             raise UserError("-k must be at least 1")
         self.model = embedding_model(embed_dir)
         self.splits = self._splits()
-        self.indexes = {split: load_index(split_files(embed_dir, split)["index"]) for split in self.splits}
+        self.clap = self._model()
         self.rows = {split: read_columns(split_files(embed_dir, split)["rows"], ROW_COLUMNS) for split in self.splits}
         self.usable = {split: pc.equal(rows.column("status"), OK).to_numpy(zero_copy_only=False)
                        for split, rows in self.rows.items()}
-        self.clap = self._model()
+        # The index is data: it must hold one vector of the model's dimension per row, no more.
+        dim = self.clap.model.cfg.joint_dim
+        self.indexes = {split: self._index(split, dim) for split in self.splits}
+
+    def _index(self, split: str, dim: int):
+        files, count = split_files(self.embed_dir, split), self.rows[split].num_rows
+        return load_index(files["index"], count, dim, full_vectors(files["audio"], count, dim))
 
     def _splits(self) -> list[str]:
         found = sorted(p.name[: -len(".audio.faiss")] for p in self.embed_dir.glob("*.audio.faiss"))
@@ -99,7 +105,7 @@ class Searcher:
             # Samples without audio or text hold zero vectors: ask for enough to skip them.
             wanted = min(len(usable), self.options.k + int((~usable).sum()))
             scores, ids = self.indexes[split].search(query, wanted)
-            found += [self._hit(split, int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and usable[i]]
+            found += [self._hit(split, int(i), float(s)) for s, i in zip(scores[0], ids[0]) if 0 <= i < len(usable) and usable[i]]
         return heapq.nlargest(self.options.k, found, key=lambda hit: hit.score)
 
     def _hit(self, split: str, row: int, score: float) -> Hit:
