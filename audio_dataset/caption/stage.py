@@ -14,7 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
+import soundfile
 
 from audio_dataset.caption import types as t
 from audio_dataset.caption.check import CheckOptions, ClapChecker, check_settings
@@ -108,6 +110,20 @@ class _Scored:
                 "outcome": self.candidate.outcome}
 
 
+def decode_whole(data: bytes | None, rate: int) -> np.ndarray | None:
+    """The whole clip as mono float32 at `rate` (listen cuts it into the model's windows); None when
+    it does not decode, which is that sample's outcome alone."""
+    from clap_model.data import decode_audio
+
+    if data is None:
+        return None
+    try:
+        wave = decode_audio(data, rate)
+    except (RuntimeError, ValueError, soundfile.LibsndfileError):
+        return None
+    return wave if len(wave) else None
+
+
 class CaptionProcessor:
     def __init__(self, options: CaptionOptions, alm: tuple[ResolvedModel, str] | None,
                  check_record: dict[str, Any] | None, device: str) -> None:
@@ -120,9 +136,7 @@ class CaptionProcessor:
         self.rate = self.listener.sample_rate if self.listener is not None else 48000
 
     def _clip(self, sample: Sample) -> Clip | None:
-        from audio_dataset.curate.embed import _decode
-
-        wave = _decode(audio_bytes(sample), self.rate)
+        wave = decode_whole(audio_bytes(sample), self.rate)
         return None if wave is None else Clip(sample["__key__"], wave, self.rate)
 
     def _listen(self, clips: dict[int, Clip]) -> tuple[dict[int, list[WindowAnswer]], set[int]]:
