@@ -147,12 +147,9 @@ def _strings(table: dict[str, Any], key: str, where: str, default: tuple[str, ..
 
 
 def check_template(template: str, where: str) -> None:
-    """A prompt template with one `{}` for the class name (no other fields: nothing else is filled)."""
-    try:
-        filled = template.format("CLASS")
-    except (KeyError, IndexError, ValueError):
-        filled = ""
-    if filled.count("CLASS") != 1 or template.count("{") != 1:
+    """A prompt template with one bare `{}` for the class name. Nothing else in braces: str.format
+    would read attributes (`{0.__class__}`) or pad to any width (`{:>99999999}`) for a stranger's file."""
+    if template.count("{") != 1 or template.count("}") != 1 or "{}" not in template:
         raise SuiteError(f"{where}: template {template!r} needs exactly one {{}} for the class name")
 
 
