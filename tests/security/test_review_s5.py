@@ -35,3 +35,78 @@ def test_a_plain_template_is_still_accepted(tmp_path):
     file = tmp_path / "templates.toml"
     file.write_text('templates = ["A recording of {}."]\n')
     assert load_prompts(str(file)).templates == ("A recording of {}.",)
+
+
+# ---- benchmark sources: a distribution's CSV and JSON are a stranger's ----------------------------
+
+def _esc50(root: Path, rows: list[list[object]]) -> Path:
+    from benchmark_helpers import csv_text, write_tree
+
+    columns = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
+    return write_tree(root, {"meta/esc50.csv": csv_text(columns, rows)})
+
+
+def test_a_csv_field_over_csvs_limit_is_one_source_error_not_a_traceback(tmp_path):
+    from audio_dataset.source import SourceConfig, SourceError
+    from pipelines.esc50 import ESC50
+
+    root = _esc50(tmp_path / "esc", [["1-1-A-0.wav", 1, 0, "d" * 200_000, "False", "1", "A"]])
+    with pytest.raises(SourceError, match="field larger than field limit"):
+        list(ESC50(SourceConfig(input=str(root))).list_items())
+
+
+def test_vggsound_rows_with_a_huge_field_or_a_superscript_start_are_source_errors():
+    from audio_dataset.source import SourceError
+    from pipelines.vggsound import parse_rows
+
+    with pytest.raises(SourceError, match="field larger than field limit"):
+        list(parse_rows("abc," + "1," + "d" * 200_000 + ",test\n"))
+    with pytest.raises(SourceError, match="start_seconds"):  # "²".isdigit(), but int("²") raises
+        list(parse_rows("abc,²,dog,test\n"))
+
+
+def _fsd50k(root: Path, vocabulary: str, info: str) -> Path:
+    from benchmark_helpers import csv_text, tone, write_tree
+
+    return write_tree(root, {"FSD50K.ground_truth/vocabulary.csv": vocabulary,
+                             "FSD50K.ground_truth/eval.csv": csv_text(["fname", "labels", "mids"], [[1, "Bark", "/m/x"]]),
+                             "FSD50K.eval_audio/1.wav": tone(1),
+                             "FSD50K.metadata/eval_clips_info_FSD50K.json": info})
+
+
+@pytest.mark.parametrize("vocabulary, info, reason", [
+    ("0,Bark,/m/x\n", "[" * 100_000 + "]" * 100_000, "is not JSON"),  # RecursionError before
+    ("²,Bark,/m/x\n", "{}", "holds no `index,label,mid` rows"),  # ValueError from int() before
+    ("0," + "B" * 200_000 + ",/m/x\n", "{}", "unreadable vocabulary.csv"),  # csv.Error before
+])
+def test_fsd50k_metadata_that_lies_is_one_source_error(tmp_path, vocabulary, info, reason):
+    from audio_dataset.source import SourceConfig, SourceError
+    from pipelines.fsd50k import FSD50K
+
+    root = _fsd50k(tmp_path / "fsd", vocabulary, info)
+    source = FSD50K(SourceConfig(input=str(root), options={"splits": "eval", "metadata": str(root)}))
+    with pytest.raises(SourceError, match=reason):
+        list(source.list_items())
+
+
+def test_csv_rows_naming_paths_outside_the_distribution_fail_alone(tmp_path):
+    """Held before this review: an absolute name, `..`, and a link leading out are each the item's
+    `bad_file_name`; a fold that is not a number is its `bad_metadata`."""
+    import os
+
+    from audio_dataset.source import ItemError, SourceConfig
+    from pipelines.esc50 import ESC50
+
+    secret = tmp_path / "secret.wav"
+    secret.write_bytes(b"RIFF-secret")
+    root = _esc50(tmp_path / "esc", [[name, 1, 0, "dog", "False", "1", "A"]
+                                     for name in (str(secret), "../../secret.wav", "link.wav")]
+                  + [["x.wav", "1e3", 0, "dog", "False", "1", "A"]])
+    (root / "audio").mkdir()
+    os.symlink(secret, root / "audio" / "link.wav")
+    source = ESC50(SourceConfig(input=str(root)))
+    *outside, odd = list(source.list_items())
+    for item in outside:
+        with pytest.raises(ItemError, match="bad_file_name"):
+            source.fetch(item)
+    assert odd.listing_error[0] == "bad_metadata"
