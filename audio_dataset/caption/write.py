@@ -492,6 +492,7 @@ class OpenAIWriter:
     def _post(self, body: dict[str, Any]) -> str:
         """The answer's text, retrying 429/5xx/connection errors until the deadline."""
         from audio_dataset.http import parse_retry_after
+        from audio_dataset.redaction import scrub
 
         deadline = time.monotonic() + self.config.timeout
         headers = {"User-Agent": self.user_agent, "Content-Type": "application/json"}
@@ -507,7 +508,10 @@ class OpenAIWriter:
             except _Retryable as exc:
                 status, retry_after, text = None, None, str(exc)
             if status == 200:
-                return _answer_text(text)
+                try:  # an endpoint echoing the key puts it in no caption, manifest or log
+                    return scrub(_answer_text(text), [self._key()])
+                except _Failure as exc:
+                    raise _Failure(self._scrub(str(exc))) from None
             if status is not None and status != 429 and status < 500:
                 raise _Failure(f"http_{status}: the endpoint refused the request: {self._scrub(text[:200])}")
             wait = parse_retry_after(retry_after) if retry_after else None

@@ -110,3 +110,64 @@ def test_csv_rows_naming_paths_outside_the_distribution_fail_alone(tmp_path):
         with pytest.raises(ItemError, match="bad_file_name"):
             source.fetch(item)
     assert odd.listing_error[0] == "bad_metadata"
+
+
+# ---- audiodata caption: the LLM endpoint's answer is data ----------------------------------------
+
+# A loopback endpoint in its own process: it answers 200 with the bearer token it was sent, inside a
+# caption ("echo") or inside a body that is not JSON ("page", a proxy's error page).
+ECHO_SERVER = textwrap.dedent('''
+    import json, sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            if self.path.startswith("/echo"):
+                body = json.dumps({"choices": [{"message": {"content": f"A dog barks near {key} loudly."}}]})
+            else:
+                body = f"<html>upstream error for token {key}</html>"
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+''')
+KEY_ENV = "AUDIODATA_REVIEW5_LLM_KEY"
+KEY = "sk-review5-9d41c7e2b05f4a83"
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    process = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        yield f"http://127.0.0.1:{int(process.stdout.readline())}"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("path", ["echo", "page"])
+def test_an_endpoint_echoing_the_api_key_puts_it_in_no_caption_message_or_log(echo_server, path, monkeypatch,
+                                                                                caplog):
+    from audio_dataset.caption.types import WriteRequest
+    from audio_dataset.caption.write import Decoding, WriterConfig, make_writer
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    writer = make_writer(WriterConfig(llm=None, url=f"{echo_server}/{path}/v1", model_name="m", api_key_env=KEY_ENV,
+                                      timeout=10, retries=0, language=None, decoding=Decoding(max_new_tokens=8)))
+    try:
+        [candidates] = writer.write([WriteRequest("k", {"title": "a dog"})], 1, 0)
+    finally:
+        writer.close()
+    recorded = json.dumps([[c.text, c.outcome, c.raw] for c in candidates]) + caplog.text
+    assert candidates and KEY[:8] not in recorded and KEY[-8:] not in recorded
+    assert candidates[0].outcome == ("ok" if path == "echo" else "llm_error")
