@@ -333,10 +333,17 @@ class TransformersWriter:
 
     def write(self, requests: list[WriteRequest], num_captions: int, attempt: int) -> list[list[Candidate]]:
         decoding = self.config.decoding.for_attempt(attempt)
-        prompts = [self.prompt(request, num_captions) for request in requests]
         results: list[list[Candidate]] = [[] for _ in requests]
+        prompts: dict[int, str] = {}
+        for i, request in enumerate(requests):
+            try:
+                prompts[i] = self.prompt(request, num_captions)
+            except Exception as exc:  # noqa: BLE001 - the folder's template is data: its raise_exception(), jinja's errors
+                message = f"chat template failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                log.warning("%s: %s", request.key, message)
+                results[i] = _error(message, num_captions)
         # Longest first so one batch's padding is small; greedy results do not depend on it.
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        order = sorted(prompts, key=lambda i: (-len(prompts[i]), i))
         size = self.config.batch_size
         with self._lock:
             for start in range(0, len(order), size):

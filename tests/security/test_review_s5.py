@@ -171,3 +171,53 @@ def test_an_endpoint_echoing_the_api_key_puts_it_in_no_caption_message_or_log(ec
     recorded = json.dumps([[c.text, c.outcome, c.raw] for c in candidates]) + caplog.text
     assert candidates and KEY[:8] not in recorded and KEY[-8:] not in recorded
     assert candidates[0].outcome == ("ok" if path == "echo" else "llm_error")
+
+
+# ---- audiodata caption: the chat template in a model folder is a stranger's Jinja -----------------
+
+TURNS = ("{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def llm_folder(tmp_path_factory):
+    from audio_dataset.caption.tiny_llm import make_tiny_llm
+
+    return make_tiny_llm(tmp_path_factory.mktemp("llm") / "llm")
+
+
+def _template_writer(llm_folder: Path, folder: Path, template: str):
+    import shutil
+
+    from audio_dataset.caption.tiny_llm import build_tokenizer
+    from audio_dataset.caption.write import Decoding, WriterConfig, make_writer
+
+    shutil.copytree(llm_folder, folder)
+    build_tokenizer(chat_template=template).save_pretrained(folder)
+    return make_writer(WriterConfig(llm=str(folder), device="cpu", language=None, decoding=Decoding(max_new_tokens=2)))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_template_that_raises_on_one_samples_data_fails_that_sample_alone(llm_folder, tmp_path):
+    from audio_dataset.caption.types import WriteRequest
+
+    template = ("{% for m in messages %}{% if 'TRIPWIRE' in m['content'] %}{{ raise_exception('no') }}{% endif %}"
+                + TURNS)
+    writer = _template_writer(llm_folder, tmp_path / "llm", template)
+    bad, good = writer.write([WriteRequest("bad", {"title": "TRIPWIRE"}), WriteRequest("good", {"title": "a dog"})],
+                             1, 0)
+    assert [c.outcome for c in bad] == ["llm_error"] and "chat template failed" in bad[0].raw
+    assert good and good[0].outcome != "llm_error"
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_template_reaching_for_python_is_stopped_by_the_sandbox(llm_folder, tmp_path):
+    from audio_dataset.caption.types import WriteRequest
+
+    mark = tmp_path / "RAN"
+    template = ("{% for m in messages %}" + TURNS
+                + "{{ cycler.__init__.__globals__['os'].system('touch " + str(mark) + "') }}")
+    writer = _template_writer(llm_folder, tmp_path / "llm", template)
+    [candidates] = writer.write([WriteRequest("k", {"title": "a dog"})], 1, 0)
+    assert not mark.exists()
+    assert [c.outcome for c in candidates] == ["llm_error"] and "SecurityError" in candidates[0].raw
