@@ -221,3 +221,181 @@ def test_a_template_reaching_for_python_is_stopped_by_the_sandbox(llm_folder, tm
     [candidates] = writer.write([WriteRequest("k", {"title": "a dog"})], 1, 0)
     assert not mark.exists()
     assert [c.outcome for c in candidates] == ["llm_error"] and "SecurityError" in candidates[0].raw
+
+
+# ---- resuming a stage (caption's .caption/): run.json and parts are whatever lies in OUT ----------
+
+def _finished_caption_run(tmp_path: Path) -> tuple[Path, Path, object, object]:
+    """An input of one shard and an OUT whose only shard is already done (no worker starts)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audio_dataset.caption.stage import CAPTION_SCHEMA
+    from audio_dataset.shards import ShardWriter, write_sizes
+    from audio_dataset.stage_runner import RunOptions, Stage, _check_resumable, find_jobs
+    from audio_dataset.storage import location
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    for shard in (data / "train" / "000000.tar", out / "train" / "000000.tar"):  # the input's, and the one done
+        with ShardWriter(shard) as writer:
+            writer.write({"__key__": "a", "json": b'{"text": ["a dog"]}', "flac": b"fLaC"})
+    write_sizes(data / "train", {"000000.tar": 1})
+    stage = Stage("caption", {"steps": ["write"]}, lambda device: None, CAPTION_SCHEMA)
+    [job] = find_jobs(location(data), location(out), stage.name)
+    row = {"split": "train", "shard": "000000.tar", "key": "a", "status": "no_caption"}
+    Path(job.part).parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row], schema=CAPTION_SCHEMA), job.part)
+    _check_resumable(location(out), stage, location(data))  # the run.json of the run that finished it
+    return data, out, stage, RunOptions(input=data, out=out, progress=False)
+
+
+@pytest.mark.parametrize("record", [{"stage": "caption"}, {"stage": "caption", "settings": ["steps"]}])
+def test_a_tampered_run_json_is_one_line(tmp_path, record):
+    from audio_dataset.source import UserError
+    from audio_dataset.stage_runner import run_stage
+
+    data, out, stage, options = _finished_caption_run(tmp_path)
+    (out / ".caption" / "run.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="other settings"):
+        run_stage(stage, options)
+
+
+@pytest.mark.parametrize("part", [b"not parquet at all", "other schema", "two rows"])
+def test_a_tampered_manifest_part_is_one_line_naming_it(tmp_path, part):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audio_dataset.caption.stage import CAPTION_SCHEMA
+    from audio_dataset.source import UserError
+    from audio_dataset.stage_runner import run_stage
+
+    data, out, stage, options = _finished_caption_run(tmp_path)
+    path = out / ".caption" / "parts" / "train" / "000000.parquet"
+    if isinstance(part, bytes):
+        path.write_bytes(part)
+    elif part == "other schema":
+        pq.write_table(pa.table({"key": ["a"]}), path)
+    else:
+        row = {"split": "train", "shard": "000000.tar", "key": "a", "status": "no_caption"}
+        pq.write_table(pa.Table.from_pylist([row, row], schema=CAPTION_SCHEMA), path)
+    with pytest.raises(UserError, match="000000.parquet"):
+        run_stage(stage, options)
+    assert not (out / "caption_manifest.parquet").exists()
+
+
+def test_an_untampered_finished_run_still_resumes(tmp_path):
+    from audio_dataset.stage_runner import run_stage
+
+    data, out, stage, options = _finished_caption_run(tmp_path)
+    summary = run_stage(stage, options)
+    assert (summary.shards, summary.resumed, summary.samples) == (1, 1, 1)
+
+
+# ---- audiodata caption: a sample's JSON reaches the LLM only as the fields the prompt names --------
+
+class _RecordingWriter:
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def write(self, requests, num_captions, attempt):
+        from audio_dataset.caption.types import OK, Candidate
+
+        self.requests += requests
+        return [[Candidate("A dog barks.", OK)] for _ in requests]
+
+
+def test_only_title_tags_description_and_text_reach_the_prompt_however_big_the_json():
+    from audio_dataset.caption.stage import CaptionOptions, CaptionProcessor, WriteStep
+    from audio_dataset.caption.write import data_block
+    from audio_dataset.stage_runner import ShardJob
+
+    recorder = _RecordingWriter()
+    meta = {"text": ["a dog barking"], "url": "https://example.org/user/jane-doe/secret-upload",
+            "original_data": {"title": "dog", "uploader": "Jane Doe", **{f"k{i}": ["x" * 2000] * 50 for i in range(50)}},
+            **{f"junk{i}": {f"k{j}": "y" * 2000 for j in range(50)} for i in range(40)}}
+    processor = CaptionProcessor(CaptionOptions(steps=("write",), write=WriteStep(lambda device: recorder, {})),
+                                 None, None, "cpu")
+    sample = {"__key__": "k", "json": json.dumps(meta).encode(), "flac": b""}
+    processor.process(ShardJob("train", "000000.tar", "", "", ""), [sample])
+    [request] = recorder.requests
+    assert set(request.metadata) <= {"title", "tags", "description", "text"}
+    assert request.metadata["title"] == "dog" and request.metadata["text"] == ["a dog barking"]
+    assert "Jane Doe" not in data_block(request) and len(data_block(request)) < 20_000
+
+
+# ---- clap-eval --results FILE: a stranger's results.json printed as a table ------------------------
+
+def test_a_results_file_cannot_drive_the_terminal(tmp_path):
+    from clap_model.suite_results import FORMAT, TABLES, read_results
+
+    evil = "esc50\x1b]0;pwned\x07\x1b[2J\u202eevil"
+    document = {"format": FORMAT, "suite": {"name": evil}, "checkpoint": {"name": evil, "sha256": evil},
+                "tasks": [{"name": evil, "metrics": {"accuracy": 0.5}, "protocol": {"metrics": ["accuracy"],
+                                                                                    "dataset": evil},
+                           "published": {"accuracy": {"value": 0.9, "source": evil}}}],
+                "skipped": [{"task": evil, "reason": evil}]}
+    file = tmp_path / "results.json"
+    file.write_text(json.dumps(document))
+    for name, table in TABLES.items():
+        shown = table(read_results(str(file)))
+        assert "esc50" in shown and not any(c in shown for c in "\x1b\x07\u202e"), name
+
+
+# ---- audiodata caption: a model folder's config.json is data -------------------------------------
+
+@pytest.mark.parametrize("config", [
+    {"hidden_size": "abc"},  # huggingface_hub's StrictDataclassFieldValidationError
+    {"hidden_size": -4},  # torch's RuntimeError from a negative dimension
+    [1, 2],  # TypeError: not a mapping
+    '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}",  # RecursionError
+])
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_model_folder_whose_config_makes_transformers_raise_is_one_line(llm_folder, tmp_path, config):
+    import shutil
+
+    from audio_dataset.caption.write import Decoding, WriterConfig, make_writer
+    from audio_dataset.source import UserError
+
+    folder = tmp_path / "llm"
+    shutil.copytree(llm_folder, folder)
+    if isinstance(config, dict):
+        config = {**json.loads((folder / "config.json").read_text()), **config}
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    with pytest.raises(UserError, match="cannot load --llm"):
+        make_writer(WriterConfig(llm=str(folder), device="cpu", decoding=Decoding(max_new_tokens=2)))
+
+
+def test_an_alm_folder_whose_config_nests_past_the_recursion_limit_is_one_line(tmp_path):
+    from audio_dataset.caption.listen import model_type
+    from audio_dataset.k2c.models import ResolvedModel
+    from audio_dataset.source import UserError
+
+    (tmp_path / "config.json").write_text('{"model_type": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(UserError, match="no readable config.json"):
+        model_type(ResolvedModel(spec=str(tmp_path), path=str(tmp_path), revision=None))
+
+
+@pytest.fixture(scope="module")
+def alm_folder(tmp_path_factory):
+    from audio_dataset.caption.tiny_alm import make_tiny_alm
+
+    return make_tiny_alm(tmp_path_factory.mktemp("alm") / "alm")
+
+
+@pytest.mark.parametrize("extractor", [{"sampling_rate": "abc"}, {"sampling_rate": 0, "chunk_length": 0},
+                                       {"chunk_length": 1e-9}])  # millions of windows a clip
+@pytest.mark.usefixtures("one_torch_thread")
+def test_an_alm_folder_whose_feature_extractor_lies_is_one_line(alm_folder, tmp_path, extractor):
+    import shutil
+
+    from audio_dataset.caption.listen import ListenOptions, make_listener, resolve_alm
+    from audio_dataset.source import UserError
+
+    folder = tmp_path / "alm"
+    shutil.copytree(alm_folder, folder)
+    path = folder / "processor_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "feature_extractor": {**config["feature_extractor"], **extractor}}))
+    options = ListenOptions(model=str(folder), max_new_tokens=2, batch_size=1)
+    with pytest.raises(UserError, match="alm-model"):
+        make_listener(options, *resolve_alm(options), "cpu")
