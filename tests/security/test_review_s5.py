@@ -399,3 +399,14 @@ def test_an_alm_folder_whose_feature_extractor_lies_is_one_line(alm_folder, tmp_
     options = ListenOptions(model=str(folder), max_new_tokens=2, batch_size=1)
     with pytest.raises(UserError, match="alm-model"):
         make_listener(options, *resolve_alm(options), "cpu")
+
+
+@pytest.mark.parametrize("nesting", ["[" * 5000 + "]" * 5000, "{a=" * 5000 + "1" + "}" * 5000])
+def test_a_suite_or_templates_file_nested_past_the_recursion_limit_is_one_line(tmp_path, nesting):
+    from clap_model.suites import load_suite
+
+    file = tmp_path / "deep.toml"
+    file.write_text(f"x = {nesting}\n")  # 10 KB, well under the size cap; tomllib recurses per level
+    for load in (load_suite, load_prompts):
+        with pytest.raises(SuiteError, match="not valid TOML"):
+            load(str(file))
