@@ -5,6 +5,7 @@ leak or crash with a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -92,7 +93,6 @@ def test_fsd50k_metadata_that_lies_is_one_source_error(tmp_path, vocabulary, inf
 def test_csv_rows_naming_paths_outside_the_distribution_fail_alone(tmp_path):
     """Held before this review: an absolute name, `..`, and a link leading out are each the item's
     `bad_file_name`; a fold that is not a number is its `bad_metadata`."""
-    import os
 
     from audio_dataset.source import ItemError, SourceConfig
     from pipelines.esc50 import ESC50
@@ -410,3 +410,23 @@ def test_a_suite_or_templates_file_nested_past_the_recursion_limit_is_one_line(t
     for load in (load_suite, load_prompts):
         with pytest.raises(SuiteError, match="not valid TOML"):
             load(str(file))
+
+
+# ---- audiodata caption: cleaning an endpoint's answer costs time linear in its size ----------------
+
+def test_cleaning_a_hostile_8_mib_answer_takes_seconds_not_days():
+    """` *a` repeated: each `*` sent _EMPHASIS scanning to the end of the line (30 KB took 29 s
+    before; an endpoint may send 8 MiB). Run in a child so a regression fails on time, not hangs."""
+    code = textwrap.dedent('''
+        from audio_dataset.caption.clean import clean_answer
+        raw = " *a" * ((8 << 20) // 3)
+        for n in (1, 3):
+            candidates = clean_answer(raw, n, None, 1000)
+            assert len(candidates) == n and len(candidates[0].text) <= 1000
+        many = clean_answer("1. a dog barks\\n" * 500_000, 3, None, 1000)
+        assert [c.outcome for c in many] == ["ok", "empty", "empty"]
+    ''')
+    root = str(Path(__file__).resolve().parents[2])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
+                            env={**os.environ, "PYTHONPATH": root})
+    assert result.returncode == 0, result.stderr[-500:]
