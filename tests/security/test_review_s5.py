@@ -93,7 +93,6 @@ def test_fsd50k_metadata_that_lies_is_one_source_error(tmp_path, vocabulary, inf
 def test_csv_rows_naming_paths_outside_the_distribution_fail_alone(tmp_path):
     """Held before this review: an absolute name, `..`, and a link leading out are each the item's
     `bad_file_name`; a fold that is not a number is its `bad_metadata`."""
-
     from audio_dataset.source import ItemError, SourceConfig
     from pipelines.esc50 import ESC50
 
