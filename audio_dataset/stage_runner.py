@@ -185,7 +185,9 @@ def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
               "settings": settings}
     if path.exists() and any(_parts_dir(out, stage.name, stage.mode).rglob("*.parquet")):
         previous = read_json(path)
-        changed = sorted(k for k in settings if previous["settings"].get(k) != settings[k])
+        # Anyone may have edited it: settings that are not a table match nothing (one line, below).
+        before = previous.get("settings") if isinstance(previous.get("settings"), dict) else {}
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
         if previous.get("input") != record["input"] and previous.get("input_digest") != record["input_digest"]:
             changed.insert(0, "input")
         if changed:
@@ -419,11 +421,27 @@ def _merge_provenance(source: UPath, dest: UPath) -> None:
     atomic_write_json(dest, {"runs": runs + [run for run in earlier if run not in runs]})
 
 
+def _read_part(job: ShardJob, schema: pa.Schema) -> pa.Table:
+    """A finished shard's manifest part: resume state in OUT that anyone may have edited, so it must
+    be parquet in the stage's schema with one row per input sample, or one line naming it."""
+    redo = "remove it to redo that shard"
+    try:
+        table = read_parquet(job.part)
+        if table.schema.names != schema.names:
+            raise ValueError(f"its columns are not the {len(schema.names)} this stage writes")
+        table = table.cast(schema)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise UserError(f"{job.part}: not this stage's manifest part ({str(exc)[:200]}); {redo}") from None
+    if job.expected is not None and table.num_rows != job.expected:
+        raise UserError(f"{job.part}: {table.num_rows} rows, the input's {SIZES_FILE} says {job.expected}; {redo}")
+    return table
+
+
 def _finalize_read(stage: Stage, jobs: list[ShardJob], out: UPath) -> tuple[pa.Table, UPath]:
     """A READ stage's parts are its output; only their statuses are gathered (memory stays flat)."""
     if stage.finish is not None:
         stage.finish(out, jobs)
-    statuses = [read_parquet(job.part).select(["status"]) for job in jobs]
+    statuses = [_read_part(job, stage.manifest_schema).select(["status"]) for job in jobs]
     return pa.concat_tables(statuses), out
 
 
@@ -432,7 +450,7 @@ def _finalize(stage: Stage, jobs: list[ShardJob], input_dir: UPath, out: UPath) 
     manifest (its schema metadata carries the run's settings)."""
     if stage.mode == READ:
         return _finalize_read(stage, jobs, out)
-    tables = [read_parquet(job.part) for job in jobs]
+    tables = [_read_part(job, stage.manifest_schema) for job in jobs]
     by_split: dict[str, dict[str, int]] = {}
     read_by_split: dict[str, dict[str, int]] = {}
     for job, table in zip(jobs, tables):

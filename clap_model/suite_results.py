@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ from clap_model.config import UsageError
 FORMAT = "audiodata-clap-eval-suite/1"
 COLUMNS = ("task", "dataset", "metric", "ours", "spread", "published", "difference", "clips", "source")
 MAX_RESULTS_BYTES = 256 << 20
+
+
+# C0 and C1 controls, DEL and bidi overrides: in a stranger's results file they would drive the terminal.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _plain(value: Any) -> str:
+    """`value` as text, its control characters shown as escapes."""
+    return _CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", str(value))
 
 
 def _number(value: Any) -> float | None:
@@ -43,11 +53,11 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             row = published.get(metric) if isinstance(published.get(metric), dict) else {}
             theirs = _number(row.get("value"))
-            rows.append({"task": str(task.get("name", "")), "dataset": str(protocol.get("dataset", "")),
-                         "metric": str(metric), "ours": ours, "spread": _number(spread.get(metric)),
+            rows.append({"task": _plain(task.get("name", "")), "dataset": _plain(protocol.get("dataset", "")),
+                         "metric": _plain(metric), "ours": ours, "spread": _number(spread.get(metric)),
                          "published": theirs, "difference": None if theirs is None else ours - theirs,
                          "clips": task.get("clips") if isinstance(task.get("clips"), int) else None,
-                         "source": str(row.get("source", ""))})
+                         "source": _plain(row.get("source", ""))})
     return rows
 
 
@@ -76,7 +86,7 @@ def text_table(results: dict[str, Any]) -> str:
     lines = [HEADERS] + [_cells(r) for r in table_rows(results)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADERS))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    out += [f"skipped {s.get('task')}: {s.get('reason')}" for s in results.get("skipped") or []
+    out += [f"skipped {_plain(s.get('task'))}: {_plain(s.get('reason'))}" for s in results.get("skipped") or []
             if isinstance(s, dict)]
     return "\n".join(out) + "\n"
 
@@ -98,11 +108,11 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     checkpoint = results.get("checkpoint") if isinstance(results.get("checkpoint"), dict) else {}
     suite = results.get("suite") if isinstance(results.get("suite"), dict) else {}
-    lines += ["", f"Suite `{_md_escape(str(suite.get('name', '')))}`, checkpoint "
-                  f"`{_md_escape(str(checkpoint.get('name', '')))}` (sha256 {str(checkpoint.get('sha256'))[:12]}), "
+    lines += ["", f"Suite `{_md_escape(_plain(suite.get('name', '')))}`, checkpoint "
+                  f"`{_md_escape(_plain(checkpoint.get('name', '')))}` (sha256 {_plain(checkpoint.get('sha256'))[:12]}), "
                   "percent (ranks as they are)."]
     lines += [f"[{i + 1}] {_md_escape(s)}" for i, s in enumerate(sources)]
-    lines += [f"Skipped {_md_escape(str(s.get('task')))}: {_md_escape(str(s.get('reason')))}"
+    lines += [f"Skipped {_md_escape(_plain(s.get('task')))}: {_md_escape(_plain(s.get('reason')))}"
               for s in results.get("skipped") or [] if isinstance(s, dict)]
     return "\n".join(lines) + "\n"
 

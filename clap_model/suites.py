@@ -115,8 +115,8 @@ def load_suite(name_or_file: str) -> Suite:
     text, where = suite_text(name_or_file)
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SuiteError(f"{where}: not valid TOML ({exc})") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:  # tomllib recurses per nested array or table
+        raise SuiteError(f"{where}: not valid TOML ({str(exc)[:200]})") from None
     return parse_suite(data, where)
 
 
@@ -147,12 +147,9 @@ def _strings(table: dict[str, Any], key: str, where: str, default: tuple[str, ..
 
 
 def check_template(template: str, where: str) -> None:
-    """A prompt template with one `{}` for the class name (no other fields: nothing else is filled)."""
-    try:
-        filled = template.format("CLASS")
-    except (KeyError, IndexError, ValueError):
-        filled = ""
-    if filled.count("CLASS") != 1 or template.count("{") != 1:
+    """A prompt template with one bare `{}` for the class name. Nothing else in braces: str.format
+    would read attributes (`{0.__class__}`) or pad to any width (`{:>99999999}`) for a stranger's file."""
+    if template.count("{") != 1 or template.count("}") != 1 or "{}" not in template:
         raise SuiteError(f"{where}: template {template!r} needs exactly one {{}} for the class name")
 
 
@@ -282,8 +279,8 @@ def load_prompts(path: str) -> Prompts:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise SuiteError(f"cannot read --templates {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SuiteError(f"--templates {path}: not valid TOML ({exc})") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise SuiteError(f"--templates {path}: not valid TOML ({str(exc)[:200]})") from None
     where = f"--templates {path}"
     if unknown := sorted(set(data) - {"templates", "datasets"}):
         raise SuiteError(f"{where}: unknown key {unknown[0]!r} (known: templates, datasets)")

@@ -8,6 +8,7 @@ import csv
 import io
 import re
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit
 
 from audio_dataset.http import HTTP_OPTION_PREFIX, HttpClient
@@ -42,7 +43,19 @@ def read_text(location: str, client: HttpClient, what: str) -> str:
 def csv_rows(text: str) -> list[dict[str, str]]:
     """Rows of a CSV with a header line, keys and values stripped."""
     reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)
-    return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    try:
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except csv.Error as exc:  # a field over csv's limit (131,072 characters), a NUL: the table is refused
+        raise SourceError(f"unreadable CSV, line {reader.line_num}: {exc}") from None
+
+
+def csv_lines(text: str, what: str) -> Iterator[list[str]]:
+    """Rows of a CSV without a header; csv's errors as one SourceError line naming `what`."""
+    reader = csv.reader(io.StringIO(text))
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise SourceError(f"unreadable {what}, line {reader.line_num}: {exc}") from None
 
 
 def join_url(base: str, name: str) -> str:

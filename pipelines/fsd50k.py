@@ -22,8 +22,6 @@ the way the dataset's README says: `zip -s 0 FSD50K.dev_audio.zip --out FSD50K.d
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from pathlib import Path, PurePosixPath
@@ -33,7 +31,7 @@ from audio_dataset.http import HttpClient, HttpConfig
 from audio_dataset.source import Item, ItemError, Source, SourceConfig, SourceError, UserError
 from pipelines._archives import ArchiveStore
 from pipelines._benchmark import Distribution, benchmark_fields, label_text
-from pipelines._common import check_options, csv_rows, is_url, join_url
+from pipelines._common import check_options, csv_lines, csv_rows, is_url, join_url
 
 ZENODO_FILES = "https://zenodo.org/records/4060432/files"
 # The dataset's split -> (its audio part, the build's split per row `split`)
@@ -122,8 +120,8 @@ class FSD50K(Source):
         name = f"{split}_clips_info_FSD50K.json"
         try:
             data = json.loads(metadata.read_text(metadata.top(name) + name))
-        except ValueError as exc:
-            raise SourceError(f"{name} is not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # nested past Python's recursion limit
+            raise SourceError(f"{name} is not JSON: {str(exc)[:200]}") from None
         except (ItemError, UserError, SourceError) as exc:  # absent from the URL: the fallback licence
             log.warning("FSD50K metadata not read (%s); clips carry the licence %r", exc, LICENSE)
             return {}
@@ -166,8 +164,8 @@ class FSD50K(Source):
 def _vocabulary(text: str) -> dict[str, int]:
     """label -> index from vocabulary.csv (`index,label,mid`, no header)."""
     found: dict[str, int] = {}
-    for row in csv.reader(io.StringIO(text)):
-        if len(row) >= 2 and row[0].strip().isdigit():
+    for row in csv_lines(text, "vocabulary.csv"):
+        if len(row) >= 2 and row[0].strip().isascii() and row[0].strip().isdigit():
             found[row[1].strip()] = int(row[0])
     if not found:
         raise SourceError("vocabulary.csv holds no `index,label,mid` rows")

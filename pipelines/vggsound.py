@@ -18,15 +18,13 @@ https://www.youtube.com (tests point it at a loopback server). Options: splits=t
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Iterator
 
 from audio_dataset.http import HttpClient, HttpConfig
 from audio_dataset.source import Item, ItemError, SourceConfig, SourceError, UserError
 from pipelines._benchmark import benchmark_fields, label_text
-from pipelines._common import check_options, is_url, read_text
+from pipelines._common import check_options, csv_lines, is_url, read_text
 from pipelines._segments import YoutubeSegmentSource
 
 CSV_URL = "https://www.robots.ox.ac.uk/~vgg/data/vggsound/vggsound.csv"
@@ -41,7 +39,7 @@ UNAVAILABLE = "unavailable"
 
 def parse_rows(text: str) -> Iterator[tuple[str, int, str, str]]:
     """(youtube_id, start_seconds, label, split) per row; a header row, if any, is skipped."""
-    for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
+    for number, row in enumerate(csv_lines(text, "vggsound.csv"), 1):
         if not row or not "".join(row).strip():
             continue
         if len(row) != 4:
@@ -49,7 +47,7 @@ def parse_rows(text: str) -> Iterator[tuple[str, int, str, str]]:
         video, start, label, split = (cell.strip() for cell in row)
         if number == 1 and video.lower() in ("youtube_id", "ytid"):
             continue  # a header a user added: youtube_id,start_seconds,label,split
-        if not start.isdigit():
+        if not (start.isascii() and start.isdigit()):  # "²".isdigit() too, and int() refuses it
             raise SourceError(f"vggsound.csv row {number} has start_seconds {start!r}")
         yield video, int(start), label, split
 

@@ -44,9 +44,14 @@ _REFUSAL = re.compile(
     re.IGNORECASE)
 
 
+# What of one piece is cleaned: a caption and its wrapping fit in twice the caption cap, and
+# _EMPHASIS is quadratic in a line's length (an endpoint's 8 MiB answer of " *a" would run for days).
+MAX_PIECE_CHARS = 2 * MAX_CAPTION_CHARS
+
+
 def clean_caption(raw: str, language: str | None = "en", max_chars: int = MAX_CAPTION_CHARS) -> Candidate:
     """One generated caption, cleaned; `text` is None unless the outcome is OK."""
-    text = _strip_wrapping(raw if isinstance(raw, str) else "")
+    text = _strip_wrapping(raw[:MAX_PIECE_CHARS] if isinstance(raw, str) else "")
     if not text:
         return Candidate(None, EMPTY, raw)
     if _REFUSAL.match(text):
@@ -137,7 +142,8 @@ def clean_answer(raw: str, num_captions: int, language: str | None = "en",
     kept: list[Candidate] = []
     rejected: list[Candidate] = []
     seen: set[str] = set()
-    for piece in split_captions(raw, num_captions):
+    # An answer asked for N holds N captions and perhaps a lead-in; a million lines are not cleaned one by one.
+    for piece in split_captions(raw, num_captions)[:4 * num_captions + 4]:
         candidate = clean_caption(piece, language, max_chars)
         if candidate.outcome != OK:
             rejected.append(candidate)

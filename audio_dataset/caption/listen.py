@@ -117,7 +117,7 @@ def model_type(model: ResolvedModel) -> str:
     """The resolved model's `model_type`, checked against FAMILIES (the folder's config is data)."""
     try:
         config = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # nested past Python's recursion limit
         raise UserError(f"--alm-model {model.spec}: no readable config.json") from None
     kind = config.get("model_type") if isinstance(config, dict) else None
     if kind not in FAMILIES:
@@ -165,6 +165,21 @@ def messages(family: Family, question: str) -> list[dict[str, Any]]:
     return turns
 
 
+def _audio_shape(processor, model: ResolvedModel) -> tuple[int, float]:
+    """(sample rate, window seconds) from the folder's feature extractor, which is data: a rate out of
+    the audio range or a window under half a second (millions of windows a clip) is one line."""
+    extractor = getattr(processor, "feature_extractor", None)
+    try:
+        rate = int(extractor.sampling_rate)
+        window = float(getattr(extractor, "chunk_length", 0) or extractor.n_samples / rate)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError, OverflowError):
+        rate, window = 0, 0.0
+    if not (1000 <= rate <= 1_536_000 and 0.5 <= window <= 3600):
+        raise UserError(f"--alm-model {model.spec}: its feature extractor's sampling_rate and chunk_length "
+                        "are not an audio model's")
+    return rate, window
+
+
 class TransformersListener:
     """Batched greedy generation (left padding) with the model's own processor."""
 
@@ -178,13 +193,11 @@ class TransformersListener:
             model_class = getattr(transformers, self.family.model_class)
             self.model = model_class.from_pretrained(model.path, dtype=torch_dtype(options.dtype, device))
             self.model = self.model.to(device).eval()
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the folder is data: its config can make transformers raise anything
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserError(f"cannot load --alm-model {model.spec}: {reason}") from None
         self.processor.tokenizer.padding_side = "left"  # decoder-only: new tokens follow every prompt directly
-        extractor = self.processor.feature_extractor
-        self.sample_rate = int(extractor.sampling_rate)
-        self.window_seconds = float(getattr(extractor, "chunk_length", 0) or extractor.n_samples / self.sample_rate)
+        self.sample_rate, self.window_seconds = _audio_shape(self.processor, model)
 
     def prompt(self, question: str) -> str:
         """The rendered chat template for one question (what the model reads, audio tokens aside)."""
@@ -239,9 +252,7 @@ class VllmListener(TransformersListener):
         self.options, self.family, self.device = options, FAMILIES[kind], device
         self.settings = listen_settings(options, model, kind)
         self.processor = transformers.AutoProcessor.from_pretrained(model.path)
-        extractor = self.processor.feature_extractor
-        self.sample_rate = int(extractor.sampling_rate)
-        self.window_seconds = float(getattr(extractor, "chunk_length", 0) or extractor.n_samples / self.sample_rate)
+        self.sample_rate, self.window_seconds = _audio_shape(self.processor, model)
         dtype = {"auto": "bfloat16"}.get(options.dtype, options.dtype)
         self.llm = LLM(model=model.path, dtype=dtype, max_num_seqs=options.batch_size,
                        limit_mm_per_prompt={"audio": 1})

@@ -22,6 +22,7 @@ from audio_dataset.caption import types as t
 from audio_dataset.caption.check import CheckOptions, ClapChecker, check_settings
 from audio_dataset.caption.listen import ListenOptions, listen_settings, make_listener, resolve_alm
 from audio_dataset.caption.types import Candidate, Clip, WindowAnswer, WriteRequest
+from audio_dataset.caption.write import sample_metadata
 from audio_dataset.curate.common import audio_bytes
 from audio_dataset.k2c.models import ResolvedModel
 from audio_dataset.schema import JSON_EXT, MAX_CAPTION_CHARS, TEXT_FIELD
@@ -223,7 +224,10 @@ class CaptionProcessor:
         scored: dict[int, list[_Scored]] = {}
         references: dict[int, float | None] = {}
         if WRITE in steps:
-            requests = {i: WriteRequest(samples[i]["__key__"], _metadata(metas[i]), tuple(answers.get(i, ())))
+            # Only the fields the prompt names (title, tags, description, text), each cut: a 16 MiB
+            # JSON of other fields (uploader, URLs, padding) is neither a caption's business nor a prompt.
+            requests = {i: WriteRequest(samples[i]["__key__"], sample_metadata(_metadata(metas[i])),
+                                        tuple(answers.get(i, ())))
                         for i in range(len(samples)) if i not in status}
             if requests:
                 scored, references = self._write_and_check(requests, clips, metas)

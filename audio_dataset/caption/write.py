@@ -310,7 +310,7 @@ class TransformersWriter:
             # trust_remote_code stays off: a model folder is data, its Python is never run.
             self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(config.dtype, self.device))
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the folder is data: its config.json can make transformers raise anything
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserError(f"cannot load --llm {config.llm}: {reason}") from None
         if self.tokenizer.chat_template is None:
@@ -333,10 +333,17 @@ class TransformersWriter:
 
     def write(self, requests: list[WriteRequest], num_captions: int, attempt: int) -> list[list[Candidate]]:
         decoding = self.config.decoding.for_attempt(attempt)
-        prompts = [self.prompt(request, num_captions) for request in requests]
         results: list[list[Candidate]] = [[] for _ in requests]
+        prompts: dict[int, str] = {}
+        for i, request in enumerate(requests):
+            try:
+                prompts[i] = self.prompt(request, num_captions)
+            except Exception as exc:  # noqa: BLE001 - the folder's template is data: its raise_exception(), jinja's errors
+                message = f"chat template failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                log.warning("%s: %s", request.key, message)
+                results[i] = _error(message, num_captions)
         # Longest first so one batch's padding is small; greedy results do not depend on it.
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        order = sorted(prompts, key=lambda i: (-len(prompts[i]), i))
         size = self.config.batch_size
         with self._lock:
             for start in range(0, len(order), size):
@@ -492,6 +499,7 @@ class OpenAIWriter:
     def _post(self, body: dict[str, Any]) -> str:
         """The answer's text, retrying 429/5xx/connection errors until the deadline."""
         from audio_dataset.http import parse_retry_after
+        from audio_dataset.redaction import scrub
 
         deadline = time.monotonic() + self.config.timeout
         headers = {"User-Agent": self.user_agent, "Content-Type": "application/json"}
@@ -507,7 +515,10 @@ class OpenAIWriter:
             except _Retryable as exc:
                 status, retry_after, text = None, None, str(exc)
             if status == 200:
-                return _answer_text(text)
+                try:  # an endpoint echoing the key puts it in no caption, manifest or log
+                    return scrub(_answer_text(text), [self._key()])
+                except _Failure as exc:
+                    raise _Failure(self._scrub(str(exc))) from None
             if status is not None and status != 429 and status < 500:
                 raise _Failure(f"http_{status}: the endpoint refused the request: {self._scrub(text[:200])}")
             wait = parse_retry_after(retry_after) if retry_after else None
