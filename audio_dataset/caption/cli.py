@@ -25,7 +25,7 @@ def run_caption_command(args: argparse.Namespace) -> int:
     listen = ListenOptions(model=args.alm_model, revision=args.alm_revision, questions=questions,
                            batch_size=args.batch_size, dtype=args.dtype, max_new_tokens=args.alm_max_new_tokens,
                            engine=args.engine)
-    check = CheckOptions(args.clap_checkpoint, args.clap_preset, args.retries, args.min_score) \
+    check = CheckOptions(args.clap_checkpoint, args.clap_preset, args.retries, args.min_score, args.batch_size) \
         if args.clap_checkpoint is not None else None
     write = write_step(args) if "write" in steps else None
     options = CaptionOptions(steps=steps, listen=listen, write=write, check=check, num_captions=args.num_captions)
