@@ -58,7 +58,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=ENGINES, default="transformers",
                    help="vllm runs the listening model through vLLM's offline engine (where vllm is installed); "
                         "for the writer, serve it with vLLM and pass --llm-url")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (raise it on a GPU)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per generate call, and clips or captions per CLAP batch in the check "
+                        "(raise it on a GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="model weights; auto: bfloat16 on CUDA, "
                                                                   "float32 on CPU")
     p.add_argument("--num-captions", type=int, default=1, help="distinct captions kept per sample")
