@@ -61,8 +61,8 @@ class ClapChecker:
             if (held is None or held[0] is not clip.audio) and id(clip.audio) not in new:
                 new[id(clip.audio)] = clip
         if len(self._audio) + len(new) > 1024:  # a shard of long clips: bounded memory over speed
-            self._audio = {key: held for key, held in self._audio.items()
-                           if any(held[0] is clip.audio for clip in clips)}
+            wanted = {id(clip.audio) for clip in clips}
+            self._audio = {key: held for key, held in self._audio.items() if key in wanted}
         for rate in {clip.sample_rate for clip in new.values()}:
             group = [clip for clip in new.values() if clip.sample_rate == rate]
             embedded = self.embed.clap.embed_audio([clip.audio for clip in group], sample_rate=rate,
@@ -97,5 +97,6 @@ class ClapChecker:
             scores.append([round(float(s), 6) for s in clap.similarity(audio[row], own)[0].tolist()])
             start, row = start + len(texts), row + 1
         return scores
+
 
 __all__ = ["CheckOptions", "ClapChecker", "check_settings"]
