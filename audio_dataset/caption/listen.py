@@ -271,7 +271,6 @@ class VllmListener(TransformersListener):
     """The same prompts through vLLM's offline engine (GPU machines where vllm is installed)."""
 
     def __init__(self, options: ListenOptions, model: ResolvedModel, kind: str, device: str) -> None:
-        import transformers
         from vllm import LLM, SamplingParams
 
         self.options, self.family, self.device = options, FAMILIES[kind], device

@@ -34,7 +34,6 @@ CHAT_TEMPLATE = (
 def make_tiny_alm(folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny Qwen2-Audio (1 audio layer, 2 text layers, width 32) and its processor to `folder`.
     The same seed gives the same weights."""
-    import torch
     from transformers import GenerationConfig, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, \
         Qwen2AudioProcessor, WhisperFeatureExtractor
 
