@@ -5,6 +5,7 @@ real `generate` path runs end to end, only the weights are random (the answers a
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from audio_dataset.caption.tiny_llm import ENDOFTEXT, IM_END, build_tokenizer, tiny_qwen2_config, word_token_ids
@@ -93,6 +94,12 @@ OMNI_TOKENS = {"audio_token": AUDIO, "audio_bos_token": AUDIO_BOS, "audio_eos_to
                "vision_eos_token": "<|vision_eos|>"}
 
 
+OMNI_IMAGE_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "temporal_patch_size": 2,
+                        "merge_size": 2, "min_pixels": 3136, "max_pixels": 12845056,
+                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                        "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
 def make_tiny_omni(folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny Qwen2.5-Omni in the layout `Qwen/Qwen2.5-Omni-7B` ships: one checkpoint of
     `model_type` qwen2_5_omni (thinker, talker and token2wav weights, `thinker_config` inside), its
@@ -146,6 +153,10 @@ def make_tiny_omni(folder: str | Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(folder)
     features.processor_class = "Qwen2_5OmniProcessor"
     features.save_pretrained(folder)
+    # The download's preprocessor_config.json also holds its image processor's settings (Qwen2-VL's).
+    config_file = folder / "preprocessor_config.json"
+    merged = {**OMNI_IMAGE_PROCESSOR, **json.loads(config_file.read_text(encoding="utf-8"))}
+    config_file.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return folder
 
 
