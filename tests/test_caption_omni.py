@@ -34,19 +34,16 @@ def omni_input(tmp_path_factory) -> Path:
         [_sample("147793__setuniman__sweet-waltz-0i-22mi", 35.0)], [_sample("198-209-0000", 2.0)]]})
 
 
-def _listen(dataset: Path, model: Path, out: Path, batch_size: int) -> dict[str, list[dict]]:
-    assert main(["caption", str(dataset), "--out", str(out), "--steps", "listen", "--alm-model", str(model),
-                 "--questions", _questions(out.parent), "--alm-max-new-tokens", "4",
-                 "--batch-size", str(batch_size), "--workers", "1", "--threads", "1", "--no-progress"]) == 0
-    return {s["__key__"]: json.loads(s["json"])["alm_answers"]
-            for tar in sorted((out / "train").glob("*.tar")) for s in iter_shard(tar)}
+@pytest.fixture(scope="module")
+def listener_b1(omni):
+    """The Omni listener in this process at batch 1 (the stage runs it in a worker)."""
+    from audio_dataset.caption.listen import ListenOptions, make_listener, resolve_alm
+
+    options = ListenOptions(model=str(omni), questions=QUESTIONS, max_new_tokens=4, batch_size=1)
+    return make_listener(options, *resolve_alm(options), "cpu")
 
 
-def _questions(folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "questions.json"
-    path.write_text(json.dumps(["What do you hear?", "Is there music?"]))
-    return str(path)
+QUESTIONS = ("What do you hear?", "Is there music?")
 
 
 def test_the_tiny_omni_is_laid_out_as_the_full_omni_download(omni):
@@ -58,34 +55,46 @@ def test_the_tiny_omni_is_laid_out_as_the_full_omni_download(omni):
     with safe_open(str(omni / "model.safetensors"), "pt") as weights:
         prefixes = {key.split(".")[0] for key in weights.keys()}
     assert prefixes == {"thinker", "talker", "token2wav"}
+    # One preprocessor_config.json for the audio and the image front ends, as the download has.
+    assert {"feature_extractor_type", "image_processor_type"} <= set(json.loads(
+        (omni / "preprocessor_config.json").read_text()))
 
 
-def test_omni_listens_per_window_and_batching_does_not_change_answers(omni, omni_input, tmp_path):
-    one = _listen(omni_input, omni, tmp_path / "b1" / "out", 1)
-    four = _listen(omni_input, omni, tmp_path / "b4" / "out", 4)
-    assert one == four  # greedy answers do not depend on the batch
-    waltz = next(answers for key, answers in one.items() if "waltz" in key)
+def test_omni_listens_per_window_through_the_stage_and_batching_does_not_change_answers(
+        omni, omni_input, listener_b1, tmp_path):
+    from audio_dataset.caption.types import Clip
+    from audio_dataset.curate.embed import _decode  # the stage's own decoder
+
+    questions, out = tmp_path / "questions.json", tmp_path / "out"
+    questions.write_text(json.dumps(list(QUESTIONS)))
+    assert main(["caption", str(omni_input), "--out", str(out), "--steps", "listen", "--alm-model", str(omni),
+                 "--questions", str(questions), "--alm-max-new-tokens", "4", "--batch-size", "4",
+                 "--workers", "1", "--threads", "1", "--no-progress"]) == 0
+    samples = [s for tar in sorted((out / "train").glob("*.tar")) for s in iter_shard(tar)]
+    four = {s["__key__"]: json.loads(s["json"])["alm_answers"] for s in samples}
+    waltz = next(answers for key, answers in four.items() if "waltz" in key)
     assert [(a["start"], a["end"], a["question"]) for a in waltz] == [
-        (0.0, 30.0, "What do you hear?"), (0.0, 30.0, "Is there music?"),
-        (30.0, 35.0, "What do you hear?"), (30.0, 35.0, "Is there music?")]
-    assert all(len(answers) == 2 for key, answers in one.items() if "waltz" not in key)
-    texts = [a["answer"] for answers in one.values() for a in answers]
+        (0.0, 30.0, QUESTIONS[0]), (0.0, 30.0, QUESTIONS[1]), (30.0, 35.0, QUESTIONS[0]), (30.0, 35.0, QUESTIONS[1])]
+    assert all(len(answers) == 2 for key, answers in four.items() if "waltz" not in key)
+    texts = [a["answer"] for answers in four.values() for a in answers]
     assert all(texts) and len(set(texts)) > 1  # the real generate path wrote words that depend on the input
-    rows = pq.read_table(tmp_path / "b1" / "out" / "caption_manifest.parquet").to_pylist()
+    # The same clips one prompt at a time: the same greedy answers.
+    clips = [Clip(s["__key__"], _decode(s["flac"], 16000), 16000) for s in samples]
+    one = listener_b1.listen(clips, list(QUESTIONS))
+    assert {clip.key: [a.as_json() for a in answers] for clip, answers in zip(clips, one)} == four
+    rows = pq.read_table(out / "caption_manifest.parquet").to_pylist()
     assert [r["status"] for r in rows] == [t.LISTENED] * 2 and [r["windows"] for r in rows] == [2, 1]
-    settings = json.loads((tmp_path / "b1" / "out" / ".caption" / "run.json").read_text())["settings"]
-    assert settings["listen"]["model_type"] == "qwen2_5_omni"
+    settings = json.loads((out / ".caption" / "run.json").read_text())["settings"]
+    assert settings["listen"]["model_type"] == "qwen2_5_omni" and settings["batch_size"] == 4
 
 
-def test_the_omni_prompt_carries_its_system_turn(omni):
-    from audio_dataset.caption.listen import ListenOptions, make_listener, resolve_alm
-
-    options = ListenOptions(model=str(omni), max_new_tokens=2, batch_size=2)
-    listener = make_listener(options, *resolve_alm(options), "cpu")
-    assert listener.prompt("Hi").startswith("<|im_start|>system\nYou are Qwen, a virtual human")
-    batch = listener.processor(text=[listener.prompt("Hi")], audio=[np.zeros(3 * 16000, np.float32)],
-                               sampling_rate=16000, return_tensors="pt")
-    audio_id = listener.processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+def test_the_omni_prompt_carries_its_system_turn_and_the_audio_tokens(listener_b1):
+    prompt = listener_b1.prompt("Hi")
+    assert prompt.startswith("<|im_start|>system\nYou are Qwen, a virtual human")
+    assert "<|audio_bos|><|AUDIO|><|audio_eos|>" in prompt
+    batch = listener_b1.processor(text=[prompt], audio=[np.zeros(3 * 16000, np.float32)],
+                                  sampling_rate=16000, return_tensors="pt")
+    audio_id = listener_b1.processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
     assert int((batch["input_ids"] == audio_id).sum()) == 75  # 3 s of audio: 75 audio tokens
 
 
