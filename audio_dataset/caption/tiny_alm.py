@@ -49,9 +49,7 @@ def make_tiny_alm(folder: str | Path, seed: int = 0) -> Path:
     config = Qwen2AudioConfig(
         audio_config={"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
                       "num_mel_bins": 128, "max_source_positions": 1500},
-        text_config={**tiny_qwen2_config(len(tokenizer), eos, pad).to_dict(),
-                     # multimodal rope: (time, height, width) sections of head_dim / 2 = 4 frequencies
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]}},
+        text_config=tiny_qwen2_config(len(tokenizer), eos, pad).to_dict(),
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO),
     )
     model = _random_model(Qwen2AudioForConditionalGeneration, config, tokenizer, seed)
@@ -92,8 +90,7 @@ def _random_model(model_class, config, tokenizer, seed: int, part: str | None = 
 OMNI_TOKENS = {"audio_token": AUDIO, "audio_bos_token": AUDIO_BOS, "audio_eos_token": AUDIO_EOS,
                "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
                "vision_eos_token": "<|vision_eos|>"}
-
-
+# The image processor's settings (Qwen2-VL's), which the download keeps in preprocessor_config.json.
 OMNI_IMAGE_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "temporal_patch_size": 2,
                         "merge_size": 2, "min_pixels": 3136, "max_pixels": 12845056,
                         "image_mean": [0.48145466, 0.4578275, 0.40821073],
@@ -103,8 +100,8 @@ OMNI_IMAGE_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_
 def make_tiny_omni(folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny Qwen2.5-Omni in the layout `Qwen/Qwen2.5-Omni-7B` ships: one checkpoint of
     `model_type` qwen2_5_omni (thinker, talker and token2wav weights, `thinker_config` inside), its
-    tokenizer with the named multimodal tokens and the Whisper feature extractor (no image or video
-    processor: those need torchvision, and listening uses neither)."""
+    tokenizer with the named multimodal tokens, and one preprocessor_config.json for the Whisper
+    feature extractor and the image processor (no video processor config: listening uses none)."""
     from transformers import GenerationConfig, Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, \
         WhisperFeatureExtractor
 
@@ -153,7 +150,6 @@ def make_tiny_omni(folder: str | Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(folder)
     features.processor_class = "Qwen2_5OmniProcessor"
     features.save_pretrained(folder)
-    # The download's preprocessor_config.json also holds its image processor's settings (Qwen2-VL's).
     config_file = folder / "preprocessor_config.json"
     merged = {**OMNI_IMAGE_PROCESSOR, **json.loads(config_file.read_text(encoding="utf-8"))}
     config_file.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
