@@ -136,3 +136,22 @@ def test_the_clap_check_batches_across_samples_with_the_scores_of_one_at_a_time(
     assert [s for scores in again for s in scores] == [s for scores in together[:3] for s in scores]
     assert batched_sizes == [8, 1]
     assert len({round(s, 4) for scores in together for s in scores}) > 5  # the scores tell texts apart
+
+
+def test_the_processors_chat_template_file_wins_over_the_tokenizers(omni, tmp_path):
+    """A download with chat_template.json (the processor's, which renders the audio) renders with it."""
+    import shutil
+
+    from audio_dataset.caption.listen import FAMILIES, load_processor
+    from audio_dataset.caption.tiny_alm import CHAT_TEMPLATE
+
+    folder = Path(shutil.copytree(omni, tmp_path / "omni"))
+    template = "{% for m in messages %}[{{ m['role'] }}]{% endfor %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    processor = load_processor(FAMILIES["qwen2_5_omni"], str(folder))
+    rendered = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                             tokenize=False)
+    assert rendered == "[user]<|audio_bos|><|AUDIO|><|audio_eos|>"
+    (folder / "chat_template.json").write_text("[not json")  # unreadable: the tokenizer's template
+    processor = load_processor(FAMILIES["qwen2_5_omni"], str(folder))
+    assert processor.chat_template == processor.tokenizer.chat_template == CHAT_TEMPLATE

@@ -188,12 +188,13 @@ def load_processor(family: Family, path: str):
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     extractor = transformers.AutoFeatureExtractor.from_pretrained(path)
-    template = tokenizer.chat_template or _processor_chat_template(Path(path))
+    # The processor's own template first: a tokenizer's may be the text-only one.
+    template = _processor_chat_template(Path(path)) or tokenizer.chat_template
     return AudioOnly(feature_extractor=extractor, tokenizer=tokenizer, chat_template=template)
 
 
 def _processor_chat_template(folder: Path) -> str | None:
-    """A processor's chat template saved apart from the tokenizer's (chat_template.json, as
+    """The processor's chat template where saved apart from the tokenizer's (chat_template.json, as
     Qwen2.5-Omni-7B ships it); rendered by transformers' sandboxed Jinja, as AutoProcessor would."""
     try:
         found = json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))
