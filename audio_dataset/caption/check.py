@@ -52,15 +52,24 @@ class ClapChecker:
         # the waveform itself (identity, not the key: keys may repeat across shards), a shard's worth.
         self._audio: dict[int, tuple[Any, Any]] = {}
 
-    def _embed_audio(self, clip: Clip):
-        held = self._audio.get(id(clip.audio))
-        if held is not None and held[0] is clip.audio:
-            return held[1]
-        if len(self._audio) >= 1024:  # a shard of long clips: bounded memory over speed
-            self._audio.clear()
-        embedding = self.embed.clap.embed_audio([clip.audio], sample_rate=clip.sample_rate, batch_size=1)
-        self._audio[id(clip.audio)] = (clip.audio, embedding)
-        return embedding
+    def _embed_audio(self, clips: list[Clip]) -> list[Any]:
+        """Each clip's audio embedding (1, dim); the clips not held yet are embedded together, in
+        batches of --batch-size."""
+        new: dict[int, Clip] = {}
+        for clip in clips:
+            held = self._audio.get(id(clip.audio))
+            if (held is None or held[0] is not clip.audio) and id(clip.audio) not in new:
+                new[id(clip.audio)] = clip
+        if len(self._audio) + len(new) > 1024:  # a shard of long clips: bounded memory over speed
+            wanted = {id(clip.audio) for clip in clips}
+            self._audio = {key: held for key, held in self._audio.items() if key in wanted}
+        for rate in {clip.sample_rate for clip in new.values()}:
+            group = [clip for clip in new.values() if clip.sample_rate == rate]
+            embedded = self.embed.clap.embed_audio([clip.audio for clip in group], sample_rate=rate,
+                                                   batch_size=self.batch_size)
+            for clip, row in zip(group, embedded):
+                self._audio[id(clip.audio)] = (clip.audio, row[None])
+        return [self._audio[id(clip.audio)][1] for clip in clips]
 
     def forget(self) -> None:
         """Drop the held clips (the stage calls it after each shard)."""
@@ -68,11 +77,26 @@ class ClapChecker:
 
     def score(self, clip: Clip, texts: list[str]) -> list[float]:
         """Cosine similarity of each text to the clip (both embeddings L2-normalised, as embed's)."""
-        if not texts:
-            return []
+        return self.score_many([(clip, texts)])[0]
+
+    def score_many(self, requests: list[tuple[Clip, list[str]]]) -> list[list[float]]:
+        """`score` for several clips at once: their audio and all their texts are embedded in
+        batches of --batch-size, the same scores as one clip at a time (to float rounding)."""
         clap = self.embed.clap
-        text = clap.embed_text(texts, batch_size=self.batch_size)
-        return [round(float(s), 6) for s in clap.similarity(self._embed_audio(clip), text)[0].tolist()]
+        flat = [text for _, texts in requests for text in texts]
+        if not flat:
+            return [[] for _ in requests]
+        text = clap.embed_text(flat, batch_size=self.batch_size)
+        audio = self._embed_audio([clip for clip, texts in requests if texts])
+        scores, start, row = [], 0, 0
+        for _, texts in requests:
+            if not texts:
+                scores.append([])
+                continue
+            own = text[start:start + len(texts)]
+            scores.append([round(float(s), 6) for s in clap.similarity(audio[row], own)[0].tolist()])
+            start, row = start + len(texts), row + 1
+        return scores
 
 
 __all__ = ["CheckOptions", "ClapChecker", "check_settings"]

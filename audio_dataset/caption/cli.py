@@ -25,7 +25,7 @@ def run_caption_command(args: argparse.Namespace) -> int:
     listen = ListenOptions(model=args.alm_model, revision=args.alm_revision, questions=questions,
                            batch_size=args.batch_size, dtype=args.dtype, max_new_tokens=args.alm_max_new_tokens,
                            engine=args.engine)
-    check = CheckOptions(args.clap_checkpoint, args.clap_preset, args.retries, args.min_score) \
+    check = CheckOptions(args.clap_checkpoint, args.clap_preset, args.retries, args.min_score, args.batch_size) \
         if args.clap_checkpoint is not None else None
     write = write_step(args) if "write" in steps else None
     options = CaptionOptions(steps=steps, listen=listen, write=write, check=check, num_captions=args.num_captions)
@@ -58,7 +58,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=ENGINES, default="transformers",
                    help="vllm runs the listening model through vLLM's offline engine (where vllm is installed); "
                         "for the writer, serve it with vLLM and pass --llm-url")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (raise it on a GPU)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per generate call, and clips or captions per CLAP batch in the check "
+                        "(raise it on a GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="model weights; auto: bfloat16 on CUDA, "
                                                                   "float32 on CPU")
     p.add_argument("--num-captions", type=int, default=1, help="distinct captions kept per sample")

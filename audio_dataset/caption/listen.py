@@ -45,6 +45,10 @@ class Family:
     model_class: str  # a transformers class name
     system: str | None = None  # a system turn; None keeps the chat template's own default
     audio_kwarg: str = "audio"  # the processor's keyword for the waveforms
+    # A processor class built from the folder's tokenizer and feature extractor alone, for a model
+    # whose processor also holds image and video processors (which need torchvision and are never
+    # used to listen); None: AutoProcessor.
+    audio_only_processor: str | None = None
 
 
 # Qwen2.5-Omni's thinker expects its own system prompt (its model card's), else it warns and drifts.
@@ -52,8 +56,12 @@ _OMNI_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Aliba
                 "auditory and visual inputs, as well as generating text and speech.")
 FAMILIES: dict[str, Family] = {
     "qwen2_audio": Family("Qwen2AudioForConditionalGeneration"),
-    "qwen2_5_omni": Family("Qwen2_5OmniThinkerForConditionalGeneration", system=_OMNI_SYSTEM),
-    "qwen2_5_omni_thinker": Family("Qwen2_5OmniThinkerForConditionalGeneration", system=_OMNI_SYSTEM),
+    # The full Omni checkpoint (thinker, talker, token2wav): the thinker class loads its own weights
+    # from it (`thinker.*`, under `thinker_config`); the speech half is never loaded.
+    "qwen2_5_omni": Family("Qwen2_5OmniThinkerForConditionalGeneration", system=_OMNI_SYSTEM,
+                           audio_only_processor="Qwen2_5OmniProcessor"),
+    "qwen2_5_omni_thinker": Family("Qwen2_5OmniThinkerForConditionalGeneration", system=_OMNI_SYSTEM,
+                                   audio_only_processor="Qwen2_5OmniProcessor"),
 }
 
 
@@ -180,6 +188,37 @@ def _audio_shape(processor, model: ResolvedModel) -> tuple[int, float]:
     return rate, window
 
 
+def load_processor(family: Family, path: str):
+    """The model's own processor; for an audio_only_processor family, that class over the folder's
+    tokenizer, feature extractor and chat template, with no image or video processor."""
+    import transformers
+
+    if family.audio_only_processor is None:
+        return transformers.AutoProcessor.from_pretrained(path)
+    base = getattr(transformers, family.audio_only_processor)
+
+    class AudioOnly(base):  # the class checks every part's type; the two left out are None
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return None if argument is None else super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(path)
+    # The processor's own template first: a tokenizer's may be the text-only one.
+    template = _processor_chat_template(Path(path)) or tokenizer.chat_template
+    return AudioOnly(feature_extractor=extractor, tokenizer=tokenizer, chat_template=template)
+
+
+def _processor_chat_template(folder: Path) -> str | None:
+    """The processor's chat template where saved apart from the tokenizer's (chat_template.json, as
+    Qwen2.5-Omni-7B ships it); rendered by transformers' sandboxed Jinja, as AutoProcessor would."""
+    try:
+        found = json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = found.get("chat_template") if isinstance(found, dict) else None
+    return template if isinstance(template, str) else None
+
+
 class TransformersListener:
     """Batched greedy generation (left padding) with the model's own processor."""
 
@@ -189,7 +228,7 @@ class TransformersListener:
         self.options, self.family, self.device = options, FAMILIES[kind], device
         self.settings = listen_settings(options, model, kind)
         try:
-            self.processor = transformers.AutoProcessor.from_pretrained(model.path)
+            self.processor = load_processor(self.family, model.path)
             model_class = getattr(transformers, self.family.model_class)
             self.model = model_class.from_pretrained(model.path, dtype=torch_dtype(options.dtype, device))
             self.model = self.model.to(device).eval()
@@ -246,12 +285,11 @@ class VllmListener(TransformersListener):
     """The same prompts through vLLM's offline engine (GPU machines where vllm is installed)."""
 
     def __init__(self, options: ListenOptions, model: ResolvedModel, kind: str, device: str) -> None:
-        import transformers
         from vllm import LLM, SamplingParams
 
         self.options, self.family, self.device = options, FAMILIES[kind], device
         self.settings = listen_settings(options, model, kind)
-        self.processor = transformers.AutoProcessor.from_pretrained(model.path)
+        self.processor = load_processor(self.family, model.path)
         self.sample_rate, self.window_seconds = _audio_shape(self.processor, model)
         dtype = {"auto": "bfloat16"}.get(options.dtype, options.dtype)
         self.llm = LLM(model=model.path, dtype=dtype, max_num_seqs=options.batch_size,

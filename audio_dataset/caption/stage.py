@@ -174,25 +174,36 @@ class CaptionProcessor:
                     for entry in entries:
                         entry.kept = entry.candidate.outcome == t.OK
                 break
-            todo = [i for i in todo if not self._check(i, clips[i], metas[i], scored[i], references)]
+            todo = self._check(todo, clips, metas, scored, references)
             if not todo:
                 break
         return scored, references
 
-    def _check(self, i: int, clip: Clip, meta: dict[str, Any], entries: list[_Scored],
-               references: dict[int, float | None]) -> bool:
-        """Score the new candidates; keep the best --num-captions that pass. True when any passed."""
-        new = [e for e in entries if e.score is None and e.candidate.outcome == t.OK]
-        if i not in references:
-            reference = _reference_text(meta) if self.options.check.min_score is None else None
-            texts = [e.candidate.text for e in new] + ([reference] if reference else [])
-            scores = self.checker.score(clip, texts)
-            references[i] = scores.pop() if reference else None
-        else:
-            scores = self.checker.score(clip, [e.candidate.text for e in new])
-        for entry, score in zip(new, scores):
-            entry.score = score
-        bar = self.options.check.min_score if self.options.check.min_score is not None else references[i]
+    def _check(self, todo: list[int], clips: dict[int, Clip], metas: list[dict[str, Any]],
+               scored: dict[int, list[_Scored]], references: dict[int, float | None]) -> list[int]:
+        """Score the new candidates of every sample in `todo` together (the checker batches audio and
+        texts across samples); keep each sample's best --num-captions that pass. Returns the samples
+        none of whose candidates passed."""
+        plans, requests = [], []
+        for i in todo:
+            new = [e for e in scored[i] if e.score is None and e.candidate.outcome == t.OK]
+            reference = _reference_text(metas[i]) \
+                if i not in references and self.options.check.min_score is None else None
+            plans.append((i, new, reference))
+            requests.append((clips[i], [e.candidate.text for e in new] + ([reference] if reference else [])))
+        failed = []
+        for (i, new, reference), scores in zip(plans, self.checker.score_many(requests)):
+            if i not in references:
+                references[i] = scores.pop() if reference else None
+            for entry, score in zip(new, scores):
+                entry.score = score
+            if not self._keep(scored[i], references[i]):
+                failed.append(i)
+        return failed
+
+    def _keep(self, entries: list[_Scored], reference: float | None) -> bool:
+        """Mark the best --num-captions passing candidates kept. True when any passed."""
+        bar = self.options.check.min_score if self.options.check.min_score is not None else reference
         # Scores are rounded to 6 places: the text itself, scored in another batch, is "at least" itself.
         passing = [e for e in entries if e.score is not None and (bar is None or e.score >= bar - 1e-6)]
         passing.sort(key=lambda e: -e.score)
