@@ -174,3 +174,32 @@ def caption_models(tmp_path_factory) -> dict[str, Path]:
 
     return make_tiny_models(tmp_path_factory.mktemp("caption_models"))
 # ---- end caption stage block -----------------------------------------------------------------------
+
+
+# ---- a small trained CLAP (shared by test_curate_search and test_caption_check) ---------------------
+@pytest.fixture(scope="session")
+def trained_tiny_clap(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset, checkpoint): ten 2 s real clips in DATASET/train (two shards of five) and the `tiny`
+    preset trained on them for 80 steps, at ROOT/run/latest.pt with clap-train's results.jsonl beside
+    it. Trained once a session: a minute of CPU. The shards are read only; test_curate_search adds
+    an `embed` run beside them (DATASET/embed), which the other users do not read."""
+    import torch
+
+    from clap_model import main as clap_main
+    from test_clap_data import build_clap_shards
+
+    root = tmp_path_factory.mktemp("trained_tiny_clap")
+    dataset = root / "dataset"
+    build_clap_shards(dataset / "train", clips=10, seconds=2.0, per_shard=5, augment=False)
+    pattern = f"{dataset}/train/{{000000..000001}}.tar"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as the tests that use it ran it: the same numbers
+    try:
+        assert clap_main.main(["--train-data", pattern, "--val-data", pattern, "--model", "tiny", "--batch-size", "10",
+                               "--workers", "1", "--out", str(root / "run"), "--shuffle-buffer", "10",
+                               "--log-every", "100", "--seed", "3", "--epochs", "8", "--train-num-samples", "100",
+                               "--lr", "3e-3", "--warmup", "5"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return dataset, root / "run" / "latest.pt"
+# ---- end trained CLAP block ------------------------------------------------------------------------

@@ -13,24 +13,16 @@ from audio_dataset.caption.stage import CaptionOptions, CaptionProcessor, WriteS
 from audio_dataset.caption.types import Candidate, WriteRequest
 from audio_dataset.shards import iter_shard
 from audio_dataset.stage_runner import ShardJob
-from clap_model import main as clap_main
-from test_clap_data import build_clap_shards  # tests/ is on sys.path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[list[dict], Path]:
-    """(samples, checkpoint): ten 2 s clips and the `tiny` preset trained on them (test_curate_search's recipe)."""
-    root = tmp_path_factory.mktemp("caption_check")
-    build_clap_shards(root / "train", clips=10, seconds=2.0, per_shard=5, augment=False)
-    pattern = f"{root}/train/{{000000..000001}}.tar"
-    assert clap_main.main(["--train-data", pattern, "--val-data", pattern, "--model", "tiny", "--batch-size", "10",
-                           "--workers", "1", "--out", str(root / "run"), "--shuffle-buffer", "10",
-                           "--log-every", "100", "--seed", "3", "--epochs", "8", "--train-num-samples", "100",
-                           "--lr", "3e-3", "--warmup", "5"]) == 0
-    samples = [s for tar in sorted((root / "train").glob("*.tar")) for s in iter_shard(tar)]
-    return samples, root / "run" / "latest.pt"
+def trained(trained_tiny_clap) -> tuple[list[dict], Path]:
+    """(samples, checkpoint): ten 2 s clips and the `tiny` preset trained on them (conftest's
+    trained_tiny_clap, test_curate_search's model)."""
+    dataset, checkpoint = trained_tiny_clap
+    return [s for tar in sorted((dataset / "train").glob("*.tar")) for s in iter_shard(tar)], checkpoint
 
 
 class ScriptedWriter:

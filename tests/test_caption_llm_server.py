@@ -86,6 +86,15 @@ def test_429_is_retried_after_the_wait_it_asks_for(fresh, monkeypatch):
     assert len(_log(url, start)) == 2
 
 
+@pytest.fixture
+def short_backoff(monkeypatch):
+    """The backoff between retries at a tenth of its length: the tests count the tries, not the wait."""
+    from audio_dataset.caption import write
+
+    monkeypatch.setattr(write, "_BACKOFF_BASE", write._BACKOFF_BASE / 10)
+
+
+@pytest.mark.usefixtures("short_backoff")
 def test_5xx_is_retried_with_backoff(fresh, monkeypatch):
     url, start = fresh
     _control(url, "/_fault", kind="500", times=2)
@@ -93,6 +102,7 @@ def test_5xx_is_retried_with_backoff(fresh, monkeypatch):
     assert candidates[0].outcome == OK and len(_log(url, start)) == 3
 
 
+@pytest.mark.usefixtures("short_backoff")
 def test_5xx_past_the_retries_is_an_llm_error_not_an_exception(fresh, monkeypatch):
     url, start = fresh
     _control(url, "/_fault", kind="500", times=3)

@@ -48,8 +48,8 @@ Write 2 different captions for this clip, each following every rule and worded d
 
 
 @pytest.fixture(scope="module")
-def llm_folder(tmp_path_factory):
-    return make_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
+def llm_folder(caption_models):
+    return caption_models["llm"]  # make_tiny_llm's, built once a session
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,15 @@ import pytest
 
 from audio_dataset.cli import main
 from audio_dataset.shards import iter_shard
-from clap_model import main as clap_main
-from test_clap_data import build_clap_shards  # tests/ is on sys.path
 
 pytestmark = pytest.mark.usefixtures("ray_local", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(dataset, checkpoint): ten 2 s clips, and the `tiny` preset trained on them for 80 steps."""
-    root = tmp_path_factory.mktemp("search")
-    dataset = root / "dataset"
-    build_clap_shards(dataset / "train", clips=10, seconds=2.0, per_shard=5, augment=False)
-    pattern = f"{dataset}/train/{{000000..000001}}.tar"
-    assert clap_main.main(["--train-data", pattern, "--val-data", pattern, "--model", "tiny", "--batch-size", "10",
-                           "--workers", "1", "--out", str(root / "run"), "--shuffle-buffer", "10",
-                           "--log-every", "100", "--seed", "3", "--epochs", "8", "--train-num-samples", "100",
-                           "--lr", "3e-3", "--warmup", "5"]) == 0
-    checkpoint = root / "run" / "latest.pt"
+def trained(trained_tiny_clap) -> tuple[Path, Path]:
+    """(dataset, checkpoint): ten 2 s clips, and the `tiny` preset trained on them for 80 steps
+    (conftest's trained_tiny_clap), embedded here."""
+    dataset, checkpoint = trained_tiny_clap
     assert main(["embed", str(dataset), "--checkpoint", str(checkpoint), "--no-progress"]) == 0
     return dataset, checkpoint
 
