@@ -63,7 +63,7 @@ def test_the_tiny_omni_is_laid_out_as_the_full_omni_download(omni):
 def test_omni_listens_per_window_through_the_stage_and_batching_does_not_change_answers(
         omni, omni_input, listener_b1, tmp_path):
     from audio_dataset.caption.types import Clip
-    from audio_dataset.curate.embed import _decode  # the stage's own decoder
+    from audio_dataset.caption.stage import decode_whole  # the stage's own decoder
 
     questions, out = tmp_path / "questions.json", tmp_path / "out"
     questions.write_text(json.dumps(list(QUESTIONS)))
@@ -79,7 +79,7 @@ def test_omni_listens_per_window_through_the_stage_and_batching_does_not_change_
     texts = [a["answer"] for answers in four.values() for a in answers]
     assert all(texts) and len(set(texts)) > 1  # the real generate path wrote words that depend on the input
     # The same clips one prompt at a time: the same greedy answers.
-    clips = [Clip(s["__key__"], _decode(s["flac"], 16000), 16000) for s in samples]
+    clips = [Clip(s["__key__"], decode_whole(s["flac"], 16000), 16000) for s in samples]
     one = listener_b1.listen(clips, list(QUESTIONS))
     assert {clip.key: [a.as_json() for a in answers] for clip, answers in zip(clips, one)} == four
     rows = pq.read_table(out / "caption_manifest.parquet").to_pylist()

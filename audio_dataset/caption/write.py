@@ -609,7 +609,7 @@ def add_writer_arguments(parser: argparse.ArgumentParser, shared: bool = True,
                        help="seconds per sample's request, retries included (default 120)")
     group.add_argument("--llm-retries", type=int, default=4, help="retries on 429, 5xx and lost connections")
     group.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
-    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens whose probability adds up to this (1 = all)")
     group.add_argument("--max-new-tokens", type=int, default=64, help="per caption asked for (default 64)")
     group.add_argument("--language", default="en",
                        help="language the captions must be in, ISO 639-1 (default en); 'any' skips the check")

@@ -15,6 +15,7 @@ from audio_dataset.curate.common import OK, file_digest, read_columns
 from audio_dataset.curate.embed import ROW_COLUMNS, embedding_model, split_files
 from audio_dataset.curate.index import full_vectors, load_index
 from audio_dataset.source import UserError
+from audio_dataset.storage import location
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Searcher:
     """Loads each split's index and rows once; `text` and `audio` queries then cost one embedding."""
 
     def __init__(self, dataset: UPath, embed_dir: UPath, options: SearchOptions) -> None:
-        self.dataset, self.embed_dir, self.options = dataset, embed_dir, options
+        self.dataset, self.embed_dir, self.options = location(dataset), location(embed_dir), options
         if options.k < 1:
             raise UserError("-k must be at least 1")
         self.model = embedding_model(embed_dir)
