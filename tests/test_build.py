@@ -170,6 +170,7 @@ def _manifest_rows(out: Path) -> list[dict]:
     return sorted(manifest.read_table(out / manifest.MANIFEST_FILE).to_pylist(), key=lambda r: r["source_id"])
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_resume_after_kill_9_equals_a_clean_run(tmp_path: Path, mixed_input: Path) -> None:
     args = ["build", "--source", "local", "--input", str(mixed_input), "--samples-per-shard", "1",
             "--workers", "1", "--no-progress"]

@@ -202,6 +202,7 @@ def straight(shards, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("signum,group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_a_signal_saves_a_checkpoint_that_resume_continues(shards, straight, tmp_path, capsys, signum, group):
     capsys.readouterr()
     out = tmp_path / "run"
@@ -265,6 +266,7 @@ def test_the_shipped_vocabulary_is_what_its_readme_says(tmp_path):
     assert len(ids) < 16 and tokenizer.decode(ids, skip_special_tokens=True) == "The sound of Dog, Bark and Speech"
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_an_evaluation_a_stop_cut_short_is_done_on_resume(shards, tmp_path, capsys):
     """Stopped after an epoch's checkpoint but before its evaluation row: `--resume latest` evaluates
     that epoch first, so results.jsonl holds every epoch's row, as the uninterrupted run's does."""

@@ -46,6 +46,7 @@ def _results(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_learns_until_retrieval_is_perfect(shards, tmp_path, capsys):
     out = tmp_path / "run"
     code = clap_main.main(_args(shards, out, "--val-data", _pattern(shards), "--zeroshot-data", _pattern(shards),
@@ -148,6 +149,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_two_process_ddp_on_gloo(shards, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

@@ -1,6 +1,7 @@
 """The README's curation loop (build -> clap-train -> embed -> dedup -> filter -> search) runs as written."""
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from test_readme_tour import readme_commands  # tests/ is on sys.path
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_the_readme_curation_loop_runs_as_written(tmp_path):
     bin_dir = Path(sys.executable).parent
     outputs = []

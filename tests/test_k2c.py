@@ -374,6 +374,7 @@ def test_k2c_with_keybert_keyphrases(ray_local, input_dir, minilm, tmp_path):
     assert orchestra["captions"][0].startswith("The sound of ")
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_killed_run_resumes_to_the_clean_output(ray_local, samples, random_t5, tmp_path):
     s = samples
     input_dir = _write_input(tmp_path / "in", {"train": [[s["robin"], s["whale"]], [s["trumpet"], s["drums"]],

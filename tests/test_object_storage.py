@@ -1,6 +1,7 @@
 """Builds into and out of object storage, against a real S3 API server on loopback (moto server mode)."""
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -29,6 +30,7 @@ def _objects(prefix: str) -> dict[str, bytes]:
     return found
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_build_to_s3_verifies_and_matches_a_local_build(tmp_path: Path, s3_env: dict[str, str]) -> None:
     common = ["build", "--source", "local", "--samples-per-shard", "4", "--workers", "2", "--no-progress"]
     # The input itself lives in the bucket too.
@@ -62,6 +64,7 @@ def test_build_to_s3_verifies_and_matches_a_local_build(tmp_path: Path, s3_env: 
     assert provenance["stage"] == "build" and provenance["finished_at"] >= provenance["started_at"]
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_shards_in_object_storage_are_complete_whenever_visible(s3_env: dict[str, str]) -> None:
     """Poll the bucket during a build: every .tar object that exists opens to its end."""
     proc = subprocess.Popen([*CLI, "build", "--source", "local", "--input", str(REAL_AUDIO_DIR), "--out",
@@ -82,6 +85,7 @@ def test_shards_in_object_storage_are_complete_whenever_visible(s3_env: dict[str
     assert len([k for k in _objects("poll/") if k.endswith(".tar")]) == 10
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_k2c_and_clap_train_read_shards_from_s3(tmp_path: Path, s3_env: dict[str, str]) -> None:
     """build -> s3, k2c s3 -> s3, then clap-train streams the k2c shards straight from the bucket."""
     built = subprocess.run([*CLI, "build", "--source", "local", "--input", str(REAL_AUDIO_DIR), "--out",

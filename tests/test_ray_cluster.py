@@ -103,6 +103,7 @@ def recipe_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], str]]:
             marker.unlink()
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_the_readme_recipe_builds_over_both_nodes(tmp_path: Path,
                                                   recipe_cluster: tuple[str, dict[str, str], str]) -> None:
     address, env, build_line = recipe_cluster

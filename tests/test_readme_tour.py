@@ -2,6 +2,7 @@
 then transformers loading the export) runs as written, offline."""
 from __future__ import annotations
 
+import pytest
 import re
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def _tour_commands() -> list[str]:
     return readme_commands("tour")
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_the_readme_tour_runs_as_written(tmp_path):
     bin_dir = Path(sys.executable).parent
     commands = _tour_commands()

@@ -168,6 +168,7 @@ def _tree(out: Path) -> dict[str, bytes]:
                              out / manifest.MANIFEST_FILE, out / "stats.json"])}
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_a_retry_killed_mid_way_is_finished_by_a_rerun(site, tmp_path, real_clips):
     failing = ["07076050", "07076047", "07076043", "07076037"]
     for sid in failing:
@@ -241,6 +242,7 @@ def test_a_retry_stopped_while_committing_is_finished_by_the_next(site, tmp_path
     assert len(_retry_runs(out)) == 1
 
 
+@pytest.mark.slow  # the CI's second pytest line runs it (README: set up, test, run)
 def test_retry_in_object_storage(site, s3_env):
     from conftest import BUCKET
 
