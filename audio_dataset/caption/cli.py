@@ -5,9 +5,7 @@ import argparse
 from pathlib import Path
 
 from audio_dataset.caption.listen import DEFAULT_ALM, DTYPES, ENGINES
-from audio_dataset.k2c.cli import add_worker_options, report, run_options
-from audio_dataset.storage import location
-from clap_model.flags import add_renamed
+from audio_dataset.stage_cli import add_run_options, report, run_options
 
 
 def _steps(value: str) -> tuple[str, ...]:
@@ -38,12 +36,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("caption", help="recaption shards: an audio-language model listens, an LLM writes, "
                                               "CLAP checks (text_llm, alm_answers, caption_scores)")
-    p.add_argument("dataset", type=location, metavar="DATASET",
-                   help="a build output (SPLIT/NNNNNN.tar + sizes.json): a folder or an fsspec URL")
-    p.add_argument("--out", required=True, type=location,
-                   help="new output folder or fsspec URL (rerun the same command to resume)")
-    add_worker_options(p)
-    add_renamed(p, {"--input": "the positional DATASET"})
+    add_run_options(p)
     p.add_argument("--steps", type=_steps,
                    help="comma-separated: listen, write, check (default all three; write needs --llm or "
                         "--llm-url, check needs --clap-checkpoint)")

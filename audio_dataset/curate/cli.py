@@ -8,7 +8,7 @@ from pathlib import Path
 from upath import UPath
 
 from audio_dataset.curate.index import INDEX_KINDS  # faiss itself loads only when an index is built
-from audio_dataset.k2c.cli import add_worker_options, report, run_options
+from audio_dataset.stage_cli import add_worker_options, report, run_options
 from audio_dataset.source import UserError
 from audio_dataset.storage import location
 from clap_model.params import add_max_checkpoint_bytes

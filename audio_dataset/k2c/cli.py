@@ -4,31 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from upath import UPath
-
 from audio_dataset.k2c.generate import DEFAULT_MODEL, DTYPES, Decoding
 from audio_dataset.k2c.keywords import DEFAULT_KEYBERT_MODEL, SYNONYM_MODES, KeyBertSettings
-from audio_dataset.stage_runner import DEVICES, RunOptions, RunSummary
-from audio_dataset.storage import location
+from audio_dataset.stage_cli import add_run_options, report, run_options
+from audio_dataset.stage_runner import RunOptions
 from clap_model.flags import add_renamed
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", type=location, metavar="DATASET",
-                   help="a build output (SPLIT/NNNNNN.tar + sizes.json): a folder or an fsspec URL")
-    p.add_argument("--out", required=True, type=location,
-                   help="new output folder or fsspec URL (rerun the same command to resume)")
-    add_worker_options(p)
-    add_renamed(p, {"--input": "the positional DATASET"})
-
-
-def add_worker_options(p: argparse.ArgumentParser) -> None:
-    """The options every stage on the shard-to-shard runner takes."""
-    p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else 1)")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default: CPUs / workers)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto uses the GPUs when Ray has any")
-    p.add_argument("--ray-address", help="join a Ray cluster (default: start local Ray)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_keybert_options(p: argparse.ArgumentParser) -> None:
@@ -51,18 +31,6 @@ def _keybert(args: argparse.Namespace) -> KeyBertSettings:
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
     return run_options(args, args.dataset, args.out)
-
-
-def run_options(args: argparse.Namespace, input_dir: UPath, out: UPath) -> RunOptions:
-    return RunOptions(input=input_dir, out=out, workers=args.workers, threads=args.threads,
-                      device=args.device,
-                      ray_address=args.ray_address, progress=not args.no_progress)
-
-
-def report(name: str, summary: RunSummary) -> None:
-    counts = ", ".join(f"{count} {status}" for status, count in summary.statuses.items())
-    print(f"{name}: {summary.samples} sample(s) ({counts}) in {summary.shards} shard(s), "
-          f"{summary.resumed} already done, {summary.seconds:.1f}s; manifest {summary.manifest}")
 
 
 def run_k2c_command(args: argparse.Namespace) -> int:
@@ -91,7 +59,7 @@ def run_keywords_command(args: argparse.Namespace) -> int:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     d = Decoding()
     p = subparsers.add_parser("k2c", help="add keyword-to-caption captions (text_augment_t5/_all) to shards")
-    _add_run_options(p)
+    add_run_options(p)
     p.add_argument("--caption-model", default=DEFAULT_MODEL,
                    help=f"the seq2seq captioning model: hub id or local folder, or 'template' "
                         f"(default {DEFAULT_MODEL})")
@@ -122,7 +90,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_k2c_command)
 
     p = subparsers.add_parser("keywords", help="fill empty `tag` lists with KeyBERT keyphrases of descriptions")
-    _add_run_options(p)
+    add_run_options(p)
     _add_keybert_options(p)
     add_renamed(p, {"--model": "--keybert-model"})
     p.add_argument("--replace", action="store_true", help="replace existing tags too")
