@@ -6,7 +6,8 @@ pipeline's own cost around `generate`, not a 7B model's. Clips: the ten bundled 
 (tests/data/real-audio, 2-49 s), built into two shards.
 
 - bare: the same work with nothing of the stage around it: the listening model's processor and
-  `generate` on the same windows, prompts and batches; the LLM's `generate` on the same prompts.
+  `generate` on the same windows, prompts and batches (per shard, as the stage batches); the LLM's
+  `generate` on the same prompts.
 - stage: `process_shard` per shard with `--steps listen,write`, what each worker runs: read the tar,
   decode and resample, windows, listen, write, clean, JSON, write the tar and the manifest part.
 The overhead is stage / bare - 1 (target: under 10 %). Models are loaded before either is timed.
@@ -131,12 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         processor = CaptionProcessor(options, resolve_alm(listen), None, args.device)
         writer = processor.writer
         questions = list(DEFAULT_QUESTIONS)
-        samples = [s for job in find_jobs(dataset, tmp / "out", "caption") for s in read_input_shard(job)]
-        clips = [processor._clip(s) for s in samples]
+        # Per shard, as the stage batches: a batch never mixes two shards' windows, so bare does the
+        # same generate calls and the difference is the stage's own work around them.
+        shards = [read_input_shard(job) for job in find_jobs(dataset, tmp / "out", "caption")]
+        samples = [s for shard in shards for s in shard]
+        shard_clips = [[processor._clip(s) for s in shard] for shard in shards]
+        clips = [clip for shard in shard_clips for clip in shard]
         # The writer reads the answers, in the stage and here alike (untimed: listen is timed below).
-        heard = processor.listener.listen(clips, questions)
-        requests = [WriteRequest(s["__key__"], _metadata(json.loads(s["json"])), tuple(a))
-                    for s, a in zip(samples, heard)]
+        shard_requests = [[WriteRequest(s["__key__"], _metadata(json.loads(s["json"])), tuple(a))
+                           for s, a in zip(shard, processor.listener.listen(shard_clip, questions))]
+                          for shard, shard_clip in zip(shards, shard_clips)]
 
         def timed(fn) -> tuple[float, int]:
             best, count = float("inf"), 0
@@ -147,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             return best, count
 
         bare_listen(processor.listener, clips[:2], questions[:1])  # warm-up
-        t_listen, answers = timed(lambda: bare_listen(processor.listener, clips, questions))
-        t_write, captions = timed(lambda: bare_write(writer, requests))
+        t_listen, answers = timed(lambda: sum(bare_listen(processor.listener, shard, questions)
+                                              for shard in shard_clips))
+        t_write, captions = timed(lambda: sum(bare_write(writer, shard) for shard in shard_requests))
 
         def stage() -> int:
             out = tmp / f"out{time.perf_counter_ns()}"
