@@ -15,7 +15,6 @@ The sample JSON fields read: `class_labels` (list, the dataset's spelling; `tag`
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import stat
@@ -28,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from clap_model.clap import CLAP
+from clap_model import files
 from clap_model.config import UsageError
 from clap_model.data import AudioSpec, LoaderConfig, ShardDataset, ShardSet, make_loader
 from clap_model.metrics import class_ranks, multilabel_map, per_class_accuracy, retrieval_metrics
@@ -261,20 +261,9 @@ def checkpoint_sha256(path: str) -> str | None:
     """The file's sha256; a folder's (Hugging Face) over its files' names and contents in name order;
     None for a hub id (nothing local to hash)."""
     target = Path(path)
-    if target.is_file():
-        files = [target]
-    elif target.is_dir():
-        files = sorted(p for p in target.rglob("*") if p.is_file() and not p.is_symlink())
-    else:
+    if not (target.is_file() or target.is_dir()):
         return None
-    digest = hashlib.sha256()
-    for file in files:
-        if target.is_dir():
-            digest.update(str(file.relative_to(target)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return files.tree_sha256(target, skip_links=True)
 
 
 def published_for(task: Task, checkpoint: str, reference: str | None) -> dict[str, dict[str, Any]]:

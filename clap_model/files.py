@@ -7,6 +7,7 @@ export); a symbolic link or anything else there is refused in one line naming it
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -90,3 +91,18 @@ def check_out(out: Path, resume: str | None) -> None:
         held = "a run (latest.pt)" if (out / "latest.pt").exists() else "files"
         raise UsageError(f"--out {out} already holds {held}; continue it with --resume latest, "
                          "or name a new or empty folder")
+
+
+def tree_sha256(path: Path, skip_links: bool = False) -> str:
+    """sha256 (hex) of a file, or of a folder's files (relative names and bytes, in name order);
+    `skip_links` leaves out links inside the folder. The caller checks `path` is a file or folder."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not (skip_links and p.is_symlink())) \
+        if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,7 +1,6 @@
 """What the curation stages share: a sample's audio and captions, a model's identity, small tables."""
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from audio_dataset.schema import JSON_EXT, MAX_CAPTION_CHARS, load_json_object
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError
 from audio_dataset.storage import read_json
+from clap_model.files import tree_sha256
 
 OK = "ok"
 NO_AUDIO = "no_audio"  # no audio member, or one that does not decode
@@ -46,15 +46,7 @@ def file_digest(path: Path) -> str:
     """sha256 of a checkpoint file, or of a checkpoint folder's files (names and bytes) in order."""
     if not (path.is_dir() or path.is_file()):  # a FIFO or device would block or never end
         raise UserError(f"{path}: not a regular file or folder")
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    return "sha256:" + tree_sha256(path)
 
 
 def model_identity(checkpoint: Path, preset: str | None, max_checkpoint_bytes: int | None = None,
