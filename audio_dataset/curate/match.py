@@ -174,18 +174,22 @@ def map_task(plan: MatchPlan, index: int) -> dict[str, Any]:
     return stats
 
 
+def _read_parts(paths: list, schema: pa.Schema) -> pa.Table:
+    """The parts written so far (a task that had nothing for this range wrote none), as one table."""
+    tables = [_read_table(path) for path in paths if path.exists()]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
 def hash_task(plan: MatchPlan, k: int) -> dict[str, Any]:
     """Hash range `k`: the stop-list and the candidate votes, split by pair range."""
     name = f"h{k:05d}"
     if (stats := _resumed(plan, name)) is not None:
         return stats
     folder = plan.root / "hashes" / f"p{k:05d}"
-    files = [folder / f"m{m:06d}.parquet" for m in range(len(plan.map_groups))]
-    tables = [_read_table(path) for path in files if path.exists()]
-    table = pa.concat_tables(tables) if tables else OCCURRENCE_SCHEMA.empty_table()
+    table = _read_parts([folder / f"m{m:06d}.parquet" for m in range(len(plan.map_groups))], OCCURRENCE_SCHEMA)
     occurrences = table.num_rows
     columns = [table.column(c).to_numpy() for c in ("hash", "time", "item")]
-    del table, tables
+    del table
     votes = fp.candidate_votes(*columns, threshold=plan.threshold, first_other=plan.first_other)
     del columns
     bucket = _bucket(votes.pair, plan.pair_partitions)
@@ -208,9 +212,7 @@ def pair_task(plan: MatchPlan, r: int) -> dict[str, Any]:
     if (stats := _resumed(plan, name)) is not None:
         return stats
     folder = plan.root / "votes" / f"r{r:05d}"
-    tables = [_read_table(folder / f"h{k:05d}.parquet") for k in range(plan.partitions)
-              if (folder / f"h{k:05d}.parquet").exists()]
-    table = pa.concat_tables(tables) if tables else VOTE_SCHEMA.empty_table()
+    table = _read_parts([folder / f"h{k:05d}.parquet" for k in range(plan.partitions)], VOTE_SCHEMA)
     votes = fp.aggregate(table.column("pair").to_numpy(), table.column("offset").to_numpy().astype(np.int64),
                          table.column("count").to_numpy())
     matches = fp.best_matches(votes, _sizes(plan))
