@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from audio_dataset.caption.template_guard import bounded, refusal
 from audio_dataset.caption.types import Clip, WindowAnswer
 from audio_dataset.caption.write import DTYPES, _torch_dtype as torch_dtype  # one rule for both models' dtype
 from audio_dataset.k2c.models import ResolvedModel, resolve_model
@@ -229,24 +230,28 @@ class TransformersListener:
         self.settings = listen_settings(options, model, kind)
         try:
             self.processor = load_processor(self.family, model.path)
+        except Exception as exc:  # noqa: BLE001 - the folder is data: its config can make transformers raise anything
+            raise _load_error(model, exc) from None
+        self.prompts = _checked_prompts(self, model)  # before the weights: a bad template fails fast
+        try:
             model_class = getattr(transformers, self.family.model_class)
             self.model = model_class.from_pretrained(model.path, dtype=torch_dtype(options.dtype, device))
             self.model = self.model.to(device).eval()
         except Exception as exc:  # noqa: BLE001 - the folder is data: its config can make transformers raise anything
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise UserError(f"cannot load --alm-model {model.spec}: {reason}") from None
+            raise _load_error(model, exc) from None
         self.processor.tokenizer.padding_side = "left"  # decoder-only: new tokens follow every prompt directly
         self.sample_rate, self.window_seconds = _audio_shape(self.processor, model)
 
     def prompt(self, question: str) -> str:
-        """The rendered chat template for one question (what the model reads, audio tokens aside)."""
-        return self.processor.apply_chat_template(messages(self.family, question), add_generation_prompt=True,
-                                                  tokenize=False)
+        """The rendered chat template for one question (what the model reads, audio tokens aside),
+        within the template guard's time and size bounds."""
+        return bounded(lambda: self.processor.apply_chat_template(messages(self.family, question),
+                                                                  add_generation_prompt=True, tokenize=False))
 
     def listen(self, clips: list[Clip], questions: list[str]) -> list[list[WindowAnswer]]:
         items = [_Item(i, start, end, q) for i, clip in enumerate(clips)
                  for start, end in windows(len(clip.audio), self.sample_rate, self.window_seconds) for q in questions]
-        prompts = {q: self.prompt(q) for q in questions}
+        prompts = {q: self.prompts.get(q) or self.prompt(q) for q in questions}
         # Longest windows first, then by prompt: a batch's windows and prompts pad to similar lengths.
         order = sorted(range(len(items)),
                        key=lambda n: (-(items[n].end - items[n].start), len(prompts[items[n].question]), n))
@@ -289,7 +294,11 @@ class VllmListener(TransformersListener):
 
         self.options, self.family, self.device = options, FAMILIES[kind], device
         self.settings = listen_settings(options, model, kind)
-        self.processor = load_processor(self.family, model.path)
+        try:
+            self.processor = load_processor(self.family, model.path)
+        except Exception as exc:  # noqa: BLE001 - as TransformersListener
+            raise _load_error(model, exc) from None
+        self.prompts = _checked_prompts(self, model)
         self.sample_rate, self.window_seconds = _audio_shape(self.processor, model)
         dtype = {"auto": "bfloat16"}.get(options.dtype, options.dtype)
         self.llm = LLM(model=model.path, dtype=dtype, max_num_seqs=options.batch_size,
@@ -302,6 +311,21 @@ class VllmListener(TransformersListener):
                     for item in chunk]
         outputs = self.llm.generate(requests, self.params, use_tqdm=False)
         return [out.outputs[0].text.strip() for out in outputs]
+
+
+def _load_error(model: ResolvedModel, exc: Exception) -> UserError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return UserError(f"cannot load --alm-model {model.spec}: {reason}")
+
+
+def _checked_prompts(listener: TransformersListener, model: ResolvedModel) -> dict[str, str]:
+    """Every question's prompt, rendered once as the model loads: the folder's chat template is the
+    same for every window, so one that fails, loops or balloons here refuses the model."""
+    try:
+        return {q: listener.prompt(q) for q in listener.options.questions}
+    except Exception as exc:  # noqa: BLE001 - jinja's errors, the sandbox's, raise_exception(), TemplateLimit
+        raise refusal("--alm-model", model.spec, model.path, getattr(listener.processor, "chat_template", None),
+                      exc) from None
 
 
 def make_listener(options: ListenOptions, model: ResolvedModel, kind: str, device: str) -> TransformersListener:

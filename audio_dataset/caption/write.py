@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable
 
 from audio_dataset.caption.clean import ANY_LANGUAGE, clean_answer
+from audio_dataset.caption.template_guard import TemplateLimit, bounded, refusal
 from audio_dataset.caption.types import LLM_ERROR, Candidate, WindowAnswer, Writer, WriteRequest
 from audio_dataset.schema import MAX_CAPTION_CHARS
 from audio_dataset.source import UserError
@@ -309,27 +310,38 @@ class TransformersWriter:
         try:
             # trust_remote_code stays off: a model folder is data, its Python is never run.
             self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(config.dtype, self.device))
         except Exception as exc:  # noqa: BLE001 - the folder is data: its config.json can make transformers raise anything
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise UserError(f"cannot load --llm {config.llm}: {reason}") from None
+            raise _load_error(config, exc) from None
         if self.tokenizer.chat_template is None:
             raise UserError(f"--llm {config.llm}: its tokenizer has no chat template (not a chat model)")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = self.model.to(self.device).eval()
         added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
         self.special_tokens = tuple(str(t) for t in self.tokenizer.all_special_tokens) + tuple(
             str(t) for t in added if getattr(t, "special", False))
-        self.system_turn = _takes_system_turn(self.tokenizer)
+        self._check_template(path)  # before the weights: a bad template fails fast
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(config.dtype, self.device))
+        except Exception as exc:  # noqa: BLE001 - as the tokenizer
+            raise _load_error(config, exc) from None
+        self.model = self.model.to(self.device).eval()
         self._lock = threading.Lock()
+
+    def _check_template(self, folder: str | None) -> None:
+        """The folder's chat template is the same for every sample: one that fails, loops or
+        balloons on a test conversation refuses the model here, not once per sample."""
+        try:
+            self.system_turn = _takes_system_turn(self.tokenizer)
+            self.prompt(_PROBE_REQUEST, 2)
+        except Exception as exc:  # noqa: BLE001 - jinja's errors, the sandbox's, raise_exception(), TemplateLimit
+            raise refusal("--llm", str(self.config.llm), folder, self.tokenizer.chat_template, exc) from None
 
     def prompt(self, request: WriteRequest, num_captions: int) -> str:
         """The rendered chat, exactly as the model reads it."""
         messages = build_messages(request, num_captions, self.config.language, self.special_tokens)
         if not self.system_turn:
             messages = merge_system_turn(messages)
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return bounded(lambda: self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     def write(self, requests: list[WriteRequest], num_captions: int, attempt: int) -> list[list[Candidate]]:
         decoding = self.config.decoding.for_attempt(attempt)
@@ -406,15 +418,29 @@ def merge_system_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def _takes_system_turn(tokenizer) -> bool:
-    """Whether the chat template renders a system turn (some raise, some drop it silently)."""
+    """Whether the chat template renders a system turn (some raise, some drop it silently); a
+    template past its time or size bound raises TemplateLimit."""
     probe = "\u2063system-probe\u2063"
     try:
-        rendered = tokenizer.apply_chat_template(
+        rendered = bounded(lambda: tokenizer.apply_chat_template(
             [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}], tokenize=False,
-            add_generation_prompt=True)
+            add_generation_prompt=True))
+    except TemplateLimit:
+        raise
     except Exception:  # noqa: BLE001 - jinja's TemplateError and whatever raise_exception() raises
         return False
     return probe in rendered
+
+
+# What a sample's prompt holds, for the load-time check of the chat template.
+_PROBE_REQUEST = WriteRequest("template-probe", {"title": "Rain on a tin roof", "tags": ["rain", "roof"],
+                                                 "text": ["Rain falls on a metal roof."]},
+                              (WindowAnswer(0.0, 10.0, "What do you hear?", "Steady rain on metal."),))
+
+
+def _load_error(config: WriterConfig, exc: Exception) -> UserError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return UserError(f"cannot load --llm {config.llm}: {reason}")
 
 
 def _device(device: str) -> str:

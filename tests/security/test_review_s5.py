@@ -213,11 +213,17 @@ def test_a_template_that_raises_on_one_samples_data_fails_that_sample_alone(llm_
 def test_a_template_reaching_for_python_is_stopped_by_the_sandbox(llm_folder, tmp_path):
     from audio_dataset.caption.types import WriteRequest
 
+    from audio_dataset.source import UserError
+
     mark = tmp_path / "RAN"
-    template = ("{% for m in messages %}" + TURNS
-                + "{{ cycler.__init__.__globals__['os'].system('touch " + str(mark) + "') }}")
+    reach = "{{ cycler.__init__.__globals__['os'].system('touch " + str(mark) + "') }}"
+    # On every conversation: the load-time test render refuses the model.
+    with pytest.raises(UserError, match="chat_template.jinja.*SecurityError"):
+        _template_writer(llm_folder, tmp_path / "always", "{% for m in messages %}" + TURNS + reach)
+    # On one sample's data only: that sample fails.
+    template = "{% for m in messages %}" + TURNS + "{% if 'REACH' in messages[-1]['content'] %}" + reach + "{% endif %}"
     writer = _template_writer(llm_folder, tmp_path / "llm", template)
-    [candidates] = writer.write([WriteRequest("k", {"title": "a dog"})], 1, 0)
+    [candidates] = writer.write([WriteRequest("k", {"title": "REACH"})], 1, 0)
     assert not mark.exists()
     assert [c.outcome for c in candidates] == ["llm_error"] and "SecurityError" in candidates[0].raw
 

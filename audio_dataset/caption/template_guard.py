@@ -1,0 +1,116 @@
+"""Time and size bounds on rendering a model folder's chat template.
+
+A chat template is Jinja read from the model folder (chat_template.jinja, chat_template.json,
+tokenizer_config.json): untrusted. transformers renders it in jinja2's sandbox, so it runs no Python
+and `range` is capped, but nested loops can run for hours and `'x' * 10**8` builds 100 MB. Jinja
+compiles a template to Python code, so a trace function (this thread only, no signal, no process)
+sees every line it runs: past RENDER_SECONDS, or once its output or a string it holds passes
+MAX_PROMPT_CHARS, the trace raises TemplateLimit inside the render. Not bounded: the memory of one
+single operation (`'x' * 10**10` allocates before the next line runs).
+
+The callers render a test conversation when the model loads (`refusal` turns a failure there into
+the one-line error that refuses the model) and every real prompt through `bounded` too, since a
+template can behave differently on one sample's data.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from audio_dataset.source import UserError
+
+# A chat template renders in milliseconds (traced: a few); this leaves a busy machine's margin.
+RENDER_SECONDS = 2.0
+# Our prompts are a few kilobytes (the write step's data block is cut to well under 200 kB); past
+# this no model's context would hold it anyway.
+MAX_PROMPT_CHARS = 1_000_000
+# Where a model folder keeps its chat template, in the order the error names them.
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json", "processor_config.json")
+_JINJA_CODE = "<template>"  # the file name jinja compiles a template string under
+
+
+class TemplateLimit(Exception):
+    """A chat template ran past RENDER_SECONDS or built more than MAX_PROMPT_CHARS."""
+
+
+@dataclass
+class _Watch:
+    seconds: float
+    max_chars: int
+    deadline: float
+    written: int = 0
+
+    def trace(self, frame, event: str, arg: Any):
+        if time.monotonic() > self.deadline:
+            raise TemplateLimit(f"took over {self.seconds:g} s to render")
+        if frame.f_code.co_filename == _JINJA_CODE:
+            # A template's output is what its generator frames yield: count it as it is made.
+            if event == "return" and isinstance(arg, str) and frame.f_code.co_flags & inspect.CO_GENERATOR:
+                self.written += len(arg)
+                if self.written > self.max_chars:
+                    raise self._too_long()
+            elif event == "line" and any(isinstance(v, str) and len(v) > self.max_chars
+                                         for v in frame.f_locals.values()):
+                raise self._too_long()  # a `{% set %}` string, never written out
+        return self.trace
+
+    def _too_long(self) -> TemplateLimit:
+        return TemplateLimit(f"built more than {self.max_chars:,} characters")
+
+
+def bounded(render: Callable[[], str], seconds: float = RENDER_SECONDS, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """render(), raising TemplateLimit once it runs past `seconds` or builds past `max_chars`."""
+    watch = _Watch(seconds, max_chars, time.monotonic() + seconds)
+    previous = sys.gettrace()  # a debugger's or coverage's: back once the render ends
+    sys.settrace(watch.trace)
+    try:
+        rendered = render()
+    finally:
+        sys.settrace(previous)
+    if not isinstance(rendered, str):
+        raise TemplateLimit(f"rendered a {type(rendered).__name__}, not text")
+    if len(rendered) > max_chars:
+        raise watch._too_long()
+    return rendered
+
+
+def template_file(folder: str | Path | None, template: Any) -> str:
+    """The file in `folder` that holds `template`, for an error message (the folder if none matches)."""
+    if folder is None:
+        return "its chat template"
+    for name in TEMPLATE_FILES:
+        if _holds(Path(folder) / name, template):
+            return str(Path(folder) / name)
+    return f"the chat template in {folder}"
+
+
+def _holds(path: Path, template: Any) -> bool:
+    try:
+        if path.stat().st_size > 64 * 2**20:
+            return False
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jinja":
+            return text == template
+        found = json.loads(text)
+    except (OSError, ValueError, RecursionError):
+        return False
+    value = found.get("chat_template") if isinstance(found, dict) else None
+    if isinstance(value, list):  # several named templates: [{"name": ..., "template": ...}]
+        return any(isinstance(v, dict) and v.get("template") == template for v in value)
+    return value == template
+
+
+def refusal(flag: str, spec: str, folder: str | Path | None, template: Any, exc: Exception) -> UserError:
+    """The one line that refuses a model whose chat template fails on a test conversation."""
+    reason = str(exc) if isinstance(exc, TemplateLimit) else \
+        f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    return UserError(f"{flag} {spec}: its chat template ({template_file(folder, template)}) failed on a test "
+                     f"conversation: {reason}")
+
+
+__all__ = ["MAX_PROMPT_CHARS", "RENDER_SECONDS", "TemplateLimit", "bounded", "refusal", "template_file"]
