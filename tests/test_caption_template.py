@@ -1,0 +1,140 @@
+"""A model folder's chat template is a stranger's Jinja: it renders within a time and a size bound,
+and one that fails, loops or balloons on a test conversation refuses the model in one line (exit 2,
+as any other bad model folder) within seconds, through `audiodata caption`."""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from audio_dataset.caption.template_guard import MAX_PROMPT_CHARS, RENDER_SECONDS, TemplateLimit, bounded
+from audio_dataset.cli import main
+from test_k2c import _sample, _write_input  # tests/ is on sys.path
+
+pytestmark = pytest.mark.usefixtures("ray_local", "one_torch_thread")
+
+# Ten billion loop turns: hours, had nothing bounded it (the sandbox caps each range at 100,000).
+LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+HUNDRED_MB = "{{ 'x' * 100000000 }}"
+# The sandbox refuses this range at once; the test render turns that into the same refusal.
+HUGE_RANGE = "{% for i in range(10**9) %}x{% endfor %}"
+
+
+def _render(template: str) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    return render_jinja_template([[{"role": "user", "content": "hi"}]], chat_template=template,
+                                 add_generation_prompt=True)[0][0]
+
+
+def test_bounded_stops_a_loop_at_its_deadline_and_restores_the_tracer():
+    def tracer(frame, event, arg):
+        return None
+
+    sys.settrace(tracer)
+    try:
+        start = time.monotonic()
+        with pytest.raises(TemplateLimit, match="took over 0.5 s"):
+            bounded(lambda: _render(LOOPS), seconds=0.5)
+        assert time.monotonic() - start < 5
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(None)
+
+
+@pytest.mark.parametrize("template", [
+    HUNDRED_MB,
+    "{% for i in range(100000) %}{{ range(100000)|join }}{% endfor %}",  # stopped as it is written out
+    "{% set s = 'x' * 10**8 %}{% set t = s ~ s %}ok",  # held in a variable, never written
+])
+def test_bounded_stops_a_template_that_builds_too_much(template):
+    with pytest.raises(TemplateLimit, match=f"more than {MAX_PROMPT_CHARS:,} characters"):
+        bounded(lambda: _render(template))
+
+
+def test_bounded_passes_a_chat_template_through():
+    from audio_dataset.caption.tiny_llm import CHATML_TEMPLATE
+
+    assert bounded(lambda: _render(CHATML_TEMPLATE)) == _render(CHATML_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def one_clip(tmp_path_factory) -> Path:
+    return _write_input(tmp_path_factory.mktemp("template_in"),
+                        {"train": [[_sample("456440__inspectorj__bird-whistling-robin-single-13", 2.0)]]})
+
+
+def _with_template(source: Path, folder: Path, template: str) -> Path:
+    shutil.copytree(source, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    return folder
+
+
+def _caption(one_clip: Path, out: Path, *args: str) -> int:
+    return main(["caption", str(one_clip), "--out", str(out), *args, "--alm-max-new-tokens", "2",
+                 "--max-new-tokens", "4", "--workers", "1", "--threads", "1", "--no-progress"])
+
+
+@pytest.mark.timeout(120)  # unbounded, the first would render for hours
+@pytest.mark.parametrize("template, reason", [
+    (LOOPS, f"took over {RENDER_SECONDS:g} s to render"),
+    (HUNDRED_MB, f"built more than {MAX_PROMPT_CHARS:,} characters"),
+    (HUGE_RANGE, "OverflowError: Range too big"),
+])
+def test_an_llm_whose_template_hangs_or_balloons_is_refused_in_one_line(one_clip, caption_models, tmp_path,
+                                                                        capsys, template, reason):
+    folder = _with_template(caption_models["llm"], tmp_path / "llm", template)
+    start = time.monotonic()
+    assert _caption(one_clip, tmp_path / "out", "--steps", "write", "--llm", str(folder)) == 2
+    assert time.monotonic() - start < 60  # the worker's start and the tokenizer's load included
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--llm {folder}: its chat template ({folder / 'chat_template.jinja'}) failed on a test conversation" \
+        in err and reason in err, err
+
+
+@pytest.mark.timeout(120)
+def test_an_alm_whose_template_hangs_is_refused_in_one_line(one_clip, caption_models, tmp_path, capsys):
+    folder = _with_template(caption_models["alm"], tmp_path / "alm", LOOPS)
+    start = time.monotonic()
+    assert _caption(one_clip, tmp_path / "out", "--steps", "listen", "--alm-model", str(folder)) == 2
+    assert time.monotonic() - start < 60
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--alm-model {folder}: its chat template ({folder / 'chat_template.jinja'})" in err, err
+    assert f"took over {RENDER_SECONDS:g} s to render" in err, err
+
+
+def test_the_tiny_models_still_caption_through_the_guard(one_clip, caption_models, tmp_path):
+    out = tmp_path / "out"
+    assert _caption(one_clip, out, "--steps", "listen,write", "--alm-model", str(caption_models["alm"]),
+                    "--llm", str(caption_models["llm"])) == 0
+    [row] = pq.read_table(out / "caption_manifest.parquet").to_pylist()
+    assert row["status"] in ("captioned", "no_caption") and row["candidates"], row
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["one_sample", "every_sample"])
+def test_a_template_that_hangs_on_one_samples_data_fails_that_sample_alone(caption_models, tmp_path, where):
+    """The test render passes; the sample whose data trips the loop is llm_error, the other is written."""
+    from audio_dataset.caption.types import WriteRequest
+    from audio_dataset.caption.write import Decoding, WriterConfig, make_writer
+    from audio_dataset.source import UserError
+
+    trip = "{% if 'TRIPWIRE' in messages[-1]['content'] %}" + LOOPS + "{% endif %}" if where == "one_sample" else LOOPS
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{% endfor %}" + trip + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    folder = _with_template(caption_models["llm"], tmp_path / "llm", template)
+    config = WriterConfig(llm=str(folder), device="cpu", language=None, decoding=Decoding(max_new_tokens=2))
+    if where == "every_sample":
+        with pytest.raises(UserError, match="took over"):
+            make_writer(config)
+        return
+    bad, good = make_writer(config).write([WriteRequest("bad", {"title": "TRIPWIRE"}),
+                                           WriteRequest("good", {"title": "a dog"})], 1, 0)
+    assert [c.outcome for c in bad] == ["llm_error"] and "TemplateLimit: took over" in bad[0].raw
+    assert good and good[0].outcome != "llm_error"
