@@ -232,8 +232,10 @@ def vllm_write(setup: Setup, folders: dict[str, Path], tmp: Path) -> Callable[[i
 
 def vllm_status() -> str | None:
     """None where vLLM imports, else why not (one line)."""
+    import importlib
+
     try:
-        import vllm  # noqa: F401
+        importlib.import_module("vllm")
     except Exception as exc:  # noqa: BLE001 - ImportError, or a CUDA mismatch raised at import
         return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
     return None
