@@ -81,7 +81,7 @@ def _caption(one_clip: Path, out: Path, *args: str) -> int:
 
 @pytest.mark.timeout(120)  # unbounded, the first would render for hours
 @pytest.mark.parametrize("template, reason", [
-    (LOOPS, f"took over {RENDER_SECONDS:g} s to render"),
+    (LOOPS, f"took over {RENDER_SECONDS:g} s"),
     (HUNDRED_MB, f"built more than {MAX_PROMPT_CHARS:,} characters"),
     (HUGE_RANGE, "OverflowError: Range too big"),
 ])
@@ -93,7 +93,7 @@ def test_an_llm_whose_template_hangs_or_balloons_is_refused_in_one_line(one_clip
     assert time.monotonic() - start < 60  # the worker's start and the tokenizer's load included
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert f"--llm {folder}: its chat template ({folder / 'chat_template.jinja'}) failed on a test conversation" \
+    assert f"--llm {folder}: its chat template ({folder / 'chat_template.jinja'}) failed a test render: " \
         in err and reason in err, err
 
 
@@ -106,7 +106,7 @@ def test_an_alm_whose_template_hangs_is_refused_in_one_line(one_clip, caption_mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"--alm-model {folder}: its chat template ({folder / 'chat_template.jinja'})" in err, err
-    assert f"took over {RENDER_SECONDS:g} s to render" in err, err
+    assert f"failed a test render: took over {RENDER_SECONDS:g} s" in err, err
 
 
 def test_the_tiny_models_still_caption_through_the_guard(one_clip, caption_models, tmp_path):
@@ -138,3 +138,33 @@ def test_a_template_that_hangs_on_one_samples_data_fails_that_sample_alone(capti
                                            WriteRequest("good", {"title": "a dog"})], 1, 0)
     assert [c.outcome for c in bad] == ["llm_error"] and "TemplateLimit: took over" in bad[0].raw
     assert good and good[0].outcome != "llm_error"
+
+
+def _long_template(blocks: int) -> str:
+    """A legitimate template, long: `blocks` branches on the role, then ChatML."""
+    from audio_dataset.caption.tiny_llm import CHATML_TEMPLATE
+
+    return "".join(f"{{% if messages[0]['role'] == 'r{i}' %}}{i}{{% endif %}}" for i in range(blocks)) + CHATML_TEMPLATE
+
+
+def test_compiling_happens_outside_the_deadline():
+    """Traced, jinja's compiler would spend the render's deadline on a long template; compiled first
+    (as the steps do when the model loads), the render alone is timed."""
+    from audio_dataset.caption.template_guard import precompile
+
+    template = _long_template(600)
+    with pytest.raises(TemplateLimit, match="took over"):
+        bounded(lambda: _render(template), seconds=0.2)  # compiling inside the trace
+    precompile(template)
+    assert bounded(lambda: _render(template), seconds=0.2).endswith("<|im_start|>assistant\n")
+
+
+def test_a_template_past_its_length_cap_is_refused_before_compiling(caption_models, tmp_path):
+    from audio_dataset.caption.template_guard import MAX_TEMPLATE_CHARS
+    from audio_dataset.caption.write import Decoding, WriterConfig, make_writer
+    from audio_dataset.source import UserError
+
+    template = "{# " + "x" * MAX_TEMPLATE_CHARS + " #}" + _long_template(0)
+    folder = _with_template(caption_models["llm"], tmp_path / "llm", template)
+    with pytest.raises(UserError, match=f"chat_template.jinja\\) failed a test render: is {len(template):,} characters"):
+        make_writer(WriterConfig(llm=str(folder), device="cpu", decoding=Decoding(max_new_tokens=2)))

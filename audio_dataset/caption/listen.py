@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from audio_dataset.caption.template_guard import bounded, refusal
+from audio_dataset.caption.template_guard import bounded, precompile, refusal
 from audio_dataset.caption.types import Clip, WindowAnswer
 from audio_dataset.caption.write import DTYPES, _torch_dtype as torch_dtype  # one rule for both models' dtype
 from audio_dataset.k2c.models import ResolvedModel, resolve_model
@@ -322,6 +322,7 @@ def _checked_prompts(listener: TransformersListener, model: ResolvedModel) -> di
     """Every question's prompt, rendered once as the model loads: the folder's chat template is the
     same for every window, so one that fails, loops or balloons here refuses the model."""
     try:
+        precompile(getattr(listener.processor, "chat_template", None))
         return {q: listener.prompt(q) for q in listener.options.questions}
     except Exception as exc:  # noqa: BLE001 - jinja's errors, the sandbox's, raise_exception(), TemplateLimit
         raise refusal("--alm-model", model.spec, model.path, getattr(listener.processor, "chat_template", None),

@@ -8,9 +8,10 @@ sees every line it runs: past RENDER_SECONDS, or once its output or a string it 
 MAX_PROMPT_CHARS, the trace raises TemplateLimit inside the render. Not bounded: the memory of one
 single operation (`'x' * 10**10` allocates before the next line runs).
 
-The callers render a test conversation when the model loads (`refusal` turns a failure there into
-the one-line error that refuses the model) and every real prompt through `bounded` too, since a
-template can behave differently on one sample's data.
+The callers compile the template (`precompile`, untraced: its cost is bounded by its length) and
+render a test conversation when the model loads (`refusal` turns a failure there into the one-line
+error that refuses the model), and every real prompt goes through `bounded` too, since a template
+can behave differently on one sample's data.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ RENDER_SECONDS = 2.0
 # Our prompts are a few kilobytes (the write step's data block is cut to well under 200 kB); past
 # this no model's context would hold it anyway.
 MAX_PROMPT_CHARS = 1_000_000
+# Real chat templates are a few kilobytes (tool-calling ones under 20 kB); compiling one costs time
+# in proportion to its length, and compiling happens outside the deadline (`precompile`).
+MAX_TEMPLATE_CHARS = 256 * 1024
 # Where a model folder keeps its chat template, in the order the error names them.
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json", "processor_config.json")
 _JINJA_CODE = "<template>"  # the file name jinja compiles a template string under
@@ -47,7 +51,7 @@ class _Watch:
 
     def trace(self, frame, event: str, arg: Any):
         if time.monotonic() > self.deadline:
-            raise TemplateLimit(f"took over {self.seconds:g} s to render")
+            raise TemplateLimit(f"took over {self.seconds:g} s")
         if frame.f_code.co_filename == _JINJA_CODE:
             # A template's output is what its generator frames yield: count it as it is made.
             if event == "return" and isinstance(arg, str) and frame.f_code.co_flags & inspect.CO_GENERATOR:
@@ -77,6 +81,22 @@ def bounded(render: Callable[[], str], seconds: float = RENDER_SECONDS, max_char
     if len(rendered) > max_chars:
         raise watch._too_long()
     return rendered
+
+
+def precompile(template: Any) -> None:
+    """Compile `template` (one string, or a dict of named ones) into transformers' cache before any
+    traced render: jinja's compiler is Python, so traced, a long legitimate template could spend a
+    busy machine's deadline compiling. Its length is checked first; a syntax error raises here."""
+    from transformers.utils import chat_template_utils
+
+    compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)  # cached by transformers
+    for text in (template.values() if isinstance(template, dict) else [template]):
+        if not isinstance(text, str):
+            continue
+        if len(text) > MAX_TEMPLATE_CHARS:
+            raise TemplateLimit(f"is {len(text):,} characters long (at most {MAX_TEMPLATE_CHARS:,})")
+        if compile_template is not None:
+            compile_template(text)
 
 
 def template_file(folder: str | Path | None, template: Any) -> str:
@@ -109,8 +129,9 @@ def refusal(flag: str, spec: str, folder: str | Path | None, template: Any, exc:
     """The one line that refuses a model whose chat template fails on a test conversation."""
     reason = str(exc) if isinstance(exc, TemplateLimit) else \
         f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-    return UserError(f"{flag} {spec}: its chat template ({template_file(folder, template)}) failed on a test "
-                     f"conversation: {reason}")
+    return UserError(f"{flag} {spec}: its chat template ({template_file(folder, template)}) failed a test render: "
+                     f"{reason}")
 
 
-__all__ = ["MAX_PROMPT_CHARS", "RENDER_SECONDS", "TemplateLimit", "bounded", "refusal", "template_file"]
+__all__ = ["MAX_PROMPT_CHARS", "MAX_TEMPLATE_CHARS", "RENDER_SECONDS", "TemplateLimit", "bounded", "precompile",
+           "refusal", "template_file"]

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable
 
 from audio_dataset.caption.clean import ANY_LANGUAGE, clean_answer
-from audio_dataset.caption.template_guard import TemplateLimit, bounded, refusal
+from audio_dataset.caption.template_guard import TemplateLimit, bounded, precompile, refusal
 from audio_dataset.caption.types import LLM_ERROR, Candidate, WindowAnswer, Writer, WriteRequest
 from audio_dataset.schema import MAX_CAPTION_CHARS
 from audio_dataset.source import UserError
@@ -331,6 +331,7 @@ class TransformersWriter:
         """The folder's chat template is the same for every sample: one that fails, loops or
         balloons on a test conversation refuses the model here, not once per sample."""
         try:
+            precompile(self.tokenizer.chat_template)
             self.system_turn = _takes_system_turn(self.tokenizer)
             self.prompt(_PROBE_REQUEST, 2)
         except Exception as exc:  # noqa: BLE001 - jinja's errors, the sandbox's, raise_exception(), TemplateLimit
