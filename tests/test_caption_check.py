@@ -9,7 +9,7 @@ import pytest
 
 from audio_dataset.caption import types as t
 from audio_dataset.caption.check import CheckOptions
-from audio_dataset.caption.stage import CaptionOptions, CaptionProcessor, WriteStep
+from audio_dataset.caption.stage import SCORE_TOLERANCE, CaptionOptions, CaptionProcessor, WriteStep
 from audio_dataset.caption.types import Candidate, WriteRequest
 from audio_dataset.shards import iter_shard
 from audio_dataset.stage_runner import ShardJob
@@ -60,12 +60,12 @@ def test_a_true_caption_passes_and_another_clips_is_rejected_and_rewritten(train
     # The model ranks a clip's own caption above the next clip's for most clips (R@1 >= 0.6 here).
     assert len(rejected_first) >= 5, rows
     for row in rejected_first:  # the other clip's caption scored under the text; the rewrite passed
-        assert row["scores"][0] < row["reference_score"] <= row["scores"][1] + 1e-6
+        assert row["scores"][0] < row["reference_score"] <= row["scores"][1] + SCORE_TOLERANCE
         assert row["captions"] == [texts[row["key"]]] and row["status"] == t.CAPTIONED
     for row in rows:
         assert row["status"] == t.CAPTIONED
         if row["attempts"] == [0]:  # kept at once: it scored at least the sample's own text
-            assert row["scores"][0] >= row["reference_score"] - 1e-6
+            assert row["scores"][0] >= row["reference_score"] - SCORE_TOLERANCE
     # Only the rejected samples were rewritten, once.
     assert writer.calls[1] == (sorted((r["key"] for r in rejected_first), key=list(texts).index), 1)
     assert len(writer.calls) == 2

@@ -39,6 +39,10 @@ CAPTION_SCORES_FIELD = "caption_scores"
 # Fields this stage writes: never part of what the writer reads as the sample's metadata.
 OWN_FIELDS = (TEXT_LLM_FIELD, ALM_ANSWERS_FIELD, CAPTION_SCORES_FIELD)
 
+# Two scores of one text from two batches, each rounded to 6 places, can differ by 1e-6, and
+# `a >= b - 1e-6` is float arithmetic at that very boundary (0.435832 vs 0.435833 failed it).
+SCORE_TOLERANCE = 2e-6
+
 _strings = pa.list_(pa.string())
 CAPTION_SCHEMA = pa.schema([
     ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
@@ -205,7 +209,7 @@ class CaptionProcessor:
         """Mark the best --num-captions passing candidates kept. True when any passed."""
         bar = self.options.check.min_score if self.options.check.min_score is not None else reference
         # Scores are rounded to 6 places: the text itself, scored in another batch, is "at least" itself.
-        passing = [e for e in entries if e.score is not None and (bar is None or e.score >= bar - 1e-6)]
+        passing = [e for e in entries if e.score is not None and (bar is None or e.score >= bar - SCORE_TOLERANCE)]
         passing.sort(key=lambda e: -e.score)
         for entry in entries:
             entry.kept = False
