@@ -27,8 +27,8 @@ from audio_dataset.source import UserError
 
 # A chat template renders in milliseconds (traced: a few); this leaves a busy machine's margin.
 RENDER_SECONDS = 2.0
-# Our prompts are a few kilobytes (the write step's data block is cut to well under 200 kB); past
-# this no model's context would hold it anyway.
+# Our prompts are a few kilobytes; a million characters is a quarter of a million tokens or more,
+# past any model's context, so a sample whose prompt is longer would fail in generate anyway.
 MAX_PROMPT_CHARS = 1_000_000
 # Real chat templates are a few kilobytes (tool-calling ones under 20 kB); compiling one costs time
 # in proportion to its length, and compiling happens outside the deadline (`precompile`).
@@ -39,7 +39,8 @@ _JINJA_CODE = "<template>"  # the file name jinja compiles a template string und
 
 
 class TemplateLimit(Exception):
-    """A chat template ran past RENDER_SECONDS or built more than MAX_PROMPT_CHARS."""
+    """A chat template ran past RENDER_SECONDS, built more than MAX_PROMPT_CHARS or is longer than
+    MAX_TEMPLATE_CHARS."""
 
 
 @dataclass
