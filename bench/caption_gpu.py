@@ -246,7 +246,8 @@ def measure(setup: Setup, json_path: Path) -> dict[str, Any]:
     row, so a run stopped by its time limit keeps what it measured."""
     import torch
 
-    from audio_dataset.caption.tiny_models import make_tiny_models
+    from audio_dataset.caption.tiny_alm import make_tiny_alm
+    from audio_dataset.caption.tiny_llm import make_tiny_llm
 
     started = STARTED
     result: dict[str, Any] = {"step": setup.step, "engine": setup.engine, "shape": "7b" if setup.big else "tiny",
@@ -264,7 +265,8 @@ def measure(setup: Setup, json_path: Path) -> dict[str, Any]:
         save()
         return result
     with tempfile.TemporaryDirectory() as tmp:
-        folders = make_tiny_models(Path(tmp) / "tiny")
+        # The tokenizers, processors and templates (tiny_models' CLAP would need the clap-train stack).
+        folders = {"alm": make_tiny_alm(Path(tmp) / "alm"), "llm": make_tiny_llm(Path(tmp) / "llm")}
         builders = {("listen", "transformers"): transformers_listen, ("write", "transformers"): transformers_write}
         if setup.engine == "vllm":
             run = (vllm_listen if setup.step == "listen" else vllm_write)(setup, folders, Path(tmp))
