@@ -15,8 +15,9 @@ decodes to nothing, which changes no timing).
 What runs is the step's own code, not a copy: `TransformersListener.listen` and
 `TransformersWriter.write` (their model swapped for the 7B-shaped one), and for vLLM the offline
 engine behind `VllmListener._generate` on a folder holding the 7B config and the tiny tokenizer,
-weights `load_format="dummy"` (random, never read from disk). The writer goes through vLLM as a
-server in production (`--llm-url`); its offline figure here is that engine's ceiling.
+weights `load_format="dummy"` (random, never read from disk), tokens not detokenized (the 7B
+vocabulary is past the tiny tokenizer's). The writer goes through vLLM as a server in production
+(`--llm-url`); its offline figure here is that engine's ceiling.
 
 Every answer and caption runs to its full length (min_new_tokens, ignore_eos): the figures are for
 128-token answers and 64-token captions (the defaults' ceilings); real ones stop sooner. Clips are
@@ -202,7 +203,7 @@ def vllm_listen(setup: Setup, folders: dict[str, Path], tmp: Path) -> Callable[[
 
     def run(batch: int, tokens: int) -> int:
         listener.options = replace(options, batch_size=batch)
-        listener.params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        listener.params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False)
         return sum(len(a) for a in listener.listen(clips(batch), list(DEFAULT_QUESTIONS)))
     return run
 
@@ -219,7 +220,7 @@ def vllm_write(setup: Setup, folders: dict[str, Path], tmp: Path) -> Callable[[i
               max_num_seqs=max(setup.batch_sizes), max_model_len=4096, gpu_memory_utilization=0.85)
 
     def run(batch: int, tokens: int) -> int:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False)
         prompts = [prompter.prompt(r, 1) for r in requests(2 * batch)]
         done = 0
         for first in range(0, len(prompts), batch):  # the transformers writer's batches
