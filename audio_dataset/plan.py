@@ -39,8 +39,9 @@ from audio_dataset.source import UserError, read_definition
 # audio seconds per CPU second of the whole build (driver, Ray's services, workers), the build
 # checked to have made every sample. CPU seconds rather than wall time, which the other work on a
 # shared machine stretches; Ray's services still cost more CPU the longer a run takes, so a figure
-# taken on a loaded machine errs low (a plan that is too long, not too short).
-AUDIO_SECONDS_PER_CORE_SECOND = 313
+# taken on a loaded machine errs low (a plan that is too long, not too short); this one is an idle
+# machine's (2026-12-07, 1,536 items).
+AUDIO_SECONDS_PER_CORE_SECOND = 635
 # bench/RESULTS.md, download: fraction of the in-flight / latency ceiling at the default 16 in flight.
 DOWNLOAD_CEILING_FRACTION = 0.88
 # bench/RESULTS.md, k2c: t5-base (k2t-base's shape), batch 16, 2 CPU cores.

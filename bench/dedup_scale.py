@@ -16,7 +16,7 @@ process, wall time, from real audio up to stand-in corpora of 100k+ clips, with 
    `dedup.analyse`, the code the fingerprint stage runs per sample; matching is `curate/match.py` on Ray.
 2. stand-in: above what 2 shared cores decode in the time, fingerprints are synthetic hash streams
    with the real ones' statistics, measured in step 1 (`Model`): hashes per second; each hash a real
-   one from the real clips' pool or its three fields from their real marginals, mixed so that two
+   one from the real clips' pool or its four fields from their real marginals, mixed so that two
    clips' hashes collide as often as real ones do (both rates are printed); and for each planted
    transform the share of a clip's hashes its copy keeps at the right offset and the copy's own
    hash count. Clips of 4-10 s, 1 in 1000 of 3 minutes; 0.5% of the dataset's items are planted
@@ -56,6 +56,10 @@ SOURCE_RATE = 22_050
 SPEEDS = 0.6 * 1.06 ** np.arange(24)
 TRANSFORMS = ("mp3_128k", "resample_16k", "gain_-9dB", "trim_0.5s", "trim_3s", "stereo_48k", "excerpt_30s")
 PART_ROWS = 2_000  # stand-in items per fingerprint part (a shard's worth)
+# A key's fields, (name, shift, mask): the anchor's band, then each partner's (df, dt).
+FIELDS = (("band", fp.PARTNERS * fp.PART_BITS, 0xFF),
+          *((f"partner{n}", (fp.PARTNERS - 1 - n) * fp.PART_BITS, (1 << fp.PART_BITS) - 1)
+            for n in range(fp.PARTNERS)))
 
 
 def peak_mb() -> float:
@@ -68,22 +72,25 @@ class Clip:
     name: str
     wave: np.ndarray  # mono float32 at SOURCE_RATE
     pieces: list[tuple[int, int, int]] = field(default_factory=list)  # (tape, start, end) samples
+    recordings: set[int] = field(default_factory=set)  # which of the ten recordings it holds
 
 
-def _tapes() -> list[np.ndarray]:
+def _tapes() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per speed, the ten recordings joined, and where each recording starts in it."""
     recordings = []
     for path in sorted((ROOT / "tests" / "data" / "real-audio").glob("*.ogg")):
         decoded = decode(path.read_bytes())
         recordings.append(resample(decoded.samples.mean(axis=0, keepdims=True), decoded.sample_rate, SOURCE_RATE)[0])
-    tapes = []
+    tapes, starts = [], []
     for speed in SPEEDS:  # played `speed` times faster: resampled to rate/speed, read at rate
-        tapes.append(np.concatenate([resample(r[None, :], SOURCE_RATE, int(round(SOURCE_RATE / speed)))[0]
-                                     for r in recordings]))
-    return tapes
+        played = [resample(r[None, :], SOURCE_RATE, int(round(SOURCE_RATE / speed)))[0] for r in recordings]
+        tapes.append(np.concatenate(played))
+        starts.append(np.cumsum([0] + [len(p) for p in played[:-1]]))
+    return tapes, starts
 
 
 def distinct_clips(rng: np.random.Generator, long_tapes: int = 4) -> list[Clip]:
-    tapes = _tapes()
+    tapes, starts = _tapes()
     clips: list[Clip] = []
     used: list[tuple[int, int, int]] = []
     for t in range(long_tapes):  # 3-minute clips, one per tape (a tape is 2.5-8 minutes)
@@ -117,6 +124,8 @@ def distinct_clips(rng: np.random.Generator, long_tapes: int = 4) -> list[Clip]:
         clip.wave = (clip.wave + rng.standard_normal(len(clip.wave)).astype(np.float32)
                      * np.std(clip.wave) * 10 ** (-snr / 20)).astype(np.float32)
         used += clip.pieces
+        clip.recordings = {int(np.searchsorted(starts[t], x, side="right")) - 1 for t, a, b in clip.pieces
+                           for x in range(a, b, SOURCE_RATE)}
     _check_disjoint(used)
     return clips
 
@@ -169,7 +178,7 @@ def _write_parts(folder: Path, prints: list[fp.Fingerprint], first: int = 0) -> 
     for at in range(0, len(prints), PART_ROWS):
         chunk = prints[at: at + PART_ROWS]
         path = folder / f"{first + at:09d}.parquet"
-        pq.write_table(pa.table({"hashes": pa.array([p.hashes for p in chunk], pa.list_(pa.uint32())),
+        pq.write_table(pa.table({"hashes": pa.array([p.hashes for p in chunk], pa.list_(pa.uint64())),
                                  "times": pa.array([p.times for p in chunk], pa.list_(pa.int32()))}), path)
         parts.append(matching.part_of(matching.UPath(path), first + at))
     return parts
@@ -232,20 +241,48 @@ def run_real(out: Path, per_transform: int, seed: int) -> dict:
             "span_offset_error_s_max": round(max(span_errors), 4) if span_errors else None,
             "seconds": {"make": round(made - started, 1), "fingerprint": round(fingerprinted - made, 1),
                         "match": result.report["seconds"]},
-            "match": result.report, "model": _model(prints, plants, found, durations)}
+            "collision": _collision_by_relation(prints, clips),
+            "match": result.report, "model": _model(prints, plants, found, durations, clips)}
 
 
-def _model(prints: list[fp.Fingerprint], plants: list, found: dict, durations: list[float]) -> dict:
-    """The stand-in's statistics, from the real fingerprints."""
+def _collision_by_relation(prints: list[fp.Fingerprint], clips: list[Clip]) -> dict:
+    """P(a key of one distinct clip equals a key of another), over all pairs, over pairs holding no
+    recording in common, and over pairs from one recording (music repeats itself)."""
+    per = [np.unique(prints[i].hashes) for i in range(len(clips))]
+    owner = np.repeat(np.arange(len(per)), [len(p) for p in per])
+    values = np.concatenate(per)
+    order = np.argsort(values, kind="stable")
+    values, owner = values[order], owner[order]
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    sizes = np.array([len(p) for p in per], np.float64)
+    shared = {"all": 0.0, "unrelated": 0.0}
+    for lo, hi in zip(starts, np.r_[starts[1:], len(values)]):
+        if hi - lo < 2:
+            continue
+        members = owner[lo:hi]
+        for x in range(len(members)):
+            for y in range(x + 1, len(members)):
+                shared["all"] += 1
+                shared["unrelated"] += not (clips[members[x]].recordings & clips[members[y]].recordings)
+    related_pairs = np.zeros((2,))
+    for x in range(len(clips)):  # key pairs of clip pairs sharing a recording, and of all clip pairs
+        for y in range(x + 1, len(clips)):
+            related_pairs[bool(clips[x].recordings & clips[y].recordings)] += sizes[x] * sizes[y]
+    return {"all": shared["all"] / related_pairs.sum(), "unrelated": shared["unrelated"] / related_pairs[0],
+            "same_recording": (shared["all"] - shared["unrelated"]) / related_pairs[1]}
+
+
+def _model(prints: list[fp.Fingerprint], plants: list, found: dict, durations: list[float], clips: list[Clip]) -> dict:
+    """The stand-in's statistics, from the real fingerprints. Its collision rate is that of real clips
+    holding no recording in common: a large corpus's pairs are nearly all such."""
     distinct = set(range(len(prints))) - {c for _, c, _, _ in plants}
     hashes = np.concatenate([prints[i].hashes for i in sorted(distinct)])
     rate = float(len(hashes) / sum(durations[i] for i in distinct))
-    band = np.bincount(hashes >> 24, minlength=256)
-    first = np.bincount((hashes >> 12) & 0xFFF, minlength=4096)
-    second = np.bincount(hashes & 0xFFF, minlength=4096)
+    fields = {name: np.bincount(((hashes >> np.uint64(shift)) & np.uint64(mask)).astype(np.int64), minlength=mask + 1)
+              for name, shift, mask in FIELDS}
     survival = {}
     for t in TRANSFORMS:
-        kept, density = [], []
+        kept, density, votes = [], [], []
         for o, c, tt, _ in plants:
             if tt != t:
                 continue
@@ -254,9 +291,11 @@ def _model(prints: list[fp.Fingerprint], plants: list, found: dict, durations: l
             overlap = min(durations[c], durations[o]) / durations[o]
             kept.append(m.count / len(prints[o].hashes) / overlap if m else 0.0)
             density.append(copy / (len(prints[o].hashes) * overlap))
-        survival[t] = {"kept": float(np.median(kept)), "density": float(np.median(density))}
-    return {"hashes_per_second": rate, "band": band.tolist(), "first": first.tolist(), "second": second.tolist(),
-            "collision_real": _collision(prints, sorted(distinct)), "survival": survival,
+            votes.append(m.count if m else 0)
+        survival[t] = {"kept": float(np.median(kept)), "density": float(np.median(density)),
+                       "votes_min": int(min(votes)), "votes_median": float(np.median(votes))}
+    return {"hashes_per_second": rate, **{name: f.tolist() for name, f in fields.items()},
+            "collision_real": _collision_by_relation(prints, clips)["unrelated"], "survival": survival,
             "pool": hashes.tolist()}
 
 
@@ -270,16 +309,16 @@ def _collision(prints: list[fp.Fingerprint], members: list[int]) -> float:
 
 
 # ------------------------------------------------------------------------------------------- stand-in
+
+
 @dataclass(frozen=True)
 class Model:
-    """Hashes: with odds `pooled` a real hash drawn from the real clips' pool (their joint statistics,
-    the common hashes among them), else the three fields drawn from their marginals (values the
-    pool never saw); `pooled` is set so that two clips' hashes collide as often as real ones do."""
+    """Keys: with odds `pooled` a real key drawn from the real clips' pool (their joint statistics,
+    the common keys among them), else the four fields drawn from their marginals (values the pool
+    never saw); `pooled` is set so that two clips' keys collide as often as real ones do."""
 
     rate: float
-    band: np.ndarray  # probabilities
-    first: np.ndarray
-    second: np.ndarray
+    fields: tuple  # per field of FIELDS, its values' cumulative probabilities
     survival: dict
     pool: np.ndarray
     pooled: float
@@ -287,23 +326,29 @@ class Model:
 
     @staticmethod
     def of(stats: dict) -> "Model":
-        p = {k: np.array(stats[k], np.float64) / np.sum(stats[k]) for k in ("band", "first", "second")}
-        pool = np.array(stats["pool"], np.uint32)
-        marginal = float((p["band"] ** 2).sum() * (p["first"] ** 2).sum() * (p["second"] ** 2).sum())
+        fields = tuple(np.array(stats[name], np.float64) / np.sum(stats[name]) for name, _, _ in FIELDS)
+        cumulative = tuple(np.cumsum(f) for f in fields)
+        pool = np.array(stats["pool"], np.uint64)
+        marginal = float(np.prod([(f ** 2).sum() for f in fields]))
         _, counts = np.unique(pool, return_counts=True)
         pooled_c = float(((counts / len(pool)) ** 2).sum())
-        # a^2 pooled_c + (1 - a)^2 marginal = the real collision rate
-        target = stats["collision_real"]
-        a = next((x for x in np.linspace(0, 1, 1001) if x * x * pooled_c + (1 - x) ** 2 * marginal >= target), 1.0)
-        return Model(stats["hashes_per_second"], p["band"], p["first"], p["second"], stats["survival"], pool,
-                     float(a), target)
+        # the share a with a^2 pooled_c + (1 - a)^2 marginal = the real collision rate (it grows with a
+        # from the marginal's rate where a > marginal / (pooled_c + marginal): bisect there)
+        target, lo, hi = stats["collision_real"], marginal / (pooled_c + marginal), 1.0
+        if target <= lo * lo * pooled_c + (1 - lo) ** 2 * marginal:
+            hi = lo
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mid * mid * pooled_c + (1 - mid) ** 2 * marginal < target else (lo, mid)
+        return Model(stats["hashes_per_second"], cumulative, stats["survival"], pool, float(hi), target)
 
 
 def _stream(model: Model, rng: np.random.Generator, seconds: float) -> fp.Fingerprint:
     n = rng.poisson(model.rate * seconds)
-    hashes = (rng.choice(256, n, p=model.band).astype(np.uint32) << 24) \
-        | (rng.choice(4096, n, p=model.first).astype(np.uint32) << 12) \
-        | rng.choice(4096, n, p=model.second).astype(np.uint32)
+    hashes = np.zeros(n, np.uint64)
+    for (_, shift, mask), cdf in zip(FIELDS, model.fields):
+        value = np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), mask)
+        hashes |= value.astype(np.uint64) << np.uint64(shift)
     real = rng.random(n) < model.pooled
     hashes[real] = model.pool[rng.integers(0, len(model.pool), int(real.sum()))]
     times = np.sort(rng.integers(0, max(1, int(seconds * fp.RATE / fp.HOP)), n)).astype(np.int32)
@@ -402,10 +447,20 @@ def run_standin(out: Path, model: Model, size: int, evals: int, seed: int) -> di
     dups = {(min(a, b), max(a, b)): t for a, b, t, kind in plants if kind == "dup"}
     leak_pairs = {(min(a, b), max(a, b)) for a, b, _, kind in plants if kind == "leak"}
     assert dups and leak_pairs, "no planted pairs: nothing to find"
-    sample = [_eval_item(model, seed, i) for i in range(300)]
+    sample = [_eval_item(model, seed, i) for i in range(2000)]  # ~200 collisions: the rate to +-7%
     collision = _collision(sample, list(range(len(sample))))
     found = {(m.a, m.b) for m in result.matches}
-    false = found - set(dups) - leak_pairs
+    root = {}  # planted families: two copies of one clip (two leaks of one eval item) match too
+
+    def family(x: int) -> int:
+        while root.get(x, x) != x:
+            x = root[x]
+        return x
+    for a, b, _, _ in plants:
+        root[family(max(a, b))] = family(min(a, b))
+    false = {p for p in found if family(p[0]) != family(p[1])}
+    for a, b in sorted(false)[:10]:
+        print(f"false match: items {a} and {b}", file=sys.stderr)
     by_transform = {t: float(np.mean([p in found for p, tt in dups.items() if tt == t]))
                     for t in sorted(set(dups.values()))}
     shutil.rmtree(work / "prints", ignore_errors=True)
@@ -414,6 +469,7 @@ def run_standin(out: Path, model: Model, size: int, evals: int, seed: int) -> di
                                                        "pooled_share": model.pooled},
             "recall": float(np.mean([p in found for p in dups])), "recall_by_transform": by_transform,
             "leaks_found": sum(p in found for p in leak_pairs), "false_matches": len(false),
+            "family_matches": len(found - set(dups) - leak_pairs - false),
             "false_match_rate": len(false) / (total * (total - 1) / 2),
             "seconds": {"generate": round(generated - started, 1), "match": result.report["seconds"]},
             "generate_peak_rss_mb": max(m["peak_rss_mb"] for m in made), "driver_peak_rss_mb": round(peak_mb(), 1),

@@ -69,6 +69,50 @@ def test_a_match_reports_the_trim_offset(family):
     assert match.score > 0.3
 
 
+def test_peak_choice_moves_with_a_trim(family):
+    """A trim by whole hops moves every peak by that many frames and chooses the same peaks (away
+    from the clip's edges): the choice is made in a window centred on each peak, not in fixed blocks."""
+    wave = family[("pibble", "original")]
+    frames, bins = fp.peaks(wave)
+    cut = 37  # hops
+    moved_frames, moved_bins = fp.peaks(wave[cut * fp.HOP:])
+    edge = fp.NEIGHBOURHOOD[1] + fp.RATE // fp.HOP  # the filter's box and the choosing window
+    lo, hi = cut + edge, int(frames.max()) - edge
+    inside = lambda f, b: {(x, y) for x, y in zip(f.tolist(), b.tolist()) if lo <= x < hi}
+    assert inside(frames, bins) == inside(moved_frames + cut, moved_bins)
+    assert len(inside(frames, bins)) > 30
+
+
+def test_equal_peaks_do_not_multiply():
+    """A waveform repeating every hop gives every frame the same spectrum, a plateau of equal maxima
+    in time: the choice still keeps at most PEAKS_PER_SECOND in any half second."""
+    period = np.random.default_rng(0).standard_normal(fp.HOP).astype(np.float32)
+    wave = np.tile(period, 60 * fp.RATE // fp.HOP)
+    frames, _ = fp.peaks(wave)
+    half_second = fp.RATE // fp.HOP // 2
+    assert len(frames) > 0
+    assert max(np.searchsorted(frames, f + half_second, side="right") - i for i, f in enumerate(frames)) \
+        <= fp.PEAKS_PER_SECOND
+    assert len(fp.fingerprint(wave).hashes) < 60 * 4 * 2 * fp.PEAKS_PER_SECOND * 5  # keys per peak: fanout, shifts
+
+
+@pytest.mark.parametrize("seconds", [0.37, 1.11, 2.9])
+def test_a_trim_between_frames_keeps_most_keys(family, seconds):
+    """Trims that fall between analysis frames (the worst case of one analysis) still match: one of
+    the four analyses a quarter hop apart lands within an eighth of a hop."""
+    wave = family[("admiralbob77_-_Choice_-_Drum-bass", "original")]
+    [match] = fp.match_all([fp.fingerprint(wave), fp.fingerprint(wave[int(seconds * fp.RATE):])])
+    assert abs(match.offset + seconds * fp.RATE / fp.HOP) <= 1.5
+    assert match.score > 0.25, match
+
+
+def test_keys_use_their_declared_bits(family):
+    keys = fp.fingerprint(family[("pibble", "original")]).hashes
+    assert keys.dtype == np.uint64 and len(keys) > 0
+    assert int(keys.max()) < 2 ** fp.KEY_BITS and fp.KEY_BITS <= 64
+    assert len(np.unique(keys >> np.uint64(fp.KEY_BITS - 8))) > 10  # the anchor's band is in the top bits
+
+
 def test_groups_only_pair_the_dataset_with_the_eval_sets(family):
     clip = "pibble"
     prints = [fp.fingerprint(family[(clip, v)]) for v in ("original", "mp3_128k", "gain_-6dB")]

@@ -52,7 +52,7 @@ def _write_parts(folder: Path, prints: list[fp.Fingerprint], per_part: int) -> l
     parts = []
     for first in range(0, len(prints), per_part):
         chunk = prints[first: first + per_part]
-        table = pa.table({"hashes": pa.array([p.hashes for p in chunk], pa.list_(pa.uint32())),
+        table = pa.table({"hashes": pa.array([p.hashes for p in chunk], pa.list_(pa.uint64())),
                           "times": pa.array([p.times for p in chunk], pa.list_(pa.int32()))})
         path = folder / f"{first:06d}.parquet"
         folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def test_partitioned_matching_equals_matching_all_in_one(tmp_path, corpus):
 def test_the_stop_list_is_applied_counted_and_deterministic(tmp_path, corpus):
     """A hash in more clips than the threshold (a tone in every clip) is left out, and counted."""
     rng = np.random.default_rng(1)
-    crowd = [fp.Fingerprint(np.append(rng.integers(0, 2**32, 30, dtype=np.uint32), np.uint32(7)),
+    crowd = [fp.Fingerprint(np.append(rng.integers(0, 2**fp.KEY_BITS, 30, dtype=np.uint64), np.uint64(7)),
                             np.append(np.arange(30, dtype=np.int32), np.int32(5))) for _ in range(fp.STOP_FLOOR + 20)]
     prints = corpus + crowd
     first, again = _match(tmp_path, prints, "a"), _match(tmp_path, prints, "b")

@@ -59,7 +59,7 @@ FINGERPRINT_SCHEMA = pa.schema([
     ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("source", pa.string()),
     ("license", pa.string()), ("duration", pa.float64()), ("status", pa.string()),
     ("bytes_sha256", pa.string()), ("pcm_sha256", pa.string()),
-    ("hashes", pa.list_(pa.uint32())), ("times", pa.list_(pa.int32())),
+    ("hashes", pa.list_(pa.uint64())), ("times", pa.list_(pa.int32())),
 ])
 CLUSTER_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("cluster", pa.int64()),
@@ -73,8 +73,9 @@ APPLY_SCHEMA = pa.schema([
     ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
     ("cluster", pa.int64()), ("matched_key", pa.string()), ("duration", pa.float64()),
 ])
-FINGERPRINT_SETTINGS = {"method": "wang2003-landmark-triplets", "rate": fp.RATE, "n_fft": fp.N_FFT, "hop": fp.HOP,
-                        "peaks_per_second": fp.PEAKS_PER_SECOND, "fanout": fp.FANOUT,
+FINGERPRINT_SETTINGS = {"method": "wang2003-landmarks-anchor+4", "rate": fp.RATE, "n_fft": fp.N_FFT, "hop": fp.HOP,
+                        "peaks_per_second": fp.PEAKS_PER_SECOND, "fanout": fp.FANOUT, "partners": fp.PARTNERS,
+                        "shifts": list(fp.SHIFTS),
                         "block_seconds": fp.MAX_SECONDS, "block_overlap": fp.BLOCK_OVERLAP, "whole_clip": True,
                         "pcm_hash": f"sha256 of mono {PCM_RATE} Hz int16"}
 MATCH_SETTINGS = {"min_count": fp.MIN_COUNT, "min_fraction": fp.MIN_FRACTION, "stop_floor": fp.STOP_FLOOR,

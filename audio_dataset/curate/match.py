@@ -31,9 +31,9 @@ from audio_dataset.curate import fingerprint as fp
 from audio_dataset.source import UserError
 from audio_dataset.storage import atomic_write_bytes, atomic_write_json, read_json
 
-# Hash occurrences per partition (12 bytes each, a few copies while sorting: ~0.5 GB a task).
+# Hash occurrences per partition (16 bytes each, a few copies while sorting: ~0.5 GB a task).
 PARTITION_HASHES = 8_000_000
-OCCURRENCE_SCHEMA = pa.schema([("hash", pa.uint32()), ("item", pa.uint32()), ("time", pa.int32())])
+OCCURRENCE_SCHEMA = pa.schema([("hash", pa.uint64()), ("item", pa.uint32()), ("time", pa.int32())])
 VOTE_SCHEMA = pa.schema([("pair", pa.uint64()), ("offset", pa.int32()), ("count", pa.int64())])
 MATCH_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("count", pa.int64()), ("score", pa.float64()),
                           ("offset", pa.int64())])
@@ -153,7 +153,7 @@ def map_task(plan: MatchPlan, index: int) -> dict[str, Any]:
         lengths = np.diff(h.offsets.to_numpy())
         if table.num_rows != part.rows or not np.array_equal(lengths, np.diff(t.offsets.to_numpy())):
             raise UserError(f"{part.path}: hashes and times disagree (changed while matching?); rerun")
-        hashes.append(h.values.to_numpy().astype(np.uint32)), times.append(t.values.to_numpy().astype(np.int32))
+        hashes.append(h.values.to_numpy().astype(np.uint64)), times.append(t.values.to_numpy().astype(np.int32))
         items.append(np.repeat(np.arange(part.first, part.first + part.rows, dtype=np.uint32), lengths))
         sizes.append(lengths.astype(np.int64))
     h, t, it = np.concatenate(hashes), np.concatenate(times), np.concatenate(items)
