@@ -22,6 +22,8 @@ LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% 
 HUNDRED_MB = "{{ 'x' * 100000000 }}"
 # The sandbox refuses this range at once; the test render turns that into the same refusal.
 HUGE_RANGE = "{% for i in range(10**9) %}x{% endfor %}"
+# One operation in C, between two trace events: hours of CPU (jinja folds the constant at compile time).
+HUGE_POWER = "{{ 7**(10**9) % 3 }}"
 
 
 def _render(template: str) -> str:
@@ -56,6 +58,28 @@ def test_bounded_stops_a_template_that_builds_too_much(template):
         bounded(lambda: _render(template))
 
 
+@pytest.mark.timeout(60)  # unchecked, each computes or allocates in one C call, never seeing the trace
+@pytest.mark.parametrize("template, reason", [
+    (HUGE_POWER, "made a number of more than"),
+    ("{% set n = 7 %}{{ n**(10**9) % 3 }}", "made a number of more than"),
+    ("{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x % 7 }}",
+     "made a number of more than"),
+    ("{{ 'x' * 10**11 }}", "built more than"),
+    ("{% set n = 10**11 %}{{ (range(10)|list) * n }}", "built more than"),
+])
+def test_one_operation_in_c_is_checked_before_it_runs(template, reason):
+    from audio_dataset.caption.template_guard import precompile
+
+    start = time.monotonic()
+    with pytest.raises(TemplateLimit, match=reason):
+        precompile(template)
+        bounded(lambda: _render(template))
+    assert time.monotonic() - start < 5
+    precompile("{{ 2**10 }} {{ 'ab' * 3 }} {{ 3 * 'c' }} {{ 2.5 ** 2 }} {{ [1] * 2 }}")
+    assert bounded(lambda: _render("{{ 2**10 }} {{ 'ab' * 3 }} {{ 3 * 'c' }} {{ 2.5 ** 2 }} {{ [1] * 2 }}")) \
+        == "1024 ababab ccc 6.25 [1, 1]"
+
+
 def test_bounded_passes_a_chat_template_through():
     from audio_dataset.caption.tiny_llm import CHATML_TEMPLATE
 
@@ -84,6 +108,7 @@ def _caption(one_clip: Path, out: Path, *args: str) -> int:
     (LOOPS, f"took over {RENDER_SECONDS:g} s"),
     (HUNDRED_MB, f"built more than {MAX_PROMPT_CHARS:,} characters"),
     (HUGE_RANGE, "OverflowError: Range too big"),
+    (HUGE_POWER, "made a number of more than 1,000,000 bits"),
 ])
 def test_an_llm_whose_template_hangs_or_balloons_is_refused_in_one_line(one_clip, caption_models, tmp_path,
                                                                         capsys, template, reason):

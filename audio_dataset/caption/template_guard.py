@@ -5,8 +5,10 @@ tokenizer_config.json): untrusted. transformers renders it in jinja2's sandbox, 
 and `range` is capped, but nested loops can run for hours and `'x' * 10**8` builds 100 MB. Jinja
 compiles a template to Python code, so a trace function (this thread only, no signal, no process)
 sees every line it runs: past RENDER_SECONDS, or once its output or a string it holds passes
-MAX_PROMPT_CHARS, the trace raises TemplateLimit inside the render. Not bounded: the memory of one
-single operation (`'x' * 10**10` allocates before the next line runs).
+MAX_PROMPT_CHARS, the trace raises TemplateLimit inside the render. One operation runs in C, between
+two trace events: `*` and `**` are checked before they run (`_Guarded`; a 30-character template's
+`7**(10**9)` computes for hours, and jinja would fold it at compile time), so `'x' * 10**10` and huge
+integers are refused. Not bounded: the memory of a filter's one call (`'x'|center(10**10)`).
 
 The callers compile the template (`precompile`, untraced: its cost is bounded by its length) and
 render a test conversation when the model loads (`refusal` turns a failure there into the one-line
@@ -36,6 +38,10 @@ MAX_TEMPLATE_CHARS = 256 * 1024
 # Where a model folder keeps its chat template, in the order the error names them.
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json", "processor_config.json")
 _JINJA_CODE = "<template>"  # the file name jinja compiles a template string under
+# The largest integer `*` or `**` may make: a million bits (300,000 digits) divides in a fraction of
+# a second (CPython's division is quadratic: 4M bits take seconds in one operation) and is far past
+# any number a chat template prints.
+MAX_NUMBER_BITS = 1_000_000
 
 
 class TemplateLimit(Exception):
@@ -68,6 +74,42 @@ class _Watch:
         return TemplateLimit(f"built more than {self.max_chars:,} characters")
 
 
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """Refuse a `*` or `**` whose result would be past the bounds, before it runs."""
+    if operator == "*":
+        if isinstance(left, int) and isinstance(right, (str, list, tuple)):
+            left, right = right, left
+        if isinstance(left, (str, list, tuple)) and isinstance(right, int):
+            if len(left) * right > MAX_PROMPT_CHARS:
+                raise TemplateLimit(f"built more than {MAX_PROMPT_CHARS:,} characters")
+        elif isinstance(left, int) and isinstance(right, int) \
+                and left.bit_length() + right.bit_length() > MAX_NUMBER_BITS:
+            raise TemplateLimit(f"made a number of more than {MAX_NUMBER_BITS:,} bits")
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+        if left.bit_length() * right > MAX_NUMBER_BITS:
+            raise TemplateLimit(f"made a number of more than {MAX_NUMBER_BITS:,} bits")
+
+
+_GUARDED: list[type] = []  # the environment class, made once jinja is imported
+
+
+def _guarded_environment() -> type:
+    """transformers' ImmutableSandboxedEnvironment with `*` and `**` checked (`_check_binop`); jinja
+    neither folds intercepted operators at compile time nor runs them without the check."""
+    if not _GUARDED:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class _Guarded(ImmutableSandboxedEnvironment):
+            intercepted_binops = frozenset({"*", "**"})
+
+            def call_binop(self, context, operator, left, right):
+                _check_binop(operator, left, right)
+                return super().call_binop(context, operator, left, right)
+
+        _GUARDED.append(_Guarded)
+    return _GUARDED[0]
+
+
 def bounded(render: Callable[[], str], seconds: float = RENDER_SECONDS, max_chars: int = MAX_PROMPT_CHARS) -> str:
     """render(), raising TemplateLimit once it runs past `seconds` or builds past `max_chars`."""
     watch = _Watch(seconds, max_chars, time.monotonic() + seconds)
@@ -90,6 +132,12 @@ def precompile(template: Any) -> None:
     busy machine's deadline compiling. Its length is checked first; a syntax error raises here."""
     from transformers.utils import chat_template_utils
 
+    if getattr(chat_template_utils, "ImmutableSandboxedEnvironment", None) is not _guarded_environment():
+        # transformers builds its environment from this name: guarded from here on, and nothing
+        # compiled before stays cached.
+        chat_template_utils.ImmutableSandboxedEnvironment = _guarded_environment()
+        if hasattr(getattr(chat_template_utils, "_compile_jinja_template", None), "cache_clear"):
+            chat_template_utils._compile_jinja_template.cache_clear()
     compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)  # cached by transformers
     for text in (template.values() if isinstance(template, dict) else [template]):
         if not isinstance(text, str):
@@ -134,5 +182,5 @@ def refusal(flag: str, spec: str, folder: str | Path | None, template: Any, exc:
                      f"{reason}")
 
 
-__all__ = ["MAX_PROMPT_CHARS", "MAX_TEMPLATE_CHARS", "RENDER_SECONDS", "TemplateLimit", "bounded", "precompile",
+__all__ = ["MAX_NUMBER_BITS", "MAX_PROMPT_CHARS", "MAX_TEMPLATE_CHARS", "RENDER_SECONDS", "TemplateLimit", "bounded", "precompile",
            "refusal", "template_file"]
