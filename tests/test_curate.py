@@ -381,3 +381,41 @@ def test_embed_marks_unreadable_audio_and_missing_captions(tmp_path):
     assert not np.any(rows[1]["audio"]) and not np.any(rows[2]["text"])
     assert rows[0]["similarity"] is not None and rows[1]["similarity"] is None and rows[2]["caption"] is None
     np.testing.assert_allclose(rows[2]["audio"], rows[0]["audio"], atol=1e-6)  # the same clip
+
+
+def _as_old_keys(folder: Path) -> None:
+    """Every fingerprint part under `folder` as an earlier version wrote it: uint32 keys."""
+    for path in folder.glob("*/*.parquet"):
+        table = pq.read_table(path)
+        old = pa.array([np.asarray(row, np.uint64).astype(np.uint32) for row in table.column("hashes").to_pylist()],
+                       pa.list_(pa.uint32()))
+        pq.write_table(table.set_column(table.schema.get_field_index("hashes"), "hashes", old), path)
+
+
+def test_fingerprints_of_an_earlier_version_are_redone_or_refused(folders, tmp_path, capsys):
+    """With their run record, an earlier version's fingerprints (uint32 triplet keys) are stale and
+    done again: the result equals a clean run's. Without it (lost, or parts copied in), they were
+    cast to this version's keys and silently matched against them; now one line names the part."""
+    import shutil
+
+    dataset, evalset = tmp_path / "dataset", tmp_path / "eval"
+    shutil.copytree(folders["dataset"], dataset, ignore=shutil.ignore_patterns("dedup", "fingerprint"))
+    shutil.copytree(folders["eval"], evalset)
+    _cli("dedup", dataset, "--against", evalset, "--no-embeddings")
+    clean = _clusters(dataset)
+    record = dataset / "fingerprint" / ".fingerprint" / "run.json"
+    run = json.loads(record.read_text())
+    run["settings"] = {**run["settings"], "method": "wang2003-landmark-triplets", "fanout": 4}
+    record.write_text(json.dumps(run))
+    _as_old_keys(dataset / "fingerprint")
+    shutil.rmtree(dataset / "dedup" / "_work")
+    _cli("dedup", dataset, "--against", evalset, "--no-embeddings")
+    assert _clusters(dataset) == clean
+    capsys.readouterr()
+    record.unlink()
+    _as_old_keys(dataset / "fingerprint")
+    shutil.rmtree(dataset / "dedup" / "_work")
+    assert main(["dedup", str(dataset), "--against", str(evalset), "--no-embeddings", "--no-progress"]) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "fingerprint/train/000000.parquet: not a fingerprint part of this version (hashes list<" in err, err

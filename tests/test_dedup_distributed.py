@@ -166,3 +166,29 @@ def test_partitions_are_sized_by_the_plan(tmp_path, corpus):
 def test_matching_on_ray_equals_inline(tmp_path, corpus, ray_local):
     result = _match(tmp_path, corpus, "ray", runner=matching.run_on_ray)
     assert result.matches == fp.match_all(corpus) and result.report["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("hashes, times", [
+    (pa.list_(pa.uint32()), pa.list_(pa.int32())),  # an earlier version's keys (triplets)
+    (pa.list_(pa.int64()), pa.list_(pa.int32())),
+    (pa.list_(pa.string()), pa.list_(pa.int32())),
+    (pa.list_(pa.uint64()), pa.list_(pa.float64())),
+    (pa.list_(pa.uint64()), pa.list_(pa.int32()), ),  # with a null key, below
+])
+def test_a_part_of_another_format_is_refused_in_one_line(tmp_path, corpus, hashes, times):
+    """A fingerprint part is resume state anyone may have left: keys of another type were cast and
+    silently mixed with this version's (a uint32 triplet never equals a 56-bit key), text keys and
+    nulls ended in a traceback."""
+    from audio_dataset.source import UserError
+
+    keys = [p.hashes.astype(np.uint32) if hashes.value_type == pa.uint32() else p.hashes for p in corpus[:3]]
+    values = [[str(k) for k in row] if hashes.value_type == pa.string() else
+              [None, *row[1:].tolist()] if hashes.value_type == pa.uint64() and times.value_type == pa.int32()
+              else row for row in keys]
+    path = tmp_path / "prints" / "000000.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"hashes": pa.array(values, hashes),
+                             "times": pa.array([p.times for p in corpus[:3]], times)}), path)
+    plan = matching.plan_matching(UPath(tmp_path / "work"), [matching.part_of(UPath(path), 0)], None)
+    with pytest.raises(UserError, match="not a fingerprint part of this version .*remove it to fingerprint"):
+        matching.run_matching(plan)

@@ -150,9 +150,17 @@ def map_task(plan: MatchPlan, index: int) -> dict[str, Any]:
         except KeyError:
             raise UserError(f"{part.path}: not a fingerprint part (no hashes/times)") from None
         h, t = (table.column(c).combine_chunks() for c in ("hashes", "times"))
+        # Resume state anyone may have left: an earlier version's keys (list<uint32>), signed or
+        # text keys would be cast silently below and mixed with these; nulls cannot be matched.
+        if h.type != pa.list_(pa.uint64()) or t.type != pa.list_(pa.int32()) \
+                or h.values.null_count or t.values.null_count:
+            raise UserError(f"{part.path}: not a fingerprint part of this version (hashes {h.type}, times {t.type}"
+                            f"{', with nulls' if h.values.null_count or t.values.null_count else ''}); "
+                            "remove it to fingerprint its shard again")
         lengths = np.diff(h.offsets.to_numpy())
         if table.num_rows != part.rows or not np.array_equal(lengths, np.diff(t.offsets.to_numpy())):
-            raise UserError(f"{part.path}: hashes and times disagree (changed while matching?); rerun")
+            raise UserError(f"{part.path}: hashes and times disagree (changed while matching?); rerun, or remove "
+                            "it to fingerprint its shard again")
         hashes.append(h.values.to_numpy().astype(np.uint64)), times.append(t.values.to_numpy().astype(np.int32))
         items.append(np.repeat(np.arange(part.first, part.first + part.rows, dtype=np.uint32), lengths))
         sizes.append(lengths.astype(np.int64))
