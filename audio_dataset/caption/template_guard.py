@@ -182,5 +182,5 @@ def refusal(flag: str, spec: str, folder: str | Path | None, template: Any, exc:
                      f"{reason}")
 
 
-__all__ = ["MAX_NUMBER_BITS", "MAX_PROMPT_CHARS", "MAX_TEMPLATE_CHARS", "RENDER_SECONDS", "TemplateLimit", "bounded", "precompile",
-           "refusal", "template_file"]
+__all__ = ["MAX_NUMBER_BITS", "MAX_PROMPT_CHARS", "MAX_TEMPLATE_CHARS", "RENDER_SECONDS", "TemplateLimit", "bounded",
+           "precompile", "refusal", "template_file"]
