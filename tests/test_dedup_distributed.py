@@ -192,3 +192,47 @@ def test_a_part_of_another_format_is_refused_in_one_line(tmp_path, corpus, hashe
     plan = matching.plan_matching(UPath(tmp_path / "work"), [matching.part_of(UPath(path), 0)], None)
     with pytest.raises(UserError, match="not a fingerprint part of this version .*remove it to fingerprint"):
         matching.run_matching(plan)
+
+
+def _rewrite(path: Path, change) -> None:
+    pq.write_table(change(pq.read_table(path)), path)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("where, tamper, says", [
+    ("hashes/*/*.parquet", lambda p: _rewrite(p, lambda t: t.drop(["hash"])), "not this matching's file"),
+    ("hashes/*/*.parquet", lambda p: _rewrite(p, lambda t: t.set_column(0, "hash", t.column(0).cast(pa.string()))),
+     "not this matching's file"),
+    ("hashes/*/*.parquet", lambda p: _rewrite(p, lambda t: t.set_column(
+        1, "item", pa.array(np.full(t.num_rows, 10**6, np.uint32)))), "pairs of items the plan does not hold"),
+    ("votes/*/*.parquet", lambda p: _rewrite(p, lambda t: t.drop(["count"])), "not this matching's file"),
+    ("votes/*/*.parquet", lambda p: _rewrite(p, lambda t: t.set_column(
+        0, "pair", pa.array(np.full(t.num_rows, (5 << 32) | 900, np.uint64)))), "pairs of items the plan does not hold"),
+    ("sizes/*.npy", lambda p: p.write_bytes(_npy(np.array([{"a": 1}], dtype=object))), "unreadable"),
+    ("sizes/*.npy", lambda p: p.write_bytes(_npy(np.array(["x", "y", "z"]))), "not hash counts"),
+    ("sizes/*.npy", lambda p: p.write_bytes(_npy(np.zeros((3, 2)))), "not hash counts"),
+    ("done/m*.json", lambda p: p.write_text("{}"), "not a finished task's record"),
+])
+def test_a_matchings_own_files_edited_are_refused_in_one_line(tmp_path, corpus, where, tamper, says):
+    """WORK's files are resume state anyone may have edited: each ended in a traceback (a schema
+    that will not concatenate, an item past the plan indexing the sizes, a pickled .npy, a marker
+    without its counts)."""
+    from audio_dataset.source import UserError
+
+    def killed(task, plan, count):  # after the round that wrote the files edited
+        if task is (matching.hash_task if where.startswith("hashes") else matching.pair_task):
+            raise Interrupted
+        return matching.run_inline(task, plan, count)
+
+    with pytest.raises(Interrupted):
+        _match(tmp_path, corpus, "work", runner=killed)
+    tamper(sorted((tmp_path / "work").glob(where))[0])
+    with pytest.raises(UserError, match=f"{says}.*remove .* to match again"):
+        _match(tmp_path, corpus, "work")

@@ -120,11 +120,22 @@ def _table_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def _read_table(path: UPath) -> pa.Table:
+def _read_table(path: UPath, schema: pa.Schema | None = None) -> pa.Table:
+    """A parquet file; with `schema`, one of this matching's own files, which anyone may have edited:
+    it must have exactly those columns and types."""
     try:
-        return pq.read_table(pa.BufferReader(path.read_bytes()))
+        table = pq.read_table(pa.BufferReader(path.read_bytes()))
     except (OSError, pa.ArrowException) as exc:
         raise UserError(f"{path}: unreadable ({str(exc)[:120]}); remove {path.parent} to match again") from None
+    if schema is not None and not table.schema.remove_metadata().equals(schema):
+        columns = ", ".join(f"{f.name} {f.type}" for f in table.schema)
+        raise UserError(f"{path}: not this matching's file (columns {columns}); remove {path.parent} to match again")
+    return table
+
+
+_STATS = {"m": ("hashes", "peak_rss_mb"),
+          "h": ("hashes", "votes", "stopped_hashes", "stopped_occurrences", "peak_rss_mb"),
+          "r": ("votes", "matches", "peak_rss_mb")}  # what the driver reads of each task's marker
 
 
 def _bucket(values: np.ndarray, buckets: int) -> np.ndarray:
@@ -135,7 +146,13 @@ def _bucket(values: np.ndarray, buckets: int) -> np.ndarray:
 
 def _resumed(plan: MatchPlan, name: str) -> dict[str, Any] | None:
     marker = _done(plan, name)
-    return {**read_json(marker), "resumed": True} if marker.exists() else None
+    if not marker.exists():
+        return None
+    stats = read_json(marker)
+    if not all(isinstance(stats.get(key), (int, float)) and not isinstance(stats.get(key), bool)
+               for key in _STATS[name[0]]):
+        raise UserError(f"{marker}: not a finished task's record; remove {plan.root} to match again")
+    return {**stats, "resumed": True}
 
 
 def map_task(plan: MatchPlan, index: int) -> dict[str, Any]:
@@ -184,7 +201,7 @@ def map_task(plan: MatchPlan, index: int) -> dict[str, Any]:
 
 def _read_parts(paths: list, schema: pa.Schema) -> pa.Table:
     """The parts written so far (a task that had nothing for this range wrote none), as one table."""
-    tables = [_read_table(path) for path in paths if path.exists()]
+    tables = [_read_table(path, schema) for path in paths if path.exists()]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
@@ -223,6 +240,7 @@ def pair_task(plan: MatchPlan, r: int) -> dict[str, Any]:
     table = _read_parts([folder / f"h{k:05d}.parquet" for k in range(plan.partitions)], VOTE_SCHEMA)
     votes = fp.aggregate(table.column("pair").to_numpy(), table.column("offset").to_numpy().astype(np.int64),
                          table.column("count").to_numpy())
+    _check_pairs(plan, folder, votes.pair >> np.uint64(32), votes.pair & np.uint64(0xFFFFFFFF))
     matches = fp.best_matches(votes, _sizes(plan))
     out = pa.table({"a": [m.a for m in matches], "b": [m.b for m in matches], "count": [m.count for m in matches],
                     "score": [m.score for m in matches], "offset": [m.offset for m in matches]}, schema=MATCH_SCHEMA)
@@ -232,10 +250,26 @@ def pair_task(plan: MatchPlan, r: int) -> dict[str, Any]:
     return stats
 
 
+def _check_pairs(plan: MatchPlan, where: UPath, a: np.ndarray, b: np.ndarray) -> None:
+    """Pairs read back from this matching's files name items of the plan, a < b."""
+    if len(a) and not (np.all(np.asarray(a) < np.asarray(b)) and np.all(np.asarray(b) < plan.items)
+                       and np.all(np.asarray(a) >= 0)):
+        raise UserError(f"{where}: pairs of items the plan does not hold; remove {plan.root} to match again")
+
+
 def _sizes(plan: MatchPlan) -> np.ndarray:
     """Each item's hash count (8 bytes a clip: the one per-clip array a pair task holds)."""
-    sizes = [np.load(io.BytesIO((plan.root / "sizes" / f"m{m:06d}.npy").read_bytes()), allow_pickle=False)
-             for m in range(len(plan.map_groups))]
+    sizes = []
+    for m in range(len(plan.map_groups)):
+        path = plan.root / "sizes" / f"m{m:06d}.npy"
+        try:
+            found = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{path}: unreadable ({str(exc)[:120]}); remove {plan.root} to match again") from None
+        if found.dtype != np.int64 or found.ndim != 1:
+            raise UserError(f"{path}: not hash counts ({found.dtype}, {found.ndim}-d); remove {plan.root} "
+                            "to match again")
+        sizes.append(found)
     found = np.concatenate(sizes) if sizes else np.empty(0, np.int64)
     if len(found) != plan.items:
         raise UserError(f"{plan.root}: item counts disagree with the plan; remove it to match again")
@@ -292,7 +326,9 @@ def run_matching(plan: MatchPlan, runner: Runner = run_inline) -> MatchResult:
 def _read_matches(plan: MatchPlan) -> list[fp.Match]:
     matches = []
     for r in range(plan.pair_partitions):
-        table = _read_table(plan.root / "pairs" / f"r{r:05d}.parquet")
+        path = plan.root / "pairs" / f"r{r:05d}.parquet"
+        table = _read_table(path, MATCH_SCHEMA)
+        _check_pairs(plan, path, table.column("a").to_numpy(), table.column("b").to_numpy())
         matches += [fp.Match(**row) for row in table.to_pylist()]
     return sorted(matches, key=lambda m: (m.a, m.b))
 
