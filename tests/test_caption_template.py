@@ -80,6 +80,29 @@ def test_one_operation_in_c_is_checked_before_it_runs(template, reason):
         == "1024 ababab ccc 6.25 [1, 1]"
 
 
+@pytest.mark.parametrize("template", [
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
+    "{% macro f(l, n) %}{{ f(l + l, n + 1) if n < 40 }}{% endmacro %}{{ f([0], 0) }}",
+])
+def test_bounded_stops_a_value_doubling_out_of_sight_of_the_locals(template):
+    """In a namespace or a list, a value doubled each turn: 2**40 characters, tens of gigabytes
+    within the deadline (each turn is a line the trace sees; the size check read only str locals)."""
+    import resource
+
+    from audio_dataset.caption.template_guard import precompile
+
+    precompile(template)  # as the steps do: the render alone is timed
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()  # torch maps gigabytes
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + 4 * 2**30, hard))  # unchecked, a MemoryError, not swap
+    try:
+        with pytest.raises(TemplateLimit, match=f"more than {MAX_PROMPT_CHARS:,} characters"):
+            bounded(lambda: _render(template))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def test_bounded_passes_a_chat_template_through():
     from audio_dataset.caption.tiny_llm import CHATML_TEMPLATE
 

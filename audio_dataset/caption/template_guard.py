@@ -59,15 +59,19 @@ class _Watch:
     def trace(self, frame, event: str, arg: Any):
         if time.monotonic() > self.deadline:
             raise TemplateLimit(f"took over {self.seconds:g} s")
+        if event == "return" and isinstance(arg, (str, list, tuple)) and len(arg) > self.max_chars:
+            # Any call's result: `~` (jinja's str_join), a namespace's attribute read back
+            # (`{% set ns.s = ns.s ~ ns.s %}` doubles out of sight of the template's locals).
+            raise self._too_long()
         if frame.f_code.co_filename == _JINJA_CODE:
             # A template's output is what its generator frames yield: count it as it is made.
             if event == "return" and isinstance(arg, str) and frame.f_code.co_flags & inspect.CO_GENERATOR:
                 self.written += len(arg)
                 if self.written > self.max_chars:
                     raise self._too_long()
-            elif event == "line" and any(isinstance(v, str) and len(v) > self.max_chars
+            elif event == "line" and any(isinstance(v, (str, list, tuple)) and len(v) > self.max_chars
                                          for v in frame.f_locals.values()):
-                raise self._too_long()  # a `{% set %}` string, never written out
+                raise self._too_long()  # a `{% set %}` string or list, never written out
         return self.trace
 
     def _too_long(self) -> TemplateLimit:
