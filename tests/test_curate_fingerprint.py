@@ -152,3 +152,20 @@ def test_the_exact_hash_is_of_the_decoded_pcm_not_the_bytes(tmp_path, robin_path
     assert rows["mp3"]["pcm_sha256"] != rows["wav"]["pcm_sha256"]  # a lossy re-encode decodes differently
     assert rows["empty"]["status"] == "no_audio" and rows["empty"]["pcm_sha256"] is None
     assert rows["mp3"]["status"] == "ok" and len(rows["mp3"]["hashes"]) > 100
+
+
+def test_audio_with_non_finite_samples_is_no_audio_not_an_exact_copy_of_another():
+    """Two different float WAVs, each with a NaN (or inf) every 1000 samples: the resampler spread
+    them over every sample, so both decoded to the same PCM digest and were linked as exact copies
+    (dedup --apply would drop one); build refuses such audio as non_finite, and so does fingerprinting."""
+    def wav(seed: int, bad: float) -> bytes:
+        x = np.random.default_rng(seed).standard_normal((48000 * 5, 1)).astype(np.float32) * 0.1
+        x[::1000] = bad
+        buffer = io.BytesIO()
+        soundfile.write(buffer, x, 48000, format="WAV", subtype="FLOAT")
+        return buffer.getvalue()
+
+    samples_in = [{"__key__": f"k{seed}", "wav": wav(seed, bad), "json": b'{"source": "t"}'}
+                  for seed, bad in ((1, np.nan), (2, np.nan), (3, np.inf))]
+    rows = FingerprintProcessor("cpu").process(ShardJob("train", "000000.tar", "", "", ""), samples_in)[1]
+    assert [(r["status"], r["pcm_sha256"], len(r["hashes"])) for r in rows] == [("no_audio", None, 0)] * 3

@@ -77,7 +77,7 @@ FINGERPRINT_SETTINGS = {"method": "wang2003-landmarks-anchor+4", "rate": fp.RATE
                         "peaks_per_second": fp.PEAKS_PER_SECOND, "fanout": fp.FANOUT, "partners": fp.PARTNERS,
                         "shifts": list(fp.SHIFTS),
                         "block_seconds": fp.MAX_SECONDS, "block_overlap": fp.BLOCK_OVERLAP, "whole_clip": True,
-                        "pcm_hash": f"sha256 of mono {PCM_RATE} Hz int16"}
+                        "pcm_hash": f"sha256 of mono {PCM_RATE} Hz int16", "non_finite": NO_AUDIO}
 MATCH_SETTINGS = {"min_count": fp.MIN_COUNT, "min_fraction": fp.MIN_FRACTION, "stop_floor": fp.STOP_FLOOR,
                   "stop_fraction": fp.STOP_FRACTION}
 
@@ -107,6 +107,10 @@ def analyse(data: bytes) -> Analysis:
 
     def mono_blocks():  # -> mono blocks at the fingerprint rate; the PCM digest fed on the way
         for block in stream:
+            # As build refuses it: the resampler would spread a NaN or inf over every sample, and
+            # two such clips would share one PCM digest (an exact copy of each other).
+            if block.size and not (np.isfinite(block.max()) and np.isfinite(block.min())):
+                raise ItemError("non_finite", "the decoded audio holds NaN or infinite samples")
             mono = set_channels(block, 1, stream.channel_names)
             if not resamplers:
                 resamplers.update({rate: _Resampler(stream.sample_rate, rate, 1) for rate in (fp.RATE, PCM_RATE)})
