@@ -4,11 +4,13 @@ A chat template is Jinja read from the model folder (chat_template.jinja, chat_t
 tokenizer_config.json): untrusted. transformers renders it in jinja2's sandbox, so it runs no Python
 and `range` is capped, but nested loops can run for hours and `'x' * 10**8` builds 100 MB. Jinja
 compiles a template to Python code, so a trace function (this thread only, no signal, no process)
-sees every line it runs: past RENDER_SECONDS, or once its output or a string it holds passes
-MAX_PROMPT_CHARS, the trace raises TemplateLimit inside the render. One operation runs in C, between
-two trace events: `*` and `**` are checked before they run (`_Guarded`; a 30-character template's
-`7**(10**9)` computes for hours, and jinja would fold it at compile time), so `'x' * 10**10` and huge
-integers are refused. Not bounded: the memory of a filter's one call (`'x'|center(10**10)`).
+sees every line it runs: past RENDER_SECONDS, or once its output, a string or list it holds, or any
+call's result passes MAX_PROMPT_CHARS, the trace raises TemplateLimit inside the render. One
+operation runs in C, between two trace events: `*` and `**` are checked before they run (`_Guarded`;
+a 30-character template's `7**(10**9)` computes for hours, and jinja would fold it at compile time),
+so `'x' * 10**10` and huge integers are refused. Not bounded: the memory of one call that makes a
+large result from values each within bounds (`'x'|center(10**10)`, `([s] * 10**4)|join` of a
+million-character `s`, a long template's `s ~ s ~ ... ~ s`): it is refused once it returns.
 
 The callers compile the template (`precompile`, untraced: its cost is bounded by its length) and
 render a test conversation when the model loads (`refusal` turns a failure there into the one-line
