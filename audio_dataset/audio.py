@@ -496,6 +496,15 @@ class Scan:
 _TARGET_NAMES = {1: "mono", 2: "stereo"}
 
 
+def finite_extremes(block: np.ndarray) -> tuple[float, float]:
+    """A non-empty block's (max, min); ItemError `non_finite` when it holds NaN or inf (the extremes
+    say it all: NaN propagates through max and min, so no |x| or isfinite copy is made)."""
+    high, low = float(block.max()), float(block.min())
+    if not (math.isfinite(high) and math.isfinite(low)):
+        raise ItemError("non_finite", "the decoded audio holds NaN or infinite samples")
+    return high, low
+
+
 class _ScanStats:
     """Running figures of the first pass."""
 
@@ -512,10 +521,7 @@ class _ScanStats:
     def source(self, block: np.ndarray) -> None:
         if not block.size:
             return
-        # The extremes say it all (NaN propagates through max and min): no |x| or isfinite copy.
-        high, low = float(block.max()), float(block.min())
-        if not (math.isfinite(high) and math.isfinite(low)):
-            raise ItemError("non_finite", "the decoded audio holds NaN or infinite samples")
+        high, low = finite_extremes(block)
         self.peak = max(self.peak, high, -low)
 
     def mixed(self, block: np.ndarray, mixed: np.ndarray, matrix: np.ndarray) -> None:

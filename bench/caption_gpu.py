@@ -43,6 +43,9 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from checks import require  # noqa: E402
+
 STARTED = time.monotonic()  # --seconds counts from here: imports and model building included
 
 RATE = 16000
@@ -158,6 +161,7 @@ def transformers_listen(setup: Setup, folders: dict[str, Path]) -> Callable[[int
 def transformers_write(setup: Setup, folders: dict[str, Path]) -> Callable[[int, int], int]:
     from transformers import Qwen2ForCausalLM
 
+    from audio_dataset.caption.types import LLM_ERROR
     from audio_dataset.caption.write import Decoding, WriterConfig, _torch_dtype, make_writer
 
     config = WriterConfig(llm=str(folders["llm"]), device=setup.device, language=None,
@@ -169,7 +173,8 @@ def transformers_write(setup: Setup, folders: dict[str, Path]) -> Callable[[int,
     def run(batch: int, tokens: int) -> int:
         writer.config = replace(config, batch_size=batch, decoding=Decoding(max_new_tokens=tokens))
         force_length(writer.model, tokens)
-        return len(writer.write(requests(2 * batch), 1, 0))
+        written = writer.write(requests(2 * batch), 1, 0)
+        return sum(any(c.outcome != LLM_ERROR for c in candidates) for candidates in written)
     return run
 
 
@@ -286,6 +291,9 @@ def measure(setup: Setup, json_path: Path) -> dict[str, Any]:
             start = time.perf_counter()
             items = run(batch, setup.new_tokens)
             last = time.perf_counter() - start
+            expected = _expected(setup.step, batch)
+            require(items == expected, f"{setup.step}/{setup.engine} batch {batch}: {items} {_unit(setup.step)} "
+                                       f"made of {expected}")
             row = {"batch_size": batch, "items": items, "seconds": round(last, 3),
                    "per_second": round(items / last, 3), "tokens_per_second": round(items * setup.new_tokens / last, 1)}
             result["rows"].append(row)
@@ -295,6 +303,14 @@ def measure(setup: Setup, json_path: Path) -> dict[str, Any]:
     result["seconds"] = round(time.monotonic() - started, 1)
     save()
     return result
+
+
+def _expected(step: str, batch: int) -> int:
+    """What a run at `batch` must make: three answers for each one-window clip, or one caption for
+    each of the 2 x batch requests."""
+    from audio_dataset.caption.listen import DEFAULT_QUESTIONS
+
+    return batch * len(DEFAULT_QUESTIONS) if step == "listen" else 2 * batch
 
 
 def _unit(step: str) -> str:

@@ -16,8 +16,8 @@ process, wall time, from real audio up to stand-in corpora of 100k+ clips, with 
    `dedup.analyse`, the code the fingerprint stage runs per sample; matching is `curate/match.py` on Ray.
 2. stand-in: above what 2 shared cores decode in the time, fingerprints are synthetic hash streams
    with the real ones' statistics, measured in step 1 (`Model`): hashes per second; each hash a real
-   one from the real clips' pool or its four fields from their real marginals, mixed so that two
-   clips' hashes collide as often as real ones do (both rates are printed); and for each planted
+   one from the real clips' pool or its fields (band, each partner) from their real marginals, mixed
+   so that two clips' hashes collide as often as real unrelated ones do (both rates are printed); and for each planted
    transform the share of a clip's hashes its copy keeps at the right offset and the copy's own
    hash count. Clips of 4-10 s, 1 in 1000 of 3 minutes; 0.5% of the dataset's items are planted
    copies, and as many again are planted leaks of a 5k-clip eval set (--eval) into the dataset.
@@ -231,6 +231,7 @@ def run_real(out: Path, per_transform: int, seed: int) -> dict:
     for o, c, _, _ in plants:
         family[c] = o
     false = [p for p in found if family[p[0]] != family[p[1]]]
+    collision = _collision_by_relation(prints, clips)
     for a, b in false:
         m = found[(a, b)]
         print(f"false match: {clips[family[a]].name} {clips[family[a]].pieces} ~ {clips[family[b]].name} "
@@ -241,8 +242,8 @@ def run_real(out: Path, per_transform: int, seed: int) -> dict:
             "span_offset_error_s_max": round(max(span_errors), 4) if span_errors else None,
             "seconds": {"make": round(made - started, 1), "fingerprint": round(fingerprinted - made, 1),
                         "match": result.report["seconds"]},
-            "collision": _collision_by_relation(prints, clips),
-            "match": result.report, "model": _model(prints, plants, found, durations, clips)}
+            "collision": collision, "match": result.report,
+            "model": _model(prints, plants, found, durations, collision["unrelated"])}
 
 
 def _collision_by_relation(prints: list[fp.Fingerprint], clips: list[Clip]) -> dict:
@@ -272,7 +273,8 @@ def _collision_by_relation(prints: list[fp.Fingerprint], clips: list[Clip]) -> d
             "same_recording": (shared["all"] - shared["unrelated"]) / related_pairs[1]}
 
 
-def _model(prints: list[fp.Fingerprint], plants: list, found: dict, durations: list[float], clips: list[Clip]) -> dict:
+def _model(prints: list[fp.Fingerprint], plants: list, found: dict, durations: list[float],
+           collision_unrelated: float) -> dict:
     """The stand-in's statistics, from the real fingerprints. Its collision rate is that of real clips
     holding no recording in common: a large corpus's pairs are nearly all such."""
     distinct = set(range(len(prints))) - {c for _, c, _, _ in plants}
@@ -295,7 +297,7 @@ def _model(prints: list[fp.Fingerprint], plants: list, found: dict, durations: l
         survival[t] = {"kept": float(np.median(kept)), "density": float(np.median(density)),
                        "votes_min": int(min(votes)), "votes_median": float(np.median(votes))}
     return {"hashes_per_second": rate, **{name: f.tolist() for name, f in fields.items()},
-            "collision_real": _collision_by_relation(prints, clips)["unrelated"], "survival": survival,
+            "collision_real": collision_unrelated, "survival": survival,
             "pool": hashes.tolist()}
 
 
@@ -309,12 +311,10 @@ def _collision(prints: list[fp.Fingerprint], members: list[int]) -> float:
 
 
 # ------------------------------------------------------------------------------------------- stand-in
-
-
 @dataclass(frozen=True)
 class Model:
     """Keys: with odds `pooled` a real key drawn from the real clips' pool (their joint statistics,
-    the common keys among them), else the four fields drawn from their marginals (values the pool
+    the common keys among them), else its FIELDS drawn from their marginals (values the pool
     never saw); `pooled` is set so that two clips' keys collide as often as real ones do."""
 
     rate: float

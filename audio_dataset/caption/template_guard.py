@@ -19,6 +19,7 @@ can behave differently on one sample's data.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import sys
@@ -96,24 +97,20 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
             raise TemplateLimit(f"made a number of more than {MAX_NUMBER_BITS:,} bits")
 
 
-_GUARDED: list[type] = []  # the environment class, made once jinja is imported
-
-
+@functools.cache  # one class, made once jinja is imported
 def _guarded_environment() -> type:
     """transformers' ImmutableSandboxedEnvironment with `*` and `**` checked (`_check_binop`); jinja
     neither folds intercepted operators at compile time nor runs them without the check."""
-    if not _GUARDED:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        class _Guarded(ImmutableSandboxedEnvironment):
-            intercepted_binops = frozenset({"*", "**"})
+    class _Guarded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
 
-            def call_binop(self, context, operator, left, right):
-                _check_binop(operator, left, right)
-                return super().call_binop(context, operator, left, right)
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
 
-        _GUARDED.append(_Guarded)
-    return _GUARDED[0]
+    return _Guarded
 
 
 def bounded(render: Callable[[], str], seconds: float = RENDER_SECONDS, max_chars: int = MAX_PROMPT_CHARS) -> str:

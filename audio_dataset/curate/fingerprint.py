@@ -89,21 +89,19 @@ def peaks(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # compare alike however the clip is trimmed: a plateau of equal maxima cannot keep them all.
     rank = np.empty(len(bins), np.int64)
     rank[np.lexsort((frames, bins, -spec[bins, frames]))] = np.arange(len(bins))
-    # A frame's peaks past its PEAKS_PER_SECOND strongest have that many stronger peaks in every
-    # window holding them, so they are never chosen: dropped first, which bounds the work below.
+    # By frame, strongest first within it. A frame's peaks past its PEAKS_PER_SECOND strongest have
+    # that many stronger peaks in every window holding them, so they are never chosen: dropped
+    # first, which bounds the work below.
     order = np.lexsort((rank, frames))
     bins, frames, rank = bins[order], frames[order], rank[order]
-    in_frame = np.arange(len(frames)) - np.searchsorted(frames, frames)
-    top = in_frame < PEAKS_PER_SECOND
-    bins, frames, rank = bins[top], frames[top], rank[top]
-    order = np.lexsort((bins, frames))
-    bins, frames, rank = bins[order], frames[order], rank[order]
-    keep = _strongest(frames, rank, PEAKS_PER_SECOND, round(RATE / HOP / 2))
+    top = np.arange(len(frames)) - np.searchsorted(frames, frames) < PEAKS_PER_SECOND
+    keep = np.flatnonzero(top)[_strongest(frames[top], rank[top], PEAKS_PER_SECOND, round(RATE / HOP / 2))]
+    keep = keep[np.lexsort((bins[keep], frames[keep]))]  # by frame, then bin, as _landmarks pairs them
     return frames[keep].astype(np.int32), bins[keep].astype(np.int32)
 
 
 def _strongest(frames: np.ndarray, rank: np.ndarray, most: int, half: int) -> np.ndarray:
-    """Which peaks (sorted by frame; `rank` 0 is the strongest) have fewer than `most` stronger
+    """Which peaks (sorted by frame, any order within one; `rank` 0 is the strongest) have fewer than `most` stronger
     peaks within `half` frames either side: a window centred on each peak, so a trim, which moves
     every peak alike, keeps the same choice (fixed one-second blocks cut elsewhere in a trimmed copy
     and chose other peaks). At most `most` peaks are chosen in any `half` frames."""
@@ -182,7 +180,7 @@ def _landmarks(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         anchors.append(a)
     a = np.concatenate(anchors)
     order = np.argsort(a, kind="stable")
-    return np.concatenate(hashes)[order].astype(np.uint64), frames[a[order]].astype(np.int32)
+    return np.concatenate(hashes)[order], frames[a[order]].astype(np.int32)
 
 
 def _part(bins: np.ndarray, frames: np.ndarray, a: np.ndarray, j: np.ndarray) -> np.ndarray:
