@@ -1,5 +1,7 @@
-"""The one runner for shard-to-shard stages (k2c, keywords, embed, dedup, filter): one Ray actor per
-worker holds the models, shards are the unit of work and of resume.
+"""The one runner for shard-to-shard stages (k2c, keywords, embed, dedup, filter, caption): one Ray
+actor per worker holds the models, shards are the unit of work and of resume. A worker has two
+shards in flight: one in its model while the next is read and prepared (`ShardProcessor.prepare`:
+its audio decoded), so the model does not wait for the CPU's part.
 
 A shard is done when its manifest part exists: the part is written after the shard's tar is
 renamed into place, so a killed run redoes at most the shards it was writing. Every member except
@@ -23,6 +25,7 @@ import os
 import shutil
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -66,6 +69,10 @@ class ShardJob:
 
 
 class ShardProcessor(Protocol):
+    """What a stage runs per shard. A processor may also define `prepare(job, samples)`: the shard's
+    CPU work before its model (decoding the audio), which a worker runs while its model is busy with
+    the shard before; the result is passed on as `process(job, samples, prepared)`."""
+
     def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
         """The shard's samples with new JSON, and one manifest row per sample."""
 
@@ -247,11 +254,35 @@ def _check_output(job: ShardJob, samples: list[Sample], new_samples: list[Sample
                 raise RuntimeError(f"{job.split}/{job.name}: processor touched {old['__key__']}.{ext}")
 
 
-def process_shard(processor: ShardProcessor, job: ShardJob, schema: pa.Schema, mode: str = REWRITE) -> int:
+@dataclass
+class ReadShard:
+    """A shard read and prepared, waiting for its processor's model."""
+
+    job: ShardJob
+    samples: list[Sample]
+    usable: list[Sample]  # the samples not refused, which the processor sees
+    prepared: Any = None
+
+
+def read_shard(processor: ShardProcessor, job: ShardJob) -> ReadShard:
+    """Read the input shard and run the processor's `prepare`, if it has one."""
     samples = read_input_shard(job)
     usable = [sample for sample in samples if refusal(sample) is None]
-    new_samples, usable_rows = processor.process(job, usable)
-    _check_output(job, usable, new_samples, usable_rows, mode)
+    prepare = getattr(processor, "prepare", None)
+    return ReadShard(job, samples, usable, prepare(job, usable) if prepare is not None else None)
+
+
+def run_shard(processor: ShardProcessor, shard: ReadShard) -> tuple[list[Sample], list[dict[str, Any]]]:
+    if hasattr(processor, "prepare"):
+        return processor.process(shard.job, shard.usable, shard.prepared)  # type: ignore[call-arg]
+    return processor.process(shard.job, shard.usable)
+
+
+def write_shard(shard: ReadShard, new_samples: list[Sample], usable_rows: list[dict[str, Any]], schema: pa.Schema,
+                mode: str = REWRITE) -> int:
+    """The output shard (REWRITE, DROP), then the manifest part that marks the shard done."""
+    job, samples = shard.job, shard.samples
+    _check_output(job, shard.usable, new_samples, usable_rows, mode)
     if mode == REWRITE or (mode == DROP and new_samples):
         with ShardWriter(job.dst) as writer:
             for sample in new_samples:
@@ -266,25 +297,44 @@ def process_shard(processor: ShardProcessor, job: ShardJob, schema: pa.Schema, m
     return len(new_samples)
 
 
+def process_shard(processor: ShardProcessor, job: ShardJob, schema: pa.Schema, mode: str = REWRITE) -> int:
+    shard = read_shard(processor, job)
+    return write_shard(shard, *run_shard(processor, shard), schema, mode)
+
+
+# Shards a worker holds at once: one with its model while the next is read and prepared.
+SHARDS_IN_FLIGHT = 2
+
+
 class _Worker:
-    """The body of one Ray actor."""
+    """The body of one Ray actor. It runs SHARDS_IN_FLIGHT shards at once in threads: reading,
+    `prepare` and writing overlap, the model (`run_shard`) runs one shard at a time."""
 
     def __init__(self, factory: Callable[[str], ShardProcessor], device: str, threads: int,
                  schema: pa.Schema, mode: str = REWRITE, out: str | None = None) -> None:
         self.factory, self.device, self.threads, self.schema, self.mode = factory, device, threads, schema, mode
         self.processor: ShardProcessor | None = None
+        self.loading, self.model = threading.Lock(), threading.Lock()
         if out is not None:  # the driver's --out: no folder below it may be a link (storage.make_dirs)
             trust_output(out)
 
-    def run(self, job: ShardJob) -> tuple[ShardJob, int]:
+    def _processor(self) -> ShardProcessor:
         # Built on the first job, not in __init__: Ray passes a method's exception (a UserError
         # for a model that will not load) back to the driver, a constructor's only as text.
-        if self.processor is None:
-            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # workers' bars would garble the driver's
-            self.processor = self.factory(self.device)
-            if "torch" in sys.modules:  # not imported at all for the template
-                sys.modules["torch"].set_num_threads(self.threads)
-        return job, process_shard(self.processor, job, self.schema, self.mode)
+        with self.loading:
+            if self.processor is None:
+                os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # workers' bars would garble the driver's
+                self.processor = self.factory(self.device)
+                if "torch" in sys.modules:  # not imported at all for the template
+                    sys.modules["torch"].set_num_threads(self.threads)
+            return self.processor
+
+    def run(self, job: ShardJob) -> tuple[ShardJob, int]:
+        processor = self._processor()
+        shard = read_shard(processor, job)
+        with self.model:
+            result = run_shard(processor, shard)
+        return job, write_shard(shard, *result, self.schema, self.mode)
 
 
 def _plan_workers(options: RunOptions, jobs: int) -> tuple[str, int, int]:
@@ -312,11 +362,13 @@ def _run_jobs(stage: Stage, jobs: list[ShardJob], options: RunOptions) -> Iterat
     from ray.util import ActorPool
 
     device, workers, threads = _plan_workers(options, len(jobs))
-    actor_cls = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0, max_restarts=0)(_Worker)
+    actor_cls = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0, max_restarts=0,
+                           max_concurrency=SHARDS_IN_FLIGHT)(_Worker)
     actors = [actor_cls.remote(stage.factory, device, threads, stage.manifest_schema, stage.mode, str(options.out))
               for _ in range(workers)]
-    try:
-        yield from ActorPool(actors).map_unordered(lambda actor, job: actor.run.remote(job), jobs)
+    try:  # each actor SHARDS_IN_FLIGHT times in the pool: as many shards in flight on it
+        pool = ActorPool(actors * SHARDS_IN_FLIGHT)
+        yield from pool.map_unordered(lambda actor, job: actor.run.remote(job), jobs)
     finally:
         for actor in actors:
             ray.kill(actor)

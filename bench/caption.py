@@ -8,9 +8,14 @@ pipeline's own cost around `generate`, not a 7B model's. Clips: the ten bundled 
 - bare: the same work with nothing of the stage around it: the listening model's processor and
   `generate` on the same windows, prompts and batches (per shard, as the stage batches); the LLM's
   `generate` on the same prompts.
-- stage: `process_shard` per shard with `--steps listen,write`, what each worker runs: read the tar,
-  decode and resample, windows, listen, write, clean, JSON, write the tar and the manifest part.
-The overhead is stage / bare - 1 (target: under 10 %). Models are loaded before either is timed.
+- stage: the runner's worker (`stage_runner._Worker.run`, what each Ray actor runs, in as many
+  threads as the actor has shards in flight) with `--steps listen,write`: read the tar, decode and
+  resample (`prepare`, overlapping the model's work on the other shard), windows, listen, write,
+  clean, JSON, write the tar and the manifest part.
+- serial: the same, one shard after another (`process_shard`): what the overlap saves.
+The overhead is stage / bare - 1 (target: under 10 %). Models are loaded before anything is timed;
+bare, stage and serial take turns in each repeat (a drifting machine slows all three alike), and
+each figure is the best of the repeats.
 
     python bench/caption.py [--device cpu] [--batch-size 8] [--repeats 2]
 """
@@ -22,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from audio_dataset.caption.write_step import _build
     from audio_dataset.caption.listen import resolve_alm
     from audio_dataset.caption.stage import WriteStep
-    from audio_dataset.stage_runner import find_jobs, process_shard, read_input_shard
+    from audio_dataset.stage_runner import SHARDS_IN_FLIGHT, _Worker, find_jobs, process_shard, read_input_shard
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -143,25 +149,30 @@ def main(argv: list[str] | None = None) -> int:
                            for s, a in zip(shard, processor.listener.listen(shard_clip, questions))]
                           for shard, shard_clip in zip(shards, shard_clips)]
 
-        def timed(fn) -> tuple[float, int]:
-            best, count = float("inf"), 0
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                count = fn()
-                best = min(best, time.perf_counter() - start)
-            return best, count
-
-        bare_listen(processor.listener, clips[:2], questions[:1])  # warm-up
-        t_listen, answers = timed(lambda: sum(bare_listen(processor.listener, shard, questions)
-                                              for shard in shard_clips))
-        t_write, captions = timed(lambda: sum(bare_write(writer, shard) for shard in shard_requests))
-
         def stage() -> int:
+            worker = _Worker(lambda device: processor, args.device, args.threads, CAPTION_SCHEMA)
+            jobs = find_jobs(dataset, tmp / f"out{time.perf_counter_ns()}", "caption")
+            with ThreadPoolExecutor(SHARDS_IN_FLIGHT) as pool:  # as the actor's threads take its shards
+                return sum(written for _, written in pool.map(worker.run, jobs))
+
+        def serial() -> int:
             out = tmp / f"out{time.perf_counter_ns()}"
             return sum(process_shard(processor, job, CAPTION_SCHEMA) for job in find_jobs(dataset, out, "caption"))
 
-        t_stage, written = timed(stage)
-    assert answers > 0 and captions == len(samples) and written == len(samples), (answers, captions, written)
+        runs = {"listen": lambda: sum(bare_listen(processor.listener, shard, questions) for shard in shard_clips),
+                "write": lambda: sum(bare_write(writer, shard) for shard in shard_requests),
+                "stage": stage, "serial": serial}
+        bare_listen(processor.listener, clips[:2], questions[:1])  # warm-up
+        best = {name: float("inf") for name in runs}
+        counts = {}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                counts[name] = fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    answers, captions, written = counts["listen"], counts["write"], counts["stage"]
+    assert answers > 0 and captions == len(samples) and written == counts["serial"] == len(samples), counts
+    t_listen, t_write, t_stage = best["listen"], best["write"], best["stage"]
     windows = answers // len(questions)
     overhead = t_stage / (t_listen + t_write) - 1
     print(f"clips {len(samples)}, windows {windows}, questions {len(questions)}, batch {args.batch_size}, "
@@ -170,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"write bare:  {captions / t_write:.2f} captions/s, {t_write:.2f} s")
     print(f"stage (listen,write): {len(samples) / t_stage:.2f} samples/s, {t_stage:.2f} s; "
           f"overhead vs bare generate {overhead * 100:+.1f} %")
+    print(f"serial (one shard after another): {best['serial']:.2f} s; "
+          f"overhead {(best['serial'] / (t_listen + t_write) - 1) * 100:+.1f} %")
     return 0
 
 

@@ -49,6 +49,7 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from audio_dataset.audio import decode, encode_flac, resample  # noqa: E402
+from audio_dataset.curate import dedup  # noqa: E402
 from audio_dataset.curate import fingerprint as fp  # noqa: E402
 from audio_dataset.curate import match as matching  # noqa: E402
 
@@ -64,6 +65,35 @@ FIELDS = (("band", fp.PARTNERS * fp.PART_BITS, 0xFF),
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return round(int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+class RssPeak:
+    """The highest resident memory of this process while the block runs (sampled every 5 ms): the
+    peak of one step, which the process's lifetime peak (ru_maxrss) hides once an earlier step
+    went higher."""
+
+    def __enter__(self) -> "RssPeak":
+        import threading
+
+        self.before = self.peak = current_rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, current_rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_mb())
 
 
 # ------------------------------------------------------------------------------------------ real audio
@@ -172,14 +202,27 @@ def planted(clip: Clip, transform: str, rng: np.random.Generator) -> tuple[bytes
     return encode_flac(wave[None, int(start * rate): int((start + 30) * rate)], rate), start
 
 
-def _write_parts(folder: Path, prints: list[fp.Fingerprint], first: int = 0) -> list[matching.PrintPart]:
+def _write_parts(folder: Path, prints: list[fp.Fingerprint], first: int = 0,
+                 digests: list[str] | None = None) -> list[matching.PrintPart]:
+    """Fingerprint parts as the fingerprint stage writes them (its schema, every column), so the
+    dedup driver's own code reads them; item i is key {i:09d}, its PCM digest `digests[i - first]`
+    (default: its own)."""
+    from audio_dataset.curate.dedup import FINGERPRINT_SCHEMA
+
     folder.mkdir(parents=True, exist_ok=True)
     parts = []
     for at in range(0, len(prints), PART_ROWS):
         chunk = prints[at: at + PART_ROWS]
+        ids = range(first + at, first + at + len(chunk))
+        seconds = [float(p.times.max() + 1) * fp.HOP / fp.RATE if len(p.times) else 0.0 for p in chunk]
         path = folder / f"{first + at:09d}.parquet"
-        pq.write_table(pa.table({"hashes": pa.array([p.hashes for p in chunk], pa.list_(pa.uint64())),
-                                 "times": pa.array([p.times for p in chunk], pa.list_(pa.int32()))}), path)
+        pq.write_table(pa.table({
+            "split": ["train"] * len(chunk), "shard": [f"{i // PART_ROWS:06d}.tar" for i in ids],
+            "key": [f"{i:09d}" for i in ids], "source": ["standin"] * len(chunk), "license": ["CC0"] * len(chunk),
+            "duration": seconds, "status": ["ok"] * len(chunk), "bytes_sha256": [f"{i:064x}" for i in ids],
+            "pcm_sha256": digests[at: at + len(chunk)] if digests else [f"{i:064x}" for i in ids],
+            "hashes": pa.array([p.hashes for p in chunk], pa.list_(pa.uint64())),
+            "times": pa.array([p.times for p in chunk], pa.list_(pa.int32()))}, schema=FINGERPRINT_SCHEMA), path)
         parts.append(matching.part_of(matching.UPath(path), first + at))
     return parts
 
@@ -391,16 +434,22 @@ def standin_part(model: Model, seed: int, first: int, rows: int, dataset: int, e
                  folder: str) -> dict:
     """Items [first, first + rows) of a stand-in corpus: dataset items, then (ids >= dataset) the eval
     set. Within the dataset every 200th item is a planted copy of the item before it (0.5%), and
-    `leaks` evenly spaced items are copies of eval items; every 1000th is a 3-minute clip."""
-    prints, plants = [], []
+    `leaks` evenly spaced items are copies of eval items; every 1000th is a 3-minute clip, the next a
+    30 s excerpt of it, and the next an exact copy of that (the same PCM digest: an `exact` link)."""
+    prints, plants, digests = [], [], []
     leak_every = dataset // leaks if leaks else 0
     for i in range(first, first + rows):
         rng = _item_rng(seed, 0, i)
+        digests.append(f"{i:064x}")
         if i >= dataset:
             prints.append(_eval_item(model, seed, i - dataset))
             continue
         if i % 1000 == 1:
             prints.append(_stream(model, rng, 180.0))
+        elif i % 1000 == 3:  # the same decoded PCM as the item before (its fingerprint too)
+            prints.append(prints[-1])  # never a part's first item: parts start at multiples of 2,000
+            digests[-1] = f"{i - 1:064x}"
+            plants.append((i - 1, i, "exact", "exact"))
         elif leak_every and i % leak_every == leak_every // 2 and i // leak_every < leaks:
             target = int(rng.integers(0, evals))
             transform = TRANSFORMS[int(rng.integers(0, len(TRANSFORMS) - 1))]
@@ -414,7 +463,7 @@ def standin_part(model: Model, seed: int, first: int, rows: int, dataset: int, e
             plants.append((i - 1, i, transform, "dup"))
         else:
             prints.append(_stream(model, rng, float(rng.uniform(4, 10))))
-    _write_parts(Path(folder), prints, first)
+    _write_parts(Path(folder), prints, first, digests)
     return {"plants": plants, "hashes": int(sum(len(p.hashes) for p in prints)), "peak_rss_mb": peak_mb()}
 
 
@@ -439,17 +488,29 @@ def run_standin(out: Path, model: Model, size: int, evals: int, seed: int) -> di
     generated = time.monotonic()
     parts = sorted((matching.part_of(matching.UPath(p), int(p.stem)) for p in (work / "prints").glob("*.parquet")),
                    key=lambda p: p.first)
-    plan = matching.plan_matching(matching.UPath(work / "match"), parts, size)
-    result = matching.run_matching(plan, matching.run_on_ray)
+    # The dedup driver's own steps (what `audiodata dedup` runs once the fingerprints are made):
+    # exact links by PCM digest, the matching on Ray, the clusters from the linked rows alone.
+    items = dedup.Items(parts, [int(p.first >= size) for p in parts], ["dataset", "eval"])
+    with RssPeak() as rss:
+        exact = dedup.exact_links(items, matching.UPath(work / "work"))
+        links, report = dedup.fingerprint_links(items, matching.UPath(work / "match"), matching.run_on_ray)
+        rows = dedup.cluster_rows(items, exact + links, "longest")
+    driver = {"rss_before_mb": rss.before, "rss_peak_mb": rss.peak, "rise_mb": round(rss.peak - rss.before, 1),
+              "process_peak_mb": round(peak_mb(), 1)}
+    matched = time.monotonic()
     hashes = sum(m["hashes"] for m in made)
-    assert result.report["hashes"] == hashes > 0, "matching did not read every hash written"
+    assert report["hashes"] == hashes > 0, "matching did not read every hash written"
     plants = [tuple(p) for m in made for p in m["plants"]]
     dups = {(min(a, b), max(a, b)): t for a, b, t, kind in plants if kind == "dup"}
     leak_pairs = {(min(a, b), max(a, b)) for a, b, _, kind in plants if kind == "leak"}
-    assert dups and leak_pairs, "no planted pairs: nothing to find"
+    exact_pairs = {(a, b) for a, b, _, kind in plants if kind == "exact"}
+    assert dups and leak_pairs and exact_pairs, "no planted pairs: nothing to find"
+    assert {(link.a, link.b) for link in exact} == exact_pairs, "exact links differ from the planted exact copies"
+    overlap = {int(r["key"]) for r in rows if r["kind"] == dedup.EVAL_OVERLAP}
+    dropped = sum(not r["keep"] for r in rows)
     sample = [_eval_item(model, seed, i) for i in range(2000)]  # ~200 collisions: the rate to +-7%
     collision = _collision(sample, list(range(len(sample))))
-    found = {(m.a, m.b) for m in result.matches}
+    found = {(link.a, link.b) for link in links}
     root = {}  # planted families: two copies of one clip (two leaks of one eval item) match too
 
     def family(x: int) -> int:
@@ -461,6 +522,8 @@ def run_standin(out: Path, model: Model, size: int, evals: int, seed: int) -> di
     false = {p for p in found if family(p[0]) != family(p[1])}
     for a, b in sorted(false)[:10]:
         print(f"false match: items {a} and {b}", file=sys.stderr)
+    leaked = {min(p) for p in leak_pairs if p in found}
+    assert leaked <= overlap, "a leak found by the matching is not eval_overlap in the clusters"
     by_transform = {t: float(np.mean([p in found for p, tt in dups.items() if tt == t]))
                     for t in sorted(set(dups.values()))}
     shutil.rmtree(work / "prints", ignore_errors=True)
@@ -469,12 +532,15 @@ def run_standin(out: Path, model: Model, size: int, evals: int, seed: int) -> di
                                                        "pooled_share": model.pooled},
             "recall": float(np.mean([p in found for p in dups])), "recall_by_transform": by_transform,
             "leaks_found": sum(p in found for p in leak_pairs), "false_matches": len(false),
+            "exact_copies": len(exact_pairs), "clustered_rows": len(rows), "eval_overlap_rows": len(overlap),
+            "not_kept": dropped, "driver": driver,
             "family_matches": len(found - set(dups) - leak_pairs - false),
             "false_match_rate": len(false) / (total * (total - 1) / 2),
-            "seconds": {"generate": round(generated - started, 1), "match": result.report["seconds"]},
+            "seconds": {"generate": round(generated - started, 1), "match": report["seconds"],
+                        "exact_match_cluster": round(matched - generated, 1)},
             "generate_peak_rss_mb": max(m["peak_rss_mb"] for m in made), "driver_peak_rss_mb": round(peak_mb(), 1),
-            "match": {k: v for k, v in result.report.items() if k != "partition_hashes"},
-            "partition_hashes_max": max(result.report["partition_hashes"])}
+            "match": {k: v for k, v in report.items() if k != "partition_hashes"},
+            "partition_hashes_max": max(report["partition_hashes"])}
 
 
 def main() -> None:

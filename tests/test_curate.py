@@ -336,6 +336,51 @@ def test_dedup_with_embeddings_names_the_sets_without_them(folders, embedded, ca
     assert {key("robin"), key("dog"), key("trumpet")} <= set(rows)
 
 
+def test_a_worker_prepares_the_next_shard_while_its_model_runs_one_shard_at_a_time(tmp_path):
+    """The actor's threads: shard B is read and prepared while A is in `process`; `process` never
+    runs twice at once; every shard's output equals a serial run's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from audio_dataset.stage_runner import REWRITE, SHARDS_IN_FLIGHT, _Worker, find_jobs, process_shard
+
+    shards = [[{"__key__": f"s{n}k{i}", "flac": bytes([n, i]), "json": b"{}"} for i in range(3)] for n in range(4)]
+    _write(tmp_path / "in", "train", shards)
+    events, busy, overlaps = [], [0], []
+    lock = threading.Lock()
+    in_process = threading.Event()
+
+    class Processor:
+        def prepare(self, job, samples):
+            with lock:
+                events.append(("prepare", job.name, in_process.is_set()))
+            return [sample["flac"][::-1] for sample in samples]
+
+        def process(self, job, samples, prepared=None):
+            with lock:
+                busy[0] += 1
+                overlaps.append(busy[0])
+            in_process.set()
+            threading.Event().wait(0.15)  # the model's time: the other thread prepares meanwhile
+            in_process.clear()
+            with lock:
+                busy[0] -= 1
+            new = [{**s, "json": json.dumps({"p": list(p)}).encode()} for s, p in zip(samples, prepared)]
+            return new, [{"status": "ok"} for _ in samples]
+
+    schema = pa.schema([("status", pa.string())])
+    worker = _Worker(lambda device: Processor(), "cpu", 1, schema, REWRITE)
+    jobs = find_jobs(tmp_path / "in", tmp_path / "out", "t")
+    with ThreadPoolExecutor(SHARDS_IN_FLIGHT) as pool:
+        done = list(pool.map(worker.run, jobs))
+    assert [n for _, n in done] == [3, 3, 3, 3] and max(overlaps) == 1
+    assert any(during for what, _, during in events if what == "prepare")  # some shard prepared during a process
+    for job, serial in zip(jobs, find_jobs(tmp_path / "in", tmp_path / "serial", "t")):
+        process_shard(Processor(), serial, schema, REWRITE)
+        assert list(iter_shard(job.dst)) == list(iter_shard(serial.dst)) and len(list(iter_shard(job.dst))) == 3
+        assert pq.read_table(job.part).num_rows == 3
+
+
 def test_the_runner_refuses_a_drop_stage_that_alters_or_reorders(tmp_path):
     from audio_dataset.stage_runner import DROP, READ, ShardJob, process_shard
 

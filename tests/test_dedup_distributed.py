@@ -236,3 +236,44 @@ def test_a_matchings_own_files_edited_are_refused_in_one_line(tmp_path, corpus, 
     tamper(sorted((tmp_path / "work").glob(where))[0])
     with pytest.raises(UserError, match=f"{says}.*remove .* to match again"):
         _match(tmp_path, corpus, "work")
+
+
+@pytest.mark.parametrize("bucket_items", [1_000_000, 7])
+def test_exact_links_spooled_in_buckets_equal_grouping_all_at_once(tmp_path, monkeypatch, bucket_items):
+    """Each sample links to the first dataset sample of its PCM digest; eval-only digests link
+    nothing; nulls never link. With buckets of 7 the digests go through files under WORK (removed
+    after), and the links are the same as with every digest held at once."""
+    from audio_dataset.curate import dedup
+
+    monkeypatch.setattr(dedup, "EXACT_BUCKET_ITEMS", bucket_items)
+    rng = np.random.default_rng(3)
+    digests = [None if i % 17 == 0 else f"{int(rng.integers(0, 40)):064x}" for i in range(200)]
+    groups = [0] * 150 + [1] * 50
+    digests[160] = f"{999:064x}"  # two eval samples alone share a digest: no dataset anchor
+    digests[170] = f"{999:064x}"
+    items = _digests_items(tmp_path / "parts", digests, groups)
+    want = set()
+    for i, digest in enumerate(digests):
+        anchor = next((j for j in range(150) if digests[j] == digest), None) if digest is not None else None
+        if anchor is not None and anchor != i:
+            want.add((anchor, i))
+    got = dedup.exact_links(items, UPath(tmp_path / "work"))
+    assert {(link.a, link.b) for link in got} == want and len(want) > 100
+    assert all(link.kind == dedup.EXACT for link in got) and not (tmp_path / "work" / "exact").exists()
+
+
+def _digests_items(folder: Path, digests: list, groups: list[int]):
+    """Parts of 23 rows or fewer (never spanning two groups)."""
+    from audio_dataset.curate.dedup import Items
+
+    folder.mkdir(parents=True, exist_ok=True)
+    parts, part_groups, first = [], [], 0
+    while first < len(digests):
+        last = min(first + 23, len(digests))
+        last = next(j for j in range(first + 1, last + 1) if j == last or groups[j] != groups[first])
+        path = folder / f"{first:06d}.parquet"
+        pq.write_table(pa.table({"pcm_sha256": pa.array(digests[first:last], pa.string())}), path)
+        parts.append(matching.PrintPart(str(path), first, last - first, 0))
+        part_groups.append(groups[first])
+        first = last
+    return Items(parts, part_groups, ["dataset", "eval"])

@@ -2,12 +2,16 @@
 search at the threshold, pairs reduced per task. The clusters equal the exact all-pairs method's."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from audio_dataset.curate import dedup
 from audio_dataset.curate.dedup import EMBEDDING, Items, Link, _LinkReducer, cluster_rows, embedding_pairs
+from audio_dataset.curate.match import PrintPart
 
 THRESHOLD = 0.95
 DIM = 32
@@ -36,11 +40,19 @@ def corpus(count: int, seed: int = 0) -> np.ndarray:
     return vectors
 
 
-def _items(count: int, groups: np.ndarray) -> Items:
+def _items(folder: Path, count: int, groups: np.ndarray) -> Items:
+    """Items read from one fingerprint-like part per group (the rows `cluster_rows` reads)."""
     keys = [f"k{i}" for i in range(count)]
     table = pa.table({"key": keys, "split": ["train"] * count, "shard": ["000000.tar"] * count,
                       "bytes_sha256": keys, "pcm_sha256": keys, "duration": [1.0] * count, "license": ["CC0"] * count})
-    return Items(table, groups, [], ["dataset", "eval"])
+    parts, part_groups = [], []
+    for group in np.unique(groups):
+        first, rows = int(np.argmax(groups == group)), int((groups == group).sum())
+        path = folder / f"part{group}.parquet"
+        pq.write_table(table.slice(first, rows), path)
+        parts.append(PrintPart(str(path), first, rows, 0))
+        part_groups.append(int(group))
+    return Items(parts, part_groups, ["dataset", "eval"])
 
 
 def _links(q: np.ndarray, b: np.ndarray, scores: np.ndarray, q_items: np.ndarray, b_items: np.ndarray) -> list[Link]:
@@ -71,21 +83,21 @@ def _same_clusters(items: Items, exact: list[Link], found: list[Link]) -> None:
     assert [row["keep"] for row in got] == [row["keep"] for row in want]
 
 
-def test_sharded_range_search_finds_the_exact_clusters(small_lists, ray_local):
+def test_sharded_range_search_finds_the_exact_clusters(small_lists, ray_local, tmp_path):
     vectors = corpus(3_000)
-    items = _items(len(vectors), np.zeros(len(vectors), int))
+    items = _items(tmp_path, len(vectors), np.zeros(len(vectors), int))
     rows = np.arange(len(vectors))
     q, b, scores = embedding_pairs(vectors, vectors, THRESHOLD, same=True, per_task=700)  # 5 Ray tasks
     assert len(q) <= 2 * len(vectors)  # pairs kept: a forest and each one's strongest, not all 11k
     _same_clusters(items, _links(*_exact(vectors, vectors, True), rows, rows), _links(q, b, scores, rows, rows))
 
 
-def test_eval_queries_against_the_dataset(small_lists, ray_local):
+def test_eval_queries_against_the_dataset(small_lists, ray_local, tmp_path):
     base, evalset = corpus(3_000), corpus(400, seed=5)
     leaks = np.arange(0, 3_000, 97)
     evalset[: len(leaks)] = base[leaks]  # planted leaks
     groups = np.r_[np.zeros(len(base), int), np.ones(len(evalset), int)]
-    items = _items(len(groups), groups)
+    items = _items(tmp_path, len(groups), groups)
     base_items, eval_items = np.arange(len(base)), np.arange(len(base), len(groups))
     q, b, scores = embedding_pairs(base, evalset, THRESHOLD, same=False, per_task=150)
     assert {(int(x), int(y)) for x, y in zip(q, b)} >= set(enumerate(leaks.tolist()))

@@ -220,14 +220,23 @@ class CaptionProcessor:
                 seen.add(entry.candidate.text)
         return bool(passing)
 
-    def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
+    def prepare(self, job: ShardJob, samples: list[Sample]) -> list[Clip | None]:
+        """Each sample's audio decoded whole at the listening model's rate (None: it does not decode),
+        when a step listens to it; the worker runs this while its models work on the shard before."""
+        del job
+        if LISTEN not in self.options.steps and CHECK not in self.options.steps:
+            return []
+        return [self._clip(sample) for sample in samples]
+
+    def process(self, job: ShardJob, samples: list[Sample],
+                prepared: list[Clip | None] | None = None) -> tuple[list[Sample], list[dict[str, Any]]]:
         steps = self.options.steps
         metas = [json.loads(sample[JSON_EXT]) for sample in samples]
         status: dict[int, str] = {}
         clips: dict[int, Clip] = {}
         if LISTEN in steps or CHECK in steps:
-            for i, sample in enumerate(samples):
-                clip = self._clip(sample)
+            decoded = prepared if prepared is not None else self.prepare(job, samples)
+            for i, clip in enumerate(decoded):
                 if clip is None:
                     status[i] = t.NO_AUDIO
                 else:

@@ -9,6 +9,12 @@ Three ways two samples are the same recording, strongest first:
   (`match.py`, Ray tasks), never every clip's hashes in one process.
 - `embedding`: CLAP audio embeddings (from `audiodata embed`) within --embedding-threshold cosine.
 
+The driver holds the list of fingerprint parts, the links (two per matched sample at most) and the
+rows of the linked samples, never a row per sample: PCM digests are grouped a bucket at a time
+(spooled under `_work/exact/` above EXACT_BUCKET_ITEMS samples), and the clusters' rows are read
+from the parts that hold linked samples. Embedding matching is the exception: it holds the vectors
+it indexes.
+
 Matched samples form clusters (connected components). A cluster holding an item of an --against
 set is an evaluation leak: all its dataset samples are `eval_overlap`, none is kept. Otherwise one
 sample per cluster is kept by --keep (longest, best licence, or first in dataset order; ties go to
@@ -24,11 +30,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from upath import UPath
 
 from audio_dataset.audio import DecodeStream, _Resampler, finite_extremes, set_channels
@@ -45,7 +54,7 @@ from audio_dataset.stage_runner import DROP, KEPT, READ, RunOptions, RunSummary,
     as_json, check_run, dataset_identity, find_jobs, run_stage
 from audio_dataset.lock import hold_output
 from audio_dataset.raystart import start_ray
-from audio_dataset.storage import atomic_write_json, location, read_json, trust_output
+from audio_dataset.storage import atomic_write_bytes, atomic_write_json, location, read_json, trust_output
 
 FINGERPRINT_STAGE = "fingerprint"
 DEDUP_STAGE = "dedup"
@@ -181,31 +190,56 @@ def _with(run: RunOptions, input_dir: UPath, out: UPath) -> RunOptions:
 # ---------------------------------------------------------------------------------------- matching
 @dataclass
 class Items:
-    """Every sample of the dataset (group 0) and of each eval set (groups 1..), in dataset order:
-    their fingerprint rows but the hashes (which stay in the parts, read by the matching tasks)."""
+    """The dataset's samples (group 0), then each eval set's (groups 1..), numbered in that order
+    through their fingerprint parts. The driver holds the list of parts, never a row per sample:
+    `rows` reads the rows of the samples it is asked for (the linked ones), a part at a time."""
 
-    table: pa.Table  # the fingerprint columns but hashes and times
-    groups: np.ndarray
     parts: list[matching.PrintPart]
+    part_groups: list[int]  # each part's group
     sets: list[str]  # group -> folder
+
+    @functools.cached_property
+    def _bounds(self) -> np.ndarray:  # each part's first id, then the count
+        return np.array([p.first for p in self.parts] + [self.count], np.int64)
+
+    @property
+    def count(self) -> int:
+        return sum(part.rows for part in self.parts)
+
+    def in_group(self, group: int) -> int:
+        return sum(part.rows for part, g in zip(self.parts, self.part_groups) if g == group)
+
+    @property
+    def first_other(self) -> int | None:
+        """The first eval-set item (eval items follow every dataset item), or None without eval sets."""
+        return self.in_group(0) if any(self.part_groups) else None
+
+    def groups(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.part_groups, np.int64)[np.searchsorted(self._bounds, ids, "right") - 1]
+
+    def rows(self, ids: set[int], names: list[str]) -> dict[int, dict[str, Any]]:
+        """The columns `names` of each sample in `ids`, read from the parts that hold them."""
+        wanted = np.array(sorted(ids), np.int64)
+        found: dict[int, dict[str, Any]] = {}
+        for index in np.unique(np.searchsorted(self._bounds, wanted, "right") - 1):
+            part = self.parts[index]
+            table = read_columns(UPath(part.path), names)
+            if table.num_rows != part.rows:
+                raise UserError(f"{part.path}: changed while read; rerun")
+            mine = wanted[(wanted >= part.first) & (wanted < part.first + part.rows)]
+            for i, row in zip(mine, table.take(pa.array(mine - part.first)).to_pylist()):
+                found[int(i)] = row
+        return found
 
 
 def _load_items(sets: list[tuple[UPath, UPath]]) -> Items:
     """`sets`: (dataset, its fingerprints) for the dataset, then each eval set."""
-    tables, groups, parts = [], [], []
-    meta_columns = [name for name in FINGERPRINT_SCHEMA.names if name not in ("hashes", "times")]
-    first = 0
+    parts, part_groups = [], []
     for group, (dataset, prints_dir) in enumerate(sets):
         for job in find_jobs(dataset, prints_dir, FINGERPRINT_STAGE, READ):
-            table = read_columns(location(job.part), meta_columns)
-            part = matching.part_of(location(job.part), first)
-            if part.rows != table.num_rows:
-                raise UserError(f"{job.part}: changed while read; rerun")
-            tables.append(table)
-            groups.append(np.full(table.num_rows, group))
-            parts.append(part)
-            first += table.num_rows
-    return Items(pa.concat_tables(tables), np.concatenate(groups), parts, [str(d) for d, _ in sets])
+            parts.append(matching.part_of(location(job.part), sum(p.rows for p in parts)))
+            part_groups.append(group)
+    return Items(parts, part_groups, [str(d) for d, _ in sets])
 
 
 @dataclass(frozen=True)
@@ -214,23 +248,75 @@ class Link:
     b: int
     kind: str
     score: float
-    span: tuple[float, float] | None = None  # matched_span: [offset_s, length_s]
+    offset: int = 0  # a fingerprint match's time offset, in frames (`matched_span`)
 
 
-def exact_links(items: Items) -> list[Link]:
-    """Each sample to the first dataset sample with the same decoded PCM."""
-    by_digest: dict[str, list[int]] = {}
-    durations = items.table.column("duration").to_pylist()
-    for i, digest in enumerate(items.table.column("pcm_sha256").to_pylist()):
-        if digest is not None:
-            by_digest.setdefault(digest, []).append(i)
+# Samples whose PCM digests the driver groups at once; more are spooled to WORK in buckets this size.
+EXACT_BUCKET_ITEMS = 250_000
+_DIGEST_SCHEMA = pa.schema([("item", pa.int64()), ("digest", pa.string())])
+
+
+class _DigestSpool:
+    """PCM digests split by value into `buckets`; with more than one, written under `folder` in
+    chunks (at most EXACT_BUCKET_ITEMS rows held), so each bucket is read back and grouped alone."""
+
+    def __init__(self, folder: UPath, buckets: int) -> None:
+        self.folder, self.buckets = folder, buckets
+        self.held: list[list[pa.Table]] = [[] for _ in range(buckets)]
+        self.rows = self.chunks = 0
+        if buckets > 1 and folder.exists():
+            folder.fs.rm(folder.path, recursive=True)  # an interrupted run's: redone (seconds)
+
+    def add(self, table: pa.Table) -> None:
+        table = table.filter(pc.is_valid(table.column("digest")))
+        if self.buckets == 1:
+            self.held[0].append(table)
+            return
+        which = np.array([zlib.crc32(d.encode()) for d in table.column("digest").to_pylist()], np.int64) % self.buckets
+        for bucket in np.unique(which):
+            self.held[bucket].append(table.filter(pa.array(which == bucket)))
+        self.rows += table.num_rows
+        if self.rows >= EXACT_BUCKET_ITEMS:
+            self._flush()
+
+    def _flush(self) -> None:
+        for bucket, tables in enumerate(self.held):
+            if tables:
+                atomic_write_bytes(self.folder / f"b{bucket:05d}" / f"{self.chunks:06d}.parquet",
+                                   matching.table_bytes(pa.concat_tables(tables)))
+        self.held, self.rows, self.chunks = [[] for _ in range(self.buckets)], 0, self.chunks + 1
+
+    def each(self) -> Iterator[pa.Table]:
+        if self.buckets == 1:
+            yield pa.concat_tables(self.held[0]) if self.held[0] else _DIGEST_SCHEMA.empty_table()
+            return
+        self._flush()
+        for bucket in range(self.buckets):
+            paths = [self.folder / f"b{bucket:05d}" / f"{chunk:06d}.parquet" for chunk in range(self.chunks)]
+            yield matching.read_parts(paths, _DIGEST_SCHEMA)
+        self.folder.fs.rm(self.folder.path, recursive=True)
+
+
+def exact_links(items: Items, work: UPath) -> list[Link]:
+    """Each sample to the first dataset sample with the same decoded PCM, a bucket of digests at a
+    time (`_DigestSpool`): the driver never holds every sample's digest."""
+    spool = _DigestSpool(work / "exact", max(1, -(-items.count // EXACT_BUCKET_ITEMS)))
+    for part in items.parts:
+        digests = read_columns(UPath(part.path), ["pcm_sha256"]).column(0)
+        if len(digests) != part.rows or digests.type != pa.string():
+            raise UserError(f"{part.path}: not the fingerprint part it was (pcm_sha256 {digests.type}, "
+                            f"{len(digests)} rows); rerun, or remove it to fingerprint its shard again")
+        spool.add(pa.table([pa.array(np.arange(part.first, part.first + part.rows)), digests], schema=_DIGEST_SCHEMA))
+    first_other = items.first_other
     links = []
-    for members in by_digest.values():
-        anchor = next((i for i in members if items.groups[i] == 0), None)
-        if anchor is not None:
-            links += [Link(min(anchor, i), max(anchor, i), EXACT, 1.0, _whole(durations[i]))
-                      for i in members if i != anchor]
-    return links
+    for table in spool.each():
+        table = table.sort_by([("digest", "ascending"), ("item", "ascending")])
+        ids, digests = table.column("item").to_numpy(), table.column("digest").to_numpy(zero_copy_only=False)
+        starts = np.r_[True, digests[1:] != digests[:-1]] if len(ids) else np.zeros(0, bool)
+        anchor = ids[np.flatnonzero(starts)][np.cumsum(starts) - 1]  # each run's first (smallest) item
+        mine = (ids != anchor) & ((anchor < first_other) if first_other is not None else True)
+        links += [Link(int(a), int(b), EXACT, 1.0) for a, b in zip(anchor[mine], ids[mine])]
+    return sorted(links, key=lambda link: (link.a, link.b))
 
 
 def _whole(duration: float | None) -> tuple[float, float] | None:
@@ -249,15 +335,20 @@ def matched_span(offset: int, duration_a: float | None, duration_b: float | None
     return round(where, 4), round(max(0.0, end - start), 4)
 
 
+def link_span(link: Link, duration_a: float | None, duration_b: float | None) -> tuple[float, float] | None:
+    """A link's `matched_span`: an exact copy overlaps whole, an embedding match has none."""
+    if link.kind == EXACT:
+        return _whole(duration_b)
+    if link.kind == FINGERPRINT:
+        return matched_span(link.offset, duration_a, duration_b)
+    return None
+
+
 def fingerprint_links(items: Items, work: UPath, runner: matching.Runner) -> tuple[list[Link], dict[str, Any]]:
     """Fingerprint matches over hash partitions (`match.py`); and the matching's report."""
-    groups = items.groups
-    first_other = int((groups == 0).sum()) if (groups != 0).any() else None
-    plan = matching.plan_matching(work, items.parts, first_other)
+    plan = matching.plan_matching(work, items.parts, items.first_other)
     result = matching.run_matching(plan, runner)
-    durations = items.table.column("duration").to_pylist()
-    return [Link(m.a, m.b, FINGERPRINT, m.score, matched_span(m.offset, durations[m.a], durations[m.b]))
-            for m in result.matches], result.report
+    return [Link(m.a, m.b, FINGERPRINT, m.score, m.offset) for m in result.matches], result.report
 
 
 def load_embeddings(embed_dir: UPath) -> tuple[np.ndarray, list[str]]:
@@ -380,6 +471,15 @@ def _range_pairs_on_ray(index_bytes: bytes, queries: np.ndarray, starts: list[in
             ray.shutdown()
 
 
+def _key_map(items: Items) -> dict[tuple[int, str], int]:
+    """(group, key) -> item: what embedding dedup needs to place its vectors (which it holds anyway)."""
+    where: dict[tuple[int, str], int] = {}
+    for part, group in zip(items.parts, items.part_groups):
+        keys = read_columns(UPath(part.path), ["key"]).column(0).to_pylist()
+        where.update({(group, key): part.first + i for i, key in enumerate(keys)})
+    return where
+
+
 def embedding_links(items: Items, datasets: list[UPath], threshold: float,
                     ray_address: str | None = None) -> tuple[list[Link], list[str]]:
     """Links from CLAP audio embeddings, where the dataset (and each eval set) was embedded by one
@@ -388,8 +488,7 @@ def embedding_links(items: Items, datasets: list[UPath], threshold: float,
     if not (dataset_embed / ".embed" / "run.json").exists():
         return [], [str(d) for d in datasets]
     model = embedding_model(dataset_embed)["digest"]
-    keys = items.table.column("key").to_pylist()
-    where = {(int(g), key): i for i, (g, key) in enumerate(zip(items.groups, keys))}
+    where = _key_map(items)
     base, base_keys = load_embeddings(dataset_embed)
     base, base_items = _matchable(base, np.array([where.get((0, key), -1) for key in base_keys]))
     links, missing = [], []
@@ -443,16 +542,21 @@ def licence_rank(licence: str | None) -> int:
     return permissiveness(classify(licence)[0])
 
 
-def _keeper(members: list[int], column: dict[str, list[Any]], rule: str) -> int:
+def _keeper(members: list[int], row: dict[int, dict[str, Any]], rule: str) -> int:
     """The sample a cluster keeps; `members` are in dataset order, so ties go to the first."""
     if rule == "longest":
-        return max(members, key=lambda i: (column["duration"][i] or 0.0, -i))
+        return max(members, key=lambda i: (row[i]["duration"] or 0.0, -i))
     if rule == "license":
-        return min(members, key=lambda i: (licence_rank(column["license"][i]), i))
+        return min(members, key=lambda i: (licence_rank(row[i]["license"]), i))
     return members[0]
 
 
+_ROW_COLUMNS = ["key", "split", "shard", "bytes_sha256", "pcm_sha256", "duration", "license"]
+
+
 def cluster_rows(items: Items, links: list[Link], rule: str) -> list[dict[str, Any]]:
+    """One row per clustered dataset sample: its cluster, the strongest link and whether it is kept.
+    Only the linked samples' rows are read."""
     best: dict[int, Link] = {}  # per item, its strongest link
     for link in links:
         for i in (link.a, link.b):
@@ -463,24 +567,25 @@ def cluster_rows(items: Items, links: list[Link], rule: str) -> list[dict[str, A
     members_of: dict[int, list[int]] = {}
     for i in sorted(best):
         members_of.setdefault(int(roots[i]), []).append(i)
-    column = {name: items.table.column(name).to_pylist()
-              for name in ("key", "split", "shard", "bytes_sha256", "pcm_sha256", "duration", "license")}
+    row = items.rows(set(best), _ROW_COLUMNS)
+    group = dict(zip(sorted(best), items.groups(np.array(sorted(best), np.int64)).tolist()))
     rows = []
     for cluster, (root, members) in enumerate(sorted(members_of.items())):
-        dataset_members = [i for i in members if items.groups[i] == 0]
-        leaked = [i for i in members if items.groups[i] != 0]
-        keeper = None if leaked else _keeper(dataset_members, column, rule)
+        dataset_members = [i for i in members if group[i] == 0]
+        leaked = [i for i in members if group[i] != 0]
+        keeper = None if leaked else _keeper(dataset_members, row, rule)
         for i in dataset_members:
             link = best[i]
             other = link.b if link.a == i else link.a
             if leaked:
-                other = other if items.groups[other] else leaked[0]
-            rows.append({"key": column["key"][i], "split": column["split"][i], "shard": column["shard"][i],
+                other = other if group[other] else leaked[0]
+            span = link_span(link, row[link.a]["duration"], row[link.b]["duration"])
+            rows.append({"key": row[i]["key"], "split": row[i]["split"], "shard": row[i]["shard"],
                          "cluster": cluster, "kind": EVAL_OVERLAP if leaked else link.kind, "method": link.kind,
-                         "score": link.score, "matched_key": column["key"][other],
-                         "matched_set": items.sets[int(items.groups[other])], "keep": i == keeper,
-                         "bytes_sha256": column["bytes_sha256"][i], "pcm_sha256": column["pcm_sha256"][i],
-                         "matched_span": list(link.span) if link.span is not None else None})
+                         "score": link.score, "matched_key": row[other]["key"],
+                         "matched_set": items.sets[group[other]], "keep": i == keeper,
+                         "bytes_sha256": row[i]["bytes_sha256"], "pcm_sha256": row[i]["pcm_sha256"],
+                         "matched_span": list(span) if span is not None else None})
     return rows
 
 
@@ -537,7 +642,7 @@ def _find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> 
     with hold_output(trust_output(out / "_work"), DEDUP_STAGE):
         items = _load_items(sets)
         found_prints, report = _match_prints(items, [dataset_identity(path) for path, _ in sets], out / "_work")
-        links = exact_links(items) + found_prints
+        links = exact_links(items, out / "_work") + found_prints
         missing: list[str] = []
         if options.use_embeddings:
             found, missing = embedding_links(items, datasets, options.embedding_threshold, run.ray_address)
@@ -566,7 +671,7 @@ def _match_prints(items: Items, identities: list[str], work_root: UPath) -> tupl
 def _summarise(out: UPath, items: Items, rows: list[dict[str, Any]], options: DedupOptions, missing: list[str],
                report: dict[str, Any]) -> DedupResult:
     # "kept" means what it means in every stage: the samples that stay (unclustered ones included).
-    samples = int((items.groups == 0).sum())
+    samples = items.in_group(0)
     counts = {"samples": samples, "kept": samples - sum(not r["keep"] for r in rows),
               DUPLICATE: sum(not r["keep"] and r["kind"] != EVAL_OVERLAP for r in rows),
               EVAL_OVERLAP: sum(r["kind"] == EVAL_OVERLAP for r in rows), "clustered": len(rows)}

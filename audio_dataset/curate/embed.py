@@ -138,9 +138,16 @@ class EmbedProcessor:
                 audio[found] = _unit(audio[found])
         return audio
 
-    def process(self, job: ShardJob, samples: list[Sample]) -> tuple[list[Sample], list[dict[str, Any]]]:
+    def prepare(self, job: ShardJob, samples: list[Sample]) -> list[np.ndarray | None]:
+        """Each sample's audio at the model's rate (None: none usable); the worker runs this while
+        the model embeds the shard before."""
+        del job
+        return [_decode(audio_bytes(sample), self.read_spec) for sample in samples]
+
+    def process(self, job: ShardJob, samples: list[Sample],
+                prepared: list[np.ndarray | None] | None = None) -> tuple[list[Sample], list[dict[str, Any]]]:
         metas = [sample_meta(sample) for sample in samples]
-        waves = [_decode(audio_bytes(sample), self.read_spec) for sample in samples]
+        waves = prepared if prepared is not None else self.prepare(job, samples)
         texts = [captions(meta) for meta in metas]
         audio, text = self.embed_waves(waves), self.embed_texts(texts)
         rows = []

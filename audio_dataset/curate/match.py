@@ -114,7 +114,7 @@ def _done(plan: MatchPlan, name: str) -> UPath:
     return plan.root / "done" / f"{name}.json"
 
 
-def _table_bytes(table: pa.Table) -> bytes:
+def table_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="lz4")
     return buffer.getvalue()
@@ -190,7 +190,7 @@ def map_task(plan: MatchPlan, index: int) -> dict[str, Any]:
         lo, hi = bounds[k], bounds[k + 1]
         if hi > lo:
             table = pa.table([pa.array(h[lo:hi]), pa.array(it[lo:hi]), pa.array(t[lo:hi])], schema=OCCURRENCE_SCHEMA)
-            atomic_write_bytes(plan.root / "hashes" / f"p{k:05d}" / f"{name}.parquet", _table_bytes(table))
+            atomic_write_bytes(plan.root / "hashes" / f"p{k:05d}" / f"{name}.parquet", table_bytes(table))
     buffer = io.BytesIO()
     np.save(buffer, np.concatenate(sizes), allow_pickle=False)
     atomic_write_bytes(plan.root / "sizes" / f"{name}.npy", buffer.getvalue())
@@ -199,7 +199,7 @@ def map_task(plan: MatchPlan, index: int) -> dict[str, Any]:
     return stats
 
 
-def _read_parts(paths: list, schema: pa.Schema) -> pa.Table:
+def read_parts(paths: list, schema: pa.Schema) -> pa.Table:
     """The parts written so far (a task that had nothing for this range wrote none), as one table."""
     tables = [_read_table(path, schema) for path in paths if path.exists()]
     return pa.concat_tables(tables) if tables else schema.empty_table()
@@ -211,7 +211,7 @@ def hash_task(plan: MatchPlan, k: int) -> dict[str, Any]:
     if (stats := _resumed(plan, name)) is not None:
         return stats
     folder = plan.root / "hashes" / f"p{k:05d}"
-    table = _read_parts([folder / f"m{m:06d}.parquet" for m in range(len(plan.map_groups))], OCCURRENCE_SCHEMA)
+    table = read_parts([folder / f"m{m:06d}.parquet" for m in range(len(plan.map_groups))], OCCURRENCE_SCHEMA)
     occurrences = table.num_rows
     columns = [table.column(c).to_numpy() for c in ("hash", "time", "item")]
     del table
@@ -223,7 +223,7 @@ def hash_task(plan: MatchPlan, k: int) -> dict[str, Any]:
         if mine.any():
             out = pa.table([pa.array(votes.pair[mine]), pa.array(votes.offset[mine]), pa.array(votes.count[mine])],
                            schema=VOTE_SCHEMA)
-            atomic_write_bytes(plan.root / "votes" / f"r{r:05d}" / f"{name}.parquet", _table_bytes(out))
+            atomic_write_bytes(plan.root / "votes" / f"r{r:05d}" / f"{name}.parquet", table_bytes(out))
     stats = {"task": name, "hashes": int(occurrences), "votes": int(len(votes.pair)),
              "stopped_hashes": votes.stopped_hashes, "stopped_occurrences": votes.stopped_occurrences,
              "peak_rss_mb": _peak_mb()}
@@ -237,14 +237,14 @@ def pair_task(plan: MatchPlan, r: int) -> dict[str, Any]:
     if (stats := _resumed(plan, name)) is not None:
         return stats
     folder = plan.root / "votes" / f"r{r:05d}"
-    table = _read_parts([folder / f"h{k:05d}.parquet" for k in range(plan.partitions)], VOTE_SCHEMA)
+    table = read_parts([folder / f"h{k:05d}.parquet" for k in range(plan.partitions)], VOTE_SCHEMA)
     votes = fp.aggregate(table.column("pair").to_numpy(), table.column("offset").to_numpy().astype(np.int64),
                          table.column("count").to_numpy())
     _check_pairs(plan, folder, votes.pair >> np.uint64(32), votes.pair & np.uint64(0xFFFFFFFF))
     matches = fp.best_matches(votes, _sizes(plan))
     out = pa.table({"a": [m.a for m in matches], "b": [m.b for m in matches], "count": [m.count for m in matches],
                     "score": [m.score for m in matches], "offset": [m.offset for m in matches]}, schema=MATCH_SCHEMA)
-    atomic_write_bytes(plan.root / "pairs" / f"{name}.parquet", _table_bytes(out))
+    atomic_write_bytes(plan.root / "pairs" / f"{name}.parquet", table_bytes(out))
     stats = {"task": name, "votes": int(table.num_rows), "matches": len(matches), "peak_rss_mb": _peak_mb()}
     atomic_write_json(_done(plan, name), stats)
     return stats
@@ -349,5 +349,5 @@ def work_name(inputs: list[str], settings: dict[str, Any]) -> str:
     return "match-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-__all__ = ["MatchPlan", "MatchResult", "PrintPart", "part_of", "plan_matching", "run_inline", "run_matching",
-           "run_on_ray", "work_name"]
+__all__ = ["MatchPlan", "MatchResult", "PrintPart", "part_of", "plan_matching", "read_parts", "run_inline",
+           "run_matching", "run_on_ray", "table_bytes", "work_name"]
