@@ -262,6 +262,17 @@ def test_exact_links_spooled_in_buckets_equal_grouping_all_at_once(tmp_path, mon
     assert all(link.kind == dedup.EXACT for link in got) and not (tmp_path / "work" / "exact").exists()
 
 
+def test_exact_links_spooled_with_no_digest_at_all_link_nothing(tmp_path, monkeypatch):
+    """More samples than a bucket, none with a PCM digest (none decoded): nothing is spooled, and
+    removing the spool folder that was never made ended in a traceback (FileNotFoundError)."""
+    from audio_dataset.curate import dedup
+
+    monkeypatch.setattr(dedup, "EXACT_BUCKET_ITEMS", 7)
+    items = _digests_items(tmp_path / "parts", [None] * 30, [0] * 20 + [1] * 10)
+    assert dedup.exact_links(items, UPath(tmp_path / "work")) == []
+    assert not (tmp_path / "work" / "exact").exists()
+
+
 def _digests_items(folder: Path, digests: list, groups: list[int]):
     """Parts of 23 rows or fewer (never spanning two groups)."""
     from audio_dataset.curate.dedup import Items

@@ -294,7 +294,8 @@ class _DigestSpool:
         for bucket in range(self.buckets):
             paths = [self.folder / f"b{bucket:05d}" / f"{chunk:06d}.parquet" for chunk in range(self.chunks)]
             yield matching.read_parts(paths, _DIGEST_SCHEMA)
-        self.folder.fs.rm(self.folder.path, recursive=True)
+        if self.folder.exists():  # never made when no sample had a digest
+            self.folder.fs.rm(self.folder.path, recursive=True)
 
 
 def exact_links(items: Items, work: UPath) -> list[Link]:
