@@ -123,3 +123,18 @@ def test_the_reducer_keeps_components_and_each_items_strongest_pair():
     assert dedup._components(kept) == dedup._components(full)
     strongest = {i: max(s for x, y, s in zip(a, b, scores) if i in (x, y)) for i in set(a) | set(b)}
     assert {i: max(s for x, y, s in zip(ka, kb, ks) if i in (x, y)) for i in strongest} == strongest
+
+
+@pytest.mark.parametrize("change", [lambda t: pa.concat_tables([t, t.slice(0, 3)]), lambda t: t.slice(0, t.num_rows - 3)])
+def test_a_part_changed_after_listing_is_refused_when_its_keys_are_read(tmp_path, change):
+    """Embedding dedup places its vectors through each part's keys, numbered from the part's first
+    id: a part rewritten since it was listed (more rows, or fewer) put keys on the next part's ids
+    (or past every part: a KeyError traceback in cluster_rows), or lost them; it is one line."""
+    from audio_dataset.source import UserError
+
+    groups = np.r_[np.zeros(20, int), np.ones(10, int)]
+    items = _items(tmp_path, len(groups), groups)
+    path = Path(items.parts[0].path)
+    pq.write_table(change(pq.read_table(path)), path)
+    with pytest.raises(UserError, match="changed while read"):
+        dedup._key_map(items)

@@ -477,6 +477,8 @@ def _key_map(items: Items) -> dict[tuple[int, str], int]:
     where: dict[tuple[int, str], int] = {}
     for part, group in zip(items.parts, items.part_groups):
         keys = read_columns(UPath(part.path), ["key"]).column(0).to_pylist()
+        if len(keys) != part.rows:
+            raise UserError(f"{part.path}: changed while read; rerun")
         where.update({(group, key): part.first + i for i, key in enumerate(keys)})
     return where
 
