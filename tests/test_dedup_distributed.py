@@ -288,3 +288,21 @@ def _digests_items(folder: Path, digests: list, groups: list[int]):
         part_groups.append(groups[first])
         first = last
     return Items(parts, part_groups, ["dataset", "eval"])
+
+
+def test_items_are_listed_in_time_linear_in_the_parts(monkeypatch):
+    """_load_items numbered each part by summing the rows of every part before it: quadratic in the
+    parts (8 s for 20k shards, minutes for 100k) where the old driver kept a running count."""
+    import time
+
+    from audio_dataset.curate import dedup
+    from audio_dataset.stage_runner import ShardJob
+
+    jobs = [ShardJob("train", f"{i:06d}.tar", "", "", f"/p/{i:06d}.parquet") for i in range(30_000)]
+    monkeypatch.setattr(dedup, "find_jobs", lambda *args, **kwargs: jobs)
+    monkeypatch.setattr(matching, "part_of", lambda path, first: matching.PrintPart(str(path), first, 7, 0))
+    started = time.process_time()
+    items = dedup._load_items([(UPath("/d"), UPath("/p")), (UPath("/e"), UPath("/q"))])
+    assert time.process_time() - started < 4
+    assert [p.first for p in items.parts[:3]] == [0, 7, 14] and items.parts[-1].first == 7 * (2 * len(jobs) - 1)
+    assert items.count == 7 * 2 * len(jobs) and items.first_other == 7 * len(jobs)

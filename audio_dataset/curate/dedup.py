@@ -234,11 +234,12 @@ class Items:
 
 def _load_items(sets: list[tuple[UPath, UPath]]) -> Items:
     """`sets`: (dataset, its fingerprints) for the dataset, then each eval set."""
-    parts, part_groups = [], []
+    parts, part_groups, first = [], [], 0
     for group, (dataset, prints_dir) in enumerate(sets):
         for job in find_jobs(dataset, prints_dir, FINGERPRINT_STAGE, READ):
-            parts.append(matching.part_of(location(job.part), sum(p.rows for p in parts)))
+            parts.append(matching.part_of(location(job.part), first))
             part_groups.append(group)
+            first += parts[-1].rows
     return Items(parts, part_groups, [str(d) for d, _ in sets])
 
 
