@@ -25,9 +25,9 @@ import os
 import shutil
 import sys
 import tarfile
-import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -307,33 +307,37 @@ SHARDS_IN_FLIGHT = 2
 
 
 class _Worker:
-    """The body of one Ray actor. It runs SHARDS_IN_FLIGHT shards at once in threads: reading,
-    `prepare` and writing overlap, the model (`run_shard`) runs one shard at a time."""
+    """The body of one Ray actor. It runs SHARDS_IN_FLIGHT shards at once in Ray's threads: reading,
+    `prepare` and writing overlap, while the processor is built and every `process` runs on one
+    model thread, one shard at a time. One thread because a second thread's torch calls start a
+    second OpenMP team, and with more OpenMP threads than cores libgomp stops spinning: short ops
+    then took twice as long on every thread (measured on 2 cores)."""
 
     def __init__(self, factory: Callable[[str], ShardProcessor], device: str, threads: int,
                  schema: pa.Schema, mode: str = REWRITE, out: str | None = None) -> None:
         self.factory, self.device, self.threads, self.schema, self.mode = factory, device, threads, schema, mode
         self.processor: ShardProcessor | None = None
-        self.loading, self.model = threading.Lock(), threading.Lock()
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         if out is not None:  # the driver's --out: no folder below it may be a link (storage.make_dirs)
             trust_output(out)
 
     def _processor(self) -> ShardProcessor:
         # Built on the first job, not in __init__: Ray passes a method's exception (a UserError
         # for a model that will not load) back to the driver, a constructor's only as text.
-        with self.loading:
-            if self.processor is None:
-                os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # workers' bars would garble the driver's
-                self.processor = self.factory(self.device)
-                if "torch" in sys.modules:  # not imported at all for the template
-                    sys.modules["torch"].set_num_threads(self.threads)
-            return self.processor
+        if self.processor is None:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # workers' bars would garble the driver's
+            self.processor = self.factory(self.device)
+            if "torch" in sys.modules:  # not imported at all for the template
+                sys.modules["torch"].set_num_threads(self.threads)
+        return self.processor
+
+    def on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.model_thread.submit(fn, *args).result()
 
     def run(self, job: ShardJob) -> tuple[ShardJob, int]:
-        processor = self._processor()
+        processor = self.on_model_thread(self._processor)
         shard = read_shard(processor, job)
-        with self.model:
-            result = run_shard(processor, shard)
+        result = self.on_model_thread(run_shard, processor, shard)
         return job, write_shard(shard, *result, self.schema, self.mode)
 
 

@@ -73,7 +73,8 @@ def bare_listen(listener, clips, questions) -> int:
     items = [(clip, start, end, q) for clip in clips
              for start, end in windows(len(clip.audio), listener.sample_rate, listener.window_seconds)
              for q in questions]
-    items.sort(key=lambda it: -(it[2] - it[1]))
+    # the listener's order: longest windows first, then by prompt length (the same batches)
+    items.sort(key=lambda it: (-(it[2] - it[1]), len(prompts[it[3]])))
     done = 0
     for first in range(0, len(items), listener.options.batch_size):
         chunk = items[first:first + listener.options.batch_size]
@@ -115,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import torch
 
-    torch.set_num_threads(args.threads)
     from audio_dataset.caption.listen import DEFAULT_QUESTIONS, ListenOptions
     from audio_dataset.caption.stage import CAPTION_SCHEMA, CaptionOptions, CaptionProcessor, _metadata
     from audio_dataset.caption.tiny_models import make_tiny_models
@@ -128,14 +128,19 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = make_tiny_models(tmp / "models")
+        # Every torch call on the worker's one model thread, as in the actor (a second thread's
+        # OpenMP team would slow both: see stage_runner._Worker); the processor is built there too.
+        worker = _Worker(lambda device: CaptionProcessor(options, resolve_alm(listen), None, device), args.device,
+                         args.threads, CAPTION_SCHEMA)
+        worker.on_model_thread(torch.set_num_threads, args.threads)
+        models = worker.on_model_thread(make_tiny_models, tmp / "models")
         dataset = build_input(tmp / "clips")
         listen = ListenOptions(model=str(models["alm"]), batch_size=args.batch_size, max_new_tokens=args.alm_tokens)
         config = WriterConfig(llm=str(models["llm"]), batch_size=args.batch_size,
                               decoding=Decoding(max_new_tokens=args.llm_tokens)).resolve()
         options = CaptionOptions(steps=("listen", "write"), listen=listen,
                                  write=WriteStep(lambda device: _build(config, device), config.settings()))
-        processor = CaptionProcessor(options, resolve_alm(listen), None, args.device)
+        processor = worker.on_model_thread(worker._processor)
         writer = processor.writer
         questions = list(DEFAULT_QUESTIONS)
         # Per shard, as the stage batches: a batch never mixes two shards' windows, so bare does the
@@ -145,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         shard_clips = [[processor._clip(s) for s in shard] for shard in shards]
         clips = [clip for shard in shard_clips for clip in shard]
         # The writer reads the answers, in the stage and here alike (untimed: listen is timed below).
-        shard_requests = [[WriteRequest(s["__key__"], _metadata(json.loads(s["json"])), tuple(a))
-                           for s, a in zip(shard, processor.listener.listen(shard_clip, questions))]
-                          for shard, shard_clip in zip(shards, shard_clips)]
+        shard_requests = worker.on_model_thread(
+            lambda: [[WriteRequest(s["__key__"], _metadata(json.loads(s["json"])), tuple(a))
+                      for s, a in zip(shard, processor.listener.listen(shard_clip, questions))]
+                     for shard, shard_clip in zip(shards, shard_clips)])
 
         def stage() -> int:
-            worker = _Worker(lambda device: processor, args.device, args.threads, CAPTION_SCHEMA)
             jobs = find_jobs(dataset, tmp / f"out{time.perf_counter_ns()}", "caption")
             with ThreadPoolExecutor(SHARDS_IN_FLIGHT) as pool:  # as the actor's threads take its shards
                 return sum(written for _, written in pool.map(worker.run, jobs))
@@ -162,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         runs = {"listen": lambda: sum(bare_listen(processor.listener, shard, questions) for shard in shard_clips),
                 "write": lambda: sum(bare_write(writer, shard) for shard in shard_requests),
                 "stage": stage, "serial": serial}
-        bare_listen(processor.listener, clips[:2], questions[:1])  # warm-up
+        worker.on_model_thread(bare_listen, processor.listener, clips[:2], questions[:1])  # warm-up
         best = {name: float("inf") for name in runs}
         counts = {}
         for _ in range(args.repeats):
             for name, fn in runs.items():
                 start = time.perf_counter()
-                counts[name] = fn()
+                counts[name] = fn() if name == "stage" else worker.on_model_thread(fn)
                 best[name] = min(best[name], time.perf_counter() - start)
     answers, captions, written = counts["listen"], counts["write"], counts["stage"]
     assert answers > 0 and captions == len(samples) and written == counts["serial"] == len(samples), counts

@@ -306,3 +306,23 @@ def test_items_are_listed_in_time_linear_in_the_parts(monkeypatch):
     assert time.process_time() - started < 4
     assert [p.first for p in items.parts[:3]] == [0, 7, 14] and items.parts[-1].first == 7 * (2 * len(jobs) - 1)
     assert items.count == 7 * 2 * len(jobs) and items.first_other == 7 * len(jobs)
+
+
+@pytest.mark.parametrize("tamper, says", [
+    (lambda path: pq.write_table(pa.table({"pcm_sha256": pa.array(range(23), pa.int64())}), path), "pcm_sha256 int64"),
+    (lambda path: pq.write_table(pa.table({"other": ["x"] * 23}), path), "unreadable fingerprint part"),
+    (lambda path: path.write_bytes(b"PAR1 not a parquet"), "unreadable fingerprint part"),
+    (lambda path: path.unlink(), "unreadable fingerprint part"),
+])
+def test_a_part_changed_since_listing_is_one_line_where_the_driver_reads_it(tmp_path, tamper, says):
+    """The driver lists the parts, then reads their digests and the linked samples' rows: a part
+    retyped, stripped, corrupted or removed in between is refused naming it, not a traceback."""
+    from audio_dataset.curate import dedup
+    from audio_dataset.source import UserError
+
+    items = _digests_items(tmp_path / "parts", [f"{i % 5:064x}" for i in range(46)], [0] * 46)
+    tamper(Path(items.parts[1].path))
+    with pytest.raises(UserError, match=says):
+        dedup.exact_links(items, UPath(tmp_path / "work"))
+    with pytest.raises(UserError, match=says):
+        items.rows({30}, ["pcm_sha256"])

@@ -136,5 +136,5 @@ def test_a_part_changed_after_listing_is_refused_when_its_keys_are_read(tmp_path
     items = _items(tmp_path, len(groups), groups)
     path = Path(items.parts[0].path)
     pq.write_table(change(pq.read_table(path)), path)
-    with pytest.raises(UserError, match="changed while read"):
+    with pytest.raises(UserError, match="not the fingerprint part it was"):
         dedup._key_map(items)

@@ -80,8 +80,10 @@ def read_run_settings(folder: UPath, stage_name: str) -> dict[str, Any]:
 
 
 def read_columns(path: UPath, columns: list[str]) -> pa.Table:
-    """Some columns of a parquet file (a part's embeddings are not read when only keys are wanted)."""
-    return pq.ParquetFile(pa.BufferReader(path.read_bytes())).read(columns=columns)
+    """Some columns of a parquet file, only their bytes read (a part's embeddings or hashes are not
+    read when only keys are wanted)."""
+    with path.open("rb") as handle:
+        return pq.ParquetFile(handle).read(columns=columns)
 
 
 def as_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:

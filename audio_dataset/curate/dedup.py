@@ -223,13 +223,31 @@ class Items:
         found: dict[int, dict[str, Any]] = {}
         for index in np.unique(np.searchsorted(self._bounds, wanted, "right") - 1):
             part = self.parts[index]
-            table = read_columns(UPath(part.path), names)
-            if table.num_rows != part.rows:
-                raise UserError(f"{part.path}: changed while read; rerun")
+            table = part_columns(part, names)
             mine = wanted[(wanted >= part.first) & (wanted < part.first + part.rows)]
             for i, row in zip(mine, table.take(pa.array(mine - part.first)).to_pylist()):
                 found[int(i)] = row
         return found
+
+
+def part_columns(part: matching.PrintPart, names: list[str]) -> pa.Table:
+    """Some columns of a fingerprint part, as listed: a part edited, retyped or cut since it was
+    listed (anyone may write there) is one line naming it, never a traceback or a shifted id."""
+    try:
+        table = read_columns(UPath(part.path), names)
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        raise UserError(f"{part.path}: unreadable fingerprint part ({str(exc)[:120]}); rerun, or remove it to "
+                        "fingerprint its shard again") from None
+    if missing := [name for name in names if name not in table.column_names]:
+        raise UserError(f"{part.path}: unreadable fingerprint part (no {', '.join(missing)}); rerun, or remove it "
+                        "to fingerprint its shard again")
+    wrong = [f"{name} {table.schema.field(name).type}" for name in names
+             if table.schema.field(name).type != FINGERPRINT_SCHEMA.field(name).type]
+    if table.num_rows != part.rows or wrong:
+        raise UserError(f"{part.path}: not the fingerprint part it was ({table.num_rows} rows of {part.rows}"
+                        f"{', ' + ', '.join(wrong) if wrong else ''}); rerun, or remove it to fingerprint its "
+                        "shard again")
+    return table
 
 
 def _load_items(sets: list[tuple[UPath, UPath]]) -> Items:
@@ -304,17 +322,16 @@ def exact_links(items: Items, work: UPath) -> list[Link]:
     time (`_DigestSpool`): the driver never holds every sample's digest."""
     spool = _DigestSpool(work / "exact", max(1, -(-items.count // EXACT_BUCKET_ITEMS)))
     for part in items.parts:
-        digests = read_columns(UPath(part.path), ["pcm_sha256"]).column(0)
-        if len(digests) != part.rows or digests.type != pa.string():
-            raise UserError(f"{part.path}: not the fingerprint part it was (pcm_sha256 {digests.type}, "
-                            f"{len(digests)} rows); rerun, or remove it to fingerprint its shard again")
+        digests = part_columns(part, ["pcm_sha256"]).column(0)
         spool.add(pa.table([pa.array(np.arange(part.first, part.first + part.rows)), digests], schema=_DIGEST_SCHEMA))
     first_other = items.first_other
     links = []
     for table in spool.each():
         table = table.sort_by([("digest", "ascending"), ("item", "ascending")])
-        ids, digests = table.column("item").to_numpy(), table.column("digest").to_numpy(zero_copy_only=False)
-        starts = np.r_[True, digests[1:] != digests[:-1]] if len(ids) else np.zeros(0, bool)
+        ids, digests = table.column("item").to_numpy(), table.column("digest").combine_chunks()
+        # where a run of equal digests starts (compared in Arrow: no Python string per sample)
+        starts = np.r_[True, pc.not_equal(digests[1:], digests[:-1]).to_numpy(zero_copy_only=False)] \
+            if len(ids) else np.zeros(0, bool)
         anchor = ids[np.flatnonzero(starts)][np.cumsum(starts) - 1]  # each run's first (smallest) item
         mine = (ids != anchor) & ((anchor < first_other) if first_other is not None else True)
         links += [Link(int(a), int(b), EXACT, 1.0) for a, b in zip(anchor[mine], ids[mine])]
@@ -477,9 +494,7 @@ def _key_map(items: Items) -> dict[tuple[int, str], int]:
     """(group, key) -> item: what embedding dedup needs to place its vectors (which it holds anyway)."""
     where: dict[tuple[int, str], int] = {}
     for part, group in zip(items.parts, items.part_groups):
-        keys = read_columns(UPath(part.path), ["key"]).column(0).to_pylist()
-        if len(keys) != part.rows:
-            raise UserError(f"{part.path}: changed while read; rerun")
+        keys = part_columns(part, ["key"]).column(0).to_pylist()
         where.update({(group, key): part.first + i for i, key in enumerate(keys)})
     return where
 
