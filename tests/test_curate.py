@@ -338,7 +338,8 @@ def test_dedup_with_embeddings_names_the_sets_without_them(folders, embedded, ca
 
 def test_a_worker_prepares_the_next_shard_while_its_model_runs_one_shard_at_a_time(tmp_path):
     """The actor's threads: shard B is read and prepared while A is in `process`; `process` never
-    runs twice at once; every shard's output equals a serial run's."""
+    runs twice at once, and always on one thread, the one that built the processor (torch's
+    OpenMP team is per thread); every shard's output equals a serial run's."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -350,13 +351,19 @@ def test_a_worker_prepares_the_next_shard_while_its_model_runs_one_shard_at_a_ti
     lock = threading.Lock()
     in_process = threading.Event()
 
+    model_threads = set()
+
     class Processor:
+        def __init__(self):
+            model_threads.add(threading.get_ident())
+
         def prepare(self, job, samples):
             with lock:
                 events.append(("prepare", job.name, in_process.is_set()))
             return [sample["flac"][::-1] for sample in samples]
 
         def process(self, job, samples, prepared=None):
+            model_threads.add(threading.get_ident())
             with lock:
                 busy[0] += 1
                 overlaps.append(busy[0])
@@ -374,6 +381,7 @@ def test_a_worker_prepares_the_next_shard_while_its_model_runs_one_shard_at_a_ti
     with ThreadPoolExecutor(SHARDS_IN_FLIGHT) as pool:
         done = list(pool.map(worker.run, jobs))
     assert [n for _, n in done] == [3, 3, 3, 3] and max(overlaps) == 1
+    assert len(model_threads) == 1 and threading.get_ident() not in model_threads
     assert any(during for what, _, during in events if what == "prepare")  # some shard prepared during a process
     for job, serial in zip(jobs, find_jobs(tmp_path / "in", tmp_path / "serial", "t")):
         process_shard(Processor(), serial, schema, REWRITE)
