@@ -43,7 +43,8 @@ from audio_dataset.shards import Sample, ShardWriter, write_sizes
 from audio_dataset.storage import Location, atomic_write_json, is_local, location, make_dirs, publish, read_json, \
     remove_stale_temps, trust_output
 from audio_dataset.source import (
-    Item, ItemError, Source, SourceConfig, SourceError, UserError, is_open_web, load_source, read_definition,
+    Item, ItemError, Source, SourceConfig, SourceError, UserError, first_line, is_open_web, load_source,
+    read_definition,
 )
 
 WORK_DIR = "_work"
@@ -600,11 +601,6 @@ def _worker_deaths() -> tuple[type[BaseException], ...]:
     return (exceptions.WorkerCrashedError, exceptions.OutOfMemoryError, exceptions.NodeDiedError)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 def _run_tasks(tasks: list[ShardTask], source: Source, out: UPath, options: BuildOptions,
                workers: int | None) -> Iterator[dict]:
     """Shards as Ray tasks, a bounded window in flight, results as they finish.
@@ -667,7 +663,7 @@ def _shard_result(ref: Any) -> tuple[dict | None, str | None, bool]:
     try:
         result = ray.get(ref)
     except _worker_deaths() as exc:
-        return None, f"its worker died ({_first_line(exc)})", True
+        return None, f"its worker died ({first_line(exc, 300)})", True
     if "encode_failed" in result:
         return None, result["encode_failed"], False
     return result, None, False
@@ -693,7 +689,7 @@ def _run_items_apart(task: ShardTask, source: Source, source_ref: Any, out: UPat
             try:
                 result = ray.get(ref)
             except _worker_deaths() as exc:
-                died = ItemError(WORKER_DIED, f"the worker processing it died: {_first_line(exc)}")
+                died = ItemError(WORKER_DIED, f"the worker processing it died: {first_line(exc, 300)}")
                 yield _fail_row(source.name, item, task.split, task.name, died), []
                 continue
             if "source_error" in result:

@@ -22,6 +22,12 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, bad option): reported as one line, exit code 2."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one line for a message: its first line, cut, or its type's name."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class SourceError(Exception):
     """The source failed as a whole (bad token, site down): the run stops with one message."""
 

@@ -125,7 +125,8 @@ def test_the_reducer_keeps_components_and_each_items_strongest_pair():
     assert {i: max(s for x, y, s in zip(ka, kb, ks) if i in (x, y)) for i in strongest} == strongest
 
 
-@pytest.mark.parametrize("change", [lambda t: pa.concat_tables([t, t.slice(0, 3)]), lambda t: t.slice(0, t.num_rows - 3)])
+@pytest.mark.parametrize("change", [lambda t: pa.concat_tables([t, t.slice(0, 3)]),
+                                    lambda t: t.slice(0, t.num_rows - 3)])
 def test_a_part_changed_after_listing_is_refused_when_its_keys_are_read(tmp_path, change):
     """Embedding dedup places its vectors through each part's keys, numbered from the part's first
     id: a part rewritten since it was listed (more rows, or fewer) put keys on the next part's ids

@@ -22,7 +22,7 @@ from audio_dataset.caption.types import Clip, WindowAnswer
 from audio_dataset.caption.write import DTYPES, _torch_dtype as torch_dtype  # one rule for both models' dtype
 from audio_dataset.k2c.models import ResolvedModel, resolve_model
 from audio_dataset.schema import MAX_CAPTION_CHARS
-from audio_dataset.source import UserError
+from audio_dataset.source import UserError, first_line
 
 DEFAULT_ALM = "Qwen/Qwen2-Audio-7B-Instruct"
 # The three questions AudioSetCaps asks Qwen-Audio-Chat (its pipeline/Audiosetcaps_qwen_main.py,
@@ -314,8 +314,7 @@ class VllmListener(TransformersListener):
 
 
 def _load_error(model: ResolvedModel, exc: Exception) -> UserError:
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return UserError(f"cannot load --alm-model {model.spec}: {reason}")
+    return UserError(f"cannot load --alm-model {model.spec}: {first_line(exc)}")
 
 
 def _checked_prompts(listener: TransformersListener, model: ResolvedModel) -> dict[str, str]:

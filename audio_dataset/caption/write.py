@@ -51,7 +51,7 @@ from audio_dataset.caption.clean import ANY_LANGUAGE, clean_answer
 from audio_dataset.caption.template_guard import TemplateLimit, bounded, precompile, refusal
 from audio_dataset.caption.types import LLM_ERROR, Candidate, WindowAnswer, Writer, WriteRequest
 from audio_dataset.schema import MAX_CAPTION_CHARS
-from audio_dataset.source import UserError
+from audio_dataset.source import UserError, first_line
 
 log = logging.getLogger("audiodata.caption.write")
 
@@ -440,8 +440,7 @@ _PROBE_REQUEST = WriteRequest("template-probe", {"title": "Rain on a tin roof", 
 
 
 def _load_error(config: WriterConfig, exc: Exception) -> UserError:
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return UserError(f"cannot load --llm {config.llm}: {reason}")
+    return UserError(f"cannot load --llm {config.llm}: {first_line(exc)}")
 
 
 def _device(device: str) -> str:
