@@ -216,3 +216,44 @@ def test_a_template_past_its_length_cap_is_refused_before_compiling(caption_mode
     folder = _with_template(caption_models["llm"], tmp_path / "llm", template)
     with pytest.raises(UserError, match=f"chat_template.jinja\\) failed a test render: is {len(template):,} characters"):
         make_writer(WriterConfig(llm=str(folder), device="cpu", decoding=Decoding(max_new_tokens=2)))
+
+
+S = "{% set s = 'x' * 900000 %}"  # within the bound: each call below would build far past it in one C call
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("template", [
+    "{{ 'x'|center(10**10) }}", "{{ 'x'.center(10**10) }}", "{{ 'x'.ljust(10**10) }}", "{{ '7'.zfill(10**10) }}",
+    "{{ 'a\nb'|indent(10**10) }}", S + "{{ ([s] * 10**4)|join }}", S + "{{ ''.join([s] * 10**4) }}",
+    S + "{{ ([s] * 10**4)|join(',') }}", S + "{{ s|replace('x', s) }}", S + "{{ s.replace('', 'yy') }}",
+    "{{ '%9999999999d' % 1 }}", "{{ '%*d' % (10**10, 1) }}", "{{ '{:>9999999999}'.format(1) }}",
+    "{{ '%9999999999d'|format(1) }}",
+])
+def test_a_call_that_would_build_past_the_bound_is_refused_before_it_runs(template):
+    """Each of these allocates gigabytes in one C call from arguments within the bound: refused
+    before the call, in well under the deadline, with no such allocation."""
+    import resource
+
+    from audio_dataset.caption.template_guard import precompile
+
+    precompile(template)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + 2 * 2**30, hard))  # unchecked: a MemoryError
+    try:
+        start = time.monotonic()
+        with pytest.raises(TemplateLimit, match="more than"):
+            bounded(lambda: _render(template))
+        assert time.monotonic() - start < RENDER_SECONDS
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_calls_within_the_bound_render_as_before():
+    from audio_dataset.caption.template_guard import precompile
+
+    template = ("{{ 'ab'|center(6) }}|{{ 'x'.ljust(3) }}|{{ ['a', 'b']|join(',') }}|{{ '-'.join(['c', 'd']) }}|"
+                "{{ 'aXb'|replace('X', 'yy') }}|{{ '%03d' % 7 }}|{{ '{:>4}'.format(5) }}|{{ '%s-%s'|format(1, 2) }}|"
+                "{{ 'a\nb'|indent(2) }}|{{ messages|length }}")
+    precompile(template)
+    assert bounded(lambda: _render(template)) == "  ab  |x  |a,b|c-d|ayyb|007|   5|1-2|a\n  b|1"

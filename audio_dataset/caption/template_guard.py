@@ -8,9 +8,12 @@ sees every line it runs: past RENDER_SECONDS, or once its output, a string or li
 call's result passes MAX_PROMPT_CHARS, the trace raises TemplateLimit inside the render. One
 operation runs in C, between two trace events: `*` and `**` are checked before they run (`_Guarded`;
 a 30-character template's `7**(10**9)` computes for hours, and jinja would fold it at compile time),
-so `'x' * 10**10` and huge integers are refused. Not bounded: the memory of one call that makes a
-large result from values each within bounds (`'x'|center(10**10)`, `([s] * 10**4)|join` of a
-million-character `s`, a long template's `s ~ s ~ ... ~ s`): it is refused once it returns.
+so `'x' * 10**10` and huge integers are refused. So is a call or filter that would build past the
+bound from arguments each within it, before it runs (`_check_call`): a size argument over
+MAX_PROMPT_CHARS (`'x'|center(10**10)`, `.ljust`, `.zfill`, `indent`), a `join` or `replace` whose
+result's length, computed from its inputs, is over it (`([s] * 10**4)|join` of a million-character
+`s`), and a `%` or `format` with a width over it. Not bounded: a long template's `s ~ s ~ ... ~ s`
+on one line (each `~` is one C call on values within bounds): refused once it returns.
 
 The callers compile the template (`precompile`, untraced: its cost is bounded by its length) and
 render a test conversation when the model loads (`refusal` turns a failure there into the one-line
@@ -22,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -97,6 +101,72 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
             raise TemplateLimit(f"made a number of more than {MAX_NUMBER_BITS:,} bits")
 
 
+# A number in a format string (a width or precision, `%9d`, `{:>9}`); one past the bound pads past it.
+_FORMAT_NUMBER = re.compile(r"\d{7,}")
+
+
+def _too_big(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > MAX_PROMPT_CHARS
+
+
+def _text_length(value: Any) -> int:
+    return len(value) if isinstance(value, str) else len(str(value)) if isinstance(value, (int, float)) else 0
+
+
+def _check_format(text: Any, args: tuple[Any, ...]) -> None:
+    """A `%` or `format` whose width or precision would pad past the bound (`'%9999999999d' % 1`,
+    `'%*d' % (10**10, 1)`)."""
+    if isinstance(text, str) and any(int(number) > MAX_PROMPT_CHARS for number in _FORMAT_NUMBER.findall(text)):
+        raise TemplateLimit(f"formats a width of more than {MAX_PROMPT_CHARS:,}")
+    if any(_too_big(arg) for arg in args):
+        raise TemplateLimit(f"formats a width of more than {MAX_PROMPT_CHARS:,}")
+
+
+def _joined_length(separator: Any, parts: Any) -> int:
+    if not isinstance(parts, (list, tuple)) or not parts:
+        return 0  # another iterable: a generator runs Python code, which the trace sees
+    return len(str(separator)) * (len(parts) - 1) + sum(_text_length(part) for part in parts)
+
+
+def _replaced_length(text: Any, old: Any, new: Any) -> int:
+    if not all(isinstance(v, str) for v in (text, old, new)):
+        return 0
+    places = len(text) + 1 if not old else len(text) // len(old)
+    return len(text) + places * max(0, len(new) - len(old))
+
+
+def _check_call(name: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse a call that would build a result past MAX_PROMPT_CHARS from arguments within it:
+    `receiver` is a method's object or a filter's value, `args` the rest."""
+    values = (*args, *kwargs.values())
+    if name in ("format", "format_map"):
+        _check_format(receiver, values)
+        return
+    length = 0
+    if name == "join":  # the method, separator.join(parts); the filter, parts|join(separator)
+        separator, parts = (receiver, args[0] if args else ()) if isinstance(receiver, str) else \
+            (args[0] if args else kwargs.get("d", ""), receiver)
+        length = _joined_length(separator, parts)
+    elif name == "replace" and len(values) >= 2:
+        length = _replaced_length(receiver, values[0], values[1])
+    if length > MAX_PROMPT_CHARS or any(_too_big(value) for value in values):
+        raise TemplateLimit(f"asked {name} to build more than {MAX_PROMPT_CHARS:,} characters")
+
+
+def _checked_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter whose arguments `_check_call` sees first (jinja calls filters directly, not
+    through the environment's `call`); its pass_context/pass_environment marks are kept."""
+    skip = 1 if getattr(function, "jinja_pass_arg", None) is not None else 0
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > skip:
+            _check_call(name, args[skip], args[skip + 1:], kwargs)
+        return function(*args, **kwargs)
+
+    return checked
+
+
 @functools.cache  # one class, made once jinja is imported
 def _guarded_environment() -> type:
     """transformers' ImmutableSandboxedEnvironment with `*` and `**` checked (`_check_binop`); jinja
@@ -104,11 +174,25 @@ def _guarded_environment() -> type:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class _Guarded(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "%"})
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.filters = {name: _checked_filter(name, f) for name, f in self.filters.items()}
 
         def call_binop(self, context, operator, left, right):
-            _check_binop(operator, left, right)
+            if operator == "%" and isinstance(left, str):
+                _check_format(left, right if isinstance(right, tuple) else (right,))
+            else:
+                _check_binop(operator, left, right)
             return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
+            # str.format comes wrapped by the sandbox (`__wrapped__` is the bound method)
+            receiver = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+            if isinstance(receiver, (str, list, tuple)):  # a built-in method: it runs in C, out of the trace's sight
+                _check_call(getattr(__obj, "__name__", ""), receiver, args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
 
     return _Guarded
 
