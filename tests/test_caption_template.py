@@ -257,3 +257,20 @@ def test_calls_within_the_bound_render_as_before():
                 "{{ 'a\nb'|indent(2) }}|{{ messages|length }}")
     precompile(template)
     assert bounded(lambda: _render(template)) == "  ab  |x  |a,b|c-d|ayyb|007|   5|1-2|a\n  b|1"
+
+
+def test_a_limit_caught_and_wrapped_on_its_way_out_is_still_the_limit():
+    """The deadline can fire inside code that catches any exception and raises its own (jinja's
+    lexer turns it into TemplateSyntaxError "took over 0.2 s" when compiling is traced): the
+    caller still gets the TemplateLimit."""
+    def render() -> str:
+        try:
+            while True:
+                pass
+        except Exception as exc:
+            raise ValueError("a library's own error") from exc
+
+    with pytest.raises(TemplateLimit, match="took over 0.1 s"):
+        bounded(render, seconds=0.1)
+    with pytest.raises(ValueError, match="no limit here"):  # an error of its own passes as it is
+        bounded(lambda: (_ for _ in ()).throw(ValueError("no limit here")))

@@ -62,27 +62,34 @@ class _Watch:
     max_chars: int
     deadline: float
     written: int = 0
+    # The limit raised, kept: code between the trace and the caller (jinja's lexer) may catch it
+    # and raise its own error instead (TemplateSyntaxError "took over 2 s"); `bounded` restores it.
+    tripped: TemplateLimit | None = None
 
     def trace(self, frame, event: str, arg: Any):
         if time.monotonic() > self.deadline:
-            raise TemplateLimit(f"took over {self.seconds:g} s")
+            raise self._trip(TemplateLimit(f"took over {self.seconds:g} s"))
         if event == "return" and isinstance(arg, (str, list, tuple)) and len(arg) > self.max_chars:
             # Any call's result: `~` (jinja's str_join), a namespace's attribute read back
             # (`{% set ns.s = ns.s ~ ns.s %}` doubles out of sight of the template's locals).
-            raise self._too_long()
+            raise self._trip(self._too_long())
         if frame.f_code.co_filename == _JINJA_CODE:
             # A template's output is what its generator frames yield: count it as it is made.
             if event == "return" and isinstance(arg, str) and frame.f_code.co_flags & inspect.CO_GENERATOR:
                 self.written += len(arg)
                 if self.written > self.max_chars:
-                    raise self._too_long()
+                    raise self._trip(self._too_long())
             elif event == "line" and any(isinstance(v, (str, list, tuple)) and len(v) > self.max_chars
                                          for v in frame.f_locals.values()):
-                raise self._too_long()  # a `{% set %}` string or list, never written out
+                raise self._trip(self._too_long())  # a `{% set %}` string or list, never written out
         return self.trace
 
     def _too_long(self) -> TemplateLimit:
         return TemplateLimit(f"built more than {self.max_chars:,} characters")
+
+    def _trip(self, limit: TemplateLimit) -> TemplateLimit:
+        self.tripped = limit
+        return limit
 
 
 def _check_binop(operator: str, left: Any, right: Any) -> None:
@@ -204,6 +211,10 @@ def bounded(render: Callable[[], str], seconds: float = RENDER_SECONDS, max_char
     sys.settrace(watch.trace)
     try:
         rendered = render()
+    except Exception:
+        if watch.tripped is not None:
+            raise watch.tripped from None
+        raise
     finally:
         sys.settrace(previous)
     if not isinstance(rendered, str):
