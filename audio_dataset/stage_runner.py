@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -317,7 +318,8 @@ class _Worker:
                  schema: pa.Schema, mode: str = REWRITE, out: str | None = None) -> None:
         self.factory, self.device, self.threads, self.schema, self.mode = factory, device, threads, schema, mode
         self.processor: ShardProcessor | None = None
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.model_ident: int | None = None  # the model thread's, once it runs
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model", initializer=self._on_model_thread_start)
         if out is not None:  # the driver's --out: no folder below it may be a link (storage.make_dirs)
             trust_output(out)
 
@@ -331,7 +333,12 @@ class _Worker:
                 sys.modules["torch"].set_num_threads(self.threads)
         return self.processor
 
+    def _on_model_thread_start(self) -> None:
+        self.model_ident = threading.get_ident()
+
     def on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if threading.get_ident() == self.model_ident:
+            return fn(*args)  # already there: submitting would wait on itself forever
         return self.model_thread.submit(fn, *args).result()
 
     def run(self, job: ShardJob) -> tuple[ShardJob, int]:

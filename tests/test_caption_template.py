@@ -26,6 +26,15 @@ HUGE_RANGE = "{% for i in range(10**9) %}x{% endfor %}"
 HUGE_POWER = "{{ 7**(10**9) % 3 }}"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def jinja_loaded():
+    """transformers' chat-template code and jinja imported and the guard installed before any
+    traced render, as the steps do when a model loads (`precompile`)."""
+    from audio_dataset.caption.template_guard import precompile
+
+    precompile("{{ messages|length }}")
+
+
 def _render(template: str) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -263,14 +272,137 @@ def test_a_limit_caught_and_wrapped_on_its_way_out_is_still_the_limit():
     """The deadline can fire inside code that catches any exception and raises its own (jinja's
     lexer turns it into TemplateSyntaxError "took over 0.2 s" when compiling is traced): the
     caller still gets the TemplateLimit."""
-    def render() -> str:
-        try:
-            while True:
-                pass
-        except Exception as exc:
-            raise ValueError("a library's own error") from exc
+    source = ("def render():\n    try:\n        while True:\n            pass\n"
+              "    except Exception as exc:\n        raise ValueError(\"jinja's own error\") from exc\n")
+    scope: dict = {}
+    exec(compile(source, "<template>", "exec"), scope)  # as jinja compiles a template: its code's name
+    render = scope["render"]
 
     with pytest.raises(TemplateLimit, match="took over 0.1 s"):
         bounded(render, seconds=0.1)
     with pytest.raises(ValueError, match="no limit here"):  # an error of its own passes as it is
         bounded(lambda: (_ for _ in ()).throw(ValueError("no limit here")))
+
+
+DAG = "{% set ns = namespace(l=[1], t=(1,)) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}" \
+      "{% set ns.t = (ns.t, ns.t) %}{% endfor %}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("template", [
+    "{{ 'x'.encode() * 10**10 }}", "{{ 'x'.encode().ljust(10**10) }}", "{{ (1).to_bytes(10**10, 'big') }}",
+    "{{ [1]|tojson(indent=10**10) }}",  # transformers' own tojson, set after the environment is made
+    "{{ '{:{}}'.format(1, '9999999999') }}", "{{ '{a:{w}}'.format_map({'a': 1, 'w': 10**10}) }}",
+    "{{ ('%999999s' * 3000) % ((1,) * 3000) }}",
+    "{{ ('\t' * 1000000).expandtabs(1000000) }}", S + "{{ s.translate({120: s}) }}",
+    S + "{{ ('a\n' * 400000)|indent(s, blank=true) }}",
+    S + "{{ [s] * 10000 }}", S + "{{ ([s] * 10000)|tojson|length }}",  # the list is short, its text is not
+    DAG + "{{ ns.l }}", DAG + "{{ [ns.t]|unique|list|length }}",  # 2**40 leaves: a repr or a hash for hours
+    "{% set l = [0] * 1000000 %}{{ ([l] * 1000)|sum(start=[])|length }}",
+])
+def test_more_calls_that_would_build_past_the_bound_are_refused_before_they_run(template):
+    """Bytes, an int's to_bytes, a filter transformers adds, a nested or repeated width, a tab
+    size or a translation times the text, a container whose text or tree is huge though its len is
+    small: each one C call of gigabytes or hours, refused before it runs."""
+    import resource
+
+    from audio_dataset.caption.template_guard import precompile
+
+    precompile(template)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + 2 * 2**30, hard))
+    try:
+        start = time.monotonic()
+        with pytest.raises(TemplateLimit, match="more than"):
+            bounded(lambda: _render(template))
+        assert time.monotonic() - start < RENDER_SECONDS
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+QWEN2 = """{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}\
+{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}{{- "\\n\\n# Tools\\n\\n<tools>" }}{%- for tool in tools %}\
+{{- "\\n" }}{{- tool | tojson }}{%- endfor %}{{- "\\n</tools><|im_end|>\\n" }}{%- else %}\
+{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\
+{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}\
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\
+{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}\
+{%- if ns.multi_step_tool and message.role == "user" %}{%- set ns.multi_step_tool = false %}\
+{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}\
+{%- for message in messages %}{%- if (message.role == "user") or (message.role == "system" and not loop.first) %}\
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\
+{%- elif message.role == "assistant" %}{{- '<|im_start|>' + message.role + '\\n' + message.content }}\
+{%- if message.tool_calls %}{%- for tool_call in message.tool_calls %}{%- if tool_call.function %}\
+{%- set tool_call = tool_call.function %}{%- endif %}{{- '\\n<tool_call>\\n{"name": "' }}{{- tool_call.name }}\
+{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{%- endif %}\
+{{- '<|im_end|>\\n' }}{%- elif message.role == "tool" %}{{- '<|im_start|>user\\n<tool_response>\\n' }}\
+{{- message.content }}{{- '\\n</tool_response><|im_end|>\\n' }}{%- endif %}{%- endfor %}\
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+LLAMA3 = """{{- bos_token }}{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}\
+{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}\
+{%- set messages = messages[1:] %}{%- else %}{%- set system_message = "" %}{%- endif %}\
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}{{- "Today Date: " + date_string + "\\n\\n" }}\
+{%- if tools is not none %}{%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\\n\\n" }}{%- endfor %}{%- endif %}\
+{{- system_message }}{{- "<|eot_id|>" }}{%- for message in messages %}\
+{%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\
+{%- elif 'tool_calls' in message %}{%- set tool_call = message.tool_calls[0].function %}\
+{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{{- '{"name": "' + tool_call.name + '", ' }}\
+{{- '"parameters": ' }}{{- tool_call.arguments | tojson }}{{- "}" }}{{- "<|eot_id|>" }}\
+{%- else %}{{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}{{- message.content | tojson }}\
+{{- "<|eot_id|>" }}{%- endif %}{%- endfor %}\
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"""
+MISTRAL = """{{- bos_token }}{%- for message in messages %}\
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\
+{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}\
+{%- if message['role'] == 'user' %}{{- '[INST] ' + message['content'] + ' [/INST]' }}\
+{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}\
+{%- else %}{{- raise_exception('Only user and assistant roles are supported!') }}{%- endif %}{%- endfor %}"""
+GEMMA = """{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}\
+{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}\
+{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim \
++ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}\
+{{ '%s|%d|%5.2f'|format('a', 1700000000, 2.5) }}{{ '%d-%s' % (1700000000, 'x') }}\
+{{ '{}/{:,}'.format(1700000000, 1234567) }}{{ ' ab '|center(8) }}{{ 'a\tb'.expandtabs(4) }}{{ [1, [2, 3]] }}"""
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}}, "required": ["city"]}}}]
+CONVERSATIONS = {
+    "qwen2": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},
+              {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                  "name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+              {"role": "tool", "content": "{\"t\": 3}"}, {"role": "user", "content": "Thanks " + "y" * 5000}],
+}
+
+
+@pytest.mark.parametrize("name, template", [("qwen2", QWEN2), ("llama3", LLAMA3), ("mistral", MISTRAL),
+                                            ("gemma", GEMMA)])
+def test_real_chat_templates_render_as_unguarded(name, template):
+    """Qwen2 (tools, namespace, tojson), Llama 3.1 (tojson with indent), Mistral (raise_exception,
+    loop.index0), Gemma (trim; plus %, format and format's filter with values past a million): the
+    guarded render equals transformers' own, unguarded."""
+    import jinja2.sandbox
+    from transformers.utils import chat_template_utils
+
+    from audio_dataset.caption.template_guard import precompile
+
+    messages = CONVERSATIONS.get(name, [{"role": "user", "content": "Describe the sound " + "z" * 3000},
+                                        {"role": "assistant", "content": "A dog."}, {"role": "user", "content": "ok"}])
+    kwargs = dict(add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+    guarded = chat_template_utils.ImmutableSandboxedEnvironment
+    chat_template_utils.ImmutableSandboxedEnvironment = jinja2.sandbox.ImmutableSandboxedEnvironment
+    try:
+        plain = chat_template_utils._cached_compile_jinja_template(template)
+    finally:
+        chat_template_utils.ImmutableSandboxedEnvironment = guarded
+    expected = plain.render(messages=messages, tools=TOOLS, **kwargs)
+    precompile(template)
+    compiled = chat_template_utils._compile_jinja_template(template)
+    assert compiled.environment.__class__.__name__ == "_Guarded"
+    assert bounded(lambda: compiled.render(messages=messages, tools=TOOLS, **kwargs)) == expected
+    if name == "mistral":  # raise_exception still raises its own error through the guard
+        import jinja2
+
+        with pytest.raises(jinja2.TemplateError, match="must alternate"):
+            bounded(lambda: compiled.render(messages=messages[1:], **kwargs))

@@ -336,6 +336,28 @@ def test_dedup_with_embeddings_names_the_sets_without_them(folders, embedded, ca
     assert {key("robin"), key("dog"), key("trumpet")} <= set(rows)
 
 
+@pytest.mark.timeout(30)
+def test_the_model_thread_runs_a_call_made_from_itself_and_keeps_an_errors_type():
+    """A function on the model thread that asks for the model thread again (a processor or a bench
+    step calling back into the worker) runs there at once instead of waiting on itself forever; a
+    UserError from the factory reaches the caller as itself."""
+    import threading
+
+    import pyarrow as pa
+
+    from audio_dataset.source import UserError
+    from audio_dataset.stage_runner import REWRITE, _Worker
+
+    def refuse(device):
+        raise UserError("--model x: no such model")
+
+    worker = _Worker(refuse, "cpu", 1, pa.schema([("status", pa.string())]), REWRITE)
+    inner = worker.on_model_thread(worker.on_model_thread, threading.get_ident)
+    assert inner == worker.on_model_thread(threading.get_ident) != threading.get_ident()
+    with pytest.raises(UserError, match="^--model x: no such model$"):
+        worker.on_model_thread(worker._processor)
+
+
 def test_a_worker_prepares_the_next_shard_while_its_model_runs_one_shard_at_a_time(tmp_path):
     """The actor's threads: shard B is read and prepared while A is in `process`; `process` never
     runs twice at once, and always on one thread, the one that built the processor (torch's

@@ -25,10 +25,11 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,13 +63,21 @@ class _Watch:
     max_chars: int
     deadline: float
     written: int = 0
+    weights: dict[int, tuple[Any, int]] = field(default_factory=dict)  # each container's `_weight`, walked once
     # The limit raised, kept: code between the trace and the caller (jinja's lexer) may catch it
     # and raise its own error instead (TemplateSyntaxError "took over 2 s"); `bounded` restores it.
     tripped: TemplateLimit | None = None
 
     def trace(self, frame, event: str, arg: Any):
-        if time.monotonic() > self.deadline:
+        # Past the deadline, raised in the template's code or jinja's, where it reaches the caller:
+        # raised inside a library's (a regex parser's `except` and retry, a `__del__`), it was
+        # caught or ignored and the render went on for minutes.
+        if time.monotonic() > self.deadline and _is_jinja(frame.f_code.co_filename):
             raise self._trip(TemplateLimit(f"took over {self.seconds:g} s"))
+        if event == "return" and isinstance(arg, _CONTAINERS) and _is_jinja(frame.f_code.co_filename):
+            # a list's text, a tree of few objects and many leaves, made by the template or jinja's
+            # filters (not the library's own tables: a tokenizer's vocabulary is no prompt)
+            self._weigh(arg)
         if event == "return" and isinstance(arg, (str, list, tuple)) and len(arg) > self.max_chars:
             # Any call's result: `~` (jinja's str_join), a namespace's attribute read back
             # (`{% set ns.s = ns.s ~ ns.s %}` doubles out of sight of the template's locals).
@@ -79,26 +88,76 @@ class _Watch:
                 self.written += len(arg)
                 if self.written > self.max_chars:
                     raise self._trip(self._too_long())
-            elif event == "line" and any(isinstance(v, (str, list, tuple)) and len(v) > self.max_chars
-                                         for v in frame.f_locals.values()):
-                raise self._trip(self._too_long())  # a `{% set %}` string or list, never written out
+            elif event == "line":
+                for v in frame.f_locals.values():
+                    if isinstance(v, (str, list, tuple)) and len(v) > self.max_chars:
+                        raise self._trip(self._too_long())  # a `{% set %}` string or list, never written out
+                    if isinstance(v, _CONTAINERS):
+                        self._weigh(v)
         return self.trace
 
     def _too_long(self) -> TemplateLimit:
         return TemplateLimit(f"built more than {self.max_chars:,} characters")
+
+    def _weigh(self, value: Any) -> None:
+        try:
+            _weight(value, self.weights, self.max_chars)
+        except TemplateLimit as limit:
+            raise self._trip(limit) from None
 
     def _trip(self, limit: TemplateLimit) -> TemplateLimit:
         self.tripped = limit
         return limit
 
 
+def _is_jinja(filename: str) -> bool:
+    return filename == _JINJA_CODE or f"{os.sep}jinja2{os.sep}" in filename
+
+
+_TEXTS = (str, bytes, bytearray)
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _weight(value: Any, known: dict[int, tuple[Any, int]] | None = None, limit: int = MAX_PROMPT_CHARS) -> int:
+    """About the length of `value`'s text (its repr, its json), a container's counted over its whole
+    tree: `[s] * 1000` is short and its text is a thousand `s`; a list doubled into itself 40 times
+    holds 2**40 leaves in 40 objects (its repr or hash runs for hours in one C call). Each container
+    is walked once (`known`, by id, holding the object); the walk stops once past `limit`."""
+    known = {} if known is None else known
+    if not isinstance(value, _CONTAINERS):
+        return len(value) if isinstance(value, _TEXTS) else value.bit_length() // 3 + 1 \
+            if isinstance(value, int) else 1
+    stack, open_ = [value], set()
+    while stack:
+        node = stack[-1]
+        if id(node) in known:
+            stack.pop()
+            continue
+        items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        pending = [c for c in items if isinstance(c, _CONTAINERS) and id(c) not in known and id(c) not in open_]
+        if pending and id(node) not in open_:
+            open_.add(id(node))
+            stack.extend(pending)
+            continue
+        total = 2 + 2 * len(items)
+        for item in items:
+            total += known[id(item)][1] if id(item) in known else 0 if isinstance(item, _CONTAINERS) else \
+                len(item) if isinstance(item, _TEXTS) else item.bit_length() // 3 + 1 if isinstance(item, int) else 1
+            if total > limit:
+                raise TemplateLimit(f"built more than {limit:,} characters")
+        known[id(node)] = (node, total)
+        open_.discard(id(node))
+        stack.pop()
+    return known[id(value)][1]
+
+
 def _check_binop(operator: str, left: Any, right: Any) -> None:
     """Refuse a `*` or `**` whose result would be past the bounds, before it runs."""
     if operator == "*":
-        if isinstance(left, int) and isinstance(right, (str, list, tuple)):
+        if isinstance(left, int) and isinstance(right, (*_TEXTS, list, tuple)):
             left, right = right, left
-        if isinstance(left, (str, list, tuple)) and isinstance(right, int):
-            if len(left) * right > MAX_PROMPT_CHARS:
+        if isinstance(left, (*_TEXTS, list, tuple)) and isinstance(right, int):
+            if _weight(left) * right > MAX_PROMPT_CHARS:
                 raise TemplateLimit(f"built more than {MAX_PROMPT_CHARS:,} characters")
         elif isinstance(left, int) and isinstance(right, int) \
                 and left.bit_length() + right.bit_length() > MAX_NUMBER_BITS:
@@ -108,8 +167,8 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
             raise TemplateLimit(f"made a number of more than {MAX_NUMBER_BITS:,} bits")
 
 
-# A number in a format string (a width or precision, `%9d`, `{:>9}`); one past the bound pads past it.
-_FORMAT_NUMBER = re.compile(r"\d{7,}")
+# A %-conversion's width and precision (`%9d`, `%-*.3f`, `%(name)9s`): a number, or `*` (the next argument).
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?(.)", re.S)
 
 
 def _too_big(value: Any) -> bool:
@@ -120,12 +179,35 @@ def _text_length(value: Any) -> int:
     return len(value) if isinstance(value, str) else len(str(value)) if isinstance(value, (int, float)) else 0
 
 
-def _check_format(text: Any, args: tuple[Any, ...]) -> None:
-    """A `%` or `format` whose width or precision would pad past the bound (`'%9999999999d' % 1`,
-    `'%*d' % (10**10, 1)`)."""
-    if isinstance(text, str) and any(int(number) > MAX_PROMPT_CHARS for number in _FORMAT_NUMBER.findall(text)):
-        raise TemplateLimit(f"formats a width of more than {MAX_PROMPT_CHARS:,}")
-    if any(_too_big(arg) for arg in args):
+def _check_format(text: Any, args: tuple[Any, ...], percent: bool = True) -> None:
+    """A `%` or `format` whose widths and precisions, summed, would pad past the bound
+    (`'%9999999999d' % 1`, `'%*d' % (10**10, 1)`, `('%999999s' * 3000) % values`); a format field
+    whose spec holds a nested field (`'{:{}}'.format(1, '9999999999')`) is refused outright. A
+    value (`'%d' % 1700000000`) is not a width."""
+    if not isinstance(text, str):
+        return
+    widths, taken = 0, 0
+    if percent:
+        for width, precision, kind in _PERCENT_SPEC.findall(text):
+            for number in (width, precision):
+                if number == "*":
+                    value = args[taken] if taken < len(args) else 0
+                    taken += 1
+                    widths += value if isinstance(value, int) else 0
+                elif number:
+                    widths += int(number)
+            taken += kind != "%"
+    else:
+        import _string
+
+        try:
+            fields = [spec for _, name, spec, _ in _string.formatter_parser(text) if name is not None]
+        except ValueError:
+            return  # str.format raises the same error
+        if any("{" in spec for spec in fields):
+            raise TemplateLimit(f"formats a nested width (a width of more than {MAX_PROMPT_CHARS:,}?)")
+        widths = sum(int(number) for spec in fields for number in re.findall(r"\d+", spec))
+    if widths > MAX_PROMPT_CHARS:
         raise TemplateLimit(f"formats a width of more than {MAX_PROMPT_CHARS:,}")
 
 
@@ -142,12 +224,12 @@ def _replaced_length(text: Any, old: Any, new: Any) -> int:
     return len(text) + places * max(0, len(new) - len(old))
 
 
-def _check_call(name: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _check_call(name: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[str, Any], method: bool = False) -> None:
     """Refuse a call that would build a result past MAX_PROMPT_CHARS from arguments within it:
     `receiver` is a method's object or a filter's value, `args` the rest."""
     values = (*args, *kwargs.values())
-    if name in ("format", "format_map"):
-        _check_format(receiver, values)
+    if name in ("format", "format_map"):  # the method is str.format; the filter is %
+        _check_format(receiver, values, percent=not method)
         return
     length = 0
     if name == "join":  # the method, separator.join(parts); the filter, parts|join(separator)
@@ -156,6 +238,19 @@ def _check_call(name: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[st
         length = _joined_length(separator, parts)
     elif name == "replace" and len(values) >= 2:
         length = _replaced_length(receiver, values[0], values[1])
+    elif name == "expandtabs" and isinstance(receiver, _TEXTS) and values and isinstance(values[0], int):
+        length = len(receiver) * max(1, values[0])  # every character a tab, each as wide as the tab size
+    elif name == "translate" and isinstance(receiver, str) and values and isinstance(values[0], dict):
+        length = len(receiver) * max([1, *(len(v) for v in values[0].values() if isinstance(v, str))])
+    elif name == "indent" and values:  # the filter: every line gets the indent (a width, or a string)
+        width = values[0] if isinstance(values[0], (int, str)) else 0
+        width = width if isinstance(width, int) and not isinstance(width, bool) else len(width)
+        length = _text_length(receiver) + (str(receiver).count("\n") + 1) * width
+    elif not method and name in ("tojson", "string", "pprint", "list", "join", "sum", "unique", "sort", "dictsort",
+                                 "e", "escape", "forceescape", "safe", "urlencode", "xmlattr", "trim", "upper",
+                                 "lower", "title", "capitalize", "first", "last", "max", "min", "groupby", "map",
+                                 "select", "reject", "selectattr", "rejectattr", "batch", "slice", "length", "count"):
+        _weight(receiver)  # a container whose text or tree is past the bound (its repr, its hash, its json)
     if length > MAX_PROMPT_CHARS or any(_too_big(value) for value in values):
         raise TemplateLimit(f"asked {name} to build more than {MAX_PROMPT_CHARS:,} characters")
 
@@ -174,6 +269,22 @@ def _checked_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     return checked
 
 
+class _CheckedFilters(dict):
+    """The environment's filters, each checked (`_checked_filter`), those set later too: transformers
+    sets its own tojson once the environment is made."""
+
+    def __init__(self, filters: dict[str, Callable[..., Any]]) -> None:
+        super().__init__()
+        for name, function in filters.items():
+            self[name] = function
+
+    def __setitem__(self, name: str, function: Callable[..., Any]) -> None:
+        super().__setitem__(name, _checked_filter(name, function))
+
+
+_BUILTIN_METHODS = ("builtin_function_or_method", "method-wrapper", "method_descriptor")
+
+
 @functools.cache  # one class, made once jinja is imported
 def _guarded_environment() -> type:
     """transformers' ImmutableSandboxedEnvironment with `*` and `**` checked (`_check_binop`); jinja
@@ -185,7 +296,7 @@ def _guarded_environment() -> type:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.filters = {name: _checked_filter(name, f) for name, f in self.filters.items()}
+            self.filters = _CheckedFilters(self.filters)
 
         def call_binop(self, context, operator, left, right):
             if operator == "%" and isinstance(left, str):
@@ -197,8 +308,10 @@ def _guarded_environment() -> type:
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
             # str.format comes wrapped by the sandbox (`__wrapped__` is the bound method)
             receiver = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
-            if isinstance(receiver, (str, list, tuple)):  # a built-in method: it runs in C, out of the trace's sight
-                _check_call(getattr(__obj, "__name__", ""), receiver, args, kwargs)
+            if receiver is not None and not inspect.ismodule(receiver) and \
+                    type(getattr(__obj, "__wrapped__", __obj)).__name__ in _BUILTIN_METHODS:
+                # a built-in method (of a str, bytes, int, list, dict...): it runs in C, out of the trace's sight
+                _check_call(getattr(__obj, "__name__", ""), receiver, args, kwargs, method=True)
             return super().call(__context, __obj, *args, **kwargs)
 
     return _Guarded
