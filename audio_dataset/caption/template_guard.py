@@ -5,15 +5,18 @@ tokenizer_config.json): untrusted. transformers renders it in jinja2's sandbox, 
 and `range` is capped, but nested loops can run for hours and `'x' * 10**8` builds 100 MB. Jinja
 compiles a template to Python code, so a trace function (this thread only, no signal, no process)
 sees every line it runs: past RENDER_SECONDS, or once its output, a string or list it holds, or any
-call's result passes MAX_PROMPT_CHARS, the trace raises TemplateLimit inside the render. One
+call's result passes MAX_PROMPT_CHARS, the trace raises TemplateLimit inside the render (the
+deadline in the template's or jinja's own code, where nothing catches it on its way out). One
 operation runs in C, between two trace events: `*` and `**` are checked before they run (`_Guarded`;
 a 30-character template's `7**(10**9)` computes for hours, and jinja would fold it at compile time),
 so `'x' * 10**10` and huge integers are refused. So is a call or filter that would build past the
 bound from arguments each within it, before it runs (`_check_call`): a size argument over
-MAX_PROMPT_CHARS (`'x'|center(10**10)`, `.ljust`, `.zfill`, `indent`), a `join` or `replace` whose
-result's length, computed from its inputs, is over it (`([s] * 10**4)|join` of a million-character
-`s`), and a `%` or `format` with a width over it. Not bounded: a long template's `s ~ s ~ ... ~ s`
-on one line (each `~` is one C call on values within bounds): refused once it returns.
+MAX_PROMPT_CHARS to any built-in method or filter (`'x'|center(10**10)`, `.ljust`, `to_bytes`), a
+`join`, `replace`, `expandtabs`, `translate` or `indent` whose result's length, computed from its
+inputs, is over it (`([s] * 10**4)|join` of a million-character `s`), `%` and `format` widths
+summed past it, and a container whose text, counted over its tree (`_weight`), is past it. Not
+bounded: a long template's `s ~ s ~ ... ~ s` on one line (each `~` is one C call on values within
+bounds), refused once it returns; memory built by many calls each within the bound.
 
 The callers compile the template (`precompile`, untraced: its cost is bounded by its length) and
 render a test conversation when the model loads (`refusal` turns a failure there into the one-line
