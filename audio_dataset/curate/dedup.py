@@ -584,10 +584,11 @@ def cluster_rows(items: Items, links: list[Link], rule: str) -> list[dict[str, A
                 best[i] = link
     roots = _components(links)
     members_of: dict[int, list[int]] = {}
-    for i in sorted(best):
+    linked = sorted(best)
+    for i in linked:
         members_of.setdefault(int(roots[i]), []).append(i)
-    row = items.rows(set(best), _ROW_COLUMNS)
-    group = dict(zip(sorted(best), items.groups(np.array(sorted(best), np.int64)).tolist()))
+    row = items.rows(set(linked), _ROW_COLUMNS)
+    group = dict(zip(linked, items.groups(np.array(linked, np.int64)).tolist()))
     rows = []
     for cluster, (root, members) in enumerate(sorted(members_of.items())):
         dataset_members = [i for i in members if group[i] == 0]
