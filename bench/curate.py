@@ -91,7 +91,7 @@ def _vectors(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bench_dedup(count: int) -> dict[str, float]:
-    from audio_dataset.curate.dedup import embedding_pairs
+    from audio_dataset.curate.embed_match import embedding_pairs
 
     vectors, copies = _vectors(count)
     planted_cos = float(np.mean(np.sum(vectors[copies] * vectors[copies - 1], axis=1)))

@@ -543,6 +543,107 @@ def run_standin(out: Path, model: Model, size: int, evals: int, seed: int) -> di
             "partition_hashes_max": max(report["partition_hashes"])}
 
 
+
+# ------------------------------------------------------------------------------ embedding matching
+EMBED_DIM, EMBED_FAMILIES = 512, 2_000
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _embedding_set(folder: Path, vectors_of, count: int, first: int, group: int) -> list[tuple]:
+    """A dataset folder as `dedup.embedding_links` reads it: key-only fingerprint parts of PART_ROWS
+    rows and an embed output (rows, the .npy streamed a chunk at a time, run.json)."""
+    from audio_dataset.curate.common import OK, npy_bytes_header
+
+    embed = folder / "embed"
+    (embed / ".embed").mkdir(parents=True)
+    (embed / ".embed" / "run.json").write_text(json.dumps({"settings": {"model": {"digest": "b" * 64,
+                                                                                  "joint_dim": EMBED_DIM}}}))
+    parts, keys, shards = [], [], []
+    with open(embed / "train.audio.npy", "wb") as handle:
+        handle.write(npy_bytes_header((count, EMBED_DIM), np.float32))
+        for start in range(0, count, PART_ROWS):
+            rows = min(PART_ROWS, count - start)
+            chunk_keys = [str(first + start + i) for i in range(rows)]
+            shard = f"{start // PART_ROWS:06d}.tar"
+            path = folder / f"{start // PART_ROWS:06d}.parquet"
+            pq.write_table(pa.table({"key": chunk_keys, "split": ["train"] * rows, "shard": [shard] * rows}), path)
+            parts.append((matching.PrintPart(str(path), first + start, rows, 0), group, ("train", shard)))
+            keys += chunk_keys
+            shards += [shard] * rows
+            handle.write(vectors_of(first + start, rows).tobytes())
+    pq.write_table(pa.table({"split": ["train"] * count, "shard": shards, "key": keys, "status": [OK] * count}),
+                   embed / "train.rows.parquet")
+    return parts
+
+
+def run_embeddings(out: Path, size: int, evals: int, seed: int, threshold: float) -> dict:
+    """Embedding dedup of `size` synthetic 512-d unit vectors and an `evals` eval set, through
+    `dedup.embedding_links` on Ray. Distinct vectors: one of EMBED_FAMILIES centres plus noise of
+    norm 0.6 (two of one family at cosine ~0.74, of two families ~0: far below any dedup
+    threshold). Planted: 0.5% of the dataset near-copies of another dataset vector (noise of norm
+    0.1: cosine ~0.995), 0.5% leaks (near-copies of eval vectors)."""
+    work = out / f"embeddings-{size}"
+    shutil.rmtree(work, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.standard_normal((EMBED_FAMILIES, EMBED_DIM)))
+    planted = max(1, size // 200)
+    dup_items = rng.choice(np.arange(1, size), planted, replace=False)
+    dup_of = {int(d): int(rng.integers(0, d)) for d in dup_items}  # each copy after its original
+    leak_items = rng.choice(np.setdiff1d(np.arange(size), dup_items), planted, replace=False)
+    leak_of = {int(d): size + int(rng.integers(0, evals)) for d in leak_items}  # eval items follow
+
+    def distinct(item: int) -> np.ndarray:
+        r = np.random.default_rng([seed, item])
+        return _unit(centres[r.integers(0, EMBED_FAMILIES)][None] + r.standard_normal((1, EMBED_DIM)) * 0.6 / np.sqrt(EMBED_DIM))[0]
+
+    def vector(item: int) -> np.ndarray:
+        original = dup_of.get(item, leak_of.get(item))
+        if original is None:
+            return distinct(item)
+        noise = np.random.default_rng([seed, item, 1]).standard_normal(EMBED_DIM) * 0.1 / np.sqrt(EMBED_DIM)
+        return _unit(vector(original)[None] + noise)[0]
+
+    def vectors_of(first: int, rows: int) -> np.ndarray:
+        return np.stack([vector(i) for i in range(first, first + rows)])
+
+    started = time.monotonic()
+    entries = _embedding_set(work / "dataset", vectors_of, size, 0, 0) + \
+        _embedding_set(work / "eval", vectors_of, evals, size, 1)
+    items = dedup.Items([e[0] for e in entries], [e[1] for e in entries], ["dataset", "eval"], [e[2] for e in entries])
+    generated = time.monotonic()
+    with RssPeak() as rss:
+        links, missing, report = dedup.embedding_links(items, [matching.UPath(work / "dataset"),
+                                                               matching.UPath(work / "eval")],
+                                                       threshold, matching.UPath(work / "work"))
+    matched = time.monotonic()
+    assert not missing and report["indexed"] == size, f"indexed {report.get('indexed')} of {size} vectors"
+    component = dedup._components(links)
+    same = lambda a, b: a in component and component.get(a) == component.get(b)  # noqa: E731
+    found_dups = sum(same(o, d) for d, o in dup_of.items())
+    found_leaks = sum(same(o, d) for d, o in leak_of.items())
+    origin = {**dup_of, **leak_of}
+
+    def family(item: int) -> int:  # planted copies of one original match each other too
+        while item in origin:
+            item = origin[item]
+        return item
+    false = [link for link in links if family(link.a) != family(link.b)]
+    for link in false[:10]:
+        print(f"false embedding match: items {link.a} and {link.b} ({link.score:.4f})", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
+    total = size + evals
+    return {"clips": size, "eval_clips": evals, "threshold": threshold, "planted": planted, "leaks": planted,
+            "recall": found_dups / planted, "leaks_found": found_leaks, "false_matches": len(false),
+            "false_match_rate": len(false) / (total * (total - 1) / 2), "links": len(links),
+            "driver": {"rss_before_mb": rss.before, "rss_peak_mb": rss.peak, "rise_mb": round(rss.peak - rss.before, 1)},
+            "index_task_peak_rss_mb": report["index_task_peak_rss_mb"],
+            "query_task_peak_rss_mb": report["query_task_peak_rss_mb"], "query_tasks": report["query_tasks"],
+            "seconds": {"generate": round(generated - started, 1), "match": round(matched - generated, 1)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--real", action="store_true", help="the real-audio corpus (and the stand-in's model)")
@@ -552,6 +653,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dedup-bench")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop-floor", type=int, default=fp.STOP_FLOOR, help="the stop-list's floor (its effect)")
+    parser.add_argument("--embeddings", default="", help="embedding dedup corpus sizes, comma separated")
+    parser.add_argument("--threshold", type=float, default=0.98, help="embedding dedup's cosine threshold")
     args = parser.parse_args()
     from audio_dataset.raystart import start_ray
 
@@ -571,7 +674,11 @@ def main() -> None:
         result = run_standin(args.out, model, size, args.eval, args.seed)
         results[f"standin_{size}"] = result
         print(json.dumps({f"standin_{size}": result}, indent=1), flush=True)
-    name = f"results-{'real-' if args.real else ''}{args.standin.replace(',', '-')}-stop{args.stop_floor}.json"
+    for size in [int(s) for s in args.embeddings.split(",") if s]:
+        result = run_embeddings(args.out, size, args.eval, args.seed, args.threshold)
+        results[f"embeddings_{size}"] = result
+        print(json.dumps({f"embeddings_{size}": result}, indent=1), flush=True)
+    name = f"results-{'real-' if args.real else ''}{('emb' + args.embeddings.replace(',', '-')) if args.embeddings else ''}{args.standin.replace(',', '-')}-stop{args.stop_floor}.json"
     (args.out / name).write_text(json.dumps(results, indent=1))
 
 

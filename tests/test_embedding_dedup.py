@@ -1,28 +1,37 @@
-"""Embedding dedup at scale: an IVF index trained on a sample, queries sharded over Ray tasks, range
-search at the threshold, pairs reduced per task. The clusters equal the exact all-pairs method's."""
+"""Embedding dedup at scale: an IVF index built in one Ray task, queries in chunks over others, range
+search at the threshold, pairs reduced per task; the vectors read from the embed outputs' files and
+placed through each shard's fingerprint part. The clusters equal the exact all-pairs method's."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from upath import UPath
 
-from audio_dataset.curate import dedup
-from audio_dataset.curate.dedup import EMBEDDING, Items, Link, _LinkReducer, cluster_rows, embedding_pairs
+from audio_dataset.curate import dedup, embed_match
+from audio_dataset.curate.common import OK, npy_bytes_header
+from audio_dataset.curate.dedup import EMBEDDING, Items, Link, cluster_rows, embedding_links
+from audio_dataset.curate.embed_match import LinkReducer
 from audio_dataset.curate.match import PrintPart
+from audio_dataset.source import UserError
 
 THRESHOLD = 0.95
 DIM = 32
+SHARD = 400  # samples per shard (a fingerprint part each)
 
 
 @pytest.fixture
 def small_lists(monkeypatch):
-    """Inverted lists from 1,000 vectors (10,000 in use): the same code on a corpus a test can afford."""
+    """Inverted lists from 1,000 vectors (10,000 in use), 700 queries a task: the same code on a
+    corpus a test can afford."""
     from audio_dataset.curate import index
 
     monkeypatch.setattr(index, "_MIN_IVF_VECTORS", 1_000)
+    monkeypatch.setattr(embed_match, "QUERIES_PER_TASK", 700)
 
 
 def corpus(count: int, seed: int = 0) -> np.ndarray:
@@ -40,31 +49,53 @@ def corpus(count: int, seed: int = 0) -> np.ndarray:
     return vectors
 
 
-def _items(folder: Path, count: int, groups: np.ndarray) -> Items:
-    """Items read from one fingerprint-like part per group (the rows `cluster_rows` reads)."""
-    keys = [f"k{i}" for i in range(count)]
-    table = pa.table({"key": keys, "split": ["train"] * count, "shard": ["000000.tar"] * count,
-                      "bytes_sha256": keys, "pcm_sha256": keys, "duration": [1.0] * count, "license": ["CC0"] * count})
-    parts, part_groups = [], []
-    for group in np.unique(groups):
-        first, rows = int(np.argmax(groups == group)), int((groups == group).sum())
-        path = folder / f"part{group}.parquet"
-        pq.write_table(table.slice(first, rows), path)
-        parts.append(PrintPart(str(path), first, rows, 0))
-        part_groups.append(int(group))
-    return Items(parts, part_groups, ["dataset", "eval"])
+def _write_set(folder: Path, vectors: np.ndarray, first: int, group: int, status: list[str] | None = None,
+               ) -> tuple[list[PrintPart], list[tuple[str, str]]]:
+    """A dataset folder as dedup reads it: fingerprint-like parts of SHARD samples each (keys, the
+    columns `cluster_rows` reads) and an embed output (rows, the .npy, run.json naming the model)."""
+    count = len(vectors)
+    keys = [f"g{group}-{i}" for i in range(count)]
+    shards = [f"{i // SHARD:06d}.tar" for i in range(count)]
+    parts, names = [], []
+    (folder / "embed" / ".embed").mkdir(parents=True)
+    for start in range(0, count, SHARD):
+        rows = min(SHARD, count - start)
+        path = folder / f"part{start // SHARD}.parquet"
+        pq.write_table(pa.table({"key": keys[start : start + rows], "split": ["train"] * rows,
+                                 "shard": shards[start : start + rows], "bytes_sha256": keys[start : start + rows],
+                                 "pcm_sha256": keys[start : start + rows], "duration": [1.0] * rows,
+                                 "license": ["CC0"] * rows}), path)
+        parts.append(PrintPart(str(path), first + start, rows, 0))
+        names.append(("train", shards[start]))
+    pq.write_table(pa.table({"split": ["train"] * count, "shard": shards, "key": keys,  # row groups that
+                             "status": status or [OK] * count}), folder / "embed" / "train.rows.parquet",
+                   row_group_size=250)  # a query chunk (700) starts and ends inside
+    (folder / "embed" / "train.audio.npy").write_bytes(npy_bytes_header((count, DIM), np.float32)
+                                                        + vectors.astype(np.float32).tobytes())
+    (folder / "embed" / ".embed" / "run.json").write_text(json.dumps(
+        {"settings": {"model": {"digest": "m" * 64, "joint_dim": DIM}}}))
+    return parts, names
 
 
-def _links(q: np.ndarray, b: np.ndarray, scores: np.ndarray, q_items: np.ndarray, b_items: np.ndarray) -> list[Link]:
-    return [Link(int(min(x, y)), int(max(x, y)), EMBEDDING, float(s))
-            for x, y, s in zip(q_items[q], b_items[b], scores) if x != y]
+def _sets(tmp_path: Path, *vector_sets: np.ndarray) -> tuple[Items, list[UPath]]:
+    parts, groups, shards, first, folders = [], [], [], 0, []
+    for group, vectors in enumerate(vector_sets):
+        folder = tmp_path / f"set{group}"
+        more, names = _write_set(folder, vectors, first, group)
+        parts += more
+        groups += [group] * len(more)
+        shards += names
+        first += len(vectors)
+        folders.append(UPath(folder))
+    return Items(parts, groups, [str(f) for f in folders], shards), folders
 
 
-def _exact(base: np.ndarray, queries: np.ndarray, same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _exact_links(base: np.ndarray, queries: np.ndarray, first_query: int, same: bool) -> list[Link]:
     scores = queries @ base.T  # the all-pairs matrix: fine on a test's corpus
     q, b = np.nonzero(scores >= THRESHOLD)
     keep = (q != b) if same else np.ones(len(q), bool)
-    return q[keep], b[keep], scores[q[keep], b[keep]]
+    return [Link(int(min(x + first_query, y)), int(max(x + first_query, y)), EMBEDDING, float(scores[x, y]))
+            for x, y in zip(q[keep], b[keep])]
 
 
 def _partition(rows: list[dict]) -> set[frozenset[str]]:
@@ -83,36 +114,57 @@ def _same_clusters(items: Items, exact: list[Link], found: list[Link]) -> None:
     assert [row["keep"] for row in got] == [row["keep"] for row in want]
 
 
-def test_sharded_range_search_finds_the_exact_clusters(small_lists, ray_local, tmp_path):
+def test_tasks_over_the_files_find_the_exact_clusters(small_lists, ray_local, tmp_path):
     vectors = corpus(3_000)
-    items = _items(tmp_path, len(vectors), np.zeros(len(vectors), int))
-    rows = np.arange(len(vectors))
-    q, b, scores = embedding_pairs(vectors, vectors, THRESHOLD, same=True, per_task=700)  # 5 Ray tasks
-    assert len(q) <= 2 * len(vectors)  # pairs kept: a forest and each one's strongest, not all 11k
-    _same_clusters(items, _links(*_exact(vectors, vectors, True), rows, rows), _links(q, b, scores, rows, rows))
+    items, folders = _sets(tmp_path, vectors)
+    plan, missing = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
+    assert len(plan.chunks) == 5 and missing == []  # 5 query tasks on Ray
+    a, b, scores, report = embed_match.match_embeddings(plan, on_ray=True)
+    assert len(a) <= 2 * len(vectors)  # pairs kept: a forest and each one's strongest, not all 11k
+    assert report["indexed"] == 3_000 and not (tmp_path / "work").exists()
+    found = [Link(int(x), int(y), EMBEDDING, float(s)) for x, y, s in zip(a, b, scores)]
+    _same_clusters(items, _exact_links(vectors, vectors, 0, True), found)
 
 
 def test_eval_queries_against_the_dataset(small_lists, ray_local, tmp_path):
     base, evalset = corpus(3_000), corpus(400, seed=5)
     leaks = np.arange(0, 3_000, 97)
     evalset[: len(leaks)] = base[leaks]  # planted leaks
-    groups = np.r_[np.zeros(len(base), int), np.ones(len(evalset), int)]
-    items = _items(tmp_path, len(groups), groups)
-    base_items, eval_items = np.arange(len(base)), np.arange(len(base), len(groups))
-    q, b, scores = embedding_pairs(base, evalset, THRESHOLD, same=False, per_task=150)
-    assert {(int(x), int(y)) for x, y in zip(q, b)} >= set(enumerate(leaks.tolist()))
-    exact = _links(*_exact(base, base, True), base_items, base_items) + \
-        _links(*_exact(base, evalset, False), eval_items, base_items)
-    found = _links(*embedding_pairs(base, base, THRESHOLD, same=True, per_task=1_000), base_items, base_items) + \
-        _links(q, b, scores, eval_items, base_items)
+    items, folders = _sets(tmp_path, base, evalset)
+    found, missing, _ = embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
+    leaked = {link.b for link in found if link.a < 3_000 <= link.b}  # linked to a dataset item
+    assert leaked >= {3_000 + i for i in range(len(leaks))} and missing == []
+    exact = _exact_links(base, base, 0, True) + _exact_links(base, evalset, 3_000, False)
     _same_clusters(items, exact, found)
+
+
+def test_rows_without_an_embedding_or_a_fingerprint_are_not_matched(tmp_path):
+    """An embed row whose sample was not fingerprinted (another version of the dataset), or whose
+    status is not ok, or whose vector is zero or not finite, matches nothing; the rest do."""
+    vectors = corpus(600)
+    vectors[[10, 11]] = vectors[9]  # three copies...
+    vectors[11] = np.nan  # ...one not finite
+    status = [OK] * 600
+    status[20], vectors[21] = "no_audio", vectors[20]
+    parts, names = _write_set(tmp_path / "set0", vectors, 0, 0, status)
+    rows = pq.read_table(tmp_path / "set0" / "embed" / "train.rows.parquet")
+    keys = rows.column("key").to_pylist()
+    keys[30], vectors[31] = "not-fingerprinted", vectors[30]
+    pq.write_table(rows.set_column(2, "key", pa.array(keys)), tmp_path / "set0" / "embed" / "train.rows.parquet")
+    (tmp_path / "set0" / "embed" / "train.audio.npy").write_bytes(npy_bytes_header((600, DIM), np.float32)
+                                                                  + vectors.tobytes())
+    items = Items(parts, [0] * len(parts), [str(tmp_path / "set0")], names)
+    found, _, _ = embedding_links(items, [UPath(tmp_path / "set0")], THRESHOLD, UPath(tmp_path / "work"))
+    pairs = {(link.a, link.b) for link in found}
+    assert (9, 10) in pairs
+    assert not {i for pair in pairs for i in pair} & {11, 20, 30}  # nor, so, 21 and 31 with them
 
 
 def test_the_reducer_keeps_components_and_each_items_strongest_pair():
     rng = np.random.default_rng(2)
     a, b = rng.integers(0, 300, 5_000), rng.integers(0, 300, 5_000)
     scores = rng.random(5_000).astype(np.float32)
-    reducer = _LinkReducer()
+    reducer = LinkReducer()
     for start in range(0, 5_000, 900):  # in pieces, as chunks and tasks deliver them
         reducer.offer(a[start : start + 900], b[start : start + 900], scores[start : start + 900])
     ka, kb, ks = reducer.pairs()
@@ -128,14 +180,26 @@ def test_the_reducer_keeps_components_and_each_items_strongest_pair():
 @pytest.mark.parametrize("change", [lambda t: pa.concat_tables([t, t.slice(0, 3)]),
                                     lambda t: t.slice(0, t.num_rows - 3)])
 def test_a_part_changed_after_listing_is_refused_when_its_keys_are_read(tmp_path, change):
-    """Embedding dedup places its vectors through each part's keys, numbered from the part's first
-    id: a part rewritten since it was listed (more rows, or fewer) put keys on the next part's ids
-    (or past every part: a KeyError traceback in cluster_rows), or lost them; it is one line."""
-    from audio_dataset.source import UserError
-
-    groups = np.r_[np.zeros(20, int), np.ones(10, int)]
-    items = _items(tmp_path, len(groups), groups)
+    """Embedding matching places its vectors through each part's keys, numbered from the part's
+    first id: a part rewritten since it was listed (more rows, or fewer) put keys on the next
+    part's ids, or lost them; it is one line."""
+    items, folders = _sets(tmp_path, corpus(500), corpus(300, seed=1))
     path = Path(items.parts[0].path)
     pq.write_table(change(pq.read_table(path)), path)
     with pytest.raises(UserError, match="not the fingerprint part it was"):
-        dedup._key_map(items)
+        embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("damage", ["shape", "short", "pickle"])
+def test_an_embeddings_file_that_is_not_one_is_one_line(tmp_path, damage):
+    items, folders = _sets(tmp_path, corpus(500))
+    npy = tmp_path / "set0" / "embed" / "train.audio.npy"
+    data = npy.read_bytes()
+    if damage == "shape":
+        npy.write_bytes(npy_bytes_header((500, DIM // 2), np.float32) + data[128:])
+    elif damage == "short":
+        npy.write_bytes(data[:-DIM * 4])
+    else:  # an object array's header: never unpickled
+        npy.write_bytes(npy_bytes_header((500, DIM), np.dtype(object)) + data[128:])
+    with pytest.raises(UserError, match="train.audio.npy"):
+        embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))

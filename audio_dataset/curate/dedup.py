@@ -7,13 +7,14 @@ Three ways two samples are the same recording, strongest first:
   resample, gain change, trim or mono/stereo copy, or one clip an excerpt of the other (where it
   lies and how long they overlap are the row's `matched_span`). Matching runs over hash partitions
   (`match.py`, Ray tasks), never every clip's hashes in one process.
-- `embedding`: CLAP audio embeddings (from `audiodata embed`) within --embedding-threshold cosine.
+- `embedding`: CLAP audio embeddings (from `audiodata embed`) within --embedding-threshold cosine
+  (`embed_match.py`: an IVF index in one Ray task, range searches in others).
 
 The driver holds the list of fingerprint parts, the links (two per matched sample at most) and the
 rows of the linked samples, never a row per sample: PCM digests are grouped a bucket at a time
-(spooled under `_work/exact/` above EXACT_BUCKET_ITEMS samples), and the clusters' rows are read
-from the parts that hold linked samples. Embedding matching is the exception: it holds the vectors
-it indexes.
+(spooled under `_work/exact/` above EXACT_BUCKET_ITEMS samples), the clusters' rows are read from
+the parts that hold linked samples, and embedding matching runs in Ray tasks that read the vectors
+from the embed outputs (`embed_match.py`).
 
 Matched samples form clusters (connected components). A cluster holding an item of an --against
 set is an evaluation leak: all its dataset samples are `eval_overlap`, none is kept. Otherwise one
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -42,10 +42,10 @@ from upath import UPath
 
 from audio_dataset.audio import DecodeStream, _Resampler, finite_extremes, set_channels
 from audio_dataset.curate import fingerprint as fp
+from audio_dataset.curate import embed_match
 from audio_dataset.curate import match as matching
-from audio_dataset.curate.common import NO_AUDIO, OK, audio_bytes, read_columns, sample_meta
-from audio_dataset.curate.embed import embedding_model, split_files
-from audio_dataset.curate.index import DEFAULT_NPROBE, IndexBuilder
+from audio_dataset.curate.match import FINGERPRINT_SCHEMA, part_columns
+from audio_dataset.curate.common import NO_AUDIO, OK, audio_bytes, sample_meta
 from audio_dataset.licenses import classify, permissiveness
 from audio_dataset.manifest import write_parquet
 from audio_dataset.shards import Sample, file_sha256
@@ -64,12 +64,6 @@ DUPLICATE = "duplicate"
 _STRENGTH = {EXACT: 3, FINGERPRINT: 2, EMBEDDING: 1}
 PCM_RATE = 16_000
 
-FINGERPRINT_SCHEMA = pa.schema([
-    ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("source", pa.string()),
-    ("license", pa.string()), ("duration", pa.float64()), ("status", pa.string()),
-    ("bytes_sha256", pa.string()), ("pcm_sha256", pa.string()),
-    ("hashes", pa.list_(pa.uint64())), ("times", pa.list_(pa.int32())),
-])
 CLUSTER_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("cluster", pa.int64()),
     ("kind", pa.string()), ("method", pa.string()), ("score", pa.float64()), ("matched_key", pa.string()),
@@ -197,6 +191,7 @@ class Items:
     parts: list[matching.PrintPart]
     part_groups: list[int]  # each part's group
     sets: list[str]  # group -> folder
+    shards: list[tuple[str, str]] = field(default_factory=list)  # each part's (split, shard name)
 
     @functools.cached_property
     def _bounds(self) -> np.ndarray:  # each part's first id, then the count
@@ -214,6 +209,10 @@ class Items:
         """The first eval-set item (eval items follow every dataset item), or None without eval sets."""
         return self.in_group(0) if any(self.part_groups) else None
 
+    def by_shard(self) -> dict[tuple[int, str, str], matching.PrintPart]:
+        """Each (group, split, shard name)'s part: how embedding matching finds a vector's item."""
+        return {(group, *shard): part for part, group, shard in zip(self.parts, self.part_groups, self.shards)}
+
     def groups(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.part_groups, np.int64)[np.searchsorted(self._bounds, ids, "right") - 1]
 
@@ -230,35 +229,16 @@ class Items:
         return found
 
 
-def part_columns(part: matching.PrintPart, names: list[str]) -> pa.Table:
-    """Some columns of a fingerprint part, as listed: a part edited, retyped or cut since it was
-    listed (anyone may write there) is one line naming it, never a traceback or a shifted id."""
-    try:
-        table = read_columns(UPath(part.path), names)
-    except (OSError, KeyError, pa.ArrowException) as exc:
-        raise UserError(f"{part.path}: unreadable fingerprint part ({str(exc)[:120]}); rerun, or remove it to "
-                        "fingerprint its shard again") from None
-    if missing := [name for name in names if name not in table.column_names]:
-        raise UserError(f"{part.path}: unreadable fingerprint part (no {', '.join(missing)}); rerun, or remove it "
-                        "to fingerprint its shard again")
-    wrong = [f"{name} {table.schema.field(name).type}" for name in names
-             if table.schema.field(name).type != FINGERPRINT_SCHEMA.field(name).type]
-    if table.num_rows != part.rows or wrong:
-        raise UserError(f"{part.path}: not the fingerprint part it was ({table.num_rows} rows of {part.rows}"
-                        f"{', ' + ', '.join(wrong) if wrong else ''}); rerun, or remove it to fingerprint its "
-                        "shard again")
-    return table
-
-
 def _load_items(sets: list[tuple[UPath, UPath]]) -> Items:
     """`sets`: (dataset, its fingerprints) for the dataset, then each eval set."""
-    parts, part_groups, first = [], [], 0
+    parts, part_groups, shards, first = [], [], [], 0
     for group, (dataset, prints_dir) in enumerate(sets):
         for job in find_jobs(dataset, prints_dir, FINGERPRINT_STAGE, READ):
             parts.append(matching.part_of(location(job.part), first))
             part_groups.append(group)
+            shards.append((job.split, job.name))
             first += parts[-1].rows
-    return Items(parts, part_groups, [str(d) for d, _ in sets])
+    return Items(parts, part_groups, [str(d) for d, _ in sets], shards)
 
 
 @dataclass(frozen=True)
@@ -370,172 +350,17 @@ def fingerprint_links(items: Items, work: UPath, runner: matching.Runner) -> tup
     return [Link(m.a, m.b, FINGERPRINT, m.score, m.offset) for m in result.matches], result.report
 
 
-def load_embeddings(embed_dir: UPath) -> tuple[np.ndarray, list[str]]:
-    """(vectors, keys) over all splits of an embed output; unusable samples (no audio) as zeros."""
-    vectors, keys = [], []
-    for path in sorted(embed_dir.glob("*.rows.parquet")):
-        split = path.name[: -len(".rows.parquet")]
-        rows = read_columns(path, ["key", "status"])
-        matrix = np.load(io.BytesIO(split_files(embed_dir, split)["audio"].read_bytes()))
-        usable = np.array([status == OK for status in rows.column("status").to_pylist()], bool)
-        vectors.append(np.where(usable[:, None], matrix, 0).astype(np.float32))
-        keys += rows.column("key").to_pylist()
-    return np.concatenate(vectors), keys
-
-
-# ---- embedding matches: range search on an IVF index, queries sharded over Ray tasks ----------------
-QUERIES_PER_TASK = 100_000
-_QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
-
-
-class _LinkReducer:
-    """Keeps of a stream of (a, b, score) pairs a subset that loses nothing clustering needs: a
-    spanning forest of the pairs (so the same components) plus each item's strongest pair (the
-    link `cluster_rows` reports). At most 2 pairs per item, however many pairs match."""
-
-    def __init__(self) -> None:
-        self.parent: dict[int, int] = {}
-        self.forest: list[tuple[int, int, float]] = []
-        self.best: dict[int, tuple[float, int, int]] = {}  # item -> (score, a, b)
-
-    def _root(self, i: int) -> int:
-        parent = self.parent
-        while parent.setdefault(i, i) != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def offer(self, a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> None:
-        for i in np.argsort(-scores, kind="stable"):
-            x, y, score = int(a[i]), int(b[i]), float(scores[i])
-            rx, ry = self._root(x), self._root(y)
-            if rx != ry:
-                self.parent[max(rx, ry)] = min(rx, ry)
-                self.forest.append((x, y, score))
-            for item in (x, y):
-                if item not in self.best or score > self.best[item][0]:
-                    self.best[item] = (score, x, y)
-
-    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        found = {(x, y): score for x, y, score in self.forest}
-        found.update({(x, y): score for score, x, y in self.best.values()})
-        keys = list(found)
-        return (np.array([k[0] for k in keys], np.int64), np.array([k[1] for k in keys], np.int64),
-                np.array(list(found.values()), np.float32))
-
-
-def _range_pairs(index_bytes: bytes, queries: np.ndarray, first: int, threshold: float,
-                 same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query row, base row, cosine) at or above `threshold` for queries numbered from `first`,
-    reduced by `_LinkReducer`. Runs in a Ray task (or in the driver for a single shard)."""
-    import faiss
-
-    index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
-    if hasattr(index, "nprobe"):
-        index.nprobe = min(DEFAULT_NPROBE, index.nlist)
-    # faiss keeps inner products strictly above the radius: the float32 just below the threshold.
-    radius = float(np.nextafter(np.float32(threshold), np.float32(-2)))
-    reducer = _LinkReducer()
-    for start in range(0, len(queries), _QUERY_CHUNK):
-        chunk = np.ascontiguousarray(queries[start : start + _QUERY_CHUNK], dtype=np.float32)
-        lims, scores, ids = index.range_search(chunk, radius)
-        rows = np.repeat(np.arange(first + start, first + start + len(chunk)), np.diff(lims.astype(np.int64)))
-        keep = (rows != ids) if same else np.ones(len(ids), bool)
-        reducer.offer(rows[keep], ids[keep], scores[keep])
-    return reducer.pairs()
-
-
-def embedding_pairs(base: np.ndarray, queries: np.ndarray, threshold: float, same: bool,
-                    per_task: int = QUERIES_PER_TASK,
-                    ray_address: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query row, base row, cosine) of query-base pairs at or above `threshold`: every pair for the
-    clusters' sake (a spanning forest of them and each item's strongest, see `_LinkReducer`), never
-    an all-pairs matrix. The base is indexed once: exact below 10k vectors, IVF above (lists trained
-    on a sample spread over the base, so scores of the pairs found are exact); the queries go in
-    shards of `per_task` to Ray tasks when there is more than one, each searching its shard's
-    neighbourhoods at the threshold (range search) a chunk at a time."""
-    import faiss
-
-    builder = IndexBuilder("ivf", base.shape[1], len(base))
-    if builder.train_size:
-        builder.train(base[builder.train_rows()])
-    for start in range(0, len(base), 100_000):
-        builder.add(base[start : start + 100_000])
-    index_bytes = faiss.serialize_index(builder.finish()).tobytes()
-    starts = list(range(0, len(queries), per_task))
-    if len(starts) <= 1:
-        found = [_range_pairs(index_bytes, queries, 0, threshold, same)]
-    else:
-        found = _range_pairs_on_ray(index_bytes, queries, starts, per_task, threshold, same, ray_address)
-    reducer = _LinkReducer()  # shards' pairs joined: still at most 2 per item
-    for q, b, scores in found:
-        reducer.offer(q, b, scores)
-    return reducer.pairs()
-
-
-def _range_pairs_on_ray(index_bytes: bytes, queries: np.ndarray, starts: list[int], per_task: int,
-                        threshold: float, same: bool, ray_address: str | None) -> list:
-    import ray
-
-    from audio_dataset.raystart import start_ray
-
-    owns_ray = start_ray(ray_address)
-    try:
-        task = ray.remote(num_cpus=1)(_range_pairs)
-        index_ref = ray.put(index_bytes)  # once in the object store, read by every task
-        return ray.get([task.remote(index_ref, queries[start : start + per_task], start, threshold, same)
-                        for start in starts])
-    finally:
-        if owns_ray:
-            ray.shutdown()
-
-
-def _key_map(items: Items) -> dict[tuple[int, str], int]:
-    """(group, key) -> item: what embedding dedup needs to place its vectors (which it holds anyway)."""
-    where: dict[tuple[int, str], int] = {}
-    for part, group in zip(items.parts, items.part_groups):
-        keys = part_columns(part, ["key"]).column(0).to_pylist()
-        where.update({(group, key): part.first + i for i, key in enumerate(keys)})
-    return where
-
-
 def embedding_links(items: Items, datasets: list[UPath], threshold: float,
-                    ray_address: str | None = None) -> tuple[list[Link], list[str]]:
-    """Links from CLAP audio embeddings, where the dataset (and each eval set) was embedded by one
-    model; the sets without embeddings are named in the second value."""
-    dataset_embed = datasets[0] / "embed"
-    if not (dataset_embed / ".embed" / "run.json").exists():
-        return [], [str(d) for d in datasets]
-    model = embedding_model(dataset_embed)["digest"]
-    where = _key_map(items)
-    base, base_keys = load_embeddings(dataset_embed)
-    base, base_items = _matchable(base, np.array([where.get((0, key), -1) for key in base_keys]))
-    links, missing = [], []
-    for group, dataset in enumerate(datasets):
-        embed_dir = dataset / "embed"
-        if group and not (embed_dir / ".embed" / "run.json").exists():
-            missing.append(str(dataset))
-            continue
-        if group and embedding_model(embed_dir)["digest"] != model:
-            raise UserError(f"{embed_dir}: embedded with another model than {dataset_embed}; embed both with one")
-        if group == 0:
-            vectors, query_items = base, base_items
-        else:
-            vectors, query_keys = load_embeddings(embed_dir)
-            vectors, query_items = _matchable(vectors, np.array([where.get((group, key), -1) for key in query_keys]))
-        if not len(base) or not len(vectors):
-            continue
-        q, b, score = embedding_pairs(base, vectors, threshold, same=group == 0, ray_address=ray_address)
-        for qi, bi, sc in zip(query_items[q], base_items[b], score):
-            if qi != bi:
-                links.append(Link(int(min(qi, bi)), int(max(qi, bi)), EMBEDDING, float(sc)))
-    return links, missing
-
-
-def _matchable(vectors: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of samples dedup knows (fingerprinted) that have an embedding (not a zero vector)."""
-    keep = (items >= 0) & np.any(vectors != 0, axis=1)
-    return np.ascontiguousarray(vectors[keep]), items[keep]
+                    work: UPath) -> tuple[list[Link], list[str], dict[str, Any]]:
+    """Links from CLAP audio embeddings (`embed_match.py`, Ray tasks over the embed outputs), where the
+    dataset and each eval set were embedded by one model; the sets without embeddings named; and
+    the matching's report (vectors indexed, tasks, their peak memory)."""
+    plan, missing = embed_match.plan_matching(work / "embedding", datasets, items.by_shard(), threshold)
+    if plan is None:
+        return [], missing, {}
+    a, b, scores, report = embed_match.match_embeddings(plan, on_ray=len(plan.chunks) > 1)
+    links = [Link(int(x), int(y), EMBEDDING, float(s)) for x, y, s in zip(a, b, scores)]
+    return sorted(links, key=lambda link: (link.a, link.b)), missing, report
 
 
 # --------------------------------------------------------------------------------------- clustering
@@ -664,12 +489,14 @@ def _find_duplicates(dataset: UPath, options: DedupOptions, run: RunOptions) -> 
         found_prints, report = _match_prints(items, [dataset_identity(path) for path, _ in sets], out / "_work")
         links = exact_links(items, out / "_work") + found_prints
         missing: list[str] = []
+        reports = {"fingerprint_matching": report}
         if options.use_embeddings:
-            found, missing = embedding_links(items, datasets, options.embedding_threshold, run.ray_address)
+            found, missing, reports["embedding_matching"] = embedding_links(
+                items, datasets, options.embedding_threshold, out / "_work")
             links += found
         rows = cluster_rows(items, links, options.keep)
         write_parquet(pa.Table.from_pylist(rows, schema=CLUSTER_SCHEMA), out / "clusters.parquet")
-        return _summarise(out, items, rows, options, missing, report)
+        return _summarise(out, items, rows, options, missing, reports)
 
 
 def _match_prints(items: Items, identities: list[str], work_root: UPath) -> tuple[list[Link], dict[str, Any]]:
@@ -689,7 +516,7 @@ def _match_prints(items: Items, identities: list[str], work_root: UPath) -> tupl
 
 
 def _summarise(out: UPath, items: Items, rows: list[dict[str, Any]], options: DedupOptions, missing: list[str],
-               report: dict[str, Any]) -> DedupResult:
+               reports: dict[str, Any]) -> DedupResult:
     # "kept" means what it means in every stage: the samples that stay (unclustered ones included).
     samples = items.in_group(0)
     counts = {"samples": samples, "kept": samples - sum(not r["keep"] for r in rows),
@@ -698,7 +525,7 @@ def _summarise(out: UPath, items: Items, rows: list[dict[str, Any]], options: De
     atomic_write_json(out / "summary.json", {"counts": counts, "keep": options.keep, "against": items.sets[1:],
                                              "embedding_threshold": options.embedding_threshold,
                                              "without_embeddings": missing, "fingerprint": FINGERPRINT_SETTINGS,
-                                             "fingerprint_matching": report})
+                                             **reports})
     return DedupResult(out / "clusters.parquet", rows, counts, missing)
 
 

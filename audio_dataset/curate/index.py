@@ -189,21 +189,23 @@ def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = N
     size = path.stat().st_size
     if size > max_index_bytes(count, dim):
         raise refuse(f"{size} bytes for {count} vectors of {dim}")
-    data = path.read_bytes()
-    if len(data) < _HEADER.size:
-        raise refuse("truncated")
-    fourcc, d, ntotal = _HEADER.unpack_from(data)
-    kinds = {code: kind for kind, code in FOURCC.items()}
-    if fourcc not in kinds:
-        raise refuse(f"type {fourcc!r}")
-    if (d, ntotal) != (dim, count):
-        raise refuse(f"{ntotal} vectors of {d} dimensions where the split has {count} of {dim}")
-    try:
-        # IVF-PQ's table: lists x sub-quantisers x 256 floats, no more lists than vectors train.
-        with _reader_limits(len(data), (count // _TRAIN_PER_LIST + 1) * (dim // PQ_DIMS_PER_CODE) * (1 << PQ_BITS) * 4):
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))  # typed already
-    except (RuntimeError, MemoryError) as exc:
-        raise refuse(f"unreadable: {str(exc).splitlines()[-1][-120:]}") from None
+    with path.open("rb") as handle:  # streamed to faiss: a 2 GB index is not also held as bytes
+        head = handle.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            raise refuse("truncated")
+        fourcc, d, ntotal = _HEADER.unpack(head)
+        kinds = {code: kind for kind, code in FOURCC.items()}
+        if fourcc not in kinds:
+            raise refuse(f"type {fourcc!r}")
+        if (d, ntotal) != (dim, count):
+            raise refuse(f"{ntotal} vectors of {d} dimensions where the split has {count} of {dim}")
+        handle.seek(0)
+        try:
+            # IVF-PQ's table: lists x sub-quantisers x 256 floats, no more lists than vectors train.
+            with _reader_limits(size, (count // _TRAIN_PER_LIST + 1) * (dim // PQ_DIMS_PER_CODE) * (1 << PQ_BITS) * 4):
+                index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))  # typed already
+        except (RuntimeError, MemoryError) as exc:
+            raise refuse(f"unreadable: {str(exc).splitlines()[-1][-120:]}") from None
     problem = _check_structure(index, kinds[fourcc], count, dim)
     if problem:
         raise refuse(problem)

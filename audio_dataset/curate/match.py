@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from audio_dataset.curate import fingerprint as fp
+from audio_dataset.curate.common import read_columns
 from audio_dataset.source import UserError
 from audio_dataset.storage import atomic_write_bytes, atomic_write_json, read_json
 
@@ -37,6 +38,14 @@ OCCURRENCE_SCHEMA = pa.schema([("hash", pa.uint64()), ("item", pa.uint32()), ("t
 VOTE_SCHEMA = pa.schema([("pair", pa.uint64()), ("offset", pa.int32()), ("count", pa.int64())])
 MATCH_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("count", pa.int64()), ("score", pa.float64()),
                           ("offset", pa.int64())])
+
+# What the fingerprint stage writes per shard (dedup.py), and what the matching reads of it.
+FINGERPRINT_SCHEMA = pa.schema([
+    ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("source", pa.string()),
+    ("license", pa.string()), ("duration", pa.float64()), ("status", pa.string()),
+    ("bytes_sha256", pa.string()), ("pcm_sha256", pa.string()),
+    ("hashes", pa.list_(pa.uint64())), ("times", pa.list_(pa.int32())),
+])
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,26 @@ def part_of(path: UPath, first: int) -> PrintPart:
     except (OSError, ValueError, StopIteration, pa.ArrowException) as exc:
         raise UserError(f"{path}: unreadable fingerprint part ({str(exc)[:120]}); remove it to fingerprint "
                         "its shard again") from None
+
+
+def part_columns(part: PrintPart, names: list[str]) -> pa.Table:
+    """Some columns of a fingerprint part, as listed: a part edited, retyped or cut since it was
+    listed (anyone may write there) is one line naming it, never a traceback or a shifted id."""
+    try:
+        table = read_columns(UPath(part.path), names)
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        raise UserError(f"{part.path}: unreadable fingerprint part ({str(exc)[:120]}); rerun, or remove it to "
+                        "fingerprint its shard again") from None
+    if missing := [name for name in names if name not in table.column_names]:
+        raise UserError(f"{part.path}: unreadable fingerprint part (no {', '.join(missing)}); rerun, or remove it "
+                        "to fingerprint its shard again")
+    wrong = [f"{name} {table.schema.field(name).type}" for name in names
+             if table.schema.field(name).type != FINGERPRINT_SCHEMA.field(name).type]
+    if table.num_rows != part.rows or wrong:
+        raise UserError(f"{part.path}: not the fingerprint part it was ({table.num_rows} rows of {part.rows}"
+                        f"{', ' + ', '.join(wrong) if wrong else ''}); rerun, or remove it to fingerprint its "
+                        "shard again")
+    return table
 
 
 def plan_matching(work: UPath, parts: list[PrintPart], first_other: int | None,
@@ -349,5 +378,5 @@ def work_name(inputs: list[str], settings: dict[str, Any]) -> str:
     return "match-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-__all__ = ["MatchPlan", "MatchResult", "PrintPart", "part_of", "plan_matching", "read_parts", "run_inline",
+__all__ = ["FINGERPRINT_SCHEMA", "MatchPlan", "MatchResult", "PrintPart", "part_columns", "part_of", "plan_matching", "read_parts", "run_inline",
            "run_matching", "run_on_ray", "table_bytes", "work_name"]

@@ -1,0 +1,356 @@
+"""Embedding matches for `audiodata dedup`: pairs of samples whose CLAP audio embeddings are within a
+cosine threshold, found in Ray tasks so that no process holds every vector and the driver none.
+
+- One **index task** reads the dataset's vectors (each split's SPLIT.audio.npy, a chunk at a time),
+  trains an IVF index on a sample spread over all of them (exact below 10k vectors, see index.py),
+  adds them, and writes the index and each index row's item under WORK.
+- **Query tasks**, one per chunk of QUERIES_PER_TASK vectors of the dataset or of an eval set, read
+  that index and range-search their chunk at the threshold, `_QUERY_CHUNK` queries at a time. Each
+  returns what clustering needs of its pairs (`LinkReducer`: at most two per item).
+A vector's item (its number in dedup's `Items`) is found through its own shard's fingerprint part:
+the embed rows name (split, shard, key), and a task reads the keys of the shards its chunk holds.
+Memory: the index task holds the index (IVF-flat: the vectors, 2 kB each at 512-d), a query task
+the index and its chunk, the driver the list of splits and parts and the reduced pairs.
+"""
+from __future__ import annotations
+
+import io
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from upath import UPath
+
+from audio_dataset.curate.common import OK
+from audio_dataset.curate.embed import embedding_model, split_files
+from audio_dataset.curate.index import IndexBuilder, load_index
+from audio_dataset.curate.match import PrintPart, part_columns
+from audio_dataset.source import UserError
+from audio_dataset.storage import StagedFile, atomic_write_bytes
+
+QUERIES_PER_TASK = 100_000  # vectors a query task searches (and the chunk the index task reads at once)
+_QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
+_NPY_HEADER_MAX = 10_000  # bytes of .npy header numpy itself will parse
+
+
+class LinkReducer:
+    """Keeps of a stream of (a, b, score) pairs a subset that loses nothing clustering needs: a
+    spanning forest of the pairs (so the same components) plus each item's strongest pair (the
+    link `cluster_rows` reports). At most 2 pairs per item, however many pairs match."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.forest: list[tuple[int, int, float]] = []
+        self.best: dict[int, tuple[float, int, int]] = {}  # item -> (score, a, b)
+
+    def _root(self, i: int) -> int:
+        parent = self.parent
+        while parent.setdefault(i, i) != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def offer(self, a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> None:
+        for i in np.argsort(-scores, kind="stable"):
+            x, y, score = int(a[i]), int(b[i]), float(scores[i])
+            rx, ry = self._root(x), self._root(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+                self.forest.append((x, y, score))
+            for item in (x, y):
+                if item not in self.best or score > self.best[item][0]:
+                    self.best[item] = (score, x, y)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        found = {(x, y): score for x, y, score in self.forest}
+        found.update({(x, y): score for score, x, y in self.best.values()})
+        keys = list(found)
+        return (np.array([k[0] for k in keys], np.int64), np.array([k[1] for k in keys], np.int64),
+                np.array(list(found.values()), np.float32))
+
+
+def range_pairs(index, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, index row, cosine) of every pair at or above `threshold`, a chunk of queries at a
+    time, reduced (`LinkReducer`) as they come. Rows are numbered from 0 on each side."""
+    # faiss keeps inner products strictly above the radius: the float32 just below the threshold.
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-2)))
+    reducer = LinkReducer()
+    for start in range(0, len(queries), _QUERY_CHUNK):
+        chunk = np.ascontiguousarray(queries[start : start + _QUERY_CHUNK], dtype=np.float32)
+        lims, scores, ids = index.range_search(chunk, radius)
+        rows = np.repeat(np.arange(start, start + len(chunk)), np.diff(lims.astype(np.int64)))
+        reducer.offer(rows, ids, scores)
+    return reducer.pairs()
+
+
+def build_index(vectors: np.ndarray):
+    """The index dedup searches for `vectors`: exact below 10k, IVF above (lists trained on a sample
+    spread over them; the scores of the pairs found are exact either way)."""
+    builder = IndexBuilder("ivf", vectors.shape[1], len(vectors))
+    if builder.train_size:
+        builder.train(vectors[builder.train_rows()])
+    for start in range(0, len(vectors), QUERIES_PER_TASK):
+        builder.add(vectors[start : start + QUERIES_PER_TASK])
+    return builder.finish()
+
+
+def embedding_pairs(base: np.ndarray, queries: np.ndarray, threshold: float,
+                    same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """In memory, for vectors a process can hold: (query row, base row, cosine) of the pairs at or
+    above `threshold` (reduced), a row never paired with itself when `same`. The tasks below do the
+    same over files."""
+    q, b, scores = range_pairs(build_index(base), queries, threshold)
+    keep = q != b if same else np.ones(len(q), bool)
+    return q[keep], b[keep], scores[keep]
+
+
+# ------------------------------------------------------------------------------- vectors on disk
+@dataclass(frozen=True)
+class VectorSplit:
+    """One split of an embed output: its rows (split, shard, key, status) and its (count, dim) .npy."""
+
+    group: int  # 0 the dataset, 1.. each eval set
+    rows: str
+    vectors: str
+    count: int
+    offset: int  # where the matrix starts in the .npy
+
+
+def _npy_layout(path: UPath, count: int, dim: int) -> int:
+    """Where the float32 (count, dim) matrix starts in the .npy at `path`; a file that is not one
+    (another shape, type or order, or shorter) is one line. The header is parsed, never executed."""
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(handle, max_header_size=_NPY_HEADER_MAX)
+            offset = handle.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not the embeddings `audiodata embed` writes ({str(exc)[:120]})") from None
+    if shape != (count, dim) or fortran or dtype != np.dtype("<f4") or size < offset + count * dim * 4:
+        raise UserError(f"{path}: holds {shape} {dtype} ({size} bytes) where its rows say ({count}, {dim}) float32; "
+                        "rerun `audiodata embed`")
+    return offset
+
+
+def read_vectors(split: VectorSplit, dim: int, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the split's matrix, read alone."""
+    with UPath(split.vectors).open("rb") as handle:
+        handle.seek(split.offset + start * dim * 4)
+        data = handle.read((stop - start) * dim * 4)
+    if len(data) != (stop - start) * dim * 4:
+        raise UserError(f"{split.vectors}: shorter than it was when listed; rerun `audiodata embed`")
+    return np.frombuffer(data, np.float32).reshape(stop - start, dim)
+
+
+def vector_splits(embed_dir: UPath, group: int, dim: int) -> list[VectorSplit]:
+    splits = []
+    for rows in sorted(embed_dir.glob("*.rows.parquet")):
+        name = rows.name[: -len(".rows.parquet")]
+        vectors = split_files(embed_dir, name)["audio"]
+        try:
+            with rows.open("rb") as handle:
+                count = pq.ParquetFile(handle).metadata.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise UserError(f"{rows}: unreadable ({str(exc)[:120]}); rerun `audiodata embed`") from None
+        splits.append(VectorSplit(group, str(rows), str(vectors), count, _npy_layout(vectors, count, dim)))
+    return splits
+
+
+# ------------------------------------------------------------------------------------------- the plan
+ShardPart = tuple[int, str, str]  # (group, split, shard name)
+
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    root: str  # WORK folder of this matching (the index and its items)
+    dim: int
+    threshold: float
+    splits: tuple[VectorSplit, ...]
+    parts: dict[ShardPart, PrintPart]  # each shard's fingerprint part: its keys number its items
+    chunks: tuple[tuple[int, int, int], ...]  # (split index, start, stop) per query task
+
+    @property
+    def base(self) -> list[int]:
+        return [i for i, split in enumerate(self.splits) if split.group == 0]
+
+
+def _row_slice(split: VectorSplit, columns: list[str], start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of the split's rows table: only the row groups that hold them are read."""
+    try:
+        with UPath(split.rows).open("rb") as handle:
+            reader = pq.ParquetFile(handle)
+            if reader.metadata.num_rows != split.count:
+                raise UserError(f"{split.rows}: {reader.metadata.num_rows} rows where it had {split.count}; "
+                                "rerun `audiodata embed`")
+            sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)]
+            firsts = np.cumsum([0, *sizes])
+            groups = [g for g in range(len(sizes)) if firsts[g] < stop and firsts[g + 1] > start]
+            table = reader.read_row_groups(groups, columns=columns) if groups else None
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        raise UserError(f"{split.rows}: unreadable ({str(exc)[:120]}); rerun `audiodata embed`") from None
+    if table is None or table.num_rows != firsts[groups[-1] + 1] - firsts[groups[0]]:
+        raise UserError(f"{split.rows}: unreadable (row groups disagree with its rows); rerun `audiodata embed`")
+    return table.slice(start - firsts[groups[0]], stop - start)
+
+
+def _items_of(plan: EmbedPlan, split: VectorSplit, start: int, stop: int) -> np.ndarray:
+    """Each row's item (-1: its shard or key was not fingerprinted, or it has no embedding)."""
+    table = _row_slice(split, ["split", "shard", "key", "status"], start, stop)
+    names, shards, keys, status = (table.column(c).to_pylist() for c in ("split", "shard", "key", "status"))
+    numbered: dict[tuple[str, str], dict[str, int]] = {}
+    items = np.full(stop - start, -1, np.int64)
+    for i, (name, shard, key, state) in enumerate(zip(names, shards, keys, status)):
+        if state != OK:
+            continue
+        where = (name, shard)
+        if where not in numbered:
+            part = plan.parts.get((split.group, *where))
+            keys_of = part_columns(part, ["key"]).column(0).to_pylist() if part else []
+            numbered[where] = {}
+            for n, k in enumerate(keys_of):
+                numbered[where].setdefault(k, part.first + n)
+        items[i] = numbered[where].get(key, -1)
+    return items
+
+
+def _rows(plan: EmbedPlan, index: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, items) of the rows [start, stop) of split `index`; the item is -1 where dedup cannot
+    match the row (not fingerprinted, no embedding: a zero or non-finite vector)."""
+    split = plan.splits[index]
+    items = _items_of(plan, split, start, stop)
+    vectors = read_vectors(split, plan.dim, start, stop)
+    return vectors, np.where(np.any(vectors != 0, axis=1) & np.all(np.isfinite(vectors), axis=1), items, -1)
+
+
+def _usable(plan: EmbedPlan, index: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    vectors, items = _rows(plan, index, start, stop)
+    return np.ascontiguousarray(vectors[items >= 0]), items[items >= 0]
+
+
+def _peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def index_task(plan: EmbedPlan) -> dict[str, Any]:
+    """The dataset's index and its rows' items, written under the plan's root."""
+    chunks = [(i, start, min(start + QUERIES_PER_TASK, plan.splits[i].count))
+              for i in plan.base for start in range(0, plan.splits[i].count, QUERIES_PER_TASK)]
+    total = sum(plan.splits[i].count for i in plan.base)
+    builder = IndexBuilder("ivf", plan.dim, total)  # sized by every row: usable ones are nearly all
+    wanted, sample, items, seen = builder.train_rows(), [], [], 0
+    for index, start, stop in chunks:  # the items, and a training sample spread over all the rows
+        vectors, found = _rows(plan, index, start, stop)
+        mine = wanted[(wanted >= seen) & (wanted < stop - start + seen)] - seen
+        sample.append(vectors[mine[found[mine] >= 0]])
+        items.append(found[found >= 0])
+        seen += stop - start
+    items = np.concatenate(items) if items else np.empty(0, np.int64)
+    builder = IndexBuilder("ivf", plan.dim, len(items))
+    if builder.train_size:
+        builder.train(np.concatenate(sample))
+    del sample
+    for index, start, stop in chunks:
+        builder.add(_usable(plan, index, start, stop)[0])
+    root = UPath(plan.root)
+    _write_index(builder.finish(), root / "index.faiss")
+    buffer = io.BytesIO()
+    np.save(buffer, items, allow_pickle=False)
+    atomic_write_bytes(root / "items.npy", buffer.getvalue())
+    return {"vectors": int(len(items)), "peak_rss_mb": _peak_mb()}
+
+
+def _write_index(index, path: UPath) -> None:
+    """The index streamed to its file (serialised whole, it would be held twice)."""
+    import faiss
+
+    staged = StagedFile(path)
+    try:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(staged.handle.write))
+    except BaseException:
+        staged.abort()
+        raise
+    staged.commit()
+
+
+def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
+    path = UPath(plan.root) / "items.npy"
+    try:
+        items = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise UserError(f"{path}: unreadable ({str(exc)[:120]}); rerun") from None
+    if items.dtype != np.int64 or items.shape != (count,):
+        raise UserError(f"{path}: not the index's items ({items.dtype} {items.shape}); rerun")
+    return items
+
+
+def query_task(plan: EmbedPlan, task: int, indexed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Chunk `task` against the index: (query item, dataset item, cosine) reduced, and peak memory."""
+    index = load_index(UPath(plan.root) / "index.faiss", indexed, plan.dim)  # nprobe: DEFAULT_NPROBE
+    base_items = _load_items(plan, indexed)
+    split, start, stop = plan.chunks[task]
+    vectors, items = _usable(plan, split, start, stop)
+    q, b, scores = range_pairs(index, vectors, plan.threshold)
+    q, b = items[q], base_items[b]
+    keep = q != b
+    reducer = LinkReducer()
+    reducer.offer(q[keep], b[keep], scores[keep])
+    return (*reducer.pairs(), _peak_mb())
+
+
+def plan_matching(work: UPath, datasets: list[UPath], parts: dict[ShardPart, PrintPart],
+                  threshold: float) -> tuple[EmbedPlan | None, list[str]]:
+    """The plan over the dataset's embeddings and each eval set's (or None: the dataset has none),
+    and the eval sets without embeddings. All must come from one model."""
+    if not (datasets[0] / "embed" / ".embed" / "run.json").exists():
+        return None, [str(d) for d in datasets]
+    model = embedding_model(datasets[0] / "embed")
+    splits, missing = [], []
+    for group, dataset in enumerate(datasets):
+        embed_dir = dataset / "embed"
+        if group and not (embed_dir / ".embed" / "run.json").exists():
+            missing.append(str(dataset))
+            continue
+        if group and embedding_model(embed_dir)["digest"] != model["digest"]:
+            raise UserError(f"{embed_dir}: embedded with another model than {datasets[0] / 'embed'}; "
+                            "embed both with one")
+        splits += vector_splits(embed_dir, group, int(model["joint_dim"]))
+    chunks = tuple((i, start, min(start + QUERIES_PER_TASK, split.count))
+                   for i, split in enumerate(splits) for start in range(0, split.count, QUERIES_PER_TASK))
+    return EmbedPlan(str(work), int(model["joint_dim"]), threshold, tuple(splits), parts, chunks), missing
+
+
+def match_embeddings(plan: EmbedPlan, on_ray: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(a, b, cosine) with a < b over items, reduced across tasks, and a report. On Ray, one task
+    builds the index and one per chunk queries it; else both run here (a corpus of one chunk)."""
+    root = UPath(plan.root)
+    if root.exists():
+        root.fs.rm(root.path, recursive=True)  # an interrupted run's index: rebuilt
+    if on_ray:
+        import ray
+
+        plan_ref = ray.put(plan)
+        # A fresh worker per task (max_calls=1): each task's memory is its own, and is given back.
+        built = ray.get(ray.remote(num_cpus=1, max_retries=1, max_calls=1)(index_task).remote(plan_ref))
+        query = ray.remote(num_cpus=1, max_retries=1, max_calls=1)(query_task)
+        found = ray.get([query.remote(plan_ref, task, built["vectors"]) for task in range(len(plan.chunks))])
+    else:
+        built = index_task(plan)
+        found = [query_task(plan, task, built["vectors"]) for task in range(len(plan.chunks))]
+    reducer = LinkReducer()  # the tasks' pairs joined: still at most 2 per item
+    for q, b, scores, _ in found:
+        reducer.offer(np.minimum(q, b), np.maximum(q, b), scores)
+    if root.exists():
+        root.fs.rm(root.path, recursive=True)
+    report = {"indexed": built["vectors"], "query_tasks": len(plan.chunks),
+              "index_task_peak_rss_mb": built["peak_rss_mb"],
+              "query_task_peak_rss_mb": max((f[3] for f in found), default=0.0)}
+    return (*reducer.pairs(), report)
+
+
+__all__ = ["EmbedPlan", "LinkReducer", "QUERIES_PER_TASK", "embedding_pairs", "match_embeddings", "plan_matching",
+           "range_pairs", "read_vectors", "vector_splits"]
