@@ -108,14 +108,15 @@ def run_reference(folder: Path, threads: int, no_grad: bool) -> tuple[float, np.
 
 
 # ------------------------------------------------------------------------------------ ours
-def our_side(folder: Path, files: list[Path], threads: int, batch: int) -> tuple[float, np.ndarray]:
+def our_side(folder: Path, files: list[Path], threads: int, batch: int,
+             precision: str = "fp32") -> tuple[float, np.ndarray]:
     import torch
 
     from audio_dataset.curate.embed import EmbedOptions, EmbedProcessor, _decode
 
     torch.set_num_threads(threads)
     processor = EmbedProcessor(EmbedOptions(checkpoint=folder / "laion.pt", preset="htsat-tiny-roberta",
-                                            batch_size=batch), "cpu")
+                                            batch_size=batch, precision=precision), "cpu")
     members = [path.read_bytes() for path in files]  # as a shard's members are in a worker's memory
     started = time.perf_counter()
     waves = [_decode(data, processor.read_spec) for data in members]
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time ours with --precision bf16 (a CPU with AVX512-BF16 or AMX runs it faster)")
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)  # the parity-venv side
     parser.add_argument("--no-grad", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,7 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         files = make_clips(folder, args.clips)
-        times: dict[str, list[float]] = {"laion": [], "laion_no_grad": [], "ours": []}
+        times: dict[str, list[float]] = {"laion": [], "laion_no_grad": [], "ours": [], **({"ours_bf16": []} if args.bf16 else {})}
         for _ in range(args.rounds):
             seconds, theirs = run_reference(folder, args.threads, no_grad=False)
             times["laion"].append(seconds)
@@ -146,16 +149,29 @@ def main() -> None:
             times["laion_no_grad"].append(seconds)
             seconds, ours = our_side(folder, files, args.threads, args.batch_size)
             times["ours"].append(seconds)
+            if args.bf16:
+                seconds, ours_bf16 = our_side(folder, files, args.threads, args.batch_size, "bf16")
+                times["ours_bf16"].append(seconds)
         assert theirs.shape == ours.shape == (args.clips, 512), (theirs.shape, ours.shape)
-        cosines = (theirs * ours).sum(axis=1) / np.linalg.norm(theirs, axis=1) / np.linalg.norm(ours, axis=1)
+        cosines = _cosines(theirs, ours)
         assert cosines.min() >= 0.9999, f"the sides disagree: cosine min {cosines.min():.6f}"
+        if args.bf16:
+            assert ours_bf16.shape == theirs.shape, ours_bf16.shape
+            bf16 = _cosines(theirs, ours_bf16)
+            assert bf16.min() >= 0.99, f"bf16 strays from the reference: cosine min {bf16.min():.6f}"
+            print(f"bf16 against the reference's fp32: cosine min {bf16.min():.6f}, mean {bf16.mean():.6f}")
         rate = {side: args.clips / min(runs) / args.threads for side, runs in times.items()}
         print(f"{args.clips} clips, {args.threads} thread(s), batch {args.batch_size}, cosine min {cosines.min():.6f}")
         for side, runs in times.items():
             print(f"  {side:14s} best {min(runs):7.2f} s of {[round(r, 2) for r in runs]}: "
                   f"{rate[side]:.2f} samples/s per core")
-        print(f"ratio ours / LAION-CLAP: {rate['ours'] / rate['laion']:.2f}x as called, "
-              f"{rate['ours'] / rate['laion_no_grad']:.2f}x against it under no_grad")
+        for side in [s for s in ("ours", "ours_bf16") if s in rate]:
+            print(f"ratio {side} / LAION-CLAP: {rate[side] / rate['laion']:.2f}x as called, "
+                  f"{rate[side] / rate['laion_no_grad']:.2f}x against it under no_grad")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 if __name__ == "__main__":

@@ -223,6 +223,19 @@ def test_embed_equals_the_inference_api_on_the_same_weights(folders, checkpoint,
     assert settings["model"]["digest"].startswith("sha256:") and settings["model"]["joint_dim"] == 128
 
 
+def test_embed_in_bf16_stays_close_to_fp32(folders, checkpoint, embedded):
+    """--precision bf16 (autocast: faster on GPUs and on CPUs with AVX512-BF16) moves each embedding
+    a little; the run records it, so a resume cannot mix precisions silently."""
+    out = folders["tmp"] / "embed-bf16"
+    _cli("embed", folders["dataset"], "--checkpoint", checkpoint, "--batch-size", "4", "--precision", "bf16",
+         "--out", out)
+    for name in ("train.audio.npy", "train.text.npy"):
+        fp32, bf16 = np.load(embedded / name), np.load(out / name)
+        cosine = (fp32 * bf16).sum(axis=1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+        assert cosine.min() > 0.99 and not np.array_equal(fp32, bf16)  # close, and really computed in bf16
+    assert json.loads((out / ".embed" / "run.json").read_text())["settings"]["precision"] == "bf16"
+
+
 def test_a_resumed_embed_equals_a_clean_one(folders, checkpoint, embedded, capsys):
     clean = {name: (embedded / name).read_bytes() for name in ("train.audio.npy", "train.text.npy")}
     (embedded / "train" / "000001.parquet").unlink()
@@ -311,7 +324,7 @@ def test_filter_by_dedup_result_and_usage_errors(folders, capsys):
 
 @pytest.mark.parametrize("count", [500, 12_000])  # flat, and IVF from 10k vectors
 def test_embedding_pairs_find_planted_copies(count):
-    from audio_dataset.curate.dedup import embedding_pairs
+    from audio_dataset.curate.embed_match import embedding_pairs
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((count, 64)).astype(np.float32)

@@ -37,6 +37,7 @@ from audio_dataset.storage import StagedFile, location
 EMBED_STAGE = "embed"
 NO_TEXT = "no_text"
 WINDOWS = ("first", "all")
+PRECISIONS = ("bf16", "fp32")
 ROW_COLUMNS = ["split", "shard", "key", "member", "source", "caption", "duration", "status", "similarity"]
 
 
@@ -59,6 +60,7 @@ class EmbedOptions:
     windows: str = "first"  # first | all: the clip's first model window, or the mean over all windows
     max_checkpoint_bytes: int | None = None  # what loading the checkpoint may allocate (default: by its size)
     text_model: str | None = None  # the user's text model for a checkpoint whose own is no preset's
+    precision: str | None = None  # bf16 | fp32; None: bf16 on CUDA, fp32 on CPU (as clap-train)
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -67,6 +69,8 @@ class EmbedOptions:
             raise UserError(f"--index must be one of {', '.join(INDEX_KINDS)}")
         if self.windows not in WINDOWS:
             raise UserError(f"--windows must be one of {', '.join(WINDOWS)}")
+        if self.precision not in (None, *PRECISIONS):
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
 
 
 def _decode(data: bytes | None, spec) -> np.ndarray | None:
@@ -100,7 +104,7 @@ class EmbedProcessor:
         from clap_model.inference import CLAPInference
 
         self.clap = CLAPInference.from_checkpoint(options.checkpoint, model=options.preset, device=device,
-                                                  text_model=options.text_model,
+                                                  text_model=options.text_model, precision=options.precision,
                                                   max_checkpoint_bytes=options.max_checkpoint_bytes)
         self.batch_size = options.batch_size
         self.dim = self.clap.model.cfg.joint_dim
@@ -231,7 +235,8 @@ def run_embed(options: EmbedOptions, run: RunOptions) -> RunSummary:
     identity = model_identity(options.checkpoint, options.preset, options.max_checkpoint_bytes, options.text_model)
     settings = {"model": identity, "batch_size": options.batch_size, "index": options.index,
                 "index_parameters": index_settings(options.index), "windows": options.windows,
-                "window_seconds": None if identity["fusion"] else identity["window_seconds"]}
+                "window_seconds": None if identity["fusion"] else identity["window_seconds"],
+                **({"precision": options.precision} if options.precision else {})}
     stage = Stage(EMBED_STAGE, settings, functools.partial(_make_embed, options), embed_schema(identity["joint_dim"]),
                   mode=READ, finish=functools.partial(_finish, identity["joint_dim"], options.index))
     return run_stage(stage, run)
