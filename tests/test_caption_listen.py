@@ -84,3 +84,14 @@ def test_questions_file_one_a_line_or_a_json_list(tmp_path):
 def test_a_model_that_is_not_an_audio_language_model_is_one_line(caption_models):
     with pytest.raises(UserError, match="model_type 'qwen2' is not an audio-language model"):
         resolve_alm(ListenOptions(model=str(caption_models["llm"])))
+
+
+@pytest.mark.parametrize("samples", [1, 800, 1_599])
+def test_a_clip_shorter_than_the_front_end_takes_is_heard_padded(listener, samples):
+    """Whisper's front end makes no audio token of under 0.1 s (the processor raised TypeError, which
+    the stage did not expect: one such clip ended the run); the window is padded with silence."""
+    clip = Clip("short", np.random.default_rng(0).standard_normal(samples).astype(np.float32) * 0.1, RATE)
+    alone = listener.listen([clip], ["What do you hear?"])  # a batch of short windows only
+    answers = listener.listen([clip, _clip("normal", 2.0, 1)], ["What do you hear?"])
+    assert [len(a) for a in answers] == [1, 1] and alone == answers[:1]
+    assert (answers[0][0].start, answers[0][0].end) == (0.0, round(samples / RATE, 3))  # its own span

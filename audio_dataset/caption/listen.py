@@ -39,6 +39,7 @@ DEFAULT_QUESTIONS = (
 ENGINES = ("transformers", "vllm")
 # A last window shorter than this is noise to a model that pads to 30 s; it joins no answer.
 MIN_TAIL_SECONDS = 1.0
+MIN_HEARD_SECONDS = 0.1  # a shorter window is padded with silence (`heard`)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,13 @@ def listen_settings(options: ListenOptions, model: ResolvedModel, kind: str) -> 
             "questions": list(options.questions), "questions_sha256": questions_digest(options.questions),
             "decoding": {"do_sample": False, "max_new_tokens": options.max_new_tokens},
             "dtype": options.dtype}
+
+
+def heard(wave: np.ndarray, rate: int) -> np.ndarray:
+    """A window as the model is given it: under MIN_HEARD_SECONDS, padded with silence. Whisper-style
+    front ends make no audio token of less (transformers then fails, vLLM refuses the request)."""
+    short = int(MIN_HEARD_SECONDS * rate) - len(wave)
+    return np.pad(wave, (0, short)) if short > 0 else wave
 
 
 def windows(n_samples: int, rate: int, window_seconds: float) -> list[tuple[int, int]]:
@@ -272,8 +280,7 @@ class TransformersListener:
     def _generate(self, clips: list[Clip], chunk: list[_Item], prompts: dict[str, str]) -> list[str]:
         import torch
 
-        waves = [clips[item.clip].audio[item.start:item.end] for item in chunk]
-        waves = [wave if len(wave) else np.zeros(self.sample_rate // 10, np.float32) for wave in waves]
+        waves = [heard(clips[item.clip].audio[item.start:item.end], self.sample_rate) for item in chunk]
         batch = self.processor(text=[prompts[item.question] for item in chunk],
                                **{self.family.audio_kwarg: waves}, sampling_rate=self.sample_rate,
                                return_tensors="pt", padding=True)
@@ -313,7 +320,8 @@ class VllmListener(TransformersListener):
 
     def _generate(self, clips: list[Clip], chunk: list[_Item], prompts: dict[str, str]) -> list[str]:
         requests = [{"prompt": prompts[item.question],
-                     "multi_modal_data": {"audio": (clips[item.clip].audio[item.start:item.end], self.sample_rate)}}
+                     "multi_modal_data": {"audio": (heard(clips[item.clip].audio[item.start:item.end], self.sample_rate),
+                                                    self.sample_rate)}}
                     for item in chunk]
         outputs = self.llm.generate(requests, self.params, use_tqdm=False)
         return [out.outputs[0].text.strip() for out in outputs]

@@ -149,14 +149,16 @@ class CaptionProcessor:
         alm_error and the others keep their answers."""
         questions = list(self.options.listen.questions)
         order = list(clips)
+        # What a model (its folder is data) or its front end raises on one clip it cannot take.
+        per_clip = (RuntimeError, ValueError, IndexError, TypeError)
         try:
             return dict(zip(order, self.listener.listen([clips[i] for i in order], questions))), set()
-        except (RuntimeError, ValueError, IndexError):
+        except per_clip:
             found, failed = {}, set()
             for i in order:
                 try:
                     found[i] = self.listener.listen([clips[i]], questions)[0]
-                except (RuntimeError, ValueError, IndexError):
+                except per_clip:
                     failed.add(i)
             return found, failed
 
