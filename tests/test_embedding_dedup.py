@@ -190,7 +190,7 @@ def test_a_part_changed_after_listing_is_refused_when_its_keys_are_read(tmp_path
         embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
 
 
-@pytest.mark.parametrize("damage", ["shape", "short", "pickle"])
+@pytest.mark.parametrize("damage", ["shape", "short", "pickle", "unclosed"])
 def test_an_embeddings_file_that_is_not_one_is_one_line(tmp_path, damage):
     items, folders = _sets(tmp_path, corpus(500))
     npy = tmp_path / "set0" / "embed" / "train.audio.npy"
@@ -199,6 +199,8 @@ def test_an_embeddings_file_that_is_not_one_is_one_line(tmp_path, damage):
         npy.write_bytes(npy_bytes_header((500, DIM // 2), np.float32) + data[128:])
     elif damage == "short":
         npy.write_bytes(data[:-DIM * 4])
+    elif damage == "unclosed":  # numpy's fallback parser (tokenize) fails on it with its own error
+        npy.write_bytes(data[:128].replace(b"}", b" ") + data[128:])
     else:  # an object array's header: never unpickled
         npy.write_bytes(npy_bytes_header((500, DIM), np.dtype(object)) + data[128:])
     with pytest.raises(UserError, match="train.audio.npy"):

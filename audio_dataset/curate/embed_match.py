@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import resource
 from dataclasses import dataclass
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -129,7 +130,7 @@ def _npy_layout(path: UPath, count: int, dim: int) -> int:
             shape, fortran, dtype = read(handle, max_header_size=_NPY_HEADER_MAX)
             offset = handle.tell()
         size = path.stat().st_size
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TokenError) as exc:  # TokenError: numpy's fallback parse of a header
         raise UserError(f"{path}: not the embeddings `audiodata embed` writes ({str(exc)[:120]})") from None
     if shape != (count, dim) or fortran or dtype != np.dtype("<f4") or size < offset + count * dim * 4:
         raise UserError(f"{path}: holds {shape} {dtype} ({size} bytes) where its rows say ({count}, {dim}) float32; "
