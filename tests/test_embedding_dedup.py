@@ -205,3 +205,13 @@ def test_an_embeddings_file_that_is_not_one_is_one_line(tmp_path, damage):
         npy.write_bytes(npy_bytes_header((500, DIM), np.dtype(object)) + data[128:])
     with pytest.raises(UserError, match="train.audio.npy"):
         embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("dim", ["x", None, [DIM], 0, -DIM, 32.5])
+def test_a_run_json_without_a_usable_dimension_is_one_line(tmp_path, dim):
+    """The embed output's run.json is read back like any file there: its joint_dim places the rows."""
+    items, folders = _sets(tmp_path, corpus(500))
+    (tmp_path / "set0" / "embed" / ".embed" / "run.json").write_text(json.dumps(
+        {"settings": {"model": {"digest": "m" * 64, "joint_dim": dim}}}))
+    with pytest.raises(UserError, match="joint_dim"):
+        embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))

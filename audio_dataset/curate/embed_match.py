@@ -35,6 +35,7 @@ from audio_dataset.storage import StagedFile, atomic_write_bytes
 QUERIES_PER_TASK = 100_000  # vectors a query task searches (and the chunk the index task reads at once)
 _QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
 _NPY_HEADER_MAX = 10_000  # bytes of .npy header numpy itself will parse
+_MAX_DIM = 1 << 16  # an embedding's dimension (CLAP's: 512 or 1024)
 
 
 class LinkReducer:
@@ -310,6 +311,10 @@ def plan_matching(work: UPath, datasets: list[UPath], parts: dict[ShardPart, Pri
     if not (datasets[0] / "embed" / ".embed" / "run.json").exists():
         return None, [str(d) for d in datasets]
     model = embedding_model(datasets[0] / "embed")
+    dim = model.get("joint_dim")
+    if type(dim) is not int or not 0 < dim <= _MAX_DIM:  # run.json is read back: anyone may edit it
+        raise UserError(f"{datasets[0] / 'embed'}: its run.json records no usable joint_dim ({str(dim)[:40]}); "
+                        "rerun `audiodata embed`")
     splits, missing = [], []
     for group, dataset in enumerate(datasets):
         embed_dir = dataset / "embed"
@@ -319,10 +324,10 @@ def plan_matching(work: UPath, datasets: list[UPath], parts: dict[ShardPart, Pri
         if group and embedding_model(embed_dir)["digest"] != model["digest"]:
             raise UserError(f"{embed_dir}: embedded with another model than {datasets[0] / 'embed'}; "
                             "embed both with one")
-        splits += vector_splits(embed_dir, group, int(model["joint_dim"]))
+        splits += vector_splits(embed_dir, group, dim)
     chunks = tuple((i, start, min(start + QUERIES_PER_TASK, split.count))
                    for i, split in enumerate(splits) for start in range(0, split.count, QUERIES_PER_TASK))
-    return EmbedPlan(str(work), int(model["joint_dim"]), threshold, tuple(splits), parts, chunks), missing
+    return EmbedPlan(str(work), dim, threshold, tuple(splits), parts, chunks), missing
 
 
 def match_embeddings(plan: EmbedPlan, on_ray: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
