@@ -215,3 +215,18 @@ def test_a_run_json_without_a_usable_dimension_is_one_line(tmp_path, dim):
         {"settings": {"model": {"digest": "m" * 64, "joint_dim": dim}}}))
     with pytest.raises(UserError, match="joint_dim"):
         embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("change", [
+    lambda t: t.set_column(2, "key", pa.array([[k] for k in t.column("key").to_pylist()])),  # unhashable
+    lambda t: t.drop(["status"]),
+    lambda t: t.set_column(0, "split", pa.array(["test"] * t.num_rows)),  # another split's file
+])
+def test_a_rows_file_that_is_not_one_is_one_line(tmp_path, change):
+    """The rows place each vector on its item: rows of another type, without a column, or naming
+    another split than their file's (its vectors would land on that split's items) are one line."""
+    items, folders = _sets(tmp_path, corpus(500))
+    rows = tmp_path / "set0" / "embed" / "train.rows.parquet"
+    pq.write_table(change(pq.read_table(rows)), rows)
+    with pytest.raises(UserError, match="train.rows.parquet"):
+        embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))

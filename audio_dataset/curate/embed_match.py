@@ -197,6 +197,10 @@ def _row_slice(split: VectorSplit, columns: list[str], start: int, stop: int) ->
         raise UserError(f"{split.rows}: unreadable ({str(exc)[:120]}); rerun `audiodata embed`") from None
     if table is None or table.num_rows != firsts[groups[-1] + 1] - firsts[groups[0]]:
         raise UserError(f"{split.rows}: unreadable (row groups disagree with its rows); rerun `audiodata embed`")
+    # Columns absent or of another type would fail later, as a traceback from inside a task.
+    if wrong := [name for name in columns if table.schema.get_field_index(name) < 0
+                 or table.schema.field(name).type != pa.string()]:
+        raise UserError(f"{split.rows}: unreadable (no string column {', '.join(wrong)}); rerun `audiodata embed`")
     return table.slice(start - firsts[groups[0]], stop - start)
 
 
@@ -204,6 +208,9 @@ def _items_of(plan: EmbedPlan, split: VectorSplit, start: int, stop: int) -> np.
     """Each row's item (-1: its shard or key was not fingerprinted, or it has no embedding)."""
     table = _row_slice(split, ["split", "shard", "key", "status"], start, stop)
     names, shards, keys, status = (table.column(c).to_pylist() for c in ("split", "shard", "key", "status"))
+    own = UPath(split.rows).name[: -len(".rows.parquet")]
+    if any(name != own for name in names):  # its vectors would land on another split's items
+        raise UserError(f"{split.rows}: rows of another split than {own}; rerun `audiodata embed`")
     numbered: dict[tuple[str, str], dict[str, int]] = {}
     items = np.full(stop - start, -1, np.int64)
     for i, (name, shard, key, state) in enumerate(zip(names, shards, keys, status)):
