@@ -230,3 +230,24 @@ def test_a_rows_file_that_is_not_one_is_one_line(tmp_path, change):
     pq.write_table(change(pq.read_table(rows)), rows)
     with pytest.raises(UserError, match="train.rows.parquet"):
         embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("plant", ["beyond", "negative", "unclosed", "long"])
+def test_items_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
+    """The query tasks read back the items the index task wrote under OUT/dedup/_work: a file put
+    there in between (ids no dataset item has, a header numpy cannot parse, a file far larger than
+    its items) is one line, never read whole, never an id that crashes the clustering later."""
+    items, folders = _sets(tmp_path, corpus(500))
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
+    built = embed_match.index_task(plan)
+    path = tmp_path / "work" / "items.npy"
+    good = np.load(path)
+    if plant in ("beyond", "negative"):
+        bad = good + 500 if plant == "beyond" else good - 1
+        path.write_bytes(npy_bytes_header(bad.shape, np.int64) + bad.tobytes())
+    elif plant == "unclosed":
+        path.write_bytes(npy_bytes_header(good.shape, np.int64).replace(b"}", b" ") + good.tobytes())
+    else:
+        path.write_bytes(npy_bytes_header(good.shape, np.int64) + good.tobytes() + bytes(1 << 20))
+    with pytest.raises(UserError, match="items.npy"):
+        embed_match.query_task(plan, 0, built["vectors"])

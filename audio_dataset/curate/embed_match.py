@@ -287,13 +287,23 @@ def _write_index(index, path: UPath) -> None:
 
 
 def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
+    """The index rows' items the index task wrote: a file put there since (anyone may write under
+    OUT) is read no further than the items need, and an id no dataset item has is refused."""
     path = UPath(plan.root) / "items.npy"
+    limit = _NPY_HEADER_MAX + 16 + 8 * count  # magic, header and the ids
     try:
-        items = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"over {limit} bytes")
+        items = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError, TokenError) as exc:
         raise UserError(f"{path}: unreadable ({str(exc)[:120]}); rerun") from None
     if items.dtype != np.int64 or items.shape != (count,):
         raise UserError(f"{path}: not the index's items ({items.dtype} {items.shape}); rerun")
+    dataset = max((part.first + part.rows for (group, *_), part in plan.parts.items() if not group), default=0)
+    if count and not (items.min() >= 0 and items.max() < dataset):
+        raise UserError(f"{path}: not the index's items (an id outside the dataset's {dataset}); rerun")
     return items
 
 
