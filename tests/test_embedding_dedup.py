@@ -251,3 +251,22 @@ def test_items_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
         path.write_bytes(npy_bytes_header(good.shape, np.int64) + good.tobytes() + bytes(1 << 20))
     with pytest.raises(UserError, match="items.npy"):
         embed_match.query_task(plan, 0, built["vectors"])
+
+
+def test_an_index_over_few_usable_rows_of_many_trains(small_lists, monkeypatch, tmp_path):
+    """The training sample is drawn over every row before the usable ones are known: where few
+    are (here 1 in 10, and a sample capped at 200 rows, as 200k of 10M rows would be), it held
+    fewer vectors than the index has lists, and faiss refused to train (a traceback)."""
+    from audio_dataset.curate import index
+
+    monkeypatch.setattr(index, "MAX_TRAIN", 200)
+    monkeypatch.setattr(embed_match, "QUERIES_PER_TASK", 20_000)
+    usable = corpus(1_500)
+    vectors = np.random.default_rng(3).standard_normal((15_000, DIM)).astype(np.float32)
+    vectors[::10] = usable
+    status = [OK if i % 10 == 0 else "no_audio" for i in range(15_000)]
+    parts, names = _write_set(tmp_path / "set0", vectors, 0, 0, status)
+    items = Items(parts, [0] * len(parts), [str(tmp_path / "set0")], names)
+    found, _, _ = embedding_links(items, [UPath(tmp_path / "set0")], THRESHOLD, UPath(tmp_path / "work"))
+    exact = [Link(10 * link.a, 10 * link.b, EMBEDDING, link.score) for link in _exact_links(usable, usable, 0, True)]
+    assert _partition(cluster_rows(items, found, "first")) == _partition(cluster_rows(items, exact, "first"))

@@ -241,6 +241,16 @@ def _usable(plan: EmbedPlan, index: int, start: int, stop: int) -> tuple[np.ndar
     return np.ascontiguousarray(vectors[items >= 0]), items[items >= 0]
 
 
+def _usable_rows(plan: EmbedPlan, chunks: list[tuple[int, int, int]], wanted: np.ndarray) -> np.ndarray:
+    """The usable rows numbered `wanted` (sorted) among the usable rows of `chunks`, a chunk at a time."""
+    found, seen = [], 0
+    for index, start, stop in chunks:
+        vectors = _usable(plan, index, start, stop)[0]
+        found.append(vectors[wanted[(wanted >= seen) & (wanted < seen + len(vectors))] - seen])
+        seen += len(vectors)
+    return np.concatenate(found)
+
+
 def _peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -261,7 +271,10 @@ def index_task(plan: EmbedPlan) -> dict[str, Any]:
     items = np.concatenate(items) if items else np.empty(0, np.int64)
     builder = IndexBuilder("ivf", plan.dim, len(items))
     if builder.train_size:
-        builder.train(np.concatenate(sample))
+        sample = np.concatenate(sample)
+        if len(sample) < builder.index.nlist:  # few usable rows among many: faiss would refuse to train
+            sample = _usable_rows(plan, chunks, builder.train_rows())
+        builder.train(sample)
     del sample
     for index, start, stop in chunks:
         builder.add(_usable(plan, index, start, stop)[0])
