@@ -234,6 +234,9 @@ def test_embed_in_bf16_stays_close_to_fp32(folders, checkpoint, embedded):
         cosine = (fp32 * bf16).sum(axis=1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
         assert cosine.min() > 0.99 and not np.array_equal(fp32, bf16)  # close, and really computed in bf16
     assert json.loads((out / ".embed" / "run.json").read_text())["settings"]["precision"] == "bf16"
+    # resumed without --precision (fp32 on this CPU): refused, not bf16 and fp32 shards in one output
+    assert main(["embed", str(folders["dataset"]), "--checkpoint", str(checkpoint), "--batch-size", "4",
+                 "--out", str(out), "--no-progress"]) == 2
 
 
 def test_a_resumed_embed_equals_a_clean_one(folders, checkpoint, embedded, capsys):

@@ -190,7 +190,7 @@ def test_a_part_changed_after_listing_is_refused_when_its_keys_are_read(tmp_path
         embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
 
 
-@pytest.mark.parametrize("damage", ["shape", "short", "pickle"])
+@pytest.mark.parametrize("damage", ["shape", "short", "pickle", "unclosed"])
 def test_an_embeddings_file_that_is_not_one_is_one_line(tmp_path, damage):
     items, folders = _sets(tmp_path, corpus(500))
     npy = tmp_path / "set0" / "embed" / "train.audio.npy"
@@ -199,7 +199,74 @@ def test_an_embeddings_file_that_is_not_one_is_one_line(tmp_path, damage):
         npy.write_bytes(npy_bytes_header((500, DIM // 2), np.float32) + data[128:])
     elif damage == "short":
         npy.write_bytes(data[:-DIM * 4])
+    elif damage == "unclosed":  # numpy's fallback parser (tokenize) fails on it with its own error
+        npy.write_bytes(data[:128].replace(b"}", b" ") + data[128:])
     else:  # an object array's header: never unpickled
         npy.write_bytes(npy_bytes_header((500, DIM), np.dtype(object)) + data[128:])
     with pytest.raises(UserError, match="train.audio.npy"):
         embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("dim", ["x", None, [DIM], 0, -DIM, 32.5])
+def test_a_run_json_without_a_usable_dimension_is_one_line(tmp_path, dim):
+    """The embed output's run.json is read back like any file there: its joint_dim places the rows."""
+    items, folders = _sets(tmp_path, corpus(500))
+    (tmp_path / "set0" / "embed" / ".embed" / "run.json").write_text(json.dumps(
+        {"settings": {"model": {"digest": "m" * 64, "joint_dim": dim}}}))
+    with pytest.raises(UserError, match="joint_dim"):
+        embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("change", [
+    lambda t: t.set_column(2, "key", pa.array([[k] for k in t.column("key").to_pylist()])),  # unhashable
+    lambda t: t.drop(["status"]),
+    lambda t: t.set_column(0, "split", pa.array(["test"] * t.num_rows)),  # another split's file
+])
+def test_a_rows_file_that_is_not_one_is_one_line(tmp_path, change):
+    """The rows place each vector on its item: rows of another type, without a column, or naming
+    another split than their file's (its vectors would land on that split's items) are one line."""
+    items, folders = _sets(tmp_path, corpus(500))
+    rows = tmp_path / "set0" / "embed" / "train.rows.parquet"
+    pq.write_table(change(pq.read_table(rows)), rows)
+    with pytest.raises(UserError, match="train.rows.parquet"):
+        embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("plant", ["beyond", "negative", "unclosed", "long"])
+def test_items_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
+    """The query tasks read back the items the index task wrote under OUT/dedup/_work: a file put
+    there in between (ids no dataset item has, a header numpy cannot parse, a file far larger than
+    its items) is one line, never read whole, never an id that crashes the clustering later."""
+    items, folders = _sets(tmp_path, corpus(500))
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
+    built = embed_match.index_task(plan)
+    path = tmp_path / "work" / "items.npy"
+    good = np.load(path)
+    if plant in ("beyond", "negative"):
+        bad = good + 500 if plant == "beyond" else good - 1
+        path.write_bytes(npy_bytes_header(bad.shape, np.int64) + bad.tobytes())
+    elif plant == "unclosed":
+        path.write_bytes(npy_bytes_header(good.shape, np.int64).replace(b"}", b" ") + good.tobytes())
+    else:
+        path.write_bytes(npy_bytes_header(good.shape, np.int64) + good.tobytes() + bytes(1 << 20))
+    with pytest.raises(UserError, match="items.npy"):
+        embed_match.query_task(plan, 0, built["vectors"])
+
+
+def test_an_index_over_few_usable_rows_of_many_trains(small_lists, monkeypatch, tmp_path):
+    """The training sample is drawn over every row before the usable ones are known: where few
+    are (here 1 in 10, and a sample capped at 200 rows, as 200k of 10M rows would be), it held
+    fewer vectors than the index has lists, and faiss refused to train (a traceback)."""
+    from audio_dataset.curate import index
+
+    monkeypatch.setattr(index, "MAX_TRAIN", 200)
+    monkeypatch.setattr(embed_match, "QUERIES_PER_TASK", 20_000)
+    usable = corpus(1_500)
+    vectors = np.random.default_rng(3).standard_normal((15_000, DIM)).astype(np.float32)
+    vectors[::10] = usable
+    status = [OK if i % 10 == 0 else "no_audio" for i in range(15_000)]
+    parts, names = _write_set(tmp_path / "set0", vectors, 0, 0, status)
+    items = Items(parts, [0] * len(parts), [str(tmp_path / "set0")], names)
+    found, _, _ = embedding_links(items, [UPath(tmp_path / "set0")], THRESHOLD, UPath(tmp_path / "work"))
+    exact = [Link(10 * link.a, 10 * link.b, EMBEDDING, link.score) for link in _exact_links(usable, usable, 0, True)]
+    assert _partition(cluster_rows(items, found, "first")) == _partition(cluster_rows(items, exact, "first"))

@@ -236,7 +236,9 @@ def run_embed(options: EmbedOptions, run: RunOptions) -> RunSummary:
     settings = {"model": identity, "batch_size": options.batch_size, "index": options.index,
                 "index_parameters": index_settings(options.index), "windows": options.windows,
                 "window_seconds": None if identity["fusion"] else identity["window_seconds"],
-                **({"precision": options.precision} if options.precision else {})}
+                # Recorded even when None (the device's default): a resume compares only the keys it
+                # records, so a bf16 run resumed without --precision would go on in fp32 unseen.
+                "precision": options.precision}
     stage = Stage(EMBED_STAGE, settings, functools.partial(_make_embed, options), embed_schema(identity["joint_dim"]),
                   mode=READ, finish=functools.partial(_finish, identity["joint_dim"], options.index))
     return run_stage(stage, run)

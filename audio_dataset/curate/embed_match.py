@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import resource
 from dataclasses import dataclass
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from audio_dataset.storage import StagedFile, atomic_write_bytes
 QUERIES_PER_TASK = 100_000  # vectors a query task searches (and the chunk the index task reads at once)
 _QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
 _NPY_HEADER_MAX = 10_000  # bytes of .npy header numpy itself will parse
+_MAX_DIM = 1 << 16  # an embedding's dimension (CLAP's: 512 or 1024)
 
 
 class LinkReducer:
@@ -129,7 +131,7 @@ def _npy_layout(path: UPath, count: int, dim: int) -> int:
             shape, fortran, dtype = read(handle, max_header_size=_NPY_HEADER_MAX)
             offset = handle.tell()
         size = path.stat().st_size
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TokenError) as exc:  # TokenError: numpy's fallback parse of a header
         raise UserError(f"{path}: not the embeddings `audiodata embed` writes ({str(exc)[:120]})") from None
     if shape != (count, dim) or fortran or dtype != np.dtype("<f4") or size < offset + count * dim * 4:
         raise UserError(f"{path}: holds {shape} {dtype} ({size} bytes) where its rows say ({count}, {dim}) float32; "
@@ -195,6 +197,10 @@ def _row_slice(split: VectorSplit, columns: list[str], start: int, stop: int) ->
         raise UserError(f"{split.rows}: unreadable ({str(exc)[:120]}); rerun `audiodata embed`") from None
     if table is None or table.num_rows != firsts[groups[-1] + 1] - firsts[groups[0]]:
         raise UserError(f"{split.rows}: unreadable (row groups disagree with its rows); rerun `audiodata embed`")
+    # Columns absent or of another type would fail later, as a traceback from inside a task.
+    if wrong := [name for name in columns if table.schema.get_field_index(name) < 0
+                 or table.schema.field(name).type != pa.string()]:
+        raise UserError(f"{split.rows}: unreadable (no string column {', '.join(wrong)}); rerun `audiodata embed`")
     return table.slice(start - firsts[groups[0]], stop - start)
 
 
@@ -202,6 +208,9 @@ def _items_of(plan: EmbedPlan, split: VectorSplit, start: int, stop: int) -> np.
     """Each row's item (-1: its shard or key was not fingerprinted, or it has no embedding)."""
     table = _row_slice(split, ["split", "shard", "key", "status"], start, stop)
     names, shards, keys, status = (table.column(c).to_pylist() for c in ("split", "shard", "key", "status"))
+    own = UPath(split.rows).name[: -len(".rows.parquet")]
+    if any(name != own for name in names):  # its vectors would land on another split's items
+        raise UserError(f"{split.rows}: rows of another split than {own}; rerun `audiodata embed`")
     numbered: dict[tuple[str, str], dict[str, int]] = {}
     items = np.full(stop - start, -1, np.int64)
     for i, (name, shard, key, state) in enumerate(zip(names, shards, keys, status)):
@@ -232,6 +241,16 @@ def _usable(plan: EmbedPlan, index: int, start: int, stop: int) -> tuple[np.ndar
     return np.ascontiguousarray(vectors[items >= 0]), items[items >= 0]
 
 
+def _usable_rows(plan: EmbedPlan, chunks: list[tuple[int, int, int]], wanted: np.ndarray) -> np.ndarray:
+    """The usable rows numbered `wanted` (sorted) among the usable rows of `chunks`, a chunk at a time."""
+    found, seen = [], 0
+    for index, start, stop in chunks:
+        vectors = _usable(plan, index, start, stop)[0]
+        found.append(vectors[wanted[(wanted >= seen) & (wanted < seen + len(vectors))] - seen])
+        seen += len(vectors)
+    return np.concatenate(found)
+
+
 def _peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -252,7 +271,10 @@ def index_task(plan: EmbedPlan) -> dict[str, Any]:
     items = np.concatenate(items) if items else np.empty(0, np.int64)
     builder = IndexBuilder("ivf", plan.dim, len(items))
     if builder.train_size:
-        builder.train(np.concatenate(sample))
+        sample = np.concatenate(sample)
+        if len(sample) < builder.index.nlist:  # few usable rows among many: faiss would refuse to train
+            sample = _usable_rows(plan, chunks, builder.train_rows())
+        builder.train(sample)
     del sample
     for index, start, stop in chunks:
         builder.add(_usable(plan, index, start, stop)[0])
@@ -278,13 +300,23 @@ def _write_index(index, path: UPath) -> None:
 
 
 def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
+    """The index rows' items the index task wrote: a file put there since (anyone may write under
+    OUT) is read no further than the items need, and an id no dataset item has is refused."""
     path = UPath(plan.root) / "items.npy"
+    limit = _NPY_HEADER_MAX + 16 + 8 * count  # magic, header and the ids
     try:
-        items = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"over {limit} bytes")
+        items = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError, TokenError) as exc:
         raise UserError(f"{path}: unreadable ({str(exc)[:120]}); rerun") from None
     if items.dtype != np.int64 or items.shape != (count,):
         raise UserError(f"{path}: not the index's items ({items.dtype} {items.shape}); rerun")
+    dataset = max((part.first + part.rows for (group, *_), part in plan.parts.items() if not group), default=0)
+    if count and not (items.min() >= 0 and items.max() < dataset):
+        raise UserError(f"{path}: not the index's items (an id outside the dataset's {dataset}); rerun")
     return items
 
 
@@ -309,6 +341,10 @@ def plan_matching(work: UPath, datasets: list[UPath], parts: dict[ShardPart, Pri
     if not (datasets[0] / "embed" / ".embed" / "run.json").exists():
         return None, [str(d) for d in datasets]
     model = embedding_model(datasets[0] / "embed")
+    dim = model.get("joint_dim")
+    if type(dim) is not int or not 0 < dim <= _MAX_DIM:  # run.json is read back: anyone may edit it
+        raise UserError(f"{datasets[0] / 'embed'}: its run.json records no usable joint_dim ({str(dim)[:40]}); "
+                        "rerun `audiodata embed`")
     splits, missing = [], []
     for group, dataset in enumerate(datasets):
         embed_dir = dataset / "embed"
@@ -318,10 +354,10 @@ def plan_matching(work: UPath, datasets: list[UPath], parts: dict[ShardPart, Pri
         if group and embedding_model(embed_dir)["digest"] != model["digest"]:
             raise UserError(f"{embed_dir}: embedded with another model than {datasets[0] / 'embed'}; "
                             "embed both with one")
-        splits += vector_splits(embed_dir, group, int(model["joint_dim"]))
+        splits += vector_splits(embed_dir, group, dim)
     chunks = tuple((i, start, min(start + QUERIES_PER_TASK, split.count))
                    for i, split in enumerate(splits) for start in range(0, split.count, QUERIES_PER_TASK))
-    return EmbedPlan(str(work), int(model["joint_dim"]), threshold, tuple(splits), parts, chunks), missing
+    return EmbedPlan(str(work), dim, threshold, tuple(splits), parts, chunks), missing
 
 
 def match_embeddings(plan: EmbedPlan, on_ray: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:

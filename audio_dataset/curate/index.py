@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from upath import UPath
@@ -178,6 +178,20 @@ def _reader_limits(size: int, table: int) -> Iterator[None]:
         faiss.set_deserialization_loop_limit(before[1])
 
 
+def _read_at_most(handle: Any, size: int) -> Callable[[int], bytes]:
+    """`handle.read` that stops at `size` bytes: the bound and faiss's limits hold for the size
+    measured, and the file may have grown since (faiss would read, and allocate for, what was added)."""
+    left = size
+
+    def read(wanted: int) -> bytes:
+        nonlocal left
+        data = handle.read(min(wanted, left))
+        left -= len(data)
+        return data
+
+    return read
+
+
 def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = None):
     """The index of a split of `count` rows of `dim`-d embeddings; UserError for any other file.
     With the split's full `vectors` (`full_vectors`), an ivfpq index re-ranks its candidates exactly."""
@@ -203,7 +217,7 @@ def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = N
         try:
             # IVF-PQ's table: lists x sub-quantisers x 256 floats, no more lists than vectors train.
             with _reader_limits(size, (count // _TRAIN_PER_LIST + 1) * (dim // PQ_DIMS_PER_CODE) * (1 << PQ_BITS) * 4):
-                index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))  # typed already
+                index = faiss.read_index(faiss.PyCallbackIOReader(_read_at_most(handle, size)))  # typed already
         except (RuntimeError, MemoryError) as exc:
             raise refuse(f"unreadable: {str(exc).splitlines()[-1][-120:]}") from None
     problem = _check_structure(index, kinds[fourcc], count, dim)

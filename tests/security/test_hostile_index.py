@@ -136,6 +136,37 @@ def test_the_loader_refuses_a_hostile_index(tmp_path, name):
     assert why in str(caught.value)
 
 
+class _GrowsOnceMeasured:
+    """An index path whose file grows as soon as it is measured: a writer appending between the
+    loader's size check and its read."""
+
+    def __init__(self, path: Path, more: bytes) -> None:
+        self.path, self.more = UPath(path), more
+
+    def stat(self):
+        measured = self.path.stat()
+        with open(self.path.path, "ab") as handle:
+            handle.write(self.more)
+        return measured
+
+    def open(self, mode: str):
+        return self.path.open(mode)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def test_the_loader_reads_no_more_than_it_measured(tmp_path):
+    """The size bound (and faiss's limits, set from it) hold for the bytes measured: what a file
+    gains after is not read, so half an index completed since is refused as truncated."""
+    good = _bytes(_ivf()[0])
+    path = tmp_path / "train.audio.faiss"
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError, match="unreadable"):
+        load_index(_GrowsOnceMeasured(path, good[len(good) // 2 :]), COUNT, DIM)
+    assert path.read_bytes() == good and load_index(UPath(path), COUNT, DIM).ntotal == COUNT
+
+
 @pytest.mark.parametrize("make", [_flat, lambda: _ivf()[0], lambda: _ivf(pq=True)[0], _hnsw])
 def test_corrupted_bytes_are_refused_or_load_whole(tmp_path, make):
     """Random bytes overwritten anywhere in a good index: refused, or an index whose every search
