@@ -270,3 +270,21 @@ def test_an_index_over_few_usable_rows_of_many_trains(small_lists, monkeypatch, 
     found, _, _ = embedding_links(items, [UPath(tmp_path / "set0")], THRESHOLD, UPath(tmp_path / "work"))
     exact = [Link(10 * link.a, 10 * link.b, EMBEDDING, link.score) for link in _exact_links(usable, usable, 0, True)]
     assert _partition(cluster_rows(items, found, "first")) == _partition(cluster_rows(items, exact, "first"))
+
+
+def test_a_task_in_a_fresh_worker_refuses_a_link_planted_in_work(tmp_path, monkeypatch):
+    """A Ray worker starts knowing no output root; the index task names its own (the dedup _work
+    folder), so a link planted at _work/embedding after the driver's checks is refused, not written
+    through."""
+    from audio_dataset import storage
+
+    items, folders = _sets(tmp_path, corpus(500))
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work" / "embedding"), folders, items.by_shard(), THRESHOLD)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "embedding").symlink_to(outside)
+    monkeypatch.setattr(storage, "_ROOTS", set())  # as in a fresh worker process
+    with pytest.raises(storage.UnsafeOutput):
+        embed_match.index_task(plan)
+    assert list(outside.iterdir()) == []

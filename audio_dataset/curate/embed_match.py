@@ -30,7 +30,7 @@ from audio_dataset.curate.embed import embedding_model, split_files
 from audio_dataset.curate.index import IndexBuilder, load_index
 from audio_dataset.curate.match import PrintPart, part_columns
 from audio_dataset.source import UserError
-from audio_dataset.storage import StagedFile, atomic_write_bytes
+from audio_dataset.storage import StagedFile, atomic_write_bytes, trust_output
 
 QUERIES_PER_TASK = 100_000  # vectors a query task searches (and the chunk the index task reads at once)
 _QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
@@ -257,6 +257,7 @@ def _peak_mb() -> float:
 
 def index_task(plan: EmbedPlan) -> dict[str, Any]:
     """The dataset's index and its rows' items, written under the plan's root."""
+    trust_output(UPath(plan.root).parent)  # in a fresh Ray worker too: its writes refuse planted links
     chunks = [(i, start, min(start + QUERIES_PER_TASK, plan.splits[i].count))
               for i in plan.base for start in range(0, plan.splits[i].count, QUERIES_PER_TASK)]
     total = sum(plan.splits[i].count for i in plan.base)
