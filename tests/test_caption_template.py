@@ -313,6 +313,23 @@ def test_more_calls_that_would_build_past_the_bound_are_refused_before_they_run(
     _refused_before_it_runs(template)
 
 
+CONCAT = S + "{{ " + " ~ ".join(["s"] * 3000) + " }}"  # one C join of 3 GB from 3000 operands in bounds
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("template", [
+    CONCAT,
+    "{{ range(5000)|map('string')|map('center', 999999)|list|length }}",  # many calls, each within bounds
+    "{% set l = [" + ", ".join(["'x' * 999999"] * 3000) + "] %}{{ l|length }}",  # a literal of fresh strings
+])
+def test_memory_built_a_bound_at_a_time_is_refused_before_it_adds_up(template):
+    """A `~` chain of thousands of operands (one C join), a filter over a long sequence whose items
+    are each within the bound, a list literal of thousands of fresh strings: each within bounds per
+    operation and gigabytes together. The guard counts what a render makes in all, and a join's
+    operands before it joins them."""
+    _refused_before_it_runs(template)
+
+
 QWEN2 = """{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}\
 {%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}{{- "\\n\\n# Tools\\n\\n<tools>" }}{%- for tool in tools %}\
 {{- "\\n" }}{{- tool | tojson }}{%- endfor %}{{- "\\n</tools><|im_end|>\\n" }}{%- else %}\

@@ -14,9 +14,11 @@ bound from arguments each within it, before it runs (`_check_call`): a size argu
 MAX_PROMPT_CHARS to any built-in method or filter (`'x'|center(10**10)`, `.ljust`, `to_bytes`), a
 `join`, `replace`, `expandtabs`, `translate` or `indent` whose result's length, computed from its
 inputs, is over it (`([s] * 10**4)|join` of a million-character `s`), `%` and `format` widths
-summed past it, and a container whose text, counted over its tree (`_weight`), is past it. Not
-bounded: a long template's `s ~ s ~ ... ~ s` on one line (each `~` is one C call on values within
-bounds), refused once it returns; memory built by many calls each within the bound.
+summed past it, and a container whose text, counted over its tree (`_weight`), is past it. A `~`
+chain compiles to one C join of all its operands: they are weighed before it runs. And what a
+render's operations make in all (each `*`, `%`, call and filter result, each join) counts against
+MAX_MADE_CHARS, kept or not, so memory built a bound at a time (a filter over a long sequence, a
+literal of thousands of fresh strings) stops there.
 
 The callers compile the template (`precompile`, untraced: its cost is bounded by its length) and
 render a test conversation when the model loads (`refusal` turns a failure there into the one-line
@@ -31,6 +33,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,12 @@ _JINJA_CODE = "<template>"  # the file name jinja compiles a template string und
 # a second (CPython's division is quadratic: 4M bits take seconds in one operation) and is far past
 # any number a chat template prints.
 MAX_NUMBER_BITS = 1_000_000
+# What one render may make in all (each operation's result counted, kept or not): a real template
+# makes a few times its prompt; this bounds memory built a bound at a time (a filter over a long
+# sequence, a literal of many fresh strings), where each operation alone is within MAX_PROMPT_CHARS.
+MAX_MADE_CHARS = 16 * MAX_PROMPT_CHARS
+_JOINS = ("str_join", "markup_join")  # what jinja compiles `a ~ b ~ c` to: one C join of all operands
+_ACTIVE = threading.local()  # the `_Watch` of the render running on this thread, for the environment's hooks
 
 
 class TemplateLimit(Exception):
@@ -70,6 +79,7 @@ class _Watch:
     # The limit raised, kept: code between the trace and the caller (jinja's lexer) may catch it
     # and raise its own error instead (TemplateSyntaxError "took over 2 s"); `bounded` restores it.
     tripped: TemplateLimit | None = None
+    made: int = 0  # characters the render's operations have made (MAX_MADE_CHARS)
 
     def trace(self, frame, event: str, arg: Any):
         # Past the deadline, raised in the template's code or jinja's, where it reaches the caller:
@@ -77,6 +87,8 @@ class _Watch:
         # caught or ignored and the render went on for minutes.
         if time.monotonic() > self.deadline and _is_jinja(frame.f_code.co_filename):
             raise self._trip(TemplateLimit(f"took over {self.seconds:g} s"))
+        if event == "call" and frame.f_code.co_name in _JOINS and _is_jinja(frame.f_code.co_filename):
+            self._join(frame.f_locals.get("seq"))  # before the one C call that joins them
         if event == "return" and isinstance(arg, _CONTAINERS) and _is_jinja(frame.f_code.co_filename):
             # a list's text, a tree of few objects and many leaves, made by the template or jinja's
             # filters (not the library's own tables: a tokenizer's vocabulary is no prompt)
@@ -102,9 +114,22 @@ class _Watch:
     def _too_long(self) -> TemplateLimit:
         return TemplateLimit(f"built more than {self.max_chars:,} characters")
 
-    def _weigh(self, value: Any) -> None:
+    def _join(self, operands: Any) -> None:
+        if isinstance(operands, (list, tuple)):
+            length = sum(self._weigh(operand) for operand in operands)
+            if length > self.max_chars:
+                raise self._trip(self._too_long())
+            self.count(length)
+
+    def count(self, length: int) -> None:
+        """`length` more characters made by the render; past MAX_MADE_CHARS in all, it stops."""
+        self.made += length
+        if self.made > MAX_MADE_CHARS:
+            raise self._trip(TemplateLimit(f"built more than {MAX_MADE_CHARS:,} characters in all"))
+
+    def _weigh(self, value: Any) -> int:
         try:
-            _weight(value, self.weights, self.max_chars)
+            return _weight(value, self.weights, self.max_chars)
         except TemplateLimit as limit:
             raise self._trip(limit) from None
 
@@ -258,6 +283,14 @@ def _check_call(name: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[st
         raise TemplateLimit(f"asked {name} to build more than {MAX_PROMPT_CHARS:,} characters")
 
 
+def _made(value: Any) -> Any:
+    """`value`, a template operation's result, counted against the running render's MAX_MADE_CHARS."""
+    watch = getattr(_ACTIVE, "watch", None)
+    if watch is not None and isinstance(value, (*_TEXTS, *_CONTAINERS)):
+        watch.count(watch._weigh(value))
+    return value
+
+
 def _checked_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     """A filter whose arguments `_check_call` sees first (jinja calls filters directly, not
     through the environment's `call`); its pass_context/pass_environment marks are kept."""
@@ -267,7 +300,7 @@ def _checked_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     def checked(*args: Any, **kwargs: Any) -> Any:
         if len(args) > skip:
             _check_call(name, args[skip], args[skip + 1:], kwargs)
-        return function(*args, **kwargs)
+        return _made(function(*args, **kwargs))
 
     return checked
 
@@ -306,7 +339,7 @@ def _guarded_environment() -> type:
                 _check_format(left, right if isinstance(right, tuple) else (right,))
             else:
                 _check_binop(operator, left, right)
-            return super().call_binop(context, operator, left, right)
+            return _made(super().call_binop(context, operator, left, right))
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
             # str.format comes wrapped by the sandbox (`__wrapped__` is the bound method)
@@ -315,7 +348,7 @@ def _guarded_environment() -> type:
                     type(getattr(__obj, "__wrapped__", __obj)).__name__ in _BUILTIN_METHODS:
                 # a built-in method (of a str, bytes, int, list, dict...): it runs in C, out of the trace's sight
                 _check_call(getattr(__obj, "__name__", ""), receiver, args, kwargs, method=True)
-            return super().call(__context, __obj, *args, **kwargs)
+            return _made(super().call(__context, __obj, *args, **kwargs))
 
     return _Guarded
 
@@ -324,6 +357,7 @@ def bounded(render: Callable[[], str], seconds: float = RENDER_SECONDS, max_char
     """render(), raising TemplateLimit once it runs past `seconds` or builds past `max_chars`."""
     watch = _Watch(seconds, max_chars, time.monotonic() + seconds)
     previous = sys.gettrace()  # a debugger's or coverage's: back once the render ends
+    outer, _ACTIVE.watch = getattr(_ACTIVE, "watch", None), watch
     sys.settrace(watch.trace)
     try:
         rendered = render()
@@ -333,6 +367,7 @@ def bounded(render: Callable[[], str], seconds: float = RENDER_SECONDS, max_char
         raise
     finally:
         sys.settrace(previous)
+        _ACTIVE.watch = outer
     if not isinstance(rendered, str):
         raise TemplateLimit(f"rendered a {type(rendered).__name__}, not text")
     if len(rendered) > max_chars:
