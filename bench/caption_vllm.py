@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=16, help="longest answer (greedy)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the transformers engine")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="set in the tiny model's generation_config.json, as Qwen2 chat models ship one")
     args = parser.parse_args(argv)
     import torch
     import vllm
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     questions = list(DEFAULT_QUESTIONS)
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(make_tiny_alm(Path(tmp) / "alm"))
+        if args.repetition_penalty != 1.0:
+            config = Path(folder) / "generation_config.json"
+            config.write_text(json.dumps({**json.loads(config.read_text()),
+                                          "repetition_penalty": args.repetition_penalty}))
         listeners = {}
         for engine in ("transformers", "vllm"):
             options = ListenOptions(model=folder, engine=engine, max_new_tokens=args.tokens, batch_size=8)
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {engine: {"seconds": round(best[engine], 3), "answers_per_second": round(count / best[engine], 2)}
                   for engine in listeners}
         result.update(answers=count, identical_answers=same, tokens=args.tokens, threads=args.threads,
+                      repetition_penalty=args.repetition_penalty,
                       versions={"torch": torch.__version__, "vllm": vllm.__version__,
                                 "transformers": _version("transformers")})
     for engine in listeners:

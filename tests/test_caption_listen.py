@@ -95,3 +95,23 @@ def test_a_clip_shorter_than_the_front_end_takes_is_heard_padded(listener, sampl
     answers = listener.listen([clip, _clip("normal", 2.0, 1)], ["What do you hear?"])
     assert [len(a) for a in answers] == [1, 1] and alone == answers[:1]
     assert (answers[0][0].start, answers[0][0].end) == (0.0, round(samples / RATE, 3))  # its own span
+
+
+@pytest.mark.parametrize("penalty", [1.3, "high", 1e9])
+def test_the_folders_repetition_penalty_is_decoded_with_and_recorded(caption_models, tmp_path, penalty):
+    """Both engines decode with the folder's repetition penalty (vLLM applies it only when passed);
+    run.json records it; a value that is no penalty is one line."""
+    import shutil
+
+    folder = tmp_path / "alm"
+    shutil.copytree(caption_models["alm"], folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": penalty}))
+    options = ListenOptions(model=str(folder), max_new_tokens=5, batch_size=8)
+    if not isinstance(penalty, float) or penalty > 10:
+        with pytest.raises(UserError, match="repetition_penalty"):
+            make_listener(options, *resolve_alm(options), "cpu")
+        return
+    listener = make_listener(options, *resolve_alm(options), "cpu")
+    assert listener.settings["decoding"] == {"do_sample": False, "max_new_tokens": 5, "repetition_penalty": 1.3}
+    assert listener.listen([_clip("a", 2.0, 0)], ["What do you hear?"])[0][0].answer is not None

@@ -73,3 +73,17 @@ def test_the_manifest_and_run_record_name_vllm(listened):
     assert outcomes == {"bird": (t.LISTENED, 1), "waltz": (t.LISTENED, 2), "local-broken": (t.NO_AUDIO, 0)}
     listen = json.loads((out / ".caption" / "run.json").read_text())["settings"]["listen"]
     assert listen["engine"] == "vllm" and listen["decoding"] == {"do_sample": False, "max_new_tokens": 4}
+
+
+def test_both_engines_answer_alike_with_the_models_repetition_penalty(tmp_path):
+    """Qwen2 chat models ship a repetition penalty in generation_config.json: transformers' generate
+    applies it unasked, vLLM only when passed. Both engines get it, and answer the same (float32,
+    greedy: the engines run the same numbers on a CPU)."""
+    out = tmp_path / "figures.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    bench = Path(__file__).resolve().parent.parent / "bench" / "caption_vllm.py"
+    run = subprocess.run([sys.executable, str(bench), "--repeats", "1", "--tokens", "8", "--repetition-penalty", "1.3",
+                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    figures = json.loads(out.read_text())
+    assert figures["repetition_penalty"] == 1.3 and figures["identical_answers"] == figures["answers"] > 0

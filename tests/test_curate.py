@@ -396,6 +396,9 @@ def test_a_worker_prepares_the_next_shard_while_its_model_runs_one_shard_at_a_ti
             model_threads.add(threading.get_ident())
 
         def prepare(self, job, samples):
+            # decoding takes a while: a prepare that starts as the model's next process starts (the
+            # two threads race for the same instant) still overlaps it, however the machine is loaded
+            threading.Event().wait(0.05)
             with lock:
                 events.append(("prepare", job.name, in_process.is_set()))
             return [sample["flac"][::-1] for sample in samples]

@@ -22,7 +22,7 @@ from audio_dataset.caption.template_guard import bounded, precompile, refusal
 from audio_dataset.caption.types import Clip, WindowAnswer
 from audio_dataset.caption.write import DTYPES, _torch_dtype as torch_dtype  # one rule for both models' dtype
 from audio_dataset.k2c.models import ResolvedModel, resolve_model
-from audio_dataset.schema import MAX_CAPTION_CHARS
+from audio_dataset.schema import MAX_CAPTION_CHARS, MAX_JSON_BYTES, load_json_object
 from audio_dataset.source import UserError, first_line
 
 DEFAULT_ALM = "Qwen/Qwen2-Audio-7B-Instruct"
@@ -142,12 +142,30 @@ def resolve_alm(options: ListenOptions) -> tuple[ResolvedModel, str]:
     return model, model_type(model)
 
 
+def repetition_penalty(model: ResolvedModel) -> float:
+    """The repetition penalty the folder's generation_config.json sets (Qwen2 chat models: 1.05-1.1),
+    else 1.0. Both engines decode greedily with it: transformers' generate applies it unasked, vLLM
+    only when passed, so the engines would otherwise answer differently."""
+    try:
+        with open(Path(model.path) / "generation_config.json", "rb") as handle:
+            config = load_json_object(handle.read(MAX_JSON_BYTES + 1), MAX_JSON_BYTES)
+    except (OSError, ValueError):
+        return 1.0
+    value = config.get("repetition_penalty", 1.0)
+    if type(value) not in (int, float) or not 0.5 <= value <= 10:
+        raise UserError(f"--alm-model {model.spec}: generation_config.json's repetition_penalty {str(value)[:40]} "
+                        "is not a number from 0.5 to 10")
+    return float(value)
+
+
 def listen_settings(options: ListenOptions, model: ResolvedModel, kind: str) -> dict[str, Any]:
     """What decides the answers (recorded in run.json and provenance.json, checked on resume)."""
+    decoding: dict[str, Any] = {"do_sample": False, "max_new_tokens": options.max_new_tokens}
+    if (penalty := repetition_penalty(model)) != 1.0:
+        decoding["repetition_penalty"] = penalty
     return {"model": model.spec, "revision": model.revision, "model_type": kind, "engine": options.engine,
             "questions": list(options.questions), "questions_sha256": questions_digest(options.questions),
-            "decoding": {"do_sample": False, "max_new_tokens": options.max_new_tokens},
-            "dtype": options.dtype}
+            "decoding": decoding, "dtype": options.dtype}
 
 
 def heard(wave: np.ndarray, rate: int) -> np.ndarray:
@@ -269,7 +287,8 @@ class TransformersListener:
         for first in range(0, len(order), step):
             chunk = [items[n] for n in order[first:first + step]]
             for n, text in zip(order[first:first + step], self._generate(clips, chunk, prompts)):
-                answers[n] = text
+                # A character cut by max_new_tokens: transformers decodes its bytes as U+FFFD, vLLM drops them.
+                answers[n] = text.rstrip("\ufffd").rstrip()
         per_clip: list[list[WindowAnswer]] = [[] for _ in clips]
         for item, text in zip(items, answers):
             rate = self.sample_rate
@@ -289,7 +308,7 @@ class TransformersListener:
             batch["input_features"] = batch["input_features"].to(self.model.dtype)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            output = self.model.generate(**batch, do_sample=False, max_new_tokens=self.options.max_new_tokens)
+            output = self.model.generate(**batch, **self.settings["decoding"])
         new = output[:, batch["input_ids"].shape[1]:]
         return [text.strip() for text in self.processor.batch_decode(new, skip_special_tokens=True)]
 
@@ -316,7 +335,9 @@ class VllmListener(TransformersListener):
             hint = "" if device != "cpu" or os.environ.get("VLLM_CPU_KVCACHE_SPACE") else \
                 " (vLLM on a CPU reserves 92% of the memory unless VLLM_CPU_KVCACHE_SPACE=GiB is set)"
             raise UserError(f"{_load_error(model, exc)}{hint}") from None
-        self.params = SamplingParams(temperature=0.0, max_tokens=options.max_new_tokens)
+        decoding = self.settings["decoding"]  # greedy, the folder's repetition penalty: as transformers decodes
+        self.params = SamplingParams(temperature=0.0, max_tokens=decoding["max_new_tokens"],
+                                     repetition_penalty=decoding.get("repetition_penalty", 1.0))
 
     def _generate(self, clips: list[Clip], chunk: list[_Item], prompts: dict[str, str]) -> list[str]:
         requests = [{"prompt": prompts[item.question],
