@@ -205,9 +205,23 @@ def atomic_write_json(dest: Location, data: object) -> None:
     atomic_write_bytes(dest, json.dumps(data, indent=2, sort_keys=True).encode("utf-8") + b"\n")
 
 
+def open_data(src: Location) -> IO[bytes]:
+    """A file to read, opened: it is data (anyone may have put anything there), so a FIFO, socket or
+    device in its place is one line, where an open or a read would wait on it forever."""
+    path = location(src)
+    if not is_local(path):
+        return path.open("rb")
+    fd = os.open(path.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once, writer or not
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_json(src: Location) -> dict:
     """A JSON object the toolkit wrote (and anyone may have edited): bounded, one UserError line if not."""
-    with location(src).open("rb") as handle:
+    with open_data(src) as handle:
         try:
             return read_json_record(handle)
         except SampleRefused as exc:

@@ -190,6 +190,18 @@ def test_a_part_changed_after_listing_is_refused_when_its_keys_are_read(tmp_path
         embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["embed/train.audio.npy", "embed/train.rows.parquet", "part0.parquet"])
+def test_a_fifo_in_place_of_a_file_is_one_line_not_a_hang(tmp_path, name):
+    import os
+
+    items, folders = _sets(tmp_path, corpus(500))
+    (tmp_path / "set0" / name).unlink()
+    os.mkfifo(tmp_path / "set0" / name)
+    with pytest.raises(UserError, match="not a regular file"):
+        embedding_links(items, folders, THRESHOLD, UPath(tmp_path / "work"))
+
+
 @pytest.mark.parametrize("damage", ["shape", "short", "pickle", "unclosed"])
 def test_an_embeddings_file_that_is_not_one_is_one_line(tmp_path, damage):
     items, folders = _sets(tmp_path, corpus(500))

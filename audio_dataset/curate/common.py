@@ -15,7 +15,7 @@ from audio_dataset.k2c.stages import AUDIO_EXTS
 from audio_dataset.schema import JSON_EXT, MAX_CAPTION_CHARS, load_json_object
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError
-from audio_dataset.storage import read_json
+from audio_dataset.storage import open_data, read_json
 from clap_model.files import tree_sha256
 
 OK = "ok"
@@ -82,7 +82,7 @@ def read_run_settings(folder: UPath, stage_name: str) -> dict[str, Any]:
 def read_columns(path: UPath, columns: list[str]) -> pa.Table:
     """Some columns of a parquet file, only their bytes read (a part's embeddings or hashes are not
     read when only keys are wanted)."""
-    with path.open("rb") as handle:
+    with open_data(path) as handle:
         return pq.ParquetFile(handle).read(columns=columns)
 
 

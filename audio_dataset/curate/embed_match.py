@@ -30,7 +30,7 @@ from audio_dataset.curate.embed import embedding_model, split_files
 from audio_dataset.curate.index import IndexBuilder, load_index
 from audio_dataset.curate.match import PrintPart, part_columns
 from audio_dataset.source import UserError
-from audio_dataset.storage import StagedFile, atomic_write_bytes, trust_output
+from audio_dataset.storage import StagedFile, atomic_write_bytes, open_data, trust_output
 
 QUERIES_PER_TASK = 100_000  # vectors a query task searches (and the chunk the index task reads at once)
 _QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
@@ -125,7 +125,7 @@ def _npy_layout(path: UPath, count: int, dim: int) -> int:
     """Where the float32 (count, dim) matrix starts in the .npy at `path`; a file that is not one
     (another shape, type or order, or shorter) is one line. The header is parsed, never executed."""
     try:
-        with path.open("rb") as handle:
+        with open_data(path) as handle:
             version = np.lib.format.read_magic(handle)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(handle, max_header_size=_NPY_HEADER_MAX)
@@ -141,7 +141,7 @@ def _npy_layout(path: UPath, count: int, dim: int) -> int:
 
 def read_vectors(split: VectorSplit, dim: int, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of the split's matrix, read alone."""
-    with UPath(split.vectors).open("rb") as handle:
+    with open_data(UPath(split.vectors)) as handle:
         handle.seek(split.offset + start * dim * 4)
         data = handle.read((stop - start) * dim * 4)
     if len(data) != (stop - start) * dim * 4:
@@ -155,7 +155,7 @@ def vector_splits(embed_dir: UPath, group: int, dim: int) -> list[VectorSplit]:
         name = rows.name[: -len(".rows.parquet")]
         vectors = split_files(embed_dir, name)["audio"]
         try:
-            with rows.open("rb") as handle:
+            with open_data(rows) as handle:
                 count = pq.ParquetFile(handle).metadata.num_rows
         except (OSError, pa.ArrowException) as exc:
             raise UserError(f"{rows}: unreadable ({str(exc)[:120]}); rerun `audiodata embed`") from None
@@ -184,7 +184,7 @@ class EmbedPlan:
 def _row_slice(split: VectorSplit, columns: list[str], start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of the split's rows table: only the row groups that hold them are read."""
     try:
-        with UPath(split.rows).open("rb") as handle:
+        with open_data(UPath(split.rows)) as handle:
             reader = pq.ParquetFile(handle)
             if reader.metadata.num_rows != split.count:
                 raise UserError(f"{split.rows}: {reader.metadata.num_rows} rows where it had {split.count}; "
@@ -306,7 +306,7 @@ def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
     path = UPath(plan.root) / "items.npy"
     limit = _NPY_HEADER_MAX + 16 + 8 * count  # magic, header and the ids
     try:
-        with path.open("rb") as handle:
+        with open_data(path) as handle:
             data = handle.read(limit + 1)
         if len(data) > limit:
             raise ValueError(f"over {limit} bytes")

@@ -26,7 +26,7 @@ import numpy as np
 from upath import UPath
 
 from audio_dataset.source import UserError
-from audio_dataset.storage import atomic_write_bytes, is_local
+from audio_dataset.storage import atomic_write_bytes, is_local, open_data
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw", "none")
 AUTO_IVF = 100_000
@@ -203,7 +203,7 @@ def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = N
     size = path.stat().st_size
     if size > max_index_bytes(count, dim):
         raise refuse(f"{size} bytes for {count} vectors of {dim}")
-    with path.open("rb") as handle:  # streamed to faiss: a 2 GB index is not also held as bytes
+    with open_data(path) as handle:  # streamed to faiss: a 2 GB index is not also held as bytes
         head = handle.read(_HEADER.size)
         if len(head) < _HEADER.size:
             raise refuse("truncated")

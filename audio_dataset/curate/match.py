@@ -30,7 +30,7 @@ from upath import UPath
 from audio_dataset.curate import fingerprint as fp
 from audio_dataset.curate.common import read_columns
 from audio_dataset.source import UserError
-from audio_dataset.storage import atomic_write_bytes, atomic_write_json, read_json, trust_output
+from audio_dataset.storage import atomic_write_bytes, atomic_write_json, open_data, read_json, trust_output
 
 # Hash occurrences per partition (16 bytes each, a few copies while sorting: ~0.5 GB a task).
 PARTITION_HASHES = 8_000_000
@@ -83,7 +83,7 @@ class MatchResult:
 def part_of(path: UPath, first: int) -> PrintPart:
     """A fingerprint part's rows and hash count from its footer alone."""
     try:
-        with path.open("rb") as handle:
+        with open_data(path) as handle:
             meta = pq.ParquetFile(handle).metadata
             column = next(i for i in range(meta.num_columns)
                           if meta.row_group(0).column(i).path_in_schema.startswith("hashes.")) \
@@ -153,7 +153,8 @@ def _read_table(path: UPath, schema: pa.Schema | None = None) -> pa.Table:
     """A parquet file; with `schema`, one of this matching's own files, which anyone may have edited:
     it must have exactly those columns and types."""
     try:
-        table = pq.read_table(pa.BufferReader(path.read_bytes()))
+        with open_data(path) as handle:
+            table = pq.read_table(pa.BufferReader(handle.read()))
     except (OSError, pa.ArrowException) as exc:
         raise UserError(f"{path}: unreadable ({str(exc)[:120]}); remove {path.parent} to match again") from None
     if schema is not None and not table.schema.remove_metadata().equals(schema):
@@ -295,7 +296,8 @@ def _sizes(plan: MatchPlan) -> np.ndarray:
     for m in range(len(plan.map_groups)):
         path = plan.root / "sizes" / f"m{m:06d}.npy"
         try:
-            found = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+            with open_data(path) as handle:
+                found = np.load(io.BytesIO(handle.read()), allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
             raise UserError(f"{path}: unreadable ({str(exc)[:120]}); remove {plan.root} to match again") from None
         if found.dtype != np.int64 or found.ndim != 1:

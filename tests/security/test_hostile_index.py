@@ -152,6 +152,9 @@ class _GrowsOnceMeasured:
     def open(self, mode: str):
         return self.path.open(mode)
 
+    def __fspath__(self) -> str:  # opened by name, as the loader opens every data file
+        return self.path.path
+
     def __str__(self) -> str:
         return str(self.path)
 
@@ -219,6 +222,22 @@ def test_search_refuses_a_hostile_index_in_one_line(tmp_path, capsys, name):
     code = audiodata(["search", str(dataset), "dog", "--checkpoint", str(checkpoint)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not an index `audiodata embed` writes" in err[0], err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["train.audio.faiss", "train.rows.parquet", ".embed/run.json"])
+def test_a_fifo_in_place_of_a_file_is_one_line_not_a_hang(tmp_path, capsys, name):
+    """A FIFO has no end: opened and read as a file, search waited on it forever."""
+    import os
+
+    dataset = tmp_path / "dataset"
+    checkpoint = _embed_output(dataset, _bytes(_flat()))
+    (dataset / "embed" / name).unlink()
+    os.mkfifo(dataset / "embed" / name)
+    capsys.readouterr()
+    code = audiodata(["search", str(dataset), "dog", "--checkpoint", str(checkpoint)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code in (1, 2) and len(err) == 1 and "not a regular file" in err[0], err
 
 
 def test_search_reads_a_good_hnsw_index(tmp_path, capsys):
