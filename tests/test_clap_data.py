@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -304,6 +305,10 @@ def test_folder_shards_follow_sizes_json_and_its_mistakes_are_one_line(clap_shar
         ShardSet.from_spec(str(split))
     (split / SIZES_FILE).write_text("{}")
     with pytest.raises(DataError, match="lists no shards"):
+        ShardSet.from_spec(str(split))
+    (split / SIZES_FILE).unlink()
+    os.mkfifo(split / SIZES_FILE)  # read as a file, it had no end: clap-train waited forever
+    with pytest.raises(DataError, match="sizes.json"):  # one line, at once
         ShardSet.from_spec(str(split))
     with pytest.raises(DataError, match="neither a split folder nor a build's output"):
         ShardSet.from_spec(str(tmp_path))
