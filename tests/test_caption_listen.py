@@ -97,7 +97,7 @@ def test_a_clip_shorter_than_the_front_end_takes_is_heard_padded(listener, sampl
     assert (answers[0][0].start, answers[0][0].end) == (0.0, round(samples / RATE, 3))  # its own span
 
 
-@pytest.mark.parametrize("penalty", [1.3, "high", 1e9])
+@pytest.mark.parametrize("penalty", [1.3, "high", 1e9, "fifo"])
 def test_the_folders_repetition_penalty_is_decoded_with_and_recorded(caption_models, tmp_path, penalty):
     """Both engines decode with the folder's repetition penalty (vLLM applies it only when passed);
     run.json records it; a value that is no penalty is one line."""
@@ -108,6 +108,14 @@ def test_the_folders_repetition_penalty_is_decoded_with_and_recorded(caption_mod
     config = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": penalty}))
     options = ListenOptions(model=str(folder), max_new_tokens=5, batch_size=8)
+    if penalty == "fifo":  # read as a file, it never ends
+        import os
+
+        (folder / "generation_config.json").unlink()
+        os.mkfifo(folder / "generation_config.json")
+        with pytest.raises(UserError, match="not a regular file"):
+            make_listener(options, *resolve_alm(options), "cpu")
+        return
     if not isinstance(penalty, float) or penalty > 10:
         with pytest.raises(UserError, match="repetition_penalty"):
             make_listener(options, *resolve_alm(options), "cpu")

@@ -24,6 +24,7 @@ from audio_dataset.caption.write import DTYPES, _torch_dtype as torch_dtype  # o
 from audio_dataset.k2c.models import ResolvedModel, resolve_model
 from audio_dataset.schema import MAX_CAPTION_CHARS, MAX_JSON_BYTES, load_json_object
 from audio_dataset.source import UserError, first_line
+from audio_dataset.storage import open_data
 
 DEFAULT_ALM = "Qwen/Qwen2-Audio-7B-Instruct"
 # The three questions AudioSetCaps asks Qwen-Audio-Chat (its pipeline/Audiosetcaps_qwen_main.py,
@@ -147,7 +148,7 @@ def repetition_penalty(model: ResolvedModel) -> float:
     else 1.0. Both engines decode greedily with it: transformers' generate applies it unasked, vLLM
     only when passed, so the engines would otherwise answer differently."""
     try:
-        with open(Path(model.path) / "generation_config.json", "rb") as handle:
+        with open_data(Path(model.path) / "generation_config.json") as handle:  # a FIFO there: one line
             config = load_json_object(handle.read(MAX_JSON_BYTES + 1), MAX_JSON_BYTES)
     except (OSError, ValueError):
         return 1.0

@@ -15,7 +15,6 @@ the index and its chunk, the driver the list of splits and parts and the reduced
 from __future__ import annotations
 
 import io
-import resource
 from dataclasses import dataclass
 from tokenize import TokenError
 from typing import Any
@@ -27,10 +26,10 @@ from upath import UPath
 
 from audio_dataset.curate.common import OK
 from audio_dataset.curate.embed import embedding_model, split_files
-from audio_dataset.curate.index import IndexBuilder, load_index
-from audio_dataset.curate.match import PrintPart, part_columns
+from audio_dataset.curate.index import IndexBuilder, load_index, save_index
+from audio_dataset.curate.match import PrintPart, part_columns, peak_rss_mb
 from audio_dataset.source import UserError
-from audio_dataset.storage import StagedFile, atomic_write_bytes, open_data, trust_output
+from audio_dataset.storage import atomic_write_bytes, open_data, trust_output
 
 QUERIES_PER_TASK = 100_000  # vectors a query task searches (and the chunk the index task reads at once)
 _QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
@@ -176,10 +175,6 @@ class EmbedPlan:
     parts: dict[ShardPart, PrintPart]  # each shard's fingerprint part: its keys number its items
     chunks: tuple[tuple[int, int, int], ...]  # (split index, start, stop) per query task
 
-    @property
-    def base(self) -> list[int]:
-        return [i for i, split in enumerate(self.splits) if split.group == 0]
-
 
 def _row_slice(split: VectorSplit, columns: list[str], start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of the split's rows table: only the row groups that hold them are read."""
@@ -251,16 +246,11 @@ def _usable_rows(plan: EmbedPlan, chunks: list[tuple[int, int, int]], wanted: np
     return np.concatenate(found)
 
 
-def _peak_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def index_task(plan: EmbedPlan) -> dict[str, Any]:
     """The dataset's index and its rows' items, written under the plan's root."""
     trust_output(UPath(plan.root).parent)  # in a fresh Ray worker too: its writes refuse planted links
-    chunks = [(i, start, min(start + QUERIES_PER_TASK, plan.splits[i].count))
-              for i in plan.base for start in range(0, plan.splits[i].count, QUERIES_PER_TASK)]
-    total = sum(plan.splits[i].count for i in plan.base)
+    chunks = [chunk for chunk in plan.chunks if plan.splits[chunk[0]].group == 0]  # the dataset's
+    total = sum(stop - start for _, start, stop in chunks)
     builder = IndexBuilder("ivf", plan.dim, total)  # sized by every row: usable ones are nearly all
     wanted, sample, items, seen = builder.train_rows(), [], [], 0
     for index, start, stop in chunks:  # the items, and a training sample spread over all the rows
@@ -280,24 +270,11 @@ def index_task(plan: EmbedPlan) -> dict[str, Any]:
     for index, start, stop in chunks:
         builder.add(_usable(plan, index, start, stop)[0])
     root = UPath(plan.root)
-    _write_index(builder.finish(), root / "index.faiss")
+    save_index(builder.finish(), root / "index.faiss")
     buffer = io.BytesIO()
     np.save(buffer, items, allow_pickle=False)
     atomic_write_bytes(root / "items.npy", buffer.getvalue())
-    return {"vectors": int(len(items)), "peak_rss_mb": _peak_mb()}
-
-
-def _write_index(index, path: UPath) -> None:
-    """The index streamed to its file (serialised whole, it would be held twice)."""
-    import faiss
-
-    staged = StagedFile(path)
-    try:
-        faiss.write_index(index, faiss.PyCallbackIOWriter(staged.handle.write))
-    except BaseException:
-        staged.abort()
-        raise
-    staged.commit()
+    return {"vectors": int(len(items)), "peak_rss_mb": peak_rss_mb()}
 
 
 def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
@@ -332,7 +309,7 @@ def query_task(plan: EmbedPlan, task: int, indexed: int) -> tuple[np.ndarray, np
     keep = q != b
     reducer = LinkReducer()
     reducer.offer(q[keep], b[keep], scores[keep])
-    return (*reducer.pairs(), _peak_mb())
+    return (*reducer.pairs(), peak_rss_mb())
 
 
 def plan_matching(work: UPath, datasets: list[UPath], parts: dict[ShardPart, PrintPart],

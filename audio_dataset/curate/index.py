@@ -26,7 +26,7 @@ import numpy as np
 from upath import UPath
 
 from audio_dataset.source import UserError
-from audio_dataset.storage import atomic_write_bytes, is_local, open_data
+from audio_dataset.storage import StagedFile, is_local, open_data
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw", "none")
 AUTO_IVF = 100_000
@@ -146,9 +146,16 @@ def build_index(vectors: np.ndarray, kind: str = "flat"):
 
 
 def save_index(index, path: UPath) -> None:
+    """The index streamed to its file, published whole (serialised first, it would be held twice)."""
     import faiss
 
-    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+    staged = StagedFile(path)
+    try:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(staged.handle.write))
+    except BaseException:
+        staged.abort()
+        raise
+    staged.commit()
 
 
 # ------------------------------------------------------------------------------------ loading, untrusted

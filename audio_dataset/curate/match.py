@@ -135,7 +135,7 @@ def plan_matching(work: UPath, parts: list[PrintPart], first_other: int | None,
 
 
 # ---------------------------------------------------------------------------------------------- tasks
-def _peak_mb() -> float:
+def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: kB
 
 
@@ -225,7 +225,7 @@ def map_task(plan: MatchPlan, index: int) -> dict[str, Any]:
     buffer = io.BytesIO()
     np.save(buffer, np.concatenate(sizes), allow_pickle=False)
     atomic_write_bytes(plan.root / "sizes" / f"{name}.npy", buffer.getvalue())
-    stats = {"task": name, "parts": len(plan.map_groups[index]), "hashes": int(len(h)), "peak_rss_mb": _peak_mb()}
+    stats = {"task": name, "parts": len(plan.map_groups[index]), "hashes": int(len(h)), "peak_rss_mb": peak_rss_mb()}
     atomic_write_json(_done(plan, name), stats)
     return stats
 
@@ -258,7 +258,7 @@ def hash_task(plan: MatchPlan, k: int) -> dict[str, Any]:
             atomic_write_bytes(plan.root / "votes" / f"r{r:05d}" / f"{name}.parquet", table_bytes(out))
     stats = {"task": name, "hashes": int(occurrences), "votes": int(len(votes.pair)),
              "stopped_hashes": votes.stopped_hashes, "stopped_occurrences": votes.stopped_occurrences,
-             "peak_rss_mb": _peak_mb()}
+             "peak_rss_mb": peak_rss_mb()}
     atomic_write_json(_done(plan, name), stats)
     return stats
 
@@ -278,7 +278,7 @@ def pair_task(plan: MatchPlan, r: int) -> dict[str, Any]:
     out = pa.table({"a": [m.a for m in matches], "b": [m.b for m in matches], "count": [m.count for m in matches],
                     "score": [m.score for m in matches], "offset": [m.offset for m in matches]}, schema=MATCH_SCHEMA)
     atomic_write_bytes(plan.root / "pairs" / f"{name}.parquet", table_bytes(out))
-    stats = {"task": name, "votes": int(table.num_rows), "matches": len(matches), "peak_rss_mb": _peak_mb()}
+    stats = {"task": name, "votes": int(table.num_rows), "matches": len(matches), "peak_rss_mb": peak_rss_mb()}
     atomic_write_json(_done(plan, name), stats)
     return stats
 
@@ -383,5 +383,5 @@ def work_name(inputs: list[str], settings: dict[str, Any]) -> str:
     return "match-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-__all__ = ["FINGERPRINT_SCHEMA", "MatchPlan", "MatchResult", "PrintPart", "part_columns", "part_of", "plan_matching", "read_parts", "run_inline",
-           "run_matching", "run_on_ray", "table_bytes", "work_name"]
+__all__ = ["FINGERPRINT_SCHEMA", "MatchPlan", "MatchResult", "PrintPart", "part_columns", "part_of", "peak_rss_mb",
+           "plan_matching", "read_parts", "run_inline", "run_matching", "run_on_ray", "table_bytes", "work_name"]
