@@ -265,6 +265,27 @@ def test_items_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
         embed_match.query_task(plan, 0, built["vectors"])
 
 
+@pytest.mark.parametrize("damage", ["index.faiss:truncated", "index.faiss:garbage", "index.faiss:missing",
+                                    "items.npy:truncated"])
+def test_dedups_own_index_damaged_between_the_tasks_names_dedup_as_the_remedy(tmp_path, damage):
+    """The index and its items under _work/embedding are dedup's own (rebuilt by every run), not
+    embed's output: the line names the file and says to rerun dedup, not `audiodata embed`."""
+    items, folders = _sets(tmp_path, corpus(500))
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
+    built = embed_match.index_task(plan)
+    name, how = damage.split(":")
+    path = tmp_path / "work" / name
+    if how == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:20] if how == "truncated" else b"IxF2" + bytes(200))
+    with pytest.raises(UserError) as caught:
+        embed_match.query_task(plan, 0, built["vectors"])
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "rerun `audiodata dedup`" in message
+    assert "audiodata embed" not in message and "\n" not in message
+
+
 def test_an_index_over_few_usable_rows_of_many_trains(small_lists, monkeypatch, tmp_path):
     """The training sample is drawn over every row before the usable ones are known: where few
     are (here 1 in 10, and a sample capped at 200 rows, as 200k of 10M rows would be), it held

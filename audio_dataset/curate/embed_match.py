@@ -35,6 +35,8 @@ QUERIES_PER_TASK = 100_000  # vectors a query task searches (and the chunk the i
 _QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
 _NPY_HEADER_MAX = 10_000  # bytes of .npy header numpy itself will parse
 _MAX_DIM = 1 << 16  # an embedding's dimension (CLAP's: 512 or 1024)
+# What writes the index and items under WORK again: dedup removes WORK and rebuilds them every run.
+_REMADE_BY = "audiodata dedup"
 
 
 class LinkReducer:
@@ -289,18 +291,20 @@ def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
             raise ValueError(f"over {limit} bytes")
         items = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError, TokenError) as exc:
-        raise UserError(f"{path}: unreadable ({str(exc)[:120]}); rerun") from None
+        raise UserError(f"{path}: unreadable ({str(exc)[:120]}); rerun `{_REMADE_BY}`") from None
     if items.dtype != np.int64 or items.shape != (count,):
-        raise UserError(f"{path}: not the index's items ({items.dtype} {items.shape}); rerun")
+        raise UserError(f"{path}: not the index's items ({items.dtype} {items.shape}); rerun `{_REMADE_BY}`")
     dataset = max((part.first + part.rows for (group, *_), part in plan.parts.items() if not group), default=0)
     if count and not (items.min() >= 0 and items.max() < dataset):
-        raise UserError(f"{path}: not the index's items (an id outside the dataset's {dataset}); rerun")
+        raise UserError(f"{path}: not the index's items (an id outside the dataset's {dataset}); "
+                        f"rerun `{_REMADE_BY}`")
     return items
 
 
 def query_task(plan: EmbedPlan, task: int, indexed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Chunk `task` against the index: (query item, dataset item, cosine) reduced, and peak memory."""
-    index = load_index(UPath(plan.root) / "index.faiss", indexed, plan.dim)  # nprobe: DEFAULT_NPROBE
+    # dedup's own index (rebuilt by every run), not embed's output: a damaged one is dedup's to redo
+    index = load_index(UPath(plan.root) / "index.faiss", indexed, plan.dim, made_by=_REMADE_BY)  # DEFAULT_NPROBE
     base_items = _load_items(plan, indexed)
     split, start, stop = plan.chunks[task]
     vectors, items = _usable(plan, split, start, stop)

@@ -199,15 +199,20 @@ def _read_at_most(handle: Any, size: int) -> Callable[[int], bytes]:
     return read
 
 
-def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = None):
-    """The index of a split of `count` rows of `dim`-d embeddings; UserError for any other file.
+def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = None,
+               made_by: str = "audiodata embed"):
+    """The index of a split of `count` rows of `dim`-d embeddings; UserError for any other file,
+    naming the command that writes it again (`made_by`: embed's output, or dedup's own work index).
     With the split's full `vectors` (`full_vectors`), an ivfpq index re-ranks its candidates exactly."""
     import faiss
 
     def refuse(why: str) -> UserError:
-        return UserError(f"{path}: not an index `audiodata embed` writes ({why}); rerun `audiodata embed`")
+        return UserError(f"{path}: not an index `{made_by}` writes ({why}); rerun `{made_by}`")
 
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as exc:  # removed since it was written (dedup's, between its tasks)
+        raise refuse(exc.strerror or type(exc).__name__) from None
     if size > max_index_bytes(count, dim):
         raise refuse(f"{size} bytes for {count} vectors of {dim}")
     with open_data(path) as handle:  # streamed to faiss: a 2 GB index is not also held as bytes
