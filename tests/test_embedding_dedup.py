@@ -50,11 +50,11 @@ def corpus(count: int, seed: int = 0) -> np.ndarray:
 
 
 def _write_set(folder: Path, vectors: np.ndarray, first: int, group: int, status: list[str] | None = None,
-               ) -> tuple[list[PrintPart], list[tuple[str, str]]]:
+               keys: list[str] | None = None) -> tuple[list[PrintPart], list[tuple[str, str]]]:
     """A dataset folder as dedup reads it: fingerprint-like parts of SHARD samples each (keys, the
     columns `cluster_rows` reads) and an embed output (rows, the .npy, run.json naming the model)."""
     count = len(vectors)
-    keys = [f"g{group}-{i}" for i in range(count)]
+    keys = keys or [f"g{group}-{i}" for i in range(count)]
     shards = [f"{i // SHARD:06d}.tar" for i in range(count)]
     parts, names = [], []
     (folder / "embed" / ".embed").mkdir(parents=True)
@@ -158,6 +158,27 @@ def test_rows_without_an_embedding_or_a_fingerprint_are_not_matched(tmp_path):
     pairs = {(link.a, link.b) for link in found}
     assert (9, 10) in pairs
     assert not {i for pair in pairs for i in pair} & {11, 20, 30}  # nor, so, 21 and 31 with them
+
+
+def test_each_copy_of_a_key_a_shard_holds_twice_is_matched_by_its_own_vector(small_lists, tmp_path):
+    """Fingerprint matching numbers every row of a shard's part: a key a shard holds twice is two
+    items, each matched by its own audio. So is it here: the n-th copy of a key in the embed rows is
+    the n-th in the part, also where a query chunk (700 rows) starts inside the shard (400-1199)."""
+    vectors = corpus(1_200)
+    keys = [f"g0-{i}" for i in range(1_200)]
+    keys[5] = keys[3]  # a second copy, its audio another clip's (100)
+    keys[750] = keys[760] = keys[450]  # three copies, two of them after the chunk's start
+    vectors[5], vectors[760] = vectors[100], vectors[1_100]
+    parts, names = _write_set(tmp_path / "set0", vectors, 0, 0, keys=keys)
+    items = Items(parts, [0] * len(parts), [str(tmp_path / "set0")], names)
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), [UPath(tmp_path / "set0")], items.by_shard(),
+                                        THRESHOLD)
+    assert [chunk[1:] for chunk in plan.chunks] == [(0, 700), (700, 1_200)]
+    placed = np.concatenate([embed_match._rows(plan, *chunk)[1] for chunk in plan.chunks])
+    np.testing.assert_array_equal(placed, np.arange(1_200))  # every row on its own item
+    a, b, _, _ = embed_match.match_embeddings(plan, on_ray=False)
+    pairs = set(zip(a.tolist(), b.tolist()))
+    assert {(5, 100), (760, 1_100)} <= pairs and not {(3, 100), (450, 1_100)} & pairs
 
 
 def test_the_reducer_keeps_components_and_each_items_strongest_pair():

@@ -8,13 +8,15 @@ cosine threshold, found in Ray tasks so that no process holds every vector and t
   that index and range-search their chunk at the threshold, `_QUERY_CHUNK` queries at a time. Each
   returns what clustering needs of its pairs (`LinkReducer`: at most two per item).
 A vector's item (its number in dedup's `Items`) is found through its own shard's fingerprint part:
-the embed rows name (split, shard, key), and a task reads the keys of the shards its chunk holds.
+the embed rows name (split, shard, key), and a task reads the keys of the shards its chunk holds (a
+key a shard holds twice: its n-th copy in the rows is its n-th in the part).
 Memory: the index task holds the index (IVF-flat: the vectors, 2 kB each at 512-d), a query task
 the index and its chunk, the driver the list of splits and parts and the reduced pairs.
 """
 from __future__ import annotations
 
 import io
+from collections import Counter
 from dataclasses import dataclass
 from tokenize import TokenError
 from typing import Any
@@ -202,15 +204,20 @@ def _row_slice(split: VectorSplit, columns: list[str], start: int, stop: int) ->
 
 
 def _items_of(plan: EmbedPlan, split: VectorSplit, start: int, stop: int) -> np.ndarray:
-    """Each row's item (-1: its shard or key was not fingerprinted, or it has no embedding)."""
+    """Each row's item (-1: its shard or key was not fingerprinted, or it has no embedding). As the
+    fingerprint matching numbers every row of a part, a key a shard holds twice is two items: the
+    n-th copy of a key in the rows is the n-th in the shard's part, each matched by its own vector."""
     table = _row_slice(split, ["split", "shard", "key", "status"], start, stop)
     names, shards, keys, status = (table.column(c).to_pylist() for c in ("split", "shard", "key", "status"))
     own = UPath(split.rows).name[: -len(".rows.parquet")]
     if any(name != own for name in names):  # its vectors would land on another split's items
         raise UserError(f"{split.rows}: rows of another split than {own}; rerun `audiodata embed`")
-    numbered: dict[tuple[str, str], dict[str, int]] = {}
+    numbered: dict[tuple[str, str], dict[str, list[int]]] = {}
+    copies = _copies_before(plan, split, start, (names[0], shards[0])) if names else Counter()
     items = np.full(stop - start, -1, np.int64)
     for i, (name, shard, key, state) in enumerate(zip(names, shards, keys, status)):
+        copy = copies[name, shard, key]
+        copies[name, shard, key] += 1  # whatever its status: the part has a row for every copy
         if state != OK:
             continue
         where = (name, shard)
@@ -219,9 +226,21 @@ def _items_of(plan: EmbedPlan, split: VectorSplit, start: int, stop: int) -> np.
             keys_of = part_columns(part, ["key"]).column(0).to_pylist() if part else []
             numbered[where] = {}
             for n, k in enumerate(keys_of):
-                numbered[where].setdefault(k, part.first + n)
-        items[i] = numbered[where].get(key, -1)
+                numbered[where].setdefault(k, []).append(part.first + n)
+        found = numbered[where].get(key, [])
+        items[i] = found[copy] if copy < len(found) else -1
     return items
+
+
+def _copies_before(plan: EmbedPlan, split: VectorSplit, start: int, where: tuple[str, str]) -> Counter:
+    """(split, shard, key) -> its copies in the rows of shard `where` before `start`: a chunk may start
+    inside a shard (its rows are contiguous, at most its part's count of them)."""
+    part = plan.parts.get((split.group, *where))
+    if part is None or start == 0:
+        return Counter()
+    table = _row_slice(split, ["split", "shard", "key"], max(0, start - part.rows), start)
+    rows = zip(*(table.column(c).to_pylist() for c in ("split", "shard", "key")))
+    return Counter(row for row in rows if row[:2] == where)
 
 
 def _rows(plan: EmbedPlan, index: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
