@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterator, Protocol
 
 import pyarrow as pa
@@ -91,6 +91,9 @@ class Stage:
     finish: Callable[[UPath, list[ShardJob]], None] | None = None
     # A DROP stage's row of a sample it did not keep -> the output manifest's `error_detail`.
     detail: Callable[[dict[str, Any]], str | None] | None = None
+    # Settings the workers' device decides (embed's default precision): device -> settings, added to
+    # `settings` before they are recorded and compared, so a resume on another kind of machine is seen.
+    device_settings: Callable[[str], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,9 +204,17 @@ def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
         if changed:
             what = "with other settings" if changed != ["input"] else "of another input dataset"
             raise UserError(f"{out} holds a {stage.name} run {what} ({', '.join(changed)}); "
-                            "use a new --out, or the same settings to resume")
+                            f"use a new --out, or the same settings to resume{_recorded(before, changed)}")
         record = {**previous, "input": record["input"], "input_digest": record["input_digest"]}
     atomic_write_json(path, record)
+
+
+def _recorded(before: dict[str, Any], changed: list[str]) -> str:
+    """' (recorded: precision=bf16)': the changed settings' recorded values a resume must give again
+    (a default the device decides is not on the command line), where they are short enough to say."""
+    shown = [f"{key}={before[key]}" for key in changed if isinstance(before.get(key), (str, int, float))
+             and len(str(before[key])) <= 40]
+    return f" (recorded: {', '.join(shown)})" if shown else ""
 
 
 def read_input_shard(job: ShardJob) -> list[Sample]:
@@ -354,9 +365,7 @@ def _plan_workers(options: RunOptions, jobs: int) -> tuple[str, int, int]:
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    device = options.device
-    if device == "auto":
-        device = "cuda" if gpus else "cpu"
+    device = _worker_device(options.device, gpus)
     if device == "cuda" and not gpus:
         raise UserError("--device cuda: the Ray cluster has no GPU")
     workers = options.workers or (gpus if device == "cuda" else 1)
@@ -401,10 +410,32 @@ def _raise_user_errors(exc: BaseException) -> None:
             current = current.__cause__
 
 
+def _worker_device(device: str, gpus: int) -> str:
+    """The device every worker gets: --device, or with auto a GPU where the Ray cluster has one."""
+    return ("cuda" if gpus else "cpu") if device == "auto" else device
+
+
 def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
     check_run(options)  # before the lock creates --out
     with hold_output(trust_output(options.out), stage.name):
-        return _run_stage_held(stage, options)
+        if stage.device_settings is None:
+            return _run_stage_held(stage, options)
+        # With auto the device is the cluster's: Ray starts before the settings are compared, and the
+        # workers get the device resolved here, so they run with the settings recorded.
+        owns_ray = options.device == "auto" and start_ray(options.ray_address)
+        try:
+            if options.device == "auto":
+                import ray
+
+                gpus = int(ray.cluster_resources().get("GPU", 0))
+                options = replace(options, device=_worker_device("auto", gpus))
+            settings = {**stage.settings, **stage.device_settings(options.device)}
+            return _run_stage_held(replace(stage, settings=settings), options)
+        finally:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
 
 
 def _run_stage_held(stage: Stage, options: RunOptions) -> RunSummary:

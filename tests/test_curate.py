@@ -239,6 +239,36 @@ def test_embed_in_bf16_stays_close_to_fp32(folders, checkpoint, embedded):
                  "--out", str(out), "--no-progress"]) == 2
 
 
+def test_a_resume_where_the_device_picks_another_precision_is_refused(folders, checkpoint, embedded, monkeypatch,
+                                                                      capsys):
+    """Without --precision the workers' device picks it (bf16 on a GPU, fp32 on a CPU, as clap-train);
+    run.json records the one they ran in. A run made on this CPU resumed where the Ray cluster has a
+    GPU (as the runner reads the cluster's resources) is refused, not bf16 shards among fp32 ones;
+    --precision fp32 resumes it. A run.json of an earlier version (precision None) still resumes."""
+    import shutil
+
+    import ray
+
+    out = folders["tmp"] / "embed-elsewhere"
+    shutil.copytree(embedded, out)
+    run_json = out / ".embed" / "run.json"
+    assert json.loads(run_json.read_text())["settings"]["precision"] == "fp32"
+    command = ["embed", str(folders["dataset"]), "--checkpoint", str(checkpoint), "--batch-size", "4",
+               "--out", str(out), "--no-progress"]
+    cpu_cluster = ray.cluster_resources()
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {**cpu_cluster, "GPU": 1.0})
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (precision)" in err[0] and "(recorded: precision=fp32)" in err[0]
+    assert main([*command, "--precision", "fp32"]) == 0  # every shard done: nothing computed on the "GPU"
+    monkeypatch.setattr(ray, "cluster_resources", lambda: cpu_cluster)
+    record = json.loads(run_json.read_text())
+    record["settings"]["precision"] = None  # as an earlier version wrote it
+    run_json.write_text(json.dumps(record))
+    assert main(command) == 0 and json.loads(run_json.read_text())["settings"]["precision"] is None
+
+
 def test_a_resumed_embed_equals_a_clean_one(folders, checkpoint, embedded, capsys):
     clean = {name: (embedded / name).read_bytes() for name in ("train.audio.npy", "train.text.npy")}
     (embedded / "train" / "000001.parquet").unlink()

@@ -32,7 +32,7 @@ from audio_dataset.manifest import read_parquet, write_parquet
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError
 from audio_dataset.stage_runner import READ, RunOptions, RunSummary, ShardJob, Stage, check_run, run_stage
-from audio_dataset.storage import StagedFile, location
+from audio_dataset.storage import StagedFile, location, read_json
 
 EMBED_STAGE = "embed"
 NO_TEXT = "no_text"
@@ -60,7 +60,7 @@ class EmbedOptions:
     windows: str = "first"  # first | all: the clip's first model window, or the mean over all windows
     max_checkpoint_bytes: int | None = None  # what loading the checkpoint may allocate (default: by its size)
     text_model: str | None = None  # the user's text model for a checkpoint whose own is no preset's
-    precision: str | None = None  # bf16 | fp32; None: bf16 on CUDA, fp32 on CPU (as clap-train)
+    precision: str | None = None  # bf16 | fp32; None: bf16 on CUDA, fp32 on CPU (as clap-train), recorded resolved
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -166,8 +166,33 @@ class EmbedProcessor:
         return [], rows
 
 
+def effective_precision(precision: str | None, device: str) -> str:
+    """--precision, or clap_model's default for the device (as CLAPInference): bf16 on CUDA, else fp32."""
+    return precision or ("bf16" if device == "cuda" else "fp32")
+
+
 def _make_embed(options: EmbedOptions, device: str) -> EmbedProcessor:
-    return EmbedProcessor(options, device)
+    return EmbedProcessor(replace(options, precision=effective_precision(options.precision, device)), device)
+
+
+def _precision_setting(options: EmbedOptions, out: UPath, device: str) -> dict[str, Any]:
+    """The precision the workers on `device` run in, recorded: a GPU run (bf16) resumed on a CPU
+    (fp32) without --precision is refused by the settings check, not mixed into one output. Refused
+    rather than carried on in the recorded precision, as every other setting is: the user picks with
+    --precision (bf16 on a CPU without bf16 instructions is many times slower than fp32)."""
+    if options.precision is None and _recorded_settings(out).get("precision", "") is None:
+        # An earlier version's run.json (the device's default, unresolved): it resumes as it did then.
+        return {"precision": None}
+    return {"precision": effective_precision(options.precision, device)}
+
+
+def _recorded_settings(out: UPath) -> dict[str, Any]:
+    path = out / f".{EMBED_STAGE}" / "run.json"
+    try:
+        settings = read_json(path).get("settings") if path.exists() else None
+    except UserError:  # unreadable: the resume check says so, where it matters
+        settings = None
+    return settings if isinstance(settings, dict) else {}
 
 
 def split_files(out: UPath, split: str) -> dict[str, UPath]:
@@ -235,12 +260,10 @@ def run_embed(options: EmbedOptions, run: RunOptions) -> RunSummary:
     identity = model_identity(options.checkpoint, options.preset, options.max_checkpoint_bytes, options.text_model)
     settings = {"model": identity, "batch_size": options.batch_size, "index": options.index,
                 "index_parameters": index_settings(options.index), "windows": options.windows,
-                "window_seconds": None if identity["fusion"] else identity["window_seconds"],
-                # Recorded even when None (the device's default): a resume compares only the keys it
-                # records, so a bf16 run resumed without --precision would go on in fp32 unseen.
-                "precision": options.precision}
+                "window_seconds": None if identity["fusion"] else identity["window_seconds"]}
     stage = Stage(EMBED_STAGE, settings, functools.partial(_make_embed, options), embed_schema(identity["joint_dim"]),
-                  mode=READ, finish=functools.partial(_finish, identity["joint_dim"], options.index))
+                  mode=READ, finish=functools.partial(_finish, identity["joint_dim"], options.index),
+                  device_settings=functools.partial(_precision_setting, options, location(run.out)))
     return run_stage(stage, run)
 
 
