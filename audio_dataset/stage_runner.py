@@ -46,7 +46,7 @@ from audio_dataset.lock import hold_output
 from audio_dataset.manifest import read_parquet
 from audio_dataset.card import CARD_FILE
 from audio_dataset.report import REPORT_FILE
-from audio_dataset.stats import PLOT_FILE, STATS_FILE
+from audio_dataset.stats import PLOT_FILE, STATS_FILE, one_line
 from audio_dataset.provenance import PROVENANCE_FILE, RunRecord, read_runs, record_run
 from audio_dataset.raystart import start_ray
 from audio_dataset.source import UserError
@@ -212,7 +212,8 @@ def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
 def _recorded(before: dict[str, Any], changed: list[str]) -> str:
     """' (recorded: precision=bf16)': the changed settings' recorded values a resume must give again
     (a default the device decides is not on the command line), where they are short enough to say."""
-    shown = [f"{key}={before[key]}" for key in changed if isinstance(before.get(key), (str, int, float))
+    # run.json is anyone's to edit: a value is quoted inert, on one line (no newline, escape, bidi)
+    shown = [f"{key}={one_line(before[key])}" for key in changed if isinstance(before.get(key), (str, int, float))
              and len(str(before[key])) <= 40]
     return f" (recorded: {', '.join(shown)})" if shown else ""
 

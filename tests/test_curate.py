@@ -269,6 +269,30 @@ def test_a_resume_where_the_device_picks_another_precision_is_refused(folders, c
     assert main(command) == 0 and json.loads(run_json.read_text())["settings"]["precision"] is None
 
 
+@pytest.mark.parametrize("planted", ["bf16\n\x1b[2Jaudiodata: ok", "fp\u202e61fb", "x\ty"])
+def test_a_refusal_shows_a_planted_recorded_value_on_one_line_inert(tmp_path, monkeypatch, planted):
+    """run.json is anyone's to edit: a recorded value the refusal quotes ('recorded: precision=...')
+    keeps it one line, with no character a terminal acts on (a newline, an escape, a bidi override)."""
+    from audio_dataset import stage_runner
+    from audio_dataset.source import UserError
+    from audio_dataset.stage_runner import READ, Stage
+    from upath import UPath
+
+    monkeypatch.setattr(stage_runner, "dataset_identity", lambda folder: "sha256:same")
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "000000.parquet").write_bytes(b"")  # a shard done: the settings are compared
+    (out / ".embed").mkdir()
+    (out / ".embed" / "run.json").write_text(json.dumps(
+        {"stage": "embed", "input": str(tmp_path.resolve()), "input_digest": "sha256:same",
+         "settings": {"precision": planted}}))
+    stage = Stage("embed", {"precision": "fp32"}, lambda device: None, pa.schema([]), mode=READ)
+    with pytest.raises(UserError) as caught:
+        stage_runner._check_resumable(UPath(out), stage, UPath(tmp_path))
+    message = str(caught.value)
+    assert "(recorded: precision=" in message and message.isprintable(), message
+
+
 def test_a_resumed_embed_equals_a_clean_one(folders, checkpoint, embedded, capsys):
     clean = {name: (embedded / name).read_bytes() for name in ("train.audio.npy", "train.text.npy")}
     (embedded / "train" / "000001.parquet").unlink()
