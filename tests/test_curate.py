@@ -293,6 +293,23 @@ def test_a_refusal_shows_a_planted_recorded_value_on_one_line_inert(tmp_path, mo
     assert "(recorded: precision=" in message and message.isprintable(), message
 
 
+def test_an_earlier_versions_run_json_with_no_shard_done_records_the_resolved_precision(tmp_path):
+    """The earlier version's unresolved precision (None) is kept only for its shards: where none is
+    done (killed before the first), this run starts clean and records the precision it runs in, so a
+    later resume on another kind of machine is refused as after any clean run."""
+    from audio_dataset.curate.embed import EmbedOptions, _precision_setting
+    from upath import UPath
+
+    out = tmp_path / "out"
+    (out / ".embed").mkdir(parents=True)
+    (out / ".embed" / "run.json").write_text(json.dumps({"stage": "embed", "settings": {"precision": None}}))
+    options = EmbedOptions(checkpoint=None)
+    assert _precision_setting(options, UPath(out), "cpu") == {"precision": "fp32"}
+    (out / "train").mkdir()
+    (out / "train" / "000000.parquet").write_bytes(b"")  # a shard done by the earlier version
+    assert _precision_setting(options, UPath(out), "cpu") == {"precision": None}
+
+
 def test_a_resumed_embed_equals_a_clean_one(folders, checkpoint, embedded, capsys):
     clean = {name: (embedded / name).read_bytes() for name in ("train.audio.npy", "train.text.npy")}
     (embedded / "train" / "000001.parquet").unlink()

@@ -188,6 +188,8 @@ def _precision_setting(options: EmbedOptions, out: UPath, device: str) -> dict[s
 
 def _recorded_settings(out: UPath) -> dict[str, Any]:
     path = out / f".{EMBED_STAGE}" / "run.json"
+    if not any(out.rglob("*.parquet")):  # no shard done: the run starts clean (as the resume check)
+        return {}
     try:
         settings = read_json(path).get("settings") if path.exists() else None
     except UserError:  # unreadable: the resume check says so, where it matters
