@@ -114,14 +114,19 @@ def _same_clusters(items: Items, exact: list[Link], found: list[Link]) -> None:
     assert [row["keep"] for row in got] == [row["keep"] for row in want]
 
 
-def test_tasks_over_the_files_find_the_exact_clusters(small_lists, ray_local, tmp_path):
+@pytest.mark.parametrize("on_ray", [True, False])
+def test_tasks_over_the_files_find_the_exact_clusters(small_lists, ray_local, tmp_path, on_ray):
+    """On Ray (its workers index exactly: 3,000 vectors are under the IVF floor there) and in this
+    process (where small_lists lowers the floor: 8-bit codes, candidates scored again), the same
+    clusters as exact all-pairs matching, and the same scores."""
     vectors = corpus(3_000)
     items, folders = _sets(tmp_path, vectors)
     plan, missing = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
-    assert len(plan.chunks) == 5 and missing == []  # 5 query tasks on Ray
-    a, b, scores, report = embed_match.match_embeddings(plan, on_ray=True)
+    assert len(plan.chunks) == 5 and missing == []  # 5 query tasks
+    a, b, scores, report = embed_match.match_embeddings(plan, on_ray=on_ray)
     assert len(a) <= 2 * len(vectors)  # pairs kept: a forest and each one's strongest, not all 11k
     assert report["indexed"] == 3_000 and not (tmp_path / "work").exists()
+    assert report["index_kind"] == ("flat" if on_ray else "ivfsq")
     found = [Link(int(x), int(y), EMBEDDING, float(s)) for x, y, s in zip(a, b, scores)]
     _same_clusters(items, _exact_links(vectors, vectors, 0, True), found)
 
@@ -286,8 +291,31 @@ def test_items_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
         embed_match.query_task(plan, 0, built["vectors"])
 
 
+@pytest.mark.parametrize("plant", ["row_beyond", "eval_split", "split_beyond", "shape"])
+def test_places_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
+    """The query tasks read each candidate's vector back from where places.npy says it is: a place
+    outside the dataset's splits (a row past a split's end, an eval set's split, a split the plan
+    lacks) or a file of another shape is one line, never a read elsewhere."""
+    items, folders = _sets(tmp_path, corpus(500), corpus(300, seed=9))
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
+    built = embed_match.index_task(plan)
+    path = tmp_path / "work" / "places.npy"
+    bad = np.load(path)
+    if plant == "row_beyond":
+        bad[0, 1] = plan.splits[bad[0, 0]].count
+    elif plant == "eval_split":
+        bad[0, 0] = next(i for i, split in enumerate(plan.splits) if split.group)
+    elif plant == "split_beyond":
+        bad[0, 0] = len(plan.splits)
+    else:
+        bad = bad[:, :1].copy()
+    np.save(path, bad)
+    with pytest.raises(UserError, match="places.npy"):
+        embed_match.query_task(plan, 0, built["vectors"])
+
+
 @pytest.mark.parametrize("damage", ["index.faiss:truncated", "index.faiss:garbage", "index.faiss:missing",
-                                    "items.npy:truncated"])
+                                    "items.npy:truncated", "places.npy:truncated"])
 def test_dedups_own_index_damaged_between_the_tasks_names_dedup_as_the_remedy(tmp_path, damage):
     """The index and its items under _work/embedding are dedup's own (rebuilt by every run), not
     embed's output: the line names the file and says to rerun dedup, not `audiodata embed`."""

@@ -2,16 +2,20 @@
 cosine threshold, found in Ray tasks so that no process holds every vector and the driver none.
 
 - One **index task** reads the dataset's vectors (each split's SPLIT.audio.npy, a chunk at a time),
-  trains an IVF index on a sample spread over all of them (exact below 10k vectors, see index.py),
-  adds them, and writes the index and each index row's item under WORK.
+  trains an IVF index of 8-bit codes (`ivfsq`, exact below 10k vectors: see index.py) on a sample
+  spread over all of them, adds them, and writes under WORK the index, each index row's item and
+  where its vector is (split, row).
 - **Query tasks**, one per chunk of QUERIES_PER_TASK vectors of the dataset or of an eval set, read
-  that index and range-search their chunk at the threshold, `_QUERY_CHUNK` queries at a time. Each
+  that index and range-search their chunk, `_QUERY_CHUNK` queries at a time, down to SQ_MARGIN
+  below the threshold; each candidate pair is scored again from the two full vectors (the index
+  row's read back from its .npy) and kept at the threshold, so the scores are exact. Each task
   returns what clustering needs of its pairs (`LinkReducer`: at most two per item).
 A vector's item (its number in dedup's `Items`) is found through its own shard's fingerprint part:
 the embed rows name (split, shard, key), and a task reads the keys of the shards its chunk holds (a
 key a shard holds twice: its n-th copy in the rows is its n-th in the part).
-Memory: the index task holds the index (IVF-flat: the vectors, 2 kB each at 512-d), a query task
-the index and its chunk, the driver the list of splits and parts and the reduced pairs.
+Memory: the index task holds the index (8-bit codes: 512 B a 512-d vector, a quarter of the
+vectors) and one chunk, a query task the index, its chunk and the rows' items and places (24 B a
+vector), the driver the list of splits and parts and the reduced pairs.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import io
 from collections import Counter
 from dataclasses import dataclass
 from tokenize import TokenError
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +39,13 @@ from audio_dataset.storage import atomic_write_bytes, open_data, trust_output
 
 QUERIES_PER_TASK = 100_000  # vectors a query task searches (and the chunk the index task reads at once)
 _QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
+# How far below the threshold the 8-bit index's scores are taken as candidates: its inner products of
+# unit vectors err by ~7e-4 (std; at most 2.5e-3 seen, 8e-3 when trained on only 500 vectors), so
+# none at the threshold is lost at 0.02.
+SQ_MARGIN = 0.02
 _NPY_HEADER_MAX = 10_000  # bytes of .npy header numpy itself will parse
 _MAX_DIM = 1 << 16  # an embedding's dimension (CLAP's: 512 or 1024)
+_KIND = "ivfsq"  # dedup's index: 8-bit codes, candidates scored again exactly (exact below 10k vectors)
 # What writes the index and items under WORK again: dedup removes WORK and rebuilds them every run.
 _REMADE_BY = "audiodata dedup"
 
@@ -77,16 +86,28 @@ class LinkReducer:
                 np.array(list(found.values()), np.float32))
 
 
-def range_pairs(index, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+Rescore = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def range_pairs(index, queries: np.ndarray, threshold: float,
+                rescore: Rescore | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query row, index row, cosine) of every pair at or above `threshold`, a chunk of queries at a
-    time, reduced (`LinkReducer`) as they come. Rows are numbered from 0 on each side."""
-    # faiss keeps inner products strictly above the radius: the float32 just below the threshold.
-    radius = float(np.nextafter(np.float32(threshold), np.float32(-2)))
+    time, reduced (`LinkReducer`) as they come. Rows are numbered from 0 on each side. With
+    `rescore` (an index of approximate scores), candidates down to SQ_MARGIN below the threshold
+    go to it, (query rows, index rows) -> those it keeps with their exact scores, before the cut."""
+    threshold32 = np.float32(threshold)
+    floor = np.float32(threshold - SQ_MARGIN) if rescore else threshold32
+    # faiss keeps inner products strictly above the radius: the float32 just below the floor.
+    radius = float(np.nextafter(floor, np.float32(-2)))
     reducer = LinkReducer()
     for start in range(0, len(queries), _QUERY_CHUNK):
         chunk = np.ascontiguousarray(queries[start : start + _QUERY_CHUNK], dtype=np.float32)
         lims, scores, ids = index.range_search(chunk, radius)
         rows = np.repeat(np.arange(start, start + len(chunk)), np.diff(lims.astype(np.int64)))
+        if rescore is not None:
+            rows, ids, scores = rescore(rows, ids)
+            keep = scores >= threshold32
+            rows, ids, scores = rows[keep], ids[keep], scores[keep]
         reducer.offer(rows, ids, scores)
     return reducer.pairs()
 
@@ -272,16 +293,19 @@ def index_task(plan: EmbedPlan) -> dict[str, Any]:
     trust_output(UPath(plan.root).parent)  # in a fresh Ray worker too: its writes refuse planted links
     chunks = [chunk for chunk in plan.chunks if plan.splits[chunk[0]].group == 0]  # the dataset's
     total = sum(stop - start for _, start, stop in chunks)
-    builder = IndexBuilder("ivf", plan.dim, total)  # sized by every row: usable ones are nearly all
-    wanted, sample, items, seen = builder.train_rows(), [], [], 0
-    for index, start, stop in chunks:  # the items, and a training sample spread over all the rows
+    builder = IndexBuilder(_KIND, plan.dim, total)  # sized by every row: usable ones are nearly all
+    wanted, sample, items, places, seen = builder.train_rows(), [], [], [], 0
+    for index, start, stop in chunks:  # the items and places, and a training sample spread over all the rows
         vectors, found = _rows(plan, index, start, stop)
         mine = wanted[(wanted >= seen) & (wanted < stop - start + seen)] - seen
         sample.append(vectors[mine[found[mine] >= 0]])
         items.append(found[found >= 0])
+        rows = start + np.flatnonzero(found >= 0)
+        places.append(np.stack([np.full(len(rows), index, np.int64), rows], axis=1))
         seen += stop - start
     items = np.concatenate(items) if items else np.empty(0, np.int64)
-    builder = IndexBuilder("ivf", plan.dim, len(items))
+    places = np.concatenate(places) if places else np.empty((0, 2), np.int64)
+    builder = IndexBuilder(_KIND, plan.dim, len(items))
     if builder.train_size:
         sample = np.concatenate(sample)
         if len(sample) < builder.index.nlist:  # few usable rows among many: faiss would refuse to train
@@ -292,27 +316,34 @@ def index_task(plan: EmbedPlan) -> dict[str, Any]:
         builder.add(_usable(plan, index, start, stop)[0])
     root = UPath(plan.root)
     save_index(builder.finish(), root / "index.faiss")
-    buffer = io.BytesIO()
-    np.save(buffer, items, allow_pickle=False)
-    atomic_write_bytes(root / "items.npy", buffer.getvalue())
-    return {"vectors": int(len(items)), "peak_rss_mb": peak_rss_mb()}
+    for name, array in (("items.npy", items), ("places.npy", places)):
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        atomic_write_bytes(root / name, buffer.getvalue())
+    return {"vectors": int(len(items)), "kind": builder.kind, "peak_rss_mb": peak_rss_mb()}
 
 
-def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
-    """The index rows' items the index task wrote: a file put there since (anyone may write under
-    OUT) is read no further than the items need, and an id no dataset item has is refused."""
-    path = UPath(plan.root) / "items.npy"
-    limit = _NPY_HEADER_MAX + 16 + 8 * count  # magic, header and the ids
+def _load_ids(path: UPath, shape: tuple[int, ...]) -> np.ndarray:
+    """An int64 array of `shape` the index task wrote: a file put there since (anyone may write
+    under OUT) is read no further than that array needs."""
+    limit = _NPY_HEADER_MAX + 16 + 8 * int(np.prod(shape))  # magic, header and the numbers
     try:
         with open_data(path) as handle:
             data = handle.read(limit + 1)
         if len(data) > limit:
             raise ValueError(f"over {limit} bytes")
-        items = np.load(io.BytesIO(data), allow_pickle=False)
+        array = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError, TokenError) as exc:
         raise UserError(f"{path}: unreadable ({str(exc)[:120]}); rerun `{_REMADE_BY}`") from None
-    if items.dtype != np.int64 or items.shape != (count,):
-        raise UserError(f"{path}: not the index's items ({items.dtype} {items.shape}); rerun `{_REMADE_BY}`")
+    if array.dtype != np.int64 or array.shape != shape:
+        raise UserError(f"{path}: not what the index task wrote ({array.dtype} {array.shape}); rerun `{_REMADE_BY}`")
+    return array
+
+
+def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
+    """The index rows' items; an id no dataset item has is refused."""
+    path = UPath(plan.root) / "items.npy"
+    items = _load_ids(path, (count,))
     dataset = max((part.first + part.rows for (group, *_), part in plan.parts.items() if not group), default=0)
     if count and not (items.min() >= 0 and items.max() < dataset):
         raise UserError(f"{path}: not the index's items (an id outside the dataset's {dataset}); "
@@ -320,18 +351,52 @@ def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
     return items
 
 
+def _load_places(plan: EmbedPlan, count: int) -> np.ndarray:
+    """Each index row's (split, row) in the dataset's splits; a place outside them is refused."""
+    path = UPath(plan.root) / "places.npy"
+    places = _load_ids(path, (count, 2))
+    splits, rows = places[:, 0], places[:, 1]
+    if count and not (splits.min() >= 0 and splits.max() < len(plan.splits)):
+        raise UserError(f"{path}: a split outside the plan's; rerun `{_REMADE_BY}`")
+    sizes = np.array([split.count if split.group == 0 else 0 for split in plan.splits], np.int64)
+    if count and not (rows.min() >= 0 and np.all(rows < sizes[splits])):
+        raise UserError(f"{path}: a row outside the dataset's splits; rerun `{_REMADE_BY}`")
+    return places
+
+
+def _vectors_at(plan: EmbedPlan, places: np.ndarray) -> np.ndarray:
+    """The vectors at (split, row) `places`, each row read alone (a file opened once, read in order)."""
+    out = np.empty((len(places), plan.dim), np.float32)
+    size = plan.dim * 4
+    for number in np.unique(places[:, 0]):
+        split = plan.splits[number]
+        mine = np.flatnonzero(places[:, 0] == number)
+        with open_data(UPath(split.vectors)) as handle:
+            for i in mine[np.argsort(places[mine, 1], kind="stable")]:
+                handle.seek(split.offset + int(places[i, 1]) * size)
+                data = handle.read(size)
+                if len(data) != size:
+                    raise UserError(f"{split.vectors}: shorter than it was when listed; rerun `audiodata embed`")
+                out[i] = np.frombuffer(data, np.float32)
+    return out
+
+
 def query_task(plan: EmbedPlan, task: int, indexed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Chunk `task` against the index: (query item, dataset item, cosine) reduced, and peak memory."""
     # dedup's own index (rebuilt by every run), not embed's output: a damaged one is dedup's to redo
     index = load_index(UPath(plan.root) / "index.faiss", indexed, plan.dim, made_by=_REMADE_BY)  # DEFAULT_NPROBE
-    base_items = _load_items(plan, indexed)
+    base_items, places = _load_items(plan, indexed), _load_places(plan, indexed)
     split, start, stop = plan.chunks[task]
     vectors, items = _usable(plan, split, start, stop)
-    q, b, scores = range_pairs(index, vectors, plan.threshold)
-    q, b = items[q], base_items[b]
-    keep = q != b
+
+    def exact(rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        other = items[rows] != base_items[ids]  # a sample found by its own vector: not read back
+        rows, ids = rows[other], ids[other]
+        return rows, ids, np.einsum("ij,ij->i", vectors[rows], _vectors_at(plan, places[ids]))
+
+    q, b, scores = range_pairs(index, vectors, plan.threshold, exact)
     reducer = LinkReducer()
-    reducer.offer(q[keep], b[keep], scores[keep])
+    reducer.offer(items[q], base_items[b], scores)
     return (*reducer.pairs(), peak_rss_mb())
 
 
@@ -383,7 +448,8 @@ def match_embeddings(plan: EmbedPlan, on_ray: bool) -> tuple[np.ndarray, np.ndar
         reducer.offer(np.minimum(q, b), np.maximum(q, b), scores)
     if root.exists():
         root.fs.rm(root.path, recursive=True)
-    report = {"indexed": built["vectors"], "query_tasks": len(plan.chunks),
+    report = {"indexed": built["vectors"], "index_kind": built["kind"], "rescored_within": SQ_MARGIN,
+              "query_tasks": len(plan.chunks),
               "index_task_peak_rss_mb": built["peak_rss_mb"],
               "query_task_peak_rss_mb": max((f[3] for f in found), default=0.0)}
     return (*reducer.pairs(), report)

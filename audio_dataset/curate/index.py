@@ -7,6 +7,9 @@
   8 bits per sub-quantiser) holds 64 B of code + 8 B of id per 512-d vector: 10M vectors in ~0.7 GB.
 - `hnsw` (IndexHNSWFlat, 32 links per node) is a graph over the full vectors: fastest queries and
   high recall, ~2.3 kB per vector, no training.
+- `ivfsq` (IndexIVFScalarQuantizer, 8 bits per dimension: 512 B per 512-d vector, inner products
+  within ~2e-3) is dedup's own work index (not an --index choice): dedup scores its candidates again
+  from the full vectors, so a quarter of the memory costs it nothing in exactness.
 `auto` is flat below AUTO_IVF vectors, ivf below AUTO_PQ, ivfpq above (memory flat per vector).
 Training (ivf, ivfpq) uses a sample spread over the whole split, at most MAX_TRAIN vectors.
 bench/search_scale.py measures recall@10 against exact search and query time at 1M vectors.
@@ -39,11 +42,13 @@ DEFAULT_NPROBE = 16
 PQ_BITS = 8
 PQ_DIMS_PER_CODE = 8  # dim/8 one-byte sub-quantisers: 64 B per 512-d vector
 RERANK = 10  # ivfpq: candidates per wanted hit scored again from the full vectors
+SQ_RANGE_WIDEN = 0.25  # ivfsq: steps 1.5x the sample's range needs, inner products still within ~1e-3
 HNSW_LINKS = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 64
 # The file header faiss writes first for each kind we write (index_write.cpp's fourcc).
-FOURCC = {"flat": b"IxFI", "ivf": b"IwFl", "ivfpq": b"IwPQ", "hnsw": b"IHNf"}
+FOURCC = {"flat": b"IxFI", "ivf": b"IwFl", "ivfpq": b"IwPQ", "hnsw": b"IHNf", "ivfsq": b"IwSq"}
+_INVERTED = ("ivf", "ivfpq", "ivfsq")
 
 
 def index_settings(kind: str) -> dict[str, Any]:
@@ -62,11 +67,11 @@ def ivf_lists(count: int) -> int:
 def resolve_kind(kind: str, count: int) -> str:
     """The kind built for `count` vectors: `auto` by size; an inverted-list kind on a split too small
     to train one is searched exactly (flat)."""
-    if kind not in INDEX_KINDS[:5]:
+    if kind not in (*INDEX_KINDS[:5], "ivfsq"):
         raise UserError(f"--index must be one of {', '.join(INDEX_KINDS)}")
     if kind == "auto":
         kind = "flat" if count < AUTO_IVF else "ivf" if count < AUTO_PQ else "ivfpq"
-    if kind in ("ivf", "ivfpq") and count < _MIN_IVF_VECTORS:
+    if kind in _INVERTED and count < _MIN_IVF_VECTORS:
         return "flat"
     return kind
 
@@ -80,11 +85,16 @@ class IndexBuilder:
 
         self.kind, self.count = resolve_kind(kind, count), count
         ip = faiss.METRIC_INNER_PRODUCT
-        if self.kind in ("ivf", "ivfpq"):
+        if self.kind in _INVERTED:
             lists = ivf_lists(count)
             quantizer = faiss.IndexFlatIP(dim)
             if self.kind == "ivf":
                 self.index = faiss.IndexIVFFlat(quantizer, dim, lists, ip)
+            elif self.kind == "ivfsq":
+                self.index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, ip)
+                # Each dimension's range: the sample's, widened by SQ_RANGE_WIDEN of it on both sides, so a
+                # vector beyond the sample is rarely clipped (a clipped value errs by its overshoot).
+                self.index.sq.rangestat_arg = SQ_RANGE_WIDEN
             else:
                 if dim % PQ_DIMS_PER_CODE:
                     raise UserError(f"--index ivfpq needs a dimension divisible by {PQ_DIMS_PER_CODE}, not {dim}")
@@ -283,7 +293,7 @@ def _check_structure(index, kind: str, count: int, dim: int) -> str | None:
     import faiss
 
     expected = {"flat": faiss.IndexFlatIP, "ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQ,
-                "hnsw": faiss.IndexHNSWFlat}[kind]
+                "hnsw": faiss.IndexHNSWFlat, "ivfsq": faiss.IndexIVFScalarQuantizer}[kind]
     if type(index) is not expected:
         return f"a {type(index).__name__}"
     if index.metric_type != faiss.METRIC_INNER_PRODUCT or index.d != dim or index.ntotal != count:
@@ -308,6 +318,12 @@ def _check_ivf(index, kind: str, count: int, dim: int) -> str | None:
         return "its inverted lists are not the kind it declares"
     if kind == "ivf":
         code_size = dim * 4
+    elif kind == "ivfsq":
+        sq = index.sq
+        if sq.qtype != faiss.ScalarQuantizer.QT_8bit or sq.d != dim or sq.code_size != dim or \
+                sq.trained.size() != 2 * dim or not index.by_residual:
+            return "its scalar quantizer does not match its dimension"
+        code_size = dim
     else:
         pq = index.pq
         ksub = 1 << pq.nbits

@@ -36,12 +36,17 @@ def _flat(count: int = COUNT):
     return index
 
 
-def _ivf(pq: bool = False):
+def _ivf(pq: bool = False, sq: str | None = None):
+    """IVF-flat, IVF-PQ, or with `sq` (a faiss QT_ name) dedup's scalar-quantised kind."""
     import faiss
 
     quantizer = faiss.IndexFlatIP(DIM)
-    index = (faiss.IndexIVFPQ(quantizer, DIM, 2, 16, 8, faiss.METRIC_INNER_PRODUCT) if pq else
-             faiss.IndexIVFFlat(quantizer, DIM, 2, faiss.METRIC_INNER_PRODUCT))
+    if sq:
+        index = faiss.IndexIVFScalarQuantizer(quantizer, DIM, 2, getattr(faiss.ScalarQuantizer, sq),
+                                              faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = (faiss.IndexIVFPQ(quantizer, DIM, 2, 16, 8, faiss.METRIC_INNER_PRODUCT) if pq else
+                 faiss.IndexIVFFlat(quantizer, DIM, 2, faiss.METRIC_INNER_PRODUCT))
     index.train(_vectors(300))  # 256 codewords per sub-quantizer need as many vectors
     index.add(_vectors())
     return index, quantizer
@@ -123,6 +128,8 @@ HOSTILE = {
     "a node level out of range": (lambda: _hnsw_with(_level_out_of_range), "level"),
     "an entry point out of range": (lambda: _hnsw_with(_entry_out_of_range), "entry"),
     "an inverted-list id out of range": (_ivf_id_out_of_range, "an id out of range"),
+    "a scalar quantizer of 4 bits": (lambda: _bytes(_ivf(sq="QT_4bit")[0]), "scalar quantizer"),
+    "a scalar quantizer of fp16": (lambda: _bytes(_ivf(sq="QT_fp16")[0]), "scalar quantizer"),
 }
 
 
@@ -170,7 +177,8 @@ def test_the_loader_reads_no_more_than_it_measured(tmp_path):
     assert path.read_bytes() == good and load_index(UPath(path), COUNT, DIM).ntotal == COUNT
 
 
-@pytest.mark.parametrize("make", [_flat, lambda: _ivf()[0], lambda: _ivf(pq=True)[0], _hnsw])
+@pytest.mark.parametrize("make", [_flat, lambda: _ivf()[0], lambda: _ivf(pq=True)[0], _hnsw,
+                                  lambda: _ivf(sq="QT_8bit")[0]])
 def test_corrupted_bytes_are_refused_or_load_whole(tmp_path, make):
     """Random bytes overwritten anywhere in a good index: refused, or an index whose every search
     stays in range (a flipped vector value is still a valid file)."""
