@@ -91,9 +91,10 @@ class Stage:
     finish: Callable[[UPath, list[ShardJob]], None] | None = None
     # A DROP stage's row of a sample it did not keep -> the output manifest's `error_detail`.
     detail: Callable[[dict[str, Any]], str | None] | None = None
-    # Settings the workers' device decides (embed's default precision): device -> settings, added to
-    # `settings` before they are recorded and compared, so a resume on another kind of machine is seen.
-    device_settings: Callable[[str], dict[str, Any]] | None = None
+    # Settings the workers' device decides (embed's default precision): (device, the settings a resume
+    # must match, {} on a clean start) -> settings, added to `settings` before they are recorded and
+    # compared, so a resume on another kind of machine is seen.
+    device_settings: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -194,10 +195,9 @@ def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
     settings = as_json(stage.settings)
     record = {"stage": stage.name, "input": _identity(input_dir), "input_digest": dataset_identity(input_dir),
               "settings": settings}
-    if path.exists() and any(_parts_dir(out, stage.name, stage.mode).rglob("*.parquet")):
-        previous = read_json(path)
-        # Anyone may have edited it: settings that are not a table match nothing (one line, below).
-        before = previous.get("settings") if isinstance(previous.get("settings"), dict) else {}
+    previous = _previous_run(out, stage)
+    if previous is not None:
+        before = _recorded_settings(previous)
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if previous.get("input") != record["input"] and previous.get("input_digest") != record["input_digest"]:
             changed.insert(0, "input")
@@ -207,6 +207,20 @@ def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
                             f"use a new --out, or the same settings to resume{_recorded(before, changed)}")
         record = {**previous, "input": record["input"], "input_digest": record["input_digest"]}
     atomic_write_json(path, record)
+
+
+def _previous_run(out: UPath, stage: Stage) -> dict[str, Any] | None:
+    """The run.json a resume must match, or None while no shard is done (the run starts clean)."""
+    path = _work_dir(out, stage.name) / "run.json"
+    if path.exists() and any(_parts_dir(out, stage.name, stage.mode).rglob("*.parquet")):
+        return read_json(path)
+    return None
+
+
+def _recorded_settings(previous: dict[str, Any] | None) -> dict[str, Any]:
+    # Anyone may have edited run.json: settings that are not a table match nothing.
+    settings = (previous or {}).get("settings")
+    return settings if isinstance(settings, dict) else {}
 
 
 def _recorded(before: dict[str, Any], changed: list[str]) -> str:
@@ -430,7 +444,8 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
 
                 gpus = int(ray.cluster_resources().get("GPU", 0))
                 options = replace(options, device=_worker_device("auto", gpus))
-            settings = {**stage.settings, **stage.device_settings(options.device)}
+            recorded = _recorded_settings(_previous_run(location(options.out), stage))
+            settings = {**stage.settings, **stage.device_settings(options.device, recorded)}
             return _run_stage_held(replace(stage, settings=settings), options)
         finally:
             if owns_ray:

@@ -298,16 +298,22 @@ def test_an_earlier_versions_run_json_with_no_shard_done_records_the_resolved_pr
     done (killed before the first), this run starts clean and records the precision it runs in, so a
     later resume on another kind of machine is refused as after any clean run."""
     from audio_dataset.curate.embed import EmbedOptions, _precision_setting
+    from audio_dataset.stage_runner import READ, Stage, _previous_run, _recorded_settings
     from upath import UPath
 
     out = tmp_path / "out"
     (out / ".embed").mkdir(parents=True)
     (out / ".embed" / "run.json").write_text(json.dumps({"stage": "embed", "settings": {"precision": None}}))
     options = EmbedOptions(checkpoint=None)
-    assert _precision_setting(options, UPath(out), "cpu") == {"precision": "fp32"}
+    stage = Stage("embed", {}, lambda device: None, pa.schema([]), mode=READ)
+
+    def setting() -> dict:  # what run_stage hands embed: the settings a resume must match
+        return _precision_setting(options, "cpu", _recorded_settings(_previous_run(UPath(out), stage)))
+
+    assert setting() == {"precision": "fp32"}
     (out / "train").mkdir()
     (out / "train" / "000000.parquet").write_bytes(b"")  # a shard done by the earlier version
-    assert _precision_setting(options, UPath(out), "cpu") == {"precision": None}
+    assert setting() == {"precision": None}
 
 
 def test_a_resumed_embed_equals_a_clean_one(folders, checkpoint, embedded, capsys):

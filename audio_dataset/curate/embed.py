@@ -32,7 +32,7 @@ from audio_dataset.manifest import read_parquet, write_parquet
 from audio_dataset.shards import Sample
 from audio_dataset.source import UserError
 from audio_dataset.stage_runner import READ, RunOptions, RunSummary, ShardJob, Stage, check_run, run_stage
-from audio_dataset.storage import StagedFile, location, read_json
+from audio_dataset.storage import StagedFile, location
 
 EMBED_STAGE = "embed"
 NO_TEXT = "no_text"
@@ -175,26 +175,15 @@ def _make_embed(options: EmbedOptions, device: str) -> EmbedProcessor:
     return EmbedProcessor(replace(options, precision=effective_precision(options.precision, device)), device)
 
 
-def _precision_setting(options: EmbedOptions, out: UPath, device: str) -> dict[str, Any]:
+def _precision_setting(options: EmbedOptions, device: str, recorded: dict[str, Any]) -> dict[str, Any]:
     """The precision the workers on `device` run in, recorded: a GPU run (bf16) resumed on a CPU
     (fp32) without --precision is refused by the settings check, not mixed into one output. Refused
     rather than carried on in the recorded precision, as every other setting is: the user picks with
     --precision (bf16 on a CPU without bf16 instructions is many times slower than fp32)."""
-    if options.precision is None and _recorded_settings(out).get("precision", "") is None:
+    if options.precision is None and recorded.get("precision", "") is None:
         # An earlier version's run.json (the device's default, unresolved): it resumes as it did then.
         return {"precision": None}
     return {"precision": effective_precision(options.precision, device)}
-
-
-def _recorded_settings(out: UPath) -> dict[str, Any]:
-    path = out / f".{EMBED_STAGE}" / "run.json"
-    if not any(out.rglob("*.parquet")):  # no shard done: the run starts clean (as the resume check)
-        return {}
-    try:
-        settings = read_json(path).get("settings") if path.exists() else None
-    except UserError:  # unreadable: the resume check says so, where it matters
-        settings = None
-    return settings if isinstance(settings, dict) else {}
 
 
 def split_files(out: UPath, split: str) -> dict[str, UPath]:
@@ -265,7 +254,7 @@ def run_embed(options: EmbedOptions, run: RunOptions) -> RunSummary:
                 "window_seconds": None if identity["fusion"] else identity["window_seconds"]}
     stage = Stage(EMBED_STAGE, settings, functools.partial(_make_embed, options), embed_schema(identity["joint_dim"]),
                   mode=READ, finish=functools.partial(_finish, identity["joint_dim"], options.index),
-                  device_settings=functools.partial(_precision_setting, options, location(run.out)))
+                  device_settings=functools.partial(_precision_setting, options))
     return run_stage(stage, run)
 
 
