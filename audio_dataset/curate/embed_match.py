@@ -166,8 +166,13 @@ def _npy_layout(path: UPath, count: int, dim: int) -> int:
 def read_vectors(split: VectorSplit, dim: int, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of the split's matrix, read alone."""
     with open_data(UPath(split.vectors)) as handle:
-        handle.seek(split.offset + start * dim * 4)
-        data = handle.read((stop - start) * dim * 4)
+        return _read_rows(handle, split, dim, start, stop)
+
+
+def _read_rows(handle: Any, split: VectorSplit, dim: int, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the split's matrix from its open file."""
+    handle.seek(split.offset + start * dim * 4)
+    data = handle.read((stop - start) * dim * 4)
     if len(data) != (stop - start) * dim * 4:
         raise UserError(f"{split.vectors}: shorter than it was when listed; rerun `audiodata embed`")
     return np.frombuffer(data, np.float32).reshape(stop - start, dim)
@@ -367,17 +372,13 @@ def _load_places(plan: EmbedPlan, count: int) -> np.ndarray:
 def _vectors_at(plan: EmbedPlan, places: np.ndarray) -> np.ndarray:
     """The vectors at (split, row) `places`, each row read alone (a file opened once, read in order)."""
     out = np.empty((len(places), plan.dim), np.float32)
-    size = plan.dim * 4
     for number in np.unique(places[:, 0]):
         split = plan.splits[number]
         mine = np.flatnonzero(places[:, 0] == number)
         with open_data(UPath(split.vectors)) as handle:
             for i in mine[np.argsort(places[mine, 1], kind="stable")]:
-                handle.seek(split.offset + int(places[i, 1]) * size)
-                data = handle.read(size)
-                if len(data) != size:
-                    raise UserError(f"{split.vectors}: shorter than it was when listed; rerun `audiodata embed`")
-                out[i] = np.frombuffer(data, np.float32)
+                row = int(places[i, 1])
+                out[i] = _read_rows(handle, split, plan.dim, row, row + 1)[0]
     return out
 
 
