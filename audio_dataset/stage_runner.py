@@ -91,10 +91,10 @@ class Stage:
     finish: Callable[[UPath, list[ShardJob]], None] | None = None
     # A DROP stage's row of a sample it did not keep -> the output manifest's `error_detail`.
     detail: Callable[[dict[str, Any]], str | None] | None = None
-    # Settings the workers' device decides (embed's default precision): (device, the settings a resume
-    # must match, {} on a clean start) -> settings, added to `settings` before they are recorded and
-    # compared, so a resume on another kind of machine is seen.
-    device_settings: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
+    # Settings the workers' device decides (embed's default precision): (device, or None where no shard
+    # is left to run; the settings a resume must match, {} on a clean start) -> settings, added to
+    # `settings` before they are recorded and compared, so a resume on another kind of machine is seen.
+    device_settings: Callable[[str | None, dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -435,17 +435,23 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
     with hold_output(trust_output(options.out), stage.name):
         if stage.device_settings is None:
             return _run_stage_held(stage, options)
+        input_dir, out = location(options.input), location(options.out)
+        pending = any(not location(job.part).exists() for job in find_jobs(input_dir, out, stage.name, stage.mode))
         # With auto the device is the cluster's: Ray starts before the settings are compared, and the
-        # workers get the device resolved here, so they run with the settings recorded.
-        owns_ray = options.device == "auto" and start_ray(options.ray_address)
+        # workers get the device resolved here, so they run with the settings recorded. With no shard
+        # left nothing runs on a device (None): Ray is not started for it.
+        asks_ray = pending and options.device != "cpu"
+        owns_ray = asks_ray and start_ray(options.ray_address)
         try:
-            if options.device == "auto":
+            if asks_ray:
                 import ray
 
                 gpus = int(ray.cluster_resources().get("GPU", 0))
-                options = replace(options, device=_worker_device("auto", gpus))
-            recorded = _recorded_settings(_previous_run(location(options.out), stage))
-            settings = {**stage.settings, **stage.device_settings(options.device, recorded)}
+                if options.device == "cuda" and not gpus:  # said before any setting it would decide
+                    raise UserError("--device cuda: the Ray cluster has no GPU")
+                options = replace(options, device=_worker_device(options.device, gpus))
+            recorded = _recorded_settings(_previous_run(out, stage))
+            settings = {**stage.settings, **stage.device_settings(options.device if pending else None, recorded)}
             return _run_stage_held(replace(stage, settings=settings), options)
         finally:
             if owns_ray:

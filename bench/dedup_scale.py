@@ -49,7 +49,7 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from audio_dataset.audio import decode, encode_flac, resample  # noqa: E402
-from audio_dataset.curate import dedup  # noqa: E402
+from audio_dataset.curate import dedup, embed_match  # noqa: E402
 from audio_dataset.curate import fingerprint as fp  # noqa: E402
 from audio_dataset.curate import match as matching  # noqa: E402
 
@@ -639,8 +639,10 @@ def run_embeddings(out: Path, size: int, evals: int, seed: int, threshold: float
             "recall": found_dups / planted, "leaks_found": found_leaks, "false_matches": len(false),
             "false_match_rate": len(false) / (total * (total - 1) / 2), "links": len(links),
             "driver": {"rss_before_mb": rss.before, "rss_peak_mb": rss.peak, "rise_mb": round(rss.peak - rss.before, 1)},
+            "train_task_peak_rss_mb": report["train_task_peak_rss_mb"],
             "index_task_peak_rss_mb": report["index_task_peak_rss_mb"],
             "query_task_peak_rss_mb": report["query_task_peak_rss_mb"], "query_tasks": report["query_tasks"],
+            "index_parts": report["index_parts"], "part_vectors": embed_match.PART_VECTORS,
             "seconds": {"generate": round(generated - started, 1), "match": round(matched - generated, 1)}}
 
 
@@ -655,6 +657,8 @@ def main() -> None:
     parser.add_argument("--stop-floor", type=int, default=fp.STOP_FLOOR, help="the stop-list's floor (its effect)")
     parser.add_argument("--embeddings", default="", help="embedding dedup corpus sizes, comma separated")
     parser.add_argument("--threshold", type=float, default=0.98, help="embedding dedup's cosine threshold")
+    parser.add_argument("--part-vectors", type=int, default=embed_match.PART_VECTORS,
+                        help="vectors per index part (a smaller part shows memory flat in the corpus sooner)")
     args = parser.parse_args()
     from audio_dataset.raystart import start_ray
 
@@ -674,11 +678,12 @@ def main() -> None:
         result = run_standin(args.out, model, size, args.eval, args.seed)
         results[f"standin_{size}"] = result
         print(json.dumps({f"standin_{size}": result}, indent=1), flush=True)
+    embed_match.PART_VECTORS = args.part_vectors  # read where the plan is made: here, in the driver
     for size in [int(s) for s in args.embeddings.split(",") if s]:
         result = run_embeddings(args.out, size, args.eval, args.seed, args.threshold)
         results[f"embeddings_{size}"] = result
         print(json.dumps({f"embeddings_{size}": result}, indent=1), flush=True)
-    name = f"results-{'real-' if args.real else ''}{('emb' + args.embeddings.replace(',', '-')) if args.embeddings else ''}{args.standin.replace(',', '-')}-stop{args.stop_floor}.json"
+    name = f"results-{'real-' if args.real else ''}{('emb' + args.embeddings.replace(',', '-') + f'-part{args.part_vectors}') if args.embeddings else ''}{args.standin.replace(',', '-')}-stop{args.stop_floor}.json"
     (args.out / name).write_text(json.dumps(results, indent=1))
 
 

@@ -234,7 +234,8 @@ def test_embed_in_bf16_stays_close_to_fp32(folders, checkpoint, embedded):
         cosine = (fp32 * bf16).sum(axis=1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
         assert cosine.min() > 0.99 and not np.array_equal(fp32, bf16)  # close, and really computed in bf16
     assert json.loads((out / ".embed" / "run.json").read_text())["settings"]["precision"] == "bf16"
-    # resumed without --precision (fp32 on this CPU): refused, not bf16 and fp32 shards in one output
+    # a shard left, resumed without --precision (fp32 on this CPU): refused, not bf16 and fp32 shards in one output
+    sorted((out / "train").glob("*.parquet"))[-1].unlink()
     assert main(["embed", str(folders["dataset"]), "--checkpoint", str(checkpoint), "--batch-size", "4",
                  "--out", str(out), "--no-progress"]) == 2
 
@@ -244,10 +245,13 @@ def test_a_resume_where_the_device_picks_another_precision_is_refused(folders, c
     """Without --precision the workers' device picks it (bf16 on a GPU, fp32 on a CPU, as clap-train);
     run.json records the one they ran in. A run made on this CPU resumed where the Ray cluster has a
     GPU (as the runner reads the cluster's resources) is refused, not bf16 shards among fp32 ones;
-    --precision fp32 resumes it. A run.json of an earlier version (precision None) still resumes."""
+    --precision fp32 resumes it. With every shard done nothing runs on a device: the run finishes as
+    it was made, without starting Ray. A run.json of an earlier version (precision None) still resumes."""
     import shutil
 
     import ray
+
+    from audio_dataset import stage_runner
 
     out = folders["tmp"] / "embed-elsewhere"
     shutil.copytree(embedded, out)
@@ -257,16 +261,39 @@ def test_a_resume_where_the_device_picks_another_precision_is_refused(folders, c
                "--out", str(out), "--no-progress"]
     cpu_cluster = ray.cluster_resources()
     monkeypatch.setattr(ray, "cluster_resources", lambda: {**cpu_cluster, "GPU": 1.0})
+    started = []
+    monkeypatch.setattr(stage_runner, "start_ray", lambda address: started.append(address) or False)
+    assert main(command) == 0 and started == []  # every shard done: no device asked for, Ray not started
+    assert json.loads(run_json.read_text())["settings"]["precision"] == "fp32"
+    part = sorted((out / "train").glob("*.parquet"))[-1]
+    part.unlink()  # a shard left to embed, on the "GPU"
     capsys.readouterr()
-    assert main(command) == 2
+    assert main(command) == 2 and started
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings (precision)" in err[0] and "(recorded: precision=fp32)" in err[0]
-    assert main([*command, "--precision", "fp32"]) == 0  # every shard done: nothing computed on the "GPU"
+    assert not part.exists()
     monkeypatch.setattr(ray, "cluster_resources", lambda: cpu_cluster)
+    assert main([*command, "--precision", "fp32"]) == 0 and part.exists()
     record = json.loads(run_json.read_text())
     record["settings"]["precision"] = None  # as an earlier version wrote it
     run_json.write_text(json.dumps(record))
-    assert main(command) == 0 and json.loads(run_json.read_text())["settings"]["precision"] is None
+    part.unlink()
+    assert main(command) == 0 and part.exists() and json.loads(run_json.read_text())["settings"]["precision"] is None
+
+
+def test_device_cuda_without_a_gpu_says_so_before_any_setting_it_decides(folders, checkpoint, embedded, capsys):
+    """`--device cuda` resuming a CPU run where the cluster has no GPU: the missing GPU is the line,
+    not the precision (bf16) a GPU would have run in."""
+    import shutil
+
+    out = folders["tmp"] / "embed-no-gpu"
+    shutil.copytree(embedded, out)
+    sorted((out / "train").glob("*.parquet"))[-1].unlink()
+    capsys.readouterr()
+    assert main(["embed", str(folders["dataset"]), "--checkpoint", str(checkpoint), "--batch-size", "4",
+                 "--out", str(out), "--no-progress", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda: the Ray cluster has no GPU" in err[0], err
 
 
 @pytest.mark.parametrize("planted", ["bf16\n\x1b[2Jaudiodata: ok", "fp\u202e61fb", "x\ty"])

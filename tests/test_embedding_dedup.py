@@ -131,6 +131,48 @@ def test_tasks_over_the_files_find_the_exact_clusters(small_lists, ray_local, tm
     _same_clusters(items, _exact_links(vectors, vectors, 0, True), found)
 
 
+@pytest.mark.parametrize("on_ray", [True, False])
+def test_an_index_in_parts_finds_the_same_clusters(small_lists, monkeypatch, ray_local, tmp_path, on_ray):
+    """A corpus larger than PART_VECTORS is indexed in parts, trained once (the train task's index
+    handed to each part's task), each part searched by every chunk of the dataset and of an eval set:
+    the same clusters and scores as exact all-pairs matching, leaks across parts included."""
+    monkeypatch.setattr(embed_match, "PART_VECTORS", 1_400)  # 2 chunks of 700 a part: 3 parts
+    base, evalset = corpus(3_000), corpus(400, seed=5)
+    evalset[:31] = base[::97]  # planted leaks, in every part
+    items, folders = _sets(tmp_path, base, evalset)
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
+    assert plan.index_parts == ((0, 1), (2, 3), (4,)) and len(plan.chunks) == 6
+    a, b, scores, report = embed_match.match_embeddings(plan, on_ray=on_ray)
+    assert report["index_parts"] == 3 and report["query_tasks"] == 6 and report["indexed"] == 3_000
+    assert report["index_kind"] == ("flat" if on_ray else "ivfsq") and not (tmp_path / "work").exists()
+    found = [Link(int(x), int(y), EMBEDDING, float(s)) for x, y, s in zip(a, b, scores)]
+    both = np.concatenate([base, evalset])
+    exact = [link for link in _exact_links(both, both, 0, True) if link.a < 3_000]  # eval to eval: not sought
+    assert {(link.a, link.b - 3_000) for link in exact if link.a < 3_000 <= link.b} >= {(97 * i, i) for i in range(31)}
+    _same_clusters(items, exact, found)
+
+
+def test_an_index_part_planted_with_other_lists_is_one_line(small_lists, monkeypatch, tmp_path):
+    """Every part shares the train task's lists, so a query task finds a chunk's nearest lists once,
+    in part 0: a part planted under _work since, with other lists (or of another kind), is one line
+    naming it, never searched with lists that are not its own."""
+    from audio_dataset.curate.index import IndexBuilder, save_index
+
+    monkeypatch.setattr(embed_match, "PART_VECTORS", 1_400)
+    items, folders = _sets(tmp_path, corpus(3_000))
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
+    trained, _ = embed_match.train_task(plan)
+    indexed = tuple(embed_match.index_task(plan, part, trained)["vectors"] for part in range(3))
+    embed_match.query_task(plan, 0, indexed)  # as written: searched
+    other = IndexBuilder("ivfsq", DIM, 3_000)
+    assert other.kind == "ivfsq"
+    other.train(corpus(3_000, seed=11))
+    other.add(corpus(indexed[1], seed=12))
+    save_index(other.finish(), tmp_path / "work" / "index.1.faiss")
+    with pytest.raises(UserError, match=r"index\.1\.faiss: .*other lists than part 0's.*rerun `audiodata dedup`"):
+        embed_match.query_task(plan, 0, indexed)
+
+
 def test_eval_queries_against_the_dataset(small_lists, ray_local, tmp_path):
     base, evalset = corpus(3_000), corpus(400, seed=5)
     leaks = np.arange(0, 3_000, 97)
@@ -278,7 +320,7 @@ def test_items_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
     items, folders = _sets(tmp_path, corpus(500))
     plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
     built = embed_match.index_task(plan)
-    path = tmp_path / "work" / "items.npy"
+    path = tmp_path / "work" / "items.0.npy"
     good = np.load(path)
     if plant in ("beyond", "negative"):
         bad = good + 500 if plant == "beyond" else good - 1
@@ -287,8 +329,8 @@ def test_items_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
         path.write_bytes(npy_bytes_header(good.shape, np.int64).replace(b"}", b" ") + good.tobytes())
     else:
         path.write_bytes(npy_bytes_header(good.shape, np.int64) + good.tobytes() + bytes(1 << 20))
-    with pytest.raises(UserError, match="items.npy"):
-        embed_match.query_task(plan, 0, built["vectors"])
+    with pytest.raises(UserError, match=r"items\.0\.npy"):
+        embed_match.query_task(plan, 0, (built["vectors"],))
 
 
 @pytest.mark.parametrize("plant", ["row_beyond", "eval_split", "split_beyond", "shape"])
@@ -299,7 +341,7 @@ def test_places_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
     items, folders = _sets(tmp_path, corpus(500), corpus(300, seed=9))
     plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
     built = embed_match.index_task(plan)
-    path = tmp_path / "work" / "places.npy"
+    path = tmp_path / "work" / "places.0.npy"
     bad = np.load(path)
     if plant == "row_beyond":
         bad[0, 1] = plan.splits[bad[0, 0]].count
@@ -310,12 +352,12 @@ def test_places_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
     else:
         bad = bad[:, :1].copy()
     np.save(path, bad)
-    with pytest.raises(UserError, match="places.npy"):
-        embed_match.query_task(plan, 0, built["vectors"])
+    with pytest.raises(UserError, match=r"places\.0\.npy"):
+        embed_match.query_task(plan, 0, (built["vectors"],))
 
 
-@pytest.mark.parametrize("damage", ["index.faiss:truncated", "index.faiss:garbage", "index.faiss:missing",
-                                    "items.npy:truncated", "places.npy:truncated"])
+@pytest.mark.parametrize("damage", ["index.0.faiss:truncated", "index.0.faiss:garbage", "index.0.faiss:missing",
+                                    "items.0.npy:truncated", "places.0.npy:truncated"])
 def test_dedups_own_index_damaged_between_the_tasks_names_dedup_as_the_remedy(tmp_path, damage):
     """The index and its items under _work/embedding are dedup's own (rebuilt by every run), not
     embed's output: the line names the file and says to rerun dedup, not `audiodata embed`."""
@@ -329,7 +371,7 @@ def test_dedups_own_index_damaged_between_the_tasks_names_dedup_as_the_remedy(tm
     else:
         path.write_bytes(path.read_bytes()[:20] if how == "truncated" else b"IxF2" + bytes(200))
     with pytest.raises(UserError) as caught:
-        embed_match.query_task(plan, 0, built["vectors"])
+        embed_match.query_task(plan, 0, (built["vectors"],))
     message = str(caught.value)
     assert message.startswith(f"{path}: ") and "rerun `audiodata dedup`" in message
     assert "audiodata embed" not in message and "\n" not in message

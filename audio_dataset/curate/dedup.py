@@ -8,7 +8,7 @@ Three ways two samples are the same recording, strongest first:
   lies and how long they overlap are the row's `matched_span`). Matching runs over hash partitions
   (`match.py`, Ray tasks), never every clip's hashes in one process.
 - `embedding`: CLAP audio embeddings (from `audiodata embed`) within --embedding-threshold cosine
-  (`embed_match.py`: an IVF index in one Ray task, range searches in others).
+  (`embed_match.py`: IVF index parts of at most 2M vectors built in Ray tasks, range searches in others).
 
 The driver holds the list of fingerprint parts, the links (two per matched sample at most) and the
 rows of the linked samples, never a row per sample: PCM digests are grouped a bucket at a time

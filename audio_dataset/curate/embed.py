@@ -175,15 +175,17 @@ def _make_embed(options: EmbedOptions, device: str) -> EmbedProcessor:
     return EmbedProcessor(replace(options, precision=effective_precision(options.precision, device)), device)
 
 
-def _precision_setting(options: EmbedOptions, device: str, recorded: dict[str, Any]) -> dict[str, Any]:
+def _precision_setting(options: EmbedOptions, device: str | None, recorded: dict[str, Any]) -> dict[str, Any]:
     """The precision the workers on `device` run in, recorded: a GPU run (bf16) resumed on a CPU
     (fp32) without --precision is refused by the settings check, not mixed into one output. Refused
     rather than carried on in the recorded precision, as every other setting is: the user picks with
-    --precision (bf16 on a CPU without bf16 instructions is many times slower than fp32)."""
-    if options.precision is None and recorded.get("precision", "") is None:
-        # An earlier version's run.json (the device's default, unresolved): it resumes as it did then.
-        return {"precision": None}
-    return {"precision": effective_precision(options.precision, device)}
+    --precision (bf16 on a CPU without bf16 instructions is many times slower than fp32). With no
+    shard left to embed (`device` None) the precision the shards were made in stands."""
+    if options.precision is None and (device is None or recorded.get("precision", "") is None):
+        # Nothing left to run, or an earlier version's run.json (the device's default, unresolved):
+        # it resumes as it was.
+        return {"precision": recorded.get("precision")}
+    return {"precision": effective_precision(options.precision, device or "cpu")}
 
 
 def split_files(out: UPath, split: str) -> dict[str, UPath]:

@@ -1,24 +1,30 @@
 """Embedding matches for `audiodata dedup`: pairs of samples whose CLAP audio embeddings are within a
 cosine threshold, found in Ray tasks so that no process holds every vector and the driver none.
 
-- One **index task** reads the dataset's vectors (each split's SPLIT.audio.npy, a chunk at a time),
-  trains an IVF index of 8-bit codes (`ivfsq`, exact below 10k vectors: see index.py) on a sample
-  spread over all of them, adds them, and writes under WORK the index, each index row's item and
-  where its vector is (split, row).
-- **Query tasks**, one per chunk of QUERIES_PER_TASK vectors of the dataset or of an eval set, read
-  that index and range-search their chunk, `_QUERY_CHUNK` queries at a time, down to SQ_MARGIN
-  below the threshold; each candidate pair is scored again from the two full vectors (the index
-  row's read back from its .npy) and kept at the threshold, so the scores are exact. Each task
-  returns what clustering needs of its pairs (`LinkReducer`: at most two per item).
+- The dataset's vectors (each split's SPLIT.audio.npy, read a chunk at a time) are indexed in
+  **index parts** of at most PART_VECTORS rows each: IVF lists of 8-bit codes (`ivfsq`, exact below
+  10k vectors: see index.py) trained once, on a sample spread over all of them. One **index task**
+  per part adds its rows and writes under WORK the part's index, each row's item and where its
+  vector is (split, row). With one part, that task trains too; with more, a **train task** first
+  hands every index task the same trained, empty index (through Ray, never a file).
+- **Query tasks**, one per chunk of QUERIES_PER_TASK vectors of the dataset or of an eval set, find
+  the chunk's nearest lists once (the parts share them) and read the parts one after another,
+  range-searching the chunk in each, `_QUERY_CHUNK` queries at a time, down to SQ_MARGIN below the
+  threshold; each candidate pair is scored again from the two full vectors (the index row's read
+  back from its .npy) and kept at the threshold, so the scores are exact. Each task returns what
+  clustering needs of its pairs (`LinkReducer`: at most two per item), and the driver folds each
+  in as it arrives.
 A vector's item (its number in dedup's `Items`) is found through its own shard's fingerprint part:
 the embed rows name (split, shard, key), and a task reads the keys of the shards its chunk holds (a
 key a shard holds twice: its n-th copy in the rows is its n-th in the part).
-Memory: the index task holds the index (8-bit codes: 512 B a 512-d vector, a quarter of the
-vectors) and one chunk, a query task the index, its chunk and the rows' items and places (24 B a
-vector), the driver the list of splits and parts and the reduced pairs.
+Memory, flat in the corpus: an index task holds its part (8-bit codes: 512 B a 512-d vector, a
+quarter of the vectors) and one chunk; a query task one part at a time, its chunk and the part's
+items and places (24 B a vector); the train task its sample (at most MAX_TRAIN vectors) and one chunk; the
+driver the list of splits and parts and the reduced pairs.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from collections import Counter
 from dataclasses import dataclass
@@ -38,6 +44,9 @@ from audio_dataset.source import UserError
 from audio_dataset.storage import atomic_write_bytes, open_data, trust_output
 
 QUERIES_PER_TASK = 100_000  # vectors a query task searches (and the chunk the index task reads at once)
+# Dataset rows an index part holds (whole chunks): ~1.1 GB of 512-d codes, so an index or query task
+# stays near 2.2 GB however large the corpus (bench/dedup_scale.py --embeddings; RESULTS.md).
+PART_VECTORS = 2_000_000
 _QUERY_CHUNK = 512  # queries per range search: one chunk's matches in memory at a time
 # How far below the threshold the 8-bit index's scores are taken as candidates: its inner products of
 # unit vectors err by ~7e-4 (std; at most 2.5e-3 seen, 8e-3 when trained on only 500 vectors), so
@@ -89,12 +98,21 @@ class LinkReducer:
 Rescore = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def range_pairs(index, queries: np.ndarray, threshold: float,
-                rescore: Rescore | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def nearest_lists(index, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scores, numbers) of each query's `nprobe` nearest lists of an IVF index (None for another
+    kind): what its own search finds first, found once for indexes that share the lists."""
+    if not hasattr(index, "nprobe"):
+        return None
+    return index.quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), index.nprobe)
+
+
+def range_pairs(index, queries: np.ndarray, threshold: float, rescore: Rescore | None = None,
+                lists: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query row, index row, cosine) of every pair at or above `threshold`, a chunk of queries at a
     time, reduced (`LinkReducer`) as they come. Rows are numbered from 0 on each side. With
     `rescore` (an index of approximate scores), candidates down to SQ_MARGIN below the threshold
-    go to it, (query rows, index rows) -> those it keeps with their exact scores, before the cut."""
+    go to it, (query rows, index rows) -> those it keeps with their exact scores, before the cut.
+    `lists`: the queries' `nearest_lists` in this index's lists (the same pairs, found sooner)."""
     threshold32 = np.float32(threshold)
     floor = np.float32(threshold - SQ_MARGIN) if rescore else threshold32
     # faiss keeps inner products strictly above the radius: the float32 just below the floor.
@@ -102,7 +120,11 @@ def range_pairs(index, queries: np.ndarray, threshold: float,
     reducer = LinkReducer()
     for start in range(0, len(queries), _QUERY_CHUNK):
         chunk = np.ascontiguousarray(queries[start : start + _QUERY_CHUNK], dtype=np.float32)
-        lims, scores, ids = index.range_search(chunk, radius)
+        if lists is None:
+            lims, scores, ids = index.range_search(chunk, radius)
+        else:
+            near = slice(start, start + len(chunk))
+            lims, scores, ids = index.range_search_preassigned(chunk, radius, lists[1][near], lists[0][near])
         rows = np.repeat(np.arange(start, start + len(chunk)), np.diff(lims.astype(np.int64)))
         if rescore is not None:
             rows, ids, scores = rescore(rows, ids)
@@ -203,7 +225,8 @@ class EmbedPlan:
     threshold: float
     splits: tuple[VectorSplit, ...]
     parts: dict[ShardPart, PrintPart]  # each shard's fingerprint part: its keys number its items
-    chunks: tuple[tuple[int, int, int], ...]  # (split index, start, stop) per query task
+    chunks: tuple[tuple[int, int, int], ...]  # (split index, start, stop): what a query task searches
+    index_parts: tuple[tuple[int, ...], ...]  # the dataset's chunks (numbers in `chunks`) each part indexes
 
 
 def _row_slice(split: VectorSplit, columns: list[str], start: int, stop: int) -> pa.Table:
@@ -293,39 +316,63 @@ def _usable_rows(plan: EmbedPlan, chunks: list[tuple[int, int, int]], wanted: np
     return np.concatenate(found)
 
 
-def index_task(plan: EmbedPlan) -> dict[str, Any]:
-    """The dataset's index and its rows' items, written under the plan's root."""
-    trust_output(UPath(plan.root).parent)  # in a fresh Ray worker too: its writes refuse planted links
-    chunks = [chunk for chunk in plan.chunks if plan.splits[chunk[0]].group == 0]  # the dataset's
-    total = sum(stop - start for _, start, stop in chunks)
-    builder = IndexBuilder(_KIND, plan.dim, total)  # sized by every row: usable ones are nearly all
-    wanted, sample, items, places, seen = builder.train_rows(), [], [], [], 0
-    for index, start, stop in chunks:  # the items and places, and a training sample spread over all the rows
+def _trained(plan: EmbedPlan) -> IndexBuilder:
+    """An empty index for the dataset's usable rows, trained on a sample spread over all of them
+    (read a chunk at a time: the sample is drawn before the usable rows are known, so all are read)."""
+    chunks = [plan.chunks[n] for part in plan.index_parts for n in part]
+    wanted = IndexBuilder(_KIND, plan.dim, sum(stop - start for _, start, stop in chunks)).train_rows()
+    sample, usable, seen = [], 0, 0
+    for index, start, stop in chunks:
         vectors, found = _rows(plan, index, start, stop)
         mine = wanted[(wanted >= seen) & (wanted < stop - start + seen)] - seen
         sample.append(vectors[mine[found[mine] >= 0]])
-        items.append(found[found >= 0])
-        rows = start + np.flatnonzero(found >= 0)
-        places.append(np.stack([np.full(len(rows), index, np.int64), rows], axis=1))
+        usable += int(np.count_nonzero(found >= 0))
         seen += stop - start
-    items = np.concatenate(items) if items else np.empty(0, np.int64)
-    places = np.concatenate(places) if places else np.empty((0, 2), np.int64)
-    builder = IndexBuilder(_KIND, plan.dim, len(items))
+    builder = IndexBuilder(_KIND, plan.dim, usable)  # sized by the usable rows, as every part's lists
     if builder.train_size:
         sample = np.concatenate(sample)
         if len(sample) < builder.index.nlist:  # few usable rows among many: faiss would refuse to train
             sample = _usable_rows(plan, chunks, builder.train_rows())
         builder.train(sample)
-    del sample
-    for index, start, stop in chunks:
-        builder.add(_usable(plan, index, start, stop)[0])
-    root = UPath(plan.root)
-    save_index(builder.finish(), root / "index.faiss")
+    return builder
+
+
+def train_task(plan: EmbedPlan) -> tuple[np.ndarray, float]:
+    """The trained, empty index every part adds to, serialised (handed on through Ray), and peak memory."""
+    import faiss
+
+    return faiss.serialize_index(_trained(plan).index), peak_rss_mb()
+
+
+def _part_file(plan: EmbedPlan, part: int, name: str) -> UPath:
+    stem, suffix = name.split(".")
+    return UPath(plan.root) / f"{stem}.{part}.{suffix}"
+
+
+def index_task(plan: EmbedPlan, part: int = 0, trained: np.ndarray | None = None) -> dict[str, Any]:
+    """Index part `part` and its rows' items and places, written under the plan's root. `trained`:
+    the train task's index (more than one part); without it, this task trains one itself."""
+    import faiss
+
+    trust_output(UPath(plan.root).parent)  # in a fresh Ray worker too: its writes refuse planted links
+    index = _trained(plan).index if trained is None else faiss.deserialize_index(np.asarray(trained))
+    items, places = [], []
+    for number in plan.index_parts[part]:
+        split, start, stop = plan.chunks[number]
+        vectors, found = _rows(plan, split, start, stop)
+        index.add(np.ascontiguousarray(vectors[found >= 0]))
+        items.append(found[found >= 0])
+        rows = start + np.flatnonzero(found >= 0)
+        places.append(np.stack([np.full(len(rows), split, np.int64), rows], axis=1))
+    items = np.concatenate(items) if items else np.empty(0, np.int64)
+    places = np.concatenate(places) if places else np.empty((0, 2), np.int64)
+    save_index(index, _part_file(plan, part, "index.faiss"))
     for name, array in (("items.npy", items), ("places.npy", places)):
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        atomic_write_bytes(root / name, buffer.getvalue())
-    return {"vectors": int(len(items)), "kind": builder.kind, "peak_rss_mb": peak_rss_mb()}
+        atomic_write_bytes(_part_file(plan, part, name), buffer.getvalue())
+    kind = "flat" if isinstance(index, faiss.IndexFlat) else _KIND
+    return {"vectors": int(len(items)), "kind": kind, "peak_rss_mb": peak_rss_mb()}
 
 
 def _load_ids(path: UPath, shape: tuple[int, ...]) -> np.ndarray:
@@ -345,9 +392,9 @@ def _load_ids(path: UPath, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
-    """The index rows' items; an id no dataset item has is refused."""
-    path = UPath(plan.root) / "items.npy"
+def _load_items(plan: EmbedPlan, part: int, count: int) -> np.ndarray:
+    """The index part's rows' items; an id no dataset item has is refused."""
+    path = _part_file(plan, part, "items.npy")
     items = _load_ids(path, (count,))
     dataset = max((part.first + part.rows for (group, *_), part in plan.parts.items() if not group), default=0)
     if count and not (items.min() >= 0 and items.max() < dataset):
@@ -356,9 +403,9 @@ def _load_items(plan: EmbedPlan, count: int) -> np.ndarray:
     return items
 
 
-def _load_places(plan: EmbedPlan, count: int) -> np.ndarray:
-    """Each index row's (split, row) in the dataset's splits; a place outside them is refused."""
-    path = UPath(plan.root) / "places.npy"
+def _load_places(plan: EmbedPlan, part: int, count: int) -> np.ndarray:
+    """Each index part row's (split, row) in the dataset's splits; a place outside them is refused."""
+    path = _part_file(plan, part, "places.npy")
     places = _load_ids(path, (count, 2))
     splits, rows = places[:, 0], places[:, 1]
     if count and not (splits.min() >= 0 and splits.max() < len(plan.splits)):
@@ -382,22 +429,51 @@ def _vectors_at(plan: EmbedPlan, places: np.ndarray) -> np.ndarray:
     return out
 
 
-def query_task(plan: EmbedPlan, task: int, indexed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Chunk `task` against the index: (query item, dataset item, cosine) reduced, and peak memory."""
-    # dedup's own index (rebuilt by every run), not embed's output: a damaged one is dedup's to redo
-    index = load_index(UPath(plan.root) / "index.faiss", indexed, plan.dim, made_by=_REMADE_BY)  # DEFAULT_NPROBE
-    base_items, places = _load_items(plan, indexed), _load_places(plan, indexed)
-    split, start, stop = plan.chunks[task]
-    vectors, items = _usable(plan, split, start, stop)
+def _lists_digest(index) -> tuple[str, str]:
+    """What an index part shares with the others: its kind, and its lists' centroids."""
+    import faiss
+
+    if not hasattr(index, "nprobe"):
+        return type(index).__name__, ""
+    centroids = faiss.vector_to_array(faiss.downcast_index(index.quantizer).codes)
+    return type(index).__name__, hashlib.sha256(centroids.tobytes()).hexdigest()
+
+
+def _rescorer(plan: EmbedPlan, vectors: np.ndarray, items: np.ndarray, base_items: np.ndarray,
+              places: np.ndarray) -> Rescore:
+    """Candidates (query rows, index rows) -> those of two samples, with their exact cosines."""
 
     def exact(rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         other = items[rows] != base_items[ids]  # a sample found by its own vector: not read back
         rows, ids = rows[other], ids[other]
         return rows, ids, np.einsum("ij,ij->i", vectors[rows], _vectors_at(plan, places[ids]))
 
-    q, b, scores = range_pairs(index, vectors, plan.threshold, exact)
-    reducer = LinkReducer()
-    reducer.offer(items[q], base_items[b], scores)
+    return exact
+
+
+def query_task(plan: EmbedPlan, task: int,
+               indexed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Chunk `task` against each index part in turn (`indexed`: each part's rows): (query item,
+    dataset item, cosine) reduced, and peak memory. The chunk's nearest lists are found once: every
+    part has the train task's lists."""
+    split, start, stop = plan.chunks[task]
+    vectors, items = _usable(plan, split, start, stop)
+    reducer, lists, index, first = LinkReducer(), None, None, None
+    for part, count in enumerate(indexed):
+        index = None  # the part before let go first: one held at a time
+        path = _part_file(plan, part, "index.faiss")
+        # dedup's own index (rebuilt by every run), not embed's output: a damaged one is dedup's to redo
+        index = load_index(path, count, plan.dim, made_by=_REMADE_BY)  # DEFAULT_NPROBE
+        if first is None:
+            first = _lists_digest(index)
+            lists = nearest_lists(index, vectors) if len(indexed) > 1 else None
+        elif _lists_digest(index) != first:  # planted since: the lists found in part 0 would not be its
+            raise UserError(f"{path}: not an index `{_REMADE_BY}` writes (other lists than part 0's); "
+                            f"rerun `{_REMADE_BY}`")
+        base_items = _load_items(plan, part, count)
+        rescore = _rescorer(plan, vectors, items, base_items, _load_places(plan, part, count))
+        q, b, scores = range_pairs(index, vectors, plan.threshold, rescore, lists)
+        reducer.offer(items[q], base_items[b], scores)
     return (*reducer.pairs(), peak_rss_mb())
 
 
@@ -424,37 +500,59 @@ def plan_matching(work: UPath, datasets: list[UPath], parts: dict[ShardPart, Pri
         splits += vector_splits(embed_dir, group, dim)
     chunks = tuple((i, start, min(start + QUERIES_PER_TASK, split.count))
                    for i, split in enumerate(splits) for start in range(0, split.count, QUERIES_PER_TASK))
-    return EmbedPlan(str(work), dim, threshold, tuple(splits), parts, chunks), missing
+    dataset = [n for n, (i, _, _) in enumerate(chunks) if not splits[i].group]
+    per_part = max(1, PART_VECTORS // QUERIES_PER_TASK)
+    index_parts = tuple(tuple(dataset[k : k + per_part]) for k in range(0, len(dataset), per_part)) or ((),)
+    return EmbedPlan(str(work), dim, threshold, tuple(splits), parts, chunks, index_parts), missing
 
 
 def match_embeddings(plan: EmbedPlan, on_ray: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(a, b, cosine) with a < b over items, reduced across tasks, and a report. On Ray, one task
-    builds the index and one per chunk queries it; else both run here (a corpus of one chunk)."""
+    """(a, b, cosine) with a < b over items, reduced across tasks, and a report. On Ray, the index
+    tasks build the parts and one task per chunk queries them; else all run here."""
     root = UPath(plan.root)
     if root.exists():
         root.fs.rm(root.path, recursive=True)  # an interrupted run's index: rebuilt
+    several = len(plan.index_parts) > 1
+    reducer = LinkReducer()  # the tasks' pairs joined as they come: still at most 2 per item
+    query_peak, train_peak = 0.0, 0.0
+
+    def fold(found: tuple[np.ndarray, np.ndarray, np.ndarray, float]) -> None:
+        nonlocal query_peak
+        q, b, scores, peak = found
+        reducer.offer(np.minimum(q, b), np.maximum(q, b), scores)
+        query_peak = max(query_peak, peak)
+
     if on_ray:
         import ray
 
         plan_ref = ray.put(plan)
         # A fresh worker per task (max_calls=1): each task's memory is its own, and is given back.
-        built = ray.get(ray.remote(num_cpus=1, max_retries=1, max_calls=1)(index_task).remote(plan_ref))
-        query = ray.remote(num_cpus=1, max_retries=1, max_calls=1)(query_task)
-        found = ray.get([query.remote(plan_ref, task, built["vectors"]) for task in range(len(plan.chunks))])
+        options = {"num_cpus": 1, "max_retries": 1, "max_calls": 1}
+        trained = None
+        if several:  # the trained index stays a reference: the driver never holds it
+            trained, train_peak = ray.remote(num_returns=2, **options)(train_task).remote(plan_ref)
+            train_peak = ray.get(train_peak)
+        built = ray.get([ray.remote(**options)(index_task).remote(plan_ref, part, trained)
+                         for part in range(len(plan.index_parts))])
+        query, indexed = ray.remote(**options)(query_task), tuple(b["vectors"] for b in built)
+        pending = [query.remote(plan_ref, task, indexed) for task in range(len(plan.chunks))]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            fold(ray.get(done[0]))
     else:
-        built = index_task(plan)
-        found = [query_task(plan, task, built["vectors"]) for task in range(len(plan.chunks))]
-    reducer = LinkReducer()  # the tasks' pairs joined: still at most 2 per item
-    for q, b, scores, _ in found:
-        reducer.offer(np.minimum(q, b), np.maximum(q, b), scores)
+        trained, train_peak = train_task(plan) if several else (None, 0.0)
+        built = [index_task(plan, part, trained) for part in range(len(plan.index_parts))]
+        del trained
+        for task in range(len(plan.chunks)):
+            fold(query_task(plan, task, tuple(b["vectors"] for b in built)))
     if root.exists():
         root.fs.rm(root.path, recursive=True)
-    report = {"indexed": built["vectors"], "index_kind": built["kind"], "rescored_within": SQ_MARGIN,
-              "query_tasks": len(plan.chunks),
-              "index_task_peak_rss_mb": built["peak_rss_mb"],
-              "query_task_peak_rss_mb": max((f[3] for f in found), default=0.0)}
+    report = {"indexed": sum(b["vectors"] for b in built), "index_kind": built[0]["kind"],
+              "index_parts": len(built), "rescored_within": SQ_MARGIN, "query_tasks": len(plan.chunks),
+              "train_task_peak_rss_mb": train_peak,  # 0: trained in the one index task
+              "index_task_peak_rss_mb": max(b["peak_rss_mb"] for b in built), "query_task_peak_rss_mb": query_peak}
     return (*reducer.pairs(), report)
 
 
-__all__ = ["EmbedPlan", "LinkReducer", "QUERIES_PER_TASK", "embedding_pairs", "match_embeddings", "plan_matching",
+__all__ = ["EmbedPlan", "LinkReducer", "PART_VECTORS", "QUERIES_PER_TASK", "embedding_pairs", "match_embeddings", "plan_matching",
            "range_pairs", "read_vectors", "vector_splits"]
