@@ -152,6 +152,33 @@ def test_an_index_in_parts_finds_the_same_clusters(small_lists, monkeypatch, ray
     _same_clusters(items, exact, found)
 
 
+def test_a_small_part_of_a_large_corpus_loads_with_the_corpus_lists(small_lists, monkeypatch, tmp_path):
+    """Every part has the lists trained for the whole corpus (4 sqrt(N): 5,657 of 512-d at 2M, 11.6
+    MB), so a part of few rows (a small last split) is a file far larger than its own rows could
+    make: the query task still loads it, its size bounded by the corpus's lists. Here 20,000 lists
+    (pinned: trained from centroids given, as k-means on millions would make them) for 2,100 rows."""
+    import faiss
+
+    from audio_dataset.curate import index
+
+    monkeypatch.setattr(embed_match, "PART_VECTORS", 1_400)
+    monkeypatch.setattr(index, "ivf_lists", lambda count: 20_000)
+    base = corpus(2_100)
+    items, folders = _sets(tmp_path, base)
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
+    assert plan.index_parts == ((0, 1), (2,))
+    quantizer = faiss.IndexFlatIP(DIM)
+    quantizer.add(corpus(20_000, seed=3))  # the lists: not trained again
+    trained = faiss.IndexIVFScalarQuantizer(quantizer, DIM, 20_000, faiss.ScalarQuantizer.QT_8bit,
+                                            faiss.METRIC_INNER_PRODUCT)
+    trained.train(base)
+    trained = faiss.serialize_index(trained)
+    indexed = tuple(embed_match.index_task(plan, part, trained)["vectors"] for part in range(2))
+    assert indexed == (1_400, 700) and (tmp_path / "work" / "index.1.faiss").stat().st_size > 2_000_000
+    a, b, _, _ = embed_match.query_task(plan, 2, indexed)
+    assert set(range(1_950, 2_100)) <= {*a.tolist(), *b.tolist()}  # the 150 identical vectors, found
+
+
 def test_an_index_part_planted_with_other_lists_is_one_line(small_lists, monkeypatch, tmp_path):
     """Every part shares the train task's lists, so a query task finds a chunk's nearest lists once,
     in part 0: a part planted under _work since, with other lists (or of another kind), is one line

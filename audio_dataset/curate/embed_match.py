@@ -463,7 +463,8 @@ def query_task(plan: EmbedPlan, task: int,
         index = None  # the part before let go first: one held at a time
         path = _part_file(plan, part, "index.faiss")
         # dedup's own index (rebuilt by every run), not embed's output: a damaged one is dedup's to redo
-        index = load_index(path, count, plan.dim, made_by=_REMADE_BY)  # DEFAULT_NPROBE
+        # its lists are the whole corpus's (a part of few rows is mostly centroids): bounded by those
+        index = load_index(path, count, plan.dim, made_by=_REMADE_BY, lists_for=sum(indexed))  # DEFAULT_NPROBE
         if first is None:
             first = _lists_digest(index)
             lists = nearest_lists(index, vectors) if len(indexed) > 1 else None

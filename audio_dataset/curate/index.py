@@ -172,10 +172,12 @@ def save_index(index, path: UPath) -> None:
 _HEADER = struct.Struct("<4siq")  # fourcc, d, ntotal: how faiss's write_index_header starts
 
 
-def max_index_bytes(count: int, dim: int) -> int:
+def max_index_bytes(count: int, dim: int, lists_for: int = 0) -> int:
     """The largest file any kind could be for `count` vectors: full vectors, as many list centroids,
-    a graph's links and levels, PQ tables; anything larger is not ours."""
-    return count * (8 * dim + 8 * (2 * HNSW_LINKS + 16)) + 256 * 4 * dim * 4 + (1 << 20)
+    a graph's links and levels, PQ tables; anything larger is not ours. `lists_for`: the vectors its
+    lists were trained for, where more (a dedup index part has the whole corpus's lists)."""
+    lists = ivf_lists(lists_for) if lists_for > count else 0  # each a centroid and its list's size
+    return count * (8 * dim + 8 * (2 * HNSW_LINKS + 16)) + lists * (4 * dim + 16) + 256 * 4 * dim * 4 + (1 << 20)
 
 
 @contextlib.contextmanager
@@ -210,9 +212,10 @@ def _read_at_most(handle: Any, size: int) -> Callable[[int], bytes]:
 
 
 def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = None,
-               made_by: str = "audiodata embed"):
+               made_by: str = "audiodata embed", lists_for: int = 0):
     """The index of a split of `count` rows of `dim`-d embeddings; UserError for any other file,
     naming the command that writes it again (`made_by`: embed's output, or dedup's own work index).
+    `lists_for`: the vectors its lists were trained for, where more than `count` (an index part).
     With the split's full `vectors` (`full_vectors`), an ivfpq index re-ranks its candidates exactly."""
     import faiss
 
@@ -223,7 +226,7 @@ def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = N
         size = path.stat().st_size
     except OSError as exc:  # removed since it was written (dedup's, between its tasks)
         raise refuse(exc.strerror or type(exc).__name__) from None
-    if size > max_index_bytes(count, dim):
+    if size > max_index_bytes(count, dim, lists_for):
         raise refuse(f"{size} bytes for {count} vectors of {dim}")
     with open_data(path) as handle:  # streamed to faiss: a 2 GB index is not also held as bytes
         head = handle.read(_HEADER.size)
