@@ -152,6 +152,29 @@ def test_an_index_in_parts_finds_the_same_clusters(small_lists, monkeypatch, ray
     _same_clusters(items, exact, found)
 
 
+def test_the_tasks_pairs_give_the_same_matches_in_any_order(small_lists, tmp_path):
+    """On Ray the driver folds each query task's pairs in as it arrives (ray.wait): which order that
+    is varies from run to run, so each sample's reported match (of equal scores, the first pair)
+    must not depend on it. Identical vectors spread over every chunk: ties between tasks."""
+    base = corpus(3_000)
+    base[5::200] = base[5]
+    items, folders = _sets(tmp_path, base)
+    plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
+    built = embed_match.index_task(plan)
+    found = [embed_match.query_task(plan, task, (built["vectors"],)) for task in range(len(plan.chunks))]
+
+    def rows(order: list[int]) -> list[dict]:
+        reducer = LinkReducer()
+        for task in order:
+            q, b, scores, _ = found[task]
+            reducer.offer(np.minimum(q, b), np.maximum(q, b), scores)
+        links = [Link(int(x), int(y), EMBEDDING, float(s)) for x, y, s in zip(*reducer.pairs())]
+        return cluster_rows(items, sorted(links, key=lambda link: (link.a, link.b)), "first")
+
+    forward = rows(list(range(len(found))))
+    assert len(forward) > 300 and forward == rows(list(reversed(range(len(found)))))
+
+
 def test_a_small_part_of_a_large_corpus_loads_with_the_corpus_lists(small_lists, monkeypatch, tmp_path):
     """Every part has the lists trained for the whole corpus (4 sqrt(N): 5,657 of 512-d at 2M, 11.6
     MB), so a part of few rows (a small last split) is a file far larger than its own rows could

@@ -84,7 +84,7 @@ class LinkReducer:
                 self.parent[max(rx, ry)] = min(rx, ry)
                 self.forest.append((x, y, score))
             for item in (x, y):
-                if item not in self.best or score > self.best[item][0]:
+                if item not in self.best or _rank(score, x, y) > _rank(*self.best[item]):
                     self.best[item] = (score, x, y)
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,6 +93,12 @@ class LinkReducer:
         keys = list(found)
         return (np.array([k[0] for k in keys], np.int64), np.array([k[1] for k in keys], np.int64),
                 np.array(list(found.values()), np.float32))
+
+
+def _rank(score: float, a: int, b: int) -> tuple[float, int, int]:
+    """A pair's strength, ties to the lower pair of items: an item's strongest pair is then the same
+    whatever order the tasks' pairs arrive in (ray.wait), as is the match `cluster_rows` reports."""
+    return score, -min(a, b), -max(a, b)
 
 
 Rescore = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
