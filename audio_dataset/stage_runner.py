@@ -436,7 +436,11 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
         if stage.device_settings is None:
             return _run_stage_held(stage, options)
         input_dir, out = location(options.input), location(options.out)
-        pending = any(not location(job.part).exists() for job in find_jobs(input_dir, out, stage.name, stage.mode))
+        previous = _previous_run(out, stage)
+        # A shard left, or no run recorded (run.json removed: this run starts clean and records what its
+        # device runs in, as any clean start), needs the device.
+        pending = previous is None or any(not location(job.part).exists()
+                                          for job in find_jobs(input_dir, out, stage.name, stage.mode))
         # With auto the device is the cluster's: Ray starts before the settings are compared, and the
         # workers get the device resolved here, so they run with the settings recorded. With no shard
         # left nothing runs on a device (None): Ray is not started for it.
@@ -450,7 +454,7 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
                 if options.device == "cuda" and not gpus:  # said before any setting it would decide
                     raise UserError("--device cuda: the Ray cluster has no GPU")
                 options = replace(options, device=_worker_device(options.device, gpus))
-            recorded = _recorded_settings(_previous_run(out, stage))
+            recorded = _recorded_settings(previous)
             settings = {**stage.settings, **stage.device_settings(options.device if pending else None, recorded)}
             return _run_stage_held(replace(stage, settings=settings), options)
         finally:

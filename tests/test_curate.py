@@ -281,6 +281,30 @@ def test_a_resume_where_the_device_picks_another_precision_is_refused(folders, c
     assert main(command) == 0 and part.exists() and json.loads(run_json.read_text())["settings"]["precision"] is None
 
 
+def test_every_shard_done_without_run_json_records_the_devices_precision(folders, checkpoint, embedded, monkeypatch,
+                                                                      capsys):
+    """A run.json removed (anyone may) with every shard done: no recorded precision to stand, so the
+    run starts clean and records the one its device runs in (fp32 on this CPU), never the earlier
+    version's unresolved None, which would let a later resume on a GPU add bf16 shards unrefused."""
+    import shutil
+
+    import ray
+
+    out = folders["tmp"] / "embed-no-run-json"
+    shutil.copytree(embedded, out)
+    run_json = out / ".embed" / "run.json"
+    run_json.unlink()
+    command = ["embed", str(folders["dataset"]), "--checkpoint", str(checkpoint), "--batch-size", "4",
+               "--out", str(out), "--no-progress"]
+    assert main(command) == 0 and json.loads(run_json.read_text())["settings"]["precision"] == "fp32"
+    sorted((out / "train").glob("*.parquet"))[-1].unlink()  # a shard left, on a "GPU"
+    cpu_cluster = ray.cluster_resources()
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {**cpu_cluster, "GPU": 1.0})
+    capsys.readouterr()
+    assert main(command) == 2
+    assert "other settings (precision)" in capsys.readouterr().err
+
+
 def test_device_cuda_without_a_gpu_says_so_before_any_setting_it_decides(folders, checkpoint, embedded, capsys):
     """`--device cuda` resuming a CPU run where the cluster has no GPU: the missing GPU is the line,
     not the precision (bf16) a GPU would have run in."""
