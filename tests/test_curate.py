@@ -305,6 +305,24 @@ def test_every_shard_done_without_run_json_records_the_devices_precision(folders
     assert "other settings (precision)" in capsys.readouterr().err
 
 
+def test_a_planted_precision_is_refused_even_with_nothing_left_to_run(folders, checkpoint, embedded, capsys):
+    """With every shard done the recorded precision stands, but only bf16, fp32 or an earlier
+    version's None: any other value planted in run.json is refused in one line, not carried on."""
+    import shutil
+
+    out = folders["tmp"] / "embed-planted-precision"
+    shutil.copytree(embedded, out)
+    run_json = out / ".embed" / "run.json"
+    record = json.loads(run_json.read_text())
+    record["settings"]["precision"] = "fp64"
+    run_json.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["embed", str(folders["dataset"]), "--checkpoint", str(checkpoint), "--batch-size", "4",
+                 "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (precision)" in err[0] and "precision=fp64" in err[0], err
+
+
 def test_device_cuda_without_a_gpu_says_so_before_any_setting_it_decides(folders, checkpoint, embedded, capsys):
     """`--device cuda` resuming a CPU run where the cluster has no GPU: the missing GPU is the line,
     not the precision (bf16) a GPU would have run in."""

@@ -202,6 +202,18 @@ def test_a_small_part_of_a_large_corpus_loads_with_the_corpus_lists(small_lists,
     assert set(range(1_950, 2_100)) <= {*a.tolist(), *b.tolist()}  # the 150 identical vectors, found
 
 
+def test_parts_are_grouped_by_rows_not_by_chunks(monkeypatch):
+    """Many small splits make many small chunks (a chunk never crosses a split): the parts still
+    hold up to PART_VECTORS rows each, not a fixed number of chunks; eval chunks are never indexed."""
+    from audio_dataset.curate.embed_match import VectorSplit, _index_parts
+
+    monkeypatch.setattr(embed_match, "PART_VECTORS", 1_000)
+    splits = [VectorSplit(group, "r", "v", 300, 0) for group in (0, 0, 1, 0, 0, 0)]
+    chunks = tuple((i, 0, 300) for i in range(6))
+    assert _index_parts(chunks, splits) == ((0, 1, 3), (4, 5))
+    assert _index_parts((), []) == ((),)  # no rows: one empty part, as one empty index
+
+
 def test_an_index_part_planted_with_other_lists_is_one_line(small_lists, monkeypatch, tmp_path):
     """Every part shares the train task's lists, so a query task finds a chunk's nearest lists once,
     in part 0: a part planted under _work since, with other lists (or of another kind), is one line

@@ -181,10 +181,11 @@ def _precision_setting(options: EmbedOptions, device: str | None, recorded: dict
     rather than carried on in the recorded precision, as every other setting is: the user picks with
     --precision (bf16 on a CPU without bf16 instructions is many times slower than fp32). With no
     shard left to embed (`device` None) the precision the shards were made in stands."""
-    if options.precision is None and (device is None or recorded.get("precision", "") is None):
+    kept = recorded.get("precision", "")
+    if options.precision is None and kept in (None, *PRECISIONS) and (device is None or kept is None):
         # Nothing left to run, or an earlier version's run.json (the device's default, unresolved):
-        # it resumes as it was.
-        return {"precision": recorded.get("precision")}
+        # it resumes as it was. Any other recorded value (run.json is anyone's) is compared, and refused.
+        return {"precision": kept}
     return {"precision": effective_precision(options.precision, device or "cpu")}
 
 

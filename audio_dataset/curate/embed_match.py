@@ -464,9 +464,9 @@ def query_task(plan: EmbedPlan, task: int,
     part has the train task's lists."""
     split, start, stop = plan.chunks[task]
     vectors, items = _usable(plan, split, start, stop)
-    reducer, lists, index, first = LinkReducer(), None, None, None
+    reducer, lists, first = LinkReducer(), None, None
     for part, count in enumerate(indexed):
-        index = None  # the part before let go first: one held at a time
+        index = base_items = rescore = None  # the part before let go first: one held at a time
         path = _part_file(plan, part, "index.faiss")
         # dedup's own index (rebuilt by every run), not embed's output: a damaged one is dedup's to redo
         # its lists are the whole corpus's (a part of few rows is mostly centroids): bounded by those
@@ -507,10 +507,34 @@ def plan_matching(work: UPath, datasets: list[UPath], parts: dict[ShardPart, Pri
         splits += vector_splits(embed_dir, group, dim)
     chunks = tuple((i, start, min(start + QUERIES_PER_TASK, split.count))
                    for i, split in enumerate(splits) for start in range(0, split.count, QUERIES_PER_TASK))
-    dataset = [n for n, (i, _, _) in enumerate(chunks) if not splits[i].group]
-    per_part = max(1, PART_VECTORS // QUERIES_PER_TASK)
-    index_parts = tuple(tuple(dataset[k : k + per_part]) for k in range(0, len(dataset), per_part)) or ((),)
-    return EmbedPlan(str(work), dim, threshold, tuple(splits), parts, chunks, index_parts), missing
+    return EmbedPlan(str(work), dim, threshold, tuple(splits), parts, chunks, _index_parts(chunks, splits)), missing
+
+
+def _index_parts(chunks: tuple[tuple[int, int, int], ...], splits: list[VectorSplit]) -> tuple[tuple[int, ...], ...]:
+    """The dataset's chunks grouped into parts of at most PART_VECTORS rows (by rows: many small
+    splits make many small chunks, not many parts); one part, empty, for a dataset of no rows."""
+    index_parts, part, rows = [], [], 0
+    for number, (split, start, stop) in enumerate(chunks):
+        if splits[split].group:
+            continue
+        if part and rows + stop - start > PART_VECTORS:
+            index_parts.append(tuple(part))
+            part, rows = [], 0
+        part.append(number)
+        rows += stop - start
+    return tuple([*index_parts, tuple(part)])
+
+
+def _task_memory(plan: EmbedPlan) -> int:
+    """Bytes a task may hold at once (measured, bench/RESULTS.md: ~1 GB beside the index, a part's codes,
+    ids, items and places with a quarter to spare), at most what the largest machine offers, so that
+    no task waits for a machine that does not exist."""
+    import ray
+
+    rows = max(sum(plan.chunks[n][2] - plan.chunks[n][1] for n in part) for part in plan.index_parts)
+    wanted = (1 << 30) + int(rows * (plan.dim + 40) * 1.25)
+    offered = [node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")]
+    return int(min(wanted, max(offered, default=wanted)))
 
 
 def match_embeddings(plan: EmbedPlan, on_ray: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -533,19 +557,26 @@ def match_embeddings(plan: EmbedPlan, on_ray: bool) -> tuple[np.ndarray, np.ndar
         import ray
 
         plan_ref = ray.put(plan)
-        # A fresh worker per task (max_calls=1): each task's memory is its own, and is given back.
-        options = {"num_cpus": 1, "max_retries": 1, "max_calls": 1}
-        trained = None
-        if several:  # the trained index stays a reference: the driver never holds it
-            trained, train_peak = ray.remote(num_returns=2, **options)(train_task).remote(plan_ref)
-            train_peak = ray.get(train_peak)
-        built = ray.get([ray.remote(**options)(index_task).remote(plan_ref, part, trained)
-                         for part in range(len(plan.index_parts))])
-        query, indexed = ray.remote(**options)(query_task), tuple(b["vectors"] for b in built)
-        pending = [query.remote(plan_ref, task, indexed) for task in range(len(plan.chunks))]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            fold(ray.get(done[0]))
+        # A fresh worker per task (max_calls=1): each task's memory is its own, and is given back. Each
+        # asks Ray for the memory it may need, so a machine runs no more at once than it can hold.
+        options = {"num_cpus": 1, "max_retries": 1, "max_calls": 1, "memory": _task_memory(plan)}
+        trained, pending = None, []
+        try:
+            if several:  # the trained index stays a reference: the driver never holds it
+                trained, train_peak = ray.remote(num_returns=2, **options)(train_task).remote(plan_ref)
+                pending = [train_peak]
+                train_peak = ray.get(train_peak)
+            pending = [ray.remote(**options)(index_task).remote(plan_ref, part, trained)
+                       for part in range(len(plan.index_parts))]
+            built = ray.get(pending)
+            query, indexed = ray.remote(**options)(query_task), tuple(b["vectors"] for b in built)
+            pending = [query.remote(plan_ref, task, indexed) for task in range(len(plan.chunks))]
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                fold(ray.get(done[0]))
+        finally:
+            for ref in pending:  # a task failed (or Ctrl-C): the others stop writing under WORK
+                ray.cancel(ref, force=True)
     else:
         trained, train_peak = train_task(plan) if several else (None, 0.0)
         built = [index_task(plan, part, trained) for part in range(len(plan.index_parts))]
