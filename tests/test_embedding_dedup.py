@@ -161,7 +161,7 @@ def test_the_tasks_pairs_give_the_same_matches_in_any_order(small_lists, tmp_pat
     items, folders = _sets(tmp_path, base)
     plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
     built = embed_match.index_task(plan)
-    found = [embed_match.query_task(plan, task, (built["vectors"],)) for task in range(len(plan.chunks))]
+    found = [embed_match.query_task(plan, task, (built,)) for task in range(len(plan.chunks))]
 
     def rows(order: list[int]) -> list[dict]:
         reducer = LinkReducer()
@@ -196,9 +196,10 @@ def test_a_small_part_of_a_large_corpus_loads_with_the_corpus_lists(small_lists,
                                             faiss.METRIC_INNER_PRODUCT)
     trained.train(base)
     trained = faiss.serialize_index(trained)
-    indexed = tuple(embed_match.index_task(plan, part, trained)["vectors"] for part in range(2))
-    assert indexed == (1_400, 700) and (tmp_path / "work" / "index.1.faiss").stat().st_size > 2_000_000
-    a, b, _, _ = embed_match.query_task(plan, 2, indexed)
+    built = tuple(embed_match.index_task(plan, part, trained) for part in range(2))
+    assert [part["vectors"] for part in built] == [1_400, 700]
+    assert (tmp_path / "work" / "index.1.faiss").stat().st_size > 2_000_000
+    a, b, _, _ = embed_match.query_task(plan, 2, built)
     assert set(range(1_950, 2_100)) <= {*a.tolist(), *b.tolist()}  # the 150 identical vectors, found
 
 
@@ -214,25 +215,42 @@ def test_parts_are_grouped_by_rows_not_by_chunks(monkeypatch):
     assert _index_parts((), []) == ((),)  # no rows: one empty part, as one empty index
 
 
-def test_an_index_part_planted_with_other_lists_is_one_line(small_lists, monkeypatch, tmp_path):
-    """Every part shares the train task's lists, so a query task finds a chunk's nearest lists once,
-    in part 0: a part planted under _work since, with other lists (or of another kind), is one line
-    naming it, never searched with lists that are not its own."""
+@pytest.mark.parametrize("plant", ["other_lists", "another_part", "same_bytes"])
+def test_a_part_planted_between_the_tasks_is_one_line(small_lists, monkeypatch, tmp_path, plant):
+    """Each index task returns its files' sha256 with the part (through Ray): a query task reads back
+    those bytes or refuses in one line naming the file. A well-formed index with other lists, or
+    another part's files (in range, the same lists: false links with true scores), is refused;
+    the same bytes written again are not."""
+    import shutil
+
     from audio_dataset.curate.index import IndexBuilder, save_index
 
     monkeypatch.setattr(embed_match, "PART_VECTORS", 1_400)
     items, folders = _sets(tmp_path, corpus(3_000))
     plan, _ = embed_match.plan_matching(UPath(tmp_path / "work"), folders, items.by_shard(), THRESHOLD)
     trained, _ = embed_match.train_task(plan)
-    indexed = tuple(embed_match.index_task(plan, part, trained)["vectors"] for part in range(3))
-    embed_match.query_task(plan, 0, indexed)  # as written: searched
-    other = IndexBuilder("ivfsq", DIM, 3_000)
-    assert other.kind == "ivfsq"
-    other.train(corpus(3_000, seed=11))
-    other.add(corpus(indexed[1], seed=12))
-    save_index(other.finish(), tmp_path / "work" / "index.1.faiss")
-    with pytest.raises(UserError, match=r"index\.1\.faiss: .*other lists than part 0's.*rerun `audiodata dedup`"):
-        embed_match.query_task(plan, 0, indexed)
+    built = tuple(embed_match.index_task(plan, part, trained) for part in range(3))
+    before = embed_match.query_task(plan, 0, built)  # as written: searched
+    work = tmp_path / "work"
+    if plant == "other_lists":
+        other = IndexBuilder("ivfsq", DIM, 3_000)
+        other.train(corpus(3_000, seed=11))
+        other.add(corpus(built[1]["vectors"], seed=12))
+        save_index(other.finish(), work / "index.1.faiss")
+        name = "index.1.faiss"
+    elif plant == "another_part":  # part 0's items and places as part 1's: both 1,400 rows
+        for stem in ("items", "places"):
+            shutil.copy(work / f"{stem}.0.npy", work / f"{stem}.1.npy")
+        name = "items.1.npy"
+    else:
+        (work / "index.1.faiss").write_bytes((work / "index.1.faiss").read_bytes())
+        after = embed_match.query_task(plan, 0, built)
+        assert all(np.array_equal(x, y) for x, y in zip(before, after[:3]))
+        return
+    with pytest.raises(UserError) as caught:
+        embed_match.query_task(plan, 0, built)
+    message = str(caught.value)
+    assert message.startswith(str(work / name)) and "rerun `audiodata dedup`" in message and "\n" not in message
 
 
 def test_eval_queries_against_the_dataset(small_lists, ray_local, tmp_path):
@@ -391,8 +409,10 @@ def test_items_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
         path.write_bytes(npy_bytes_header(good.shape, np.int64).replace(b"}", b" ") + good.tobytes())
     else:
         path.write_bytes(npy_bytes_header(good.shape, np.int64) + good.tobytes() + bytes(1 << 20))
-    with pytest.raises(UserError, match=r"items\.0\.npy"):
-        embed_match.query_task(plan, 0, (built["vectors"],))
+    with pytest.raises(UserError, match=r"items\.0\.npy"):  # other bytes than the index task wrote
+        embed_match.query_task(plan, 0, (built,))
+    with pytest.raises(UserError, match=r"items\.0\.npy"):  # and, its digest aside, not items at all
+        embed_match._load_items(plan, 0, built["vectors"])
 
 
 @pytest.mark.parametrize("plant", ["row_beyond", "eval_split", "split_beyond", "shape"])
@@ -414,8 +434,10 @@ def test_places_planted_in_work_between_the_tasks_are_one_line(tmp_path, plant):
     else:
         bad = bad[:, :1].copy()
     np.save(path, bad)
-    with pytest.raises(UserError, match=r"places\.0\.npy"):
-        embed_match.query_task(plan, 0, (built["vectors"],))
+    with pytest.raises(UserError, match=r"places\.0\.npy"):  # other bytes than the index task wrote
+        embed_match.query_task(plan, 0, (built,))
+    with pytest.raises(UserError, match=r"places\.0\.npy"):  # and, its digest aside, no places in the plan
+        embed_match._load_places(plan, 0, built["vectors"])
 
 
 @pytest.mark.parametrize("damage", ["index.0.faiss:truncated", "index.0.faiss:garbage", "index.0.faiss:missing",
@@ -433,7 +455,7 @@ def test_dedups_own_index_damaged_between_the_tasks_names_dedup_as_the_remedy(tm
     else:
         path.write_bytes(path.read_bytes()[:20] if how == "truncated" else b"IxF2" + bytes(200))
     with pytest.raises(UserError) as caught:
-        embed_match.query_task(plan, 0, (built["vectors"],))
+        embed_match.query_task(plan, 0, (built,))
     message = str(caught.value)
     assert message.startswith(f"{path}: ") and "rerun `audiodata dedup`" in message
     assert "audiodata embed" not in message and "\n" not in message

@@ -5,8 +5,10 @@ cosine threshold, found in Ray tasks so that no process holds every vector and t
   **index parts** of at most PART_VECTORS rows each: IVF lists of 8-bit codes (`ivfsq`, exact below
   10k vectors: see index.py) trained once, on a sample spread over all of them. One **index task**
   per part adds its rows and writes under WORK the part's index, each row's item and where its
-  vector is (split, row). With one part, that task trains too; with more, a **train task** first
-  hands every index task the same trained, empty index (through Ray, never a file).
+  vector is (split, row), and returns each file's sha256: a query task reads back those bytes or
+  refuses (WORK is under OUT, anyone's to write between tasks). With one part, that task trains
+  too; with more, a **train task** first hands every index task the same trained, empty index
+  (through Ray, never a file).
 - **Query tasks**, one per chunk of QUERIES_PER_TASK vectors of the dataset or of an eval set, find
   the chunk's nearest lists once (the parts share them) and read the parts one after another,
   range-searching the chunk in each, `_QUERY_CHUNK` queries at a time, down to SQ_MARGIN below the
@@ -372,36 +374,45 @@ def index_task(plan: EmbedPlan, part: int = 0, trained: np.ndarray | None = None
         places.append(np.stack([np.full(len(rows), split, np.int64), rows], axis=1))
     items = np.concatenate(items) if items else np.empty(0, np.int64)
     places = np.concatenate(places) if places else np.empty((0, 2), np.int64)
-    save_index(index, _part_file(plan, part, "index.faiss"))
+    # Each file's sha256 goes to the query tasks with the part (through Ray, not a file): anything
+    # put in its place under WORK since is refused, however well formed.
+    sha256 = {"index.faiss": save_index(index, _part_file(plan, part, "index.faiss"))}
     for name, array in (("items.npy", items), ("places.npy", places)):
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         atomic_write_bytes(_part_file(plan, part, name), buffer.getvalue())
+        sha256[name] = hashlib.sha256(buffer.getvalue()).hexdigest()
     kind = "flat" if isinstance(index, faiss.IndexFlat) else _KIND
-    return {"vectors": int(len(items)), "kind": kind, "peak_rss_mb": peak_rss_mb()}
+    return {"vectors": int(len(items)), "kind": kind, "sha256": sha256, "peak_rss_mb": peak_rss_mb()}
 
 
-def _load_ids(path: UPath, shape: tuple[int, ...]) -> np.ndarray:
-    """An int64 array of `shape` the index task wrote: a file put there since (anyone may write
-    under OUT) is read no further than that array needs."""
+def _load_ids(path: UPath, shape: tuple[int, ...], sha256: str | None = None) -> np.ndarray:
+    """An int64 array of `shape` the index task wrote (`sha256`: its bytes' digest, as the task
+    returned it): a file put there since (anyone may write under OUT) is read no further than that
+    array needs, and refused."""
     limit = _NPY_HEADER_MAX + 16 + 8 * int(np.prod(shape))  # magic, header and the numbers
     try:
         with open_data(path) as handle:
             data = handle.read(limit + 1)
-        if len(data) > limit:
-            raise ValueError(f"over {limit} bytes")
+    except OSError as exc:
+        raise UserError(f"{path}: unreadable ({str(exc)[:120]}); rerun `{_REMADE_BY}`") from None
+    if len(data) > limit:
+        raise UserError(f"{path}: unreadable (over {limit} bytes); rerun `{_REMADE_BY}`")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{path}: not what the index task wrote (other bytes); rerun `{_REMADE_BY}`")
+    try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError, EOFError, TokenError) as exc:
+    except (ValueError, EOFError, TokenError) as exc:
         raise UserError(f"{path}: unreadable ({str(exc)[:120]}); rerun `{_REMADE_BY}`") from None
     if array.dtype != np.int64 or array.shape != shape:
         raise UserError(f"{path}: not what the index task wrote ({array.dtype} {array.shape}); rerun `{_REMADE_BY}`")
     return array
 
 
-def _load_items(plan: EmbedPlan, part: int, count: int) -> np.ndarray:
+def _load_items(plan: EmbedPlan, part: int, count: int, sha256: str | None = None) -> np.ndarray:
     """The index part's rows' items; an id no dataset item has is refused."""
     path = _part_file(plan, part, "items.npy")
-    items = _load_ids(path, (count,))
+    items = _load_ids(path, (count,), sha256)
     dataset = max((part.first + part.rows for (group, *_), part in plan.parts.items() if not group), default=0)
     if count and not (items.min() >= 0 and items.max() < dataset):
         raise UserError(f"{path}: not the index's items (an id outside the dataset's {dataset}); "
@@ -409,10 +420,10 @@ def _load_items(plan: EmbedPlan, part: int, count: int) -> np.ndarray:
     return items
 
 
-def _load_places(plan: EmbedPlan, part: int, count: int) -> np.ndarray:
+def _load_places(plan: EmbedPlan, part: int, count: int, sha256: str | None = None) -> np.ndarray:
     """Each index part row's (split, row) in the dataset's splits; a place outside them is refused."""
     path = _part_file(plan, part, "places.npy")
-    places = _load_ids(path, (count, 2))
+    places = _load_ids(path, (count, 2), sha256)
     splits, rows = places[:, 0], places[:, 1]
     if count and not (splits.min() >= 0 and splits.max() < len(plan.splits)):
         raise UserError(f"{path}: a split outside the plan's; rerun `{_REMADE_BY}`")
@@ -435,16 +446,6 @@ def _vectors_at(plan: EmbedPlan, places: np.ndarray) -> np.ndarray:
     return out
 
 
-def _lists_digest(index) -> tuple[str, str]:
-    """What an index part shares with the others: its kind, and its lists' centroids."""
-    import faiss
-
-    if not hasattr(index, "nprobe"):
-        return type(index).__name__, ""
-    centroids = faiss.vector_to_array(faiss.downcast_index(index.quantizer).codes)
-    return type(index).__name__, hashlib.sha256(centroids.tobytes()).hexdigest()
-
-
 def _rescorer(plan: EmbedPlan, vectors: np.ndarray, items: np.ndarray, base_items: np.ndarray,
               places: np.ndarray) -> Rescore:
     """Candidates (query rows, index rows) -> those of two samples, with their exact cosines."""
@@ -458,27 +459,26 @@ def _rescorer(plan: EmbedPlan, vectors: np.ndarray, items: np.ndarray, base_item
 
 
 def query_task(plan: EmbedPlan, task: int,
-               indexed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Chunk `task` against each index part in turn (`indexed`: each part's rows): (query item,
-    dataset item, cosine) reduced, and peak memory. The chunk's nearest lists are found once: every
-    part has the train task's lists."""
+               built: tuple[dict[str, Any], ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Chunk `task` against each index part in turn (`built`: what each part's index task returned,
+    its rows and its files' sha256): (query item, dataset item, cosine) reduced, and peak memory.
+    The chunk's nearest lists are found once: every part has the train task's lists."""
     split, start, stop = plan.chunks[task]
     vectors, items = _usable(plan, split, start, stop)
-    reducer, lists, first = LinkReducer(), None, None
-    for part, count in enumerate(indexed):
-        index = base_items = rescore = None  # the part before let go first: one held at a time
-        path = _part_file(plan, part, "index.faiss")
-        # dedup's own index (rebuilt by every run), not embed's output: a damaged one is dedup's to redo
+    reducer, lists = LinkReducer(), None
+    corpus = sum(part["vectors"] for part in built)
+    for number, part in enumerate(built):
+        index = base_items = places = rescore = None  # the part before let go first: one held at a time
+        count, sha256 = part["vectors"], part["sha256"]
+        # dedup's own index (rebuilt by every run), not embed's output: a damaged one is dedup's to redo;
         # its lists are the whole corpus's (a part of few rows is mostly centroids): bounded by those
-        index = load_index(path, count, plan.dim, made_by=_REMADE_BY, lists_for=sum(indexed))  # DEFAULT_NPROBE
-        if first is None:
-            first = _lists_digest(index)
-            lists = nearest_lists(index, vectors) if len(indexed) > 1 else None
-        elif _lists_digest(index) != first:  # planted since: the lists found in part 0 would not be its
-            raise UserError(f"{path}: not an index `{_REMADE_BY}` writes (other lists than part 0's); "
-                            f"rerun `{_REMADE_BY}`")
-        base_items = _load_items(plan, part, count)
-        rescore = _rescorer(plan, vectors, items, base_items, _load_places(plan, part, count))
+        index = load_index(_part_file(plan, number, "index.faiss"), count, plan.dim, made_by=_REMADE_BY,
+                           lists_for=corpus, sha256=sha256["index.faiss"])  # DEFAULT_NPROBE
+        if number == 0 and len(built) > 1:
+            lists = nearest_lists(index, vectors)
+        base_items = _load_items(plan, number, count, sha256["items.npy"])
+        places = _load_places(plan, number, count, sha256["places.npy"])
+        rescore = _rescorer(plan, vectors, items, base_items, places)
         q, b, scores = range_pairs(index, vectors, plan.threshold, rescore, lists)
         reducer.offer(items[q], base_items[b], scores)
     return (*reducer.pairs(), peak_rss_mb())
@@ -569,8 +569,8 @@ def match_embeddings(plan: EmbedPlan, on_ray: bool) -> tuple[np.ndarray, np.ndar
             pending = [ray.remote(**options)(index_task).remote(plan_ref, part, trained)
                        for part in range(len(plan.index_parts))]
             built = ray.get(pending)
-            query, indexed = ray.remote(**options)(query_task), tuple(b["vectors"] for b in built)
-            pending = [query.remote(plan_ref, task, indexed) for task in range(len(plan.chunks))]
+            query, parts = ray.remote(**options)(query_task), tuple(built)
+            pending = [query.remote(plan_ref, task, parts) for task in range(len(plan.chunks))]
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 fold(ray.get(done[0]))
@@ -582,7 +582,7 @@ def match_embeddings(plan: EmbedPlan, on_ray: bool) -> tuple[np.ndarray, np.ndar
         built = [index_task(plan, part, trained) for part in range(len(plan.index_parts))]
         del trained
         for task in range(len(plan.chunks)):
-            fold(query_task(plan, task, tuple(b["vectors"] for b in built)))
+            fold(query_task(plan, task, tuple(built)))
     if root.exists():
         root.fs.rm(root.path, recursive=True)
     report = {"indexed": sum(b["vectors"] for b in built), "index_kind": built[0]["kind"],

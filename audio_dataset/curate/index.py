@@ -21,6 +21,7 @@ file's own size, and checks every id and graph link before a search can follow i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import struct
 from typing import Any, Callable, Iterator
@@ -155,17 +156,24 @@ def build_index(vectors: np.ndarray, kind: str = "flat"):
     return builder.finish()
 
 
-def save_index(index, path: UPath) -> None:
-    """The index streamed to its file, published whole (serialised first, it would be held twice)."""
+def save_index(index, path: UPath) -> str:
+    """The index streamed to its file, published whole (serialised first, it would be held twice);
+    the file's sha256, for a reader that must get these bytes (`load_index(sha256=...)`)."""
     import faiss
 
-    staged = StagedFile(path)
+    staged, digest = StagedFile(path), hashlib.sha256()
+
+    def write(data: bytes) -> int:
+        digest.update(data)
+        return staged.handle.write(data)
+
     try:
-        faiss.write_index(index, faiss.PyCallbackIOWriter(staged.handle.write))
+        faiss.write_index(index, faiss.PyCallbackIOWriter(write))
     except BaseException:
         staged.abort()
         raise
     staged.commit()
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ loading, untrusted
@@ -197,25 +205,30 @@ def _reader_limits(size: int, table: int) -> Iterator[None]:
         faiss.set_deserialization_loop_limit(before[1])
 
 
-def _read_at_most(handle: Any, size: int) -> Callable[[int], bytes]:
+def _read_at_most(handle: Any, size: int, digest: Any = None) -> Callable[[int], bytes]:
     """`handle.read` that stops at `size` bytes: the bound and faiss's limits hold for the size
-    measured, and the file may have grown since (faiss would read, and allocate for, what was added)."""
+    measured, and the file may have grown since (faiss would read, and allocate for, what was added).
+    What it reads goes into `digest` too, where given."""
     left = size
 
     def read(wanted: int) -> bytes:
         nonlocal left
         data = handle.read(min(wanted, left))
         left -= len(data)
+        if digest is not None:
+            digest.update(data)
         return data
 
     return read
 
 
 def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = None,
-               made_by: str = "audiodata embed", lists_for: int = 0):
+               made_by: str = "audiodata embed", lists_for: int = 0, sha256: str | None = None):
     """The index of a split of `count` rows of `dim`-d embeddings; UserError for any other file,
     naming the command that writes it again (`made_by`: embed's output, or dedup's own work index).
     `lists_for`: the vectors its lists were trained for, where more than `count` (an index part).
+    `sha256`: what `save_index` returned for it, where the writer is known (dedup's own tasks): any
+    other bytes are refused.
     With the split's full `vectors` (`full_vectors`), an ivfpq index re-ranks its candidates exactly."""
     import faiss
 
@@ -242,9 +255,12 @@ def load_index(path: UPath, count: int, dim: int, vectors: np.ndarray | None = N
         try:
             # IVF-PQ's table: lists x sub-quantisers x 256 floats, no more lists than vectors train.
             with _reader_limits(size, (count // _TRAIN_PER_LIST + 1) * (dim // PQ_DIMS_PER_CODE) * (1 << PQ_BITS) * 4):
-                index = faiss.read_index(faiss.PyCallbackIOReader(_read_at_most(handle, size)))  # typed already
+                digest = hashlib.sha256() if sha256 else None
+                index = faiss.read_index(faiss.PyCallbackIOReader(_read_at_most(handle, size, digest)))  # typed already
         except (RuntimeError, MemoryError) as exc:
             raise refuse(f"unreadable: {str(exc).splitlines()[-1][-120:]}") from None
+    if digest is not None and digest.hexdigest() != sha256:
+        raise refuse("other bytes than were written")
     problem = _check_structure(index, kinds[fourcc], count, dim)
     if problem:
         raise refuse(problem)
