@@ -374,15 +374,22 @@ class _Worker:
         return job, write_shard(shard, *result, self.schema, self.mode)
 
 
-def _plan_workers(options: RunOptions, jobs: int) -> tuple[str, int, int]:
-    """(device, workers, torch threads per worker) from the cluster's resources."""
+def _cluster_device(device: str) -> tuple[str, int, int]:
+    """(the workers' device, GPUs, CPUs) of the Ray cluster for --device; cuda on a cluster without
+    a GPU is one line."""
     import ray
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    device = _worker_device(options.device, gpus)
+    device = _worker_device(device, gpus)
     if device == "cuda" and not gpus:
         raise UserError("--device cuda: the Ray cluster has no GPU")
+    return device, gpus, cpus
+
+
+def _plan_workers(options: RunOptions, jobs: int) -> tuple[str, int, int]:
+    """(device, workers, torch threads per worker) from the cluster's resources."""
+    device, gpus, cpus = _cluster_device(options.device)
     workers = options.workers or (gpus if device == "cuda" else 1)
     if device == "cuda" and workers > gpus:
         raise UserError(f"--workers {workers}: one worker per GPU and the cluster has {gpus}")
@@ -447,13 +454,8 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
         asks_ray = pending and options.device != "cpu"
         owns_ray = asks_ray and start_ray(options.ray_address)
         try:
-            if asks_ray:
-                import ray
-
-                gpus = int(ray.cluster_resources().get("GPU", 0))
-                if options.device == "cuda" and not gpus:  # said before any setting it would decide
-                    raise UserError("--device cuda: the Ray cluster has no GPU")
-                options = replace(options, device=_worker_device(options.device, gpus))
+            if asks_ray:  # a missing GPU is said before any setting it would decide
+                options = replace(options, device=_cluster_device(options.device)[0])
             recorded = _recorded_settings(previous)
             settings = {**stage.settings, **stage.device_settings(options.device if pending else None, recorded)}
             return _run_stage_held(replace(stage, settings=settings), options)
