@@ -187,15 +187,14 @@ def as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _check_resumable(out: UPath, stage: Stage, input_dir: UPath) -> None:
-    """Record the settings; a later run into the same --out must match them once a shard is done.
-    The input must be the same: the same folder (a shard repaired in place resumes) or the same
-    content elsewhere (a moved or copied dataset resumes)."""
+def _check_resumable(out: UPath, stage: Stage, input_dir: UPath, previous: dict[str, Any] | None) -> None:
+    """Record the settings; a later run into the same --out must match them (`previous`, the
+    `_previous_run`) once a shard is done. The input must be the same: the same folder (a shard
+    repaired in place resumes) or the same content elsewhere (a moved or copied dataset resumes)."""
     path = _work_dir(out, stage.name) / "run.json"
     settings = as_json(stage.settings)
     record = {"stage": stage.name, "input": _identity(input_dir), "input_digest": dataset_identity(input_dir),
               "settings": settings}
-    previous = _previous_run(out, stage)
     if previous is not None:
         before = _recorded_settings(previous)
         changed = sorted(k for k in settings if before.get(k) != settings[k])
@@ -440,14 +439,14 @@ def _worker_device(device: str, gpus: int) -> str:
 def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
     check_run(options)  # before the lock creates --out
     with hold_output(trust_output(options.out), stage.name):
+        out = location(options.out)
+        jobs = find_jobs(location(options.input), out, stage.name, stage.mode)
+        previous = _previous_run(out, stage)  # listed and read once: the resume check compares with it
         if stage.device_settings is None:
-            return _run_stage_held(stage, options)
-        input_dir, out = location(options.input), location(options.out)
-        previous = _previous_run(out, stage)
+            return _run_stage_held(stage, options, jobs, previous)
         # A shard left, or no run recorded (run.json removed: this run starts clean and records what its
         # device runs in, as any clean start), needs the device.
-        pending = previous is None or any(not location(job.part).exists()
-                                          for job in find_jobs(input_dir, out, stage.name, stage.mode))
+        pending = previous is None or any(not location(job.part).exists() for job in jobs)
         # With auto the device is the cluster's: Ray starts before the settings are compared, and the
         # workers get the device resolved here, so they run with the settings recorded. With no shard
         # left nothing runs on a device (None): Ray is not started for it.
@@ -458,7 +457,7 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
                 options = replace(options, device=_cluster_device(options.device)[0])
             recorded = _recorded_settings(previous)
             settings = {**stage.settings, **stage.device_settings(options.device if pending else None, recorded)}
-            return _run_stage_held(replace(stage, settings=settings), options)
+            return _run_stage_held(replace(stage, settings=settings), options, jobs, previous)
         finally:
             if owns_ray:
                 import ray
@@ -466,15 +465,15 @@ def run_stage(stage: Stage, options: RunOptions) -> RunSummary:
                 ray.shutdown()
 
 
-def _run_stage_held(stage: Stage, options: RunOptions) -> RunSummary:
+def _run_stage_held(stage: Stage, options: RunOptions, jobs: list[ShardJob],
+                    previous: dict[str, Any] | None) -> RunSummary:
     from tqdm import tqdm
 
     started = time.monotonic()
     input_dir, out = location(options.input), location(options.out)
     provenance = RunRecord(stage.name, {**stage.settings, "input": str(options.input), "workers": options.workers,
                                         "device": options.device, "ray_address": options.ray_address})
-    jobs = find_jobs(input_dir, out, stage.name, stage.mode)
-    _check_resumable(out, stage, input_dir)
+    _check_resumable(out, stage, input_dir, previous)
     remove_stale_temps(out)  # a killed run's; this command alone holds `out`
     todo = [job for job in jobs if not location(job.part).exists()]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", desc=stage.name,

@@ -357,7 +357,7 @@ def test_a_refusal_shows_a_planted_recorded_value_on_one_line_inert(tmp_path, mo
          "settings": {"precision": planted}}))
     stage = Stage("embed", {"precision": "fp32"}, lambda device: None, pa.schema([]), mode=READ)
     with pytest.raises(UserError) as caught:
-        stage_runner._check_resumable(UPath(out), stage, UPath(tmp_path))
+        stage_runner._check_resumable(UPath(out), stage, UPath(tmp_path), stage_runner._previous_run(UPath(out), stage))
     message = str(caught.value)
     assert "(recorded: precision=" in message and message.isprintable(), message
 

@@ -250,7 +250,7 @@ def _finished_caption_run(tmp_path: Path) -> tuple[Path, Path, object, object]:
     row = {"split": "train", "shard": "000000.tar", "key": "a", "status": "no_caption"}
     Path(job.part).parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([row], schema=CAPTION_SCHEMA), job.part)
-    _check_resumable(location(out), stage, location(data))  # the run.json of the run that finished it
+    _check_resumable(location(out), stage, location(data), None)  # the run.json of the run that finished it
     return data, out, stage, RunOptions(input=data, out=out, progress=False)
 
 
